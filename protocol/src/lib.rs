@@ -1,0 +1,42 @@
+//! twinmq-protocol: the wire types and codec shared by broker and client.
+//!
+//! Owns: the frame layout (`u32 length | u8 version | MessagePack`), the
+//! client/server frame enums, typed error codes and the frame size limit.
+//! Does not own: sockets, authentication, routing: those belong to the
+//! broker and the client, which both depend on this crate and never on each
+//! other.
+
+pub mod codec;
+pub mod frame;
+
+pub use codec::{decode_body, encode_frame, FrameCodec, DEFAULT_MAX_FRAME_BYTES};
+pub use frame::*;
+
+/// Why bytes could not become a frame (or a frame bytes).
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame version {got} is not supported (this side speaks {supported})")]
+    UnsupportedVersion { got: u8, supported: u8 },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("empty frame")]
+    Empty,
+    #[error("could not encode frame: {0}")]
+    Encode(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ProtocolError {
+    /// The error code a peer should receive for this decoding failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::TooLarge { .. } => ErrorCode::TooLarge,
+            ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            ProtocolError::Malformed(_) | ProtocolError::Empty | ProtocolError::Encode(_) => ErrorCode::Malformed,
+            ProtocolError::Io(_) => ErrorCode::Malformed,
+        }
+    }
+}

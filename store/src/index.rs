@@ -1,0 +1,233 @@
+//! Which batch records are still needed.
+//!
+//! A batch record stays in the log while it holds a message that is live in
+//! some queue, or an ack whose target batch still exists (deleting the ack
+//! first would bring the acked message back after a restart). When the last
+//! such reason goes, the batch is dead and is deleted; its death may free the
+//! batches whose acks pointed at it, hence the cascade. Admin ops never keep
+//! a batch alive: they are materialised in the admin tree before the record
+//! is written (see `writer.rs`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::op::{BatchBody, Op};
+
+#[derive(Debug)]
+struct BatchLive {
+    /// Live (message, queue) pairs in this batch plus acks in it that point at other live batches.
+    pending: u64,
+    bytes: u64,
+}
+
+/// Liveness of batches and of (queue, message) pairs. Owned by the writer thread.
+#[derive(Debug, Default)]
+pub struct LiveIndex {
+    batches: BTreeMap<u64, BatchLive>,
+    /// Batches holding acks that point at the key batch.
+    referrers: HashMap<u64, Vec<u64>>,
+    /// Live message sequence numbers per queue key.
+    live: HashMap<String, HashSet<u64>>,
+    live_bytes: u64,
+}
+
+impl LiveIndex {
+    /// Account for a newly written batch; returns the batches (possibly this
+    /// one) that are now dead and should be deleted.
+    pub fn apply(&mut self, body: &BatchBody, record_bytes: u64) -> Vec<u64> {
+        let key = body.first_seq;
+        let mut own_pending: u64 = 0;
+        let mut dead = Vec::new();
+        for (i, op) in body.ops.iter().enumerate() {
+            let seq = body.first_seq + i as u64;
+            match op {
+                Op::Enqueue { queues, .. } => {
+                    for q in queues {
+                        if self.live.entry(q.clone()).or_default().insert(seq) {
+                            own_pending += 1;
+                        }
+                    }
+                }
+                Op::Ack { queue, seq: target } => {
+                    let was_live = self.live.get_mut(queue).is_some_and(|set| set.remove(target));
+                    if !was_live {
+                        continue;
+                    }
+                    match self.batch_of(*target) {
+                        _ if *target >= key => own_pending -= 1,
+                        Some(t) => {
+                            if self.release(t) {
+                                dead.push(t);
+                            } else {
+                                // The ack must outlive the batch it acknowledges.
+                                own_pending += 1;
+                                self.referrers.entry(t).or_default().push(key);
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                Op::PutQueue { key: q, .. } => {
+                    self.live.entry(q.clone()).or_default();
+                }
+                Op::DeleteQueue { key: q } => {
+                    let seqs = self.live.remove(q).unwrap_or_default();
+                    for s in seqs {
+                        match self.batch_of(s) {
+                            _ if s >= key => own_pending -= 1,
+                            Some(t) => {
+                                if self.release(t) {
+                                    dead.push(t);
+                                }
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
+        }
+        self.live_bytes += record_bytes;
+        self.batches.insert(key, BatchLive { pending: own_pending, bytes: record_bytes });
+        if own_pending == 0 {
+            dead.push(key);
+        }
+        self.cascade(dead)
+    }
+
+    /// Forget a queue's live messages without an op (recovery: messages of
+    /// queues that no longer exist). Returns newly dead batches.
+    pub fn drop_messages(&mut self, queue: &str, keep: impl Fn(u64) -> bool) -> Vec<u64> {
+        let mut dead = Vec::new();
+        let Some(set) = self.live.get_mut(queue) else { return dead };
+        let gone: Vec<u64> = set.iter().copied().filter(|s| !keep(*s)).collect();
+        for s in &gone {
+            set.remove(s);
+        }
+        for s in gone {
+            if let Some(t) = self.batch_of(s) {
+                if self.release(t) {
+                    dead.push(t);
+                }
+            }
+        }
+        self.cascade(dead)
+    }
+
+    fn batch_of(&self, seq: u64) -> Option<u64> {
+        self.batches.range(..=seq).next_back().map(|(k, _)| *k)
+    }
+
+    /// One reason fewer to keep batch `t`; true when it just died.
+    fn release(&mut self, t: u64) -> bool {
+        match self.batches.get_mut(&t) {
+            Some(b) if b.pending > 0 => {
+                b.pending -= 1;
+                b.pending == 0
+            }
+            _ => false,
+        }
+    }
+
+    fn cascade(&mut self, mut work: Vec<u64>) -> Vec<u64> {
+        let mut dead = Vec::new();
+        while let Some(d) = work.pop() {
+            let Some(b) = self.batches.remove(&d) else { continue };
+            self.live_bytes -= b.bytes;
+            dead.push(d);
+            for r in self.referrers.remove(&d).unwrap_or_default() {
+                if self.release(r) {
+                    work.push(r);
+                }
+            }
+        }
+        dead.sort_unstable();
+        dead
+    }
+
+    pub fn queue_depth(&self, queue: &str) -> usize {
+        self.live.get(queue).map_or(0, HashSet::len)
+    }
+
+    pub fn live_seqs(&self, queue: &str) -> impl Iterator<Item = u64> + '_ {
+        self.live.get(queue).into_iter().flat_map(|s| s.iter().copied())
+    }
+
+    pub fn queues(&self) -> impl Iterator<Item = &String> {
+        self.live.keys()
+    }
+
+    /// Number of batch records still in the log.
+    pub fn live_batches(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Bytes of batch records still in the log.
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::StoredMessage;
+
+    fn msg() -> StoredMessage {
+        StoredMessage {
+            epoch: 1,
+            seq: 0,
+            origin: "queue:q".into(),
+            producer_id: 0,
+            producer_seq: 0,
+            headers: Default::default(),
+            payload: vec![],
+            timestamp_ms: 0,
+            expires_at_ms: None,
+        }
+    }
+    fn enq(queues: &[&str]) -> Op {
+        Op::Enqueue { message: msg(), queues: queues.iter().map(|s| s.to_string()).collect() }
+    }
+    fn ack(q: &str, seq: u64) -> Op {
+        Op::Ack { queue: q.into(), seq }
+    }
+    fn body(first_seq: u64, ops: Vec<Op>) -> BatchBody {
+        BatchBody { epoch: 1, first_seq, ops }
+    }
+
+    #[test]
+    fn batch_dies_when_all_messages_acked_and_frees_its_ackers() {
+        let mut ix = LiveIndex::default();
+        assert!(ix.apply(&body(1, vec![enq(&["a"]), enq(&["a", "b"])]), 10).is_empty());
+        // Batch 3 acks seq 1 in a: batch 1 still has 2 live pairs, batch 3 pinned.
+        assert!(ix.apply(&body(3, vec![ack("a", 1)]), 10).is_empty());
+        assert!(ix.apply(&body(4, vec![ack("a", 2)]), 10).is_empty());
+        assert_eq!(ix.queue_depth("a"), 0);
+        assert_eq!(ix.queue_depth("b"), 1);
+        // Last live pair goes: batch 1 dies, and with it the ack batches 3, 4 and this one.
+        assert_eq!(ix.apply(&body(5, vec![ack("b", 2)]), 10), vec![1, 3, 4, 5]);
+        assert_eq!(ix.live_batches(), 0);
+        assert_eq!(ix.live_bytes(), 0);
+    }
+
+    #[test]
+    fn double_ack_and_ack_of_unknown_message_change_nothing() {
+        let mut ix = LiveIndex::default();
+        ix.apply(&body(1, vec![enq(&["a"]), enq(&["a"])]), 1);
+        assert!(ix.apply(&body(3, vec![ack("a", 1), ack("a", 1), ack("a", 99), ack("zz", 2)]), 1).is_empty());
+        assert_eq!(ix.queue_depth("a"), 1);
+        assert_eq!(ix.live_batches(), 2);
+    }
+
+    #[test]
+    fn delete_queue_frees_its_messages() {
+        let mut ix = LiveIndex::default();
+        ix.apply(&body(1, vec![enq(&["a"]), enq(&["a"])]), 1);
+        assert_eq!(ix.apply(&body(3, vec![Op::DeleteQueue { key: "a".into() }]), 1), vec![1, 3]);
+    }
+
+    #[test]
+    fn ack_in_the_same_batch_as_its_enqueue() {
+        let mut ix = LiveIndex::default();
+        assert_eq!(ix.apply(&body(1, vec![enq(&["a"]), ack("a", 1)]), 1), vec![1]);
+    }
+}

@@ -1,0 +1,68 @@
+//! twinmq-store: durable state on sled.
+//!
+//! Owns: the op log (one record per group commit, see `op.rs`), which batch
+//! records are still needed (`index.rs`), admin objects (stored queues and
+//! durable subscriptions), idempotence marks, the epoch and the sequence
+//! counter, recovery at open, and the group-commit writer thread
+//! (`writer.rs`). Does not own: networking, actors, routing, roles.
+//!
+//! # What a confirmation promises
+//!
+//! This is the one place the durability promise is written down; code that
+//! confirms to a producer points here.
+//!
+//! - `none`: the op is in sled's in-memory buffers; sled's background flush
+//!   writes it within about 500 ms. A crash may lose confirmed messages. For
+//!   tests and benchmarks that say so.
+//! - `local`: the batch record holding the op was flushed (fsync) on this
+//!   node before the completion ran. A crash of the process or of the host
+//!   loses nothing that was confirmed.
+//! - `replicated` (the pair): as `local`, and the peer has flushed the same
+//!   record before the confirmation (the HA crate adds that wait; the store
+//!   flushes exactly as for `local`).
+//!
+//! Every record carries a CRC32 of its body; a store whose records fail their
+//! checks refuses to open ([`StoreError::Corrupt`]).
+//!
+//! # Layout
+//!
+//! The op log is the store: messages live inside the batch record that first
+//! stored them, keyed by that record's first sequence number. Live state is
+//! rebuilt in memory at open. Records die once nothing in them is live (see
+//! `index.rs`). Not done yet: a compactor that copies the few live messages
+//! out of old records, so a queue nobody consumes pins the records it shares
+//! with busy queues.
+
+pub mod index;
+pub mod op;
+pub mod store;
+pub mod writer;
+
+pub use op::{BatchBody, Op, QueueKind, QueueSpec, StoredMessage};
+pub use store::{Durability, QueueEntry, Recovered, Store, StoreConfig};
+pub use writer::{Committed, Completion, Writer, WriterConfig, WriterStats};
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open store at {path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("record {key} is corrupt: {reason}")]
+    Corrupt { key: u64, reason: String },
+    #[error("could not encode record: {0}")]
+    Encode(String),
+    #[error("data directory belongs to node `{stored}`, not `{configured}`")]
+    NodeMismatch { stored: String, configured: String },
+    #[error("the store writer has stopped")]
+    Closed,
+    #[error("the store failed earlier and accepts no writes: {0}")]
+    Failed(String),
+    #[error("cannot start the writer thread: {0}")]
+    Thread(#[source] std::io::Error),
+}

@@ -1,0 +1,130 @@
+//! Ops and the batch record: the unit of durability and of replication.
+//!
+//! A batch record is what one group commit writes: `[format u8][crc32 u32 BE]
+//! [MessagePack BatchBody]`, stored in the `log` tree under the big-endian
+//! sequence number of its first op. The passive stores the very same bytes.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use crate::StoreError;
+
+/// Version of the batch record layout.
+pub const RECORD_FORMAT: u8 = 1;
+
+/// A message as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Epoch in which the message was first stored; with `seq` its unique id.
+    pub epoch: u64,
+    /// Sequence number of the op that stored it (assigned by the writer).
+    pub seq: u64,
+    /// The destination the producer named (`queue:x` or `topic:x`), for consumers.
+    pub origin: String,
+    pub producer_id: u64,
+    pub producer_seq: u64,
+    pub headers: BTreeMap<String, String>,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    pub timestamp_ms: u64,
+    pub expires_at_ms: Option<u64>,
+}
+
+/// What kind of stored queue a queue key is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueKind {
+    /// A plain queue named by applications.
+    Queue,
+    /// The durable subscription `name` on `topic`.
+    Durable { topic: String, name: String },
+}
+
+/// An admin object: a stored queue (plain or durable subscription).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSpec {
+    pub kind: QueueKind,
+}
+
+/// One change to the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Store `message` once, live in each of `queues` until acked there.
+    Enqueue { message: StoredMessage, queues: Vec<String> },
+    /// The message `seq` is done in `queue` (consumed, expired or dead-lettered).
+    Ack { queue: String, seq: u64 },
+    /// Create (or redefine) the stored queue `key`.
+    PutQueue { key: String, spec: QueueSpec },
+    /// Delete the stored queue `key` with every message it holds.
+    DeleteQueue { key: String },
+}
+
+impl Op {
+    /// Admin ops are materialised in the admin tree and do not keep their batch alive.
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Op::PutQueue { .. } | Op::DeleteQueue { .. })
+    }
+}
+
+/// The body of a batch record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchBody {
+    pub epoch: u64,
+    /// Sequence number of `ops[0]`; op `i` has sequence `first_seq + i`.
+    pub first_seq: u64,
+    pub ops: Vec<Op>,
+}
+
+impl BatchBody {
+    /// Sequence number of the last op (the batch is never empty).
+    pub fn last_seq(&self) -> u64 {
+        self.first_seq + self.ops.len() as u64 - 1
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let mut out = vec![RECORD_FORMAT, 0, 0, 0, 0];
+        rmp_serde::encode::write(&mut out, self).map_err(|e| StoreError::Encode(e.to_string()))?;
+        let crc = crc32fast::hash(&out[5..]);
+        out[1..5].copy_from_slice(&crc.to_be_bytes());
+        Ok(out)
+    }
+
+    /// Decode and verify a record read from `key`.
+    pub fn decode(key: u64, raw: &[u8]) -> Result<BatchBody, StoreError> {
+        if raw.len() < 5 {
+            return Err(StoreError::Corrupt { key, reason: "record shorter than its header".into() });
+        }
+        if raw[0] != RECORD_FORMAT {
+            return Err(StoreError::Corrupt { key, reason: format!("unknown record format {}", raw[0]) });
+        }
+        let crc = u32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]);
+        if crc32fast::hash(&raw[5..]) != crc {
+            return Err(StoreError::Corrupt { key, reason: "checksum mismatch".into() });
+        }
+        let body: BatchBody =
+            rmp_serde::from_slice(&raw[5..]).map_err(|e| StoreError::Corrupt { key, reason: e.to_string() })?;
+        if body.first_seq != key || body.ops.is_empty() {
+            return Err(StoreError::Corrupt { key, reason: "record does not match its key".into() });
+        }
+        Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip_and_checksum() {
+        let body = BatchBody {
+            epoch: 2,
+            first_seq: 10,
+            ops: vec![Op::Ack { queue: "q".into(), seq: 3 }, Op::DeleteQueue { key: "x".into() }],
+        };
+        let mut raw = body.encode().unwrap();
+        assert_eq!(BatchBody::decode(10, &raw).unwrap(), body);
+        assert!(BatchBody::decode(11, &raw).is_err(), "key mismatch is corruption");
+        let last = raw.len() - 1;
+        raw[last] ^= 0x40;
+        assert!(matches!(BatchBody::decode(10, &raw), Err(StoreError::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,271 @@
+//! Opening the sled database and recovering live state from it.
+//!
+//! Trees: `log` (batch records by first sequence), `admin` (stored queues and
+//! durable subscriptions, materialised), `producers` (idempotence high-water
+//! marks that outlived their batches), `meta` (node id, epoch, sequence floor).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::index::LiveIndex;
+use crate::op::{BatchBody, Op, QueueSpec, StoredMessage};
+use crate::StoreError;
+
+const META_EPOCH: &[u8] = b"epoch";
+const META_NEXT_SEQ: &[u8] = b"next_seq";
+const META_NODE_ID: &[u8] = b"node_id";
+
+/// When a write counts as done. The promise each mode makes is written once,
+/// in the crate documentation (see `lib.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Confirmed once written to sled's buffers, before any flush.
+    None,
+    /// Confirmed once flushed (fsync) on this node.
+    Local,
+    /// Confirmed once flushed here and on the in-sync peer (the pair).
+    Replicated,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Durability::None),
+            "local" => Ok(Durability::Local),
+            "replicated" => Ok(Durability::Replicated),
+            other => Err(format!("unknown durability `{other}` (expected none, local or replicated)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Durability::None => "none",
+            Durability::Local => "local",
+            Durability::Replicated => "replicated",
+        })
+    }
+}
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    /// sled page cache, bytes.
+    pub cache_bytes: u64,
+}
+
+impl StoreConfig {
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        StoreConfig { path: path.as_ref().to_path_buf(), cache_bytes: 256 * 1024 * 1024 }
+    }
+}
+
+/// A stored queue as recovered: its definition and the sequence of the op that created it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueEntry {
+    pub spec: QueueSpec,
+    /// Messages with a lower sequence belong to an earlier queue of the same name.
+    pub created_seq: u64,
+}
+
+/// Handle on the database. Cheap to clone (sled trees are reference counted).
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) db: sled::Db,
+    pub(crate) log: sled::Tree,
+    pub(crate) admin: sled::Tree,
+    pub(crate) producers: sled::Tree,
+    pub(crate) meta: sled::Tree,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// Everything the broker needs after [`Store::open`].
+#[derive(Debug)]
+pub struct Recovered {
+    pub epoch: u64,
+    /// Sequence number the next op gets.
+    pub next_seq: u64,
+    pub queues: BTreeMap<String, QueueEntry>,
+    /// Live messages per queue key, in sequence order.
+    pub messages: HashMap<String, Vec<StoredMessage>>,
+    /// Producer id -> highest producer sequence stored.
+    pub dedup: HashMap<u64, u64>,
+    pub(crate) index: LiveIndex,
+    /// Batch records read.
+    pub batches: usize,
+}
+
+fn be_u64(v: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
+}
+
+impl Store {
+    /// Open (or create) the store at `config.path` and recover its live state.
+    ///
+    /// Fails with [`StoreError::Corrupt`] if any record fails its checksum: a
+    /// node must not serve from a store it cannot trust.
+    pub fn open(config: &StoreConfig) -> Result<(Store, Recovered), StoreError> {
+        let db = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_bytes)
+            // We flush explicitly after each group commit; the background
+            // flusher only bounds the loss window of `durability = none`.
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| StoreError::Open { path: config.path.clone(), source: e })?;
+        let store = Store {
+            log: db.open_tree("log")?,
+            admin: db.open_tree("admin")?,
+            producers: db.open_tree("producers")?,
+            meta: db.open_tree("meta")?,
+            db,
+        };
+        let recovered = store.recover()?;
+        Ok((store, recovered))
+    }
+
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        let epoch = self.meta.get(META_EPOCH)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+        let mut next_seq = self.meta.get(META_NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1).max(1);
+
+        let mut queues = BTreeMap::new();
+        for kv in self.admin.iter() {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let entry: QueueEntry = rmp_serde::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt { key: 0, reason: format!("admin entry {key}: {e}") })?;
+            queues.insert(key, entry);
+        }
+
+        // An admin entry is written before its batch record; if the record was
+        // lost in a crash, its sequence number must still never be reused.
+        next_seq = next_seq.max(queues.values().map(|e: &QueueEntry| e.created_seq + 1).max().unwrap_or(1));
+
+        let mut dedup: HashMap<u64, u64> = HashMap::new();
+        for kv in self.producers.iter() {
+            let (k, v) = kv?;
+            if let (Some(p), Some(s)) = (be_u64(&k), be_u64(&v)) {
+                dedup.insert(p, s);
+            }
+        }
+
+        let mut index = LiveIndex::default();
+        let mut bodies: HashMap<u64, StoredMessage> = HashMap::new();
+        let mut batches = 0;
+        let mut dead_at_open = Vec::new();
+        for kv in self.log.iter() {
+            let (k, v) = kv?;
+            let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
+            let body = BatchBody::decode(key, &v)?;
+            batches += 1;
+            next_seq = next_seq.max(body.last_seq() + 1);
+            dead_at_open.extend(index.apply(&body, v.len() as u64));
+            for (i, op) in body.ops.into_iter().enumerate() {
+                if let Op::Enqueue { message, .. } = op {
+                    let seq = key + i as u64;
+                    if message.producer_id != 0 {
+                        let e = dedup.entry(message.producer_id).or_insert(0);
+                        *e = (*e).max(message.producer_seq);
+                    }
+                    bodies.insert(seq, message);
+                }
+            }
+        }
+
+        // Messages of queues deleted (or deleted and re-created) after they were stored.
+        let known: Vec<String> = index.queues().cloned().collect();
+        for q in known {
+            let created = queues.get(&q).map(|e: &QueueEntry| e.created_seq);
+            dead_at_open.extend(index.drop_messages(&q, |s| created.is_some_and(|c| s > c)));
+        }
+
+        let mut messages: HashMap<String, Vec<StoredMessage>> = HashMap::new();
+        for q in queues.keys() {
+            let mut seqs: Vec<u64> = index.live_seqs(q).collect();
+            seqs.sort_unstable();
+            let list = seqs.into_iter().filter_map(|s| bodies.get(&s).cloned()).collect();
+            messages.insert(q.clone(), list);
+        }
+
+        if !dead_at_open.is_empty() {
+            // Possible when a crash came between an ack and the deletion it allowed.
+            self.persist_floor(next_seq, &dedup)?;
+            let mut b = sled::Batch::default();
+            for d in &dead_at_open {
+                b.remove(&d.to_be_bytes());
+            }
+            self.log.apply_batch(b)?;
+        }
+
+        Ok(Recovered { epoch, next_seq, queues, messages, dedup, index, batches })
+    }
+
+    /// Write what must survive the deletion of batch records: the next
+    /// sequence number (ids are never reused) and the idempotence marks.
+    pub(crate) fn persist_floor<'a>(
+        &self,
+        next_seq: u64,
+        dedup: impl IntoIterator<Item = (&'a u64, &'a u64)>,
+    ) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for (p, s) in dedup {
+            b.insert(&p.to_be_bytes(), &s.to_be_bytes());
+        }
+        self.producers.apply_batch(b)?;
+        self.meta.insert(META_NEXT_SEQ, &next_seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The epoch recorded in the store.
+    pub fn epoch(&self) -> Result<u64, StoreError> {
+        Ok(self.meta.get(META_EPOCH)?.and_then(|v| be_u64(&v)).unwrap_or(0))
+    }
+
+    /// Record a new epoch durably (flushed before returning).
+    pub fn set_epoch(&self, epoch: u64) -> Result<(), StoreError> {
+        self.meta.insert(META_EPOCH, &epoch.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The node id this data directory belongs to, recording `node_id` on first use.
+    /// A data directory moved to another node is refused.
+    pub fn claim_node_id(&self, node_id: &str) -> Result<(), StoreError> {
+        match self.meta.get(META_NODE_ID)? {
+            Some(v) if v.as_ref() != node_id.as_bytes() => Err(StoreError::NodeMismatch {
+                stored: String::from_utf8_lossy(&v).into_owned(),
+                configured: node_id.to_string(),
+            }),
+            Some(_) => Ok(()),
+            None => {
+                self.meta.insert(META_NODE_ID, node_id.as_bytes())?;
+                self.db.flush()?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Raw batch records with first sequence >= `from`, in order (for replication catch-up).
+    pub fn raw_batches_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> {
+        self.log.range(from.to_be_bytes()..).map(|kv| {
+            let (k, v) = kv?;
+            let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
+            Ok((key, v.to_vec()))
+        })
+    }
+
+    /// Flush everything and report the error, instead of trusting `Drop`.
+    pub fn close(self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
