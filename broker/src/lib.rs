@@ -1,1 +1,81 @@
-//! placeholder
+//! twinmq-broker: the actors that serve clients, the configuration and the
+//! `twinmqd` daemon.
+//!
+//! Owns: the client port (`listener`, `connection`), sessions, destinations
+//! (`queue`, `topic`), the destination registry (`router`), configuration
+//! and authentication. Does not own: how bytes become durable (twinmq-store,
+//! whose crate doc states what a confirmation promises), the wire format
+//! (twinmq-protocol), or the pair's roles (twinmq-ha).
+//!
+//! Threads: the actix System arbiter runs the router and destination actors;
+//! `io_threads` arbiters run connections and sessions; the store writer has
+//! a thread of its own for group commit and fsync.
+
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod queue;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod topic;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use twinmq_ha::Role;
+
+pub use config::{Args, Config, ConfigError};
+pub use server::run;
+
+/// Broker failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("store: {0}")]
+    Store(#[from] twinmq_store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("authentication setup: {0}")]
+    Auth(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Small read-mostly facts every part of the broker may look at.
+#[derive(Clone)]
+pub struct Shared {
+    /// Open client connections (the listener enforces `max_connections`).
+    pub connections: Arc<AtomicUsize>,
+    pub epoch: Arc<AtomicU64>,
+    role: watch::Receiver<Role>,
+}
+
+impl Shared {
+    pub fn new(role: watch::Receiver<Role>, epoch: u64) -> Shared {
+        Shared { connections: Arc::new(AtomicUsize::new(0)), epoch: Arc::new(AtomicU64::new(epoch)), role }
+    }
+
+    pub fn role(&self) -> Role {
+        *self.role.borrow()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Ids for messages that are never stored (non-persistent), from a range
+/// stored sequence numbers never reach.
+pub fn transient_seq() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1 << 62);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

@@ -3,14 +3,15 @@
 //! Pure: it works on `BytesMut` and does no I/O, so the network layers of the
 //! broker and the client own their sockets and this module owns the bytes.
 //! The length prefix is checked against the limit before anything is
-//! allocated for the body (tokio-util's `LengthDelimitedCodec` does that), so
-//! a hostile length costs nothing.
+//! allocated for the body, so a hostile length costs nothing. The decoder
+//! keeps no state between calls: it peeks at the prefix and takes a frame
+//! only once all of it has arrived.
 
 use std::marker::PhantomData;
 
 use bytes::{BufMut, BytesMut};
 use serde::{de::DeserializeOwned, Serialize};
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder};
 
 use crate::frame::PROTOCOL_VERSION;
 use crate::ProtocolError;
@@ -21,18 +22,13 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 /// Encodes `Out` frames and decodes `In` frames.
 #[derive(Debug)]
 pub struct FrameCodec<In, Out> {
-    inner: LengthDelimitedCodec,
     max_frame_bytes: usize,
     _types: PhantomData<fn(Out) -> In>,
 }
 
 impl<In, Out> FrameCodec<In, Out> {
     pub fn new(max_frame_bytes: usize) -> Self {
-        let inner = LengthDelimitedCodec::builder()
-            .length_field_length(4)
-            .max_frame_length(max_frame_bytes)
-            .new_codec();
-        FrameCodec { inner, max_frame_bytes, _types: PhantomData }
+        FrameCodec { max_frame_bytes, _types: PhantomData }
     }
 
     pub fn max_frame_bytes(&self) -> usize {
@@ -72,18 +68,20 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
     type Error = ProtocolError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, ProtocolError> {
-        // Check the length ourselves first so that "too large" is a typed error
-        // and not an opaque io::Error from the inner codec.
-        if src.len() >= 4 {
-            let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-            if len > self.max_frame_bytes {
-                return Err(ProtocolError::TooLarge { len, max: self.max_frame_bytes });
-            }
+        if src.len() < 4 {
+            return Ok(None);
         }
-        match self.inner.decode(src)? {
-            Some(body) => decode_body(&body).map(Some),
-            None => Ok(None),
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > self.max_frame_bytes {
+            return Err(ProtocolError::TooLarge { len, max: self.max_frame_bytes });
         }
+        if src.len() < 4 + len {
+            // Room for the rest of this frame only: bounded by the check above.
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        let frame = src.split_to(4 + len);
+        decode_body(&frame[4..]).map(Some)
     }
 }
 
@@ -136,6 +134,20 @@ mod tests {
             }
         }
         assert_eq!(got, vec![publish(), ClientFrame::Ping { nonce: 9 }]);
+    }
+
+    #[test]
+    fn a_body_arriving_after_its_header_is_not_read_as_a_length() {
+        let mut server = ServerSide::new(1024);
+        let mut wire = BytesMut::new();
+        encode_frame(&publish(), 1024, &mut wire).unwrap();
+        let mut src = BytesMut::from(&wire[..4]);
+        assert!(server.decode(&mut src).unwrap().is_none());
+        src.extend_from_slice(&[0xff; 4]);
+        assert!(server.decode(&mut src).unwrap().is_none(), "still waiting for the body");
+        let mut src = BytesMut::from(&wire[..4]);
+        src.extend_from_slice(&wire[4..]);
+        assert_eq!(server.decode(&mut src).unwrap(), Some(publish()));
     }
 
     #[test]

@@ -118,16 +118,32 @@ pub enum ClientFrame {
         prefetch: u32,
     },
     /// Stop a consumer; its unacknowledged messages go back to the queue.
-    Unsubscribe { sub_id: u32 },
+    Unsubscribe {
+        sub_id: u32,
+    },
     /// Remove a durable subscription and the messages it holds.
-    DeleteDurable { req: u64, topic: String, name: String },
+    DeleteDurable {
+        req: u64,
+        topic: String,
+        name: String,
+    },
     /// Acknowledge one delivery.
-    Ack { sub_id: u32, id: MessageId },
+    Ack {
+        sub_id: u32,
+        id: MessageId,
+    },
     /// Give one delivery back for redelivery (counts as a delivery attempt).
-    Nack { sub_id: u32, id: MessageId },
+    Nack {
+        sub_id: u32,
+        id: MessageId,
+    },
     /// Ask for the node's status (JSON).
-    Status { req: u64 },
-    Ping { nonce: u64 },
+    Status {
+        req: u64,
+    },
+    Ping {
+        nonce: u64,
+    },
     /// Orderly goodbye.
     Bye,
 }
@@ -142,17 +158,37 @@ pub enum ServerFrame {
         max_frame_bytes: u32,
     },
     /// This node does not serve clients; try `active_hint` if any.
-    NotActive { active_hint: Option<String> },
+    NotActive {
+        active_hint: Option<String>,
+    },
     /// The publish `(producer_id, seq)` is durable as configured.
-    Confirm { producer_id: u64, seq: u64 },
+    Confirm {
+        producer_id: u64,
+        seq: u64,
+    },
     /// The consumer `sub_id` is registered.
-    Subscribed { sub_id: u32 },
-    Deliver { sub_id: u32, message: Delivered },
+    Subscribed {
+        sub_id: u32,
+    },
+    Deliver {
+        sub_id: u32,
+        message: Delivered,
+    },
     /// A consumer ended by the broker (destination deleted, ...).
-    ConsumerClosed { sub_id: u32, reason: String },
-    StatusReply { req: u64, json: String },
-    Done { req: u64 },
-    Pong { nonce: u64 },
+    ConsumerClosed {
+        sub_id: u32,
+        reason: String,
+    },
+    StatusReply {
+        req: u64,
+        json: String,
+    },
+    Done {
+        req: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     Error(ErrorFrame),
 }
 
@@ -169,9 +205,16 @@ pub struct ErrorFrame {
 pub enum ErrorContext {
     /// The connection as a whole; the broker closes it after this frame.
     Connection,
-    Publish { producer_id: u64, seq: u64 },
-    Subscribe { sub_id: u32 },
-    Request { req: u64 },
+    Publish {
+        producer_id: u64,
+        seq: u64,
+    },
+    Subscribe {
+        sub_id: u32,
+    },
+    Request {
+        req: u64,
+    },
 }
 
 /// Error categories a client can act on.

@@ -1,0 +1,361 @@
+//! Broker configuration: a TOML file, every key also a command-line flag.
+//!
+//! Precedence: built-in defaults, then the file (`--config`), then flags.
+//! Validation names the offending key; the daemon exits with code 2 on any
+//! configuration error. The reference table is in README.md.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+use twinmq_store::Durability;
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// A user allowed to connect. Prefer `password_hash` (an argon2 PHC string
+/// from `twinmq hash-password`); a plain `password` is hashed at start.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password_hash: Option<String>,
+    pub password: Option<String>,
+}
+
+/// The file format. Every field is optional; defaults are in [`Config::default`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<String>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    durability: Option<String>,
+    max_frame_bytes: Option<usize>,
+    max_message_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    max_inflight_per_connection: Option<usize>,
+    max_queue_depth: Option<usize>,
+    ack_timeout_ms: Option<u64>,
+    max_redeliveries: Option<u32>,
+    auto_create: Option<bool>,
+    io_threads: Option<usize>,
+    max_batch_ops: Option<usize>,
+    queues: Option<Vec<String>>,
+    users: Option<Vec<UserConfig>>,
+}
+
+/// Command-line flags of `twinmqd`. Each overrides the config file key of the same name.
+#[derive(Debug, Parser, Default)]
+#[command(name = "twinmqd", version, about = "twinmq broker daemon")]
+pub struct Args {
+    /// TOML configuration file; flags override its keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Name of this node (also recorded in the data directory).
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// Directory of the sled store.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Client listen address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// When a publish is confirmed: none | local | replicated.
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<String>,
+    /// Largest frame accepted, bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Largest message payload accepted, bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Most client connections at once.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Most unconfirmed publishes one connection may have; past it the broker stops reading it.
+    #[arg(long, value_name = "N")]
+    pub max_inflight_per_connection: Option<usize>,
+    /// Most messages one queue holds; publishes beyond are refused with LimitReached.
+    #[arg(long, value_name = "N")]
+    pub max_queue_depth: Option<usize>,
+    /// Unacked deliveries go back to the queue after this long (0: never).
+    #[arg(long, value_name = "MS")]
+    pub ack_timeout_ms: Option<u64>,
+    /// Deliveries of one message before it moves to the dead-letter queue `<queue>.dlq`.
+    #[arg(long, value_name = "N")]
+    pub max_redeliveries: Option<u32>,
+    /// Create queues on first use (true) or refuse unknown ones (false).
+    #[arg(long, value_name = "BOOL")]
+    pub auto_create: Option<bool>,
+    /// Threads serving client connections.
+    #[arg(long, value_name = "N")]
+    pub io_threads: Option<usize>,
+    /// Most ops in one group commit.
+    #[arg(long, value_name = "N")]
+    pub max_batch_ops: Option<usize>,
+    /// Queue to create at start (repeatable).
+    #[arg(long = "queue", value_name = "NAME")]
+    pub queues: Vec<String>,
+    /// User allowed to connect, as NAME=ARGON2_PHC_HASH (repeatable).
+    #[arg(long = "user", value_name = "NAME=HASH")]
+    pub users: Vec<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub durability: Durability,
+    pub max_frame_bytes: usize,
+    pub max_message_bytes: usize,
+    pub max_connections: usize,
+    pub max_inflight_per_connection: usize,
+    pub max_queue_depth: usize,
+    /// `None`: unacked deliveries wait for their consumer forever.
+    pub ack_timeout_ms: Option<u64>,
+    pub max_redeliveries: u32,
+    pub auto_create: bool,
+    pub io_threads: usize,
+    pub max_batch_ops: usize,
+    pub queues: Vec<String>,
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "twinmq-1".into(),
+            data_dir: PathBuf::from("twinmq-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 5570)),
+            durability: Durability::Local,
+            max_frame_bytes: twinmq_protocol::DEFAULT_MAX_FRAME_BYTES,
+            max_message_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            max_inflight_per_connection: 4096,
+            max_queue_depth: 1_000_000,
+            ack_timeout_ms: Some(60_000),
+            max_redeliveries: 5,
+            auto_create: true,
+            io_threads: 1,
+            max_batch_ops: 1024,
+            queues: Vec::new(),
+            users: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Build the configuration from flags (and the file they name).
+    pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?
+            }
+            None => FileConfig::default(),
+        };
+        Config::merge(file, args)
+    }
+
+    /// Parse a TOML document (no flags), for tests and embedding.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let file = toml::from_str::<FileConfig>(text)
+            .map_err(|e| ConfigError::Parse { path: PathBuf::from("<inline>"), message: e.to_string() })?;
+        Config::merge(file, &Args::default())
+    }
+
+    fn merge(file: FileConfig, args: &Args) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let node_id = args.node_id.clone().or(file.node_id).unwrap_or(d.node_id);
+        if node_id.is_empty()
+            || node_id.len() > 64
+            || !node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid("node_id", format!("`{node_id}`: use 1-64 of A-Z a-z 0-9 - _ .")));
+        }
+        let listen_text = args.listen.clone().or(file.listen);
+        let listen = match listen_text {
+            Some(t) => parse_addr(&t).ok_or_else(|| invalid("listen", format!("`{t}` is not HOST:PORT")))?,
+            None => d.listen,
+        };
+        let durability = match args.durability.clone().or(file.durability) {
+            Some(t) => t.parse::<Durability>().map_err(|m| invalid("durability", m))?,
+            None => d.durability,
+        };
+        if durability == Durability::Replicated {
+            return Err(invalid("durability", "`replicated` needs a peer, which this release cannot configure yet"));
+        }
+        let max_frame_bytes = args.max_frame_bytes.or(file.max_frame_bytes).unwrap_or(d.max_frame_bytes);
+        if !(1024..=256 * 1024 * 1024).contains(&max_frame_bytes) {
+            return Err(invalid("max_frame_bytes", format!("{max_frame_bytes} is outside 1024..=268435456")));
+        }
+        let max_message_bytes = args.max_message_bytes.or(file.max_message_bytes).unwrap_or(d.max_message_bytes);
+        if max_message_bytes == 0 || max_message_bytes + 512 > max_frame_bytes {
+            return Err(invalid(
+                "max_message_bytes",
+                format!(
+                    "{max_message_bytes} must be above 0 and at least 512 below max_frame_bytes ({max_frame_bytes})"
+                ),
+            ));
+        }
+        let positive = |key: &'static str, v: Option<usize>, f: Option<usize>, def: usize| {
+            let v = v.or(f).unwrap_or(def);
+            if v == 0 {
+                Err(invalid(key, "must be at least 1"))
+            } else {
+                Ok(v)
+            }
+        };
+        let max_connections =
+            positive("max_connections", args.max_connections, file.max_connections, d.max_connections)?;
+        let max_inflight_per_connection = positive(
+            "max_inflight_per_connection",
+            args.max_inflight_per_connection,
+            file.max_inflight_per_connection,
+            d.max_inflight_per_connection,
+        )?;
+        let max_queue_depth =
+            positive("max_queue_depth", args.max_queue_depth, file.max_queue_depth, d.max_queue_depth)?;
+        let io_threads = positive("io_threads", args.io_threads, file.io_threads, d.io_threads)?;
+        if io_threads > 64 {
+            return Err(invalid("io_threads", format!("{io_threads} is above 64")));
+        }
+        let max_batch_ops = positive("max_batch_ops", args.max_batch_ops, file.max_batch_ops, d.max_batch_ops)?;
+        let ack_timeout_ms = match args.ack_timeout_ms.or(file.ack_timeout_ms) {
+            Some(0) => None,
+            Some(ms) if ms < 100 => {
+                return Err(invalid("ack_timeout_ms", format!("{ms} is below 100 (use 0 for never)")))
+            }
+            Some(ms) => Some(ms),
+            None => d.ack_timeout_ms,
+        };
+        let max_redeliveries = args.max_redeliveries.or(file.max_redeliveries).unwrap_or(d.max_redeliveries);
+        let auto_create = args.auto_create.or(file.auto_create).unwrap_or(d.auto_create);
+        let mut queues = file.queues.unwrap_or_default();
+        queues.extend(args.queues.iter().cloned());
+        for q in &queues {
+            validate_name(q).map_err(|m| invalid("queues", m))?;
+        }
+        let mut users = file.users.unwrap_or_default();
+        for u in &args.users {
+            let (name, hash) = u.split_once('=').ok_or_else(|| invalid("users", format!("`{u}` is not NAME=HASH")))?;
+            users.push(UserConfig { name: name.into(), password_hash: Some(hash.into()), password: None });
+        }
+        for u in &users {
+            if u.name.is_empty() {
+                return Err(invalid("users", "a user has an empty name"));
+            }
+            match (&u.password_hash, &u.password) {
+                (Some(h), None) => {
+                    argon2::PasswordHash::new(h).map_err(|e| {
+                        invalid("users", format!("user `{}`: password_hash is not a PHC string: {e}", u.name))
+                    })?;
+                }
+                (None, Some(_)) => {}
+                _ => {
+                    return Err(invalid(
+                        "users",
+                        format!("user `{}`: give exactly one of password_hash, password", u.name),
+                    ))
+                }
+            }
+        }
+        Ok(Config {
+            node_id,
+            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or(d.data_dir),
+            listen,
+            durability,
+            max_frame_bytes,
+            max_message_bytes,
+            max_connections,
+            max_inflight_per_connection,
+            max_queue_depth,
+            ack_timeout_ms,
+            max_redeliveries,
+            auto_create,
+            io_threads,
+            max_batch_ops,
+            queues,
+            users,
+        })
+    }
+}
+
+fn parse_addr(text: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    text.to_socket_addrs().ok()?.next()
+}
+
+/// Destination names: 1-200 characters, no control characters, no `/`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err(format!("destination name `{name}` must be 1-200 bytes"));
+    }
+    if name.chars().any(|c| c.is_control() || c == '/') {
+        return Err(format!("destination name `{name}` contains a control character or `/`"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_key(text: &str) -> String {
+        match Config::from_toml(text) {
+            Err(ConfigError::Invalid { key, .. }) => key.to_string(),
+            Err(ConfigError::Parse { message, .. }) => message,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.durability, Durability::Local);
+        assert_eq!(c.max_redeliveries, 5);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(err_key("listen = \"nowhere\""), "listen");
+        assert_eq!(err_key("durability = \"maybe\""), "durability");
+        assert_eq!(err_key("max_connections = 0"), "max_connections");
+        assert_eq!(err_key("ack_timeout_ms = 5"), "ack_timeout_ms");
+        assert_eq!(err_key("node_id = \"a b\""), "node_id");
+        assert_eq!(err_key("[[users]]\nname = \"u\""), "users");
+        assert!(err_key("colour = 3").contains("colour"), "unknown keys are named");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let args = Args::parse_from(["twinmqd", "--listen", "127.0.0.1:7000", "--durability", "none", "--queue", "q1"]);
+        let file: FileConfig = toml::from_str("listen = \"127.0.0.1:6000\"\nqueues = [\"q0\"]").unwrap();
+        let c = Config::merge(file, &args).unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.durability, Durability::None);
+        assert_eq!(c.queues, vec!["q0".to_string(), "q1".to_string()]);
+    }
+}

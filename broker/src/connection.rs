@@ -1,0 +1,216 @@
+//! The network side of one client connection: handshake, reader, writer.
+//!
+//! The reader decodes frames (the codec checks the length prefix against
+//! `max_frame_bytes` before allocating) and hands each to the `Session`,
+//! waiting until it is handled. A malformed, oversized or future-version
+//! frame gets one error frame and closes this connection only; nothing it
+//! carried reaches the store. The writer drains the outbound channel,
+//! flushing once per burst.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use twinmq_protocol::{ClientFrame, ErrorCode, ErrorContext, ErrorFrame, FrameCodec, ServerFrame};
+
+use crate::auth::{AuthOutcome, Users};
+use crate::config::Config;
+use crate::router::Router;
+use crate::session::{Closed, Incoming, Session};
+use crate::Shared;
+
+type Codec = FrameCodec<ClientFrame, ServerFrame>;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// How long a new connection has to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection waits for its in-flight publishes to be confirmed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every connection needs from the broker.
+#[derive(Clone)]
+pub struct ConnectionContext {
+    pub config: Arc<Config>,
+    pub router: Addr<Router>,
+    pub users: Users,
+    pub shared: Shared,
+    /// Flips to true when the broker shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+fn connection_error(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    ServerFrame::Error(ErrorFrame::new(code, ErrorContext::Connection, message))
+}
+
+/// Serve one accepted connection to its end. Runs on an I/O arbiter.
+pub async fn serve(stream: std::net::TcpStream, peer: SocketAddr, cx: ConnectionContext) {
+    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("conn", id, %peer);
+    let _enter = span.enter();
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register connection");
+            return;
+        }
+    };
+    let max = cx.config.max_frame_bytes;
+    let (rd, wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, Codec::new(max));
+    let mut writer = FramedWrite::new(wr, Codec::new(max));
+
+    let user = match handshake(&mut reader, &cx).await {
+        Ok(user) => user,
+        Err(reply) => {
+            if let Some(reply) = reply {
+                let _ = writer.send(reply).await;
+            }
+            let _ = writer.get_mut().shutdown().await;
+            return;
+        }
+    };
+    let welcome = ServerFrame::Welcome {
+        node_id: cx.config.node_id.clone(),
+        server_version: env!("CARGO_PKG_VERSION").to_string(),
+        max_frame_bytes: u32::try_from(max).unwrap_or(u32::MAX),
+    };
+    if writer.send(welcome).await.is_err() {
+        return;
+    }
+    tracing::info!(user = ?user, "client connected");
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (close_tx, close_rx) = oneshot::channel();
+    let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx));
+    let session = Session::new(id, peer, user, tx.clone(), cx.router.clone(), cx.config.clone()).start();
+    let permits = Arc::new(Semaphore::new(cx.config.max_inflight_per_connection));
+    let mut shutdown = cx.shutdown.clone();
+
+    loop {
+        let next = tokio::select! {
+            f = reader.next() => f,
+            _ = shutdown.wait_for(|s| *s) => {
+                let _ = tx.send(connection_error(ErrorCode::ShuttingDown, "broker is shutting down"));
+                break;
+            }
+        };
+        match next {
+            None => {
+                tracing::info!("client disconnected");
+                break;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "bad frame; closing connection");
+                let _ = tx.send(connection_error(e.code(), e.to_string()));
+                break;
+            }
+            Some(Ok(frame)) => {
+                let permit = match frame {
+                    ClientFrame::Publish { .. } => match permits.clone().acquire_owned().await {
+                        Ok(p) => Some(p),
+                        Err(_) => break,
+                    },
+                    _ => None,
+                };
+                let bye = matches!(frame, ClientFrame::Bye);
+                if session.send(Incoming { frame, permit }).await.is_err() || bye || !session.connected() {
+                    break;
+                }
+            }
+        }
+    }
+    // Finish in-flight confirms before closing (bounded: a dead store must not hang us).
+    let all = u32::try_from(cx.config.max_inflight_per_connection).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all)).await;
+    session.do_send(Closed);
+    drop(tx);
+    let _ = close_tx.send(());
+    let _ = write_task.await;
+}
+
+/// Read Hello, check role and credentials. `Err(Some(frame))`: send it and close.
+async fn handshake(
+    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
+    cx: &ConnectionContext,
+) -> Result<Option<String>, Option<ServerFrame>> {
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+        Err(_) => {
+            tracing::info!("no Hello within {HELLO_TIMEOUT:?}; closing");
+            return Err(Some(connection_error(ErrorCode::ProtocolViolation, "expected Hello")));
+        }
+        Ok(None) => return Err(None),
+        Ok(Some(Err(e))) => {
+            tracing::warn!(error = %e, "bad first frame");
+            return Err(Some(connection_error(e.code(), e.to_string())));
+        }
+        Ok(Some(Ok(f))) => f,
+    };
+    let ClientFrame::Hello { user, password, client_name } = first else {
+        tracing::warn!("first frame is not Hello");
+        return Err(Some(connection_error(ErrorCode::ProtocolViolation, "the first frame must be Hello")));
+    };
+    if !cx.shared.role().serves_clients() {
+        return Err(Some(ServerFrame::NotActive { active_hint: None }));
+    }
+    let users = cx.users.clone();
+    let outcome = tokio::task::spawn_blocking(move || users.check(user.as_deref(), password.as_deref()))
+        .await
+        .unwrap_or(AuthOutcome::Refused("authentication failed"));
+    match outcome {
+        AuthOutcome::Accepted(user) => {
+            tracing::debug!(client = %client_name, "authenticated");
+            Ok(user)
+        }
+        AuthOutcome::Refused(why) => {
+            tracing::warn!(client = %client_name, "authentication refused: {why}");
+            Err(Some(connection_error(ErrorCode::NotAuthenticated, why)))
+        }
+    }
+}
+
+async fn write_loop(
+    mut writer: FramedWrite<OwnedWriteHalf, Codec>,
+    mut rx: mpsc::UnboundedReceiver<ServerFrame>,
+    mut close: oneshot::Receiver<()>,
+) {
+    loop {
+        let frame = tokio::select! {
+            biased;
+            f = rx.recv() => f,
+            _ = &mut close => {
+                // Send what is already queued (a final error frame, confirms), then close.
+                while let Ok(f) = rx.try_recv() {
+                    if writer.feed(f).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = SinkExt::<ServerFrame>::flush(&mut writer).await;
+                break;
+            }
+        };
+        let Some(frame) = frame else { break };
+        if let Err(e) = writer.feed(frame).await {
+            tracing::debug!(error = %e, "write failed");
+            break;
+        }
+        while let Ok(f) = rx.try_recv() {
+            if writer.feed(f).await.is_err() {
+                return;
+            }
+        }
+        if SinkExt::<ServerFrame>::flush(&mut writer).await.is_err() {
+            break;
+        }
+    }
+    let _ = writer.get_mut().shutdown().await;
+}
+
+use tokio::io::AsyncWriteExt;

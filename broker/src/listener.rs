@@ -1,0 +1,135 @@
+//! `Listener`: the client port.
+//!
+//! Owns the listening socket (options set here, through socket2, in one
+//! place), the accept loop, and the connection limit. Each accepted
+//! connection is served on one of the I/O arbiters, round robin.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use actix::prelude::*;
+use futures_util::SinkExt;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio_util::codec::FramedWrite;
+use twinmq_protocol::{ClientFrame, ErrorCode, ErrorContext, ErrorFrame, FrameCodec, ServerFrame};
+
+use crate::connection::{self, ConnectionContext};
+use crate::BrokerError;
+
+/// Bind the client port with the options we rely on.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, BrokerError> {
+    let bind_err = |source| BrokerError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?;
+    // A restarted broker must be able to bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)?;
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+/// Options on each accepted connection.
+pub fn configure_stream(stream: &std::net::TcpStream) -> std::io::Result<()> {
+    let s = socket2::SockRef::from(stream);
+    // Confirms are small and latency-bound: no Nagle delay.
+    s.set_nodelay(true)?;
+    s.set_keepalive(true)?;
+    s.set_nonblocking(true)?;
+    Ok(())
+}
+
+pub struct Listener {
+    listener: Option<tokio::net::TcpListener>,
+    io: Vec<ArbiterHandle>,
+    next_io: usize,
+    cx: ConnectionContext,
+}
+
+impl Listener {
+    pub fn new(listener: tokio::net::TcpListener, io: Vec<ArbiterHandle>, cx: ConnectionContext) -> Listener {
+        Listener { listener: Some(listener), io, next_io: 0, cx }
+    }
+}
+
+impl Actor for Listener {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let Some(listener) = self.listener.take() else { return };
+        let me = ctx.address();
+        ctx.spawn(
+            async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, peer)) => match stream.into_std() {
+                            Ok(s) => me.do_send(Accepted(s, peer)),
+                            Err(e) => tracing::warn!(error = %e, "cannot take accepted socket"),
+                        },
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Accepted(std::net::TcpStream, SocketAddr);
+
+impl Handler<Accepted> for Listener {
+    type Result = ();
+    fn handle(&mut self, Accepted(stream, peer): Accepted, _: &mut Context<Self>) {
+        if let Err(e) = configure_stream(&stream) {
+            tracing::warn!(%peer, error = %e, "cannot set socket options; dropping connection");
+            return;
+        }
+        let shared = self.cx.shared.clone();
+        let count = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        let arbiter = &self.io[self.next_io % self.io.len()];
+        self.next_io += 1;
+        if count > self.cx.config.max_connections {
+            tracing::warn!(%peer, limit = self.cx.config.max_connections, "connection limit reached; refusing");
+            arbiter.spawn(async move {
+                refuse(stream).await;
+                shared.connections.fetch_sub(1, Ordering::SeqCst);
+            });
+            return;
+        }
+        let cx = self.cx.clone();
+        arbiter.spawn(async move {
+            connection::serve(stream, peer, cx).await;
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+async fn refuse(stream: std::net::TcpStream) {
+    if let Ok(s) = tokio::net::TcpStream::from_std(stream) {
+        let mut w = FramedWrite::new(s, FrameCodec::<ClientFrame, ServerFrame>::new(64 * 1024));
+        let _ = w
+            .send(ServerFrame::Error(ErrorFrame::new(
+                ErrorCode::LimitReached,
+                ErrorContext::Connection,
+                "too many connections",
+            )))
+            .await;
+    }
+}
+
+/// Stop accepting connections (shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopAccepting;
+
+impl Handler<StopAccepting> for Listener {
+    type Result = ();
+    fn handle(&mut self, _: StopAccepting, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

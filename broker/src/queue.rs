@@ -1,0 +1,559 @@
+//! `Queue`: one stored queue, durable subscription or in-memory subscription.
+//!
+//! Owns the queue's ready messages, its consumers with their prefetch credit,
+//! and the deliveries in flight. Persistent messages enter only after the
+//! store writer has made them durable (`Stored`), so a consumer never sees a
+//! message that a crash could take back. Acks, expiries and dead-lettering
+//! are ops in the store; redelivery counts live in memory (after a restart,
+//! recovered messages are flagged `redelivered`, count unknown = 1).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::OwnedSemaphorePermit;
+use twinmq_protocol::{Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, ServerFrame};
+use twinmq_store::{Op, StoredMessage, Writer};
+
+use crate::session::Outbound;
+use crate::{now_ms, transient_seq};
+
+/// A consumer: (session id, subscription id).
+pub type ConsumerKey = (u64, u32);
+
+/// How a queue keeps its messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueMode {
+    /// Stored in the store under `key` (plain queue or durable subscription).
+    Stored { key: String },
+    /// In memory only: a non-durable topic subscription.
+    Memory,
+}
+
+/// Settings every queue shares.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub max_depth: usize,
+    pub ack_timeout: Option<Duration>,
+    /// `None`: never dead-letter (dead-letter queues themselves, memory subscriptions).
+    pub max_redeliveries: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    msg: Arc<StoredMessage>,
+    persistent: bool,
+    /// Deliveries so far.
+    deliveries: u32,
+}
+
+struct Consumer {
+    key: ConsumerKey,
+    out: Outbound,
+    credit: u32,
+}
+
+struct InFlight {
+    entry: Entry,
+    consumer: ConsumerKey,
+    since: Instant,
+}
+
+pub struct Queue {
+    /// Name shown to clients and operators (`queue:x`, `topic:t/sub`).
+    pub label: String,
+    /// The destination consumers see in deliveries.
+    destination: Destination,
+    mode: QueueMode,
+    settings: QueueSettings,
+    writer: Writer,
+    /// Where dead letters go; `None` for queues that do not dead-letter.
+    dead_letters: Option<Recipient<DeadLetter>>,
+    ready: VecDeque<Entry>,
+    in_flight: HashMap<u64, InFlight>,
+    consumers: Vec<Consumer>,
+    next_consumer: usize,
+    /// Messages in `ready` with an expiry, so the sweep can skip queues without TTLs.
+    with_ttl: usize,
+    dropped_full: u64,
+}
+
+impl Queue {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        label: String,
+        destination: Destination,
+        mode: QueueMode,
+        settings: QueueSettings,
+        writer: Writer,
+        dead_letters: Option<Recipient<DeadLetter>>,
+        recovered: Vec<StoredMessage>,
+    ) -> Queue {
+        let ready: VecDeque<Entry> = recovered
+            .into_iter()
+            // Recovered messages may have been delivered before the restart.
+            .map(|m| Entry { msg: Arc::new(m), persistent: true, deliveries: 1 })
+            .collect();
+        let with_ttl = ready.iter().filter(|e| e.msg.expires_at_ms.is_some()).count();
+        Queue {
+            label,
+            destination,
+            mode,
+            settings,
+            writer,
+            dead_letters,
+            ready,
+            in_flight: HashMap::new(),
+            consumers: Vec::new(),
+            next_consumer: 0,
+            with_ttl,
+            dropped_full: 0,
+        }
+    }
+
+    fn store_key(&self) -> Option<&str> {
+        match &self.mode {
+            QueueMode::Stored { key } => Some(key),
+            QueueMode::Memory => None,
+        }
+    }
+
+    fn depth(&self) -> usize {
+        self.ready.len() + self.in_flight.len()
+    }
+
+    /// Record that `entry` is done here (acked, expired, dead-lettered).
+    fn finish(&self, entry: &Entry) {
+        if !entry.persistent {
+            return;
+        }
+        if let Some(key) = self.store_key() {
+            let label = self.label.clone();
+            self.writer.submit(
+                vec![Op::Ack { queue: key.to_string(), seq: entry.msg.seq }],
+                Box::new(move |r| {
+                    if let Err(e) = r {
+                        tracing::error!(queue = %label, error = %e, "could not store an ack");
+                    }
+                }),
+            );
+        }
+    }
+
+    fn push_ready(&mut self, entry: Entry, front: bool) {
+        if entry.msg.expires_at_ms.is_some() {
+            self.with_ttl += 1;
+        }
+        if front {
+            self.ready.push_front(entry);
+        } else {
+            self.ready.push_back(entry);
+        }
+    }
+
+    fn pop_ready(&mut self) -> Option<Entry> {
+        let e = self.ready.pop_front()?;
+        if e.msg.expires_at_ms.is_some() {
+            self.with_ttl -= 1;
+        }
+        Some(e)
+    }
+
+    fn is_expired(entry: &Entry, now: u64) -> bool {
+        entry.msg.expires_at_ms.is_some_and(|t| t <= now)
+    }
+
+    /// Hand ready messages to consumers with credit, round robin.
+    fn dispatch(&mut self) {
+        if self.consumers.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        while !self.ready.is_empty() {
+            let n = self.consumers.len();
+            let Some(offset) = (0..n).find(|i| self.consumers[(self.next_consumer + i) % n].credit > 0) else {
+                return;
+            };
+            let idx = (self.next_consumer + offset) % n;
+            self.next_consumer = (idx + 1) % n;
+            let Some(mut entry) = self.pop_ready() else { return };
+            if Self::is_expired(&entry, now) {
+                tracing::debug!(queue = %self.label, seq = entry.msg.seq, "message expired");
+                self.finish(&entry);
+                continue;
+            }
+            let consumer = &mut self.consumers[idx];
+            let frame = ServerFrame::Deliver {
+                sub_id: consumer.key.1,
+                message: Delivered {
+                    id: MessageId { epoch: entry.msg.epoch, seq: entry.msg.seq },
+                    destination: self.destination.clone(),
+                    headers: entry.msg.headers.clone(),
+                    payload: entry.msg.payload.clone(),
+                    timestamp_ms: entry.msg.timestamp_ms,
+                    expires_at_ms: entry.msg.expires_at_ms,
+                    persistent: entry.persistent,
+                    redelivered: entry.deliveries > 0,
+                    delivery_count: entry.deliveries,
+                },
+            };
+            if consumer.out.send(frame).is_err() {
+                // The connection is gone; its session will remove the consumer.
+                consumer.credit = 0;
+                self.push_ready(entry, true);
+                continue;
+            }
+            consumer.credit -= 1;
+            entry.deliveries += 1;
+            let key = consumer.key;
+            self.in_flight.insert(entry.msg.seq, InFlight { entry, consumer: key, since: Instant::now() });
+        }
+    }
+
+    /// A delivery came back unacked: redeliver, or dead-letter past the limit.
+    fn requeue(&mut self, entry: Entry) {
+        match (self.settings.max_redeliveries, &self.dead_letters) {
+            (Some(max), Some(dlq)) if entry.deliveries > max => {
+                tracing::info!(queue = %self.label, seq = entry.msg.seq, deliveries = entry.deliveries, "dead-lettering");
+                dlq.do_send(DeadLetter {
+                    from_key: self.store_key().map(str::to_string),
+                    from_label: self.label.clone(),
+                    message: entry.msg.clone(),
+                    persistent: entry.persistent,
+                    deliveries: entry.deliveries,
+                });
+            }
+            _ => self.push_ready(entry, true),
+        }
+    }
+
+    /// Return a consumer's in-flight deliveries to the front, in sequence order.
+    fn return_in_flight(&mut self, key: ConsumerKey) {
+        let mut back: Vec<u64> = self.in_flight.iter().filter(|(_, f)| f.consumer == key).map(|(s, _)| *s).collect();
+        back.sort_unstable_by(|a, b| b.cmp(a));
+        for seq in back {
+            if let Some(f) = self.in_flight.remove(&seq) {
+                self.requeue(f.entry);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        if let Some(timeout) = self.settings.ack_timeout {
+            let expired: Vec<(u64, ConsumerKey)> = self
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.since.elapsed() >= timeout)
+                .map(|(s, f)| (*s, f.consumer))
+                .collect();
+            for (seq, consumer) in expired {
+                if let Some(f) = self.in_flight.remove(&seq) {
+                    tracing::info!(queue = %self.label, seq, "ack timeout; redelivering");
+                    if let Some(c) = self.consumers.iter_mut().find(|c| c.key == consumer) {
+                        c.credit += 1;
+                    }
+                    self.requeue(f.entry);
+                }
+            }
+        }
+        if self.with_ttl > 0 {
+            let now = now_ms();
+            let (keep, gone): (Vec<Entry>, Vec<Entry>) =
+                std::mem::take(&mut self.ready).into_iter().partition(|e| !Self::is_expired(e, now));
+            self.ready = keep.into();
+            self.with_ttl -= gone.len();
+            for e in &gone {
+                self.finish(e);
+            }
+            if !gone.is_empty() {
+                tracing::debug!(queue = %self.label, expired = gone.len(), "expired messages removed");
+            }
+        }
+        self.dispatch();
+    }
+}
+
+impl Actor for Queue {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(Duration::from_millis(250), |q, _| q.tick());
+    }
+}
+
+/// A producer's message for this queue.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Publish {
+    pub message: StoredMessage,
+    pub persistent: bool,
+    pub reply: Outbound,
+    /// Released when the confirm (or error) is sent: bounds a connection's unconfirmed publishes.
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+fn confirm_frame(producer_id: u64, seq: u64) -> ServerFrame {
+    ServerFrame::Confirm { producer_id, seq }
+}
+
+fn publish_error(producer_id: u64, seq: u64, code: ErrorCode, message: String) -> ServerFrame {
+    ServerFrame::Error(ErrorFrame::new(code, ErrorContext::Publish { producer_id, seq }, message))
+}
+
+impl Handler<Publish> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, p: Publish, ctx: &mut Context<Self>) {
+        let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+        if self.depth() >= self.settings.max_depth {
+            let _ = p.reply.send(publish_error(
+                pid,
+                pseq,
+                ErrorCode::LimitReached,
+                format!("{} is full ({} messages)", self.label, self.settings.max_depth),
+            ));
+            return;
+        }
+        match (&self.mode, p.persistent) {
+            (QueueMode::Stored { key }, true) => {
+                let me = ctx.address();
+                let reply = p.reply;
+                let permit = p.permit;
+                let label = self.label.clone();
+                self.writer.submit(
+                    vec![Op::Enqueue { message: p.message, queues: vec![key.clone()] }],
+                    Box::new(move |r| {
+                        let _permit = permit;
+                        match r {
+                            Ok(c) => {
+                                for op in c.ops {
+                                    if let Op::Enqueue { message, .. } = op {
+                                        me.do_send(Stored { messages: vec![Arc::new(message)] });
+                                    }
+                                }
+                                // Durable as promised by the store's crate doc ("What a confirmation promises").
+                                let _ = reply.send(confirm_frame(pid, pseq));
+                            }
+                            Err(e) => {
+                                tracing::error!(queue = %label, error = %e, "store failed; publish not confirmed");
+                                let _ = reply.send(publish_error(pid, pseq, ErrorCode::StoreFailed, e.to_string()));
+                            }
+                        }
+                    }),
+                );
+            }
+            _ => {
+                let mut m = p.message;
+                m.seq = transient_seq();
+                self.push_ready(Entry { msg: Arc::new(m), persistent: false, deliveries: 0 }, false);
+                let _ = p.reply.send(confirm_frame(pid, pseq));
+                self.dispatch();
+            }
+        }
+    }
+}
+
+/// Messages now durable in this queue (from the writer or a topic's commit).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stored {
+    pub messages: Vec<Arc<StoredMessage>>,
+}
+
+impl Handler<Stored> for Queue {
+    type Result = ();
+    fn handle(&mut self, s: Stored, _: &mut Context<Self>) {
+        for m in s.messages {
+            self.push_ready(Entry { msg: m, persistent: true, deliveries: 0 }, false);
+        }
+        self.dispatch();
+    }
+}
+
+/// A message fanned out from a topic to an in-memory subscription (or a
+/// non-persistent message to a durable one).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Push {
+    pub message: Arc<StoredMessage>,
+}
+
+impl Handler<Push> for Queue {
+    type Result = ();
+    fn handle(&mut self, p: Push, _: &mut Context<Self>) {
+        if self.depth() >= self.settings.max_depth {
+            // A subscriber that does not keep up loses messages past the limit
+            // instead of growing the broker without bound.
+            self.dropped_full += 1;
+            if self.dropped_full.is_power_of_two() {
+                tracing::warn!(queue = %self.label, dropped = self.dropped_full, "subscription full; dropping messages");
+            }
+            return;
+        }
+        self.push_ready(Entry { msg: p.message, persistent: false, deliveries: 0 }, false);
+        self.dispatch();
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddConsumer {
+    pub key: ConsumerKey,
+    pub out: Outbound,
+    pub prefetch: u32,
+}
+
+impl Handler<AddConsumer> for Queue {
+    type Result = ();
+    fn handle(&mut self, c: AddConsumer, _: &mut Context<Self>) {
+        self.consumers.retain(|x| x.key != c.key);
+        self.consumers.push(Consumer { key: c.key, out: c.out, credit: c.prefetch.max(1) });
+        self.dispatch();
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoveConsumer {
+    pub key: ConsumerKey,
+}
+
+impl Handler<RemoveConsumer> for Queue {
+    type Result = ();
+    fn handle(&mut self, c: RemoveConsumer, ctx: &mut Context<Self>) {
+        self.consumers.retain(|x| x.key != c.key);
+        self.return_in_flight(c.key);
+        if self.mode == QueueMode::Memory && self.consumers.is_empty() {
+            // An in-memory subscription lives as long as its consumer.
+            ctx.stop();
+            return;
+        }
+        self.dispatch();
+    }
+}
+
+/// A consumer settles a delivery.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Settle {
+    pub key: ConsumerKey,
+    pub seq: u64,
+    /// false: nack, redeliver.
+    pub ack: bool,
+}
+
+impl Handler<Settle> for Queue {
+    type Result = ();
+    fn handle(&mut self, s: Settle, _: &mut Context<Self>) {
+        // Only the consumer it was delivered to may settle it (a late ack after
+        // an ack timeout refers to a delivery that is no longer its own).
+        match self.in_flight.get(&s.seq) {
+            Some(f) if f.consumer == s.key => {}
+            _ => return,
+        }
+        let Some(f) = self.in_flight.remove(&s.seq) else { return };
+        if let Some(c) = self.consumers.iter_mut().find(|c| c.key == s.key) {
+            c.credit += 1;
+        }
+        if s.ack {
+            self.finish(&f.entry);
+        } else {
+            self.requeue(f.entry);
+        }
+        self.dispatch();
+    }
+}
+
+/// A message that exceeded its redeliveries, for the dead-letter queue.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DeadLetter {
+    /// Store key of the queue it leaves (its ack goes in the same commit).
+    pub from_key: Option<String>,
+    pub from_label: String,
+    pub message: Arc<StoredMessage>,
+    pub persistent: bool,
+    pub deliveries: u32,
+}
+
+impl Handler<DeadLetter> for Queue {
+    type Result = ();
+    fn handle(&mut self, d: DeadLetter, ctx: &mut Context<Self>) {
+        let mut copy = (*d.message).clone();
+        copy.headers.insert("x-dead-letter-from".into(), d.from_label.clone());
+        copy.headers.insert("x-delivery-count".into(), d.deliveries.to_string());
+        copy.producer_id = 0;
+        copy.expires_at_ms = None;
+        match (&self.mode, d.persistent, d.from_key) {
+            (QueueMode::Stored { key }, true, Some(from_key)) => {
+                let me = ctx.address();
+                let label = self.label.clone();
+                // Move and ack in one commit: the message is in exactly one of the two queues.
+                self.writer.submit(
+                    vec![
+                        Op::Enqueue { message: copy, queues: vec![key.clone()] },
+                        Op::Ack { queue: from_key, seq: d.message.seq },
+                    ],
+                    Box::new(move |r| match r {
+                        Ok(c) => {
+                            for op in c.ops {
+                                if let Op::Enqueue { message, .. } = op {
+                                    me.do_send(Stored { messages: vec![Arc::new(message)] });
+                                }
+                            }
+                        }
+                        Err(e) => tracing::error!(queue = %label, error = %e, "could not store a dead letter"),
+                    }),
+                );
+            }
+            _ => {
+                copy.seq = transient_seq();
+                self.push_ready(Entry { msg: Arc::new(copy), persistent: false, deliveries: 0 }, false);
+                self.dispatch();
+            }
+        }
+    }
+}
+
+/// Depth and consumers, for status.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStats {
+    pub name: String,
+    pub depth: usize,
+    pub in_flight: usize,
+    pub consumers: usize,
+}
+
+#[derive(Message)]
+#[rtype(result = "QueueStats")]
+pub struct GetStats;
+
+impl Handler<GetStats> for Queue {
+    type Result = MessageResult<GetStats>;
+    fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(QueueStats {
+            name: self.label.clone(),
+            depth: self.depth(),
+            in_flight: self.in_flight.len(),
+            consumers: self.consumers.len(),
+        })
+    }
+}
+
+/// The queue was deleted: tell its consumers and stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Close {
+    pub reason: String,
+}
+
+impl Handler<Close> for Queue {
+    type Result = ();
+    fn handle(&mut self, c: Close, ctx: &mut Context<Self>) {
+        for consumer in &self.consumers {
+            let _ = consumer.out.send(ServerFrame::ConsumerClosed { sub_id: consumer.key.1, reason: c.reason.clone() });
+        }
+        ctx.stop();
+    }
+}

@@ -1,0 +1,332 @@
+//! `Router`: the registry of destinations.
+//!
+//! Owns the map from names to `Queue` and `Topic` actors, creates queues on
+//! first use (when `auto_create` is on) by storing a `PutQueue` op, creates
+//! and deletes durable subscriptions, routes dead letters to `<queue>.dlq`,
+//! and assembles the status report. Sessions ask it once per destination
+//! and then talk to the destination actor directly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+use twinmq_protocol::{DestKind, Destination, ErrorCode, ErrorContext, ErrorFrame};
+use twinmq_store::{Op, QueueEntry, QueueKind, QueueSpec, StoredMessage, Writer};
+
+use crate::config::{validate_name, Config};
+use crate::queue::{self, DeadLetter, Queue, QueueMode, QueueSettings, QueueStats};
+use crate::topic::{self, Topic};
+use crate::Shared;
+
+/// Where a session sends a destination's publishes.
+#[derive(Clone)]
+pub enum Target {
+    Queue(Addr<Queue>),
+    Topic(Addr<Topic>),
+}
+
+fn queue_key(name: &str) -> String {
+    format!("q/{name}")
+}
+
+fn durable_key(topic: &str, name: &str) -> String {
+    format!("d/{topic}/{name}")
+}
+
+pub struct Router {
+    config: Arc<Config>,
+    shared: Shared,
+    writer: Writer,
+    settings: QueueSettings,
+    queues: HashMap<String, Addr<Queue>>,
+    durables: HashMap<(String, String), Addr<Queue>>,
+    topics: HashMap<String, Addr<Topic>>,
+    started: Instant,
+}
+
+impl Router {
+    /// Build the registry from what the store recovered.
+    pub fn start(
+        config: Arc<Config>,
+        shared: Shared,
+        writer: Writer,
+        queues: BTreeMap<String, QueueEntry>,
+        mut messages: HashMap<String, Vec<StoredMessage>>,
+    ) -> Addr<Router> {
+        Router::create(move |ctx| {
+            let settings = QueueSettings {
+                max_depth: config.max_queue_depth,
+                ack_timeout: config.ack_timeout_ms.map(Duration::from_millis),
+                max_redeliveries: Some(config.max_redeliveries),
+            };
+            let mut r = Router {
+                config: config.clone(),
+                shared,
+                writer,
+                settings,
+                queues: HashMap::new(),
+                durables: HashMap::new(),
+                topics: HashMap::new(),
+                started: Instant::now(),
+            };
+            let me = ctx.address();
+            for (key, entry) in queues {
+                let recovered = messages.remove(&key).unwrap_or_default();
+                let n = recovered.len();
+                match entry.spec.kind {
+                    QueueKind::Queue => {
+                        let name = key.strip_prefix("q/").unwrap_or(&key).to_string();
+                        r.spawn_queue(&name, recovered, &me);
+                    }
+                    QueueKind::Durable { topic, name } => {
+                        r.spawn_durable(&topic, &name, recovered, &me);
+                    }
+                }
+                if n > 0 {
+                    tracing::info!(queue = %key, messages = n, "recovered");
+                }
+            }
+            for q in &config.queues {
+                if !r.queues.contains_key(q) {
+                    r.create_queue(q, &me);
+                }
+            }
+            r
+        })
+    }
+
+    fn spawn_queue(&mut self, name: &str, recovered: Vec<StoredMessage>, me: &Addr<Router>) -> Addr<Queue> {
+        let is_dlq = name.ends_with(".dlq");
+        let settings = QueueSettings {
+            max_redeliveries: if is_dlq { None } else { self.settings.max_redeliveries },
+            ..self.settings.clone()
+        };
+        let addr = Queue::new(
+            format!("queue:{name}"),
+            Destination::queue(name),
+            QueueMode::Stored { key: queue_key(name) },
+            settings,
+            self.writer.clone(),
+            (!is_dlq).then(|| me.clone().recipient()),
+            recovered,
+        )
+        .start();
+        self.queues.insert(name.to_string(), addr.clone());
+        addr
+    }
+
+    fn spawn_durable(
+        &mut self,
+        topic: &str,
+        name: &str,
+        recovered: Vec<StoredMessage>,
+        me: &Addr<Router>,
+    ) -> Addr<Queue> {
+        let key = durable_key(topic, name);
+        let addr = Queue::new(
+            format!("topic:{topic} (durable {name})"),
+            Destination::topic(topic),
+            QueueMode::Stored { key: key.clone() },
+            self.settings.clone(),
+            self.writer.clone(),
+            Some(me.clone().recipient()),
+            recovered,
+        )
+        .start();
+        self.topic(topic).do_send(topic::SetDurable { key, queue: Some(addr.clone()) });
+        self.durables.insert((topic.to_string(), name.to_string()), addr.clone());
+        addr
+    }
+
+    /// Store the queue's definition and start its actor. The `PutQueue` op is
+    /// submitted before any publish can reach the queue, so the writer
+    /// stores the definition first.
+    fn create_queue(&mut self, name: &str, me: &Addr<Router>) -> Addr<Queue> {
+        tracing::info!(queue = %name, "creating queue");
+        self.submit_admin(Op::PutQueue { key: queue_key(name), spec: QueueSpec { kind: QueueKind::Queue } });
+        self.spawn_queue(name, Vec::new(), me)
+    }
+
+    fn submit_admin(&self, op: Op) {
+        self.writer.submit(
+            vec![op],
+            Box::new(|r| {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "could not store an admin change");
+                }
+            }),
+        );
+    }
+
+    fn topic(&mut self, name: &str) -> Addr<Topic> {
+        if let Some(t) = self.topics.get(name) {
+            return t.clone();
+        }
+        let t = Topic::new(name.to_string(), self.writer.clone(), self.settings.clone()).start();
+        self.topics.insert(name.to_string(), t.clone());
+        t
+    }
+}
+
+impl Actor for Router {
+    type Context = Context<Self>;
+}
+
+fn unknown(dest: &Destination) -> ErrorFrame {
+    ErrorFrame::new(ErrorCode::UnknownDestination, ErrorContext::Connection, format!("{dest} does not exist"))
+}
+
+/// Find (or create) the actor serving `destination`.
+#[derive(Message)]
+#[rtype(result = "Result<Target, ErrorFrame>")]
+pub struct Resolve {
+    pub destination: Destination,
+}
+
+impl Handler<Resolve> for Router {
+    type Result = Result<Target, ErrorFrame>;
+    fn handle(&mut self, r: Resolve, ctx: &mut Context<Self>) -> Self::Result {
+        let name = &r.destination.name;
+        validate_name(name).map_err(|m| ErrorFrame::new(ErrorCode::InvalidRequest, ErrorContext::Connection, m))?;
+        match r.destination.kind {
+            DestKind::Queue => {
+                if let Some(q) = self.queues.get(name) {
+                    return Ok(Target::Queue(q.clone()));
+                }
+                if !self.config.auto_create {
+                    return Err(unknown(&r.destination));
+                }
+                Ok(Target::Queue(self.create_queue(name, &ctx.address())))
+            }
+            DestKind::Topic => Ok(Target::Topic(self.topic(name))),
+        }
+    }
+}
+
+/// Find or create the durable subscription `name` on `topic`.
+#[derive(Message)]
+#[rtype(result = "Result<Addr<Queue>, ErrorFrame>")]
+pub struct OpenDurable {
+    pub topic: String,
+    pub name: String,
+}
+
+impl Handler<OpenDurable> for Router {
+    type Result = Result<Addr<Queue>, ErrorFrame>;
+    fn handle(&mut self, d: OpenDurable, ctx: &mut Context<Self>) -> Self::Result {
+        let bad = |m| ErrorFrame::new(ErrorCode::InvalidRequest, ErrorContext::Connection, m);
+        validate_name(&d.topic).map_err(bad)?;
+        validate_name(&d.name).map_err(bad)?;
+        if let Some(q) = self.durables.get(&(d.topic.clone(), d.name.clone())) {
+            return Ok(q.clone());
+        }
+        tracing::info!(topic = %d.topic, name = %d.name, "creating durable subscription");
+        self.submit_admin(Op::PutQueue {
+            key: durable_key(&d.topic, &d.name),
+            spec: QueueSpec { kind: QueueKind::Durable { topic: d.topic.clone(), name: d.name.clone() } },
+        });
+        Ok(self.spawn_durable(&d.topic, &d.name, Vec::new(), &ctx.address()))
+    }
+}
+
+/// Delete a durable subscription and what it holds.
+#[derive(Message)]
+#[rtype(result = "Result<(), ErrorFrame>")]
+pub struct DeleteDurable {
+    pub topic: String,
+    pub name: String,
+}
+
+impl Handler<DeleteDurable> for Router {
+    type Result = Result<(), ErrorFrame>;
+    fn handle(&mut self, d: DeleteDurable, _: &mut Context<Self>) -> Self::Result {
+        let Some(q) = self.durables.remove(&(d.topic.clone(), d.name.clone())) else {
+            return Err(ErrorFrame::new(
+                ErrorCode::UnknownDestination,
+                ErrorContext::Connection,
+                format!("no durable subscription `{}` on topic:{}", d.name, d.topic),
+            ));
+        };
+        let key = durable_key(&d.topic, &d.name);
+        tracing::info!(topic = %d.topic, name = %d.name, "deleting durable subscription");
+        self.topic(&d.topic).do_send(topic::SetDurable { key: key.clone(), queue: None });
+        self.submit_admin(Op::DeleteQueue { key });
+        q.do_send(queue::Close { reason: "durable subscription deleted".into() });
+        Ok(())
+    }
+}
+
+impl Handler<DeadLetter> for Router {
+    type Result = ();
+    fn handle(&mut self, d: DeadLetter, ctx: &mut Context<Self>) {
+        let base = match d.from_key.as_deref().and_then(|k| k.strip_prefix("q/")) {
+            Some(name) => name.to_string(),
+            // Durable subscription `d/topic/name` -> `topic.name`.
+            None => d.from_key.as_deref().and_then(|k| k.strip_prefix("d/")).unwrap_or("orphan").replace('/', "."),
+        };
+        let dlq_name = format!("{base}.dlq");
+        let dlq = match self.queues.get(&dlq_name) {
+            Some(q) => q.clone(),
+            None => self.create_queue(&dlq_name, &ctx.address()),
+        };
+        dlq.do_send(d);
+    }
+}
+
+/// The node's status as JSON.
+#[derive(Message)]
+#[rtype(result = "serde_json::Value")]
+pub struct GetStatus;
+
+impl Handler<GetStatus> for Router {
+    type Result = ResponseFuture<serde_json::Value>;
+    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
+        let queues: Vec<Addr<Queue>> = self.queues.values().chain(self.durables.values()).cloned().collect();
+        let topics: Vec<(String, Addr<Topic>)> = self.topics.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let stats = self.writer.stats();
+        let store = serde_json::json!({
+            "durability": self.config.durability.to_string(),
+            "live_batches": stats.live_batches.load(Ordering::Relaxed),
+            "live_bytes": stats.live_bytes.load(Ordering::Relaxed),
+            "batches_written": stats.batches.load(Ordering::Relaxed),
+            "ops_written": stats.ops.load(Ordering::Relaxed),
+            "flushes": stats.flushes.load(Ordering::Relaxed),
+            "last_flush_us": stats.last_flush_us.load(Ordering::Relaxed),
+        });
+        let last_op = stats.last_seq.load(Ordering::Relaxed);
+        let shared = self.shared.clone();
+        let node_id = self.config.node_id.clone();
+        let uptime = self.started.elapsed().as_secs();
+        Box::pin(async move {
+            let q_stats: Vec<QueueStats> = join_all(queues.iter().map(|q| q.send(queue::GetStats)))
+                .await
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect();
+            let mut t_stats = Vec::new();
+            for (name, t) in topics {
+                if let Ok((subs, durables)) = t.send(topic::TopicStats).await {
+                    t_stats.push(serde_json::json!({"name": format!("topic:{name}"), "subscribers": subs, "durable_subscriptions": durables}));
+                }
+            }
+            let mut q_stats = q_stats;
+            q_stats.sort_by(|a, b| a.name.cmp(&b.name));
+            serde_json::json!({
+                "node_id": node_id,
+                "role": shared.role().to_string(),
+                "epoch": shared.epoch.load(Ordering::Relaxed),
+                "last_op": last_op,
+                "peer": serde_json::Value::Null,
+                "gateway": serde_json::Value::Null,
+                "uptime_s": uptime,
+                "connections": shared.connections.load(Ordering::Relaxed),
+                "queues": q_stats,
+                "topics": t_stats,
+                "store": store,
+            })
+        })
+    }
+}

@@ -1,0 +1,119 @@
+//! Starting and stopping a broker.
+//!
+//! `run` is the whole life of a node: open the store, recover, start the
+//! writer, the router and its destinations, bind the client port, serve
+//! until `shutdown` resolves, then drain in order: stop accepting, let
+//! connections finish their in-flight confirms, stop the writer (it flushes
+//! what is left), close the store and report its error.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::watch;
+use twinmq_ha::Role;
+use twinmq_store::{Store, StoreConfig, Writer, WriterConfig};
+
+use crate::auth::Users;
+use crate::config::Config;
+use crate::connection::ConnectionContext;
+use crate::listener::{self, Listener};
+use crate::router::Router;
+use crate::{BrokerError, Shared};
+
+/// Serve as a broker until `shutdown` resolves. Must run inside an actix `System`.
+/// `ready` receives the bound client address once the port accepts connections.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<(), BrokerError> {
+    let config = Arc::new(config);
+    let users = Users::from_config(&config.users)?;
+    if users.is_open() {
+        tracing::warn!("no users configured: any client can connect without credentials");
+    }
+
+    let store_config = StoreConfig::new(&config.data_dir);
+    let (store, mut recovered) = {
+        let sc = store_config.clone();
+        tokio::task::spawn_blocking(move || Store::open(&sc))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??
+    };
+    store.claim_node_id(&config.node_id)?;
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        epoch = recovered.epoch,
+        next_seq = recovered.next_seq,
+        batches = recovered.batches,
+        queues = recovered.queues.len(),
+        "store opened"
+    );
+    let (writer, writer_thread) = Writer::start(
+        store.clone(),
+        &mut recovered,
+        WriterConfig { durability: config.durability, max_batch_ops: config.max_batch_ops },
+    )?;
+
+    // A single node is active from the start; the pair (twinmq-ha) will drive this.
+    let (role_tx, role_rx) = watch::channel(Role::Active);
+    let shared = Shared::new(role_rx, recovered.epoch);
+    let router = Router::start(
+        config.clone(),
+        shared.clone(),
+        writer.clone(),
+        std::mem::take(&mut recovered.queues),
+        std::mem::take(&mut recovered.messages),
+    );
+    drop(recovered);
+
+    let std_listener = listener::bind(config.listen)?;
+    let local = std_listener.local_addr().map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
+    let tcp =
+        tokio::net::TcpListener::from_std(std_listener).map_err(|source| BrokerError::Bind { addr: local, source })?;
+    let io: Vec<Arbiter> = (0..config.io_threads).map(|_| Arbiter::new()).collect();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cx = ConnectionContext {
+        config: config.clone(),
+        router: router.clone(),
+        users,
+        shared: shared.clone(),
+        shutdown: stop_rx,
+    };
+    let listener = Listener::new(tcp, io.iter().map(Arbiter::handle).collect(), cx).start();
+    tracing::info!(node_id = %config.node_id, listen = %local, durability = %config.durability, role = %Role::Active, "listening");
+    if let Some(ready) = ready {
+        let _ = ready.send(local);
+    }
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining in-flight confirms");
+    listener.do_send(listener::StopAccepting);
+    let _ = stop_tx.send(true);
+    // Connections close once their in-flight publishes are confirmed (bounded wait).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while shared.connections.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(role_tx);
+    // Wait until every op submitted so far is committed.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    writer.barrier(Box::new(move |_| {
+        let _ = tx.send(());
+    }));
+    let _ = rx.await;
+    drop(router);
+    for a in &io {
+        a.stop();
+    }
+    drop(writer);
+    // The writer thread ends when the last handle goes; destination actors
+    // still hold handles until the System stops, so the final flush is ours.
+    let _ = writer_thread;
+    tokio::task::spawn_blocking(move || store.close()).await.map_err(|e| BrokerError::Internal(e.to_string()))??;
+    tracing::info!("store flushed and closed; bye");
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! `Session`: one authenticated client connection.
+//!
+//! Owns the connection's subscriptions and its cache of destination actors.
+//! Frames arrive from the connection's reader task (`connection.rs`), which
+//! waits for each to be handled before reading the next: that is the
+//! connection's back-pressure. Replies, confirms and deliveries go to the
+//! connection's outbound channel, drained by its writer task; deliveries are
+//! bounded by each consumer's prefetch and confirms by the connection's
+//! publish permits, so the channel cannot grow without bound.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::OwnedSemaphorePermit;
+use twinmq_protocol::{
+    ClientFrame, DestKind, Destination, ErrorCode, ErrorContext, ErrorFrame, OutMessage, ServerFrame,
+};
+use twinmq_store::StoredMessage;
+
+use crate::config::Config;
+use crate::now_ms;
+use crate::queue::{self, ConsumerKey, Queue};
+use crate::router::{self, Router, Target};
+use crate::topic::{self, Topic};
+
+/// Frames on their way to one client.
+pub type Outbound = UnboundedSender<ServerFrame>;
+
+struct Subscription {
+    queue: Addr<Queue>,
+    /// Set for in-memory topic subscriptions, which the topic owns.
+    topic: Option<Addr<Topic>>,
+}
+
+pub struct Session {
+    pub id: u64,
+    peer: SocketAddr,
+    user: Option<String>,
+    out: Outbound,
+    router: Addr<Router>,
+    config: Arc<Config>,
+    targets: HashMap<Destination, Target>,
+    subs: HashMap<u32, Subscription>,
+}
+
+impl Session {
+    pub fn new(
+        id: u64,
+        peer: SocketAddr,
+        user: Option<String>,
+        out: Outbound,
+        router: Addr<Router>,
+        config: Arc<Config>,
+    ) -> Session {
+        Session { id, peer, user, out, router, config, targets: HashMap::new(), subs: HashMap::new() }
+    }
+
+    fn send(&self, frame: ServerFrame) {
+        // A closed channel means the connection is going away; nothing to do.
+        let _ = self.out.send(frame);
+    }
+
+    fn error(&self, code: ErrorCode, context: ErrorContext, message: impl Into<String>) {
+        self.send(ServerFrame::Error(ErrorFrame::new(code, context, message)));
+    }
+
+    fn key(&self, sub_id: u32) -> ConsumerKey {
+        (self.id, sub_id)
+    }
+
+    fn publish_to(target: &Target, p: queue::Publish) {
+        match target {
+            Target::Queue(q) => q.do_send(p),
+            Target::Topic(t) => t.do_send(p),
+        }
+    }
+
+    fn handle_publish(
+        &mut self,
+        producer_id: u64,
+        seq: u64,
+        destination: Destination,
+        message: OutMessage,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> ResponseActFuture<Self, ()> {
+        let ctx_err = ErrorContext::Publish { producer_id, seq };
+        if message.payload.len() > self.config.max_message_bytes {
+            self.error(
+                ErrorCode::TooLarge,
+                ctx_err,
+                format!(
+                    "message of {} bytes exceeds max_message_bytes {}",
+                    message.payload.len(),
+                    self.config.max_message_bytes
+                ),
+            );
+            return Box::pin(fut::ready(()));
+        }
+        let now = now_ms();
+        let stored = StoredMessage {
+            epoch: 0,
+            seq: 0,
+            origin: destination.to_string(),
+            producer_id,
+            producer_seq: seq,
+            headers: message.headers,
+            payload: message.payload,
+            timestamp_ms: now,
+            expires_at_ms: message.ttl_ms.map(|t| now.saturating_add(t)),
+        };
+        let p = queue::Publish { message: stored, persistent: message.persistent, reply: self.out.clone(), permit };
+        if let Some(t) = self.targets.get(&destination) {
+            Self::publish_to(t, p);
+            return Box::pin(fut::ready(()));
+        }
+        let resolve = self.router.send(router::Resolve { destination: destination.clone() });
+        Box::pin(resolve.into_actor(self).map(move |res, act, _| match res {
+            Ok(Ok(target)) => {
+                Self::publish_to(&target, p);
+                act.targets.insert(destination, target);
+            }
+            Ok(Err(mut e)) => {
+                e.context = ctx_err;
+                act.send(ServerFrame::Error(e));
+            }
+            Err(_) => act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down"),
+        }))
+    }
+
+    fn handle_subscribe(
+        &mut self,
+        sub_id: u32,
+        destination: Destination,
+        durable: Option<String>,
+        prefetch: u32,
+    ) -> ResponseActFuture<Self, ()> {
+        let ctx_err = ErrorContext::Subscribe { sub_id };
+        if self.subs.contains_key(&sub_id) {
+            self.error(ErrorCode::InvalidRequest, ctx_err, format!("subscription id {sub_id} is already in use"));
+            return Box::pin(fut::ready(()));
+        }
+        let prefetch = prefetch.clamp(1, 65_536);
+        let key = self.key(sub_id);
+        let out = self.out.clone();
+        match (destination.kind, durable) {
+            (DestKind::Queue, Some(_)) => {
+                self.error(ErrorCode::InvalidRequest, ctx_err, "durable subscriptions are for topics");
+                Box::pin(fut::ready(()))
+            }
+            (DestKind::Topic, Some(name)) => {
+                let open = self.router.send(router::OpenDurable { topic: destination.name.clone(), name });
+                Box::pin(open.into_actor(self).map(move |res, act, _| match res {
+                    Ok(Ok(q)) => act.attach(sub_id, q, None, key, out, prefetch),
+                    Ok(Err(mut e)) => {
+                        e.context = ctx_err;
+                        act.send(ServerFrame::Error(e));
+                    }
+                    Err(_) => act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down"),
+                }))
+            }
+            (_, None) => {
+                let resolve = self.router.send(router::Resolve { destination });
+                Box::pin(resolve.into_actor(self).then(move |res, act, _| {
+                    let fut: ResponseActFuture<Self, ()> = match res {
+                        Ok(Ok(Target::Queue(q))) => {
+                            act.attach(sub_id, q, None, key, out, prefetch);
+                            Box::pin(fut::ready(()))
+                        }
+                        Ok(Ok(Target::Topic(t))) => {
+                            let sub = t.send(topic::Subscribe { key, out: out.clone(), prefetch });
+                            Box::pin(sub.into_actor(act).map(move |res, act, _| match res {
+                                Ok(q) => {
+                                    act.subs.insert(sub_id, Subscription { queue: q, topic: Some(t) });
+                                    // The subscriber queue already has its consumer; confirm.
+                                    act.send(ServerFrame::Subscribed { sub_id });
+                                }
+                                Err(_) => act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down"),
+                            }))
+                        }
+                        Ok(Err(mut e)) => {
+                            e.context = ctx_err;
+                            act.send(ServerFrame::Error(e));
+                            Box::pin(fut::ready(()))
+                        }
+                        Err(_) => {
+                            act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down");
+                            Box::pin(fut::ready(()))
+                        }
+                    };
+                    fut
+                }))
+            }
+        }
+    }
+
+    fn attach(
+        &mut self,
+        sub_id: u32,
+        q: Addr<Queue>,
+        topic: Option<Addr<Topic>>,
+        key: ConsumerKey,
+        out: Outbound,
+        prefetch: u32,
+    ) {
+        // Subscribed goes out before the consumer can receive its first delivery.
+        self.send(ServerFrame::Subscribed { sub_id });
+        q.do_send(queue::AddConsumer { key, out, prefetch });
+        self.subs.insert(sub_id, Subscription { queue: q, topic });
+    }
+
+    fn drop_subscription(&mut self, sub_id: u32) -> bool {
+        let key = self.key(sub_id);
+        match self.subs.remove(&sub_id) {
+            Some(Subscription { topic: Some(t), .. }) => {
+                t.do_send(topic::Unsubscribe { key });
+                true
+            }
+            Some(Subscription { queue, topic: None }) => {
+                queue.do_send(queue::RemoveConsumer { key });
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        tracing::debug!(session = self.id, peer = %self.peer, user = ?self.user, "session started");
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        let ids: Vec<u32> = self.subs.keys().copied().collect();
+        for id in ids {
+            self.drop_subscription(id);
+        }
+        tracing::debug!(session = self.id, peer = %self.peer, "session ended");
+    }
+}
+
+/// A frame read from the client; `permit` is held by publishes until confirmed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Incoming {
+    pub frame: ClientFrame,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Handler<Incoming> for Session {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, msg: Incoming, ctx: &mut Context<Self>) -> Self::Result {
+        let done = || -> ResponseActFuture<Self, ()> { Box::pin(fut::ready(())) };
+        match msg.frame {
+            ClientFrame::Publish { producer_id, seq, destination, message } => {
+                self.handle_publish(producer_id, seq, destination, message, msg.permit)
+            }
+            ClientFrame::Subscribe { sub_id, destination, durable, prefetch } => {
+                self.handle_subscribe(sub_id, destination, durable, prefetch)
+            }
+            ClientFrame::Ack { sub_id, id } | ClientFrame::Nack { sub_id, id } => {
+                let ack = matches!(msg.frame, ClientFrame::Ack { .. });
+                match self.subs.get(&sub_id) {
+                    Some(s) => s.queue.do_send(queue::Settle { key: self.key(sub_id), seq: id.seq, ack }),
+                    None => tracing::debug!(session = self.id, sub_id, "settle for an unknown subscription ignored"),
+                }
+                done()
+            }
+            ClientFrame::Unsubscribe { sub_id } => {
+                if !self.drop_subscription(sub_id) {
+                    self.error(ErrorCode::InvalidRequest, ErrorContext::Subscribe { sub_id }, "no such subscription");
+                }
+                done()
+            }
+            ClientFrame::DeleteDurable { req, topic, name } => {
+                let del = self.router.send(router::DeleteDurable { topic, name });
+                Box::pin(del.into_actor(self).map(move |res, act, _| match res {
+                    Ok(Ok(())) => act.send(ServerFrame::Done { req }),
+                    Ok(Err(mut e)) => {
+                        e.context = ErrorContext::Request { req };
+                        act.send(ServerFrame::Error(e));
+                    }
+                    Err(_) => act.error(ErrorCode::ShuttingDown, ErrorContext::Request { req }, "shutting down"),
+                }))
+            }
+            ClientFrame::Status { req } => {
+                let st = self.router.send(router::GetStatus);
+                Box::pin(st.into_actor(self).map(move |res, act, _| match res {
+                    Ok(json) => act.send(ServerFrame::StatusReply { req, json: json.to_string() }),
+                    Err(_) => act.error(ErrorCode::ShuttingDown, ErrorContext::Request { req }, "shutting down"),
+                }))
+            }
+            ClientFrame::Ping { nonce } => {
+                self.send(ServerFrame::Pong { nonce });
+                done()
+            }
+            ClientFrame::Hello { .. } => {
+                tracing::warn!(session = self.id, peer = %self.peer, "second Hello on a connection");
+                self.error(ErrorCode::ProtocolViolation, ErrorContext::Connection, "Hello was already received");
+                ctx.stop();
+                done()
+            }
+            ClientFrame::Bye => {
+                ctx.stop();
+                done()
+            }
+        }
+    }
+}
+
+/// The connection ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Closed;
+
+impl Handler<Closed> for Session {
+    type Result = ();
+    fn handle(&mut self, _: Closed, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,206 @@
+//! Messaging through a real `twinmqd`: queues, topics, durable subscriptions,
+//! redelivery, TTL and dead-lettering.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{drain, Broker};
+use twinmq_client::{Destination, Message, SubscribeOptions};
+
+#[tokio::test]
+async fn ten_thousand_messages_through_a_queue_arrive_exactly_once() {
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    let producer = client.producer(Destination::queue("bulk"));
+    let mut confirms = Vec::new();
+    for i in 0..10_000 {
+        confirms.push(producer.send_nowait(Message::persistent(format!("m-{i}"))).await.expect("send"));
+    }
+    for c in confirms {
+        c.await.expect("confirmed");
+    }
+    let mut consumer = client.subscribe(Destination::queue("bulk"), SubscribeOptions::default()).await.unwrap();
+    let got = drain(&mut consumer, 10_001, Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 10_000, "exactly 10,000 deliveries");
+    let distinct: HashSet<&String> = got.iter().collect();
+    assert_eq!(distinct.len(), 10_000, "no duplicates");
+    assert_eq!(got[0], "m-0");
+    assert_eq!(got[9_999], "m-9999", "one producer, one consumer: order kept");
+}
+
+#[tokio::test]
+async fn competing_consumers_share_a_queue() {
+    let broker = Broker::start(&[]);
+    let c1 = broker.client().await;
+    let c2 = broker.client().await;
+    let q = Destination::queue("work");
+    let mut a = c1.subscribe(q.clone(), SubscribeOptions::default().prefetch(10)).await.unwrap();
+    let mut b = c2.subscribe(q.clone(), SubscribeOptions::default().prefetch(10)).await.unwrap();
+    let producer = c1.producer(q);
+    for i in 0..400 {
+        producer.send(Message::persistent(format!("w-{i}"))).await.unwrap();
+    }
+    let (ga, gb) =
+        tokio::join!(drain(&mut a, 400, Duration::from_millis(700)), drain(&mut b, 400, Duration::from_millis(700)));
+    assert!(!ga.is_empty() && !gb.is_empty(), "both consumers got work: {} / {}", ga.len(), gb.len());
+    let all: HashSet<String> = ga.iter().chain(gb.iter()).cloned().collect();
+    assert_eq!(ga.len() + gb.len(), 400, "each message to one consumer");
+    assert_eq!(all.len(), 400);
+}
+
+#[tokio::test]
+async fn topic_fans_out_to_three_subscribers() {
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    let t = Destination::topic("news");
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        subs.push(client.subscribe(t.clone(), SubscribeOptions::default()).await.unwrap());
+    }
+    let producer = client.producer(t);
+    for i in 0..100 {
+        producer.send(Message::persistent(format!("n-{i}"))).await.unwrap();
+    }
+    for s in &mut subs {
+        let got = drain(s, 100, Duration::from_secs(2)).await;
+        assert_eq!(got, (0..100).map(|i| format!("n-{i}")).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn durable_subscription_keeps_messages_while_its_consumer_is_away_and_across_restart() {
+    let mut broker = Broker::start(&[]);
+    let t = Destination::topic("prices");
+    {
+        let client = broker.client().await;
+        let sub = client.subscribe(t.clone(), SubscribeOptions::default().durable("audit")).await.unwrap();
+        sub.unsubscribe().await.unwrap();
+        let producer = client.producer(t.clone());
+        for i in 0..50 {
+            producer.send(Message::persistent(format!("p-{i}"))).await.unwrap();
+        }
+        client.close().await.unwrap();
+    }
+    broker.kill9();
+    broker.restart();
+    let client = broker.client().await;
+    // A non-durable subscriber joining now sees none of the earlier messages.
+    let mut late = client.subscribe(t.clone(), SubscribeOptions::default()).await.unwrap();
+    let mut sub = client.subscribe(t.clone(), SubscribeOptions::default().durable("audit")).await.unwrap();
+    let got = drain(&mut sub, 50, Duration::from_secs(2)).await;
+    assert_eq!(got, (0..50).map(|i| format!("p-{i}")).collect::<Vec<_>>());
+    assert!(drain(&mut late, 1, Duration::from_millis(300)).await.is_empty());
+    client.delete_durable("prices", "audit").await.unwrap();
+    assert!(client.delete_durable("prices", "audit").await.is_err(), "deleting twice is an error");
+}
+
+#[tokio::test]
+async fn unacked_messages_are_redelivered_after_their_consumer_dies() {
+    let broker = Broker::start(&[]);
+    let producer_client = broker.client().await;
+    let q = Destination::queue("jobs");
+    let producer = producer_client.producer(q.clone());
+    for i in 0..5 {
+        producer.send(Message::persistent(format!("j-{i}"))).await.unwrap();
+    }
+    {
+        let doomed = broker.client().await;
+        let mut c = doomed.subscribe(q.clone(), SubscribeOptions::default().prefetch(5)).await.unwrap();
+        for _ in 0..5 {
+            let d = c.recv().await.unwrap().unwrap();
+            assert!(!d.message().redelivered);
+            // Not acked.
+        }
+        drop(c);
+        drop(doomed); // the connection goes away without acking
+    }
+    let survivor = broker.client().await;
+    let mut c = survivor.subscribe(q, SubscribeOptions::default()).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let d = tokio::time::timeout(Duration::from_secs(5), c.recv()).await.expect("redelivered").unwrap().unwrap();
+        assert!(d.message().redelivered, "flagged redelivered");
+        assert_eq!(d.message().delivery_count, 1);
+        seen.push(String::from_utf8_lossy(d.payload()).into_owned());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(seen, (0..5).map(|i| format!("j-{i}")).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn unacked_delivery_comes_back_after_the_ack_timeout() {
+    let broker = Broker::start(&["--ack-timeout-ms", "300"]);
+    let client = broker.client().await;
+    let q = Destination::queue("slow");
+    client.producer(q.clone()).send(Message::persistent("once")).await.unwrap();
+    let mut c = client.subscribe(q, SubscribeOptions::default()).await.unwrap();
+    let first = c.recv().await.unwrap().unwrap();
+    assert!(!first.message().redelivered);
+    let again = tokio::time::timeout(Duration::from_secs(3), c.recv()).await.expect("redelivery").unwrap().unwrap();
+    assert_eq!(again.payload(), b"once");
+    assert!(again.message().redelivered);
+    again.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn expired_messages_are_never_delivered() {
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    let q = Destination::queue("ttl");
+    let producer = client.producer(q.clone());
+    producer.send(Message::persistent("short").ttl(Duration::from_millis(100))).await.unwrap();
+    producer.send(Message::persistent("long").ttl(Duration::from_secs(60))).await.unwrap();
+    producer.send(Message::persistent("forever")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut c = client.subscribe(q, SubscribeOptions::default()).await.unwrap();
+    let got = drain(&mut c, 3, Duration::from_millis(800)).await;
+    assert_eq!(got, vec!["long".to_string(), "forever".to_string()]);
+}
+
+#[tokio::test]
+async fn a_message_nacked_past_max_redeliveries_moves_to_the_dead_letter_queue() {
+    let broker = Broker::start(&["--max-redeliveries", "2"]);
+    let client = broker.client().await;
+    let q = Destination::queue("fragile");
+    client.producer(q.clone()).send(Message::persistent("poison").header("k", "v")).await.unwrap();
+    client.producer(q.clone()).send(Message::persistent("fine")).await.unwrap();
+    let mut c = client.subscribe(q, SubscribeOptions::default().prefetch(1)).await.unwrap();
+    let mut poison_deliveries = 0;
+    let mut fine = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(800), c.recv()).await {
+        if d.payload() == b"poison" {
+            poison_deliveries += 1;
+            d.nack().await.unwrap();
+        } else {
+            fine += 1;
+            d.ack().await.unwrap();
+        }
+    }
+    assert_eq!(poison_deliveries, 3, "first delivery plus max_redeliveries (2)");
+    assert_eq!(fine, 1);
+    let mut dlq = client.subscribe(Destination::queue("fragile.dlq"), SubscribeOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(2), dlq.recv()).await.expect("dead letter").unwrap().unwrap();
+    assert_eq!(d.payload(), b"poison");
+    assert_eq!(d.message().headers.get("k").map(String::as_str), Some("v"));
+    assert_eq!(d.message().headers.get("x-dead-letter-from").map(String::as_str), Some("queue:fragile"));
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_keeps_every_confirmed_message() {
+    let mut broker = Broker::start(&[]);
+    let client = broker.client().await;
+    let producer = client.producer(Destination::queue("drain"));
+    for i in 0..1000 {
+        producer.send(Message::persistent(format!("d-{i}"))).await.unwrap();
+    }
+    let status = broker.terminate();
+    assert!(status.success(), "clean exit after SIGTERM, got {status}");
+    assert!(broker.log().contains("store flushed and closed"), "log:\n{}", broker.log());
+    broker.restart();
+    let client = broker.client().await;
+    let mut c = client.subscribe(Destination::queue("drain"), SubscribeOptions::default()).await.unwrap();
+    assert_eq!(drain(&mut c, 1000, Duration::from_secs(2)).await.len(), 1000);
+}

@@ -1,0 +1,244 @@
+//! `twinmq`: the command-line tool for a twinmq pair.
+//!
+//! Parses flags, sets up tracing (RUST_LOG, default `warn`, on stderr) and
+//! calls one command module. Output on stdout is part of a contract scripts
+//! rely on (`confirmed N`, `received K`, the bench summary line); diagnostics
+//! go to stderr. Exit codes: 0 success, 1 failure, 2 usage error (clap).
+
+// Crate roots resolve modules next to themselves; these live in `twinmq/`.
+#[path = "twinmq/bench.rs"]
+mod bench;
+#[path = "twinmq/consume.rs"]
+mod consume;
+#[path = "twinmq/produce.rs"]
+mod produce;
+
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use clap::{CommandFactory, Parser, Subcommand};
+use twinmq_client::{Client, ClientConfig, Destination};
+
+/// How long `status` waits for the broker's reply.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Debug, Parser)]
+#[command(name = "twinmq", version, about = "Command-line client for a twinmq broker pair")]
+struct Cli {
+    /// Client addresses of the nodes: HOST:PORT, comma-separated (required by every command that connects).
+    #[arg(long, env = "TWINMQ_SERVERS", value_delimiter = ',', global = true)]
+    servers: Vec<String>,
+    /// User name to authenticate as.
+    #[arg(long, global = true)]
+    user: Option<String>,
+    /// Password of --user.
+    #[arg(long, env = "TWINMQ_PASSWORD", hide_env_values = true, global = true)]
+    password: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish COUNT persistent messages, pipelined; prints `confirmed K`.
+    Pub(produce::PubArgs),
+    /// Consume and ack up to COUNT messages; prints `received K`.
+    Sub(consume::SubArgs),
+    /// Print the status (JSON) of the node we connect to.
+    Status,
+    /// Print an argon2id PHC hash of PASSWORD (read from stdin if omitted) for the broker's config.
+    HashPassword { password: Option<String> },
+    /// Measure produce/consume throughput and confirm latency.
+    Bench(bench::BenchArgs),
+}
+
+impl Cli {
+    /// The client configuration, or a usage error when no server is given.
+    fn client_config(&self) -> Result<ClientConfig, clap::Error> {
+        let servers: Vec<String> =
+            self.servers.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).map(Into::into).collect();
+        if servers.is_empty() {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--servers HOST:PORT[,HOST:PORT] (or TWINMQ_SERVERS) is required for this command",
+            ));
+        }
+        let mut config = ClientConfig::new(servers).client_name(format!("twinmq-cli/{}", std::process::id()));
+        config.user = self.user.clone();
+        config.password = self.password.clone();
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Command::HashPassword { password } = &cli.command {
+        return report(hash_password(password.clone()));
+    }
+    let config = match cli.client_config() {
+        Ok(config) => config,
+        Err(e) => e.exit(),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return report(Err(anyhow!(e).context("could not start the runtime"))),
+    };
+    report(runtime.block_on(run(cli.command, config)))
+}
+
+async fn run(command: Command, config: ClientConfig) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Pub(args) => produce::run(config, args).await,
+        Command::Sub(args) => consume::run(config, args).await,
+        Command::Bench(args) => bench::run(config, args).await,
+        Command::Status => status(config).await,
+        Command::HashPassword { .. } => unreachable!("handled before connecting"),
+    }
+}
+
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// A queue, or a topic with `--topic`.
+fn destination(name: &str, topic: bool) -> Destination {
+    if topic {
+        Destination::topic(name)
+    } else {
+        Destination::queue(name)
+    }
+}
+
+async fn status(config: ClientConfig) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(config).await?;
+    let json = tokio::time::timeout(STATUS_TIMEOUT, client.status())
+        .await
+        .map_err(|_| anyhow!("no status reply within {STATUS_TIMEOUT:?}"))?
+        .context("status request failed")?;
+    match serde_json::from_str::<serde_json::Value>(&json) {
+        Ok(value) => println!("{}", serde_json::to_string_pretty(&value)?),
+        Err(_) => println!("{json}"),
+    }
+    client.close().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hash_password(password: Option<String>) -> anyhow::Result<ExitCode> {
+    let password = match password {
+        Some(password) => password,
+        None => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).context("could not read the password from stdin")?;
+            line.trim_end_matches(['\n', '\r']).to_owned()
+        }
+    };
+    println!("{}", phc_hash(&password)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// argon2id with the crate's default parameters and a random salt, as a PHC string.
+fn phc_hash(password: &str) -> anyhow::Result<String> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+
+    if password.is_empty() {
+        anyhow::bail!("the password is empty");
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    let hash = argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| anyhow!("could not hash the password: {e}"))?;
+    Ok(hash.to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("twinmq").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn servers_split_on_commas() {
+        let cli = parse(&["--servers", "a:1,b:2", "status"]).unwrap();
+        assert_eq!(cli.client_config().unwrap().servers, vec!["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn hash_password_needs_no_servers() {
+        let cli = parse(&["hash-password", "secret"]).unwrap();
+        assert!(matches!(cli.command, Command::HashPassword { password: Some(ref p) } if p == "secret"));
+    }
+
+    #[test]
+    fn connecting_commands_need_servers() {
+        let cli = Cli { servers: Vec::new(), user: None, password: None, command: Command::Status };
+        let err = cli.client_config().unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn global_flags_go_before_or_after_the_command() {
+        let cli = parse(&["sub", "q", "--count", "3", "--servers", "h:1", "--user", "u", "--password", "p"]).unwrap();
+        let config = cli.client_config().unwrap();
+        assert_eq!(
+            (config.servers, config.user, config.password),
+            (vec!["h:1".into()], Some("u".into()), Some("p".into()))
+        );
+    }
+
+    #[test]
+    fn durable_requires_topic() {
+        let err = parse(&["--servers", "h:1", "sub", "t", "--count", "1", "--durable", "d"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let cli = parse(&["--servers", "h:1", "sub", "t", "--count", "1", "--topic", "--durable", "d"]).unwrap();
+        let Command::Sub(args) = cli.command else { panic!("expected sub") };
+        assert_eq!(args.durable.as_deref(), Some("d"));
+        assert!(args.topic);
+    }
+
+    #[test]
+    fn pub_defaults() {
+        let cli = parse(&["--servers", "h:1", "pub", "orders", "--count", "5"]).unwrap();
+        let Command::Pub(args) = cli.command else { panic!("expected pub") };
+        assert_eq!((args.dest.as_str(), args.count, args.size, args.prefix.as_str()), ("orders", 5, 0, "msg"));
+        assert_eq!((args.topic, args.window), (false, 256));
+    }
+
+    #[test]
+    fn count_is_required_and_window_positive() {
+        assert!(parse(&["--servers", "h:1", "pub", "q"]).is_err());
+        assert!(parse(&["--servers", "h:1", "pub", "q", "--count", "1", "--window", "0"]).is_err());
+    }
+
+    #[test]
+    fn bench_defaults() {
+        let cli = parse(&["--servers", "h:1", "bench"]).unwrap();
+        let Command::Bench(args) = cli.command else { panic!("expected bench") };
+        assert_eq!((args.count, args.size, args.window, args.queue.as_str()), (200_000, 1024, 256, "bench"));
+        assert!(!args.no_consumer);
+    }
+
+    #[test]
+    fn hashed_password_verifies() {
+        use argon2::password_hash::{PasswordHash, PasswordVerifier};
+        let hash = phc_hash("pw").unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        let parsed = PasswordHash::new(&hash).unwrap();
+        assert!(argon2::Argon2::default().verify_password(b"pw", &parsed).is_ok());
+        assert!(phc_hash("").is_err());
+    }
+}

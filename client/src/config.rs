@@ -1,0 +1,104 @@
+//! Client configuration: where the pair is, who we are, and the limits.
+
+use std::time::Duration;
+
+use twinmq_protocol::DEFAULT_MAX_FRAME_BYTES;
+
+/// How to reach the broker pair and how much work to keep in flight.
+///
+/// ```
+/// use twinmq_client::ClientConfig;
+/// let config = ClientConfig::new(["10.0.0.1:7878", "10.0.0.2:7878"]).user("app").password("secret").window(512);
+/// assert_eq!(config.servers.len(), 2);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Client addresses (`host:port`) of both nodes, tried in order.
+    pub servers: Vec<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Shown by the broker in its status and logs.
+    pub client_name: String,
+    /// Largest frame accepted from the broker; frames sent are also limited by
+    /// what the broker announces in its `Welcome`.
+    pub max_frame_bytes: usize,
+    /// Maximum unconfirmed publishes per producer (at least 1): `send_nowait`
+    /// waits for a slot beyond that, which bounds the memory the client keeps
+    /// for resending.
+    pub window: usize,
+    /// Per address: TCP connect plus the Hello/Welcome handshake.
+    pub connect_timeout: Duration,
+    /// How long a failover may take before operations fail. Reserved for
+    /// reconnect-and-resend, which this version does not do yet: a lost
+    /// connection fails pending operations at once.
+    pub failover_timeout: Duration,
+    /// How long [`crate::Client::close`] waits for outstanding confirms.
+    pub close_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            servers: Vec::new(),
+            user: None,
+            password: None,
+            client_name: "twinmq-client".to_owned(),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            window: 256,
+            connect_timeout: Duration::from_secs(5),
+            failover_timeout: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Defaults for everything but the server addresses.
+    pub fn new<I, S>(servers: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ClientConfig { servers: servers.into_iter().map(Into::into).collect(), ..Default::default() }
+    }
+
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = name.into();
+        self
+    }
+
+    pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
+        self.max_frame_bytes = bytes;
+        self
+    }
+
+    pub fn window(mut self, window: usize) -> Self {
+        self.window = window;
+        self
+    }
+
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    pub fn failover_timeout(mut self, timeout: Duration) -> Self {
+        self.failover_timeout = timeout;
+        self
+    }
+
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+}

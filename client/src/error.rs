@@ -1,0 +1,71 @@
+//! The one error type of the client library.
+//!
+//! Expected refusals by the broker keep their typed [`ErrorCode`] so that an
+//! application can act on them (`NotAuthenticated` is final, `NotActive`
+//! means "try the other node").
+
+use std::time::Duration;
+
+use twinmq_protocol::{ErrorCode, ProtocolError};
+
+/// Everything that can go wrong between an application and the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// [`crate::ClientConfig::servers`] is empty.
+    #[error("no server address configured")]
+    NoServers,
+    /// The TCP connection to `addr` could not be opened.
+    #[error("could not connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `addr` answered that it does not serve clients (it is passive or isolated).
+    #[error("{addr} is not the active node{}", hint_text(.active_hint))]
+    NotActive { addr: String, active_hint: Option<String> },
+    /// The broker refused a request (or the whole connection) with a typed error.
+    #[error("broker error {code}: {message}")]
+    Broker { code: ErrorCode, message: String },
+    /// `what` did not finish within `after`.
+    #[error("timed out after {after:?}: {what}")]
+    Timeout { what: String, after: Duration },
+    /// The connection to the broker is gone; the operation may or may not have
+    /// taken effect (a publish that was not confirmed may still be stored).
+    #[error("disconnected from the broker")]
+    Disconnected,
+    /// The client was closed by the application before the operation completed.
+    #[error("the client is closed")]
+    Closed,
+    /// The broker ended this consumer (destination deleted, ...).
+    #[error("the broker closed the consumer: {reason}")]
+    ConsumerClosed { reason: String },
+    /// The broker sent more unacknowledged deliveries than the prefetch allows
+    /// (a broker bug); the consumer was closed.
+    #[error("the broker exceeded the prefetch of {prefetch} unacknowledged deliveries")]
+    PrefetchExceeded { prefetch: u32 },
+    /// The broker sent a frame that makes no sense at this point.
+    #[error("unexpected frame from the broker: {0}")]
+    UnexpectedFrame(String),
+    /// Bytes that could not become a frame, or a frame that could not become bytes.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+fn hint_text(hint: &Option<String>) -> String {
+    match hint {
+        Some(h) => format!(" (active hint: {h})"),
+        None => String::new(),
+    }
+}
+
+impl ClientError {
+    /// The broker's error code, if this error is a refusal by the broker.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Broker { code, .. } => Some(*code),
+            ClientError::NotActive { .. } => Some(ErrorCode::NotActive),
+            _ => None,
+        }
+    }
+}
