@@ -1,0 +1,169 @@
+//! Bad input gets a clear error and loses nothing: malformed frames, wrong
+//! passwords, bad configuration.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::Broker;
+use twinmq_client::{Client, ClientError, Destination, ErrorCode, Message, SubscribeOptions};
+use twinmq_protocol::{
+    decode_body, encode_frame, ClientFrame, ErrorContext, OutMessage, ServerFrame, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+
+fn frame(f: &ClientFrame) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    encode_frame(f, DEFAULT_MAX_FRAME_BYTES, &mut b).unwrap();
+    b.to_vec()
+}
+
+fn hello() -> Vec<u8> {
+    frame(&ClientFrame::Hello { client_name: "raw".into(), user: None, password: None })
+}
+
+fn publish(body: &str) -> ClientFrame {
+    ClientFrame::Publish {
+        producer_id: 1,
+        seq: 1,
+        destination: Destination::queue("victim"),
+        message: OutMessage { payload: body.as_bytes().to_vec(), persistent: true, ..Default::default() },
+    }
+}
+
+/// Read every frame the broker sends until it closes the connection.
+fn read_until_closed(s: &mut TcpStream) -> Vec<ServerFrame> {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut frames = Vec::new();
+    let mut rest = &buf[..];
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if rest.len() < 4 + len {
+            break;
+        }
+        frames.push(decode_body::<ServerFrame>(&rest[4..4 + len]).expect("broker frames decode"));
+        rest = &rest[4 + len..];
+    }
+    frames
+}
+
+fn connection_error(frames: &[ServerFrame]) -> ErrorCode {
+    match frames.last() {
+        Some(ServerFrame::Error(e)) if e.context == ErrorContext::Connection => e.code,
+        other => panic!("expected a connection error frame last, got {other:?}"),
+    }
+}
+
+async fn assert_nothing_stored_and_still_serving(broker: &Broker) {
+    let client = broker.client().await;
+    client.producer(Destination::queue("healthy")).send(Message::persistent("ok")).await.expect("still serving");
+    let mut c = client.subscribe(Destination::queue("victim"), SubscribeOptions::default()).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_millis(500), c.recv()).await;
+    assert!(got.is_err(), "nothing from a bad connection was stored: {got:?}");
+}
+
+#[tokio::test]
+async fn garbage_truncated_oversized_and_future_frames_close_only_their_connection() {
+    let broker = Broker::start(&["--max-frame-bytes", "65536", "--max-message-bytes", "32768"]);
+
+    // Garbage: an HTTP request. "GET " read as a length is far above the limit.
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(connection_error(&read_until_closed(&mut s)), ErrorCode::TooLarge);
+
+    // Garbage after a valid Hello: a frame whose body is not MessagePack.
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.write_all(&hello()).unwrap();
+    s.write_all(&[0, 0, 0, 5, PROTOCOL_VERSION, 0xc1, 0xc1, 0xc1, 0xc1]).unwrap();
+    let frames = read_until_closed(&mut s);
+    assert!(matches!(frames.first(), Some(ServerFrame::Welcome { .. })));
+    assert_eq!(connection_error(&frames), ErrorCode::Malformed);
+
+    // Truncated: a publish cut short, then the client hangs up.
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.write_all(&hello()).unwrap();
+    let p = frame(&publish("truncated"));
+    s.write_all(&p[..p.len() / 2]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let frames = read_until_closed(&mut s);
+    assert!(!frames.iter().any(|f| matches!(f, ServerFrame::Confirm { .. })), "no confirm for a truncated frame");
+
+    // Oversized: a length prefix above max_frame_bytes, body never sent.
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.write_all(&hello()).unwrap();
+    s.write_all(&(1u32 << 20).to_be_bytes()).unwrap();
+    assert_eq!(connection_error(&read_until_closed(&mut s)), ErrorCode::TooLarge);
+
+    // A frame of a future protocol version.
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.write_all(&hello()).unwrap();
+    let mut p = frame(&publish("from the future"));
+    p[4] = PROTOCOL_VERSION + 1;
+    s.write_all(&p).unwrap();
+    assert_eq!(connection_error(&read_until_closed(&mut s)), ErrorCode::UnsupportedVersion);
+
+    // Anything but Hello first.
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.write_all(&frame(&publish("no hello"))).unwrap();
+    assert_eq!(connection_error(&read_until_closed(&mut s)), ErrorCode::ProtocolViolation);
+
+    // A message above max_message_bytes is refused for that publish only.
+    let client = broker.client().await;
+    let err = client.producer(Destination::queue("victim")).send(Message::persistent(vec![b'x'; 40_000])).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+
+    assert_nothing_stored_and_still_serving(&broker).await;
+}
+
+#[tokio::test]
+async fn wrong_password_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("twinmq.toml");
+    std::fs::write(&cfg, "[[users]]\nname = \"app\"\npassword = \"right horse\"\n").unwrap();
+    let broker = Broker::start(&["--config", cfg.to_str().unwrap()]);
+    let base = broker.config();
+
+    let err = Client::connect(base.clone().user("app").password("wrong")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotAuthenticated), "{err}");
+    assert!(err.to_string().contains("wrong password"), "message says why: {err}");
+    let err = Client::connect(base.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotAuthenticated), "no credentials: {err}");
+    assert!(matches!(err, ClientError::Broker { .. }));
+
+    let ok = Client::connect(base.user("app").password("right horse")).await.expect("right password");
+    ok.producer(Destination::queue("q")).send(Message::persistent("in")).await.unwrap();
+}
+
+fn run_twinmqd(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(common::TWINMQD).args(args).output().expect("run twinmqd");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_config_names_the_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("max_connections = 0\n", "max_connections"),
+        ("durability = \"sometimes\"\n", "durability"),
+        ("listen = \"not an address\"\n", "listen"),
+        ("colour = \"blue\"\n", "colour"),
+        ("max_redeliveries = \"five\"\n", "max_redeliveries"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, stderr) = run_twinmqd(&["--config", path.to_str().unwrap(), "--data-dir", dir.path().to_str().unwrap()]);
+        assert_eq!(code, 2, "{text}: exit code; stderr: {stderr}");
+        assert!(stderr.contains(key), "{text}: stderr names `{key}`: {stderr}");
+    }
+    let (code, stderr) = run_twinmqd(&["--listen", "nowhere"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("listen"), "{stderr}");
+    let (code, stderr) = run_twinmqd(&["--config", "/nonexistent/twinmq.toml"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/twinmq.toml"), "{stderr}");
+}
