@@ -1,6 +1,8 @@
 //! Bad input gets a clear error and loses nothing: malformed frames, wrong
 //! passwords, bad configuration.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 mod common;
 
 use std::io::{Read, Write};
@@ -11,7 +13,8 @@ use bytes::BytesMut;
 use common::Broker;
 use twinmq_client::{Client, ClientError, Destination, ErrorCode, Message, SubscribeOptions};
 use twinmq_protocol::{
-    decode_body, encode_frame, ClientFrame, ErrorContext, OutMessage, ServerFrame, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    decode_body, encode_frame, ClientFrame, ErrorContext, OutMessage, ServerFrame, DEFAULT_MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
 };
 
 fn frame(f: &ClientFrame) -> Vec<u8> {
@@ -113,7 +116,8 @@ async fn garbage_truncated_oversized_and_future_frames_close_only_their_connecti
 
     // A message above max_message_bytes is refused for that publish only.
     let client = broker.client().await;
-    let err = client.producer(Destination::queue("victim")).send(Message::persistent(vec![b'x'; 40_000])).await.unwrap_err();
+    let err =
+        client.producer(Destination::queue("victim")).send(Message::persistent(vec![b'x'; 40_000])).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
 
     assert_nothing_stored_and_still_serving(&broker).await;
@@ -156,7 +160,8 @@ fn bad_config_names_the_key_and_exits_2() {
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let (code, stderr) = run_twinmqd(&["--config", path.to_str().unwrap(), "--data-dir", dir.path().to_str().unwrap()]);
+        let (code, stderr) =
+            run_twinmqd(&["--config", path.to_str().unwrap(), "--data-dir", dir.path().to_str().unwrap()]);
         assert_eq!(code, 2, "{text}: exit code; stderr: {stderr}");
         assert!(stderr.contains(key), "{text}: stderr names `{key}`: {stderr}");
     }

@@ -1,6 +1,8 @@
 //! Crash safety: `kill -9` at random moments during confirmed sends never
 //! loses a confirmed message (`durability = local`).
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 mod common;
 
 use std::collections::HashSet;
@@ -56,12 +58,20 @@ async fn kill_9_during_sends_never_loses_a_confirmed_message() {
         let mut received = HashSet::new();
         while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(700), consumer.recv()).await {
             let body = String::from_utf8_lossy(d.payload()).into_owned();
-            assert!(body.starts_with(&format!("r{round}-")), "message {body} from an earlier round came back after its ack");
+            assert!(
+                body.starts_with(&format!("r{round}-")),
+                "message {body} from an earlier round came back after its ack"
+            );
             received.insert(body);
             d.ack().await.unwrap();
         }
         let lost: Vec<&String> = confirmed.difference(&received).collect();
-        assert!(lost.is_empty(), "round {round} (kill after {delay} ms): {} confirmed messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+        assert!(
+            lost.is_empty(),
+            "round {round} (kill after {delay} ms): {} confirmed messages lost, e.g. {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
         total_confirmed += confirmed.len();
         total_unconfirmed_stored += received.len() - confirmed.len();
         consumer.unsubscribe().await.unwrap();

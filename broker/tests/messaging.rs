@@ -1,6 +1,8 @@
 //! Messaging through a real `twinmqd`: queues, topics, durable subscriptions,
 //! redelivery, TTL and dead-lettering.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 mod common;
 
 use std::collections::HashSet;

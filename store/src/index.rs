@@ -74,12 +74,8 @@ impl LiveIndex {
                     for s in seqs {
                         match self.batch_of(s) {
                             _ if s >= key => own_pending -= 1,
-                            Some(t) => {
-                                if self.release(t) {
-                                    dead.push(t);
-                                }
-                            }
-                            None => {}
+                            Some(t) if self.release(t) => dead.push(t),
+                            _ => {}
                         }
                     }
                 }

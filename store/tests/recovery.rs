@@ -1,5 +1,7 @@
 //! Store behaviour across close and reopen, on real sled files.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 use std::sync::mpsc;
 
 use twinmq_store::*;
