@@ -153,7 +153,7 @@ async fn handshake(
         }
         Ok(Some(Ok(f))) => f,
     };
-    let ClientFrame::Hello { user, password, client_name } = first else {
+    let ClientFrame::Hello { user, password, client_name, .. } = first else {
         tracing::warn!("first frame is not Hello");
         return Err(Some(connection_error(ErrorCode::ProtocolViolation, "the first frame must be Hello")));
     };

@@ -24,7 +24,7 @@ fn frame(f: &ClientFrame) -> Vec<u8> {
 }
 
 fn hello() -> Vec<u8> {
-    frame(&ClientFrame::Hello { client_name: "raw".into(), user: None, password: None })
+    frame(&ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: false })
 }
 
 fn publish(body: &str) -> ClientFrame {

@@ -1,9 +1,15 @@
 //! twinmq-ha: the active/passive pair.
 //!
-//! Will own the HA link, the `PeerMonitor` and `WitnessProber` actors, the pure
-//! role decision and the `Replicator` (DESIGN.md sections 4 and 5). In the
-//! single-node release it only defines the role a node reports; a single node
-//! is always `active`.
+//! Owns: the role an operator sees ([`Role`]), the pure role decision
+//! ([`decide`]), the HA link (framing and the challenge/response on the
+//! cluster secret), the `PeerMonitor` and `WitnessProber` actors and the
+//! `RoleArbiter` that calls the decision and carries it out (DESIGN.md
+//! sections 3 and 4). Replication itself is the store writer's job
+//! (twinmq-store); this crate moves its records over the HA link.
+
+pub mod decide;
+
+pub use decide::{decide, Action, Decision, Inputs, PeerStatus, PeerView};
 
 use serde::{Deserialize, Serialize};
 

@@ -99,6 +99,10 @@ pub enum ClientFrame {
         client_name: String,
         user: Option<String>,
         password: Option<String>,
+        /// An admin connection (status, switchover, promote) is accepted by
+        /// every node, the passive one too, and carries no messaging.
+        #[serde(default)]
+        admin: bool,
     },
     /// Store and route a message. Confirmed with [`ServerFrame::Confirm`]
     /// carrying the same `producer_id`/`seq`, or answered with an error.
