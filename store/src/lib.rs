@@ -40,7 +40,7 @@ pub mod writer;
 
 pub use op::{BatchBody, Op, QueueKind, QueueSpec, StoredMessage};
 pub use store::{Durability, QueueEntry, Recovered, Store, StoreConfig};
-pub use writer::{Committed, Completion, Writer, WriterConfig, WriterStats};
+pub use writer::{ApplyDone, Committed, Completion, FollowerTx, PromoteDone, ReplFrame, Writer, WriterConfig, WriterStats};
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -65,4 +65,12 @@ pub enum StoreError {
     Failed(String),
     #[error("cannot start the writer thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error("this node is not active")]
+    NotActive,
+    #[error("no in-sync replica and require_replica is set")]
+    NoReplica,
+    #[error("epoch {got} is older than this store's epoch {current}")]
+    Fenced { got: u64, current: u64 },
+    #[error("replication: {0}")]
+    Replication(String),
 }

@@ -14,6 +14,7 @@ use crate::StoreError;
 const META_EPOCH: &[u8] = b"epoch";
 const META_NEXT_SEQ: &[u8] = b"next_seq";
 const META_NODE_ID: &[u8] = b"node_id";
+const META_LAST_ACTIVE: &[u8] = b"last_active";
 
 /// When a write counts as done. The promise each mode makes is written once,
 /// in the crate documentation (see `lib.rs`).
@@ -133,7 +134,7 @@ impl Store {
         Ok((store, recovered))
     }
 
-    fn recover(&self) -> Result<Recovered, StoreError> {
+    pub(crate) fn recover(&self) -> Result<Recovered, StoreError> {
         let epoch = self.meta.get(META_EPOCH)?.and_then(|v| be_u64(&v)).unwrap_or(0);
         let mut next_seq = self.meta.get(META_NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1).max(1);
 
@@ -234,6 +235,35 @@ impl Store {
     pub fn set_epoch(&self, epoch: u64) -> Result<(), StoreError> {
         self.meta.insert(META_EPOCH, &epoch.to_be_bytes())?;
         self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether this node was the last active one (the cold-start rule).
+    pub fn was_last_active(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.get(META_LAST_ACTIVE)?.is_some_and(|v| v.as_ref() == [1]))
+    }
+
+    pub(crate) fn set_last_active(&self, active: bool) -> Result<(), StoreError> {
+        self.meta.insert(META_LAST_ACTIVE, &[u8::from(active)])?;
+        Ok(())
+    }
+
+    pub(crate) fn set_next_seq(&self, next_seq: u64) -> Result<(), StoreError> {
+        self.meta.insert(META_NEXT_SEQ, &next_seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub(crate) fn set_epoch_unflushed(&self, epoch: u64) -> Result<(), StoreError> {
+        self.meta.insert(META_EPOCH, &epoch.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Forget all replicated state before a snapshot is loaded (node id stays).
+    pub(crate) fn clear_for_snapshot(&self) -> Result<(), StoreError> {
+        self.log.clear()?;
+        self.admin.clear()?;
+        self.producers.clear()?;
+        self.meta.remove(META_NEXT_SEQ)?;
         Ok(())
     }
 

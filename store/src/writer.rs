@@ -1,4 +1,4 @@
-//! Group commit: the one thread that writes the log.
+//! Group commit and replication: the one thread that writes the log.
 //!
 //! Submissions wait in a channel; the writer takes every one that is waiting
 //! (up to a limit), gives their ops consecutive sequence numbers, writes them
@@ -11,9 +11,25 @@
 //! record, flush, then deletions of dead records. sled recovers a prefix of
 //! its log, so a record is never durable without its admin entries, and a
 //! deletion is never durable without the ops that made it possible.
+//!
+//! # The pair
+//!
+//! On the active node a follower (the HA link to the passive) may be
+//! attached: the writer first sends it a snapshot of everything live (the
+//! log records, admin entries, idempotence marks), then every new record
+//! right after its local flush. With `durability = replicated` and an
+//! in-sync follower, completions wait until the follower acknowledges a
+//! sequence at or past their record (it acknowledges after its own flush).
+//! If the follower goes away, waiting completions are released as local
+//! confirms (degraded), or failed with `require_replica`.
+//!
+//! On the passive node local submissions are refused; the writer applies
+//! the records the active sends (same bytes, same keys), with the same
+//! liveness index, so both stores delete the same records. Records of an
+//! older epoch, or out of sequence, are refused (fencing).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -29,6 +45,12 @@ use crate::StoreError;
 /// It must not block: send a message and return.
 pub type Completion = Box<dyn FnOnce(Result<Committed, StoreError>) + Send>;
 
+/// Called on the writer thread with the highest sequence now durable here.
+pub type ApplyDone = Box<dyn FnOnce(Result<u64, StoreError>) + Send>;
+
+/// Called with the state recovered after a promotion.
+pub type PromoteDone = Box<dyn FnOnce(Result<Recovered, StoreError>) + Send>;
+
 /// What a completed submission learns.
 #[derive(Debug)]
 pub struct Committed {
@@ -42,10 +64,40 @@ pub struct Committed {
     pub duplicate: bool,
 }
 
+/// What the active sends its follower, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplFrame {
+    /// A snapshot follows: the receiver forgets its replicated state.
+    SnapshotBegin { epoch: u64 },
+    /// One live log record (snapshot).
+    Record { key: u64, raw: Vec<u8> },
+    /// One admin tree entry (snapshot).
+    Admin { key: Vec<u8>, value: Vec<u8> },
+    /// One idempotence mark (snapshot).
+    Producer { key: Vec<u8>, value: Vec<u8> },
+    /// The snapshot is complete; the receiver acknowledges `next_seq - 1`.
+    SnapshotEnd { next_seq: u64, epoch: u64 },
+    /// A new record, after the snapshot (same bytes as in the active's log).
+    Batch { first_seq: u64, last_seq: u64, raw: Vec<u8> },
+}
+
+/// Where the writer sends replication frames (the HA link's sending task).
+pub type FollowerTx = tokio::sync::mpsc::UnboundedSender<ReplFrame>;
+
 enum Request {
     Submit(Vec<Op>, Completion),
     /// Complete once everything submitted before it is done.
     Barrier(Completion),
+    AttachFollower(FollowerTx),
+    DetachFollower,
+    /// The follower has flushed everything up to this sequence.
+    PeerAck(u64),
+    /// Passive: apply a frame from the active.
+    Apply(ReplFrame, ApplyDone),
+    /// Become active in `epoch`, and recover the live state for serving.
+    Promote(u64, PromoteDone),
+    /// Become passive: refuse local submissions from now on.
+    Demote(Completion),
 }
 
 /// Counters readable from any thread.
@@ -59,6 +111,13 @@ pub struct WriterStats {
     pub live_batches: AtomicU64,
     pub live_bytes: AtomicU64,
     pub last_seq: AtomicU64,
+    pub epoch: AtomicU64,
+    /// Highest sequence the follower acknowledged (active side).
+    pub peer_acked: AtomicU64,
+    /// A follower is attached and has caught up (active side).
+    pub follower_in_sync: AtomicBool,
+    /// This (passive) store holds a complete, current copy of the active's.
+    pub in_sync: AtomicBool,
 }
 
 /// Handle to the writer thread. Cloning it is cheap; the thread ends when
@@ -81,11 +140,15 @@ pub struct WriterConfig {
     pub durability: Durability,
     /// Most ops in one batch record.
     pub max_batch_ops: usize,
+    /// Start accepting local submissions (a single node); a pair member starts passive.
+    pub active: bool,
+    /// With `replicated`: refuse to confirm when no in-sync follower is attached.
+    pub require_replica: bool,
 }
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        WriterConfig { durability: Durability::Local, max_batch_ops: 1024 }
+        WriterConfig { durability: Durability::Local, max_batch_ops: 1024, active: true, require_replica: false }
     }
 }
 
@@ -99,8 +162,10 @@ impl Writer {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stats = Arc::new(WriterStats::default());
         stats.last_seq.store(recovered.next_seq - 1, Ordering::Relaxed);
+        stats.epoch.store(recovered.epoch, Ordering::Relaxed);
         let state = WriterState {
             store,
+            active: config.active,
             config,
             epoch: recovered.epoch,
             next_seq: recovered.next_seq,
@@ -109,6 +174,9 @@ impl Writer {
             dirty_dedup: HashMap::new(),
             stats: stats.clone(),
             failed: None,
+            follower: None,
+            held: VecDeque::new(),
+            snapshot_loading: false,
         };
         state.publish_stats();
         let handle = std::thread::Builder::new()
@@ -118,20 +186,57 @@ impl Writer {
         Ok((Writer { tx, stats }, handle))
     }
 
+    fn send(&self, r: Request) {
+        if let Err(crossbeam_channel::SendError(r)) = self.tx.send(r) {
+            match r {
+                Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(done) => done(Err(StoreError::Closed)),
+                Request::Apply(_, done) => done(Err(StoreError::Closed)),
+                Request::Promote(_, done) => done(Err(StoreError::Closed)),
+                Request::AttachFollower(_) | Request::DetachFollower | Request::PeerAck(_) => {}
+            }
+        }
+    }
+
     /// Queue `ops` for the next group commit; `done` runs when they are durable.
     /// Enqueues carrying a producer id already stored with an equal or higher
     /// producer sequence make the whole submission a duplicate.
     pub fn submit(&self, ops: Vec<Op>, done: Completion) {
-        if let Err(crossbeam_channel::SendError(Request::Submit(_, done))) = self.tx.send(Request::Submit(ops, done)) {
-            done(Err(StoreError::Closed));
-        }
+        self.send(Request::Submit(ops, done));
     }
 
     /// `done` runs after everything submitted before this call has completed.
     pub fn barrier(&self, done: Completion) {
-        if let Err(crossbeam_channel::SendError(Request::Barrier(done))) = self.tx.send(Request::Barrier(done)) {
-            done(Err(StoreError::Closed));
-        }
+        self.send(Request::Barrier(done));
+    }
+
+    /// Active: send a snapshot and then every new record to `tx`.
+    pub fn attach_follower(&self, tx: FollowerTx) {
+        self.send(Request::AttachFollower(tx));
+    }
+
+    /// Active: the follower is gone; release (or fail) what waits for it.
+    pub fn detach_follower(&self) {
+        self.send(Request::DetachFollower);
+    }
+
+    /// Active: the follower flushed everything through `seq`.
+    pub fn peer_ack(&self, seq: u64) {
+        self.send(Request::PeerAck(seq));
+    }
+
+    /// Passive: apply a replication frame; `done` gets the highest durable sequence.
+    pub fn apply(&self, frame: ReplFrame, done: ApplyDone) {
+        self.send(Request::Apply(frame, done));
+    }
+
+    /// Become active in `epoch` (persisted before `done` runs).
+    pub fn promote(&self, epoch: u64, done: PromoteDone) {
+        self.send(Request::Promote(epoch, done));
+    }
+
+    /// Become passive; `done` runs once no further local op will be written.
+    pub fn demote(&self, done: Completion) {
+        self.send(Request::Demote(done));
     }
 
     pub fn stats(&self) -> &WriterStats {
@@ -139,9 +244,26 @@ impl Writer {
     }
 }
 
+struct Follower {
+    tx: FollowerTx,
+    /// The sequence whose ack means the follower has caught up with the snapshot.
+    synced_at: u64,
+    acked: u64,
+    in_sync: bool,
+}
+
+/// Completions waiting for the follower's ack of `seq`.
+struct Held {
+    seq: u64,
+    done: Completion,
+    result: Committed,
+}
+
 struct WriterState {
     store: Store,
     config: WriterConfig,
+    /// Local submissions are accepted (this node is active).
+    active: bool,
     epoch: u64,
     next_seq: u64,
     index: LiveIndex,
@@ -152,24 +274,42 @@ struct WriterState {
     /// After a failed write or flush nothing more is accepted: what is on
     /// disk can no longer be known to match what was confirmed.
     failed: Option<String>,
+    follower: Option<Follower>,
+    held: VecDeque<Held>,
+    /// Passive: between SnapshotBegin and SnapshotEnd.
+    snapshot_loading: bool,
 }
 
 impl WriterState {
     fn run(mut self, rx: Receiver<Request>) {
         let mut pending: Vec<Request> = Vec::new();
         while let Ok(first) = rx.recv() {
-            pending.push(first);
-            let mut ops = count_ops(&pending[0]);
-            while ops < self.config.max_batch_ops {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        ops += count_ops(&r);
-                        pending.push(r);
+            match first {
+                r @ (Request::Submit(..) | Request::Barrier(_)) => {
+                    pending.push(r);
+                    let mut ops = count_ops(&pending[0]);
+                    // Group commit: take what is waiting, but stop at anything
+                    // that is not a submission (it must see the commit first).
+                    while ops < self.config.max_batch_ops {
+                        match rx.try_recv() {
+                            Ok(r @ (Request::Submit(..) | Request::Barrier(_))) => {
+                                ops += count_ops(&r);
+                                pending.push(r);
+                            }
+                            Ok(other) => {
+                                self.commit(&mut pending);
+                                self.handle_control(other, &rx);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
                     }
-                    Err(_) => break,
+                    if !pending.is_empty() {
+                        self.commit(&mut pending);
+                    }
                 }
+                other => self.handle_control(other, &rx),
             }
-            self.commit(&mut pending);
         }
         if let Err(e) = self.store.db.flush() {
             tracing::error!(error = %e, "final store flush failed");
@@ -177,10 +317,66 @@ impl WriterState {
         tracing::debug!("store writer stopped");
     }
 
+    fn handle_control(&mut self, r: Request, rx: &Receiver<Request>) {
+        match r {
+            Request::Submit(..) | Request::Barrier(_) => {
+                let mut v = vec![r];
+                self.commit(&mut v);
+            }
+            Request::AttachFollower(tx) => self.attach(tx),
+            Request::DetachFollower => self.detach(),
+            Request::PeerAck(seq) => self.peer_ack(seq),
+            Request::Apply(frame, done) => {
+                // Group the waiting record frames: one flush for all of them.
+                let mut batch = vec![(frame, done)];
+                while let Ok(next) = rx.try_recv() {
+                    match next {
+                        Request::Apply(f, d) => batch.push((f, d)),
+                        other => {
+                            self.apply_all(batch);
+                            self.handle_control(other, rx);
+                            return;
+                        }
+                    }
+                }
+                self.apply_all(batch);
+            }
+            Request::Promote(epoch, done) => done(self.promote(epoch)),
+            Request::Demote(done) => {
+                self.active = false;
+                for h in self.held.drain(..) {
+                    (h.done)(Err(StoreError::NotActive));
+                }
+                if let Err(e) = self.store.set_last_active(false).and_then(|_| Ok(self.store.db.flush()?)) {
+                    tracing::error!(error = %e, "could not record the step-down");
+                }
+                self.stats.in_sync.store(false, Ordering::Relaxed);
+                done(Ok(self.nothing()));
+            }
+        }
+    }
+
     fn commit(&mut self, pending: &mut Vec<Request>) {
-        if let Some(reason) = &self.failed {
+        let refusal = if let Some(reason) = &self.failed {
+            Some(StoreError::Failed(reason.clone()))
+        } else if !self.active {
+            Some(StoreError::NotActive)
+        } else if self.config.require_replica
+            && self.config.durability == Durability::Replicated
+            && !self.follower.as_ref().is_some_and(|f| f.in_sync)
+        {
+            Some(StoreError::NoReplica)
+        } else {
+            None
+        };
+        if let Some(err) = refusal {
             for r in pending.drain(..) {
-                complete(r, Err(StoreError::Failed(reason.clone())));
+                let e = match &err {
+                    StoreError::Failed(s) => StoreError::Failed(s.clone()),
+                    StoreError::NoReplica => StoreError::NoReplica,
+                    _ => StoreError::NotActive,
+                };
+                complete(r, Err(e));
             }
             return;
         }
@@ -211,14 +407,18 @@ impl WriterState {
                     }
                     plan.push((Request::Submit(Vec::new(), done), Some((start, n))));
                 }
-                barrier @ Request::Barrier(_) => plan.push((barrier, None)),
+                other => plan.push((other, None)),
             }
         }
 
+        let mut results: Vec<(Request, Committed)> = Vec::with_capacity(plan.len());
         if !all_ops.is_empty() {
             let body = BatchBody { epoch: self.epoch, first_seq, ops: all_ops };
             match self.write(&body) {
-                Ok(dead) => self.delete(&dead),
+                Ok((dead, raw)) => {
+                    self.delete(&dead);
+                    self.ship(ReplFrame::Batch { first_seq, last_seq: body.last_seq(), raw });
+                }
                 Err(e) => {
                     let reason = e.to_string();
                     tracing::error!(error = %e, first_seq, "store write failed; refusing further writes");
@@ -231,18 +431,37 @@ impl WriterState {
             }
             let mut ops = body.ops.into_iter();
             for (r, slot) in plan {
-                match (r, slot) {
-                    (Request::Submit(_, done), Some((start, n))) => {
-                        let mine: Vec<Op> = ops.by_ref().take(n).collect();
-                        done(Ok(Committed { epoch: self.epoch, first_seq: start, ops: mine, duplicate: false }));
+                let c = match slot {
+                    Some((start, n)) => {
+                        Committed { epoch: self.epoch, first_seq: start, ops: ops.by_ref().take(n).collect(), duplicate: false }
                     }
-                    (r, _) => complete(r, Ok(self.duplicate())),
-                }
+                    None => self.duplicate(),
+                };
+                results.push((r, c));
             }
         } else {
             for (r, _) in plan {
-                complete(r, Ok(self.duplicate()));
+                let c = self.duplicate();
+                results.push((r, c));
             }
+        }
+        // Durability `replicated` with an in-sync follower: confirm after its ack.
+        let hold = self.config.durability == Durability::Replicated && self.follower.as_ref().is_some_and(|f| f.in_sync);
+        let seq = self.next_seq - 1;
+        for (r, c) in results {
+            let done = match r {
+                Request::Submit(_, done) | Request::Barrier(done) => done,
+                _ => continue,
+            };
+            if hold || !self.held.is_empty() {
+                // Keep order with what is already waiting.
+                self.held.push_back(Held { seq, done, result: c });
+            } else {
+                done(Ok(c));
+            }
+        }
+        if !hold {
+            self.release_held(u64::MAX);
         }
     }
 
@@ -259,8 +478,24 @@ impl WriterState {
         Committed { epoch: self.epoch, first_seq: 0, ops: Vec::new(), duplicate: true }
     }
 
-    /// Admin entries, the record, one flush. Returns the records now dead.
-    fn write(&mut self, body: &BatchBody) -> Result<Vec<u64>, StoreError> {
+    fn nothing(&self) -> Committed {
+        Committed { epoch: self.epoch, first_seq: 0, ops: Vec::new(), duplicate: false }
+    }
+
+    /// Admin entries, the record, one flush. Returns the records now dead and the raw record.
+    fn write(&mut self, body: &BatchBody) -> Result<(Vec<u64>, Vec<u8>), StoreError> {
+        self.materialise_admin(body)?;
+        let raw = body.encode()?;
+        let len = raw.len() as u64;
+        self.store.log.insert(body.first_seq.to_be_bytes(), raw.as_slice())?;
+        if self.config.durability != Durability::None {
+            self.flush()?;
+        }
+        self.count(body, len);
+        Ok((self.index.apply(body, len), raw))
+    }
+
+    fn materialise_admin(&self, body: &BatchBody) -> Result<(), StoreError> {
         for (i, op) in body.ops.iter().enumerate() {
             match op {
                 Op::PutQueue { key, spec } => {
@@ -274,20 +509,22 @@ impl WriterState {
                 _ => {}
             }
         }
-        let raw = body.encode()?;
-        let len = raw.len() as u64;
-        self.store.log.insert(body.first_seq.to_be_bytes(), raw)?;
-        if self.config.durability != Durability::None {
-            let t = Instant::now();
-            self.store.db.flush()?;
-            self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-            self.stats.last_flush_us.store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let t = Instant::now();
+        self.store.db.flush()?;
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_flush_us.store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn count(&self, body: &BatchBody, len: u64) {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.ops.fetch_add(body.ops.len() as u64, Ordering::Relaxed);
         self.stats.bytes.fetch_add(len, Ordering::Relaxed);
         self.stats.last_seq.store(body.last_seq(), Ordering::Relaxed);
-        Ok(self.index.apply(body, len))
     }
 
     /// Delete dead records (not a failure of what was confirmed if it fails:
@@ -302,12 +539,8 @@ impl WriterState {
     }
 
     fn try_delete(&mut self, dead: &[u64]) -> Result<(), StoreError> {
-        if !self.dirty_dedup.is_empty() {
-            self.store.persist_floor(self.next_seq, self.dirty_dedup.iter())?;
-            self.dirty_dedup.clear();
-        } else {
-            self.store.persist_floor(self.next_seq, std::iter::empty())?;
-        }
+        self.store.persist_floor(self.next_seq, self.dirty_dedup.iter())?;
+        self.dirty_dedup.clear();
         let mut b = sled::Batch::default();
         for d in dead {
             b.remove(&d.to_be_bytes());
@@ -319,18 +552,247 @@ impl WriterState {
     fn publish_stats(&self) {
         self.stats.live_batches.store(self.index.live_batches() as u64, Ordering::Relaxed);
         self.stats.live_bytes.store(self.index.live_bytes(), Ordering::Relaxed);
+        self.stats.epoch.store(self.epoch, Ordering::Relaxed);
+    }
+
+    // ----- the active side of replication -----
+
+    fn ship(&mut self, frame: ReplFrame) {
+        if let Some(f) = &self.follower {
+            if f.tx.send(frame).is_err() {
+                self.detach();
+            }
+        }
+    }
+
+    fn attach(&mut self, tx: FollowerTx) {
+        if !self.active {
+            tracing::warn!("a follower asked to attach to a passive store; ignored");
+            return;
+        }
+        if self.follower.is_some() {
+            self.detach();
+        }
+        match self.snapshot(&tx) {
+            Ok(()) => {
+                let synced_at = self.next_seq - 1;
+                tracing::info!(synced_at, live_batches = self.index.live_batches(), "snapshot sent to the peer");
+                self.follower = Some(Follower { tx, synced_at, acked: 0, in_sync: false });
+            }
+            Err(e) => tracing::error!(error = %e, "could not send a snapshot to the peer"),
+        }
+    }
+
+    fn snapshot(&self, tx: &FollowerTx) -> Result<(), StoreError> {
+        let gone = |_| StoreError::Closed;
+        tx.send(ReplFrame::SnapshotBegin { epoch: self.epoch }).map_err(gone)?;
+        for kv in self.store.admin.iter() {
+            let (k, v) = kv?;
+            tx.send(ReplFrame::Admin { key: k.to_vec(), value: v.to_vec() }).map_err(gone)?;
+        }
+        // Marks not yet persisted are covered by the records still in the log.
+        for kv in self.store.producers.iter() {
+            let (k, v) = kv?;
+            tx.send(ReplFrame::Producer { key: k.to_vec(), value: v.to_vec() }).map_err(gone)?;
+        }
+        for kv in self.store.raw_batches_from(0) {
+            let (key, raw) = kv?;
+            tx.send(ReplFrame::Record { key, raw }).map_err(gone)?;
+        }
+        tx.send(ReplFrame::SnapshotEnd { next_seq: self.next_seq, epoch: self.epoch }).map_err(gone)?;
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        if self.follower.take().is_some() {
+            tracing::info!("peer detached from replication");
+        }
+        self.stats.follower_in_sync.store(false, Ordering::Relaxed);
+        if self.config.require_replica {
+            for h in self.held.drain(..) {
+                (h.done)(Err(StoreError::NoReplica));
+            }
+        } else {
+            // Degraded: what waited for the peer is durable here; confirm it.
+            self.release_held(u64::MAX);
+        }
+    }
+
+    fn peer_ack(&mut self, seq: u64) {
+        let Some(f) = &mut self.follower else { return };
+        f.acked = f.acked.max(seq);
+        self.stats.peer_acked.store(f.acked, Ordering::Relaxed);
+        if !f.in_sync && f.acked >= f.synced_at {
+            f.in_sync = true;
+            self.stats.follower_in_sync.store(true, Ordering::Relaxed);
+            tracing::info!(seq = f.acked, "peer in sync");
+        }
+        self.release_held(seq);
+    }
+
+    fn release_held(&mut self, seq: u64) {
+        while self.held.front().is_some_and(|h| h.seq <= seq) {
+            let h = self.held.pop_front().expect("front exists");
+            (h.done)(Ok(h.result));
+        }
+    }
+
+    fn promote(&mut self, epoch: u64) -> Result<Recovered, StoreError> {
+        if epoch <= self.epoch {
+            return Err(StoreError::Fenced { got: epoch, current: self.epoch });
+        }
+        self.store.set_epoch_unflushed(epoch)?;
+        self.store.set_last_active(true)?;
+        self.store.set_next_seq(self.next_seq)?;
+        self.flush()?;
+        let mut recovered = self.store.recover()?;
+        self.epoch = epoch;
+        recovered.epoch = epoch;
+        self.next_seq = recovered.next_seq;
+        self.index = std::mem::take(&mut recovered.index);
+        self.dedup = recovered.dedup.clone();
+        self.dirty_dedup.clear();
+        self.active = true;
+        self.snapshot_loading = false;
+        self.stats.in_sync.store(false, Ordering::Relaxed);
+        self.publish_stats();
+        Ok(recovered)
+    }
+
+    // ----- the passive side of replication -----
+
+    fn apply_all(&mut self, frames: Vec<(ReplFrame, ApplyDone)>) {
+        let mut dones = Vec::with_capacity(frames.len());
+        let mut error = None;
+        let mut flushed_needed = false;
+        for (frame, done) in frames {
+            if error.is_none() {
+                match self.apply_one(frame) {
+                    Ok(needs_flush) => flushed_needed |= needs_flush,
+                    Err(e) => error = Some(e),
+                }
+            }
+            dones.push(done);
+        }
+        if error.is_none() && flushed_needed && self.config.durability != Durability::None {
+            if let Err(e) = self.flush() {
+                error = Some(e);
+            }
+        }
+        let through = self.next_seq - 1;
+        for done in dones {
+            match &error {
+                None => done(Ok(through)),
+                Some(e) => done(Err(StoreError::Replication(e.to_string()))),
+            }
+        }
+        if let Some(e) = error {
+            tracing::warn!(error = %e, "replication frame refused; a resync is needed");
+            self.stats.in_sync.store(false, Ordering::Relaxed);
+        }
+        self.publish_stats();
+    }
+
+    /// Apply one frame; true when it wrote something that must be flushed.
+    fn apply_one(&mut self, frame: ReplFrame) -> Result<bool, StoreError> {
+        if self.active {
+            return Err(StoreError::Replication("this node is active; it does not take replicated records".into()));
+        }
+        match frame {
+            ReplFrame::SnapshotBegin { epoch } => {
+                if epoch < self.epoch {
+                    return Err(StoreError::Fenced { got: epoch, current: self.epoch });
+                }
+                self.stats.in_sync.store(false, Ordering::Relaxed);
+                self.store.clear_for_snapshot()?;
+                self.snapshot_loading = true;
+                Ok(false)
+            }
+            ReplFrame::Admin { key, value } if self.snapshot_loading => {
+                self.store.admin.insert(key, value)?;
+                Ok(false)
+            }
+            ReplFrame::Producer { key, value } if self.snapshot_loading => {
+                self.store.producers.insert(key, value)?;
+                Ok(false)
+            }
+            ReplFrame::Record { key, raw } if self.snapshot_loading => {
+                // Verify before storing: a corrupt copy must not become our store.
+                BatchBody::decode(key, &raw)?;
+                self.store.log.insert(key.to_be_bytes(), raw)?;
+                Ok(false)
+            }
+            ReplFrame::SnapshotEnd { next_seq, epoch } if self.snapshot_loading => {
+                self.store.set_next_seq(next_seq)?;
+                self.store.set_epoch_unflushed(epoch)?;
+                self.store.set_last_active(false)?;
+                self.flush()?;
+                let mut recovered = self.store.recover()?;
+                self.epoch = recovered.epoch;
+                self.next_seq = recovered.next_seq;
+                self.index = std::mem::take(&mut recovered.index);
+                self.dedup = recovered.dedup;
+                self.dirty_dedup.clear();
+                self.snapshot_loading = false;
+                self.stats.in_sync.store(true, Ordering::Relaxed);
+                self.stats.last_seq.store(self.next_seq - 1, Ordering::Relaxed);
+                tracing::info!(epoch, next_seq, batches = recovered.batches, "snapshot from the peer loaded");
+                Ok(true)
+            }
+            ReplFrame::Batch { first_seq, raw, .. } if !self.snapshot_loading => {
+                let body = BatchBody::decode(first_seq, &raw)?;
+                if body.epoch < self.epoch {
+                    return Err(StoreError::Fenced { got: body.epoch, current: self.epoch });
+                }
+                if first_seq != self.next_seq {
+                    return Err(StoreError::Replication(format!(
+                        "record {first_seq} does not follow {} (a gap or a replay)",
+                        self.next_seq - 1
+                    )));
+                }
+                self.materialise_admin(&body)?;
+                self.store.log.insert(first_seq.to_be_bytes(), raw.as_slice())?;
+                for op in &body.ops {
+                    if let Op::Enqueue { message, .. } = op {
+                        if message.producer_id != 0 {
+                            self.dedup.insert(message.producer_id, message.producer_seq);
+                            self.dirty_dedup.insert(message.producer_id, message.producer_seq);
+                        }
+                    }
+                }
+                if body.epoch > self.epoch {
+                    self.epoch = body.epoch;
+                    self.store.set_epoch_unflushed(body.epoch)?;
+                }
+                self.next_seq = body.last_seq() + 1;
+                self.count(&body, raw.len() as u64);
+                let dead = self.index.apply(&body, raw.len() as u64);
+                self.delete(&dead);
+                Ok(true)
+            }
+            other => Err(StoreError::Replication(format!(
+                "unexpected {} frame",
+                match other {
+                    ReplFrame::Batch { .. } => "record (snapshot still loading)",
+                    _ => "snapshot (no snapshot begun)",
+                }
+            ))),
+        }
     }
 }
 
 fn count_ops(r: &Request) -> usize {
     match r {
         Request::Submit(ops, _) => ops.len().max(1),
-        Request::Barrier(_) => 1,
+        _ => 1,
     }
 }
 
 fn complete(r: Request, result: Result<Committed, StoreError>) {
     match r {
-        Request::Submit(_, done) | Request::Barrier(done) => done(result),
+        Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(done) => done(result),
+        Request::Apply(_, done) => done(result.map(|_| 0)),
+        Request::Promote(_, done) => done(Err(result.err().unwrap_or(StoreError::Closed))),
+        Request::AttachFollower(_) | Request::DetachFollower | Request::PeerAck(_) => {}
     }
 }
