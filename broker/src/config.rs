@@ -60,6 +60,20 @@ struct FileConfig {
     max_batch_ops: Option<usize>,
     queues: Option<Vec<String>>,
     users: Option<Vec<UserConfig>>,
+    priority: Option<u32>,
+    ha_listen: Option<String>,
+    peer_ha: Option<Vec<String>>,
+    peer_client: Option<String>,
+    gateway: Option<String>,
+    cluster_secret: Option<String>,
+    heartbeat_ms: Option<u64>,
+    peer_timeout_ms: Option<u64>,
+    isolation_timeout_ms: Option<u64>,
+    takeover_delay_ms: Option<u64>,
+    probe_interval_ms: Option<u64>,
+    probe_failures: Option<u32>,
+    failback: Option<String>,
+    require_replica: Option<bool>,
 }
 
 /// Command-line flags of `twinmqd`. Each overrides the config file key of the same name.
@@ -117,6 +131,48 @@ pub struct Args {
     /// User allowed to connect, as NAME=ARGON2_PHC_HASH (repeatable).
     #[arg(long = "user", value_name = "NAME=HASH")]
     pub users: Vec<String>,
+    /// Pair: this node's priority; the higher one is preferred (ties: lower node id).
+    #[arg(long, value_name = "N")]
+    pub priority: Option<u32>,
+    /// Pair: listen address of the HA port (separate from the client port).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub ha_listen: Option<String>,
+    /// Pair: every path to the peer's HA port, the dedicated link first (comma-separated).
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT]", value_delimiter = ',')]
+    pub peer_ha: Vec<String>,
+    /// Pair: the peer's client address, given to clients as a redirect hint.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub peer_client: Option<String>,
+    /// Pair: the witness, tcp://HOST:PORT or icmp://IP.
+    #[arg(long, value_name = "URL")]
+    pub gateway: Option<String>,
+    /// Pair: the shared secret both nodes prove on the HA link (env TWINMQ_CLUSTER_SECRET).
+    #[arg(long, value_name = "SECRET", env = "TWINMQ_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Pair: heartbeat interval.
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Pair: the peer is down when every path is silent this long.
+    #[arg(long, value_name = "MS")]
+    pub peer_timeout_ms: Option<u64>,
+    /// Pair: an active node that hears neither peer nor gateway this long steps down.
+    #[arg(long, value_name = "MS")]
+    pub isolation_timeout_ms: Option<u64>,
+    /// Pair: a passive node waits this long after the peer went silent before taking over.
+    #[arg(long, value_name = "MS")]
+    pub takeover_delay_ms: Option<u64>,
+    /// Pair: gateway probe interval.
+    #[arg(long, value_name = "MS")]
+    pub probe_interval_ms: Option<u64>,
+    /// Pair: consecutive failed probes before the gateway counts as lost.
+    #[arg(long, value_name = "N")]
+    pub probe_failures: Option<u32>,
+    /// Pair: auto (the preferred node takes the role back once caught up) or manual.
+    #[arg(long, value_name = "auto|manual")]
+    pub failback: Option<String>,
+    /// Pair: with `replicated`, refuse publishes while no in-sync peer holds a copy.
+    #[arg(long, value_name = "BOOL")]
+    pub require_replica: Option<bool>,
 }
 
 /// The validated configuration.
@@ -139,6 +195,9 @@ pub struct Config {
     pub max_batch_ops: usize,
     pub queues: Vec<String>,
     pub users: Vec<UserConfig>,
+    /// Set when this node is one of a pair.
+    pub pair: Option<twinmq_ha::HaConfig>,
+    pub require_replica: bool,
 }
 
 impl Default for Config {
@@ -160,6 +219,8 @@ impl Default for Config {
             max_batch_ops: 1024,
             queues: Vec::new(),
             users: Vec::new(),
+            pair: None,
+            require_replica: false,
         }
     }
 }
@@ -188,24 +249,30 @@ impl Config {
 
     fn merge(file: FileConfig, args: &Args) -> Result<Config, ConfigError> {
         let d = Config::default();
-        let node_id = args.node_id.clone().or(file.node_id).unwrap_or(d.node_id);
+        let node_id = args.node_id.clone().or(file.node_id.clone()).unwrap_or(d.node_id);
         if node_id.is_empty()
             || node_id.len() > 64
             || !node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(invalid("node_id", format!("`{node_id}`: use 1-64 of A-Z a-z 0-9 - _ .")));
         }
-        let listen_text = args.listen.clone().or(file.listen);
+        let listen_text = args.listen.clone().or(file.listen.clone());
         let listen = match listen_text {
             Some(t) => parse_addr(&t).ok_or_else(|| invalid("listen", format!("`{t}` is not HOST:PORT")))?,
             None => d.listen,
         };
-        let durability = match args.durability.clone().or(file.durability) {
+        let pair = pair_config(&file, args, &node_id, listen)?;
+        let durability = match args.durability.clone().or(file.durability.clone()) {
             Some(t) => t.parse::<Durability>().map_err(|m| invalid("durability", m))?,
+            None if pair.is_some() => Durability::Replicated,
             None => d.durability,
         };
-        if durability == Durability::Replicated {
-            return Err(invalid("durability", "`replicated` needs a peer, which this release cannot configure yet"));
+        if durability == Durability::Replicated && pair.is_none() {
+            return Err(invalid("durability", "`replicated` needs a peer: set peer_ha (and the other pair keys)"));
+        }
+        let require_replica = args.require_replica.or(file.require_replica).unwrap_or(false);
+        if require_replica && durability != Durability::Replicated {
+            return Err(invalid("require_replica", "only meaningful with durability = replicated"));
         }
         let max_frame_bytes = args.max_frame_bytes.or(file.max_frame_bytes).unwrap_or(d.max_frame_bytes);
         if !(1024..=256 * 1024 * 1024).contains(&max_frame_bytes) {
@@ -236,6 +303,12 @@ impl Config {
             file.max_inflight_per_connection,
             d.max_inflight_per_connection,
         )?;
+        if max_inflight_per_connection > 1_000_000 {
+            return Err(invalid(
+                "max_inflight_per_connection",
+                format!("{max_inflight_per_connection} is above 1000000"),
+            ));
+        }
         let max_queue_depth =
             positive("max_queue_depth", args.max_queue_depth, file.max_queue_depth, d.max_queue_depth)?;
         let io_threads = positive("io_threads", args.io_threads, file.io_threads, d.io_threads)?;
@@ -299,8 +372,111 @@ impl Config {
             max_batch_ops,
             queues,
             users,
+            pair,
+            require_replica,
         })
     }
+}
+
+/// The pair keys: all absent (a single node) or a complete, consistent set.
+fn pair_config(
+    file: &FileConfig,
+    args: &Args,
+    node_id: &str,
+    listen: SocketAddr,
+) -> Result<Option<twinmq_ha::HaConfig>, ConfigError> {
+    use std::time::Duration;
+    use twinmq_ha::{Failback, Gateway, HaConfig};
+    let peer_ha_text: Vec<String> =
+        if args.peer_ha.is_empty() { file.peer_ha.clone().unwrap_or_default() } else { args.peer_ha.clone() };
+    let ha_listen_text = args.ha_listen.clone().or(file.ha_listen.clone());
+    if peer_ha_text.is_empty() {
+        if ha_listen_text.is_some() || args.gateway.is_some() || file.gateway.is_some() {
+            return Err(invalid("peer_ha", "the pair keys are set but peer_ha (the peer's HA address) is missing"));
+        }
+        return Ok(None);
+    }
+    let ha_listen_text = ha_listen_text.ok_or_else(|| invalid("ha_listen", "required in a pair (the HA port)"))?;
+    let ha_listen = parse_addr(&ha_listen_text)
+        .ok_or_else(|| invalid("ha_listen", format!("`{ha_listen_text}` is not HOST:PORT")))?;
+    if ha_listen == listen {
+        return Err(invalid("ha_listen", "must differ from listen: the HA port is a port of its own"));
+    }
+    let mut peer_ha = Vec::new();
+    for t in &peer_ha_text {
+        let a = parse_addr(t).ok_or_else(|| invalid("peer_ha", format!("`{t}` is not HOST:PORT")))?;
+        if a == ha_listen || a == listen {
+            return Err(invalid("peer_ha", format!("`{t}` is this node's own address: a node cannot be its own peer")));
+        }
+        peer_ha.push(a);
+    }
+    let gateway_text = args
+        .gateway
+        .clone()
+        .or(file.gateway.clone())
+        .ok_or_else(|| invalid("gateway", "required in a pair (the witness)"))?;
+    let gateway: Gateway = gateway_text.parse().map_err(|m: String| invalid("gateway", m))?;
+    let cluster_secret = args
+        .cluster_secret
+        .clone()
+        .or(file.cluster_secret.clone())
+        .ok_or_else(|| invalid("cluster_secret", "required in a pair"))?;
+    if cluster_secret.len() < 8 {
+        return Err(invalid("cluster_secret", "use at least 8 characters"));
+    }
+    let ms = |key: &'static str, a: Option<u64>, f: Option<u64>, def: u64, min: u64| -> Result<Duration, ConfigError> {
+        let v = a.or(f).unwrap_or(def);
+        if v < min || v > 600_000 {
+            return Err(invalid(key, format!("{v} ms is outside {min}..=600000")));
+        }
+        Ok(Duration::from_millis(v))
+    };
+    let heartbeat = ms("heartbeat_ms", args.heartbeat_ms, file.heartbeat_ms, 100, 10)?;
+    let peer_timeout = ms("peer_timeout_ms", args.peer_timeout_ms, file.peer_timeout_ms, 1000, 30)?;
+    let isolation_timeout = ms("isolation_timeout_ms", args.isolation_timeout_ms, file.isolation_timeout_ms, 1000, 30)?;
+    let takeover_delay = ms("takeover_delay_ms", args.takeover_delay_ms, file.takeover_delay_ms, 1500, 30)?;
+    let probe_interval = ms("probe_interval_ms", args.probe_interval_ms, file.probe_interval_ms, 200, 10)?;
+    if peer_timeout < heartbeat * 2 {
+        return Err(invalid("peer_timeout_ms", "must be at least twice heartbeat_ms"));
+    }
+    // The lease: the active steps down within isolation_timeout; the passive
+    // must wait longer than that (plus a margin of one heartbeat) so the two
+    // are never active at once.
+    if takeover_delay <= isolation_timeout + heartbeat {
+        return Err(invalid(
+            "takeover_delay_ms",
+            format!(
+                "{} ms must be above isolation_timeout_ms + heartbeat_ms ({} ms)",
+                takeover_delay.as_millis(),
+                (isolation_timeout + heartbeat).as_millis()
+            ),
+        ));
+    }
+    let failback = match args.failback.clone().or(file.failback.clone()).as_deref() {
+        None | Some("manual") => Failback::Manual,
+        Some("auto") => Failback::Auto,
+        Some(other) => return Err(invalid("failback", format!("`{other}`: use auto or manual"))),
+    };
+    let probe_failures = args.probe_failures.or(file.probe_failures).unwrap_or(2);
+    if probe_failures == 0 {
+        return Err(invalid("probe_failures", "must be at least 1"));
+    }
+    Ok(Some(HaConfig {
+        node_id: node_id.to_string(),
+        priority: args.priority.or(file.priority).unwrap_or(100),
+        ha_listen,
+        peer_ha,
+        peer_client: args.peer_client.clone().or(file.peer_client.clone()),
+        gateway,
+        cluster_secret,
+        heartbeat,
+        peer_timeout,
+        isolation_timeout,
+        takeover_delay,
+        probe_interval,
+        probe_failures,
+        failback,
+    }))
 }
 
 fn parse_addr(text: &str) -> Option<SocketAddr> {
@@ -347,6 +523,20 @@ mod tests {
         assert_eq!(err_key("node_id = \"a b\""), "node_id");
         assert_eq!(err_key("[[users]]\nname = \"u\""), "users");
         assert!(err_key("colour = 3").contains("colour"), "unknown keys are named");
+    }
+
+    #[test]
+    fn pair_combinations_are_checked() {
+        let pair = "listen = \"127.0.0.1:7001\"\nha_listen = \"127.0.0.1:7101\"\npeer_ha = [\"127.0.0.1:7102\"]\ngateway = \"tcp://127.0.0.1:7200\"\ncluster_secret = \"s3cret-s3cret\"\n";
+        let c = Config::from_toml(pair).unwrap();
+        assert_eq!(c.durability, Durability::Replicated, "a pair defaults to replicated");
+        assert!(c.pair.is_some());
+        assert_eq!(err_key(&format!("{pair}takeover_delay_ms = 1000\n")), "takeover_delay_ms");
+        assert_eq!(err_key(&pair.replace("127.0.0.1:7102", "127.0.0.1:7101")), "peer_ha");
+        assert_eq!(err_key(&pair.replace("tcp://127.0.0.1:7200", "udp://x")), "gateway");
+        assert_eq!(err_key(&pair.replace("cluster_secret = \"s3cret-s3cret\"\n", "")), "cluster_secret");
+        assert_eq!(err_key("durability = \"replicated\""), "durability");
+        assert_eq!(err_key("ha_listen = \"127.0.0.1:1\""), "peer_ha");
     }
 
     #[test]

@@ -20,8 +20,11 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use twinmq_protocol::{ClientFrame, ErrorCode, ErrorContext, ErrorFrame, FrameCodec, ServerFrame};
 
+use tracing::Instrument;
+
 use crate::auth::{AuthOutcome, Users};
 use crate::config::Config;
+use crate::node::{self, Node};
 use crate::router::Router;
 use crate::session::{Closed, Incoming, Session};
 use crate::Shared;
@@ -39,7 +42,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct ConnectionContext {
     pub config: Arc<Config>,
-    pub router: Addr<Router>,
+    /// The destinations, while this node is active.
+    pub router: watch::Receiver<Option<Addr<Router>>>,
+    pub node: Addr<Node>,
     pub users: Users,
     pub shared: Shared,
     /// Flips to true when the broker shuts down.
@@ -54,7 +59,10 @@ fn connection_error(code: ErrorCode, message: impl Into<String>) -> ServerFrame 
 pub async fn serve(stream: std::net::TcpStream, peer: SocketAddr, cx: ConnectionContext) {
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", id, %peer);
-    let _enter = span.enter();
+    serve_in_span(stream, peer, cx, id).instrument(span).await
+}
+
+async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: ConnectionContext, id: u64) {
     let stream = match TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {
@@ -67,7 +75,7 @@ pub async fn serve(stream: std::net::TcpStream, peer: SocketAddr, cx: Connection
     let mut reader = FramedRead::new(rd, Codec::new(max));
     let mut writer = FramedWrite::new(wr, Codec::new(max));
 
-    let user = match handshake(&mut reader, &cx).await {
+    let (user, admin) = match handshake(&mut reader, &cx).await {
         Ok(user) => user,
         Err(reply) => {
             if let Some(reply) = reply {
@@ -85,20 +93,36 @@ pub async fn serve(stream: std::net::TcpStream, peer: SocketAddr, cx: Connection
     if writer.send(welcome).await.is_err() {
         return;
     }
+    if admin {
+        tracing::info!(user = ?user, "admin connection");
+        serve_admin(reader, writer, &cx).await;
+        return;
+    }
+    // The router of the moment; the connection ends when this node stops serving.
+    let Some(router) = cx.router.borrow().clone() else {
+        let _ = writer.send(ServerFrame::NotActive { active_hint: peer_hint(&cx) }).await;
+        return;
+    };
     tracing::info!(user = ?user, "client connected");
 
     let (tx, rx) = mpsc::unbounded_channel();
     let (close_tx, close_rx) = oneshot::channel();
     let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx));
-    let session = Session::new(id, peer, user, tx.clone(), cx.router.clone(), cx.config.clone()).start();
+    let session = Session::new(id, peer, user, tx.clone(), router, cx.node.clone(), cx.config.clone()).start();
     let permits = Arc::new(Semaphore::new(cx.config.max_inflight_per_connection));
     let mut shutdown = cx.shutdown.clone();
+    let mut role = cx.shared.role_watch();
 
     loop {
         let next = tokio::select! {
             f = reader.next() => f,
             _ = shutdown.wait_for(|s| *s) => {
                 let _ = tx.send(connection_error(ErrorCode::ShuttingDown, "broker is shutting down"));
+                break;
+            }
+            _ = role.wait_for(|r| !r.serves_clients()) => {
+                tracing::info!("this node stopped serving; closing the client connection");
+                let _ = tx.send(connection_error(ErrorCode::NotActive, "this node stopped serving; reconnect to the active node"));
                 break;
             }
         };
@@ -127,20 +151,73 @@ pub async fn serve(stream: std::net::TcpStream, peer: SocketAddr, cx: Connection
             }
         }
     }
-    // Finish in-flight confirms before closing (bounded: a dead store must not hang us).
-    let all = u32::try_from(cx.config.max_inflight_per_connection).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all)).await;
+    // Finish in-flight confirms before closing (bounded: a dead store must not hang us),
+    // unless this node stopped serving: then the client must move on at once.
+    if cx.shared.role().serves_clients() {
+        let all = u32::try_from(cx.config.max_inflight_per_connection).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all)).await;
+    }
     session.do_send(Closed);
     drop(tx);
     let _ = close_tx.send(());
     let _ = write_task.await;
 }
 
+fn peer_hint(cx: &ConnectionContext) -> Option<String> {
+    cx.config.pair.as_ref().and_then(|p| p.peer_client.clone())
+}
+
+/// An admin connection: status and operator commands, on any node.
+async fn serve_admin(
+    mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
+    mut writer: FramedWrite<OwnedWriteHalf, Codec>,
+    cx: &ConnectionContext,
+) {
+    while let Some(frame) = reader.next().await {
+        let reply = match frame {
+            Err(e) => {
+                tracing::warn!(error = %e, "bad frame on an admin connection");
+                let _ = writer.send(connection_error(e.code(), e.to_string())).await;
+                return;
+            }
+            Ok(ClientFrame::Status { req }) => match cx.node.send(node::GetNodeStatus).await {
+                Ok(json) => ServerFrame::StatusReply { req, json: json.to_string() },
+                Err(_) => return,
+            },
+            Ok(ClientFrame::Admin { req, command }) => {
+                tracing::info!(?command, "operator command");
+                match cx.node.send(node::Admin(command)).await {
+                    Ok(Ok(())) => ServerFrame::Done { req },
+                    Ok(Err((code, message))) => {
+                        ServerFrame::Error(ErrorFrame::new(code, ErrorContext::Request { req }, message))
+                    }
+                    Err(_) => return,
+                }
+            }
+            Ok(ClientFrame::Ping { nonce }) => ServerFrame::Pong { nonce },
+            Ok(ClientFrame::Bye) => return,
+            Ok(other) => {
+                tracing::warn!(frame = ?other, "messaging frame on an admin connection");
+                let _ = writer
+                    .send(connection_error(
+                        ErrorCode::ProtocolViolation,
+                        "an admin connection carries status and admin frames only",
+                    ))
+                    .await;
+                return;
+            }
+        };
+        if writer.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Read Hello, check role and credentials. `Err(Some(frame))`: send it and close.
 async fn handshake(
     reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
     cx: &ConnectionContext,
-) -> Result<Option<String>, Option<ServerFrame>> {
+) -> Result<(Option<String>, bool), Option<ServerFrame>> {
     let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
         Err(_) => {
             tracing::info!("no Hello within {HELLO_TIMEOUT:?}; closing");
@@ -153,12 +230,12 @@ async fn handshake(
         }
         Ok(Some(Ok(f))) => f,
     };
-    let ClientFrame::Hello { user, password, client_name, .. } = first else {
+    let ClientFrame::Hello { user, password, client_name, admin } = first else {
         tracing::warn!("first frame is not Hello");
         return Err(Some(connection_error(ErrorCode::ProtocolViolation, "the first frame must be Hello")));
     };
-    if !cx.shared.role().serves_clients() {
-        return Err(Some(ServerFrame::NotActive { active_hint: None }));
+    if !admin && !cx.shared.role().serves_clients() {
+        return Err(Some(ServerFrame::NotActive { active_hint: peer_hint(cx) }));
     }
     let users = cx.users.clone();
     let outcome = tokio::task::spawn_blocking(move || users.check(user.as_deref(), password.as_deref()))
@@ -167,7 +244,7 @@ async fn handshake(
     match outcome {
         AuthOutcome::Accepted(user) => {
             tracing::debug!(client = %client_name, "authenticated");
-            Ok(user)
+            Ok((user, admin))
         }
         AuthOutcome::Refused(why) => {
             tracing::warn!(client = %client_name, "authentication refused: {why}");

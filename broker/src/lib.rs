@@ -15,6 +15,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod listener;
+pub mod node;
 pub mod queue;
 pub mod router;
 pub mod server;
@@ -63,8 +64,13 @@ impl Shared {
         Shared { connections: Arc::new(AtomicUsize::new(0)), epoch: Arc::new(AtomicU64::new(epoch)), role }
     }
 
+    /// Whether this node serves clients right now (`active`) or not (`passive`).
     pub fn role(&self) -> Role {
         *self.role.borrow()
+    }
+
+    pub fn role_watch(&self) -> watch::Receiver<Role> {
+        self.role.clone()
     }
 }
 

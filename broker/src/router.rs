@@ -330,3 +330,21 @@ impl Handler<GetStatus> for Router {
         })
     }
 }
+
+/// The node stopped serving: close every destination and stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopAll;
+
+impl Handler<StopAll> for Router {
+    type Result = ();
+    fn handle(&mut self, _: StopAll, ctx: &mut Context<Self>) {
+        for q in self.queues.values().chain(self.durables.values()) {
+            q.do_send(queue::Close { reason: "this node stopped serving".into() });
+        }
+        self.queues.clear();
+        self.durables.clear();
+        self.topics.clear();
+        ctx.stop();
+    }
+}

@@ -20,8 +20,9 @@ use crate::auth::Users;
 use crate::config::Config;
 use crate::connection::ConnectionContext;
 use crate::listener::{self, Listener};
-use crate::router::Router;
+use crate::node::{Node, SetPair};
 use crate::{BrokerError, Shared};
+use twinmq_ha::Pair;
 
 /// Serve as a broker until `shutdown` resolves. Must run inside an actix `System`.
 /// `ready` receives the bound client address once the port accepts connections.
@@ -44,31 +45,55 @@ pub async fn run(
             .map_err(|e| BrokerError::Internal(e.to_string()))??
     };
     store.claim_node_id(&config.node_id)?;
+    let was_last_active = store.was_last_active()?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
         epoch = recovered.epoch,
         next_seq = recovered.next_seq,
         batches = recovered.batches,
         queues = recovered.queues.len(),
+        was_last_active,
         "store opened"
     );
     let (writer, writer_thread) = Writer::start(
         store.clone(),
         &mut recovered,
-        WriterConfig { durability: config.durability, max_batch_ops: config.max_batch_ops },
+        WriterConfig {
+            durability: config.durability,
+            max_batch_ops: config.max_batch_ops,
+            // A pair member starts passive (DESIGN.md section 4, cold start).
+            active: config.pair.is_none(),
+            require_replica: config.require_replica,
+        },
     )?;
 
-    // A single node is active from the start; the pair (twinmq-ha) will drive this.
-    let (role_tx, role_rx) = watch::channel(Role::Active);
+    let (role_tx, role_rx) = watch::channel(Role::Passive);
     let shared = Shared::new(role_rx, recovered.epoch);
-    let router = Router::start(
-        config.clone(),
-        shared.clone(),
-        writer.clone(),
-        std::mem::take(&mut recovered.queues),
-        std::mem::take(&mut recovered.messages),
-    );
-    drop(recovered);
+    let (router_tx, router_rx) = watch::channel(None);
+    let mut node = Node::new(config.clone(), shared.clone(), writer.clone(), role_tx, router_tx);
+    let mut pair = None;
+    let node = match &config.pair {
+        None => {
+            node.serve(recovered);
+            node.start()
+        }
+        Some(ha) => {
+            drop(recovered);
+            let node = node.start();
+            let ha_listener = listener::bind(ha.ha_listen)?;
+            tracing::info!(ha_listen = %ha.ha_listen, peer_ha = ?ha.peer_ha, gateway = %ha.gateway, "pair member: starting passive");
+            let p = Pair::start(
+                Arc::new(ha.clone()),
+                writer.clone(),
+                was_last_active,
+                node.clone().recipient(),
+                ha_listener,
+            );
+            node.do_send(SetPair(p.arbiter.clone(), p.status.clone()));
+            pair = Some(p);
+            node
+        }
+    };
 
     let std_listener = listener::bind(config.listen)?;
     let local = std_listener.local_addr().map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
@@ -78,13 +103,14 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let cx = ConnectionContext {
         config: config.clone(),
-        router: router.clone(),
+        router: router_rx,
+        node: node.clone(),
         users,
         shared: shared.clone(),
         shutdown: stop_rx,
     };
     let listener = Listener::new(tcp, io.iter().map(Arbiter::handle).collect(), cx).start();
-    tracing::info!(node_id = %config.node_id, listen = %local, durability = %config.durability, role = %Role::Active, "listening");
+    tracing::info!(node_id = %config.node_id, listen = %local, durability = %config.durability, "listening");
     if let Some(ready) = ready {
         let _ = ready.send(local);
     }
@@ -98,14 +124,16 @@ pub async fn run(
     while shared.connections.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drop(role_tx);
+    if let Some(p) = &pair {
+        p.stop();
+    }
     // Wait until every op submitted so far is committed.
     let (tx, rx) = tokio::sync::oneshot::channel();
     writer.barrier(Box::new(move |_| {
         let _ = tx.send(());
     }));
     let _ = rx.await;
-    drop(router);
+    drop(node);
     for a in &io {
         a.stop();
     }

@@ -21,6 +21,7 @@ use twinmq_protocol::{
 use twinmq_store::StoredMessage;
 
 use crate::config::Config;
+use crate::node::Node;
 use crate::now_ms;
 use crate::queue::{self, ConsumerKey, Queue};
 use crate::router::{self, Router, Target};
@@ -41,6 +42,7 @@ pub struct Session {
     user: Option<String>,
     out: Outbound,
     router: Addr<Router>,
+    node: Addr<Node>,
     config: Arc<Config>,
     targets: HashMap<Destination, Target>,
     subs: HashMap<u32, Subscription>,
@@ -53,9 +55,10 @@ impl Session {
         user: Option<String>,
         out: Outbound,
         router: Addr<Router>,
+        node: Addr<Node>,
         config: Arc<Config>,
     ) -> Session {
-        Session { id, peer, user, out, router, config, targets: HashMap::new(), subs: HashMap::new() }
+        Session { id, peer, user, out, router, node, config, targets: HashMap::new(), subs: HashMap::new() }
     }
 
     fn send(&self, frame: ServerFrame) {
@@ -289,7 +292,7 @@ impl Handler<Incoming> for Session {
                 }))
             }
             ClientFrame::Status { req } => {
-                let st = self.router.send(router::GetStatus);
+                let st = self.node.send(crate::node::GetNodeStatus);
                 Box::pin(st.into_actor(self).map(move |res, act, _| match res {
                     Ok(json) => act.send(ServerFrame::StatusReply { req, json: json.to_string() }),
                     Err(_) => act.error(ErrorCode::ShuttingDown, ErrorContext::Request { req }, "shutting down"),
@@ -303,6 +306,14 @@ impl Handler<Incoming> for Session {
                 tracing::warn!(session = self.id, peer = %self.peer, "second Hello on a connection");
                 self.error(ErrorCode::ProtocolViolation, ErrorContext::Connection, "Hello was already received");
                 ctx.stop();
+                done()
+            }
+            ClientFrame::Admin { req, .. } => {
+                self.error(
+                    ErrorCode::InvalidRequest,
+                    ErrorContext::Request { req },
+                    "admin commands need an admin connection",
+                );
                 done()
             }
             ClientFrame::Bye => {

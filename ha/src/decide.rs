@@ -99,7 +99,11 @@ fn decide_active(i: &Inputs) -> Decision {
         PeerView::Up(p) if p.role.serves_clients() => {
             // A healed split: the higher epoch stays, ties go to the preferred node.
             if p.epoch > i.epoch || (p.epoch == i.epoch && !i.preferred) {
-                d(Action::StepDown, Role::Passive, "healed split: the peer is active with a higher epoch or wins the tie")
+                d(
+                    Action::StepDown,
+                    Role::Passive,
+                    "healed split: the peer is active with a higher epoch or wins the tie",
+                )
             } else {
                 d(Action::Stay, Role::Active, "healed split: this node keeps the role (higher epoch or tie winner)")
             }
@@ -108,7 +112,11 @@ fn decide_active(i: &Inputs) -> Decision {
             if i.switchover_requested && p.in_sync {
                 d(Action::HandOver, Role::Active, "operator switchover to the in-sync peer")
             } else if !i.gateway && p.sees_gateway && p.in_sync {
-                d(Action::HandOver, Role::Active, "lost the gateway while the peer sees it: this node left the client network")
+                d(
+                    Action::HandOver,
+                    Role::Active,
+                    "lost the gateway while the peer sees it: this node left the client network",
+                )
             } else if i.failback_auto && !i.preferred && p.in_sync {
                 d(Action::HandOver, Role::Active, "failback: the preferred peer has caught up")
             } else {
@@ -154,12 +162,20 @@ fn decide_passive(i: &Inputs) -> Decision {
             if i.in_sync || i.was_last_active {
                 d(Action::Promote, Role::Active, "peer process gone (reset, every path refuses), gateway up")
             } else {
-                d(Action::Stay, idle, "peer gone but this node is not in sync: staying passive (promote --force overrides)")
+                d(
+                    Action::Stay,
+                    idle,
+                    "peer gone but this node is not in sync: staying passive (promote --force overrides)",
+                )
             }
         }
         PeerView::Silent { since_ms } => {
             if !(i.in_sync || i.was_last_active) {
-                d(Action::Stay, idle, "peer silent but this node is not in sync: staying passive (promote --force overrides)")
+                d(
+                    Action::Stay,
+                    idle,
+                    "peer silent but this node is not in sync: staying passive (promote --force overrides)",
+                )
             } else if i.now_ms.saturating_sub(since_ms) >= i.takeover_delay_ms {
                 d(Action::Promote, Role::Active, "peer silent on every path for takeover_delay, gateway up")
             } else {
@@ -220,45 +236,200 @@ mod tests {
         let silent_short = PeerView::Silent { since_ms: NOW - 500 };
         let table: Vec<(&str, Inputs, Action, Role)> = vec![
             // Neither peer nor gateway.
-            ("passive, neither peer nor gateway: isolated", Inputs { peer: silent_long, gateway: false, ..base(Passive) }, Stay, Isolated),
-            ("passive, peer dead, no gateway: isolated", Inputs { peer: PeerView::Dead, gateway: false, ..base(Passive) }, Stay, Isolated),
-            ("active, neither, lease expired: step down", Inputs { peer: silent_long, gateway: false, last_heard_any_ms: NOW - 1000, ..base(Active) }, StepDown, Isolated),
-            ("active, neither, lease running: stay", Inputs { peer: silent_short, gateway: false, last_heard_any_ms: NOW - 400, ..base(Active) }, Stay, ActiveAlone),
+            (
+                "passive, neither peer nor gateway: isolated",
+                Inputs { peer: silent_long, gateway: false, ..base(Passive) },
+                Stay,
+                Isolated,
+            ),
+            (
+                "passive, peer dead, no gateway: isolated",
+                Inputs { peer: PeerView::Dead, gateway: false, ..base(Passive) },
+                Stay,
+                Isolated,
+            ),
+            (
+                "active, neither, lease expired: step down",
+                Inputs { peer: silent_long, gateway: false, last_heard_any_ms: NOW - 1000, ..base(Active) },
+                StepDown,
+                Isolated,
+            ),
+            (
+                "active, neither, lease running: stay",
+                Inputs { peer: silent_short, gateway: false, last_heard_any_ms: NOW - 400, ..base(Active) },
+                Stay,
+                ActiveAlone,
+            ),
             // Peer up and active.
             ("passive, peer active: stay passive", Inputs { peer: up(Active, |_| {}), ..base(Passive) }, Stay, Passive),
-            ("passive not in sync, peer active: syncing", Inputs { peer: up(Active, |_| {}), in_sync: false, ..base(Passive) }, Stay, PassiveSyncing),
-            ("healed split, peer higher epoch: step down", Inputs { peer: up(Active, |p| p.epoch = 6), ..base(Active) }, StepDown, Passive),
-            ("healed split, my higher epoch: stay", Inputs { peer: up(Active, |p| p.epoch = 4), preferred: false, ..base(Active) }, Stay, Active),
-            ("healed split, tie, I am preferred: stay", Inputs { peer: up(Active, |_| {}), ..base(Active) }, Stay, Active),
-            ("healed split, tie, peer preferred: step down", Inputs { peer: up(Active, |_| {}), preferred: false, ..base(Active) }, StepDown, Passive),
+            (
+                "passive not in sync, peer active: syncing",
+                Inputs { peer: up(Active, |_| {}), in_sync: false, ..base(Passive) },
+                Stay,
+                PassiveSyncing,
+            ),
+            (
+                "healed split, peer higher epoch: step down",
+                Inputs { peer: up(Active, |p| p.epoch = 6), ..base(Active) },
+                StepDown,
+                Passive,
+            ),
+            (
+                "healed split, my higher epoch: stay",
+                Inputs { peer: up(Active, |p| p.epoch = 4), preferred: false, ..base(Active) },
+                Stay,
+                Active,
+            ),
+            (
+                "healed split, tie, I am preferred: stay",
+                Inputs { peer: up(Active, |_| {}), ..base(Active) },
+                Stay,
+                Active,
+            ),
+            (
+                "healed split, tie, peer preferred: step down",
+                Inputs { peer: up(Active, |_| {}), preferred: false, ..base(Active) },
+                StepDown,
+                Passive,
+            ),
             // Both passive.
-            ("both passive, my store newer epoch: promote", Inputs { peer: up(Passive, |p| p.epoch = 4), preferred: false, ..base(Passive) }, Promote, Active),
-            ("both passive, my store longer: promote", Inputs { peer: up(Passive, |p| p.last_seq = 999), preferred: false, ..base(Passive) }, Promote, Active),
-            ("both passive, peer newer: stay", Inputs { peer: up(Passive, |p| p.last_seq = 1001), ..base(Passive) }, Stay, Passive),
-            ("both passive, tie, preferred: promote", Inputs { peer: up(Passive, |_| {}), ..base(Passive) }, Promote, Active),
-            ("both passive, tie, not preferred: stay", Inputs { peer: up(Passive, |_| {}), preferred: false, ..base(Passive) }, Stay, Passive),
-            ("both passive after my handover: hold off", Inputs { peer: up(Passive, |_| {}), holdoff_until_ms: NOW + 1, ..base(Passive) }, Stay, Passive),
+            (
+                "both passive, my store newer epoch: promote",
+                Inputs { peer: up(Passive, |p| p.epoch = 4), preferred: false, ..base(Passive) },
+                Promote,
+                Active,
+            ),
+            (
+                "both passive, my store longer: promote",
+                Inputs { peer: up(Passive, |p| p.last_seq = 999), preferred: false, ..base(Passive) },
+                Promote,
+                Active,
+            ),
+            (
+                "both passive, peer newer: stay",
+                Inputs { peer: up(Passive, |p| p.last_seq = 1001), ..base(Passive) },
+                Stay,
+                Passive,
+            ),
+            (
+                "both passive, tie, preferred: promote",
+                Inputs { peer: up(Passive, |_| {}), ..base(Passive) },
+                Promote,
+                Active,
+            ),
+            (
+                "both passive, tie, not preferred: stay",
+                Inputs { peer: up(Passive, |_| {}), preferred: false, ..base(Passive) },
+                Stay,
+                Passive,
+            ),
+            (
+                "both passive after my handover: hold off",
+                Inputs { peer: up(Passive, |_| {}), holdoff_until_ms: NOW + 1, ..base(Passive) },
+                Stay,
+                Passive,
+            ),
             // Active with the peer up and passive.
             ("active, peer passive, both see gateway: stay", base(Active), Stay, Active),
-            ("active, peer passive, neither sees gateway: stay", Inputs { gateway: false, peer: up(Passive, |p| p.sees_gateway = false), ..base(Active) }, Stay, Active),
-            ("active lost gateway, peer sees it: hand over", Inputs { gateway: false, ..base(Active) }, HandOver, Active),
-            ("active lost gateway, peer sees it but lags: stay", Inputs { gateway: false, peer: up(Passive, |p| p.in_sync = false), ..base(Active) }, Stay, Active),
-            ("operator switchover to in-sync peer", Inputs { switchover_requested: true, ..base(Active) }, HandOver, Active),
-            ("failback auto, peer preferred and in sync: hand over", Inputs { failback_auto: true, preferred: false, ..base(Active) }, HandOver, Active),
-            ("failback auto, peer preferred but syncing: stay", Inputs { failback_auto: true, preferred: false, peer: up(Passive, |p| p.in_sync = false), ..base(Active) }, Stay, Active),
+            (
+                "active, peer passive, neither sees gateway: stay",
+                Inputs { gateway: false, peer: up(Passive, |p| p.sees_gateway = false), ..base(Active) },
+                Stay,
+                Active,
+            ),
+            (
+                "active lost gateway, peer sees it: hand over",
+                Inputs { gateway: false, ..base(Active) },
+                HandOver,
+                Active,
+            ),
+            (
+                "active lost gateway, peer sees it but lags: stay",
+                Inputs { gateway: false, peer: up(Passive, |p| p.in_sync = false), ..base(Active) },
+                Stay,
+                Active,
+            ),
+            (
+                "operator switchover to in-sync peer",
+                Inputs { switchover_requested: true, ..base(Active) },
+                HandOver,
+                Active,
+            ),
+            (
+                "failback auto, peer preferred and in sync: hand over",
+                Inputs { failback_auto: true, preferred: false, ..base(Active) },
+                HandOver,
+                Active,
+            ),
+            (
+                "failback auto, peer preferred but syncing: stay",
+                Inputs {
+                    failback_auto: true,
+                    preferred: false,
+                    peer: up(Passive, |p| p.in_sync = false),
+                    ..base(Active)
+                },
+                Stay,
+                Active,
+            ),
             ("failback manual, peer preferred: stay", Inputs { preferred: false, ..base(Active) }, Stay, Active),
             // Peer down, gateway up.
             ("active, peer down, gateway up: alone", Inputs { peer: silent_long, ..base(Active) }, Stay, ActiveAlone),
-            ("passive in sync, peer silent past takeover_delay: promote", Inputs { peer: silent_long, ..base(Passive) }, Promote, Active),
-            ("passive in sync, peer silent briefly: wait", Inputs { peer: silent_short, ..base(Passive) }, Stay, Passive),
-            ("passive in sync, peer process dead: promote at once", Inputs { peer: PeerView::Dead, ..base(Passive) }, Promote, Active),
-            ("passive not in sync, peer down, gateway up: stay passive", Inputs { peer: silent_long, in_sync: false, ..base(Passive) }, Stay, PassiveSyncing),
-            ("passive not in sync, peer dead: stay passive", Inputs { peer: PeerView::Dead, in_sync: false, ..base(Passive) }, Stay, PassiveSyncing),
-            ("operator promote --force overrides", Inputs { peer: silent_long, in_sync: false, force_promote: true, ..base(Passive) }, Promote, Active),
+            (
+                "passive in sync, peer silent past takeover_delay: promote",
+                Inputs { peer: silent_long, ..base(Passive) },
+                Promote,
+                Active,
+            ),
+            (
+                "passive in sync, peer silent briefly: wait",
+                Inputs { peer: silent_short, ..base(Passive) },
+                Stay,
+                Passive,
+            ),
+            (
+                "passive in sync, peer process dead: promote at once",
+                Inputs { peer: PeerView::Dead, ..base(Passive) },
+                Promote,
+                Active,
+            ),
+            (
+                "passive not in sync, peer down, gateway up: stay passive",
+                Inputs { peer: silent_long, in_sync: false, ..base(Passive) },
+                Stay,
+                PassiveSyncing,
+            ),
+            (
+                "passive not in sync, peer dead: stay passive",
+                Inputs { peer: PeerView::Dead, in_sync: false, ..base(Passive) },
+                Stay,
+                PassiveSyncing,
+            ),
+            (
+                "operator promote --force overrides",
+                Inputs { peer: silent_long, in_sync: false, force_promote: true, ..base(Passive) },
+                Promote,
+                Active,
+            ),
             // Cold start.
-            ("cold start alone, was last active, gateway up: promote", Inputs { peer: silent_long, in_sync: false, was_last_active: true, ..base(Passive) }, Promote, Active),
-            ("cold start alone, was not last active: wait for peer", Inputs { peer: silent_long, in_sync: false, ..base(Passive) }, Stay, PassiveSyncing),
-            ("cold start alone, last active, no gateway: isolated", Inputs { peer: silent_long, in_sync: false, was_last_active: true, gateway: false, ..base(Passive) }, Stay, Isolated),
+            (
+                "cold start alone, was last active, gateway up: promote",
+                Inputs { peer: silent_long, in_sync: false, was_last_active: true, ..base(Passive) },
+                Promote,
+                Active,
+            ),
+            (
+                "cold start alone, was not last active: wait for peer",
+                Inputs { peer: silent_long, in_sync: false, ..base(Passive) },
+                Stay,
+                PassiveSyncing,
+            ),
+            (
+                "cold start alone, last active, no gateway: isolated",
+                Inputs { peer: silent_long, in_sync: false, was_last_active: true, gateway: false, ..base(Passive) },
+                Stay,
+                Isolated,
+            ),
         ];
         for (name, i, action, role) in table {
             row(name, i, action, role);
@@ -271,7 +442,8 @@ mod tests {
         // as Up. Whatever the gateway, at most one of them ends up active.
         for gw_a in [true, false] {
             for gw_b in [true, false] {
-                let a = Inputs { gateway: gw_a, peer: up(Role::Passive, |p| p.sees_gateway = gw_b), ..base(Role::Active) };
+                let a =
+                    Inputs { gateway: gw_a, peer: up(Role::Passive, |p| p.sees_gateway = gw_b), ..base(Role::Active) };
                 let b = Inputs {
                     gateway: gw_b,
                     preferred: false,

@@ -42,3 +42,90 @@ impl std::fmt::Display for Role {
         })
     }
 }
+
+pub mod arbiter;
+pub mod config;
+pub mod link;
+pub mod monitor;
+pub mod wire;
+pub mod witness;
+
+pub use arbiter::{ForcePromote, HaStatus, RoleArbiter, RoleCommand, SetMonitor, Switchover};
+pub use config::{Failback, Gateway, HaConfig};
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::watch;
+
+/// The running pair machinery of one node.
+pub struct Pair {
+    pub arbiter: Addr<RoleArbiter>,
+    pub status: watch::Receiver<HaStatus>,
+    /// The HA actors' own thread, so a busy broker cannot delay heartbeats, probes or leases.
+    thread: Arbiter,
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pair").finish_non_exhaustive()
+    }
+}
+
+impl Pair {
+    /// Start the arbiter, the peer monitor (on `ha_listener`) and the witness prober.
+    pub fn start(
+        cfg: Arc<HaConfig>,
+        writer: twinmq_store::Writer,
+        was_last_active: bool,
+        broker: Recipient<RoleCommand>,
+        ha_listener: std::net::TcpListener,
+    ) -> Pair {
+        let thread = Arbiter::new();
+        let initial = HaStatus {
+            role: Role::PassiveSyncing,
+            epoch: 0,
+            last_seq: 0,
+            in_sync: false,
+            peer_id: None,
+            peer_state: "silent",
+            peer_role: None,
+            peer_epoch: None,
+            peer_last_seq: None,
+            peer_last_heard_ms_ago: None,
+            peer_connections: 0,
+            gateway: cfg.gateway.to_string(),
+            gateway_reachable: false,
+            sync_lag: None,
+            last_reason: "starting",
+            failovers: 0,
+        };
+        let (status_tx, status) = watch::channel(initial);
+        let (hb_tx, hb_rx) = watch::channel(wire::Heartbeat {
+            role: Role::PassiveSyncing,
+            epoch: 0,
+            last_seq: 0,
+            sees_gateway: false,
+            in_sync: false,
+        });
+        let (c, w) = (cfg.clone(), writer.clone());
+        let arbiter = RoleArbiter::start_in_arbiter(&thread.handle(), move |_| {
+            RoleArbiter::new(c, w, broker, was_last_active, status_tx, hb_tx)
+        });
+        let (c, a) = (cfg.clone(), arbiter.clone());
+        let monitor = monitor::PeerMonitor::start_in_arbiter(&thread.handle(), move |_| {
+            monitor::PeerMonitor::new(c, writer, hb_rx, a.clone().recipient(), a.recipient(), ha_listener)
+        });
+        let a = arbiter.clone();
+        let (gw, interval, failures) = (cfg.gateway.clone(), cfg.probe_interval, cfg.probe_failures);
+        witness::WitnessProber::start_in_arbiter(&thread.handle(), move |_| {
+            witness::WitnessProber::new(gw, interval, failures, a.recipient())
+        });
+        arbiter.do_send(SetMonitor(monitor));
+        Pair { arbiter, status, thread }
+    }
+
+    pub fn stop(&self) {
+        self.thread.stop();
+    }
+}

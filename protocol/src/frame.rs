@@ -148,8 +148,24 @@ pub enum ClientFrame {
     Ping {
         nonce: u64,
     },
+    /// An operator command (admin connections only); answered with `Done { req }` or an error.
+    Admin {
+        req: u64,
+        command: AdminCommand,
+    },
     /// Orderly goodbye.
     Bye,
+}
+
+/// Operator commands over an admin connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminCommand {
+    /// Hand the active role to the in-sync passive peer (send it to the active
+    /// node; a passive node answers `NotActive`).
+    Switchover,
+    /// Make this passive node active without waiting for its peer. `force` is
+    /// required: the operator asserts the peer is dead.
+    Promote { force: bool },
 }
 
 /// Frames a broker sends.

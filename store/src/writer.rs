@@ -65,20 +65,39 @@ pub struct Committed {
 }
 
 /// What the active sends its follower, in order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ReplFrame {
     /// A snapshot follows: the receiver forgets its replicated state.
     SnapshotBegin { epoch: u64 },
     /// One live log record (snapshot).
-    Record { key: u64, raw: Vec<u8> },
+    Record {
+        key: u64,
+        #[serde(with = "serde_bytes")]
+        raw: Vec<u8>,
+    },
     /// One admin tree entry (snapshot).
-    Admin { key: Vec<u8>, value: Vec<u8> },
+    Admin {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
     /// One idempotence mark (snapshot).
-    Producer { key: Vec<u8>, value: Vec<u8> },
+    Producer {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
     /// The snapshot is complete; the receiver acknowledges `next_seq - 1`.
     SnapshotEnd { next_seq: u64, epoch: u64 },
     /// A new record, after the snapshot (same bytes as in the active's log).
-    Batch { first_seq: u64, last_seq: u64, raw: Vec<u8> },
+    Batch {
+        first_seq: u64,
+        last_seq: u64,
+        #[serde(with = "serde_bytes")]
+        raw: Vec<u8>,
+    },
 }
 
 /// Where the writer sends replication frames (the HA link's sending task).
@@ -189,7 +208,9 @@ impl Writer {
     fn send(&self, r: Request) {
         if let Err(crossbeam_channel::SendError(r)) = self.tx.send(r) {
             match r {
-                Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(done) => done(Err(StoreError::Closed)),
+                Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(done) => {
+                    done(Err(StoreError::Closed))
+                }
                 Request::Apply(_, done) => done(Err(StoreError::Closed)),
                 Request::Promote(_, done) => done(Err(StoreError::Closed)),
                 Request::AttachFollower(_) | Request::DetachFollower | Request::PeerAck(_) => {}
@@ -432,9 +453,12 @@ impl WriterState {
             let mut ops = body.ops.into_iter();
             for (r, slot) in plan {
                 let c = match slot {
-                    Some((start, n)) => {
-                        Committed { epoch: self.epoch, first_seq: start, ops: ops.by_ref().take(n).collect(), duplicate: false }
-                    }
+                    Some((start, n)) => Committed {
+                        epoch: self.epoch,
+                        first_seq: start,
+                        ops: ops.by_ref().take(n).collect(),
+                        duplicate: false,
+                    },
                     None => self.duplicate(),
                 };
                 results.push((r, c));
@@ -446,7 +470,8 @@ impl WriterState {
             }
         }
         // Durability `replicated` with an in-sync follower: confirm after its ack.
-        let hold = self.config.durability == Durability::Replicated && self.follower.as_ref().is_some_and(|f| f.in_sync);
+        let hold =
+            self.config.durability == Durability::Replicated && self.follower.as_ref().is_some_and(|f| f.in_sync);
         let seq = self.next_seq - 1;
         for (r, c) in results {
             let done = match r {

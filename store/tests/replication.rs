@@ -100,7 +100,10 @@ fn records_of_an_older_epoch_are_refused() {
     let raw = old.encode().unwrap();
     assert!(apply(ReplFrame::Batch { first_seq: 10, last_seq: 10, raw }).is_err(), "epoch 2 < 3 is fenced");
     let gap = BatchBody { epoch: 3, first_seq: 12, ops: vec![Op::DeleteQueue { key: "x".into() }] };
-    assert!(apply(ReplFrame::Batch { first_seq: 12, last_seq: 12, raw: gap.encode().unwrap() }).is_err(), "a gap is refused");
+    assert!(
+        apply(ReplFrame::Batch { first_seq: 12, last_seq: 12, raw: gap.encode().unwrap() }).is_err(),
+        "a gap is refused"
+    );
     let ok = BatchBody { epoch: 3, first_seq: 10, ops: vec![Op::DeleteQueue { key: "x".into() }] };
     assert_eq!(apply(ReplFrame::Batch { first_seq: 10, last_seq: 10, raw: ok.encode().unwrap() }).unwrap(), 10);
 }

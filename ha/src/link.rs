@@ -1,0 +1,140 @@
+//! Opening an HA connection: TCP with our socket options, then the mutual
+//! challenge/response on the cluster secret (see `wire.rs`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use crate::wire::{self, HaCodec, HaFrame};
+
+/// An authenticated HA connection.
+pub struct Link {
+    pub framed: Framed<TcpStream, HaCodec>,
+    pub peer_id: String,
+    pub peer_priority: u32,
+    pub remote: SocketAddr,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("peer_id", &self.peer_id).field("remote", &self.remote).finish()
+    }
+}
+
+/// Who this node is on the link.
+#[derive(Debug, Clone)]
+pub struct LinkAuth {
+    pub node_id: String,
+    pub priority: u32,
+    pub secret: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The peer's host answered with a refusal: nothing listens there.
+    #[error("connection refused")]
+    Refused,
+    #[error("timed out")]
+    Timeout,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer failed authentication: {0}")]
+    Auth(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// Socket options for HA connections, in one place.
+pub fn configure(stream: &TcpStream) -> std::io::Result<()> {
+    let s = socket2::SockRef::from(stream);
+    // Heartbeats and acks are tiny and latency-bound.
+    s.set_nodelay(true)?;
+    // Dead-peer detection is ours (heartbeats); keepalive only reaps leftovers.
+    s.set_keepalive(true)?;
+    Ok(())
+}
+
+async fn next(framed: &mut Framed<TcpStream, HaCodec>, timeout: Duration) -> Result<HaFrame, LinkError> {
+    match tokio::time::timeout(timeout, framed.next()).await {
+        Err(_) => Err(LinkError::Timeout),
+        Ok(None) => Err(LinkError::Protocol("closed during the handshake".into())),
+        Ok(Some(Err(e))) => Err(LinkError::Protocol(e.to_string())),
+        Ok(Some(Ok(f))) => Ok(f),
+    }
+}
+
+/// Dial `addr` and authenticate both ways.
+pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Result<Link, LinkError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(LinkError::Timeout),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err(LinkError::Refused),
+        Ok(Err(e)) => return Err(LinkError::Io(e)),
+        Ok(Ok(s)) => s,
+    };
+    configure(&stream)?;
+    let mut framed = Framed::new(stream, wire::codec());
+    let my_nonce = wire::nonce();
+    framed
+        .send(HaFrame::Hello { node_id: auth.node_id.clone(), priority: auth.priority, nonce: my_nonce.clone() })
+        .await
+        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+    let (peer_id, peer_priority, their_nonce) = match next(&mut framed, timeout).await? {
+        HaFrame::Challenge { node_id, priority, nonce, proof } => {
+            if !wire::verify(&auth.secret, "acceptor", &nonce, &my_nonce, &node_id, &proof) {
+                return Err(LinkError::Auth(format!("`{node_id}` at {addr} does not know the cluster secret")));
+            }
+            (node_id, priority, nonce)
+        }
+        HaFrame::Refused { reason } => return Err(LinkError::Auth(reason)),
+        other => return Err(LinkError::Protocol(format!("expected Challenge, got {other:?}"))),
+    };
+    if peer_id == auth.node_id {
+        return Err(LinkError::Auth(format!("{addr} is this node itself (`{peer_id}`)")));
+    }
+    let proof = wire::proof(&auth.secret, "dialer", &my_nonce, &their_nonce, &auth.node_id);
+    framed.send(HaFrame::Proof { proof }).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
+    match next(&mut framed, timeout).await? {
+        HaFrame::Accepted => Ok(Link { framed, peer_id, peer_priority, remote: addr }),
+        HaFrame::Refused { reason } => Err(LinkError::Auth(reason)),
+        other => Err(LinkError::Protocol(format!("expected Accepted, got {other:?}"))),
+    }
+}
+
+/// Authenticate an accepted connection.
+pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Result<Link, LinkError> {
+    configure(&stream)?;
+    let remote = stream.peer_addr()?;
+    let mut framed = Framed::new(stream, wire::codec());
+    let (peer_id, peer_priority, their_nonce) = match next(&mut framed, timeout).await? {
+        HaFrame::Hello { node_id, priority, nonce } => (node_id, priority, nonce),
+        other => return Err(LinkError::Protocol(format!("expected Hello, got {other:?}"))),
+    };
+    let my_nonce = wire::nonce();
+    let proof = wire::proof(&auth.secret, "acceptor", &my_nonce, &their_nonce, &auth.node_id);
+    framed
+        .send(HaFrame::Challenge {
+            node_id: auth.node_id.clone(),
+            priority: auth.priority,
+            nonce: my_nonce.clone(),
+            proof,
+        })
+        .await
+        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+    let got = match next(&mut framed, timeout).await? {
+        HaFrame::Proof { proof } => proof,
+        other => return Err(LinkError::Protocol(format!("expected Proof, got {other:?}"))),
+    };
+    if !wire::verify(&auth.secret, "dialer", &their_nonce, &my_nonce, &peer_id, &got) {
+        let _ = framed.send(HaFrame::Refused { reason: "wrong cluster secret".into() }).await;
+        return Err(LinkError::Auth(format!("`{peer_id}` from {remote} does not know the cluster secret")));
+    }
+    if peer_id == auth.node_id {
+        let _ = framed.send(HaFrame::Refused { reason: "same node id as this node".into() }).await;
+        return Err(LinkError::Auth(format!("{remote} claims this node's own id `{peer_id}`")));
+    }
+    framed.send(HaFrame::Accepted).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
+    Ok(Link { framed, peer_id, peer_priority, remote })
+}

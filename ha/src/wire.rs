@@ -1,0 +1,127 @@
+//! Frames on the HA link and the challenge/response that opens it.
+//!
+//! Same framing as the client protocol (`u32 length | u8 version |
+//! MessagePack`), another set of frames. The link opens with a mutual
+//! challenge/response over the cluster secret (HMAC-SHA256 over both
+//! nonces, the direction and the node id), so neither side ever sends the
+//! secret and a peer without it never gets past the handshake.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use twinmq_store::ReplFrame;
+
+use crate::Role;
+
+/// Largest HA frame: a snapshot record or a group-commit batch fits.
+pub const MAX_HA_FRAME: usize = 64 * 1024 * 1024;
+
+pub type HaCodec = twinmq_protocol::FrameCodec<HaFrame, HaFrame>;
+
+pub fn codec() -> HaCodec {
+    HaCodec::new(MAX_HA_FRAME)
+}
+
+/// What a node tells its peer every heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub role: Role,
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub sees_gateway: bool,
+    /// Passive: holds a complete, current copy.
+    pub in_sync: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HaFrame {
+    /// Dialer to acceptor: who I am and my challenge.
+    Hello {
+        node_id: String,
+        priority: u32,
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+    },
+    /// Acceptor: its answer to my challenge, and its own challenge.
+    Challenge {
+        node_id: String,
+        priority: u32,
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+    },
+    /// Dialer: the answer to the acceptor's challenge.
+    Proof {
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+    },
+    /// Acceptor: the link is open.
+    Accepted,
+    /// Either side: the handshake failed (then the connection closes).
+    Refused {
+        reason: String,
+    },
+    Heartbeat(Heartbeat),
+    /// Active to passive: replication (snapshot, records).
+    Repl(ReplFrame),
+    /// Passive to active: flushed everything through `seq`.
+    ReplAck {
+        seq: u64,
+    },
+    /// Passive to active: a record was refused; send a new snapshot.
+    ReplRefused {
+        reason: String,
+    },
+    /// Active to passive during a switchover: everything up to `last_seq` of
+    /// `epoch` is yours; take the role with `epoch + 1`.
+    TakeOver {
+        epoch: u64,
+        last_seq: u64,
+    },
+}
+
+/// The proof that the sender of `role_tag` knows the secret.
+pub fn proof(secret: &str, role_tag: &str, my_nonce: &[u8], their_nonce: &[u8], node_id: &str) -> Vec<u8> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
+    mac.update(role_tag.as_bytes());
+    mac.update(&(my_nonce.len() as u32).to_be_bytes());
+    mac.update(my_nonce);
+    mac.update(their_nonce);
+    mac.update(node_id.as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Check a proof in constant time.
+pub fn verify(secret: &str, role_tag: &str, their_nonce: &[u8], my_nonce: &[u8], node_id: &str, got: &[u8]) -> bool {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
+    mac.update(role_tag.as_bytes());
+    mac.update(&(their_nonce.len() as u32).to_be_bytes());
+    mac.update(their_nonce);
+    mac.update(my_nonce);
+    mac.update(node_id.as_bytes());
+    mac.verify_slice(got).is_ok()
+}
+
+pub fn nonce() -> Vec<u8> {
+    use rand::RngCore;
+    let mut n = vec![0u8; 32];
+    rand::thread_rng().fill_bytes(&mut n);
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proofs_need_the_secret_and_bind_the_direction() {
+        let (a, b) = (nonce(), nonce());
+        let p = proof("s3cret", "acceptor", &a, &b, "node-b");
+        assert!(verify("s3cret", "acceptor", &a, &b, "node-b", &p));
+        assert!(!verify("wrong", "acceptor", &a, &b, "node-b", &p));
+        assert!(!verify("s3cret", "dialer", &a, &b, "node-b", &p), "a reflected proof is refused");
+        assert!(!verify("s3cret", "acceptor", &b, &a, "node-b", &p), "nonces are bound in order");
+        assert!(!verify("s3cret", "acceptor", &a, &b, "node-x", &p), "the node id is bound");
+    }
+}
