@@ -8,7 +8,7 @@
 //! flushing once per burst.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use crate::auth::{AuthOutcome, Users};
 use crate::config::Config;
 use crate::node::{self, Node};
 use crate::router::Router;
-use crate::session::{Closed, Incoming, Session};
+use crate::session::{Closed, Incoming, Outbound, Session};
 use crate::Shared;
 
 type Codec = FrameCodec<ClientFrame, ServerFrame>;
@@ -37,6 +37,8 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection waits for its in-flight publishes to be confirmed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames waiting for a slow reader before the broker stops reading its requests.
+const MAX_QUEUED_FRAMES: usize = 16 * 1024;
 
 /// What every connection needs from the broker.
 #[derive(Clone)]
@@ -105,15 +107,21 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
     };
     tracing::info!(user = ?user, "client connected");
 
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (raw_tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let tx = Outbound::new(raw_tx, queued.clone());
     let (close_tx, close_rx) = oneshot::channel();
-    let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx));
+    let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx, queued.clone()));
     let session = Session::new(id, peer, user, tx.clone(), router, cx.node.clone(), cx.config.clone()).start();
     let permits = Arc::new(Semaphore::new(cx.config.max_inflight_per_connection));
     let mut shutdown = cx.shutdown.clone();
     let mut role = cx.shared.role_watch();
 
     loop {
+        // Back-pressure on a client that does not read what we send it.
+        while queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES && !write_task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let next = tokio::select! {
             f = reader.next() => f,
             _ = shutdown.wait_for(|s| *s) => {
@@ -257,7 +265,12 @@ async fn write_loop(
     mut writer: FramedWrite<OwnedWriteHalf, Codec>,
     mut rx: mpsc::UnboundedReceiver<ServerFrame>,
     mut close: oneshot::Receiver<()>,
+    queued: Arc<AtomicUsize>,
 ) {
+    let taken = |f| {
+        queued.fetch_sub(1, Ordering::Relaxed);
+        f
+    };
     loop {
         let frame = tokio::select! {
             biased;
@@ -265,7 +278,7 @@ async fn write_loop(
             _ = &mut close => {
                 // Send what is already queued (a final error frame, confirms), then close.
                 while let Ok(f) = rx.try_recv() {
-                    if writer.feed(f).await.is_err() {
+                    if writer.feed(taken(f)).await.is_err() {
                         break;
                     }
                 }
@@ -274,12 +287,12 @@ async fn write_loop(
             }
         };
         let Some(frame) = frame else { break };
-        if let Err(e) = writer.feed(frame).await {
+        if let Err(e) = writer.feed(taken(frame)).await {
             tracing::debug!(error = %e, "write failed");
             break;
         }
         while let Ok(f) = rx.try_recv() {
-            if writer.feed(f).await.is_err() {
+            if writer.feed(taken(f)).await.is_err() {
                 return;
             }
         }

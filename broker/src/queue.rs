@@ -74,6 +74,9 @@ pub struct Queue {
     in_flight: HashMap<u64, InFlight>,
     consumers: Vec<Consumer>,
     next_consumer: usize,
+    /// Deliveries taken back after an ack timeout, by sequence: the consumer
+    /// still holds them, so its credit returns only when it settles them.
+    timed_out: HashMap<u64, ConsumerKey>,
     /// Messages in `ready` with an expiry, so the sweep can skip queues without TTLs.
     with_ttl: usize,
     dropped_full: u64,
@@ -107,6 +110,7 @@ impl Queue {
             in_flight: HashMap::new(),
             consumers: Vec::new(),
             next_consumer: 0,
+            timed_out: HashMap::new(),
             with_ttl,
             dropped_full: 0,
         }
@@ -250,9 +254,9 @@ impl Queue {
             for (seq, consumer) in expired {
                 if let Some(f) = self.in_flight.remove(&seq) {
                     tracing::info!(queue = %self.label, seq, "ack timeout; redelivering");
-                    if let Some(c) = self.consumers.iter_mut().find(|c| c.key == consumer) {
-                        c.credit += 1;
-                    }
+                    // No credit back: the consumer still holds the delivery and
+                    // would be over its prefetch if it got another.
+                    self.timed_out.insert(seq, consumer);
                     self.requeue(f.entry);
                 }
             }
@@ -423,6 +427,7 @@ impl Handler<RemoveConsumer> for Queue {
     type Result = ();
     fn handle(&mut self, c: RemoveConsumer, ctx: &mut Context<Self>) {
         self.consumers.retain(|x| x.key != c.key);
+        self.timed_out.retain(|_, k| *k != c.key);
         self.return_in_flight(c.key);
         if self.mode == QueueMode::Memory && self.consumers.is_empty() {
             // An in-memory subscription lives as long as its consumer.
@@ -450,7 +455,17 @@ impl Handler<Settle> for Queue {
         // an ack timeout refers to a delivery that is no longer its own).
         match self.in_flight.get(&s.seq) {
             Some(f) if f.consumer == s.key => {}
-            _ => return,
+            _ => {
+                // A late settle of a timed-out delivery gives its credit back.
+                if self.timed_out.get(&s.seq) == Some(&s.key) {
+                    self.timed_out.remove(&s.seq);
+                    if let Some(c) = self.consumers.iter_mut().find(|c| c.key == s.key) {
+                        c.credit += 1;
+                    }
+                    self.dispatch();
+                }
+                return;
+            }
         }
         let Some(f) = self.in_flight.remove(&s.seq) else { return };
         if let Some(c) = self.consumers.iter_mut().find(|c| c.key == s.key) {

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -27,8 +28,29 @@ use crate::queue::{self, ConsumerKey, Queue};
 use crate::router::{self, Router, Target};
 use crate::topic::{self, Topic};
 
-/// Frames on their way to one client.
-pub type Outbound = UnboundedSender<ServerFrame>;
+/// Frames on their way to one client, counted: the connection's reader
+/// stops reading while too many wait (a client that does not read must not
+/// grow the broker's memory).
+#[derive(Clone, Debug)]
+pub struct Outbound {
+    tx: UnboundedSender<ServerFrame>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Outbound {
+    pub fn new(tx: UnboundedSender<ServerFrame>, queued: Arc<AtomicUsize>) -> Outbound {
+        Outbound { tx, queued }
+    }
+
+    /// Queue a frame; `Err` when the connection is gone (the frame is dropped).
+    pub fn send(&self, frame: ServerFrame) -> Result<(), Closed> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(frame).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            Closed
+        })
+    }
+}
 
 struct Subscription {
     queue: Addr<Queue>,

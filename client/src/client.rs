@@ -2,42 +2,70 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info_span, Instrument};
 use twinmq_protocol::Destination;
 
+use crate::admin::AdminClient;
 use crate::connection::{request, Command, Connection, SubscriptionSpec, COMMAND_QUEUE};
+use crate::events::{ClientEvent, Events};
 use crate::link::ServerInfo;
-use crate::{connect, ClientConfig, ClientError, Consumer, Producer, SubscribeOptions};
+use crate::{dial, ClientConfig, ClientError, Consumer, Producer, SubscribeOptions};
 
-/// A connection to the active node of a twinmq pair. Cheap to clone; the
-/// connection closes when [`Client::close`] is called or when every handle
-/// (clients, producers, consumers, deliveries) is dropped.
+/// A connection to the active node of a twinmq pair that follows the
+/// active role across failovers (see the crate docs for the contract).
+/// Cheap to clone; the connection closes when [`Client::close`] is called or
+/// when every handle (clients, producers, consumers, deliveries) is dropped.
 #[derive(Debug, Clone)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
-    server: Arc<ServerInfo>,
+    server: watch::Receiver<ServerInfo>,
+    events: Events,
     window: usize,
 }
 
 impl Client {
     /// Connect to the active node of `config.servers` and start the
-    /// connection task. Addresses are tried in order; a `NotActive` answer's
-    /// hint is tried next (once), then the rest. Wrong credentials fail at
-    /// once; otherwise the error of the last attempt is returned. Must be
-    /// called inside a tokio runtime.
+    /// connection task. Addresses are tried in order (one that does not
+    /// answer delays the next by at most 150 ms); a `NotActive` answer's hint
+    /// is tried next (once per round). While no node is active (every one is
+    /// passive or unreachable, as during a failover) the rounds repeat with a
+    /// short backoff until `failover_timeout`; then the error of the last
+    /// attempt is returned. Wrong credentials fail at once. Must be called
+    /// inside a tokio runtime.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let (link, server) = connect::find_active(&config).await?;
+        let config = Arc::new(config);
+        let (link, server) = dial::find_active(config.clone()).await?;
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
-        let span = info_span!("twinmq_connection", addr = %server.addr, node = %server.node_id);
-        let connection = Connection::new(receiver, commands.downgrade(), config.close_timeout);
-        tokio::spawn(connection.run(link).instrument(span));
-        Ok(Client { commands, server: Arc::new(server), window: config.window })
+        let (server_tx, server_rx) = watch::channel(server.clone());
+        let events = Events::new();
+        // Before the task starts, so that a watcher subscribing after this
+        // call returns never sees it as a reconnect.
+        events.emit(ClientEvent::Connected { addr: server.addr.clone(), node_id: server.node_id.clone() });
+        let span = info_span!("twinmq_connection", client = %config.client_name);
+        let window = config.window;
+        let connection = Connection::new(receiver, commands.downgrade(), config, events.clone(), server_tx);
+        tokio::spawn(connection.run(link, server).instrument(span));
+        Ok(Client { commands, server: server_rx, events, window })
     }
 
-    /// The node this client is connected to.
-    pub fn server(&self) -> &ServerInfo {
-        &self.server
+    /// An admin connection (status, switchover, promote) to the first node
+    /// of `config.servers` that welcomes it, passive or active; see [`AdminClient`].
+    pub async fn admin(config: ClientConfig) -> Result<AdminClient, ClientError> {
+        AdminClient::connect(&config).await
+    }
+
+    /// The node this client is connected to, or was last connected to while
+    /// it reconnects.
+    pub fn server(&self) -> ServerInfo {
+        self.server.borrow().clone()
+    }
+
+    /// Watch the connection's life: disconnects, reconnect rounds, new
+    /// connections, resubscriptions, resends (see [`ClientEvent`]). Only
+    /// events after this call are received.
+    pub fn events(&self) -> broadcast::Receiver<ClientEvent> {
+        self.events.subscribe()
     }
 
     /// A producer for `destination`, with the configured window.
@@ -53,29 +81,29 @@ impl Client {
         options: SubscribeOptions,
     ) -> Result<Consumer, ClientError> {
         let prefetch = options.prefetch.max(1);
-        // One slot more than the prefetch: room for the error that ends the stream.
-        let capacity = usize::try_from(prefetch).unwrap_or(usize::MAX).saturating_add(1);
-        let (deliveries, receiver) = mpsc::channel(capacity);
+        let (deliveries, receiver) = mpsc::unbounded_channel();
         let spec = SubscriptionSpec { destination: destination.clone(), durable: options.durable, prefetch };
         let sub_id = request(&self.commands, |done| Command::Subscribe { spec, deliveries, done }).await?;
         Ok(Consumer::new(sub_id, destination, receiver, self.commands.clone()))
     }
 
-    /// Remove the durable subscription `name` of `topic` and the messages it holds.
+    /// Remove the durable subscription `name` of `topic` and the messages it
+    /// holds. Interrupted by a failover, the request is sent again to the new
+    /// active node, which refuses it if the first one had already taken effect.
     pub async fn delete_durable(&self, topic: impl Into<String>, name: impl Into<String>) -> Result<(), ClientError> {
         let (topic, name) = (topic.into(), name.into());
         request(&self.commands, |done| Command::DeleteDurable { topic, name, done }).await
     }
 
-    /// The node's status, as JSON.
+    /// The status of the node this client is connected to, as JSON.
     pub async fn status(&self) -> Result<String, ClientError> {
         request(&self.commands, |done| Command::Status { done }).await
     }
 
     /// Close the connection in order: refuse new work, wait for outstanding
-    /// confirms (up to `close_timeout`; `Err(Timeout)` if some never came),
-    /// send everything queued (acks included), say Bye and wait for the broker
-    /// to close. Consumers then end with `None`.
+    /// confirms (up to `close_timeout`, reconnecting if need be; `Err(Timeout)`
+    /// if some never came), send everything queued (acks included), say Bye
+    /// and wait for the broker to close. Consumers then end with `None`.
     pub async fn close(&self) -> Result<(), ClientError> {
         request(&self.commands, |done| Command::Close { done }).await
     }

@@ -26,12 +26,22 @@ pub struct ClientConfig {
     /// waits for a slot beyond that, which bounds the memory the client keeps
     /// for resending.
     pub window: usize,
-    /// Per address: TCP connect plus the Hello/Welcome handshake.
+    /// Per address and attempt: TCP connect plus the Hello/Welcome handshake.
     pub connect_timeout: Duration,
-    /// How long a failover may take before operations fail. Reserved for
-    /// reconnect-and-resend, which this version does not do yet: a lost
-    /// connection fails pending operations at once.
+    /// How long the client keeps trying to reach an active node, counted from
+    /// the moment the connection was lost (or from the start of
+    /// [`crate::Client::connect`]). Within it a failover costs only time;
+    /// past it pending operations fail with
+    /// [`crate::ClientError::Disconnected`] (see the crate docs).
     pub failover_timeout: Duration,
+    /// A `Ping` goes out when nothing was received from (or sent to) the
+    /// broker for this long, so that a quiet connection still carries frames
+    /// both ways.
+    pub heartbeat_interval: Duration,
+    /// The connection counts as lost when no frame at all arrived from the
+    /// broker for this long: this is what notices a pulled cable or a frozen
+    /// node, which close nothing. Keep it a few `heartbeat_interval`s long.
+    pub heartbeat_timeout: Duration,
     /// How long [`crate::Client::close`] waits for outstanding confirms.
     pub close_timeout: Duration,
 }
@@ -47,6 +57,8 @@ impl Default for ClientConfig {
             window: 256,
             connect_timeout: Duration::from_secs(5),
             failover_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_millis(250),
+            heartbeat_timeout: Duration::from_millis(1500),
             close_timeout: Duration::from_secs(10),
         }
     }
@@ -94,6 +106,16 @@ impl ClientConfig {
 
     pub fn failover_timeout(mut self, timeout: Duration) -> Self {
         self.failover_timeout = timeout;
+        self
+    }
+
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self
+    }
+
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = timeout;
         self
     }
 

@@ -7,33 +7,49 @@
 //! numbers are assigned here, in the order frames go on the wire, which is the
 //! order the broker's idempotence check expects.
 //!
-//! The state is kept so that a later version can reconnect and resend: every
-//! unconfirmed publish (its whole frame, in order, with the caller's
-//! oneshot) per producer, and the spec of every subscription. This version
-//! does not reconnect: a lost connection fails every pending operation and
-//! ends every consumer with [`ClientError::Disconnected`].
+//! Everything needed to carry on over another connection is kept here:
+//! every unconfirmed publish (its frame, with the caller's oneshot and window
+//! permit) per producer, the spec of every subscription and every unanswered
+//! request. When the connection is lost (end of stream, reset, write error,
+//! an error frame for the whole connection, or [`ClientConfig::heartbeat_timeout`]
+//! without a single frame) the task goes [`Phase::Offline`]: it keeps taking
+//! commands, which only add to that state, and dials the pair again
+//! ([`crate::dial`]). On a new connection it is [`Phase::Restoring`]: every
+//! subscription is sent again under its id, and once the broker has answered
+//! all of them, every unconfirmed publish goes out again in its original
+//! order (same producer id and sequence: the broker stores a resend once),
+//! then the pending requests, and the task is [`Phase::Online`]. Only when
+//! no node accepts us within [`ClientConfig::failover_timeout`] (or refuses
+//! our credentials) does the task fail everything, as described in the
+//! crate docs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
-use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
+use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 use twinmq_protocol::{
-    ClientFrame, Delivered, Destination, ErrorContext, ErrorFrame, MessageId, OutMessage, ServerFrame,
+    encode_frame, ClientFrame, Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, OutMessage,
+    ServerFrame,
 };
 
-use crate::consumer::Delivery;
-use crate::link::{frame_name, Link};
-use crate::ClientError;
+use crate::consumer::{Delivery, Inbound};
+use crate::dial::{Backoff, Dialer};
+use crate::events::{ClientEvent, Events};
+use crate::link::{frame_name, is_final, Link, ServerInfo};
+use crate::{ClientConfig, ClientError};
 
 /// Where the answer to a command goes.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
 /// What a consumer receives: deliveries, then possibly one error that ends it.
-pub(crate) type DeliverySender = mpsc::Sender<Result<Delivery, ClientError>>;
+pub(crate) type DeliverySender = mpsc::UnboundedSender<Inbound>;
 
 /// Room in the command channel. Producers are bounded by their window and
 /// acks by the prefetch, so this only smooths bursts.
@@ -42,6 +58,11 @@ pub(crate) const COMMAND_QUEUE: usize = 1024;
 /// Commands processed per wake-up before looking at the socket again, so that
 /// a burst of publishes becomes one write without starving reads.
 const COMMAND_BATCH: usize = 64;
+
+/// Above this many encoded bytes not yet written the task stops taking new
+/// commands, which is what pushes back on producers when the socket is
+/// slower than they are.
+const HIGH_WATER: usize = 256 * 1024;
 
 /// How long an orderly close waits for the broker to end the connection after our Bye.
 const BYE_GRACE: Duration = Duration::from_secs(1);
@@ -109,7 +130,8 @@ pub(crate) async fn request<T>(
 
 struct ProducerState {
     next_seq: u64,
-    /// Sent and not yet settled, in send order: what a reconnect resends.
+    /// Sent (or waiting to be sent) and not yet settled, in sequence order:
+    /// what a reconnect sends again.
     unconfirmed: VecDeque<Unconfirmed>,
     /// The handles are gone; remove the state once `unconfirmed` is empty.
     dropped: bool,
@@ -117,27 +139,56 @@ struct ProducerState {
 
 struct Unconfirmed {
     seq: u64,
-    /// The `Publish` frame as sent, kept for the resend after a reconnect
-    /// (not implemented yet, hence unread).
-    #[allow(dead_code)]
+    /// Place in the client-wide send order, so that a resend replays the
+    /// publishes of all producers interleaved as they were first sent.
+    order: u64,
+    /// The `Publish` frame, kept for resending on another connection.
     frame: ClientFrame,
     done: Reply<()>,
     _permit: OwnedSemaphorePermit,
 }
 
-struct Subscription {
-    spec: SubscriptionSpec,
-    /// Sized `prefetch + 1`: the broker never has more than `prefetch`
-    /// deliveries unacked, so the last slot is always free for the error
-    /// that ends the stream, and `try_send` never fails for lack of room.
-    deliveries: DeliverySender,
-    /// The caller of `subscribe`, until `Subscribed` (or an error) arrives.
-    pending: Option<Reply<u32>>,
+enum SubState {
+    /// `subscribe` is waiting for the broker's first `Subscribed`.
+    Subscribing(Reply<u32>),
+    /// Re-created on a new connection; `Subscribed` not received yet.
+    Resubscribing,
+    /// Registered on the current connection.
+    Live,
 }
 
-enum PendingRequest {
+struct Subscription {
+    spec: SubscriptionSpec,
+    deliveries: DeliverySender,
+    state: SubState,
+    /// Deliveries of the current connection that wait in the consumer's
+    /// channel. Replaced by a fresh counter on every connection: deliveries
+    /// of an earlier one still waiting there count against nothing.
+    waiting: Arc<AtomicUsize>,
+}
+
+enum Answer {
     Done(Reply<()>),
     Status(Reply<String>),
+}
+
+impl Answer {
+    fn fail(self, error: ClientError) {
+        match self {
+            Answer::Done(done) => {
+                let _ = done.send(Err(error));
+            }
+            Answer::Status(done) => {
+                let _ = done.send(Err(error));
+            }
+        }
+    }
+}
+
+struct PendingRequest {
+    /// The request frame, kept for sending again on another connection.
+    frame: ClientFrame,
+    answer: Answer,
 }
 
 struct Closing {
@@ -145,12 +196,38 @@ struct Closing {
     deadline: Instant,
 }
 
+/// Where the task stands with its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No connection: nothing is written, commands only add to the state
+    /// that the next connection replays.
+    Offline,
+    /// A new connection, re-creating the subscriptions: publishes and
+    /// requests wait until the broker answered every one, so that nothing
+    /// is routed before the subscriptions exist. Counts those registered.
+    Restoring { resubscribed: usize },
+    /// Frames go out as they come.
+    Online,
+}
+
 /// Why [`Connection::serve`] returned.
 enum End {
-    /// The connection is gone (already logged).
-    Lost,
+    /// The connection is gone, for this reason.
+    Lost(String),
     /// A close was asked for and everything is settled, or its deadline passed.
     Close,
+}
+
+/// How an outage ended.
+enum Reconnect {
+    Connected(Link, ServerInfo),
+    /// A close was asked for during the outage and is due.
+    Close,
+    /// No active node in time, or our credentials were refused (`refusal`).
+    GaveUp {
+        reason: String,
+        refusal: Option<(ErrorCode, String)>,
+    },
 }
 
 pub(crate) struct Connection {
@@ -162,104 +239,316 @@ pub(crate) struct Connection {
     /// False once every handle is gone.
     handles_alive: bool,
     producers: HashMap<u64, ProducerState>,
-    subscriptions: HashMap<u32, Subscription>,
-    requests: HashMap<u64, PendingRequest>,
+    /// Ordered by id, so that a reconnect re-creates them in creation order.
+    subscriptions: BTreeMap<u32, Subscription>,
+    /// Ordered by id, so that a reconnect sends them again in order.
+    requests: BTreeMap<u64, PendingRequest>,
     next_sub_id: u32,
     next_req: u64,
-    close_timeout: Duration,
+    next_order: u64,
+    next_nonce: u64,
+    config: Arc<ClientConfig>,
     closing: Option<Closing>,
+    events: Events,
+    /// The node we are (or were last) connected to, for [`crate::Client::server`].
+    server: watch::Sender<ServerInfo>,
+    phase: Phase,
+    /// Frames encoded for the current connection and not written yet; the
+    /// task stops taking commands above [`HIGH_WATER`]. Emptied when the
+    /// connection is lost: its content is replayed from the state instead.
+    wbuf: BytesMut,
+    /// Largest frame the current connection accepts.
+    max_out: usize,
 }
 
 impl Connection {
     pub(crate) fn new(
         commands: mpsc::Receiver<Command>,
         command_sender: mpsc::WeakSender<Command>,
-        close_timeout: Duration,
+        config: Arc<ClientConfig>,
+        events: Events,
+        server: watch::Sender<ServerInfo>,
     ) -> Self {
+        let max_out = config.max_frame_bytes;
         Connection {
             commands,
             command_sender,
             handles_alive: true,
             producers: HashMap::new(),
-            subscriptions: HashMap::new(),
-            requests: HashMap::new(),
+            subscriptions: BTreeMap::new(),
+            requests: BTreeMap::new(),
             next_sub_id: 1,
             next_req: 1,
-            close_timeout,
+            next_order: 0,
+            next_nonce: 0,
+            config,
             closing: None,
+            events,
+            server,
+            phase: Phase::Offline,
+            wbuf: BytesMut::with_capacity(64 * 1024),
+            max_out,
         }
     }
 
-    pub(crate) async fn run(mut self, mut link: Link) {
-        match self.serve(&mut link).await {
-            End::Lost => self.fail_all(|| ClientError::Disconnected),
-            End::Close => self.goodbye(link).await,
+    /// Serve `link`, then every connection after it, until closed or given up.
+    pub(crate) async fn run(mut self, mut link: Link, server: ServerInfo) {
+        self.connected(&link, server, false);
+        loop {
+            let reason = match self.serve(&mut link).await {
+                End::Close => return self.goodbye(Some(link)).await,
+                End::Lost(reason) => reason,
+            };
+            drop(link);
+            self.phase = Phase::Offline;
+            self.wbuf.clear();
+            let addr = self.server.borrow().addr.clone();
+            self.events.emit(ClientEvent::Disconnected { addr, reason });
+            match self.reconnect().await {
+                Reconnect::Connected(new_link, server) => {
+                    link = new_link;
+                    self.connected(&link, server, true);
+                }
+                Reconnect::Close => return self.goodbye(None).await,
+                Reconnect::GaveUp { reason, refusal } => {
+                    self.events.emit(ClientEvent::GaveUp { reason });
+                    match refusal {
+                        Some((code, message)) => {
+                            self.fail_all(|| ClientError::Broker { code, message: message.clone() })
+                        }
+                        None => self.fail_all(|| ClientError::Disconnected),
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A node welcomed us: replay the state if this is a reconnect (the
+    /// first connection was announced by [`crate::Client::connect`]).
+    fn connected(&mut self, link: &Link, server: ServerInfo, restore: bool) {
+        self.max_out = link.max_out;
+        if restore {
+            self.events.emit(ClientEvent::Connected { addr: server.addr.clone(), node_id: server.node_id.clone() });
+            self.server.send_replace(server);
+            self.begin_restore();
+        } else {
+            self.phase = Phase::Online;
         }
     }
 
     async fn serve(&mut self, link: &mut Link) -> End {
+        let interval = self.config.heartbeat_interval.max(Duration::from_millis(1));
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let (mut last_read, mut last_write) = (Instant::now(), Instant::now());
         loop {
+            self.check_restored();
             if let Some(closing) = &self.closing {
                 if self.is_settled() || Instant::now() >= closing.deadline {
                     return End::Close;
                 }
             }
             let deadline = self.closing.as_ref().map(|c| c.deadline);
-            let take_commands = self.handles_alive && link.wbuf.len() < Link::HIGH_WATER;
+            let take_commands = self.handles_alive && self.wbuf.len() < HIGH_WATER;
             tokio::select! {
                 biased;
                 frame = link.reader.next() => match frame {
                     Some(Ok(frame)) => {
-                        if let Err(reason) = self.on_frame(frame, link) {
-                            warn!(%reason, "the broker ended the connection");
-                            return End::Lost;
+                        last_read = Instant::now();
+                        if let Err(reason) = self.on_frame(frame) {
+                            return End::Lost(reason);
                         }
                     }
                     Some(Err(e)) => {
                         warn!(error = %e, "unreadable frame from the broker; dropping the connection");
-                        return End::Lost;
+                        return End::Lost(format!("unreadable frame: {e}"));
                     }
-                    None => {
-                        info!("the broker closed the connection");
-                        return End::Lost;
-                    }
+                    None => return End::Lost("the broker closed the connection".into()),
                 },
-                command = self.commands.recv(), if take_commands => match command {
-                    Some(command) => {
-                        self.on_command(command, link);
-                        for _ in 1..COMMAND_BATCH {
-                            if link.wbuf.len() >= Link::HIGH_WATER {
-                                break;
-                            }
-                            match self.commands.try_recv() {
-                                Ok(command) => self.on_command(command, link),
-                                Err(_) => break,
-                            }
+                _ = heartbeat.tick() => {
+                    let silent = last_read.elapsed();
+                    if silent >= self.config.heartbeat_timeout {
+                        return End::Lost(format!("nothing received from the broker for {} ms", silent.as_millis()));
+                    }
+                    if silent >= interval || last_write.elapsed() >= interval {
+                        self.next_nonce += 1;
+                        self.write_or_log(&ClientFrame::Ping { nonce: self.next_nonce });
+                    }
+                }
+                command = self.commands.recv(), if take_commands => {
+                    self.on_command_or_end(command);
+                    for _ in 1..COMMAND_BATCH {
+                        if self.wbuf.len() >= HIGH_WATER {
+                            break;
+                        }
+                        match self.commands.try_recv() {
+                            Ok(command) => self.on_command(command),
+                            Err(_) => break,
                         }
                     }
-                    None => {
-                        debug!("every handle is gone; closing");
-                        self.handles_alive = false;
-                        self.begin_close(None);
-                    }
-                },
-                written = link.writer.write_buf(&mut link.wbuf), if !link.wbuf.is_empty() => match written {
-                    Ok(0) => {
-                        info!("the socket no longer accepts data");
-                        return End::Lost;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        info!(error = %e, "could not write to the broker");
-                        return End::Lost;
-                    }
+                }
+                written = link.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => match written {
+                    Ok(0) => return End::Lost("the socket no longer accepts data".into()),
+                    Ok(_) => last_write = Instant::now(),
+                    Err(e) => return End::Lost(format!("could not write to the broker: {e}")),
                 },
                 () = wait_until(deadline) => {}
             }
         }
     }
 
-    fn on_command(&mut self, command: Command, link: &mut Link) {
+    /// The outage loop: dial round after round (with backoff) while taking
+    /// commands, until a node welcomes us, a close is due, or
+    /// `failover_timeout` has passed since the loss.
+    async fn reconnect(&mut self) -> Reconnect {
+        let give_up_at = Instant::now() + self.config.failover_timeout;
+        let mut dialer = Dialer::new(self.config.clone(), false);
+        let mut backoff = Backoff::new();
+        let mut last_error: Option<ClientError> = None;
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
+            self.events.emit(ClientEvent::Reconnecting { attempt });
+            let outcome = {
+                let round = dialer.round();
+                tokio::pin!(round);
+                loop {
+                    if let Some(end) = self.close_due() {
+                        return end;
+                    }
+                    let close_deadline = self.closing.as_ref().map(|c| c.deadline);
+                    tokio::select! {
+                        biased;
+                        opened = &mut round => break opened,
+                        command = self.commands.recv(), if self.handles_alive => self.on_command_or_end(command),
+                        () = tokio::time::sleep_until(give_up_at) => return self.give_up(last_error),
+                        () = wait_until(close_deadline) => {}
+                    }
+                }
+            };
+            match outcome {
+                Ok((link, server)) => return Reconnect::Connected(link, server),
+                Err(e) if is_final(&e) => {
+                    let refusal = match &e {
+                        ClientError::Broker { code, message } => Some((*code, message.clone())),
+                        _ => None,
+                    };
+                    return Reconnect::GaveUp { reason: e.to_string(), refusal };
+                }
+                Err(e) => {
+                    debug!(attempt, error = %e, "no active node in this round");
+                    last_error = Some(e);
+                }
+            }
+            let wake = (Instant::now() + backoff.next_pause()).min(give_up_at);
+            loop {
+                if let Some(end) = self.close_due() {
+                    return end;
+                }
+                let close_deadline = self.closing.as_ref().map(|c| c.deadline);
+                tokio::select! {
+                    biased;
+                    () = tokio::time::sleep_until(wake) => break,
+                    command = self.commands.recv(), if self.handles_alive => self.on_command_or_end(command),
+                    () = wait_until(close_deadline) => {}
+                }
+            }
+            if Instant::now() >= give_up_at {
+                return self.give_up(last_error);
+            }
+        }
+    }
+
+    fn give_up(&self, last_error: Option<ClientError>) -> Reconnect {
+        let after = self.config.failover_timeout;
+        let reason = match last_error {
+            Some(e) => format!("no active node within {after:?}; last error: {e}"),
+            None => format!("no active node within {after:?}"),
+        };
+        Reconnect::GaveUp { reason, refusal: None }
+    }
+
+    /// While offline: a close that can end now (nothing left to wait for, or its deadline passed).
+    fn close_due(&self) -> Option<Reconnect> {
+        let closing = self.closing.as_ref()?;
+        (self.is_settled() || Instant::now() >= closing.deadline).then_some(Reconnect::Close)
+    }
+
+    /// Re-create every subscription on the new connection; the rest waits
+    /// for their answers (see [`Connection::check_restored`]).
+    fn begin_restore(&mut self) {
+        self.phase = Phase::Restoring { resubscribed: 0 };
+        let mut refused = Vec::new();
+        for (&sub_id, sub) in &mut self.subscriptions {
+            sub.waiting = Arc::new(AtomicUsize::new(0));
+            if matches!(sub.state, SubState::Live) {
+                sub.state = SubState::Resubscribing;
+            }
+            if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &subscribe_frame(sub_id, &sub.spec)) {
+                refused.push((sub_id, e));
+            }
+        }
+        for (sub_id, error) in refused {
+            self.end_subscription(sub_id, error);
+        }
+        self.check_restored();
+    }
+
+    /// End the restore once no re-created subscription awaits its answer:
+    /// send every unconfirmed publish again, in the original order, then the
+    /// pending requests.
+    fn check_restored(&mut self) {
+        let Phase::Restoring { resubscribed } = self.phase else { return };
+        if self.subscriptions.values().any(|s| matches!(s.state, SubState::Resubscribing)) {
+            return;
+        }
+        self.phase = Phase::Online;
+        self.events.emit(ClientEvent::Resubscribed { count: resubscribed });
+
+        let mut order: Vec<(u64, u64, usize)> = Vec::new();
+        for (&producer_id, producer) in &self.producers {
+            order.extend(producer.unconfirmed.iter().enumerate().map(|(i, u)| (u.order, producer_id, i)));
+        }
+        order.sort_unstable();
+        let mut refused = Vec::new();
+        for &(_, producer_id, i) in &order {
+            let unconfirmed = &self.producers[&producer_id].unconfirmed[i];
+            if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &unconfirmed.frame) {
+                refused.push((producer_id, unconfirmed.seq, e));
+            }
+        }
+        let resent = order.len() - refused.len();
+        for (producer_id, seq, error) in refused {
+            self.settle_publish(producer_id, seq, Err(error));
+        }
+        self.events.emit(ClientEvent::Resent { count: resent });
+
+        let mut refused = Vec::new();
+        for (&req, request) in &self.requests {
+            if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &request.frame) {
+                refused.push((req, e));
+            }
+        }
+        for (req, error) in refused {
+            if let Some(request) = self.requests.remove(&req) {
+                request.answer.fail(error);
+            }
+        }
+    }
+
+    fn on_command_or_end(&mut self, command: Option<Command>) {
+        match command {
+            Some(command) => self.on_command(command),
+            None => {
+                debug!("every handle is gone; closing");
+                self.handles_alive = false;
+                self.begin_close(None);
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
         match command {
             Command::Publish { producer_id, destination, message, permit, done } => {
                 if self.closing.is_some() {
@@ -273,12 +562,17 @@ impl Connection {
                 });
                 let seq = state.next_seq;
                 let frame = ClientFrame::Publish { producer_id, seq, destination, message };
-                if let Err(e) = link.queue(&frame) {
-                    let _ = done.send(Err(e));
-                    return;
+                // Offline or restoring: it goes out after the resends.
+                if self.phase == Phase::Online {
+                    if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &frame) {
+                        let _ = done.send(Err(e));
+                        return;
+                    }
                 }
                 state.next_seq += 1;
-                state.unconfirmed.push_back(Unconfirmed { seq, frame, done, _permit: permit });
+                let order = self.next_order;
+                self.next_order += 1;
+                state.unconfirmed.push_back(Unconfirmed { seq, order, frame, done, _permit: permit });
             }
             Command::ProducerDropped { producer_id } => {
                 if let Some(state) = self.producers.get_mut(&producer_id) {
@@ -295,74 +589,73 @@ impl Connection {
                     return;
                 }
                 let sub_id = self.next_sub_id;
-                let frame = ClientFrame::Subscribe {
-                    sub_id,
-                    destination: spec.destination.clone(),
-                    durable: spec.durable.clone(),
-                    prefetch: spec.prefetch,
-                };
-                if let Err(e) = link.queue(&frame) {
-                    let _ = done.send(Err(e));
-                    return;
+                // Offline: sent with the others when the next connection is restored.
+                if self.phase != Phase::Offline {
+                    if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &subscribe_frame(sub_id, &spec)) {
+                        let _ = done.send(Err(e));
+                        return;
+                    }
                 }
                 self.next_sub_id = self.next_sub_id.wrapping_add(1).max(1);
-                self.subscriptions.insert(sub_id, Subscription { spec, deliveries, pending: Some(done) });
+                let subscription = Subscription {
+                    spec,
+                    deliveries,
+                    state: SubState::Subscribing(done),
+                    waiting: Arc::new(AtomicUsize::new(0)),
+                };
+                self.subscriptions.insert(sub_id, subscription);
             }
             Command::Unsubscribe { sub_id } => {
-                if self.subscriptions.remove(&sub_id).is_some() {
-                    queue_or_log(link, &ClientFrame::Unsubscribe { sub_id });
+                // Connected, every subscription was sent on this connection.
+                if self.subscriptions.remove(&sub_id).is_some() && self.phase != Phase::Offline {
+                    self.write_or_log(&ClientFrame::Unsubscribe { sub_id });
                 }
             }
-            Command::Ack { sub_id, id } => self.settle_delivery(link, ClientFrame::Ack { sub_id, id }, sub_id),
-            Command::Nack { sub_id, id } => self.settle_delivery(link, ClientFrame::Nack { sub_id, id }, sub_id),
+            Command::Ack { sub_id, id } => self.settle_delivery(ClientFrame::Ack { sub_id, id }, sub_id),
+            Command::Nack { sub_id, id } => self.settle_delivery(ClientFrame::Nack { sub_id, id }, sub_id),
             Command::DeleteDurable { topic, name, done } => {
-                if let Some((req, done)) =
-                    self.start_request(link, done, |req| ClientFrame::DeleteDurable { req, topic, name })
-                {
-                    self.requests.insert(req, PendingRequest::Done(done));
-                }
+                self.start_request(Answer::Done(done), |req| ClientFrame::DeleteDurable { req, topic, name });
             }
-            Command::Status { done } => {
-                if let Some((req, done)) = self.start_request(link, done, |req| ClientFrame::Status { req }) {
-                    self.requests.insert(req, PendingRequest::Status(done));
-                }
-            }
+            Command::Status { done } => self.start_request(Answer::Status(done), |req| ClientFrame::Status { req }),
             Command::Close { done } => self.begin_close(Some(done)),
         }
     }
 
-    /// Queue the frame of a new request; `None` if it was answered at once
-    /// (closing, or the frame could not be encoded).
-    fn start_request<T>(
-        &mut self,
-        link: &mut Link,
-        done: Reply<T>,
-        frame: impl FnOnce(u64) -> ClientFrame,
-    ) -> Option<(u64, Reply<T>)> {
+    /// Register a request and send it if online (otherwise it goes out once
+    /// restored); answered at once if closing or if it cannot be encoded.
+    fn start_request(&mut self, answer: Answer, frame: impl FnOnce(u64) -> ClientFrame) {
         if self.closing.is_some() {
-            let _ = done.send(Err(ClientError::Closed));
-            return None;
+            answer.fail(ClientError::Closed);
+            return;
         }
         let req = self.next_req;
-        if let Err(e) = link.queue(&frame(req)) {
-            let _ = done.send(Err(e));
-            return None;
+        let frame = frame(req);
+        if self.phase == Phase::Online {
+            if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &frame) {
+                answer.fail(e);
+                return;
+            }
         }
         self.next_req += 1;
-        Some((req, done))
+        self.requests.insert(req, PendingRequest { frame, answer });
     }
 
-    fn settle_delivery(&mut self, link: &mut Link, frame: ClientFrame, sub_id: u32) {
-        // After an unsubscribe the broker has taken the delivery back already.
-        if self.subscriptions.contains_key(&sub_id) {
-            queue_or_log(link, &frame);
+    /// Ack or nack a delivery. Dropped (the broker redelivers) when the
+    /// consumer is gone, when offline, or while its subscription is not
+    /// registered on this connection yet. An ack for a delivery made on an
+    /// earlier connection goes out too: the broker settles the message if
+    /// it holds it for this consumer, and ignores it otherwise.
+    fn settle_delivery(&mut self, frame: ClientFrame, sub_id: u32) {
+        let live = self.subscriptions.get(&sub_id).is_some_and(|s| matches!(s.state, SubState::Live));
+        if live && self.phase != Phase::Offline {
+            self.write_or_log(&frame);
         } else {
-            debug!(sub_id, "ack/nack for a closed consumer dropped");
+            debug!(sub_id, "ack/nack dropped: consumer closed or not registered on this connection");
         }
     }
 
     fn begin_close(&mut self, waiter: Option<Reply<()>>) {
-        let close_timeout = self.close_timeout;
+        let close_timeout = self.config.close_timeout;
         let closing = self
             .closing
             .get_or_insert_with(|| Closing { waiters: Vec::new(), deadline: Instant::now() + close_timeout });
@@ -373,57 +666,46 @@ impl Connection {
     fn is_settled(&self) -> bool {
         self.producers.values().all(|p| p.unconfirmed.is_empty())
             && self.requests.is_empty()
-            && self.subscriptions.values().all(|s| s.pending.is_none())
+            && self.subscriptions.values().all(|s| !matches!(s.state, SubState::Subscribing(_)))
     }
 
-    /// Handle one frame from the broker; `Err(reason)` when the broker ends the connection.
-    fn on_frame(&mut self, frame: ServerFrame, link: &mut Link) -> Result<(), String> {
+    /// Handle one frame from the broker; `Err(reason)` when the connection
+    /// must be given up (the broker ends it, or this node no longer serves).
+    fn on_frame(&mut self, frame: ServerFrame) -> Result<(), String> {
         match frame {
             ServerFrame::Confirm { producer_id, seq } => self.settle_publish(producer_id, seq, Ok(())),
-            ServerFrame::Deliver { sub_id, message } => self.on_deliver(link, sub_id, message),
-            ServerFrame::Subscribed { sub_id } => {
-                let Some(sub) = self.subscriptions.get_mut(&sub_id) else {
-                    debug!(sub_id, "Subscribed for a consumer that is gone");
-                    return Ok(());
-                };
-                if let Some(done) = sub.pending.take() {
-                    if done.send(Ok(sub_id)).is_err() {
-                        // The caller stopped waiting: nobody will consume.
-                        self.subscriptions.remove(&sub_id);
-                        queue_or_log(link, &ClientFrame::Unsubscribe { sub_id });
-                    }
-                }
-            }
+            ServerFrame::Deliver { sub_id, message } => self.on_deliver(sub_id, message),
+            ServerFrame::Subscribed { sub_id } => self.on_subscribed(sub_id),
             ServerFrame::ConsumerClosed { sub_id, reason } => {
                 info!(sub_id, %reason, "the broker closed a consumer");
                 self.end_subscription(sub_id, ClientError::ConsumerClosed { reason });
             }
             ServerFrame::StatusReply { req, json } => match self.requests.remove(&req) {
-                Some(PendingRequest::Status(done)) => {
+                Some(PendingRequest { answer: Answer::Status(done), .. }) => {
                     let _ = done.send(Ok(json));
                 }
-                other => self.unexpected_answer(req, other, "StatusReply"),
+                other => unexpected_answer(req, other, "StatusReply"),
             },
             ServerFrame::Done { req } => match self.requests.remove(&req) {
-                Some(PendingRequest::Done(done)) => {
+                Some(PendingRequest { answer: Answer::Done(done), .. }) => {
                     let _ = done.send(Ok(()));
                 }
-                other => self.unexpected_answer(req, other, "Done"),
+                other => unexpected_answer(req, other, "Done"),
             },
             ServerFrame::Pong { .. } => {}
             ServerFrame::Error(ErrorFrame { code, message, context }) => {
+                // A node that stopped serving answers with these: nothing was
+                // done, so the work is kept and goes to the next active node.
+                if matches!(code, ErrorCode::NotActive | ErrorCode::ShuttingDown) {
+                    return Err(format!("broker error {code}: {message}"));
+                }
                 let error = ClientError::Broker { code, message };
                 match context {
                     ErrorContext::Connection => return Err(error.to_string()),
                     ErrorContext::Publish { producer_id, seq } => self.settle_publish(producer_id, seq, Err(error)),
                     ErrorContext::Subscribe { sub_id } => self.end_subscription(sub_id, error),
                     ErrorContext::Request { req } => match self.requests.remove(&req) {
-                        Some(PendingRequest::Done(done)) => {
-                            let _ = done.send(Err(error));
-                        }
-                        Some(PendingRequest::Status(done)) => {
-                            let _ = done.send(Err(error));
-                        }
+                        Some(request) => request.answer.fail(error),
                         None => warn!(req, error = %error, "error for an unknown request"),
                     },
                 }
@@ -435,23 +717,31 @@ impl Connection {
         Ok(())
     }
 
-    fn unexpected_answer(&mut self, req: u64, pending: Option<PendingRequest>, got: &'static str) {
-        warn!(req, got, "answer does not match the request");
-        let error = || ClientError::UnexpectedFrame(format!("{got} for request {req}"));
-        match pending {
-            Some(PendingRequest::Done(done)) => {
-                let _ = done.send(Err(error()));
+    fn on_subscribed(&mut self, sub_id: u32) {
+        let Some(sub) = self.subscriptions.get_mut(&sub_id) else {
+            debug!(sub_id, "Subscribed for a consumer that is gone");
+            return;
+        };
+        match std::mem::replace(&mut sub.state, SubState::Live) {
+            SubState::Subscribing(done) => {
+                if done.send(Ok(sub_id)).is_err() {
+                    // The caller stopped waiting: nobody will consume.
+                    self.subscriptions.remove(&sub_id);
+                    self.write_or_log(&ClientFrame::Unsubscribe { sub_id });
+                }
             }
-            Some(PendingRequest::Status(done)) => {
-                let _ = done.send(Err(error()));
+            SubState::Resubscribing => {
+                if let Phase::Restoring { resubscribed } = &mut self.phase {
+                    *resubscribed += 1;
+                }
             }
-            None => {}
+            SubState::Live => debug!(sub_id, "Subscribed twice"),
         }
     }
 
     fn settle_publish(&mut self, producer_id: u64, seq: u64, result: Result<(), ClientError>) {
         let Some(state) = self.producers.get_mut(&producer_id) else {
-            warn!(producer_id, seq, "confirm for an unknown producer");
+            debug!(producer_id, seq, "confirm for an unknown producer");
             return;
         };
         let settled = if state.unconfirmed.front().is_some_and(|u| u.seq == seq) {
@@ -460,6 +750,7 @@ impl Connection {
             warn!(producer_id, seq, "confirm out of send order");
             state.unconfirmed.remove(i)
         } else {
+            // E.g. a second answer to a resend: the first one settled it.
             debug!(producer_id, seq, "confirm for a publish already settled");
             None
         };
@@ -472,30 +763,27 @@ impl Connection {
         }
     }
 
-    fn on_deliver(&mut self, link: &mut Link, sub_id: u32, message: Delivered) {
+    fn on_deliver(&mut self, sub_id: u32, message: Delivered) {
         let Some(sub) = self.subscriptions.get(&sub_id) else {
             // Sent before the broker saw our Unsubscribe; it takes it back.
             debug!(sub_id, "delivery for a closed consumer dropped");
             return;
         };
         let commands = self.command_sender.upgrade();
-        if sub.deliveries.is_closed() || commands.is_none() {
+        let Some(commands) = commands.filter(|_| !sub.deliveries.is_closed()) else {
             debug!(sub_id, "consumer dropped; unsubscribing");
             self.subscriptions.remove(&sub_id);
-            queue_or_log(link, &ClientFrame::Unsubscribe { sub_id });
+            self.write_or_log(&ClientFrame::Unsubscribe { sub_id });
             return;
-        }
-        if sub.deliveries.capacity() <= 1 {
-            let prefetch = sub.spec.prefetch;
+        };
+        let prefetch = sub.spec.prefetch;
+        if sub.waiting.load(Ordering::Relaxed) >= usize::try_from(prefetch).unwrap_or(usize::MAX) {
             warn!(sub_id, prefetch, "the broker exceeded the prefetch; closing the consumer");
             self.end_subscription(sub_id, ClientError::PrefetchExceeded { prefetch });
-            queue_or_log(link, &ClientFrame::Unsubscribe { sub_id });
+            self.write_or_log(&ClientFrame::Unsubscribe { sub_id });
             return;
         }
-        if let Some(commands) = commands {
-            // Room was checked above, and only this task sends.
-            let _ = sub.deliveries.try_send(Ok(Delivery::new(sub_id, message, commands)));
-        }
+        let _ = sub.deliveries.send(Inbound::delivery(Delivery::new(sub_id, message, commands), &sub.waiting));
     }
 
     /// Remove a subscription, telling its consumer (or its pending `subscribe`) why.
@@ -504,42 +792,42 @@ impl Connection {
             debug!(sub_id, error = %error, "error for an unknown consumer");
             return;
         };
-        match sub.pending {
-            Some(done) => {
+        match sub.state {
+            SubState::Subscribing(done) => {
                 let _ = done.send(Err(error));
             }
-            None => {
-                let _ = sub.deliveries.try_send(Err(error));
+            SubState::Resubscribing | SubState::Live => {
+                let _ = sub.deliveries.send(Inbound::end(error));
             }
         }
     }
 
-    /// The connection is gone: answer everyone with `error()`.
+    /// Encode `frame` for the current connection, logging what cannot be.
+    fn write_or_log(&mut self, frame: &ClientFrame) {
+        if let Err(e) = encode_into(&mut self.wbuf, self.max_out, frame) {
+            warn!(error = %e, "could not encode a frame");
+        }
+    }
+
+    /// Answer everyone with `error()`.
     fn fail_all(&mut self, error: impl Fn() -> ClientError) {
         for (_, producer) in self.producers.drain() {
             for unconfirmed in producer.unconfirmed {
                 let _ = unconfirmed.done.send(Err(error()));
             }
         }
-        for (_, sub) in self.subscriptions.drain() {
-            match sub.pending {
-                Some(done) => {
+        for (_, sub) in std::mem::take(&mut self.subscriptions) {
+            match sub.state {
+                SubState::Subscribing(done) => {
                     let _ = done.send(Err(error()));
                 }
-                None => {
-                    let _ = sub.deliveries.try_send(Err(error()));
+                SubState::Resubscribing | SubState::Live => {
+                    let _ = sub.deliveries.send(Inbound::end(error()));
                 }
             }
         }
-        for (_, request) in self.requests.drain() {
-            match request {
-                PendingRequest::Done(done) => {
-                    let _ = done.send(Err(error()));
-                }
-                PendingRequest::Status(done) => {
-                    let _ = done.send(Err(error()));
-                }
-            }
+        for (_, request) in std::mem::take(&mut self.requests) {
+            request.answer.fail(error());
         }
         if let Some(closing) = self.closing.take() {
             for waiter in closing.waiters {
@@ -548,13 +836,13 @@ impl Connection {
         }
     }
 
-    /// Orderly close: give up on what is still unconfirmed, say Bye, let the
-    /// broker read everything (acks included) and close its side, then answer
-    /// the callers of `close`.
-    async fn goodbye(mut self, mut link: Link) {
+    /// Orderly close: give up on what is still unconfirmed, say Bye (if
+    /// connected), let the broker read everything (acks included) and close
+    /// its side, then answer the callers of `close`.
+    async fn goodbye(mut self, link: Option<Link>) {
         let closing = self.closing.take();
         let abandoned: usize = self.producers.values().map(|p| p.unconfirmed.len()).sum();
-        let after = self.close_timeout;
+        let after = self.config.close_timeout;
         let timeout = || ClientError::Timeout { what: "waiting for confirms before closing".into(), after };
         for (_, producer) in self.producers.drain() {
             for unconfirmed in producer.unconfirmed {
@@ -562,22 +850,22 @@ impl Connection {
             }
         }
         // Consumers end with `None`; pending requests and subscribes get `Closed`.
-        for (_, sub) in self.subscriptions.drain() {
-            if let Some(done) = sub.pending {
+        for (_, sub) in std::mem::take(&mut self.subscriptions) {
+            if let SubState::Subscribing(done) = sub.state {
                 let _ = done.send(Err(ClientError::Closed));
             }
         }
         self.fail_all(|| ClientError::Closed);
 
-        if let Err(e) = link.queue(&ClientFrame::Bye) {
-            debug!(error = %e, "could not encode Bye");
-        }
-        link.finish(BYE_GRACE).await;
-        // Wait for the broker to close its side, so that nothing we sent is
-        // discarded by a reset while it still reads.
-        let drain = async { while let Some(Ok(_)) = link.reader.next().await {} };
-        if tokio::time::timeout(BYE_GRACE, drain).await.is_err() {
-            debug!("the broker did not close the connection after Bye");
+        if let Some(mut link) = link {
+            self.write_or_log(&ClientFrame::Bye);
+            link.finish(&mut self.wbuf, BYE_GRACE).await;
+            // Wait for the broker to close its side, so that nothing we sent is
+            // discarded by a reset while it still reads.
+            let drain = async { while let Some(Ok(_)) = link.reader.next().await {} };
+            if tokio::time::timeout(BYE_GRACE, drain).await.is_err() {
+                debug!("the broker did not close the connection after Bye");
+            }
         }
         info!(abandoned, "connection closed");
         for waiter in closing.map(|c| c.waiters).unwrap_or_default() {
@@ -586,9 +874,24 @@ impl Connection {
     }
 }
 
-fn queue_or_log(link: &mut Link, frame: &ClientFrame) {
-    if let Err(e) = link.queue(frame) {
-        warn!(error = %e, "could not encode a frame");
+fn subscribe_frame(sub_id: u32, spec: &SubscriptionSpec) -> ClientFrame {
+    ClientFrame::Subscribe {
+        sub_id,
+        destination: spec.destination.clone(),
+        durable: spec.durable.clone(),
+        prefetch: spec.prefetch,
+    }
+}
+
+/// Encode `frame` at the end of `wbuf`; on error (too large) nothing is added.
+fn encode_into(wbuf: &mut BytesMut, max_out: usize, frame: &ClientFrame) -> Result<(), ClientError> {
+    Ok(encode_frame(frame, max_out, wbuf)?)
+}
+
+fn unexpected_answer(req: u64, pending: Option<PendingRequest>, got: &'static str) {
+    warn!(req, got, "answer does not match the request");
+    if let Some(request) = pending {
+        request.answer.fail(ClientError::UnexpectedFrame(format!("{got} for request {req}")));
     }
 }
 

@@ -3,6 +3,14 @@
 //! Delivery is at-least-once: a delivery that is not acked goes back to the
 //! destination when the consumer ends (unsubscribe, drop, lost connection) and
 //! is delivered again, flagged `redelivered`.
+//!
+//! A consumer outlives a failover: the client re-creates its subscription
+//! on the new connection under the same id. Deliveries that were already
+//! handed to the consumer stay valid; the broker redelivers the unacked ones
+//! anyway, so after a failover a consumer may see a message twice.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use twinmq_protocol::{Delivered, Destination};
@@ -43,8 +51,11 @@ impl SubscribeOptions {
 pub struct Consumer {
     sub_id: u32,
     destination: Destination,
-    /// Filled by the connection task; bounded by the prefetch (see `connection`).
-    deliveries: mpsc::Receiver<Result<Delivery, ClientError>>,
+    /// Filled by the connection task. Unbounded because deliveries of an
+    /// earlier connection may still wait here when the new connection's
+    /// prefetch starts; the task bounds what each connection adds (see
+    /// [`Inbound`]).
+    deliveries: mpsc::UnboundedReceiver<Inbound>,
     commands: mpsc::Sender<Command>,
     unsubscribed: bool,
 }
@@ -53,7 +64,7 @@ impl Consumer {
     pub(crate) fn new(
         sub_id: u32,
         destination: Destination,
-        deliveries: mpsc::Receiver<Result<Delivery, ClientError>>,
+        deliveries: mpsc::UnboundedReceiver<Inbound>,
         commands: mpsc::Sender<Command>,
     ) -> Self {
         Consumer { sub_id, destination, deliveries, commands, unsubscribed: false }
@@ -67,7 +78,7 @@ impl Consumer {
     /// (lost connection, closed by the broker), then `None`. `None` also after
     /// the client was closed.
     pub async fn recv(&mut self) -> Option<Result<Delivery, ClientError>> {
-        self.deliveries.recv().await
+        self.deliveries.recv().await.map(Inbound::take)
     }
 
     /// Stop consuming; the broker puts unacknowledged deliveries back.
@@ -84,6 +95,37 @@ impl Drop for Consumer {
             // Best effort; otherwise the task unsubscribes at the next delivery.
             let _ = self.commands.try_send(Command::Unsubscribe { sub_id: self.sub_id });
         }
+    }
+}
+
+/// What the connection task hands a consumer.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    item: Result<Delivery, ClientError>,
+    /// For a delivery: how many deliveries of the connection that made it
+    /// wait in the channel, decremented when the consumer takes this one.
+    /// The broker never has more than `prefetch` unacked deliveries on one
+    /// connection, so this never exceeds it; the task checks that.
+    waiting: Option<Arc<AtomicUsize>>,
+}
+
+impl Inbound {
+    /// A delivery, counted in `waiting` until the consumer takes it.
+    pub(crate) fn delivery(delivery: Delivery, waiting: &Arc<AtomicUsize>) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Inbound { item: Ok(delivery), waiting: Some(waiting.clone()) }
+    }
+
+    /// The error that ends the consumer.
+    pub(crate) fn end(error: ClientError) -> Self {
+        Inbound { item: Err(error), waiting: None }
+    }
+
+    fn take(self) -> Result<Delivery, ClientError> {
+        if let Some(waiting) = &self.waiting {
+            waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.item
     }
 }
 

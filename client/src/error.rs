@@ -30,8 +30,10 @@ pub enum ClientError {
     /// `what` did not finish within `after`.
     #[error("timed out after {after:?}: {what}")]
     Timeout { what: String, after: Duration },
-    /// The connection to the broker is gone; the operation may or may not have
-    /// taken effect (a publish that was not confirmed may still be stored).
+    /// No active node could be reached within `failover_timeout` after the
+    /// connection was lost (or the client is gone); the operation may or may
+    /// not have taken effect (a publish that was not confirmed may still be
+    /// stored). A failover shorter than that never surfaces as this error.
     #[error("disconnected from the broker")]
     Disconnected,
     /// The client was closed by the application before the operation completed.

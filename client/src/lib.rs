@@ -1,22 +1,63 @@
 //! twinmq-client: the async client for applications of a twinmq broker pair.
 //!
-//! Owns: finding the active node ([`Client::connect`] follows `NotActive`
-//! hints), one connection task per [`Client`] that owns the socket and all
-//! per-connection state, producers with a window of unconfirmed messages,
-//! consumers with prefetch and acks. Does not own: the wire format (that is
-//! `twinmq-protocol`) or anything of the broker.
+//! Owns: finding the active node (`dial`: configured order, `NotActive`
+//! hints, retries), one connection task per [`Client`] that owns the socket
+//! and all per-connection state and carries it over failovers, producers
+//! with a window of unconfirmed messages, consumers with prefetch and acks,
+//! admin connections ([`AdminClient`]), and the `twinmq` CLI. Does not own:
+//! the wire format (that is `twinmq-protocol`) or anything of the broker.
 //!
 //! What the calls promise:
 //! - [`Producer::send`] resolves `Ok` once the broker confirmed the message,
 //!   i.e. made it durable as the broker's durability mode says.
 //!   [`Producer::send_nowait`] returns a [`Confirm`] that resolves then;
-//!   confirms of one producer resolve in send order.
+//!   confirms of one producer resolve in send order, each exactly once.
 //! - Delivery is at-least-once: [`Delivery::ack`] removes the message;
 //!   without it the message comes back, flagged `redelivered`.
-//! - Not yet: reconnecting after a lost connection. The state needed to
-//!   resend unconfirmed publishes and re-create subscriptions is kept, but a
-//!   lost connection currently fails every pending operation and ends every
-//!   consumer with [`ClientError::Disconnected`].
+//!
+//! # Failover
+//!
+//! Give the client both nodes' addresses. A connection counts as lost on
+//! end of stream, reset, a write error, an error frame for the whole
+//! connection (or any `NotActive`/`ShuttingDown` refusal), or when no frame
+//! at all arrived for [`ClientConfig::heartbeat_timeout`] (default 1.5 s; the
+//! client pings every [`ClientConfig::heartbeat_interval`], default 250 ms, so
+//! a live broker always has something to answer). Then, without failing
+//! anything:
+//! 1. The client dials the configured addresses in rounds (a `NotActive`
+//!    answer's hint first, an unanswering address never holding up the next
+//!    for more than 150 ms), pausing 20 ms, 40 ms, ... up to 250 ms between
+//!    rounds, until a node welcomes it.
+//! 2. On the new connection it re-creates every subscription under the same
+//!    id, destination, durable name and prefetch, and waits for the broker's
+//!    answers; a subscription the broker now refuses ends its consumer with
+//!    that error.
+//! 3. Then it sends every unconfirmed publish of every producer again, in
+//!    the original order and with the same producer id and sequence (the
+//!    broker stores a resend once and confirms it normally), then the
+//!    publishes and requests made during the outage, which waited (subject
+//!    to each producer's window) instead of failing.
+//!
+//! So a failover shorter than [`ClientConfig::failover_timeout`] (default
+//! 30 s, counted from the loss) costs the application only time: no error,
+//! no lost or doubled confirm, no permit leaked. Deliveries already handed
+//! to a consumer stay valid: acking them on the new connection is harmless;
+//! the broker redelivers those it did not see acked, so a consumer may see a
+//! message twice (at-least-once). An ack made while disconnected is dropped
+//! (the message comes back). If no node accepts within `failover_timeout`,
+//! every pending send, request and `subscribe` fails and every consumer ends
+//! with [`ClientError::Disconnected`]; refused credentials end it at once
+//! with the broker's `NotAuthenticated` error. [`Client::connect`] likewise
+//! retries until `failover_timeout` while every node is passive or
+//! unreachable, so an application started during a failover still connects.
+//! Each step is a [`ClientEvent`] on [`Client::events`] and an INFO log line.
+//!
+//! What a failover does not hide: a non-durable topic subscription lives
+//! with its connection, so messages published between the loss and its
+//! re-creation never reach it (durable subscriptions and queues keep them).
+//! A request resent after a failover may find its first attempt done (a
+//! second `delete_durable` is refused). [`Client::close`] during an outage
+//! keeps reconnecting to collect outstanding confirms, up to `close_timeout`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), twinmq_client::ClientError> {
@@ -34,19 +75,23 @@
 //! # }
 //! ```
 
+mod admin;
 mod client;
 mod config;
-mod connect;
 mod connection;
 mod consumer;
+mod dial;
 mod error;
+mod events;
 mod link;
 mod producer;
 
+pub use admin::AdminClient;
 pub use client::Client;
 pub use config::ClientConfig;
 pub use consumer::{Consumer, Delivery, SubscribeOptions};
 pub use error::ClientError;
+pub use events::ClientEvent;
 pub use link::ServerInfo;
 pub use producer::{Confirm, Message, Producer};
 pub use twinmq_protocol::{Delivered, DestKind, Destination, ErrorCode, MessageId, OutMessage};

@@ -2,9 +2,10 @@
 //!
 //! A confirm means the broker made the message durable as configured on the
 //! broker (its `durability` setting); see the broker's documentation for what
-//! each mode promises. Until then the client keeps the message, so that a
-//! future version can resend it after a failover; the window bounds that
-//! memory and the broker's work per producer.
+//! each mode promises. Until then the client keeps the message, so that it
+//! can resend it after a failover (same producer id and sequence, which the
+//! broker stores once); the window bounds that memory and the broker's work
+//! per producer.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,201 +1,17 @@
-//! The client against a tiny fake broker on loopback that speaks the protocol:
-//! finding the active node, confirms and their order, the window, deliveries
-//! and acks, a lost connection and an orderly close. The real broker's
-//! integration tests live with the broker.
+//! The client against a fake broker on loopback (see `common`): finding the
+//! active node, confirms and their order, the window, deliveries and acks,
+//! an orderly close, and the CLI. Failover has its own file, `failover.rs`.
+//! The real broker's integration tests live with the broker.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio_util::codec::{Decoder, Encoder, Framed};
-use twinmq_client::{Client, ClientConfig, ClientError, Message, SubscribeOptions};
-use twinmq_protocol::{
-    ClientFrame, Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, FrameCodec, MessageId, ProtocolError,
-    ServerFrame, DEFAULT_MAX_FRAME_BYTES,
-};
-
-/// Bound on every wait, so that a bug fails the test instead of hanging it.
-const PATIENCE: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Clone)]
-enum Mode {
-    Active { auto_confirm: bool, reject_seq: Option<u64> },
-    Passive { hint: Option<String> },
-    RefuseAuth,
-}
-
-fn active() -> Mode {
-    Mode::Active { auto_confirm: true, reject_seq: None }
-}
-
-struct FakeBroker {
-    addr: String,
-    /// Every frame received, across connections, in order.
-    received: mpsc::UnboundedReceiver<ClientFrame>,
-    /// Frames to send on the current connection; `None` drops it.
-    inject: mpsc::UnboundedSender<Option<ServerFrame>>,
-    connections: Arc<AtomicUsize>,
-}
-
-impl FakeBroker {
-    async fn start(mode: Mode) -> FakeBroker {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (received_tx, received) = mpsc::unbounded_channel();
-        let (inject, inject_rx) = mpsc::unbounded_channel();
-        let connections = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(serve(listener, mode, received_tx, inject_rx, connections.clone()));
-        FakeBroker { addr, received, inject, connections }
-    }
-
-    fn send(&self, frame: ServerFrame) {
-        self.inject.send(Some(frame)).unwrap();
-    }
-
-    fn drop_connection(&self) {
-        self.inject.send(None).unwrap();
-    }
-
-    /// The next received frame that `pick` accepts (others are skipped).
-    async fn next<T>(&mut self, mut pick: impl FnMut(ClientFrame) -> Option<T>) -> T {
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                let frame = self.received.recv().await.expect("fake broker stopped");
-                if let Some(found) = pick(frame) {
-                    return found;
-                }
-            }
-        })
-        .await
-        .expect("expected frame never came")
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
-
-async fn serve(
-    listener: TcpListener,
-    mode: Mode,
-    received: mpsc::UnboundedSender<ClientFrame>,
-    mut inject: mpsc::UnboundedReceiver<Option<ServerFrame>>,
-    connections: Arc<AtomicUsize>,
-) {
-    while let Ok((stream, _)) = listener.accept().await {
-        connections.fetch_add(1, Ordering::SeqCst);
-        let mut framed = Framed::new(stream, BrokerCodec(FrameCodec::new(DEFAULT_MAX_FRAME_BYTES)));
-        let Some(Ok(hello)) = framed.next().await else { continue };
-        assert!(matches!(hello, ClientFrame::Hello { .. }), "first frame must be Hello");
-        let _ = received.send(hello);
-        let (auto_confirm, reject_seq) = match &mode {
-            Mode::Passive { hint } => {
-                let _ = framed.send(ServerFrame::NotActive { active_hint: hint.clone() }).await;
-                continue;
-            }
-            Mode::RefuseAuth => {
-                let error = ErrorFrame::new(ErrorCode::NotAuthenticated, ErrorContext::Connection, "bad password");
-                let _ = framed.send(ServerFrame::Error(error)).await;
-                continue;
-            }
-            Mode::Active { auto_confirm, reject_seq } => (*auto_confirm, *reject_seq),
-        };
-        let welcome =
-            ServerFrame::Welcome { node_id: "fake".into(), server_version: "0".into(), max_frame_bytes: 1 << 20 };
-        framed.send(welcome).await.unwrap();
-        loop {
-            tokio::select! {
-                biased;
-                injected = inject.recv() => match injected {
-                    Some(Some(frame)) => framed.send(frame).await.unwrap(),
-                    _ => break,
-                },
-                frame = framed.next() => {
-                    let Some(Ok(frame)) = frame else { break };
-                    let _ = received.send(frame.clone());
-                    let answer = match frame {
-                        ClientFrame::Publish { producer_id, seq, .. } if Some(seq) == reject_seq => {
-                            let context = ErrorContext::Publish { producer_id, seq };
-                            Some(ServerFrame::Error(ErrorFrame::new(ErrorCode::NotAuthorized, context, "no")))
-                        }
-                        ClientFrame::Publish { producer_id, seq, .. } if auto_confirm => {
-                            Some(ServerFrame::Confirm { producer_id, seq })
-                        }
-                        ClientFrame::Subscribe { sub_id, .. } => Some(ServerFrame::Subscribed { sub_id }),
-                        ClientFrame::Status { req } => Some(ServerFrame::StatusReply { req, json: r#"{"role":"active"}"#.into() }),
-                        ClientFrame::DeleteDurable { req, .. } => Some(ServerFrame::Done { req }),
-                        ClientFrame::Bye => break,
-                        _ => None,
-                    };
-                    if let Some(answer) = answer {
-                        framed.send(answer).await.unwrap();
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The broker side of `FrameCodec`, decoding only whole frames (the
-/// protocol's decoder misreads a frame that arrives in pieces; see the
-/// client's `link` module).
-struct BrokerCodec(FrameCodec<ClientFrame, ServerFrame>);
-
-impl Decoder for BrokerCodec {
-    type Item = ClientFrame;
-    type Error = ProtocolError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ClientFrame>, ProtocolError> {
-        let Some(prefix) = src.get(..4) else { return Ok(None) };
-        let len = u32::from_be_bytes(prefix.try_into().unwrap()) as usize;
-        if src.len() < 4 + len {
-            return Ok(None);
-        }
-        self.0.decode(src)
-    }
-}
-
-impl Encoder<ServerFrame> for BrokerCodec {
-    type Error = ProtocolError;
-
-    fn encode(&mut self, frame: ServerFrame, dst: &mut BytesMut) -> Result<(), ProtocolError> {
-        self.0.encode(frame, dst)
-    }
-}
-
-/// An address nothing listens on.
-async fn dead_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
-fn config(servers: &[&str]) -> ClientConfig {
-    ClientConfig::new(servers.iter().copied()).connect_timeout(PATIENCE)
-}
-
-fn delivered(seq: u64, body: &str) -> Delivered {
-    Delivered {
-        id: MessageId { epoch: 1, seq },
-        destination: Destination::queue("q"),
-        headers: Default::default(),
-        payload: body.as_bytes().to_vec(),
-        timestamp_ms: 0,
-        expires_at_ms: None,
-        persistent: true,
-        redelivered: false,
-        delivery_count: 0,
-    }
-}
-
-async fn within<F: std::future::Future>(future: F) -> F::Output {
-    tokio::time::timeout(PATIENCE, future).await.expect("took too long")
-}
+use common::*;
+use twinmq_client::{Client, ClientError, Message, SubscribeOptions};
+use twinmq_protocol::{ClientFrame, Destination, ErrorCode, MessageId, ServerFrame};
 
 #[tokio::test]
 async fn connect_follows_the_active_hint() {
@@ -203,7 +19,7 @@ async fn connect_follows_the_active_hint() {
     let passive = FakeBroker::start(Mode::Passive { hint: Some(active.addr.clone()) }).await;
     let client = Client::connect(config(&[&passive.addr])).await.unwrap();
     assert_eq!(client.server().addr, active.addr);
-    assert_eq!(client.server().node_id, "fake");
+    assert_eq!(client.server().node_id, active.addr, "the fake names itself by its address");
     assert_eq!((passive.connections(), active.connections()), (1, 1));
 }
 
@@ -214,6 +30,19 @@ async fn unreachable_and_passive_nodes_are_skipped() {
     let active = FakeBroker::start(active()).await;
     let client = Client::connect(config(&[&dead, &passive.addr, &active.addr])).await.unwrap();
     assert_eq!(client.server().addr, active.addr);
+}
+
+#[tokio::test]
+async fn a_node_that_never_answers_holds_up_the_next_only_briefly() {
+    // Accepted by the kernel, never answered: a frozen node.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let active = FakeBroker::start(active()).await;
+    let started = tokio::time::Instant::now();
+    let client = Client::connect(config(&[&silent_addr, &active.addr])).await.unwrap();
+    assert_eq!(client.server().addr, active.addr);
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    drop(silent);
 }
 
 #[tokio::test]
@@ -229,9 +58,12 @@ async fn not_authenticated_is_final() {
 async fn when_every_node_fails_the_last_error_is_returned() {
     let dead = dead_addr().await;
     let passive = FakeBroker::start(Mode::Passive { hint: None }).await;
-    let err = Client::connect(config(&[&dead, &passive.addr])).await.unwrap_err();
+    // Retried for `failover_timeout`, then the last attempt's error.
+    let short = |servers: &[&str]| config(servers).failover_timeout(Duration::from_millis(200));
+    let err = Client::connect(short(&[&dead, &passive.addr])).await.unwrap_err();
     assert!(matches!(err, ClientError::NotActive { active_hint: None, .. }), "{err:?}");
-    let err = Client::connect(config(&[&passive.addr, &dead])).await.unwrap_err();
+    assert!(passive.connections() > 1, "retried");
+    let err = Client::connect(short(&[&passive.addr, &dead])).await.unwrap_err();
     assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
     let err = Client::connect(config(&[])).await.unwrap_err();
     assert!(matches!(err, ClientError::NoServers), "{err:?}");
@@ -276,7 +108,7 @@ async fn pipelined_publishes_carry_consecutive_seqs_and_confirm_in_order() {
 
 #[tokio::test]
 async fn the_window_bounds_unconfirmed_publishes() {
-    let mut broker = FakeBroker::start(Mode::Active { auto_confirm: false, reject_seq: None }).await;
+    let mut broker = FakeBroker::start(manual()).await;
     let client = Client::connect(config(&[&broker.addr]).window(4)).await.unwrap();
     let producer = client.producer(Destination::queue("q"));
     let mut confirms = Vec::new();
@@ -304,7 +136,7 @@ async fn the_window_bounds_unconfirmed_publishes() {
 
 #[tokio::test]
 async fn a_refused_publish_fails_alone() {
-    let broker = FakeBroker::start(Mode::Active { auto_confirm: true, reject_seq: Some(2) }).await;
+    let broker = FakeBroker::start(Mode::Active { auto_confirm: true, reject_seq: Some(2), cut_at_seq: None }).await;
     let client = Client::connect(config(&[&broker.addr])).await.unwrap();
     let producer = client.producer(Destination::queue("q"));
     let mut confirms = Vec::new();
@@ -346,25 +178,8 @@ async fn deliveries_reach_the_consumer_and_acks_reach_the_broker() {
 }
 
 #[tokio::test]
-async fn a_lost_connection_fails_pending_sends_and_ends_consumers() {
-    let broker = FakeBroker::start(Mode::Active { auto_confirm: false, reject_seq: None }).await;
-    let client = Client::connect(config(&[&broker.addr])).await.unwrap();
-    let mut consumer = client.subscribe(Destination::queue("q"), SubscribeOptions::default()).await.unwrap();
-    let producer = client.producer(Destination::queue("q"));
-    let first = producer.send_nowait(Message::persistent("a")).await.unwrap();
-    let second = producer.send_nowait(Message::persistent("b")).await.unwrap();
-    broker.drop_connection();
-    assert!(matches!(within(first).await, Err(ClientError::Disconnected)));
-    assert!(matches!(within(second).await, Err(ClientError::Disconnected)));
-    assert!(matches!(within(consumer.recv()).await, Some(Err(ClientError::Disconnected))));
-    assert!(within(consumer.recv()).await.is_none());
-    assert!(matches!(producer.send(Message::persistent("c")).await, Err(ClientError::Disconnected)));
-    assert!(matches!(client.status().await, Err(ClientError::Disconnected)));
-}
-
-#[tokio::test]
 async fn close_waits_for_confirms_then_says_bye() {
-    let mut broker = FakeBroker::start(Mode::Active { auto_confirm: false, reject_seq: None }).await;
+    let mut broker = FakeBroker::start(manual()).await;
     let client = Client::connect(config(&[&broker.addr])).await.unwrap();
     let mut consumer = client.subscribe(Destination::queue("q"), SubscribeOptions::default()).await.unwrap();
     let producer = client.producer(Destination::queue("q"));
@@ -386,7 +201,7 @@ async fn close_waits_for_confirms_then_says_bye() {
 
 #[tokio::test]
 async fn close_gives_up_on_confirms_after_its_timeout() {
-    let broker = FakeBroker::start(Mode::Active { auto_confirm: false, reject_seq: None }).await;
+    let broker = FakeBroker::start(manual()).await;
     let config = config(&[&broker.addr]).close_timeout(Duration::from_millis(100));
     let client = Client::connect(config).await.unwrap();
     let producer = client.producer(Destination::queue("q"));
@@ -423,17 +238,6 @@ async fn dropping_a_consumer_unsubscribes() {
     assert_eq!(gone, sub_id);
 }
 
-/// Run the `twinmq` binary; (exit code, stdout, stderr).
-async fn twinmq(args: &[&str]) -> (i32, String, String) {
-    let output = within(
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_twinmq")).args(args).env_remove("TWINMQ_SERVERS").output(),
-    )
-    .await
-    .unwrap();
-    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
-    (output.status.code().unwrap_or(-1), text(output.stdout), text(output.stderr))
-}
-
 #[tokio::test]
 async fn cli_pub_prints_the_confirmed_count() {
     let mut broker = FakeBroker::start(active()).await;
@@ -451,7 +255,7 @@ async fn cli_pub_prints_the_confirmed_count() {
 
 #[tokio::test]
 async fn cli_pub_reports_the_confirmed_prefix_and_fails() {
-    let broker = FakeBroker::start(Mode::Active { auto_confirm: true, reject_seq: Some(4) }).await;
+    let broker = FakeBroker::start(Mode::Active { auto_confirm: true, reject_seq: Some(4), cut_at_seq: None }).await;
     let (code, stdout, stderr) = twinmq(&["--servers", &broker.addr, "pub", "q", "--count", "20"]).await;
     assert_eq!((code, stdout.as_str()), (1, "confirmed 3\n"));
     assert!(stderr.contains("NotAuthorized"), "{stderr}");
@@ -461,4 +265,45 @@ async fn cli_pub_reports_the_confirmed_prefix_and_fails() {
 async fn cli_without_servers_is_a_usage_error() {
     let (code, _, stderr) = twinmq(&["status"]).await;
     assert_eq!(code, 2, "{stderr}");
+}
+
+#[tokio::test]
+async fn cli_status_answers_from_a_passive_node_over_an_admin_connection() {
+    let mut passive = FakeBroker::start(Mode::Passive { hint: None }).await;
+    let dead = dead_addr().await;
+    let (code, stdout, stderr) = twinmq(&["--servers", &format!("{dead},{}", passive.addr), "status"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["role"], "passive");
+    let admin = passive.next(|f| if let ClientFrame::Hello { admin, .. } = f { Some(admin) } else { None }).await;
+    assert!(admin, "status uses an admin connection");
+}
+
+#[tokio::test]
+async fn cli_promote_requires_force() {
+    let (code, _, stderr) = twinmq(&["--servers", "127.0.0.1:1", "promote"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+}
+
+#[tokio::test]
+async fn cli_switchover_finds_the_active_node() {
+    let passive = FakeBroker::start(Mode::Passive { hint: None }).await;
+    let active = FakeBroker::start(active()).await;
+    let (code, stdout, stderr) =
+        twinmq(&["--servers", &format!("{},{}", passive.addr, active.addr), "switchover"]).await;
+    assert_eq!((code, stdout.as_str()), (0, "switchover done\n"), "{stderr}");
+    // Only a passive node: its refusal is the answer.
+    let (code, stdout, stderr) = twinmq(&["--servers", &passive.addr, "switchover"]).await;
+    assert_eq!((code, stdout.as_str()), (1, ""));
+    assert!(stderr.contains("NotActive"), "{stderr}");
+}
+
+#[tokio::test]
+async fn cli_promote_finds_the_passive_node() {
+    let active = FakeBroker::start(active()).await;
+    let passive = FakeBroker::start(Mode::Passive { hint: None }).await;
+    let servers = format!("{},{}", active.addr, passive.addr);
+    let (code, stdout, stderr) = twinmq(&["--servers", &servers, "promote", "--force"]).await;
+    assert_eq!((code, stdout), (0, format!("promoted {}\n", passive.addr)), "{stderr}");
 }

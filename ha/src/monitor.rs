@@ -328,10 +328,14 @@ async fn run_conn(
                     writer.apply(
                         f,
                         Box::new(move |r| {
-                            let _ = tx.send(match r {
-                                Ok(seq) => HaFrame::ReplAck { seq },
-                                Err(e) => HaFrame::ReplRefused { reason: e.to_string() },
-                            });
+                            let reply = match r {
+                                Ok(Some(seq)) => Some(HaFrame::ReplAck { seq }),
+                                Ok(None) => None,
+                                Err(e) => Some(HaFrame::ReplRefused { reason: e.to_string() }),
+                            };
+                            if let Some(reply) = reply {
+                                let _ = tx.send(reply);
+                            }
                         }),
                     );
                 }

@@ -45,8 +45,9 @@ use crate::StoreError;
 /// It must not block: send a message and return.
 pub type Completion = Box<dyn FnOnce(Result<Committed, StoreError>) + Send>;
 
-/// Called on the writer thread with the highest sequence now durable here.
-pub type ApplyDone = Box<dyn FnOnce(Result<u64, StoreError>) + Send>;
+/// Called on the writer thread with the highest sequence now durable here,
+/// or `None` while a snapshot is still loading (nothing to acknowledge yet).
+pub type ApplyDone = Box<dyn FnOnce(Result<Option<u64>, StoreError>) + Send>;
 
 /// Called with the state recovered after a promotion.
 pub type PromoteDone = Box<dyn FnOnce(Result<Recovered, StoreError>) + Send>;
@@ -644,6 +645,8 @@ impl WriterState {
     }
 
     fn peer_ack(&mut self, seq: u64) {
+        // Never believe an ack beyond what was shipped.
+        let seq = seq.min(self.next_seq - 1);
         let Some(f) = &mut self.follower else { return };
         f.acked = f.acked.max(seq);
         self.stats.peer_acked.store(f.acked, Ordering::Relaxed);
@@ -663,6 +666,9 @@ impl WriterState {
     }
 
     fn promote(&mut self, epoch: u64) -> Result<Recovered, StoreError> {
+        if self.snapshot_loading {
+            return Err(StoreError::Replication("a snapshot is half loaded; this store cannot serve".into()));
+        }
         if epoch <= self.epoch {
             return Err(StoreError::Fenced { got: epoch, current: self.epoch });
         }
@@ -704,7 +710,8 @@ impl WriterState {
                 error = Some(e);
             }
         }
-        let through = self.next_seq - 1;
+        // While a snapshot loads, `next_seq` is the old store's: never acknowledge it.
+        let through = (!self.snapshot_loading).then(|| self.next_seq - 1);
         for done in dones {
             match &error {
                 None => done(Ok(through)),
@@ -729,6 +736,9 @@ impl WriterState {
                     return Err(StoreError::Fenced { got: epoch, current: self.epoch });
                 }
                 self.stats.in_sync.store(false, Ordering::Relaxed);
+                // Durably not a candidate for the cold-start rule while half loaded.
+                self.store.set_last_active(false)?;
+                self.store.db.flush()?;
                 self.store.clear_for_snapshot()?;
                 self.snapshot_loading = true;
                 Ok(false)
@@ -816,7 +826,7 @@ fn count_ops(r: &Request) -> usize {
 fn complete(r: Request, result: Result<Committed, StoreError>) {
     match r {
         Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(done) => done(result),
-        Request::Apply(_, done) => done(result.map(|_| 0)),
+        Request::Apply(_, done) => done(result.map(|_| None)),
         Request::Promote(_, done) => done(Err(result.err().unwrap_or(StoreError::Closed))),
         Request::AttachFollower(_) | Request::DetachFollower | Request::PeerAck(_) => {}
     }

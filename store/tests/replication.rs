@@ -39,7 +39,7 @@ fn link(active: &Writer, passive: &Writer) {
             p.apply(
                 frame,
                 Box::new(move |r| {
-                    if let Ok(seq) = r {
+                    if let Ok(Some(seq)) = r {
                         a.peer_ack(seq);
                     }
                 }),
@@ -94,7 +94,7 @@ fn records_of_an_older_epoch_are_refused() {
         p.apply(frame, Box::new(move |r| tx.send(r).unwrap()));
         rx.recv_timeout(Duration::from_secs(5)).unwrap()
     };
-    apply(ReplFrame::SnapshotBegin { epoch: 3 }).unwrap();
+    assert_eq!(apply(ReplFrame::SnapshotBegin { epoch: 3 }).unwrap(), None, "nothing to acknowledge mid-snapshot");
     apply(ReplFrame::SnapshotEnd { next_seq: 10, epoch: 3 }).unwrap();
     let old = BatchBody { epoch: 2, first_seq: 10, ops: vec![Op::DeleteQueue { key: "x".into() }] };
     let raw = old.encode().unwrap();
@@ -105,7 +105,7 @@ fn records_of_an_older_epoch_are_refused() {
         "a gap is refused"
     );
     let ok = BatchBody { epoch: 3, first_seq: 10, ops: vec![Op::DeleteQueue { key: "x".into() }] };
-    assert_eq!(apply(ReplFrame::Batch { first_seq: 10, last_seq: 10, raw: ok.encode().unwrap() }).unwrap(), 10);
+    assert_eq!(apply(ReplFrame::Batch { first_seq: 10, last_seq: 10, raw: ok.encode().unwrap() }).unwrap(), Some(10));
 }
 
 #[test]

@@ -2,8 +2,14 @@
 //!
 //! Parses flags, sets up tracing (RUST_LOG, default `warn`, on stderr) and
 //! calls one command module. Output on stdout is part of a contract scripts
-//! rely on (`confirmed N`, `received K`, the bench summary line); diagnostics
-//! go to stderr. Exit codes: 0 success, 1 failure, 2 usage error (clap).
+//! rely on (`confirmed N`, `received K`, `switchover done`, `promoted ADDR`,
+//! the bench summary line); diagnostics go to stderr. Exit codes: 0 success,
+//! 1 failure, 2 usage error (clap).
+//!
+//! `pub`, `sub` and `bench` use the failing-over client: given both nodes'
+//! addresses they ride through a failover shorter than `--failover-timeout`.
+//! `status`, `switchover` and `promote` use admin connections, which every
+//! node accepts, the passive one too.
 
 // Crate roots resolve modules next to themselves; these live in `twinmq/`.
 #[path = "twinmq/bench.rs"]
@@ -16,12 +22,11 @@ mod produce;
 use std::io::BufRead;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::{anyhow, Context};
 use clap::{CommandFactory, Parser, Subcommand};
-use twinmq_client::{Client, ClientConfig, Destination};
-
-/// How long `status` waits for the broker's reply.
-const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+use twinmq_client::{AdminClient, ClientConfig, Destination};
 
 #[derive(Debug, Parser)]
 #[command(name = "twinmq", version, about = "Command-line client for a twinmq broker pair")]
@@ -35,6 +40,10 @@ struct Cli {
     /// Password of --user.
     #[arg(long, env = "TWINMQ_PASSWORD", hide_env_values = true, global = true)]
     password: Option<String>,
+    /// How long to keep looking for an active node (at start, after a lost
+    /// connection) before failing; also bounds each admin request.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_seconds, global = true)]
+    failover_timeout: Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,10 +52,18 @@ struct Cli {
 enum Command {
     /// Publish COUNT persistent messages, pipelined; prints `confirmed K`.
     Pub(produce::PubArgs),
-    /// Consume and ack up to COUNT messages; prints `received K`.
+    /// Consume and ack until COUNT distinct messages (by body) arrived; prints `received K`.
     Sub(consume::SubArgs),
-    /// Print the status (JSON) of the node we connect to.
+    /// Print the status (JSON) of the first node that answers (passive or active).
     Status,
+    /// Hand the active role to the passive node (orderly); prints `switchover done`.
+    Switchover,
+    /// Make the passive node active even if it is not in sync; prints `promoted ADDR`.
+    Promote {
+        /// Required: promoting a node that is not in sync can lose confirmed messages.
+        #[arg(long, required = true)]
+        force: bool,
+    },
     /// Print an argon2id PHC hash of PASSWORD (read from stdin if omitted) for the broker's config.
     HashPassword { password: Option<String> },
     /// Measure produce/consume throughput and confirm latency.
@@ -64,7 +81,9 @@ impl Cli {
                 "--servers HOST:PORT[,HOST:PORT] (or TWINMQ_SERVERS) is required for this command",
             ));
         }
-        let mut config = ClientConfig::new(servers).client_name(format!("twinmq-cli/{}", std::process::id()));
+        let mut config = ClientConfig::new(servers)
+            .client_name(format!("twinmq-cli/{}", std::process::id()))
+            .failover_timeout(self.failover_timeout);
         config.user = self.user.clone();
         config.password = self.password.clone();
         Ok(config)
@@ -100,6 +119,17 @@ async fn run(command: Command, config: ClientConfig) -> anyhow::Result<ExitCode>
         Command::Sub(args) => consume::run(config, args).await,
         Command::Bench(args) => bench::run(config, args).await,
         Command::Status => status(config).await,
+        Command::Switchover => {
+            let server = AdminClient::switchover_any(&config).await.context("switchover failed")?;
+            tracing::info!(node = %server.node_id, addr = %server.addr, "switchover done");
+            println!("switchover done");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Promote { force } => {
+            let server = AdminClient::promote_any(&config, force).await.context("promote failed")?;
+            println!("promoted {}", server.addr);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::HashPassword { .. } => unreachable!("handled before connecting"),
     }
 }
@@ -120,17 +150,20 @@ fn destination(name: &str, topic: bool) -> Destination {
     }
 }
 
+/// Seconds, fractions allowed: `10`, `0.25`.
+pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{e}"))
+}
+
 async fn status(config: ClientConfig) -> anyhow::Result<ExitCode> {
-    let client = Client::connect(config).await?;
-    let json = tokio::time::timeout(STATUS_TIMEOUT, client.status())
-        .await
-        .map_err(|_| anyhow!("no status reply within {STATUS_TIMEOUT:?}"))?
-        .context("status request failed")?;
+    let mut admin = AdminClient::connect(&config).await?;
+    let json = admin.status().await.context("status request failed")?;
     match serde_json::from_str::<serde_json::Value>(&json) {
         Ok(value) => println!("{}", serde_json::to_string_pretty(&value)?),
         Err(_) => println!("{json}"),
     }
-    client.close().await?;
+    admin.close().await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -184,7 +217,13 @@ mod tests {
 
     #[test]
     fn connecting_commands_need_servers() {
-        let cli = Cli { servers: Vec::new(), user: None, password: None, command: Command::Status };
+        let cli = Cli {
+            servers: Vec::new(),
+            user: None,
+            password: None,
+            failover_timeout: Duration::from_secs(30),
+            command: Command::Status,
+        };
         let err = cli.client_config().unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
         assert_eq!(err.exit_code(), 2);
@@ -230,6 +269,31 @@ mod tests {
         let Command::Bench(args) = cli.command else { panic!("expected bench") };
         assert_eq!((args.count, args.size, args.window, args.queue.as_str()), (200_000, 1024, 256, "bench"));
         assert!(!args.no_consumer);
+    }
+
+    #[test]
+    fn failover_timeout_is_global_with_a_default() {
+        let cli = parse(&["--servers", "h:1", "status"]).unwrap();
+        assert_eq!(cli.client_config().unwrap().failover_timeout, Duration::from_secs(30));
+        let cli = parse(&["pub", "q", "--count", "1", "--servers", "h:1", "--failover-timeout", "2.5"]).unwrap();
+        assert_eq!(cli.client_config().unwrap().failover_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn promote_requires_force() {
+        let err = parse(&["--servers", "h:1", "promote"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let cli = parse(&["--servers", "h:1", "promote", "--force"]).unwrap();
+        assert!(matches!(cli.command, Command::Promote { force: true }));
+        assert!(matches!(parse(&["--servers", "h:1", "switchover"]).unwrap().command, Command::Switchover));
+    }
+
+    #[test]
+    fn timeout_takes_fractions_and_refuses_negatives() {
+        assert_eq!(parse_seconds("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
     }
 
     #[test]

@@ -1,5 +1,10 @@
-//! `twinmq sub`: consume and ack up to N messages.
+//! `twinmq sub`: consume and ack until N distinct messages arrived.
+//!
+//! Every delivery is acked, but `received K` counts distinct bodies: after a
+//! failover the broker redelivers what it had not seen acked, and a body
+//! counted once is not counted again (nor printed again with `--print`).
 
+use std::collections::HashSet;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,13 +15,13 @@ use twinmq_client::{Client, ClientConfig, SubscribeOptions};
 pub struct SubArgs {
     /// Queue name (a topic with --topic).
     pub dest: String,
-    /// Stop after this many messages.
+    /// Stop after this many distinct messages (by body).
     #[arg(long)]
     pub count: u64,
     /// Stop when no message arrived for this many seconds.
-    #[arg(long, default_value = "10", value_parser = parse_seconds)]
+    #[arg(long, default_value = "10", value_parser = crate::parse_seconds)]
     pub timeout: Duration,
-    /// Print each body (lossy UTF-8) on its own line as it arrives.
+    /// Print each distinct body (lossy UTF-8) on its own line as it first arrives.
     #[arg(long)]
     pub print: bool,
     /// DEST is a topic.
@@ -30,21 +35,16 @@ pub struct SubArgs {
     pub prefetch: Option<u32>,
 }
 
-fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let seconds: f64 = text.parse().map_err(|e| format!("{e}"))?;
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{e}"))
-}
-
-/// Prints `received K`; exit 0 if K == COUNT.
+/// Prints `received K` (K distinct bodies, each acked); exit 0 if K == COUNT.
 pub async fn run(config: ClientConfig, args: SubArgs) -> anyhow::Result<ExitCode> {
     let client = Client::connect(config).await?;
     // No more in flight than we will take: the rest stays for other consumers.
     let prefetch = args.prefetch.unwrap_or_else(|| u32::try_from(args.count.clamp(1, 256)).unwrap_or(256));
     let options = SubscribeOptions { durable: args.durable.clone(), prefetch };
     let mut consumer = client.subscribe(crate::destination(&args.dest, args.topic), options).await?;
-    let mut received = 0u64;
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
     let mut failure = None;
-    while received < args.count {
+    while (seen.len() as u64) < args.count {
         let delivery = match tokio::time::timeout(args.timeout, consumer.recv()).await {
             Err(_) => {
                 eprintln!("no message for {:?}", args.timeout);
@@ -60,15 +60,19 @@ pub async fn run(config: ClientConfig, args: SubArgs) -> anyhow::Result<ExitCode
             }
             Ok(Some(Ok(delivery))) => delivery,
         };
-        if args.print {
-            println!("{}", String::from_utf8_lossy(delivery.payload()));
-        }
+        let body = delivery.payload().to_vec();
         if let Err(e) = delivery.ack().await {
             failure = Some(e);
             break;
         }
-        received += 1;
+        if !seen.contains(&body) {
+            if args.print {
+                println!("{}", String::from_utf8_lossy(&body));
+            }
+            seen.insert(body);
+        }
     }
+    let received = seen.len() as u64;
     // Unsubscribe, then close: the acks go out before the Bye.
     if failure.is_none() {
         let _ = consumer.unsubscribe().await;
@@ -81,20 +85,5 @@ pub async fn run(config: ClientConfig, args: SubArgs) -> anyhow::Result<ExitCode
         Some(e) => Err(e.into()),
         None if received == args.count => Ok(ExitCode::SUCCESS),
         None => Ok(ExitCode::FAILURE),
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-mod tests {
-    use super::parse_seconds;
-    use std::time::Duration;
-
-    #[test]
-    fn timeout_takes_fractions_and_refuses_negatives() {
-        assert_eq!(parse_seconds("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
-        assert!(parse_seconds("-1").is_err());
-        assert!(parse_seconds("soon").is_err());
     }
 }

@@ -1,0 +1,183 @@
+//! Admin connections: status, switchover and promote, for operators and the CLI.
+//!
+//! An admin connection says `Hello { admin: true }`; every node accepts it,
+//! the passive one too, and it carries only `Status` and `Admin` requests,
+//! one at a time. It does not fail over: it talks to one node, which is the
+//! point (promote goes to the passive node, switchover to the active one).
+//! [`AdminClient::switchover_any`] and [`AdminClient::promote_any`] find the
+//! right node among the configured ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tracing::debug;
+use twinmq_protocol::{AdminCommand, ClientFrame, ErrorCode, ErrorContext, ServerFrame};
+
+use crate::dial::Dialer;
+use crate::link::{frame_name, is_final, Link, ServerInfo};
+use crate::{ClientConfig, ClientError};
+
+/// An admin connection to one node. Requests wait up to the configured
+/// `failover_timeout` for their answer.
+pub struct AdminClient {
+    link: Link,
+    server: ServerInfo,
+    next_req: u64,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient").field("server", &self.server).finish_non_exhaustive()
+    }
+}
+
+impl AdminClient {
+    /// Connect to the first node of `config.servers` that welcomes an admin
+    /// connection (in order; one that does not answer delays the next by at
+    /// most 150 ms). One round, no retries: the error of the last attempt if
+    /// no node answers.
+    pub async fn connect(config: &ClientConfig) -> Result<AdminClient, ClientError> {
+        if config.servers.is_empty() {
+            return Err(ClientError::NoServers);
+        }
+        let (link, server) = Dialer::new(Arc::new(config.clone()), true).round().await?;
+        Ok(Self::new(link, server, config))
+    }
+
+    /// Connect to the node at `addr`.
+    pub async fn connect_to(addr: &str, config: &ClientConfig) -> Result<AdminClient, ClientError> {
+        let (link, server) = Link::open(addr, config, true).await?;
+        Ok(Self::new(link, server, config))
+    }
+
+    fn new(link: Link, server: ServerInfo, config: &ClientConfig) -> Self {
+        AdminClient { link, server, next_req: 1, request_timeout: config.failover_timeout }
+    }
+
+    /// The node this connection talks to.
+    pub fn server(&self) -> &ServerInfo {
+        &self.server
+    }
+
+    /// The node's status, as JSON.
+    pub async fn status(&mut self) -> Result<String, ClientError> {
+        match self.request(|req| ClientFrame::Status { req }).await? {
+            Reply::Status(json) => Ok(json),
+            Reply::Done => Err(ClientError::UnexpectedFrame("Done for a status request".into())),
+        }
+    }
+
+    /// Hand the active role to the peer (orderly: drain, hand over, clients
+    /// move). This node must be the active one; a passive node refuses with
+    /// [`ErrorCode::NotActive`].
+    pub async fn switchover(&mut self) -> Result<(), ClientError> {
+        self.admin(AdminCommand::Switchover).await
+    }
+
+    /// Make this (passive) node active. `force` overrides the safety checks
+    /// (peer still seen, store not in sync); an active node refuses with
+    /// [`ErrorCode::InvalidRequest`].
+    pub async fn promote(&mut self, force: bool) -> Result<(), ClientError> {
+        self.admin(AdminCommand::Promote { force }).await
+    }
+
+    /// Say Bye and close.
+    pub async fn close(mut self) {
+        if let Err(e) = self.link.send(&ClientFrame::Bye).await {
+            debug!(error = %e, "could not say Bye");
+        }
+    }
+
+    /// Switchover on whichever configured node is active: each node in turn,
+    /// skipping those that are unreachable or answer `NotActive`. The node
+    /// that switched over, or the last error.
+    pub async fn switchover_any(config: &ClientConfig) -> Result<ServerInfo, ClientError> {
+        Self::on_first_accepting(config, ErrorCode::NotActive, AdminCommand::Switchover).await
+    }
+
+    /// Promote whichever configured node is passive: each node in turn,
+    /// skipping those that are unreachable or answer `InvalidRequest`
+    /// (already active). The node promoted, or the last error.
+    pub async fn promote_any(config: &ClientConfig, force: bool) -> Result<ServerInfo, ClientError> {
+        Self::on_first_accepting(config, ErrorCode::InvalidRequest, AdminCommand::Promote { force }).await
+    }
+
+    async fn on_first_accepting(
+        config: &ClientConfig,
+        skip: ErrorCode,
+        command: AdminCommand,
+    ) -> Result<ServerInfo, ClientError> {
+        let mut last_error = ClientError::NoServers;
+        for addr in &config.servers {
+            let mut admin = match Self::connect_to(addr, config).await {
+                Ok(admin) => admin,
+                Err(e) if is_final(&e) => return Err(e),
+                Err(e) => {
+                    debug!(addr, error = %e, "node not reachable for admin");
+                    last_error = e;
+                    continue;
+                }
+            };
+            match admin.admin(command.clone()).await {
+                Ok(()) => {
+                    let server = admin.server.clone();
+                    admin.close().await;
+                    return Ok(server);
+                }
+                Err(e) if e.code() == Some(skip) => {
+                    debug!(addr, error = %e, "not the node for this command");
+                    admin.close().await;
+                    last_error = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn admin(&mut self, command: AdminCommand) -> Result<(), ClientError> {
+        match self.request(|req| ClientFrame::Admin { req, command }).await? {
+            Reply::Done => Ok(()),
+            Reply::Status(_) => Err(ClientError::UnexpectedFrame("StatusReply for an admin command".into())),
+        }
+    }
+
+    /// Send the request `frame(req)` and wait for its answer.
+    async fn request(&mut self, frame: impl FnOnce(u64) -> ClientFrame) -> Result<Reply, ClientError> {
+        let req = self.next_req;
+        self.next_req += 1;
+        self.link.send(&frame(req)).await?;
+        let after = self.request_timeout;
+        match tokio::time::timeout(after, self.answer(req)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ClientError::Timeout { what: format!("admin request to {}", self.server.addr), after }),
+        }
+    }
+
+    async fn answer(&mut self, req: u64) -> Result<Reply, ClientError> {
+        loop {
+            let frame = match self.link.reader.next().await {
+                Some(frame) => frame?,
+                None => return Err(ClientError::Disconnected),
+            };
+            match frame {
+                ServerFrame::Done { req: r } if r == req => return Ok(Reply::Done),
+                ServerFrame::StatusReply { req: r, json } if r == req => return Ok(Reply::Status(json)),
+                ServerFrame::Error(e) if matches!(e.context, ErrorContext::Request { req: r } if r == req) => {
+                    return Err(ClientError::Broker { code: e.code, message: e.message })
+                }
+                ServerFrame::Error(e) if e.context == ErrorContext::Connection => {
+                    return Err(ClientError::Broker { code: e.code, message: e.message })
+                }
+                other => debug!(frame = frame_name(&other), "ignored on the admin connection"),
+            }
+        }
+    }
+}
+
+enum Reply {
+    Done,
+    Status(String),
+}

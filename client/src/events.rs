@@ -1,0 +1,74 @@
+//! What the connection task reports about its connection, for applications
+//! that want to watch a failover happen (and for logs: every event is also
+//! one INFO line).
+
+use tokio::sync::broadcast;
+use tracing::info;
+
+/// Room for events not yet read by a slow watcher; past it the watcher
+/// gets `RecvError::Lagged` and misses the oldest ones, the client never waits.
+pub(crate) const EVENT_CAPACITY: usize = 64;
+
+/// One step of the client's connection life, in the order they happen:
+/// `Connected`, then on a loss `Disconnected`, `Reconnecting` (once per
+/// round over the addresses), `Connected`, `Resubscribed`, `Resent`; or, when
+/// `failover_timeout` passes first (or the credentials are refused),
+/// `GaveUp`, after which every pending operation has failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// The connection to `addr` is gone; the client starts reconnecting.
+    Disconnected { addr: String, reason: String },
+    /// Round `attempt` (from 1) over the addresses has started.
+    Reconnecting { attempt: u32 },
+    /// `addr` (node `node_id`) welcomed us; for a reconnect, subscriptions
+    /// are re-created next.
+    Connected { addr: String, node_id: String },
+    /// After a reconnect: `count` subscriptions are registered again (those
+    /// the broker refused ended their consumer with its error).
+    Resubscribed { count: usize },
+    /// After a reconnect: `count` unconfirmed publishes were sent again (with
+    /// their original producer id and sequence), followed by those queued
+    /// during the outage.
+    Resent { count: usize },
+    /// No active node within `failover_timeout`, or a final refusal: pending
+    /// operations failed and the client is closed.
+    GaveUp { reason: String },
+}
+
+impl std::fmt::Display for ClientEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientEvent::Disconnected { addr, reason } => write!(f, "disconnected from {addr}: {reason}"),
+            ClientEvent::Reconnecting { attempt } => write!(f, "reconnecting (round {attempt})"),
+            ClientEvent::Connected { addr, node_id } => write!(f, "connected to {addr} (node {node_id})"),
+            ClientEvent::Resubscribed { count } => write!(f, "{count} subscriptions re-created"),
+            ClientEvent::Resent { count } => write!(f, "{count} unconfirmed publishes resent"),
+            ClientEvent::GaveUp { reason } => write!(f, "gave up: {reason}"),
+        }
+    }
+}
+
+/// The sending side, owned by the connection task; the [`crate::Client`]
+/// keeps a clone so that watchers can subscribe at any time.
+#[derive(Debug, Clone)]
+pub(crate) struct Events {
+    sender: broadcast::Sender<ClientEvent>,
+}
+
+impl Events {
+    pub(crate) fn new() -> Self {
+        Events { sender: broadcast::channel(EVENT_CAPACITY).0 }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<ClientEvent> {
+        self.sender.subscribe()
+    }
+
+    /// Log `event` and hand it to the watchers (if any).
+    pub(crate) fn emit(&self, event: ClientEvent) {
+        info!(%event, "twinmq client");
+        // No watcher is fine: events are optional reading.
+        let _ = self.sender.send(event);
+    }
+}
