@@ -22,6 +22,9 @@ use crate::config::Config;
 use crate::router::{self, Router};
 use crate::Shared;
 
+/// How long a switchover waits for the peer to acknowledge what was committed.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct Node {
     config: Arc<Config>,
     shared: Shared,
@@ -115,8 +118,13 @@ impl Handler<RoleCommand> for Node {
                 let w2 = self.writer.clone();
                 let fut = async move {
                     // Everything committed so far is confirmed (replicated: the peer has it).
-                    writer_call(move |done| w.barrier(done)).await?;
-                    writer_call(move |done| w2.demote(done)).await.map(|_| ())
+                    let drained = tokio::time::timeout(DRAIN_LIMIT, writer_call(move |done| w.barrier(done))).await;
+                    // Stop writing local ops either way: this node no longer serves.
+                    writer_call(move |done| w2.demote(done)).await?;
+                    match drained {
+                        Ok(r) => r.map(|_| ()),
+                        Err(_) => Err(format!("the peer did not acknowledge everything within {DRAIN_LIMIT:?}")),
+                    }
                 };
                 Box::pin(fut.into_actor(self))
             }

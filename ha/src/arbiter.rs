@@ -258,6 +258,11 @@ impl RoleArbiter {
             preferred: self.preferred(),
             peer,
             gateway: self.gateway,
+            gateway_down_ms: if self.gateway {
+                0
+            } else {
+                now.duration_since(self.last_gateway_ok.unwrap_or(self.started)).as_millis() as u64
+            },
             last_heard_any_ms: last_heard_any.map_or(0, |t| self.ms_since_start(t)),
             isolation_timeout_ms: self.cfg.isolation_timeout.as_millis() as u64,
             takeover_delay_ms: self.cfg.takeover_delay.as_millis() as u64,
@@ -331,7 +336,9 @@ impl RoleArbiter {
                 Err(e) => Err(e.to_string()),
             };
             if let Err(e) = &result {
-                tracing::error!(error = %e, "handover failed");
+                // The broker stopped serving before the drain failed: report it.
+                tracing::error!(error = %e, "handover failed; this node is passive, the pair will elect");
+                act.set_role(Role::Passive, "handover failed");
             }
             if let Some(tx) = act.switchover.take() {
                 let _ = tx.send(result);

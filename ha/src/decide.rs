@@ -46,6 +46,8 @@ pub struct Inputs {
     pub peer: PeerView,
     /// The gateway answers probes (after the prober's hysteresis).
     pub gateway: bool,
+    /// How long the gateway has been unreachable (0 while it answers).
+    pub gateway_down_ms: u64,
     /// Last time this node heard its peer or the gateway (the lease).
     pub last_heard_any_ms: u64,
     pub isolation_timeout_ms: u64,
@@ -111,7 +113,9 @@ fn decide_active(i: &Inputs) -> Decision {
         PeerView::Up(p) => {
             if i.switchover_requested && p.in_sync {
                 d(Action::HandOver, Role::Active, "operator switchover to the in-sync peer")
-            } else if !i.gateway && p.sees_gateway && p.in_sync {
+            } else if !i.gateway && i.gateway_down_ms >= i.isolation_timeout_ms && p.sees_gateway && p.in_sync {
+                // Lost for a while, so that a gateway both nodes lose at once (the
+                // peer's report lags by a heartbeat) does not move the role.
                 d(
                     Action::HandOver,
                     Role::Active,
@@ -203,6 +207,7 @@ mod tests {
             preferred: true,
             peer: PeerView::Up(peer(Role::Passive)),
             gateway: true,
+            gateway_down_ms: 0,
             last_heard_any_ms: NOW,
             isolation_timeout_ms: 1000,
             takeover_delay_ms: 1500,
@@ -338,14 +343,25 @@ mod tests {
                 Active,
             ),
             (
-                "active lost gateway, peer sees it: hand over",
-                Inputs { gateway: false, ..base(Active) },
+                "active lost gateway for isolation_timeout, peer sees it: hand over",
+                Inputs { gateway: false, gateway_down_ms: 1000, ..base(Active) },
                 HandOver,
                 Active,
             ),
             (
+                "active just lost gateway, the peer's report may lag: stay",
+                Inputs { gateway: false, gateway_down_ms: 300, ..base(Active) },
+                Stay,
+                Active,
+            ),
+            (
                 "active lost gateway, peer sees it but lags: stay",
-                Inputs { gateway: false, peer: up(Passive, |p| p.in_sync = false), ..base(Active) },
+                Inputs {
+                    gateway: false,
+                    gateway_down_ms: 5000,
+                    peer: up(Passive, |p| p.in_sync = false),
+                    ..base(Active)
+                },
                 Stay,
                 Active,
             ),

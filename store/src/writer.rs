@@ -488,6 +488,10 @@ impl WriterState {
         }
         if !hold {
             self.release_held(u64::MAX);
+        } else if let Some(f) = &self.follower {
+            // What the follower already acknowledged (a barrier with nothing new) goes now.
+            let acked = f.acked;
+            self.release_held(acked);
         }
     }
 

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use twinmq_client::{Client, ClientConfig};
 
+pub mod pair;
+
 pub const TWINMQD: &str = env!("CARGO_BIN_EXE_twinmqd");
 
 /// A free loopback port (bound, then released for the broker to take).

@@ -1,0 +1,338 @@
+//! Pair harness: two real `twinmqd` processes on loopback, a gateway that
+//! can be pulled, and TCP proxies standing in for the dedicated HA cable.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use twinmq_client::{AdminClient, ClientConfig};
+
+use super::{free_port, signal, TWINMQD};
+
+/// A loopback "gateway" that answers TCP probes while plugged. Pulled, it
+/// stops accepting; its one-slot backlog fills and further SYNs are dropped,
+/// so probes time out exactly as they would for a host that went away.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    plugged: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Gateway {
+    pub fn start() -> Gateway {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        socket.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        socket.listen(1).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let listener: TcpListener = socket.into();
+        let addr = listener.local_addr().unwrap();
+        let plugged = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (plugged.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if p.load(Ordering::Relaxed) {
+                    while let Ok((conn, _)) = listener.accept() {
+                        drop(conn);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Gateway { addr, plugged, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("tcp://{}", self.addr)
+    }
+
+    pub fn pull(&self) {
+        self.plugged.store(false, Ordering::Relaxed);
+    }
+
+    pub fn replug(&self) {
+        self.plugged.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A TCP forwarder standing in for a cable; `cut` drops every connection
+/// through it and refuses new ones until `restore`.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c, cs) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                if c.load(Ordering::Relaxed) {
+                    drop(inbound);
+                    continue;
+                }
+                let Ok(outbound) = TcpStream::connect(target) else { continue };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                for (mut from, mut to) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound.try_clone().unwrap(), inbound.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                cs.lock().unwrap().extend([inbound, outbound]);
+            }
+        });
+        Proxy { addr, cut, conns }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::Relaxed);
+    }
+}
+
+/// One node of the pair.
+pub struct Node {
+    pub name: String,
+    pub client: SocketAddr,
+    pub ha: SocketAddr,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Node {
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.with_file_name(format!("{}-{}.log", self.name, self.starts))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn start(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(TWINMQD)
+            .args(["--node-id", &self.name, "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--listen", &self.client.to_string(), "--ha-listen", &self.ha.to_string()])
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn twinmqd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect_timeout(&self.client, Duration::from_millis(200)).is_err() {
+            assert!(Instant::now() < deadline, "{} not listening; log:\n{}", self.name, self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn freeze(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    pub fn thaw(&self) {
+        signal(self.pid(), "CONT");
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The node's status JSON over an admin connection.
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        let cfg = ClientConfig::new([self.client.to_string()]).connect_timeout(Duration::from_millis(500));
+        let fut = async {
+            let mut admin = AdminClient::connect_to(&self.client.to_string(), &cfg).await.ok()?;
+            let json = admin.status().await.ok()?;
+            serde_json::from_str(&json).ok()
+        };
+        tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
+    }
+
+    pub async fn role(&self) -> Option<String> {
+        self.status().await.and_then(|s| s["role"].as_str().map(str::to_string))
+    }
+
+    /// Wait until the node's status satisfies `pred`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status().await {
+                if pred(&s) {
+                    return s;
+                }
+                if Instant::now() > deadline {
+                    panic!("{}: not {what} within {timeout:?}; status {s}\nlog:\n{}", self.name, self.log());
+                }
+            } else if Instant::now() > deadline {
+                panic!("{}: no status within {timeout:?} (waiting for {what}); log:\n{}", self.name, self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_role(&self, role: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_for(&format!("role {role}"), timeout, |s| s["role"] == role).await
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A frozen process cannot die of SIGKILL until it is thawed? It can; but thaw anyway.
+            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
+        }
+        self.kill9();
+    }
+}
+
+/// Options for a pair.
+#[derive(Default, Clone)]
+pub struct PairOptions {
+    /// Put a cuttable proxy on each node's first HA path (the "HA cable"),
+    /// with the direct address as the second path (the client network).
+    pub ha_cable_proxy: bool,
+    pub failback_auto: bool,
+    pub extra: Vec<String>,
+    /// Node b's cluster secret, when it should differ.
+    pub b_secret: Option<String>,
+}
+
+pub struct Pair {
+    pub a: Node,
+    pub b: Node,
+    pub gateway: Gateway,
+    /// Proxies a->b and b->a on the HA cable path.
+    pub cable: Vec<Proxy>,
+    _tmp: tempfile::TempDir,
+}
+
+pub const SECRET: &str = "test-cluster-secret";
+
+impl Pair {
+    /// Start a (preferred, priority 200) and b (priority 100); a becomes active.
+    pub async fn start(opts: PairOptions) -> Pair {
+        let tmp = tempfile::tempdir().unwrap();
+        let gateway = Gateway::start();
+        let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+        let (a_client, a_ha, b_client, b_ha) = (addr(), addr(), addr(), addr());
+        let mut cable = Vec::new();
+        let (a_paths, b_paths) = if opts.ha_cable_proxy {
+            let to_b = Proxy::start(b_ha);
+            let to_a = Proxy::start(a_ha);
+            let paths = (format!("{},{}", to_b.addr, b_ha), format!("{},{}", to_a.addr, a_ha));
+            cable.push(to_b);
+            cable.push(to_a);
+            paths
+        } else {
+            (b_ha.to_string(), a_ha.to_string())
+        };
+        let common = |peer_ha: String, peer_client: SocketAddr, priority: &str, secret: &str| -> Vec<String> {
+            let mut v: Vec<String> = [
+                "--peer-ha",
+                &peer_ha,
+                "--peer-client",
+                &peer_client.to_string(),
+                "--gateway",
+                &gateway.url(),
+                "--cluster-secret",
+                secret,
+                "--priority",
+                priority,
+                "--failback",
+                if opts.failback_auto { "auto" } else { "manual" },
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            v.extend(opts.extra.iter().cloned());
+            v
+        };
+        let b_secret = opts.b_secret.clone().unwrap_or_else(|| SECRET.to_string());
+        let mut a = Node {
+            name: "node-a".into(),
+            client: a_client,
+            ha: a_ha,
+            data_dir: tmp.path().join("a"),
+            args: common(a_paths, b_client, "200", SECRET),
+            child: None,
+            starts: 0,
+        };
+        let mut b = Node {
+            name: "node-b".into(),
+            client: b_client,
+            ha: b_ha,
+            data_dir: tmp.path().join("b"),
+            args: common(b_paths, a_client, "100", &b_secret),
+            child: None,
+            starts: 0,
+        };
+        a.start();
+        b.start();
+        Pair { a, b, gateway, cable, _tmp: tmp }
+    }
+
+    /// Client configuration with both nodes, failing over within 20 s.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::new([self.a.client.to_string(), self.b.client.to_string()])
+            .failover_timeout(Duration::from_secs(20))
+    }
+
+    /// Wait for a active and b passive and in sync.
+    pub async fn wait_a_active_b_in_sync(&self) {
+        self.a.wait_role("active", Duration::from_secs(10)).await;
+        self.b
+            .wait_for("passive and in sync", Duration::from_secs(10), |s| {
+                s["role"] == "passive" && s["in_sync"] == true
+            })
+            .await;
+    }
+}

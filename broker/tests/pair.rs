@@ -1,0 +1,219 @@
+//! The HA pair on loopback with two real `twinmqd` processes: failover,
+//! rejoin and failback, gateway loss, authentication of the peer, snapshot
+//! catch-up, switchover and a cut HA cable. Invariants checked in each:
+//! every confirmed message is consumed at least once; never two actives.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::pair::{Pair, PairOptions};
+use twinmq_client::{AdminClient, Client, Destination, Message, SubscribeOptions};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A producer sending uniquely numbered messages until stopped; records what was confirmed.
+struct Load {
+    confirmed: Arc<Mutex<HashSet<String>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(client: Client, queue: &str, tag: &str) -> Load {
+        let confirmed: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let producer = client.producer(Destination::queue(queue));
+        let (record, stopping, tag) = (confirmed.clone(), stop.clone(), tag.to_string());
+        let task = tokio::spawn(async move {
+            let mut pending = std::collections::VecDeque::new();
+            let mut i = 0u64;
+            while !stopping.load(Ordering::Relaxed) {
+                let body = format!("{tag}-{i}");
+                i += 1;
+                let c = producer.send_nowait(Message::persistent(body.clone())).await.expect("send is queued");
+                pending.push_back((body, c));
+                while pending.len() > 32 {
+                    let (body, c) = pending.pop_front().unwrap();
+                    c.await.expect("no error reaches the application during a failover");
+                    record.lock().unwrap().insert(body);
+                }
+                if i.is_multiple_of(64) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            for (body, c) in pending {
+                c.await.expect("confirmed after the failover");
+                record.lock().unwrap().insert(body);
+            }
+            drop(client);
+        });
+        Load { confirmed, stop, task }
+    }
+
+    async fn finish(self) -> HashSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(60), self.task).await.expect("load finishes").unwrap();
+        self.confirmed.lock().unwrap().clone()
+    }
+}
+
+/// Consume everything from `queue` through the pair; returns distinct bodies.
+async fn consume_all(pair: &Pair, queue: &str) -> HashSet<String> {
+    let client = Client::connect(pair.client_config()).await.unwrap();
+    let mut c = client.subscribe(Destination::queue(queue), SubscribeOptions::default().prefetch(512)).await.unwrap();
+    let mut got = HashSet::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(1500), c.recv()).await {
+        got.insert(String::from_utf8_lossy(d.payload()).into_owned());
+        d.ack().await.unwrap();
+    }
+    got
+}
+
+fn assert_no_loss(confirmed: &HashSet<String>, received: &HashSet<String>, what: &str) {
+    let lost: Vec<&String> = confirmed.difference(received).collect();
+    assert!(lost.is_empty(), "{what}: {} confirmed messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(!confirmed.is_empty(), "{what}: the load confirmed something");
+}
+
+async fn never_both_active(pair: &Pair) {
+    let (a, b) = (pair.a.role().await, pair.b.role().await);
+    let active = |r: &Option<String>| r.as_deref().is_some_and(|r| r.starts_with("active"));
+    assert!(!(active(&a) && active(&b)), "two actives: a={a:?} b={b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_of_active_then_rejoin_and_auto_failback_lose_no_confirmed_message() {
+    let mut pair = Pair::start(PairOptions { failback_auto: true, ..Default::default() }).await;
+    pair.wait_a_active_b_in_sync().await;
+
+    // (1) kill -9 the active during a stream of confirmed sends.
+    let load = Load::start(Client::connect(pair.client_config()).await.unwrap(), "orders", "k");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    pair.a.kill9();
+    let b = pair.b.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
+    assert_eq!(b["epoch"].as_u64(), Some(2), "promotion bumps the epoch: {b}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let confirmed_1 = load.finish().await;
+
+    // (2) restart the old active: it rejoins passive, catches up, and takes the role back.
+    let load = Load::start(Client::connect(pair.client_config()).await.unwrap(), "orders", "r");
+    pair.a.start();
+    pair.a.wait_role("active", WAIT).await;
+    pair.b.wait_role("passive", WAIT).await;
+    never_both_active(&pair).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let confirmed_2 = load.finish().await;
+    assert!(pair.b.log().contains("failback"), "b handed the role back for failback:\n{}", pair.b.log());
+
+    let received = consume_all(&pair, "orders").await;
+    assert_no_loss(&confirmed_1, &received, "kill -9 of the active");
+    assert_no_loss(&confirmed_2, &received, "rejoin and failback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_gateway_while_both_nodes_are_up_changes_nothing() {
+    let pair = Pair::start(PairOptions::default()).await;
+    pair.wait_a_active_b_in_sync().await;
+    pair.gateway.pull();
+    pair.a.wait_for("seeing the gateway gone", WAIT, |s| s["gateway"]["reachable"] == false).await;
+    pair.b.wait_for("seeing the gateway gone", WAIT, |s| s["gateway"]["reachable"] == false).await;
+    // Longer than takeover_delay (1.5 s) and isolation_timeout (1 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(pair.a.role().await.as_deref(), Some("active"));
+    assert_eq!(pair.b.role().await.as_deref(), Some("passive"));
+    let client = match Client::connect(pair.client_config()).await {
+        Ok(c) => c,
+        Err(e) => panic!("{e}\nA:\n{}\nB:\n{}", pair.a.log(), pair.b.log()),
+    };
+    client.producer(Destination::queue("q")).send(Message::persistent("still served")).await.unwrap();
+    pair.gateway.replug();
+    pair.a.wait_for("seeing the gateway again", WAIT, |s| s["gateway"]["reachable"] == true).await;
+    assert_eq!(pair.a.role().await.as_deref(), Some("active"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_the_wrong_cluster_secret_never_joins() {
+    let pair = Pair::start(PairOptions { b_secret: Some("not-the-secret".into()), ..Default::default() }).await;
+    // Neither node can pair; a has no store to be sure of, so the operator promotes it.
+    let cfg = pair.client_config();
+    let mut admin = AdminClient::connect_to(&pair.a.client.to_string(), &cfg).await.unwrap();
+    admin.promote(true).await.unwrap();
+    pair.a.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let a = pair.a.status().await.unwrap();
+    assert_ne!(a["peer"]["state"], "up", "a must not accept b: {a}");
+    assert!(pair.a.log().contains("does not know the cluster secret"), "refusal logged:\n{}", pair.a.log());
+    let b = pair.b.status().await.unwrap();
+    assert_eq!(b["in_sync"], false, "b received nothing: {b}");
+    assert_ne!(b["role"], "active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_an_empty_data_dir_catches_up_from_a_snapshot_and_can_take_over() {
+    let mut pair = Pair::start(PairOptions::default()).await;
+    pair.wait_a_active_b_in_sync().await;
+    let client = Client::connect(pair.client_config()).await.unwrap();
+    let producer = client.producer(Destination::queue("snap"));
+    let mut confirmed = HashSet::new();
+    for i in 0..2000 {
+        let body = format!("s-{i}");
+        producer.send(Message::persistent(body.clone())).await.unwrap();
+        confirmed.insert(body);
+    }
+    pair.b.kill9();
+    std::fs::remove_dir_all(&pair.b.data_dir).unwrap();
+    pair.b.start();
+    let b = pair.b.wait_for("in sync", WAIT, |s| s["role"] == "passive" && s["in_sync"] == true).await;
+    assert!(b["last_op"].as_u64().unwrap() >= 2000, "b caught up: {b}");
+    assert!(pair.b.log().contains("snapshot from the peer loaded"));
+    pair.a.kill9();
+    pair.b.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
+    let received = consume_all(&pair, "snap").await;
+    assert_no_loss(&confirmed, &received, "snapshot catch-up then takeover");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_load_loses_nothing() {
+    let pair = Pair::start(PairOptions::default()).await;
+    pair.wait_a_active_b_in_sync().await;
+    let load = Load::start(Client::connect(pair.client_config()).await.unwrap(), "sw", "w");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let served_by = AdminClient::switchover_any(&pair.client_config()).await.expect("switchover");
+    assert_eq!(served_by.addr, pair.a.client.to_string(), "the active node took the command");
+    pair.b.wait_role("active", WAIT).await;
+    pair.a.wait_role("passive", WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    never_both_active(&pair).await;
+    let confirmed = load.finish().await;
+    let received = consume_all(&pair, "sw").await;
+    assert_no_loss(&confirmed, &received, "switchover under load");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_ha_cable_with_the_client_network_up_causes_no_takeover() {
+    let pair = Pair::start(PairOptions { ha_cable_proxy: true, ..Default::default() }).await;
+    pair.wait_a_active_b_in_sync().await;
+    let load = Load::start(Client::connect(pair.client_config()).await.unwrap(), "cable", "c");
+    for p in &pair.cable {
+        p.cut();
+    }
+    // Longer than peer_timeout + takeover_delay.
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        never_both_active(&pair).await;
+    }
+    assert_eq!(pair.a.role().await.as_deref(), Some("active"));
+    assert_eq!(pair.b.role().await.as_deref(), Some("passive"));
+    let b = pair.b.status().await.unwrap();
+    assert_eq!(b["peer"]["state"], "up", "the second path carries the heartbeats: {b}");
+    let confirmed = load.finish().await;
+    let received = consume_all(&pair, "cable").await;
+    assert_no_loss(&confirmed, &received, "cut HA cable");
+    assert!(!pair.a.log().contains("role change from=active"), "a never stepped down");
+}
