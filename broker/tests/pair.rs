@@ -217,3 +217,27 @@ async fn a_cut_ha_cable_with_the_client_network_up_causes_no_takeover() {
     assert_no_loss(&confirmed, &received, "cut HA cable");
     assert!(!pair.a.log().contains("role change from=active"), "a never stepped down");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_active_is_replaced_and_never_serves_as_a_second_active_when_it_wakes() {
+    let pair = Pair::start(PairOptions::default()).await;
+    pair.wait_a_active_b_in_sync().await;
+    let load = Load::start(Client::connect(pair.client_config()).await.unwrap(), "frozen", "f");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pair.a.freeze();
+    // Longer than takeover_delay: b takes over while a is frozen.
+    pair.b.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pair.a.thaw();
+    // From the moment a answers again, it must never say it is active.
+    for _ in 0..40 {
+        if let Some(role) = pair.a.role().await {
+            assert!(!role.starts_with("active"), "a serves as a second active after waking: {role}\n{}", pair.a.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pair.a.wait_role("passive", WAIT).await;
+    let confirmed = load.finish().await;
+    let received = consume_all(&pair, "frozen").await;
+    assert_no_loss(&confirmed, &received, "SIGSTOP of the active");
+}

@@ -77,6 +77,10 @@ pub struct RoleArbiter {
     busy: bool,
     last_reason: &'static str,
     failovers: u64,
+    /// A promotion starts a fresh lease (an operator's forced promotion may
+    /// come with neither peer nor gateway heard recently).
+    lease_granted_at: Instant,
+    last_tick: Instant,
 }
 
 impl RoleArbiter {
@@ -108,6 +112,8 @@ impl RoleArbiter {
             busy: false,
             last_reason: "starting: a node starts passive",
             failovers: 0,
+            lease_granted_at: Instant::now(),
+            last_tick: Instant::now(),
         }
     }
 
@@ -224,8 +230,18 @@ impl RoleArbiter {
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
+        let gap = now.duration_since(self.last_tick);
+        self.last_tick = now;
         self.publish(now);
         if self.busy {
+            return;
+        }
+        if gap >= self.cfg.isolation_timeout && self.role.serves_clients() {
+            // This process (or its HA thread) stood still longer than the lease:
+            // the peer may have taken over meanwhile. Step down before anything
+            // else, without renewing the lease (the writer already refuses).
+            tracing::warn!(stalled_ms = gap.as_millis() as u64, "this process was frozen past its lease");
+            self.transition(RoleCommand::Deactivate, Role::Passive, "frozen past the lease: stepping down", ctx);
             return;
         }
         let peer = self.peer_view(now);
@@ -248,6 +264,10 @@ impl RoleArbiter {
         }
         let last_heard_peer = self.peer.as_ref().and_then(|p| p.last_heard);
         let last_heard_any = [last_heard_peer, self.last_gateway_ok].into_iter().flatten().max();
+        // The lease the writer enforces on its own: valid until isolation_timeout
+        // after the last time anyone (peer or gateway) was heard.
+        let lease_from = last_heard_any.unwrap_or(self.started).max(self.lease_granted_at);
+        self.writer.renew_lease(lease_from + self.cfg.isolation_timeout);
         let inputs = Inputs {
             now_ms: self.ms_since_start(now),
             role: self.role,
@@ -297,6 +317,13 @@ impl RoleArbiter {
 
     fn transition(&mut self, cmd: RoleCommand, to: Role, reason: &'static str, ctx: &mut Context<Self>) {
         self.busy = true;
+        if matches!(cmd, RoleCommand::Activate { .. }) {
+            self.lease_granted_at = Instant::now();
+            self.writer.renew_lease(self.lease_granted_at + self.cfg.isolation_timeout);
+        } else {
+            // The broker stops serving as the command arrives: say so at once.
+            self.set_role(to, reason);
+        }
         tracing::info!(command = ?cmd, reason, "role transition starting");
         let fut = self.broker.send(cmd);
         ctx.spawn(fut.into_actor(self).map(move |res, act, _| {

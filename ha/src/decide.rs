@@ -127,15 +127,16 @@ fn decide_active(i: &Inputs) -> Decision {
                 d(Action::Stay, Role::Active, "peer up and passive")
             }
         }
+        PeerView::Silent { .. } | PeerView::Dead
+            if i.now_ms.saturating_sub(i.last_heard_any_ms) >= i.isolation_timeout_ms =>
+        {
+            d(Action::StepDown, Role::Isolated, "lease expired: neither peer nor gateway heard for isolation_timeout")
+        }
         PeerView::Silent { .. } | PeerView::Dead if i.gateway => {
             d(Action::Stay, Role::ActiveAlone, "peer down, gateway up: serving alone (confirms are single-copy)")
         }
         PeerView::Silent { .. } | PeerView::Dead => {
-            if i.now_ms.saturating_sub(i.last_heard_any_ms) >= i.isolation_timeout_ms {
-                d(Action::StepDown, Role::Isolated, "isolated: neither peer nor gateway for isolation_timeout")
-            } else {
-                d(Action::Stay, Role::ActiveAlone, "neither peer nor gateway: lease still running")
-            }
+            d(Action::Stay, Role::ActiveAlone, "neither peer nor gateway: lease still running")
         }
     }
 }
@@ -391,6 +392,12 @@ mod tests {
             ("failback manual, peer preferred: stay", Inputs { preferred: false, ..base(Active) }, Stay, Active),
             // Peer down, gateway up.
             ("active, peer down, gateway up: alone", Inputs { peer: silent_long, ..base(Active) }, Stay, ActiveAlone),
+            (
+                "active woke from a freeze: stale gateway flag, lease expired: step down",
+                Inputs { peer: silent_long, last_heard_any_ms: NOW - 2000, ..base(Active) },
+                StepDown,
+                Isolated,
+            ),
             (
                 "passive in sync, peer silent past takeover_delay: promote",
                 Inputs { peer: silent_long, ..base(Passive) },

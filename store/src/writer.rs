@@ -138,6 +138,9 @@ pub struct WriterStats {
     pub follower_in_sync: AtomicBool,
     /// This (passive) store holds a complete, current copy of the active's.
     pub in_sync: AtomicBool,
+    /// Pair only: the active's lease, in milliseconds since `lease_base`
+    /// (0: no lease, a single node). Past it nothing is written or confirmed.
+    pub lease_until_ms: AtomicU64,
 }
 
 /// Handle to the writer thread. Cloning it is cheap; the thread ends when
@@ -146,6 +149,7 @@ pub struct WriterStats {
 pub struct Writer {
     tx: Sender<Request>,
     stats: Arc<WriterStats>,
+    lease_base: Instant,
 }
 
 impl std::fmt::Debug for Writer {
@@ -183,7 +187,9 @@ impl Writer {
         let stats = Arc::new(WriterStats::default());
         stats.last_seq.store(recovered.next_seq - 1, Ordering::Relaxed);
         stats.epoch.store(recovered.epoch, Ordering::Relaxed);
+        let lease_base = Instant::now();
         let state = WriterState {
+            lease_base,
             store,
             active: config.active,
             config,
@@ -203,7 +209,7 @@ impl Writer {
             .name("twinmq-store-writer".into())
             .spawn(move || state.run(rx))
             .map_err(StoreError::Thread)?;
-        Ok((Writer { tx, stats }, handle))
+        Ok((Writer { tx, stats, lease_base }, handle))
     }
 
     fn send(&self, r: Request) {
@@ -264,6 +270,15 @@ impl Writer {
     pub fn stats(&self) -> &WriterStats {
         &self.stats
     }
+
+    /// Pair: this node may write and confirm until `until` (its lease: the last
+    /// time it heard its peer or the gateway, plus `isolation_timeout`). A
+    /// process that was frozen past its lease refuses to write or confirm
+    /// before its role arbiter has even run (DESIGN.md section 4, leases).
+    pub fn renew_lease(&self, until: Instant) {
+        let ms = until.saturating_duration_since(self.lease_base).as_millis() as u64;
+        self.stats.lease_until_ms.store(ms.max(1), Ordering::Relaxed);
+    }
 }
 
 struct Follower {
@@ -282,6 +297,7 @@ struct Held {
 }
 
 struct WriterState {
+    lease_base: Instant,
     store: Store,
     config: WriterConfig,
     /// Local submissions are accepted (this node is active).
@@ -381,7 +397,7 @@ impl WriterState {
     fn commit(&mut self, pending: &mut Vec<Request>) {
         let refusal = if let Some(reason) = &self.failed {
             Some(StoreError::Failed(reason.clone()))
-        } else if !self.active {
+        } else if !self.active || !self.lease_valid() {
             Some(StoreError::NotActive)
         } else if self.config.require_replica
             && self.config.durability == Durability::Replicated
@@ -493,6 +509,11 @@ impl WriterState {
             let acked = f.acked;
             self.release_held(acked);
         }
+    }
+
+    fn lease_valid(&self) -> bool {
+        let until = self.stats.lease_until_ms.load(Ordering::Relaxed);
+        until == 0 || (self.lease_base.elapsed().as_millis() as u64) < until
     }
 
     fn is_duplicate(&self, ops: &[Op]) -> bool {
@@ -638,7 +659,12 @@ impl WriterState {
             tracing::info!("peer detached from replication");
         }
         self.stats.follower_in_sync.store(false, Ordering::Relaxed);
-        if self.config.require_replica {
+        if !self.lease_valid() {
+            // Frozen past the lease: the peer may have taken over without these.
+            for h in self.held.drain(..) {
+                (h.done)(Err(StoreError::NotActive));
+            }
+        } else if self.config.require_replica {
             for h in self.held.drain(..) {
                 (h.done)(Err(StoreError::NoReplica));
             }
