@@ -51,6 +51,8 @@ pub struct ConnectionContext {
     pub shared: Shared,
     /// Flips to true when the broker shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// The pair as this node sees it (None for a single node): redirect hints.
+    pub ha_status: Option<watch::Receiver<twinmq_ha::HaStatus>>,
 }
 
 fn connection_error(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
@@ -171,8 +173,16 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
     let _ = write_task.await;
 }
 
+/// Point clients at the peer only when it is up and active: a hint to a
+/// frozen or dead node would cost them a connect timeout.
 fn peer_hint(cx: &ConnectionContext) -> Option<String> {
-    cx.config.pair.as_ref().and_then(|p| p.peer_client.clone())
+    let status = cx.ha_status.as_ref()?.borrow().clone();
+    let peer_active = status.peer_state == "up" && status.peer_role.is_some_and(|r| r.serves_clients());
+    if peer_active {
+        cx.config.pair.as_ref().and_then(|p| p.peer_client.clone())
+    } else {
+        None
+    }
 }
 
 /// An admin connection: status and operator commands, on any node.

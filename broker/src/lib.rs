@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod daemon;
 pub mod listener;
 pub mod node;
 pub mod queue;

@@ -108,6 +108,7 @@ pub async fn run(
         users,
         shared: shared.clone(),
         shutdown: stop_rx,
+        ha_status: pair.as_ref().map(|p: &Pair| p.status.clone()),
     };
     let listener = Listener::new(tcp, io.iter().map(Arbiter::handle).collect(), cx).start();
     tracing::info!(node_id = %config.node_id, listen = %local, durability = %config.durability, "listening");

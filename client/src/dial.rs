@@ -100,7 +100,14 @@ impl Dialer {
         let mut hint_followed = false;
         let mut last_error: Option<ClientError> = None;
         let mut next_start = Instant::now();
+        // Once every address was tried and one answered "not active", a node that
+        // accepted the TCP connection but never answers (a frozen process) must
+        // not hold the round: end it soon and let that attempt run on.
+        let mut round_end: Option<Instant> = None;
         loop {
+            if round_end.is_none() && queue.is_empty() && !ours.is_empty() && last_error.is_some() {
+                round_end = Some(Instant::now() + STAGGER);
+            }
             if !queue.is_empty() && (ours.is_empty() || Instant::now() >= next_start) {
                 if let Some(addr) = queue.pop_front() {
                     if !self.dialing.contains(&addr) {
@@ -148,6 +155,9 @@ impl Dialer {
                     }
                 }
                 () = tokio::time::sleep_until(next_start), if !queue.is_empty() => {}
+                () = tokio::time::sleep_until(round_end.unwrap_or(next_start)), if round_end.is_some() && queue.is_empty() => {
+                    return Err(last_error.take().unwrap_or(ClientError::NoServers));
+                }
                 else => return Err(last_error.unwrap_or(ClientError::NoServers)),
             }
         }

@@ -1,135 +1,162 @@
-//! The local demo: one twinmq broker (in this process, on a temp data
-//! directory, `durability = local`), a producer and a consumer running at
-//! the same time, and a summary of what was confirmed and received.
+//! The pair demo: two twinmq brokers on loopback watching each other and a
+//! (pretend) gateway, a producer and a consumer running through a `kill -9`
+//! of the active broker, its return as the passive, and an operator
+//! switchover back. One line per event; at the end, what was confirmed,
+//! what was received, and how many confirmed messages were lost (0).
 //!
-//! `cargo run --release` runs it with the defaults; `--help` lists flags.
+//! `cargo run --release` runs it; `--help` lists flags.
+
+mod lab;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
-use twinmq_client::{Client, ClientConfig, Destination, Message, SubscribeOptions};
+use twinmq_client::{AdminClient, Client, ClientEvent, Destination, Message, SubscribeOptions};
 
 #[derive(Parser, Debug)]
-#[command(about = "twinmq local demo: a broker, a producer and a consumer")]
+#[command(about = "twinmq pair demo: failover under load on loopback")]
 struct Args {
-    /// Messages to send.
-    #[arg(long, default_value_t = 20_000)]
-    count: usize,
+    /// Seconds of traffic before each step.
+    #[arg(long, default_value_t = 2.0)]
+    step: f64,
     /// Payload bytes per message.
     #[arg(long, default_value_t = 1024)]
     size: usize,
-    /// Unconfirmed messages in flight.
-    #[arg(long, default_value_t = 256)]
-    window: usize,
 }
 
 fn main() -> anyhow::Result<()> {
+    lab::run_as_broker_if_asked();
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .with_writer(std::io::stderr)
         .init();
-    let dir = tempfile::tempdir().context("temp dir")?;
-    let mut config = twinmq_broker::Config::from_toml("listen = \"127.0.0.1:0\"\nnode_id = \"demo\"")?;
-    config.data_dir = dir.path().join("data");
-    println!("twinmq demo: starting a broker on {} (durability {})", config.data_dir.display(), config.durability);
-
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let broker = std::thread::spawn(move || {
-        actix_rt::System::new().block_on(twinmq_broker::run(
-            config,
-            async {
-                let _ = stop_rx.await;
-            },
-            Some(ready_tx),
-        ))
-    });
-
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let outcome = rt.block_on(async {
-        let addr = ready_rx.await.context("broker failed to start")?;
-        println!("broker listening on {addr}");
-        exchange(addr.to_string(), &args).await
-    });
-    let _ = stop_tx.send(());
-    let stopped = broker.join().map_err(|_| anyhow::anyhow!("broker thread panicked"))?;
-    stopped.context("broker")?;
-    outcome?;
-    println!("broker stopped cleanly; demo done");
-    Ok(())
+    rt.block_on(demo(args))
 }
 
-async fn exchange(addr: String, args: &Args) -> anyhow::Result<()> {
-    let config = ClientConfig::new([addr]).window(args.window);
-    let producer_client = Client::connect(config.clone()).await?;
-    let consumer_client = Client::connect(config).await?;
-    let queue = Destination::queue("demo.orders");
-    let mut consumer = consumer_client.subscribe(queue.clone(), SubscribeOptions::default().prefetch(512)).await?;
+fn say(start: Instant, line: impl std::fmt::Display) {
+    println!("[{:6.2}s] {line}", start.elapsed().as_secs_f64());
+}
 
-    let count = args.count;
-    let receiver = tokio::spawn(async move {
-        let mut seen = HashSet::new();
-        let start = Instant::now();
-        while seen.len() < count {
-            match tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await {
-                Ok(Some(Ok(d))) => {
-                    let body = String::from_utf8_lossy(&d.payload()[..d.payload().len().min(24)]).into_owned();
-                    let id = body.split(' ').next().unwrap_or_default().to_string();
-                    d.ack().await?;
-                    seen.insert(id);
-                }
-                Ok(Some(Err(e))) => return Err(e.into()),
-                Ok(None) | Err(_) => break,
+async fn demo(args: Args) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let step = Duration::from_secs_f64(args.step);
+    let mut pair = lab::Pair::start(lab::Timings::DEFAULT, &[])?;
+    say(start, format!("started node-a (client {}, preferred) and node-b (client {}); gateway tcp://{}", pair.a.client, pair.b.client, pair.gateway.addr));
+    pair.a.wait_active(Duration::from_secs(10)).await?;
+    pair.b.wait_in_sync_passive(Duration::from_secs(10)).await?;
+    say(start, "node-a is active, node-b is passive and in sync (durability: replicated)");
+
+    let producer_client = Client::connect(pair.client_config()).await?;
+    let consumer_client = Client::connect(pair.client_config()).await?;
+    let mut events = producer_client.events();
+    let connected_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let ca = connected_at.clone();
+    tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            if matches!(e, ClientEvent::Connected { .. }) {
+                ca.lock().expect("lock").push(Instant::now());
             }
+            say(start, format!("client: {e}"));
         }
-        anyhow::Ok((seen.len(), start.elapsed()))
     });
 
-    let producer = producer_client.producer(queue);
-    let start = Instant::now();
-    let mut pending = std::collections::VecDeque::new();
-    let mut confirmed = 0usize;
-    for i in 0..count {
-        let mut body = format!("order-{i} ").into_bytes();
-        body.resize(args.size.max(body.len()), b'x');
-        pending.push_back(producer.send_nowait(Message::persistent(body)).await?);
-        if pending.len() >= args.window {
-            pending.pop_front().expect("non-empty").await?;
-            confirmed += 1;
-            if confirmed.is_multiple_of((count / 4).max(1)) {
-                println!("  producer: {confirmed} confirmed");
+    // Consumer: counts distinct messages and duplicates.
+    let received: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let mut consumer = consumer_client.subscribe(Destination::queue("demo.orders"), SubscribeOptions::default().prefetch(256)).await?;
+    let (r, n) = (received.clone(), deliveries.clone());
+    let consuming = tokio::spawn(async move {
+        while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+            let body = String::from_utf8_lossy(&d.payload()[..d.payload().len().min(20)]).into_owned();
+            let id = body.split(' ').next().unwrap_or_default().to_string();
+            n.fetch_add(1, Ordering::Relaxed);
+            r.lock().expect("lock").insert(id);
+            d.ack().await?;
+        }
+        anyhow::Ok(())
+    });
+
+    // Producer: numbered messages, confirms recorded with their time.
+    let confirmed: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = producer_client.producer(Destination::queue("demo.orders"));
+    let (c, s, size) = (confirmed.clone(), stop.clone(), args.size);
+    let producing = tokio::spawn(async move {
+        let mut pending = std::collections::VecDeque::new();
+        let mut i = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            let id = format!("order-{i}");
+            let mut body = format!("{id} ").into_bytes();
+            body.resize(size.max(body.len()), b'x');
+            i += 1;
+            pending.push_back((id, producer.send_nowait(Message::persistent(body)).await?));
+            while pending.len() >= 32 {
+                let (id, confirm) = pending.pop_front().expect("non-empty");
+                confirm.await?;
+                c.lock().expect("lock").push((Instant::now(), id));
+            }
+            if i % 16 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
+        for (id, confirm) in pending {
+            confirm.await?;
+            c.lock().expect("lock").push((Instant::now(), id));
+        }
+        anyhow::Ok(())
+    });
+    let confirmed_count = || confirmed.lock().expect("lock").len();
+
+    tokio::time::sleep(step).await;
+    say(start, format!("{} messages confirmed so far; now: kill -9 node-a (the active)", confirmed_count()));
+    let fault = Instant::now();
+    pair.a.kill9();
+    pair.b.wait_active(Duration::from_secs(10)).await?;
+    say(start, format!("node-b is active ({:.0} ms after the kill)", fault.elapsed().as_secs_f64() * 1e3));
+    // The first confirm the client got after reconnecting to the new active.
+    let first = loop {
+        let reconnected = connected_at.lock().expect("lock").iter().copied().find(|t| *t > fault);
+        if let Some(rc) = reconnected {
+            if let Some((t, _)) = confirmed.lock().expect("lock").iter().find(|(t, _)| *t >= rc) {
+                break t.duration_since(fault);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    say(start, format!("first confirmed send after the kill: {:.0} ms after it, as the client saw it", first.as_secs_f64() * 1e3));
+
+    tokio::time::sleep(step).await;
+    say(start, "restarting node-a: it comes back passive and catches up from node-b");
+    let t = Instant::now();
+    pair.a.start()?;
+    pair.a.wait_in_sync_passive(Duration::from_secs(20)).await?;
+    say(start, format!("node-a is passive and in sync ({:.0} ms)", t.elapsed().as_secs_f64() * 1e3));
+
+    tokio::time::sleep(step).await;
+    say(start, "operator: twinmq switchover (hand the role back to node-a)");
+    let t = Instant::now();
+    AdminClient::switchover_any(&pair.client_config()).await?;
+    pair.a.wait_active(Duration::from_secs(10)).await?;
+    say(start, format!("node-a is active again, node-b {} ({:.0} ms)", pair.b.role().await, t.elapsed().as_secs_f64() * 1e3));
+
+    tokio::time::sleep(step).await;
+    stop.store(true, Ordering::Relaxed);
+    producing.await??;
+    consuming.await??;
+    let confirmed: HashSet<String> = confirmed.lock().expect("lock").iter().map(|(_, id)| id.clone()).collect();
+    let received = received.lock().expect("lock").clone();
+    let lost = confirmed.difference(&received).count();
+    let dup = deliveries.load(Ordering::Relaxed) as usize - received.len();
+    say(start, format!("confirmed {} | received {} distinct | duplicates {dup} | messages lost: {lost}", confirmed.len(), received.len()));
+    if lost > 0 {
+        bail!("{lost} confirmed messages were lost");
     }
-    for c in pending {
-        c.await?;
-        confirmed += 1;
-    }
-    let send_time = start.elapsed();
-    let (received, recv_time) = receiver.await??;
-    println!(
-        "producer: {confirmed} messages of {} bytes confirmed in {:.2} s ({:.0} msg/s; each confirmed only after its group commit was fsync'd)",
-        args.size,
-        send_time.as_secs_f64(),
-        confirmed as f64 / send_time.as_secs_f64()
-    );
-    println!("consumer: {received} distinct messages received and acked in {:.2} s", recv_time.as_secs_f64());
-    let status: serde_json::Value = serde_json::from_str(&producer_client.status().await?)?;
-    println!(
-        "broker: role {}, last op {}, store records still live {}",
-        status["role"], status["last_op"], status["store"]["live_batches"]
-    );
-    if received != count {
-        bail!("expected {count} messages, received {received}");
-    }
-    println!("messages lost: 0");
-    producer_client.close().await?;
-    consumer_client.close().await?;
+    say(start, "demo done (both brokers are stopped now)");
     Ok(())
 }

@@ -272,9 +272,16 @@ impl Actor for PeerMonitor {
 
 async fn dial_loop(path: usize, addr: SocketAddr, auth: LinkAuth, cfg: Arc<HaConfig>, me: Addr<PeerMonitor>) {
     let timeout = cfg.peer_timeout;
+    // While connected, look often, so that a reset connection is redialled at
+    // once: the refusal that follows is the dead-process fast path.
+    let watch = cfg.heartbeat.min(Duration::from_millis(10));
     loop {
         let connected = me.send(IsConnected(path)).await.unwrap_or(true);
-        if !connected {
+        if connected {
+            tokio::time::sleep(watch).await;
+            continue;
+        }
+        {
             match link::dial(addr, &auth, timeout).await {
                 Ok(link) => me.do_send(LinkUp { link, path: Some(path) }),
                 Err(LinkError::Refused) => me.do_send(DialFailed { path, refused: true }),

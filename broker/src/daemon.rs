@@ -1,0 +1,69 @@
+//! The `twinmqd` process: flags, tracing, panic hook, signals, exit codes.
+//! Kept in the library so that other binaries (the demos in `examples/`)
+//! can run a real daemon process by re-executing themselves.
+//!
+//! Exit codes: 0 after a clean shutdown, 1 on a runtime failure, 2 on a
+//! configuration error.
+
+use clap::Parser;
+
+use crate::{Args, BrokerError, Config};
+
+/// Parse `argv` (program name first) and run the daemon to its end; returns the exit code.
+pub fn main_with_args<I, T>(argv: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = match Args::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "bug: panic; stopping");
+        std::process::exit(101);
+    }));
+    let config = match Config::load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("twinmqd: configuration error: {e}");
+            return 2;
+        }
+    };
+    let system = actix_rt::System::new();
+    match system.block_on(crate::run(config, shutdown_signal(), None)) {
+        Ok(()) => 0,
+        Err(BrokerError::Config(e)) => {
+            eprintln!("twinmqd: configuration error: {e}");
+            2
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "broker failed");
+            eprintln!("twinmqd: {e}");
+            1
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

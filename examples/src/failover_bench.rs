@@ -1,0 +1,185 @@
+//! Failover time, as a client sees it: from the fault (SIGKILL or SIGSTOP of
+//! the active process) to the first confirmed send on the new active.
+//!
+//! `cargo run --release -p twinmq-examples --bin failover-bench -- --kind kill --runs 20`
+//! Prints each run and the median and max; checks at the end that no
+//! confirmed message was lost. Measures, asserts no timing.
+
+mod lab;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use twinmq_client::{Client, ClientEvent, Destination, Message, SubscribeOptions};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Kind {
+    /// kill -9 of the active process (its host stays up: the fast path).
+    Kill,
+    /// SIGSTOP of the active process (a silent failure: the lease wait).
+    Freeze,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Speed {
+    /// DESIGN.md defaults: heartbeat 100 ms, peer_timeout 1 s, takeover_delay 1.5 s.
+    Default,
+    /// Heartbeat 20 ms, peer_timeout 150 ms, isolation 150 ms, takeover_delay 200 ms.
+    Tight,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "measure twinmq failover time as a client sees it")]
+struct Args {
+    #[arg(long, value_enum, default_value = "kill")]
+    kind: Kind,
+    #[arg(long, value_enum, default_value = "default")]
+    timings: Speed,
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    lab::run_as_broker_if_asked();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(bench(args))
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
+    let timings = match args.timings {
+        Speed::Default => lab::Timings::DEFAULT,
+        Speed::Tight => lab::Timings::TIGHT,
+    };
+    let mut pair = lab::Pair::start(timings, &[])?;
+    pair.a.wait_active(Duration::from_secs(10)).await?;
+    pair.b.wait_in_sync_passive(Duration::from_secs(10)).await?;
+
+    // The client notices a silent broker by its own heartbeat; scale it with the pair's.
+    let (hb, hb_timeout) = match args.timings {
+        Speed::Default => (Duration::from_millis(250), Duration::from_millis(1500)),
+        Speed::Tight => (Duration::from_millis(30), Duration::from_millis(150)),
+    };
+    let client = Client::connect(
+        pair.client_config().window(16).heartbeat_interval(hb).heartbeat_timeout(hb_timeout).failover_timeout(Duration::from_secs(30)),
+    )
+    .await?;
+    let mut events = client.events();
+    let reconnects: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let r = reconnects.clone();
+    tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            if matches!(e, ClientEvent::Connected { .. }) {
+                r.lock().expect("lock").push(Instant::now());
+            }
+        }
+    });
+
+    // A steady producer: confirms recorded with their time.
+    let confirms: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = client.producer(Destination::queue("failover"));
+    let (c, s) = (confirms.clone(), stop.clone());
+    let sender = tokio::spawn(async move {
+        let mut pending = std::collections::VecDeque::new();
+        let mut i = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            let body = format!("f-{i}");
+            i += 1;
+            pending.push_back((body.clone(), producer.send_nowait(Message::persistent(body)).await?));
+            while pending.len() >= 8 {
+                let (body, confirm) = pending.pop_front().expect("non-empty");
+                confirm.await?;
+                c.lock().expect("lock").push((Instant::now(), body));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for (body, confirm) in pending {
+            confirm.await?;
+            c.lock().expect("lock").push((Instant::now(), body));
+        }
+        anyhow::Ok(())
+    });
+
+    let mut times = Vec::new();
+    for run in 1..=args.runs {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Some(active) = pair.active().await.map(|n| n.name.clone()) else { bail!("run {run}: no single active node") };
+        let (victim, survivor) = if active == pair.a.name { (&mut pair.a, &pair.b) } else { (&mut pair.b, &pair.a) };
+        let fault = Instant::now();
+        match args.kind {
+            Kind::Kill => victim.kill9(),
+            Kind::Freeze => victim.signal("STOP"),
+        }
+        // The first confirm after the client reconnected, as the client saw it.
+        let deadline = fault + Duration::from_secs(20);
+        let took = loop {
+            let reconnected = reconnects.lock().expect("lock").iter().copied().find(|t| *t > fault);
+            if let Some(rc) = reconnected {
+                if let Some((t, _)) = confirms.lock().expect("lock").iter().find(|(t, _)| *t >= rc) {
+                    break t.duration_since(fault);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("run {run}: no confirmed send within 20 s of the fault");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let survivor_role = survivor.role().await;
+        println!("run {run:2}: {:?} of {active} -> first confirm on {} after {:>7.1} ms", args.kind, survivor.name, took.as_secs_f64() * 1e3);
+        if !survivor_role.starts_with("active") {
+            bail!("run {run}: {} is {survivor_role}, not active", survivor.name);
+        }
+        times.push(took);
+        // Bring the victim back as the in-sync passive.
+        let victim_name = victim.name.clone();
+        match args.kind {
+            Kind::Kill => victim.start()?,
+            Kind::Freeze => victim.signal("CONT"),
+        }
+        let victim = if victim_name == pair.a.name { &pair.a } else { &pair.b };
+        victim.wait_in_sync_passive(Duration::from_secs(20)).await.with_context(|| format!("run {run}: rejoin"))?;
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    sender.await??;
+    let confirmed: HashSet<String> = confirms.lock().expect("lock").iter().map(|(_, b)| b.clone()).collect();
+    let consumer_client = Client::connect(pair.client_config()).await?;
+    let mut consumer = consumer_client.subscribe(Destination::queue("failover"), SubscribeOptions::default().prefetch(1024)).await?;
+    let mut received = HashSet::new();
+    let mut deliveries = 0usize;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {
+        deliveries += 1;
+        received.insert(String::from_utf8_lossy(d.payload()).into_owned());
+        d.ack().await?;
+    }
+    let lost = confirmed.difference(&received).count();
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let median = times[times.len() / 2];
+    println!(
+        "failover kind={:?} timings={:?} runs={} median={:.1}ms max={:.1}ms min={:.1}ms confirmed={} delivered={} duplicates={} lost={}",
+        args.kind,
+        args.timings,
+        times.len(),
+        ms(median),
+        ms(*times.last().expect("runs > 0")),
+        ms(times[0]),
+        confirmed.len(),
+        deliveries,
+        deliveries - received.len(),
+        lost
+    );
+    if lost > 0 {
+        bail!("{lost} confirmed messages lost");
+    }
+    Ok(())
+}

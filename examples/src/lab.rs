@@ -1,0 +1,258 @@
+//! A local pair on loopback for the demos: two real daemon processes (this
+//! binary re-executed as `broker ...`), a pullable gateway, status polling.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use twinmq_client::{AdminClient, ClientConfig};
+
+/// If invoked as `<binary> broker ARGS...`, run the daemon and exit.
+pub fn run_as_broker_if_asked() {
+    let mut args = std::env::args_os();
+    let program = args.next();
+    if args.next().is_some_and(|a| a == "broker") {
+        let argv = program.into_iter().chain(args);
+        std::process::exit(twinmq_broker::daemon::main_with_args(argv));
+    }
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// A loopback gateway that answers TCP probes while plugged; pulled, it stops
+/// accepting, its one-slot backlog fills, and probes time out.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    plugged: Arc<AtomicBool>,
+}
+
+impl Gateway {
+    pub fn start() -> anyhow::Result<Gateway> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())?;
+        socket.listen(1)?;
+        socket.set_nonblocking(true)?;
+        let listener: TcpListener = socket.into();
+        let addr = listener.local_addr()?;
+        let plugged = Arc::new(AtomicBool::new(true));
+        let p = plugged.clone();
+        std::thread::spawn(move || loop {
+            if p.load(Ordering::Relaxed) {
+                while let Ok((c, _)) = listener.accept() {
+                    drop(c);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        });
+        Ok(Gateway { addr, plugged })
+    }
+
+    pub fn pull(&self) {
+        self.plugged.store(false, Ordering::Relaxed);
+    }
+
+    pub fn replug(&self) {
+        self.plugged.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Timings for the pair (milliseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub heartbeat: u64,
+    pub peer_timeout: u64,
+    pub isolation_timeout: u64,
+    pub takeover_delay: u64,
+    pub probe_interval: u64,
+}
+
+impl Timings {
+    /// DESIGN.md section 4 defaults.
+    pub const DEFAULT: Timings =
+        Timings { heartbeat: 100, peer_timeout: 1000, isolation_timeout: 1000, takeover_delay: 1500, probe_interval: 200 };
+    /// The tightest timings we support on this machine.
+    pub const TIGHT: Timings =
+        Timings { heartbeat: 20, peer_timeout: 150, isolation_timeout: 150, takeover_delay: 200, probe_interval: 30 };
+}
+
+pub struct Node {
+    pub name: String,
+    pub client: SocketAddr,
+    pub ha: SocketAddr,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Node {
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        self.starts += 1;
+        let log = std::fs::File::create(self.data_dir.with_file_name(format!("{}-{}.log", self.name, self.starts)))?;
+        let exe = std::env::current_exe().context("own executable")?;
+        let child = Command::new(exe)
+            .arg("broker")
+            .args(["--node-id", &self.name, "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--listen", &self.client.to_string(), "--ha-listen", &self.ha.to_string()])
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start broker process")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect_timeout(&self.client, Duration::from_millis(200)).is_err() {
+            if Instant::now() > deadline {
+                bail!("{} did not start listening", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        let cfg = ClientConfig::new([self.client.to_string()]).connect_timeout(Duration::from_millis(300));
+        let fut = async {
+            let mut admin = AdminClient::connect_to(&self.client.to_string(), &cfg).await.ok()?;
+            serde_json::from_str(&admin.status().await.ok()?).ok()
+        };
+        tokio::time::timeout(Duration::from_millis(800), fut).await.ok().flatten()
+    }
+
+    pub async fn role(&self) -> String {
+        self.status().await.and_then(|s| s["role"].as_str().map(str::to_string)).unwrap_or_else(|| "down".into())
+    }
+
+    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.status().await.is_some_and(|s| pred(&s)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{}: condition not reached within {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_active(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for(timeout, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await
+    }
+
+    pub async fn wait_in_sync_passive(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for(timeout, |s| s["role"] == "passive" && s["in_sync"] == true).await
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        self.kill9();
+    }
+}
+
+pub struct Pair {
+    pub a: Node,
+    pub b: Node,
+    pub gateway: Gateway,
+    pub dir: tempfile::TempDir,
+}
+
+impl Pair {
+    /// Start node-a (priority 200, preferred) and node-b on loopback.
+    pub fn start(timings: Timings, extra: &[&str]) -> anyhow::Result<Pair> {
+        let dir = tempfile::tempdir()?;
+        let gateway = Gateway::start()?;
+        let (a_client, a_ha, b_client, b_ha) = (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
+        let args = |peer_ha: SocketAddr, peer_client: SocketAddr, priority: &str| -> Vec<String> {
+            let t = timings;
+            let mut v: Vec<String> = vec![
+                "--peer-ha".into(),
+                peer_ha.to_string(),
+                "--peer-client".into(),
+                peer_client.to_string(),
+                "--gateway".into(),
+                format!("tcp://{}", gateway.addr),
+                "--cluster-secret".into(),
+                "demo-cluster-secret".into(),
+                "--priority".into(),
+                priority.into(),
+                "--heartbeat-ms".into(),
+                t.heartbeat.to_string(),
+                "--peer-timeout-ms".into(),
+                t.peer_timeout.to_string(),
+                "--isolation-timeout-ms".into(),
+                t.isolation_timeout.to_string(),
+                "--takeover-delay-ms".into(),
+                t.takeover_delay.to_string(),
+                "--probe-interval-ms".into(),
+                t.probe_interval.to_string(),
+            ];
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let mut a = Node {
+            name: "node-a".into(),
+            client: a_client,
+            ha: a_ha,
+            data_dir: dir.path().join("a"),
+            args: args(b_ha, b_client, "200"),
+            child: None,
+            starts: 0,
+        };
+        let mut b = Node {
+            name: "node-b".into(),
+            client: b_client,
+            ha: b_ha,
+            data_dir: dir.path().join("b"),
+            args: args(a_ha, a_client, "100"),
+            child: None,
+            starts: 0,
+        };
+        a.start()?;
+        b.start()?;
+        Ok(Pair { a, b, gateway, dir })
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::new([self.a.client.to_string(), self.b.client.to_string()])
+    }
+
+    /// The node currently active, if exactly one is.
+    pub async fn active(&self) -> Option<&Node> {
+        let (ra, rb) = (self.a.role().await, self.b.role().await);
+        match (ra.starts_with("active"), rb.starts_with("active")) {
+            (true, false) => Some(&self.a),
+            (false, true) => Some(&self.b),
+            _ => None,
+        }
+    }
+}
