@@ -243,3 +243,16 @@ impl Handler<Admin> for Node {
         }
     }
 }
+
+impl Handler<twinmq_ha::monitor::DivergentMessages> for Node {
+    type Result = ();
+    fn handle(&mut self, m: twinmq_ha::monitor::DivergentMessages, _: &mut Context<Self>) {
+        match &self.router {
+            Some(r) => r.do_send(router::RestoreDivergent(m.messages)),
+            None => tracing::error!(
+                messages = m.messages.len(),
+                "messages handed over after a split arrived while this node is not active; they stay with the peer"
+            ),
+        }
+    }
+}

@@ -572,3 +572,36 @@ impl Handler<Close> for Queue {
         ctx.stop();
     }
 }
+
+/// A message another node stored during a split and this node may lack:
+/// stored here unless its idempotence key says it already is.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Restore {
+    pub message: StoredMessage,
+}
+
+impl Handler<Restore> for Queue {
+    type Result = ();
+    fn handle(&mut self, r: Restore, ctx: &mut Context<Self>) {
+        let QueueMode::Stored { key } = &self.mode else { return };
+        let me = ctx.address();
+        let label = self.label.clone();
+        self.writer.submit(
+            vec![Op::Enqueue { message: r.message, queues: vec![key.clone()] }],
+            Box::new(move |res| match res {
+                Ok(c) if !c.duplicate => {
+                    for op in c.ops {
+                        if let Op::Enqueue { message, .. } = op {
+                            me.do_send(Stored { messages: vec![Arc::new(message)] });
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(queue = %label, error = %e, "could not store a message handed over after a split")
+                }
+            }),
+        );
+    }
+}

@@ -348,3 +348,33 @@ impl Handler<StopAll> for Router {
         ctx.stop();
     }
 }
+
+/// Messages the peer stored during a split (see twinmq-ha's `DivergentMessages`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RestoreDivergent(pub Vec<(String, StoredMessage)>);
+
+impl Handler<RestoreDivergent> for Router {
+    type Result = ();
+    fn handle(&mut self, m: RestoreDivergent, ctx: &mut Context<Self>) {
+        let me = ctx.address();
+        for (key, message) in m.0 {
+            let target = if let Some(name) = key.strip_prefix("q/") {
+                Some(match self.queues.get(name) {
+                    Some(q) => q.clone(),
+                    None => self.create_queue(name, &me),
+                })
+            } else if let Some((topic, name)) = key.strip_prefix("d/").and_then(|r| r.split_once('/')) {
+                self.durables.get(&(topic.to_string(), name.to_string())).cloned()
+            } else {
+                None
+            };
+            match target {
+                Some(q) => q.do_send(queue::Restore { message }),
+                None => {
+                    tracing::warn!(queue = %key, "a message handed over after a split names a queue that no longer exists")
+                }
+            }
+        }
+    }
+}

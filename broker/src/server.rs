@@ -87,6 +87,7 @@ pub async fn run(
                 writer.clone(),
                 was_last_active,
                 node.clone().recipient(),
+                node.clone().recipient(),
                 ha_listener,
             );
             node.do_send(SetPair(p.arbiter.clone(), p.status.clone()));

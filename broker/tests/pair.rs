@@ -241,3 +241,42 @@ async fn a_frozen_active_is_replaced_and_never_serves_as_a_second_active_when_it
     let received = consume_all(&pair, "frozen").await;
     assert_no_loss(&confirmed, &received, "SIGSTOP of the active");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_healed_split_the_losing_side_hands_over_what_it_confirmed() {
+    // Both paths between the nodes cut, both still see the gateway: the
+    // design accepts two actives here (the gateway cannot vote); on healing,
+    // the higher epoch stays and the other hands over its divergent messages.
+    let pair = Pair::start(PairOptions { all_paths_proxied: true, ..Default::default() }).await;
+    pair.wait_a_active_b_in_sync().await;
+    for p in &pair.cable {
+        p.cut();
+    }
+    pair.b
+        .wait_for("active after the split", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active")))
+        .await;
+    let only = |addr: std::net::SocketAddr| {
+        twinmq_client::ClientConfig::new([addr.to_string()]).failover_timeout(Duration::from_secs(20))
+    };
+    let (ca, cb) =
+        (Client::connect(only(pair.a.client)).await.unwrap(), Client::connect(only(pair.b.client)).await.unwrap());
+    let mut confirmed = HashSet::new();
+    for i in 0..200 {
+        for (c, side) in [(&ca, "a"), (&cb, "b")] {
+            let body = format!("split-{side}-{i}");
+            c.producer(Destination::queue("split")).send(Message::persistent(body.clone())).await.unwrap();
+            confirmed.insert(body);
+        }
+    }
+    drop((ca, cb));
+    for p in &pair.cable {
+        p.restore();
+    }
+    pair.a.wait_role("passive", WAIT).await;
+    pair.b.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
+    assert!(pair.a.log().contains("handing them to the new active"), "a handed over:\n{}", pair.a.log());
+    // Give the handed-over messages a moment to be stored.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = consume_all(&pair, "split").await;
+    assert_no_loss(&confirmed, &received, "healed split");
+}

@@ -47,7 +47,13 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let step = Duration::from_secs_f64(args.step);
     let mut pair = lab::Pair::start(lab::Timings::DEFAULT, &[])?;
-    say(start, format!("started node-a (client {}, preferred) and node-b (client {}); gateway tcp://{}", pair.a.client, pair.b.client, pair.gateway.addr));
+    say(
+        start,
+        format!(
+            "started node-a (client {}, preferred) and node-b (client {}); gateway tcp://{}",
+            pair.a.client, pair.b.client, pair.gateway.addr
+        ),
+    );
     pair.a.wait_active(Duration::from_secs(10)).await?;
     pair.b.wait_in_sync_passive(Duration::from_secs(10)).await?;
     say(start, "node-a is active, node-b is passive and in sync (durability: replicated)");
@@ -69,7 +75,8 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     // Consumer: counts distinct messages and duplicates.
     let received: Arc<Mutex<HashSet<String>>> = Arc::default();
     let deliveries = Arc::new(AtomicU64::new(0));
-    let mut consumer = consumer_client.subscribe(Destination::queue("demo.orders"), SubscribeOptions::default().prefetch(256)).await?;
+    let mut consumer =
+        consumer_client.subscribe(Destination::queue("demo.orders"), SubscribeOptions::default().prefetch(256)).await?;
     let (r, n) = (received.clone(), deliveries.clone());
     let consuming = tokio::spawn(async move {
         while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
@@ -101,7 +108,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
                 confirm.await?;
                 c.lock().expect("lock").push((Instant::now(), id));
             }
-            if i % 16 == 0 {
+            if i.is_multiple_of(16) {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
@@ -129,7 +136,13 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
-    say(start, format!("first confirmed send after the kill: {:.0} ms after it, as the client saw it", first.as_secs_f64() * 1e3));
+    say(
+        start,
+        format!(
+            "first confirmed send after the kill: {:.0} ms after it, as the client saw it",
+            first.as_secs_f64() * 1e3
+        ),
+    );
 
     tokio::time::sleep(step).await;
     say(start, "restarting node-a: it comes back passive and catches up from node-b");
@@ -143,7 +156,10 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let t = Instant::now();
     AdminClient::switchover_any(&pair.client_config()).await?;
     pair.a.wait_active(Duration::from_secs(10)).await?;
-    say(start, format!("node-a is active again, node-b {} ({:.0} ms)", pair.b.role().await, t.elapsed().as_secs_f64() * 1e3));
+    say(
+        start,
+        format!("node-a is active again, node-b {} ({:.0} ms)", pair.b.role().await, t.elapsed().as_secs_f64() * 1e3),
+    );
 
     tokio::time::sleep(step).await;
     stop.store(true, Ordering::Relaxed);
@@ -153,7 +169,14 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let received = received.lock().expect("lock").clone();
     let lost = confirmed.difference(&received).count();
     let dup = deliveries.load(Ordering::Relaxed) as usize - received.len();
-    say(start, format!("confirmed {} | received {} distinct | duplicates {dup} | messages lost: {lost}", confirmed.len(), received.len()));
+    say(
+        start,
+        format!(
+            "confirmed {} | received {} distinct | duplicates {dup} | messages lost: {lost}",
+            confirmed.len(),
+            received.len()
+        ),
+    );
     if lost > 0 {
         bail!("{lost} confirmed messages were lost");
     }

@@ -69,7 +69,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         Speed::Tight => (Duration::from_millis(30), Duration::from_millis(150)),
     };
     let client = Client::connect(
-        pair.client_config().window(16).heartbeat_interval(hb).heartbeat_timeout(hb_timeout).failover_timeout(Duration::from_secs(30)),
+        pair.client_config()
+            .window(16)
+            .heartbeat_interval(hb)
+            .heartbeat_timeout(hb_timeout)
+            .failover_timeout(Duration::from_secs(30)),
     )
     .await?;
     let mut events = client.events();
@@ -112,7 +116,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let mut times = Vec::new();
     for run in 1..=args.runs {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let Some(active) = pair.active().await.map(|n| n.name.clone()) else { bail!("run {run}: no single active node") };
+        let Some(active) = pair.active().await.map(|n| n.name.clone()) else {
+            bail!("run {run}: no single active node")
+        };
         let (victim, survivor) = if active == pair.a.name { (&mut pair.a, &pair.b) } else { (&mut pair.b, &pair.a) };
         let fault = Instant::now();
         match args.kind {
@@ -134,7 +140,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
         let survivor_role = survivor.role().await;
-        println!("run {run:2}: {:?} of {active} -> first confirm on {} after {:>7.1} ms", args.kind, survivor.name, took.as_secs_f64() * 1e3);
+        println!(
+            "run {run:2}: {:?} of {active} -> first confirm on {} after {:>7.1} ms",
+            args.kind,
+            survivor.name,
+            took.as_secs_f64() * 1e3
+        );
         if !survivor_role.starts_with("active") {
             bail!("run {run}: {} is {survivor_role}, not active", survivor.name);
         }
@@ -153,7 +164,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     sender.await??;
     let confirmed: HashSet<String> = confirms.lock().expect("lock").iter().map(|(_, b)| b.clone()).collect();
     let consumer_client = Client::connect(pair.client_config()).await?;
-    let mut consumer = consumer_client.subscribe(Destination::queue("failover"), SubscribeOptions::default().prefetch(1024)).await?;
+    let mut consumer =
+        consumer_client.subscribe(Destination::queue("failover"), SubscribeOptions::default().prefetch(1024)).await?;
     let mut received = HashSet::new();
     let mut deliveries = 0usize;
     while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {

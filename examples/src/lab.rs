@@ -76,8 +76,13 @@ pub struct Timings {
 
 impl Timings {
     /// DESIGN.md section 4 defaults.
-    pub const DEFAULT: Timings =
-        Timings { heartbeat: 100, peer_timeout: 1000, isolation_timeout: 1000, takeover_delay: 1500, probe_interval: 200 };
+    pub const DEFAULT: Timings = Timings {
+        heartbeat: 100,
+        peer_timeout: 1000,
+        isolation_timeout: 1000,
+        takeover_delay: 1500,
+        probe_interval: 200,
+    };
     /// The tightest timings we support on this machine.
     pub const TIGHT: Timings =
         Timings { heartbeat: 20, peer_timeout: 150, isolation_timeout: 150, takeover_delay: 200, probe_interval: 30 };

@@ -79,6 +79,7 @@ impl Pair {
         writer: twinmq_store::Writer,
         was_last_active: bool,
         broker: Recipient<RoleCommand>,
+        divergent_to: Recipient<monitor::DivergentMessages>,
         ha_listener: std::net::TcpListener,
     ) -> Pair {
         let thread = Arbiter::new();
@@ -114,7 +115,7 @@ impl Pair {
         });
         let (c, a) = (cfg.clone(), arbiter.clone());
         let monitor = monitor::PeerMonitor::start_in_arbiter(&thread.handle(), move |_| {
-            monitor::PeerMonitor::new(c, writer, hb_rx, a.clone().recipient(), a.recipient(), ha_listener)
+            monitor::PeerMonitor::new(c, writer, hb_rx, a.clone().recipient(), a.recipient(), divergent_to, ha_listener)
         });
         let a = arbiter.clone();
         let (gw, interval, failures) = (cfg.gateway.clone(), cfg.probe_interval, cfg.probe_failures);

@@ -56,6 +56,14 @@ pub struct PeerReport {
     pub connections: usize,
 }
 
+/// Messages the peer stored during a split that this (active) node lacks;
+/// the broker stores those it does not already have (idempotence marks).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct DivergentMessages {
+    pub messages: Vec<(String, twinmq_store::StoredMessage)>,
+}
+
 /// The peer asks this node to take the role (switchover).
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
@@ -72,6 +80,7 @@ pub struct PeerMonitor {
     me: watch::Receiver<Heartbeat>,
     report_to: Recipient<PeerReport>,
     takeover_to: Recipient<TakeOverRequest>,
+    divergent_to: Recipient<DivergentMessages>,
     conns: HashMap<ConnId, Conn>,
     next_id: ConnId,
     paths: Vec<PathState>,
@@ -91,6 +100,7 @@ impl PeerMonitor {
         me: watch::Receiver<Heartbeat>,
         report_to: Recipient<PeerReport>,
         takeover_to: Recipient<TakeOverRequest>,
+        divergent_to: Recipient<DivergentMessages>,
         listener: std::net::TcpListener,
     ) -> PeerMonitor {
         let auth =
@@ -103,6 +113,7 @@ impl PeerMonitor {
             me,
             report_to,
             takeover_to,
+            divergent_to,
             conns: HashMap::new(),
             next_id: 1,
             paths,
@@ -334,14 +345,17 @@ async fn run_conn(
                     let tx = tx.clone();
                     writer.apply(
                         f,
-                        Box::new(move |r| {
-                            let reply = match r {
-                                Ok(Some(seq)) => Some(HaFrame::ReplAck { seq }),
-                                Ok(None) => None,
-                                Err(e) => Some(HaFrame::ReplRefused { reason: e.to_string() }),
-                            };
-                            if let Some(reply) = reply {
-                                let _ = tx.send(reply);
+                        Box::new(move |r| match r {
+                            Ok(applied) => {
+                                if !applied.divergent.is_empty() {
+                                    let _ = tx.send(HaFrame::Divergent { messages: applied.divergent });
+                                }
+                                if let Some(seq) = applied.ack {
+                                    let _ = tx.send(HaFrame::ReplAck { seq });
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(HaFrame::ReplRefused { reason: e.to_string() });
                             }
                         }),
                     );
@@ -349,6 +363,7 @@ async fn run_conn(
                 HaFrame::ReplAck { seq } => writer.peer_ack(seq),
                 HaFrame::ReplRefused { reason } => monitor.do_send(ReplicationRefused { conn: id, reason }),
                 HaFrame::TakeOver { epoch, last_seq } => monitor.do_send(TakeOverRequest { epoch, last_seq }),
+                HaFrame::Divergent { messages } => monitor.do_send(DivergentMessages { messages }),
                 other => break format!("unexpected frame {other:?}"),
             },
         }
@@ -465,6 +480,14 @@ impl Handler<ReplicationRefused> for PeerMonitor {
             self.stop_replicating("refused by the peer");
             self.maybe_replicate();
         }
+    }
+}
+
+impl Handler<DivergentMessages> for PeerMonitor {
+    type Result = ();
+    fn handle(&mut self, m: DivergentMessages, _: &mut Context<Self>) {
+        tracing::warn!(messages = m.messages.len(), "the peer hands over messages it stored during a split");
+        self.divergent_to.do_send(m);
     }
 }
 

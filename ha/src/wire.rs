@@ -73,6 +73,11 @@ pub enum HaFrame {
     ReplRefused {
         reason: String,
     },
+    /// A node that stepped down after a split: messages it stored and its peer
+    /// never acknowledged (queue key, message), for the active to store.
+    Divergent {
+        messages: Vec<(String, twinmq_store::StoredMessage)>,
+    },
     /// Active to passive during a switchover: everything up to `last_seq` of
     /// `epoch` is yours; take the role with `epoch + 1`.
     TakeOver {

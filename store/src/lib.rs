@@ -41,7 +41,7 @@ pub mod writer;
 pub use op::{BatchBody, Op, QueueKind, QueueSpec, StoredMessage};
 pub use store::{Durability, QueueEntry, Recovered, Store, StoreConfig};
 pub use writer::{
-    ApplyDone, Committed, Completion, FollowerTx, PromoteDone, ReplFrame, Writer, WriterConfig, WriterStats,
+    Applied, ApplyDone, Committed, Completion, FollowerTx, PromoteDone, ReplFrame, Writer, WriterConfig, WriterStats,
 };
 
 /// Store failures.

@@ -45,9 +45,20 @@ use crate::StoreError;
 /// It must not block: send a message and return.
 pub type Completion = Box<dyn FnOnce(Result<Committed, StoreError>) + Send>;
 
-/// Called on the writer thread with the highest sequence now durable here,
-/// or `None` while a snapshot is still loading (nothing to acknowledge yet).
-pub type ApplyDone = Box<dyn FnOnce(Result<Option<u64>, StoreError>) + Send>;
+/// Called on the writer thread once a replication frame is applied.
+pub type ApplyDone = Box<dyn FnOnce(Result<Applied, StoreError>) + Send>;
+
+/// What applying a replication frame produced.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The highest sequence now durable here, or `None` while a snapshot is
+    /// still loading (nothing to acknowledge yet).
+    pub ack: Option<u64>,
+    /// Messages this node stored while it was active that its peer never
+    /// acknowledged (a healed split), by queue key, taken out before the
+    /// snapshot replaced them: the caller sends them to the new active.
+    pub divergent: Vec<(String, crate::StoredMessage)>,
+}
 
 /// Called with the state recovered after a promotion.
 pub type PromoteDone = Box<dyn FnOnce(Result<Recovered, StoreError>) + Send>;
@@ -203,6 +214,8 @@ impl Writer {
             follower: None,
             held: VecDeque::new(),
             snapshot_loading: false,
+            diverged_after: None,
+            divergent: Vec::new(),
         };
         state.publish_stats();
         let handle = std::thread::Builder::new()
@@ -316,6 +329,11 @@ struct WriterState {
     held: VecDeque<Held>,
     /// Passive: between SnapshotBegin and SnapshotEnd.
     snapshot_loading: bool,
+    /// Set when this node stepped down: messages above this sequence were
+    /// never acknowledged by the peer and must be handed to it before a
+    /// snapshot overwrites them.
+    diverged_after: Option<u64>,
+    divergent: Vec<(String, crate::StoredMessage)>,
 }
 
 impl WriterState {
@@ -381,6 +399,14 @@ impl WriterState {
             }
             Request::Promote(epoch, done) => done(self.promote(epoch)),
             Request::Demote(done) => {
+                if self.active {
+                    let acked = self.stats.peer_acked.load(Ordering::Relaxed);
+                    if self.next_seq - 1 > acked {
+                        self.diverged_after = Some(acked);
+                    }
+                }
+                self.follower = None;
+                self.stats.follower_in_sync.store(false, Ordering::Relaxed);
                 self.active = false;
                 for h in self.held.drain(..) {
                     (h.done)(Err(StoreError::NotActive));
@@ -722,6 +748,17 @@ impl WriterState {
 
     // ----- the passive side of replication -----
 
+    /// Live messages stored above `after` (the peer's last acknowledgement).
+    fn divergent_messages(&self, after: u64) -> Result<Vec<(String, crate::StoredMessage)>, StoreError> {
+        let recovered = self.store.recover()?;
+        let mut out = Vec::new();
+        for (queue, messages) in recovered.messages {
+            out.extend(messages.into_iter().filter(|m| m.seq > after).map(|m| (queue.clone(), m)));
+        }
+        out.sort_by_key(|(_, m)| m.seq);
+        Ok(out)
+    }
+
     fn apply_all(&mut self, frames: Vec<(ReplFrame, ApplyDone)>) {
         let mut dones = Vec::with_capacity(frames.len());
         let mut error = None;
@@ -744,7 +781,7 @@ impl WriterState {
         let through = (!self.snapshot_loading).then(|| self.next_seq - 1);
         for done in dones {
             match &error {
-                None => done(Ok(through)),
+                None => done(Ok(Applied { ack: through, divergent: std::mem::take(&mut self.divergent) })),
                 Some(e) => done(Err(StoreError::Replication(e.to_string()))),
             }
         }
@@ -766,6 +803,16 @@ impl WriterState {
                     return Err(StoreError::Fenced { got: epoch, current: self.epoch });
                 }
                 self.stats.in_sync.store(false, Ordering::Relaxed);
+                if let Some(after) = self.diverged_after.take() {
+                    self.divergent = self.divergent_messages(after)?;
+                    if !self.divergent.is_empty() {
+                        tracing::warn!(
+                            messages = self.divergent.len(),
+                            after,
+                            "this node stored messages its peer never acknowledged; handing them to the new active"
+                        );
+                    }
+                }
                 // Durably not a candidate for the cold-start rule while half loaded.
                 self.store.set_last_active(false)?;
                 self.store.db.flush()?;
@@ -856,7 +903,7 @@ fn count_ops(r: &Request) -> usize {
 fn complete(r: Request, result: Result<Committed, StoreError>) {
     match r {
         Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(done) => done(result),
-        Request::Apply(_, done) => done(result.map(|_| None)),
+        Request::Apply(_, done) => done(result.map(|_| Applied::default())),
         Request::Promote(_, done) => done(Err(result.err().unwrap_or(StoreError::Closed))),
         Request::AttachFollower(_) | Request::DetachFollower | Request::PeerAck(_) => {}
     }

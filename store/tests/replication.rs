@@ -39,7 +39,7 @@ fn link(active: &Writer, passive: &Writer) {
             p.apply(
                 frame,
                 Box::new(move |r| {
-                    if let Ok(Some(seq)) = r {
+                    if let Ok(Applied { ack: Some(seq), .. }) = r {
                         a.peer_ack(seq);
                     }
                 }),
@@ -92,7 +92,7 @@ fn records_of_an_older_epoch_are_refused() {
     let apply = |frame| {
         let (tx, rx) = mpsc::channel();
         p.apply(frame, Box::new(move |r| tx.send(r).unwrap()));
-        rx.recv_timeout(Duration::from_secs(5)).unwrap()
+        rx.recv_timeout(Duration::from_secs(5)).unwrap().map(|a| a.ack)
     };
     assert_eq!(apply(ReplFrame::SnapshotBegin { epoch: 3 }).unwrap(), None, "nothing to acknowledge mid-snapshot");
     apply(ReplFrame::SnapshotEnd { next_seq: 10, epoch: 3 }).unwrap();

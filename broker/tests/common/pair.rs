@@ -240,6 +240,8 @@ pub struct PairOptions {
     /// Put a cuttable proxy on each node's first HA path (the "HA cable"),
     /// with the direct address as the second path (the client network).
     pub ha_cable_proxy: bool,
+    /// Put cuttable proxies on both paths (a full split between the nodes).
+    pub all_paths_proxied: bool,
     pub failback_auto: bool,
     pub extra: Vec<String>,
     /// Node b's cluster secret, when it should differ.
@@ -265,7 +267,15 @@ impl Pair {
         let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
         let (a_client, a_ha, b_client, b_ha) = (addr(), addr(), addr(), addr());
         let mut cable = Vec::new();
-        let (a_paths, b_paths) = if opts.ha_cable_proxy {
+        let (a_paths, b_paths) = if opts.all_paths_proxied {
+            let proxies = [Proxy::start(b_ha), Proxy::start(b_ha), Proxy::start(a_ha), Proxy::start(a_ha)];
+            let paths = (
+                format!("{},{}", proxies[0].addr, proxies[1].addr),
+                format!("{},{}", proxies[2].addr, proxies[3].addr),
+            );
+            cable.extend(proxies);
+            paths
+        } else if opts.ha_cable_proxy {
             let to_b = Proxy::start(b_ha);
             let to_a = Proxy::start(a_ha);
             let paths = (format!("{},{}", to_b.addr, b_ha), format!("{},{}", to_a.addr, a_ha));
