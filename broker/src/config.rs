@@ -74,6 +74,7 @@ struct FileConfig {
     probe_failures: Option<u32>,
     failback: Option<String>,
     require_replica: Option<bool>,
+    admin_when_split: Option<bool>,
 }
 
 /// Command-line flags of `twinmqd`. Each overrides the config file key of the same name.
@@ -173,6 +174,9 @@ pub struct Args {
     /// Pair: with `replicated`, refuse publishes while no in-sync peer holds a copy.
     #[arg(long, value_name = "BOOL")]
     pub require_replica: Option<bool>,
+    /// Pair: allow creating and deleting destinations while the peer is down (forced).
+    #[arg(long, value_name = "BOOL")]
+    pub admin_when_split: Option<bool>,
 }
 
 /// The validated configuration.
@@ -198,6 +202,8 @@ pub struct Config {
     /// Set when this node is one of a pair.
     pub pair: Option<twinmq_ha::HaConfig>,
     pub require_replica: bool,
+    /// Allow admin changes while the pair is split (DESIGN.md section 4: refused unless forced).
+    pub admin_when_split: bool,
 }
 
 impl Default for Config {
@@ -221,6 +227,7 @@ impl Default for Config {
             users: Vec::new(),
             pair: None,
             require_replica: false,
+            admin_when_split: false,
         }
     }
 }
@@ -374,6 +381,7 @@ impl Config {
             users,
             pair,
             require_replica,
+            admin_when_split: args.admin_when_split.or(file.admin_when_split).unwrap_or(false),
         })
     }
 }

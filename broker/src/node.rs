@@ -56,6 +56,7 @@ impl Node {
             self.writer.clone(),
             recovered.queues,
             recovered.messages,
+            self.pair.as_ref().map(|(_, status)| status.clone()),
         );
         self.router = Some(router.clone());
         self.router_tx.send_replace(Some(router));

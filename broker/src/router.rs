@@ -45,6 +45,8 @@ pub struct Router {
     durables: HashMap<(String, String), Addr<Queue>>,
     topics: HashMap<String, Addr<Topic>>,
     started: Instant,
+    /// The pair's view (None for a single node): admin changes wait out a split.
+    ha: Option<tokio::sync::watch::Receiver<twinmq_ha::HaStatus>>,
 }
 
 impl Router {
@@ -55,6 +57,7 @@ impl Router {
         writer: Writer,
         queues: BTreeMap<String, QueueEntry>,
         mut messages: HashMap<String, Vec<StoredMessage>>,
+        ha: Option<tokio::sync::watch::Receiver<twinmq_ha::HaStatus>>,
     ) -> Addr<Router> {
         Router::create(move |ctx| {
             let settings = QueueSettings {
@@ -71,6 +74,7 @@ impl Router {
                 durables: HashMap::new(),
                 topics: HashMap::new(),
                 started: Instant::now(),
+                ha,
             };
             let me = ctx.address();
             for (key, entry) in queues {
@@ -161,6 +165,21 @@ impl Router {
         );
     }
 
+    /// Admin changes (creating or deleting destinations) are refused while the
+    /// pair is split, so the two stores never disagree on them, unless forced.
+    fn admin_allowed(&self, what: &str) -> Result<(), ErrorFrame> {
+        let split = self.ha.as_ref().is_some_and(|h| h.borrow().role == twinmq_ha::Role::ActiveAlone);
+        if split && !self.config.admin_when_split {
+            tracing::warn!(what, "admin change refused: the pair is split");
+            return Err(ErrorFrame::new(
+                ErrorCode::InvalidRequest,
+                ErrorContext::Connection,
+                format!("{what} refused: the pair is split (peer down); admin changes wait for the peer unless admin_when_split = true"),
+            ));
+        }
+        Ok(())
+    }
+
     fn topic(&mut self, name: &str) -> Addr<Topic> {
         if let Some(t) = self.topics.get(name) {
             return t.clone();
@@ -199,6 +218,7 @@ impl Handler<Resolve> for Router {
                 if !self.config.auto_create {
                     return Err(unknown(&r.destination));
                 }
+                self.admin_allowed(&format!("creating queue:{name}"))?;
                 Ok(Target::Queue(self.create_queue(name, &ctx.address())))
             }
             DestKind::Topic => Ok(Target::Topic(self.topic(name))),
@@ -223,6 +243,7 @@ impl Handler<OpenDurable> for Router {
         if let Some(q) = self.durables.get(&(d.topic.clone(), d.name.clone())) {
             return Ok(q.clone());
         }
+        self.admin_allowed(&format!("creating durable subscription {} on topic:{}", d.name, d.topic))?;
         tracing::info!(topic = %d.topic, name = %d.name, "creating durable subscription");
         self.submit_admin(Op::PutQueue {
             key: durable_key(&d.topic, &d.name),
@@ -243,6 +264,7 @@ pub struct DeleteDurable {
 impl Handler<DeleteDurable> for Router {
     type Result = Result<(), ErrorFrame>;
     fn handle(&mut self, d: DeleteDurable, _: &mut Context<Self>) -> Self::Result {
+        self.admin_allowed(&format!("deleting durable subscription {} on topic:{}", d.name, d.topic))?;
         let Some(q) = self.durables.remove(&(d.topic.clone(), d.name.clone())) else {
             return Err(ErrorFrame::new(
                 ErrorCode::UnknownDestination,

@@ -280,3 +280,22 @@ async fn after_a_healed_split_the_losing_side_hands_over_what_it_confirmed() {
     let received = consume_all(&pair, "split").await;
     assert_no_loss(&confirmed, &received, "healed split");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_are_refused_while_the_pair_is_split() {
+    let mut pair = Pair::start(PairOptions::default()).await;
+    pair.wait_a_active_b_in_sync().await;
+    let client = Client::connect(pair.client_config()).await.unwrap();
+    client.producer(Destination::queue("existing")).send(Message::persistent("before")).await.unwrap();
+    pair.b.kill9();
+    pair.a.wait_role("active-alone", WAIT).await;
+    // Serving goes on for what exists...
+    client.producer(Destination::queue("existing")).send(Message::persistent("during")).await.unwrap();
+    // ...but creating a destination would make the two stores disagree.
+    let err = client.producer(Destination::queue("brand-new")).send(Message::persistent("x")).await.unwrap_err();
+    assert_eq!(err.code(), Some(twinmq_client::ErrorCode::InvalidRequest), "{err}");
+    assert!(err.to_string().contains("split"), "the error says why: {err}");
+    let err =
+        client.subscribe(Destination::topic("t"), SubscribeOptions::default().durable("new-sub")).await.unwrap_err();
+    assert!(err.to_string().contains("split"), "{err}");
+}

@@ -182,11 +182,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tcp_probe_of_a_silent_address_fails_within_the_timeout() {
-        // TEST-NET-1 (RFC 5737) is never routed: the SYN goes unanswered.
+    async fn tcp_probe_of_a_host_that_stopped_answering_fails_within_the_timeout() {
+        use socket2::{Domain, Protocol, Socket, Type};
+        // A loopback listener that never accepts: once its one-slot backlog is
+        // full, further SYNs are dropped, as for a host that went away.
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        socket.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        socket.listen(1).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let mut fill = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(100), tokio::net::TcpStream::connect(addr)).await
+            {
+                fill.push(s);
+            }
+        }
         let t = Instant::now();
-        let ok = probe(Gateway::Tcp("192.0.2.1:9".parse().unwrap()), Duration::from_millis(200)).await;
-        assert!(!ok || t.elapsed() < Duration::from_millis(300));
+        assert!(!probe(Gateway::Tcp(addr), Duration::from_millis(200)).await, "a full backlog does not answer");
+        assert!(t.elapsed() < Duration::from_millis(400), "bounded by the probe timeout");
+        drop(socket);
+    }
+
+    #[tokio::test]
+    async fn icmp_probe_of_loopback_answers_where_icmp_sockets_are_allowed() {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let allowed = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)).is_ok()
+            || Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).is_ok();
+        if !allowed {
+            eprintln!("SKIPPED: this user may not open ICMP sockets (ping_group_range, not root)");
+            return;
+        }
+        assert!(probe(Gateway::Icmp("127.0.0.1".parse().unwrap()), Duration::from_millis(500)).await);
     }
 
     #[test]
