@@ -249,6 +249,12 @@ async fn after_a_healed_split_the_losing_side_hands_over_what_it_confirmed() {
     // the higher epoch stays and the other hands over its divergent messages.
     let pair = Pair::start(PairOptions { all_paths_proxied: true, ..Default::default() }).await;
     pair.wait_a_active_b_in_sync().await;
+    // The queue exists before the split: creating one during it is refused.
+    let mut confirmed = HashSet::new();
+    let setup = Client::connect(pair.client_config()).await.unwrap();
+    setup.producer(Destination::queue("split")).send(Message::persistent("split-before")).await.unwrap();
+    confirmed.insert("split-before".to_string());
+    drop(setup);
     for p in &pair.cable {
         p.cut();
     }
