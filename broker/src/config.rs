@@ -282,8 +282,9 @@ impl Config {
             return Err(invalid("require_replica", "only meaningful with durability = replicated"));
         }
         let max_frame_bytes = args.max_frame_bytes.or(file.max_frame_bytes).unwrap_or(d.max_frame_bytes);
-        if !(1024..=256 * 1024 * 1024).contains(&max_frame_bytes) {
-            return Err(invalid("max_frame_bytes", format!("{max_frame_bytes} is outside 1024..=268435456")));
+        // Bounded so that a record and its replication frame stay below the HA link's limit.
+        if !(1024..=32 * 1024 * 1024).contains(&max_frame_bytes) {
+            return Err(invalid("max_frame_bytes", format!("{max_frame_bytes} is outside 1024..=33554432")));
         }
         let max_message_bytes = args.max_message_bytes.or(file.max_message_bytes).unwrap_or(d.max_message_bytes);
         if max_message_bytes == 0 || max_message_bytes + 512 > max_frame_bytes {

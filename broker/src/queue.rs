@@ -573,8 +573,7 @@ impl Handler<Close> for Queue {
     }
 }
 
-/// A message another node stored during a split and this node may lack:
-/// stored here unless its idempotence key says it already is.
+/// A message another node stored during a split and this node may lack.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Restore {
@@ -587,8 +586,13 @@ impl Handler<Restore> for Queue {
         let QueueMode::Stored { key } = &self.mode else { return };
         let me = ctx.address();
         let label = self.label.clone();
+        // Not through the producer's idempotence mark: it only says how far the
+        // producer got on this node, and the split may have gone further on the
+        // other. A message both sides have arrives twice (at-least-once).
+        let mut message = r.message;
+        message.producer_id = 0;
         self.writer.submit(
-            vec![Op::Enqueue { message: r.message, queues: vec![key.clone()] }],
+            vec![Op::Enqueue { message, queues: vec![key.clone()] }],
             Box::new(move |res| match res {
                 Ok(c) if !c.duplicate => {
                     for op in c.ops {

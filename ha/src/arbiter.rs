@@ -20,6 +20,9 @@ use crate::wire::{HaFrame, Heartbeat};
 use crate::witness::GatewayReport;
 use crate::Role;
 
+/// How long a peer's switchover request stays valid.
+const TAKEOVER_VALIDITY: Duration = Duration::from_secs(5);
+
 /// What the broker must do for a role change; answered when done.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "Result<(), String>")]
@@ -81,6 +84,8 @@ pub struct RoleArbiter {
     /// come with neither peer nor gateway heard recently).
     lease_granted_at: Instant,
     last_tick: Instant,
+    /// Peer silence is never counted from before this (a stall of this process).
+    silence_floor: Instant,
 }
 
 impl RoleArbiter {
@@ -114,6 +119,7 @@ impl RoleArbiter {
             failovers: 0,
             lease_granted_at: Instant::now(),
             last_tick: Instant::now(),
+            silence_floor: Instant::now(),
         }
     }
 
@@ -134,7 +140,7 @@ impl RoleArbiter {
     }
 
     fn peer_view(&self, now: Instant) -> PeerView {
-        let Some(p) = &self.peer else { return PeerView::Silent { since_ms: 0 } };
+        let Some(p) = &self.peer else { return PeerView::Silent { since_ms: self.ms_since_start(self.silence_floor) } };
         if p.dead {
             return PeerView::Dead;
         }
@@ -146,8 +152,8 @@ impl RoleArbiter {
                 sees_gateway: hb.sees_gateway,
                 in_sync: hb.in_sync,
             }),
-            (Some(t), _) => PeerView::Silent { since_ms: self.ms_since_start(t) },
-            (None, _) => PeerView::Silent { since_ms: 0 },
+            (Some(t), _) => PeerView::Silent { since_ms: self.ms_since_start(t.max(self.silence_floor)) },
+            (None, _) => PeerView::Silent { since_ms: self.ms_since_start(self.silence_floor) },
         }
     }
 
@@ -236,6 +242,18 @@ impl RoleArbiter {
         if self.busy {
             return;
         }
+        if gap >= self.cfg.isolation_timeout && !self.role.serves_clients() {
+            // A passive that stood still judges nothing on what it saw before:
+            // peer silence counts from now and the gateway must answer again.
+            tracing::warn!(
+                stalled_ms = gap.as_millis() as u64,
+                "this process stood still; discarding stale observations"
+            );
+            self.silence_floor = now;
+            self.gateway = false;
+            self.takeover = None;
+            return;
+        }
         if gap >= self.cfg.isolation_timeout && self.role.serves_clients() {
             // This process (or its HA thread) stood still longer than the lease:
             // the peer may have taken over meanwhile. Step down before anything
@@ -245,10 +263,18 @@ impl RoleArbiter {
             return;
         }
         let peer = self.peer_view(now);
+        if self.role.serves_clients() && !matches!(peer, PeerView::Up(_)) {
+            // The peer is down (not a lost connection): release or fail what waits for it.
+            self.writer.peer_down();
+        }
         // A switchover from the peer: promote once we hold everything it had.
         if let Some((req, deadline)) = self.takeover {
             if now > deadline {
                 tracing::warn!("the peer's switchover request expired before this node caught up");
+                self.takeover = None;
+            } else if !matches!(peer, PeerView::Up(p) if !p.role.serves_clients() && p.epoch == req.epoch) {
+                // Only a handover from a peer that is passive now, in the epoch it handed over.
+                tracing::warn!("ignoring a switchover request: the peer is not the passive that sent it");
                 self.takeover = None;
             } else if self.last_seq() >= req.last_seq && !self.role.serves_clients() {
                 self.takeover = None;
@@ -330,9 +356,9 @@ impl RoleArbiter {
             act.busy = false;
             match res {
                 Ok(Ok(())) => {
-                    if to.serves_clients() {
-                        act.was_last_active = true;
-                    }
+                    // A node that stepped down is no longer the last active one.
+                    act.was_last_active = to.serves_clients();
+                    act.takeover = None;
                     act.set_role(to, reason);
                 }
                 Ok(Err(e)) => tracing::error!(command = ?cmd, error = %e, "role transition failed"),
@@ -353,8 +379,9 @@ impl RoleArbiter {
                     if let Some(m) = &act.monitor {
                         m.do_send(SendToPeer(HaFrame::TakeOver { epoch, last_seq }));
                     }
-                    // Leave the peer time to take the role before the both-passive rule applies.
-                    act.holdoff_until = Some(Instant::now() + act.cfg.takeover_delay * 2);
+                    // Leave the peer time to take the role before the both-passive rule
+                    // applies; at least as long as the peer keeps the request valid.
+                    act.holdoff_until = Some(Instant::now() + (act.cfg.takeover_delay * 2).max(TAKEOVER_VALIDITY));
                     act.was_last_active = false;
                     act.set_role(Role::Passive, reason);
                     Ok(())
@@ -414,7 +441,7 @@ impl Handler<TakeOverRequest> for RoleArbiter {
     type Result = ();
     fn handle(&mut self, r: TakeOverRequest, _: &mut Context<Self>) {
         tracing::info!(epoch = r.epoch, last_seq = r.last_seq, "the peer asks this node to take over");
-        self.takeover = Some((r, Instant::now() + Duration::from_secs(5)));
+        self.takeover = Some((r, Instant::now() + TAKEOVER_VALIDITY));
     }
 }
 

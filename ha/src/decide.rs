@@ -121,7 +121,8 @@ fn decide_active(i: &Inputs) -> Decision {
                     Role::Active,
                     "lost the gateway while the peer sees it: this node left the client network",
                 )
-            } else if i.failback_auto && !i.preferred && p.in_sync {
+            } else if i.failback_auto && !i.preferred && p.in_sync && (p.sees_gateway || !i.gateway) {
+                // Not to a peer that lost the gateway: it would hand straight back.
                 d(Action::HandOver, Role::Active, "failback: the preferred peer has caught up")
             } else {
                 d(Action::Stay, Role::Active, "peer up and passive")
@@ -390,6 +391,17 @@ mod tests {
                 Active,
             ),
             ("failback manual, peer preferred: stay", Inputs { preferred: false, ..base(Active) }, Stay, Active),
+            (
+                "failback auto, peer preferred but without the gateway: stay",
+                Inputs {
+                    failback_auto: true,
+                    preferred: false,
+                    peer: up(Passive, |p| p.sees_gateway = false),
+                    ..base(Active)
+                },
+                Stay,
+                Active,
+            ),
             // Peer down, gateway up.
             ("active, peer down, gateway up: alone", Inputs { peer: silent_long, ..base(Active) }, Stay, ActiveAlone),
             (

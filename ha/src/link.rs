@@ -75,7 +75,7 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
         Ok(Ok(s)) => s,
     };
     configure(&stream)?;
-    let mut framed = Framed::new(stream, wire::codec());
+    let mut framed = Framed::new(stream, wire::handshake_codec());
     let my_nonce = wire::nonce();
     framed
         .send(HaFrame::Hello { node_id: auth.node_id.clone(), priority: auth.priority, nonce: my_nonce.clone() })
@@ -97,7 +97,9 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
     let proof = wire::proof(&auth.secret, "dialer", &my_nonce, &their_nonce, &auth.node_id);
     framed.send(HaFrame::Proof { proof }).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
     match next(&mut framed, timeout).await? {
-        HaFrame::Accepted => Ok(Link { framed, peer_id, peer_priority, remote: addr }),
+        HaFrame::Accepted => {
+            Ok(Link { framed: framed.map_codec(|_| wire::codec()), peer_id, peer_priority, remote: addr })
+        }
         HaFrame::Refused { reason } => Err(LinkError::Auth(reason)),
         other => Err(LinkError::Protocol(format!("expected Accepted, got {other:?}"))),
     }
@@ -107,7 +109,7 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
 pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Result<Link, LinkError> {
     configure(&stream)?;
     let remote = stream.peer_addr()?;
-    let mut framed = Framed::new(stream, wire::codec());
+    let mut framed = Framed::new(stream, wire::handshake_codec());
     let (peer_id, peer_priority, their_nonce) = match next(&mut framed, timeout).await? {
         HaFrame::Hello { node_id, priority, nonce } => (node_id, priority, nonce),
         other => return Err(LinkError::Protocol(format!("expected Hello, got {other:?}"))),
@@ -136,5 +138,5 @@ pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Re
         return Err(LinkError::Auth(format!("{remote} claims this node's own id `{peer_id}`")));
     }
     framed.send(HaFrame::Accepted).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
-    Ok(Link { framed, peer_id, peer_priority, remote })
+    Ok(Link { framed: framed.map_codec(|_| wire::codec()), peer_id, peer_priority, remote })
 }

@@ -22,6 +22,14 @@ pub fn codec() -> HaCodec {
     HaCodec::new(MAX_HA_FRAME)
 }
 
+/// Until the peer has proved the secret, frames are small: a stranger must
+/// not make us reserve a large buffer.
+pub const MAX_HANDSHAKE_FRAME: usize = 64 * 1024;
+
+pub fn handshake_codec() -> HaCodec {
+    HaCodec::new(MAX_HANDSHAKE_FRAME)
+}
+
 /// What a node tells its peer every heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {

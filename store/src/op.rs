@@ -102,7 +102,7 @@ impl BatchBody {
         }
         let body: BatchBody =
             rmp_serde::from_slice(&raw[5..]).map_err(|e| StoreError::Corrupt { key, reason: e.to_string() })?;
-        if body.first_seq != key || body.ops.is_empty() {
+        if body.first_seq != key || body.ops.is_empty() || body.first_seq.checked_add(body.ops.len() as u64).is_none() {
             return Err(StoreError::Corrupt { key, reason: "record does not match its key".into() });
         }
         Ok(body)

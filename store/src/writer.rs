@@ -103,6 +103,9 @@ pub enum ReplFrame {
     },
     /// The snapshot is complete; the receiver acknowledges `next_seq - 1`.
     SnapshotEnd { next_seq: u64, epoch: u64 },
+    /// From here on the active holds every confirm for this follower's ack:
+    /// only now may the passive count itself in sync (a takeover candidate).
+    InSync { seq: u64 },
     /// A new record, after the snapshot (same bytes as in the active's log).
     Batch {
         first_seq: u64,
@@ -121,6 +124,9 @@ enum Request {
     Barrier(Completion),
     AttachFollower(FollowerTx),
     DetachFollower,
+    /// The peer is declared down (not just a connection lost): release what
+    /// waits for it as single-copy confirms, or fail it (`require_replica`).
+    PeerDown,
     /// The follower has flushed everything up to this sequence.
     PeerAck(u64),
     /// Passive: apply a frame from the active.
@@ -213,6 +219,7 @@ impl Writer {
             failed: None,
             follower: None,
             held: VecDeque::new(),
+            awaiting_peer: false,
             snapshot_loading: false,
             diverged_after: None,
             divergent: Vec::new(),
@@ -233,7 +240,7 @@ impl Writer {
                 }
                 Request::Apply(_, done) => done(Err(StoreError::Closed)),
                 Request::Promote(_, done) => done(Err(StoreError::Closed)),
-                Request::AttachFollower(_) | Request::DetachFollower | Request::PeerAck(_) => {}
+                Request::AttachFollower(_) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}
             }
         }
     }
@@ -258,6 +265,12 @@ impl Writer {
     /// Active: the follower is gone; release (or fail) what waits for it.
     pub fn detach_follower(&self) {
         self.send(Request::DetachFollower);
+    }
+
+    /// Active: the peer is down (the role arbiter's verdict): confirms that
+    /// wait for it are released as single-copy (or failed with `require_replica`).
+    pub fn peer_down(&self) {
+        self.send(Request::PeerDown);
     }
 
     /// Active: the follower flushed everything through `seq`.
@@ -327,6 +340,9 @@ struct WriterState {
     failed: Option<String>,
     follower: Option<Follower>,
     held: VecDeque<Held>,
+    /// An in-sync follower went away: confirms keep waiting until it is back
+    /// in sync or the peer is declared down (a lost connection is not a lost peer).
+    awaiting_peer: bool,
     /// Passive: between SnapshotBegin and SnapshotEnd.
     snapshot_loading: bool,
     /// Set when this node stepped down: messages above this sequence were
@@ -344,12 +360,14 @@ impl WriterState {
                 r @ (Request::Submit(..) | Request::Barrier(_)) => {
                     pending.push(r);
                     let mut ops = count_ops(&pending[0]);
+                    let mut bytes = count_bytes(&pending[0]);
                     // Group commit: take what is waiting, but stop at anything
                     // that is not a submission (it must see the commit first).
-                    while ops < self.config.max_batch_ops {
+                    while ops < self.config.max_batch_ops && bytes < MAX_BATCH_BYTES {
                         match rx.try_recv() {
                             Ok(r @ (Request::Submit(..) | Request::Barrier(_))) => {
                                 ops += count_ops(&r);
+                                bytes += count_bytes(&r);
                                 pending.push(r);
                             }
                             Ok(other) => {
@@ -381,6 +399,7 @@ impl WriterState {
             }
             Request::AttachFollower(tx) => self.attach(tx),
             Request::DetachFollower => self.detach(),
+            Request::PeerDown => self.peer_down(),
             Request::PeerAck(seq) => self.peer_ack(seq),
             Request::Apply(frame, done) => {
                 // Group the waiting record frames: one flush for all of them.
@@ -530,7 +549,7 @@ impl WriterState {
         }
         if !hold {
             self.release_held(u64::MAX);
-        } else if let Some(f) = &self.follower {
+        } else if let Some(f) = self.follower.as_ref().filter(|f| f.in_sync) {
             // What the follower already acknowledged (a barrier with nothing new) goes now.
             let acked = f.acked;
             self.release_held(acked);
@@ -681,10 +700,25 @@ impl WriterState {
     }
 
     fn detach(&mut self) {
-        if self.follower.take().is_some() {
+        if let Some(f) = self.follower.take() {
             tracing::info!("peer detached from replication");
+            if f.in_sync && self.config.durability == Durability::Replicated {
+                // The passive may still count itself in sync: what waits for it
+                // keeps waiting until it is back, or declared down.
+                self.awaiting_peer = true;
+            }
         }
         self.stats.follower_in_sync.store(false, Ordering::Relaxed);
+        if !self.awaiting_peer {
+            self.peer_down();
+        }
+    }
+
+    fn peer_down(&mut self) {
+        if self.follower.as_ref().is_some_and(|f| f.in_sync) {
+            return; // a stale verdict: the peer is attached and in sync again
+        }
+        self.awaiting_peer = false;
         if !self.lease_valid() {
             // Frozen past the lease: the peer may have taken over without these.
             for h in self.held.drain(..) {
@@ -708,8 +742,12 @@ impl WriterState {
         self.stats.peer_acked.store(f.acked, Ordering::Relaxed);
         if !f.in_sync && f.acked >= f.synced_at {
             f.in_sync = true;
+            self.awaiting_peer = false;
             self.stats.follower_in_sync.store(true, Ordering::Relaxed);
             tracing::info!(seq = f.acked, "peer in sync");
+            // From now on every commit is held for this follower; tell it so.
+            let marker = ReplFrame::InSync { seq: self.next_seq - 1 };
+            self.ship(marker);
         }
         self.release_held(seq);
     }
@@ -846,10 +884,16 @@ impl WriterState {
                 self.dedup = recovered.dedup;
                 self.dirty_dedup.clear();
                 self.snapshot_loading = false;
-                self.stats.in_sync.store(true, Ordering::Relaxed);
+                // Not in sync yet: the active confirms without waiting for us
+                // until it has our ack and sends InSync.
                 self.stats.last_seq.store(self.next_seq - 1, Ordering::Relaxed);
                 tracing::info!(epoch, next_seq, batches = recovered.batches, "snapshot from the peer loaded");
                 Ok(true)
+            }
+            ReplFrame::InSync { seq } if !self.snapshot_loading => {
+                tracing::info!(seq, "in sync with the active: every confirm now waits for this node");
+                self.stats.in_sync.store(true, Ordering::Relaxed);
+                Ok(false)
             }
             ReplFrame::Batch { first_seq, raw, .. } if !self.snapshot_loading => {
                 let body = BatchBody::decode(first_seq, &raw)?;
@@ -885,7 +929,7 @@ impl WriterState {
             other => Err(StoreError::Replication(format!(
                 "unexpected {} frame",
                 match other {
-                    ReplFrame::Batch { .. } => "record (snapshot still loading)",
+                    ReplFrame::Batch { .. } | ReplFrame::InSync { .. } => "stream frame (snapshot still loading)",
                     _ => "snapshot (no snapshot begun)",
                 }
             ))),
@@ -900,11 +944,29 @@ fn count_ops(r: &Request) -> usize {
     }
 }
 
+/// Payload bytes of a request, so that one record (and the replication frame
+/// carrying it) stays far below the HA link's frame limit.
+fn count_bytes(r: &Request) -> usize {
+    match r {
+        Request::Submit(ops, _) => ops
+            .iter()
+            .map(|op| match op {
+                Op::Enqueue { message, .. } => message.payload.len() + 256,
+                _ => 64,
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// Most payload bytes gathered into one group commit.
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
 fn complete(r: Request, result: Result<Committed, StoreError>) {
     match r {
         Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(done) => done(result),
         Request::Apply(_, done) => done(result.map(|_| Applied::default())),
         Request::Promote(_, done) => done(Err(result.err().unwrap_or(StoreError::Closed))),
-        Request::AttachFollower(_) | Request::DetachFollower | Request::PeerAck(_) => {}
+        Request::AttachFollower(_) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}
     }
 }

@@ -69,7 +69,12 @@ fn passive_gets_snapshot_then_stream_and_can_take_over_with_everything() {
     submit(&a, vec![Op::Ack { queue: "q".into(), seq: first.first_seq }]).unwrap();
     // With replicated durability and an in-sync follower, a confirm means the passive has it.
     assert!(a.stats().follower_in_sync.load(std::sync::atomic::Ordering::Relaxed));
-    assert!(p.stats().in_sync.load(std::sync::atomic::Ordering::Relaxed));
+    // The passive counts itself in sync only once the active's InSync marker arrived.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !p.stats().in_sync.load(std::sync::atomic::Ordering::Relaxed) {
+        assert!(std::time::Instant::now() < deadline, "the passive never got the InSync marker");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     // Local submissions on the passive are refused.
     assert!(matches!(submit(&p, vec![Op::DeleteQueue { key: "q".into() }]), Err(StoreError::NotActive)));
