@@ -128,13 +128,19 @@ pub async fn run(
     }
     if let Some(p) = &pair {
         p.stop();
+        // Nobody will declare the peer down now: release what waits for it
+        // (durable here) rather than wait forever.
+        writer.detach_follower();
+        writer.peer_down();
     }
     // Wait until every op submitted so far is committed.
     let (tx, rx) = tokio::sync::oneshot::channel();
     writer.barrier(Box::new(move |_| {
         let _ = tx.send(());
     }));
-    let _ = rx.await;
+    if tokio::time::timeout(Duration::from_secs(10), rx).await.is_err() {
+        tracing::error!("the store writer did not drain within 10 s; closing anyway");
+    }
     drop(node);
     for a in &io {
         a.stop();

@@ -102,10 +102,14 @@ impl Pair {
             failovers: 0,
         };
         let (status_tx, status) = watch::channel(initial);
+        // The first heartbeat may go out before the arbiter's first tick: it
+        // must already tell the truth about the store (the both-passive
+        // election compares it).
+        let stats = writer.stats();
         let (hb_tx, hb_rx) = watch::channel(wire::Heartbeat {
             role: Role::PassiveSyncing,
-            epoch: 0,
-            last_seq: 0,
+            epoch: stats.epoch.load(std::sync::atomic::Ordering::Relaxed),
+            last_seq: stats.last_seq.load(std::sync::atomic::Ordering::Relaxed),
             sees_gateway: false,
             in_sync: false,
         });
