@@ -108,10 +108,14 @@ impl Handler<RoleCommand> for Node {
                     Ok(())
                 }))
             }
-            RoleCommand::Deactivate => {
+            RoleCommand::Deactivate { still_last_active } => {
                 self.stop_serving(Role::Passive);
                 let w = self.writer.clone();
-                Box::pin(writer_call(move |done| w.demote(done)).into_actor(self).map(|res, _, _| res.map(|_| ())))
+                Box::pin(
+                    writer_call(move |done| w.demote(still_last_active, done))
+                        .into_actor(self)
+                        .map(|res, _, _| res.map(|_| ())),
+                )
             }
             RoleCommand::Drain => {
                 self.stop_serving(Role::Passive);
@@ -121,7 +125,7 @@ impl Handler<RoleCommand> for Node {
                     // Everything committed so far is confirmed (replicated: the peer has it).
                     let drained = tokio::time::timeout(DRAIN_LIMIT, writer_call(move |done| w.barrier(done))).await;
                     // Stop writing local ops either way: this node no longer serves.
-                    writer_call(move |done| w2.demote(done)).await?;
+                    writer_call(move |done| w2.demote(false, done)).await?;
                     match drained {
                         Ok(r) => r.map(|_| ()),
                         Err(_) => Err(format!("the peer did not acknowledge everything within {DRAIN_LIMIT:?}")),

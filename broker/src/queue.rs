@@ -297,6 +297,15 @@ pub struct Publish {
     pub permit: Option<OwnedSemaphorePermit>,
 }
 
+/// The code a client acts on: a publish refused because this node stopped
+/// serving is to be resent to the new active, not reported as a failure.
+pub fn store_error_code(e: &twinmq_store::StoreError) -> ErrorCode {
+    match e {
+        twinmq_store::StoreError::NotActive => ErrorCode::NotActive,
+        _ => ErrorCode::StoreFailed,
+    }
+}
+
 fn confirm_frame(producer_id: u64, seq: u64) -> ServerFrame {
     ServerFrame::Confirm { producer_id, seq }
 }
@@ -341,7 +350,7 @@ impl Handler<Publish> for Queue {
                             }
                             Err(e) => {
                                 tracing::error!(queue = %label, error = %e, "store failed; publish not confirmed");
-                                let _ = reply.send(publish_error(pid, pseq, ErrorCode::StoreFailed, e.to_string()));
+                                let _ = reply.send(publish_error(pid, pseq, store_error_code(&e), e.to_string()));
                             }
                         }
                     }),
@@ -556,18 +565,24 @@ impl Handler<GetStats> for Queue {
     }
 }
 
-/// The queue was deleted: tell its consumers and stop.
+/// Stop the queue. `reason: Some(_)`: the queue was deleted, its consumers
+/// are told. `None`: this node stopped serving; the consumers' connections
+/// close and their clients re-create them on the new active, so they must
+/// not hear that their consumer ended.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Close {
-    pub reason: String,
+    pub reason: Option<String>,
 }
 
 impl Handler<Close> for Queue {
     type Result = ();
     fn handle(&mut self, c: Close, ctx: &mut Context<Self>) {
-        for consumer in &self.consumers {
-            let _ = consumer.out.send(ServerFrame::ConsumerClosed { sub_id: consumer.key.1, reason: c.reason.clone() });
+        if let Some(reason) = &c.reason {
+            for consumer in &self.consumers {
+                let _ =
+                    consumer.out.send(ServerFrame::ConsumerClosed { sub_id: consumer.key.1, reason: reason.clone() });
+            }
         }
         ctx.stop();
     }

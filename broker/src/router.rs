@@ -276,7 +276,7 @@ impl Handler<DeleteDurable> for Router {
         tracing::info!(topic = %d.topic, name = %d.name, "deleting durable subscription");
         self.topic(&d.topic).do_send(topic::SetDurable { key: key.clone(), queue: None });
         self.submit_admin(Op::DeleteQueue { key });
-        q.do_send(queue::Close { reason: "durable subscription deleted".into() });
+        q.do_send(queue::Close { reason: Some("durable subscription deleted".into()) });
         Ok(())
     }
 }
@@ -362,7 +362,7 @@ impl Handler<StopAll> for Router {
     type Result = ();
     fn handle(&mut self, _: StopAll, ctx: &mut Context<Self>) {
         for q in self.queues.values().chain(self.durables.values()) {
-            q.do_send(queue::Close { reason: "this node stopped serving".into() });
+            q.do_send(queue::Close { reason: None });
         }
         self.queues.clear();
         self.durables.clear();

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use twinmq_protocol::{Destination, ErrorCode, ErrorContext, ErrorFrame, ServerFrame};
+use twinmq_protocol::{Destination, ErrorContext, ErrorFrame, ServerFrame};
 use twinmq_store::{Op, StoredMessage, Writer};
 
 use crate::queue::{self, AddConsumer, ConsumerKey, Push, Queue, QueueMode, QueueSettings, Stored};
@@ -81,7 +81,7 @@ impl Handler<queue::Publish> for Topic {
                     Err(e) => {
                         tracing::error!(topic = %name, error = %e, "store failed; publish not confirmed");
                         let _ = reply.send(ServerFrame::Error(ErrorFrame::new(
-                            ErrorCode::StoreFailed,
+                            crate::queue::store_error_code(&e),
                             ErrorContext::Publish { producer_id: pid, seq: pseq },
                             e.to_string(),
                         )));

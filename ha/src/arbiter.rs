@@ -30,7 +30,9 @@ pub enum RoleCommand {
     /// Promote the store to `epoch` and start serving.
     Activate { epoch: u64 },
     /// Stop serving at once (close client connections) and demote the store.
-    Deactivate,
+    /// `still_last_active`: stepped down for lack of a majority, with nobody
+    /// known to have taken over: the cold-start rule may bring it back.
+    Deactivate { still_last_active: bool },
     /// Stop serving, wait until every committed op is confirmed (with
     /// `replicated`: acknowledged by the peer), then demote the store.
     Drain,
@@ -259,10 +261,19 @@ impl RoleArbiter {
             // the peer may have taken over meanwhile. Step down before anything
             // else, without renewing the lease (the writer already refuses).
             tracing::warn!(stalled_ms = gap.as_millis() as u64, "this process was frozen past its lease");
-            self.transition(RoleCommand::Deactivate, Role::Passive, "frozen past the lease: stepping down", ctx);
+            self.transition(
+                RoleCommand::Deactivate { still_last_active: false },
+                Role::Passive,
+                "frozen past the lease: stepping down",
+                ctx,
+            );
             return;
         }
         let peer = self.peer_view(now);
+        if matches!(peer, PeerView::Up(p) if p.role.serves_clients()) && !self.role.serves_clients() {
+            // Someone else serves: this node is not the last active one any more.
+            self.was_last_active = false;
+        }
         if self.role.serves_clients() && !matches!(peer, PeerView::Up(_)) {
             // The peer is down (not a lost connection): release or fail what waits for it.
             self.writer.peer_down();
@@ -336,7 +347,10 @@ impl RoleArbiter {
                 let epoch = self.epoch().max(peer_epoch) + 1;
                 self.transition(RoleCommand::Activate { epoch }, Role::Active, d.reason, ctx);
             }
-            Action::StepDown => self.transition(RoleCommand::Deactivate, d.role, d.reason, ctx),
+            Action::StepDown => {
+                let still_last_active = d.role == Role::Isolated;
+                self.transition(RoleCommand::Deactivate { still_last_active }, d.role, d.reason, ctx)
+            }
             Action::HandOver => self.hand_over(d.reason, ctx),
         }
     }
@@ -356,8 +370,10 @@ impl RoleArbiter {
             act.busy = false;
             match res {
                 Ok(Ok(())) => {
-                    // A node that stepped down is no longer the last active one.
-                    act.was_last_active = to.serves_clients();
+                    // A node that stepped down is no longer the last active one,
+                    // unless it only lost its majority (isolated).
+                    act.was_last_active =
+                        to.serves_clients() || matches!(cmd, RoleCommand::Deactivate { still_last_active: true });
                     act.takeover = None;
                     act.set_role(to, reason);
                 }

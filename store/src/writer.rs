@@ -133,8 +133,10 @@ enum Request {
     Apply(ReplFrame, ApplyDone),
     /// Become active in `epoch`, and recover the live state for serving.
     Promote(u64, PromoteDone),
-    /// Become passive: refuse local submissions from now on.
-    Demote(Completion),
+    /// Become passive: refuse local submissions from now on. `true`: this node
+    /// stays the last active one (it stepped down for lack of a majority, and
+    /// nobody is known to have taken over).
+    Demote(bool, Completion),
 }
 
 /// Counters readable from any thread.
@@ -235,7 +237,7 @@ impl Writer {
     fn send(&self, r: Request) {
         if let Err(crossbeam_channel::SendError(r)) = self.tx.send(r) {
             match r {
-                Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(done) => {
+                Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(_, done) => {
                     done(Err(StoreError::Closed))
                 }
                 Request::Apply(_, done) => done(Err(StoreError::Closed)),
@@ -289,8 +291,8 @@ impl Writer {
     }
 
     /// Become passive; `done` runs once no further local op will be written.
-    pub fn demote(&self, done: Completion) {
-        self.send(Request::Demote(done));
+    pub fn demote(&self, still_last_active: bool, done: Completion) {
+        self.send(Request::Demote(still_last_active, done));
     }
 
     pub fn stats(&self) -> &WriterStats {
@@ -417,7 +419,7 @@ impl WriterState {
                 self.apply_all(batch);
             }
             Request::Promote(epoch, done) => done(self.promote(epoch)),
-            Request::Demote(done) => {
+            Request::Demote(still_last_active, done) => {
                 if self.active {
                     let acked = self.stats.peer_acked.load(Ordering::Relaxed);
                     if self.next_seq - 1 > acked {
@@ -430,7 +432,7 @@ impl WriterState {
                 for h in self.held.drain(..) {
                     (h.done)(Err(StoreError::NotActive));
                 }
-                if let Err(e) = self.store.set_last_active(false).and_then(|_| Ok(self.store.db.flush()?)) {
+                if let Err(e) = self.store.set_last_active(still_last_active).and_then(|_| Ok(self.store.db.flush()?)) {
                     tracing::error!(error = %e, "could not record the step-down");
                 }
                 self.stats.in_sync.store(false, Ordering::Relaxed);
@@ -964,7 +966,7 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 fn complete(r: Request, result: Result<Committed, StoreError>) {
     match r {
-        Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(done) => done(result),
+        Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(_, done) => done(result),
         Request::Apply(_, done) => done(result.map(|_| Applied::default())),
         Request::Promote(_, done) => done(Err(result.err().unwrap_or(StoreError::Closed))),
         Request::AttachFollower(_) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}

@@ -1,0 +1,573 @@
+//! [`Lab`]: the network plus the processes on it (the gateway's listener,
+//! the two brokers, a role monitor beside each broker), the faults that act
+//! on processes (kill -9, restart, SIGSTOP/SIGCONT), waits on the nodes'
+//! reported roles, and the event log the checker reads.
+//!
+//! Every process is this program re-executed under `ip netns exec` (a
+//! broker is `<exe> broker ARGS`, the daemon's own flags), so the lab needs
+//! no other binary. Files of a run, in the lab directory: `events.jsonl`
+//! (faults and repairs with their time), `roles-a.jsonl`/`roles-b.jsonl`
+//! (monitor samples), `workload.jsonl`, broker logs `a-1.log`, `a-2.log` ...
+//! (one per start), the data directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use super::checker::{self, Report};
+use super::monitor::Sample;
+use super::net::{self, Cable, Host, Net};
+use super::proc::{now_us, signal, JsonLines, LineTail};
+use super::workload::{Workload, WorkloadArgs};
+
+pub const CLIENT_PORT: u16 = 5570;
+pub const HA_PORT: u16 = 5571;
+/// The gateway host's TCP port (for `--gateway tcp://...`; the lab probes by ICMP).
+pub const GATEWAY_TCP_PORT: u16 = 5599;
+pub const CLUSTER_SECRET: &str = "cable-lab-cluster-secret";
+
+/// Pair timings (milliseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub heartbeat: u64,
+    pub peer_timeout: u64,
+    pub isolation_timeout: u64,
+    pub takeover_delay: u64,
+    pub probe_interval: u64,
+}
+
+impl Timings {
+    /// DESIGN.md section 4 defaults: what an operator runs.
+    pub const DEFAULT: Timings = Timings {
+        heartbeat: 100,
+        peer_timeout: 1000,
+        isolation_timeout: 1000,
+        takeover_delay: 1500,
+        probe_interval: 200,
+    };
+}
+
+/// One node of the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    A,
+    B,
+}
+
+impl Node {
+    pub fn name(self) -> &'static str {
+        match self {
+            Node::A => "a",
+            Node::B => "b",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Node> {
+        match s {
+            "a" => Some(Node::A),
+            "b" => Some(Node::B),
+            _ => None,
+        }
+    }
+
+    pub fn other(self) -> Node {
+        match self {
+            Node::A => Node::B,
+            Node::B => Node::A,
+        }
+    }
+
+    fn host(self) -> Host {
+        match self {
+            Node::A => Host::A,
+            Node::B => Host::B,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Its client address, as the client host dials it.
+    pub fn client_addr(self) -> String {
+        match self {
+            Node::A => format!("{}:{CLIENT_PORT}", net::A_IP),
+            Node::B => format!("{}:{CLIENT_PORT}", net::B_IP),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Namespaces are `tmqlab-<tag>-<host>`; the tag starts with our pid.
+    pub tag: String,
+    /// Where the run's files go (created; not removed).
+    pub dir: PathBuf,
+    /// The cable-lab executable, re-executed for every process of the lab.
+    pub exe: PathBuf,
+    pub timings: Timings,
+    pub failback_auto: bool,
+}
+
+impl LabOptions {
+    /// A fresh tag for this process: `<pid>-<n>`.
+    pub fn unique_tag() -> String {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}-{n}", std::process::id())
+    }
+}
+
+/// A broker process and how many times it was started.
+struct Broker {
+    node: Node,
+    child: Option<Child>,
+    starts: u32,
+    frozen: bool,
+}
+
+pub struct Lab {
+    pub opts: LabOptions,
+    brokers: [Broker; 2],
+    helpers: Vec<Child>,
+    roles: [LineTail; 2],
+    /// Every sample read so far, per node.
+    samples: [Vec<Sample>; 2],
+    /// How many samples per node `role_changes` has looked at.
+    seen: [usize; 2],
+    /// Cables pulled now (for `status`).
+    pub pulled: Vec<Cable>,
+    events: JsonLines,
+    pub started: Instant,
+    /// Declared last: dropped after every process is gone.
+    pub net: Net,
+}
+
+impl Lab {
+    /// Build the network and start the gateway, both brokers (A preferred)
+    /// and their monitors. Returns once both brokers answer their monitors.
+    pub fn start(opts: LabOptions) -> anyhow::Result<Lab> {
+        std::fs::create_dir_all(&opts.dir).with_context(|| format!("create {}", opts.dir.display()))?;
+        let net = Net::create(&opts.tag)?;
+        let events = JsonLines::create(&opts.dir.join("events.jsonl"))?;
+        events.write(&json!({"t": now_us(), "ev": "lab started", "fault": false}));
+        let roles = [LineTail::new(opts.dir.join("roles-a.jsonl")), LineTail::new(opts.dir.join("roles-b.jsonl"))];
+        let mut lab = Lab {
+            brokers: [Node::A, Node::B].map(|node| Broker { node, child: None, starts: 0, frozen: false }),
+            helpers: Vec::new(),
+            roles,
+            samples: [Vec::new(), Vec::new()],
+            seen: [0, 0],
+            pulled: Vec::new(),
+            events,
+            started: Instant::now(),
+            opts,
+            net,
+        };
+        let gw = lab
+            .spawn(Host::Gateway, &["gateway-serve".into(), GATEWAY_TCP_PORT.to_string()], "gateway.log")
+            .context("start the gateway's listener")?;
+        lab.helpers.push(gw);
+        for node in [Node::A, Node::B] {
+            lab.start_broker(node)?;
+            let out = lab.opts.dir.join(format!("roles-{}.jsonl", node.name()));
+            let args = [
+                "monitor".to_string(),
+                "--node".into(),
+                node.name().into(),
+                "--addr".into(),
+                format!("127.0.0.1:{CLIENT_PORT}"),
+                "--out".into(),
+                out.display().to_string(),
+            ];
+            let m = lab.spawn(node.host(), &args, &format!("monitor-{}.log", node.name()))?;
+            lab.helpers.push(m);
+        }
+        let since = now_us();
+        lab.wait("both brokers answering", since, Duration::from_secs(30), |a, b| {
+            a.role.is_some() && b.role.is_some()
+        })?;
+        Ok(lab)
+    }
+
+    fn spawn(&self, host: Host, args: &[String], log: &str) -> anyhow::Result<Child> {
+        let log = std::fs::File::create(self.opts.dir.join(log))?;
+        self.net
+            .command_in(host, &self.opts.exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start `{}` in {}", args.join(" "), self.net.ns(host)))
+    }
+
+    fn broker_args(&self, node: Node) -> Vec<String> {
+        let t = self.opts.timings;
+        let (peer_ha, peer_switch, priority) = match node {
+            Node::A => (net::B_HA_IP, net::B_IP, "200"),
+            Node::B => (net::A_HA_IP, net::A_IP, "100"),
+        };
+        let data = self.opts.dir.join(format!("{}-data", node.name()));
+        let v = [
+            "broker".to_string(),
+            "--node-id".into(),
+            node.name().into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen".into(),
+            format!("0.0.0.0:{CLIENT_PORT}"),
+            "--ha-listen".into(),
+            format!("0.0.0.0:{HA_PORT}"),
+            // The dedicated cable first, the client network second.
+            "--peer-ha".into(),
+            format!("{peer_ha}:{HA_PORT},{peer_switch}:{HA_PORT}"),
+            "--peer-client".into(),
+            format!("{peer_switch}:{CLIENT_PORT}"),
+            "--gateway".into(),
+            format!("icmp://{}", net::GATEWAY_IP),
+            "--cluster-secret".into(),
+            CLUSTER_SECRET.into(),
+            "--priority".into(),
+            priority.into(),
+            "--failback".into(),
+            (if self.opts.failback_auto { "auto" } else { "manual" }).into(),
+            "--heartbeat-ms".into(),
+            t.heartbeat.to_string(),
+            "--peer-timeout-ms".into(),
+            t.peer_timeout.to_string(),
+            "--isolation-timeout-ms".into(),
+            t.isolation_timeout.to_string(),
+            "--takeover-delay-ms".into(),
+            t.takeover_delay.to_string(),
+            "--probe-interval-ms".into(),
+            t.probe_interval.to_string(),
+        ];
+        v.to_vec()
+    }
+
+    fn start_broker(&mut self, node: Node) -> anyhow::Result<()> {
+        let args = self.broker_args(node);
+        let starts = self.brokers[node.index()].starts + 1;
+        let log = std::fs::File::create(self.log_path(node, starts))?;
+        let child = self
+            .net
+            .command_in(node.host(), &self.opts.exe)
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start broker {}", node.name()))?;
+        let b = &mut self.brokers[node.index()];
+        b.child = Some(child);
+        b.starts = starts;
+        b.frozen = false;
+        Ok(())
+    }
+
+    pub fn log_path(&self, node: Node, start: u32) -> PathBuf {
+        self.opts.dir.join(format!("{}-{start}.log", node.name()))
+    }
+
+    /// The node's current log (since its last start), colour codes removed.
+    pub fn log(&self, node: Node) -> String {
+        let text = std::fs::read_to_string(self.log_path(node, self.brokers[node.index()].starts)).unwrap_or_default();
+        strip_ansi(&text)
+    }
+
+    /// The last `lines` lines of the node's current log.
+    pub fn log_tail(&self, node: Node, lines: usize) -> String {
+        let text = self.log(node);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    fn event(&self, name: &str, fault: bool) -> u64 {
+        let t = now_us();
+        self.events.write(&json!({"t": t, "ev": name, "fault": fault}));
+        t
+    }
+
+    // ---- faults: cables ----
+    //
+    // Each event is timestamped once the fault is in effect (the `ip`
+    // command returned, the signal was sent), so that nothing sent after
+    // that time can still slip through the old path.
+
+    /// Pull these cables at once; returns the event's time.
+    pub fn pull(&mut self, cables: &[Cable]) -> anyhow::Result<u64> {
+        for c in cables {
+            self.net.pull(*c)?;
+            if !self.pulled.contains(c) {
+                self.pulled.push(*c);
+            }
+        }
+        Ok(self.event(&format!("pull {}", names(cables)), true))
+    }
+
+    pub fn replug(&mut self, cables: &[Cable]) -> anyhow::Result<u64> {
+        for c in cables {
+            self.net.replug(*c)?;
+            self.pulled.retain(|p| p != c);
+        }
+        Ok(self.event(&format!("replug {}", names(cables)), false))
+    }
+
+    pub fn netem(&mut self, cable: Cable, args: &[&str]) -> anyhow::Result<u64> {
+        self.net.netem(cable, args)?;
+        Ok(self.event(&format!("netem {} {}", cable.name(), args.join(" ")), true))
+    }
+
+    pub fn netem_off(&mut self, cable: Cable) -> anyhow::Result<u64> {
+        self.net.netem_off(cable)?;
+        Ok(self.event(&format!("netem {} off", cable.name()), false))
+    }
+
+    // ---- faults: processes ----
+
+    /// `kill -9` of these nodes, back to back (SIGKILL first to all, then reap).
+    pub fn kill(&mut self, nodes: &[Node]) -> u64 {
+        for n in nodes {
+            if let Some(c) = &mut self.brokers[n.index()].child {
+                let _ = c.kill();
+            }
+        }
+        let label: Vec<&str> = nodes.iter().map(|n| n.name()).collect();
+        let t = self.event(&format!("kill -9 {}", label.join("+")), true);
+        for n in nodes {
+            let b = &mut self.brokers[n.index()];
+            if let Some(mut c) = b.child.take() {
+                let _ = c.wait();
+            }
+            b.frozen = false;
+        }
+        t
+    }
+
+    /// Start a killed node again on its data directory.
+    pub fn restart(&mut self, node: Node) -> anyhow::Result<u64> {
+        if self.brokers[node.index()].child.is_some() {
+            bail!("{} is running: kill it first", node.name());
+        }
+        self.start_broker(node)?;
+        Ok(self.event(&format!("restart {}", node.name()), false))
+    }
+
+    /// SIGSTOP: the process stays, silent.
+    pub fn freeze(&mut self, node: Node) -> anyhow::Result<u64> {
+        signal(self.pid(node)?, "STOP");
+        self.brokers[node.index()].frozen = true;
+        Ok(self.event(&format!("freeze {}", node.name()), true))
+    }
+
+    pub fn thaw(&mut self, node: Node) -> anyhow::Result<u64> {
+        signal(self.pid(node)?, "CONT");
+        self.brokers[node.index()].frozen = false;
+        Ok(self.event(&format!("thaw {}", node.name()), false))
+    }
+
+    fn pid(&self, node: Node) -> anyhow::Result<u32> {
+        match &self.brokers[node.index()].child {
+            Some(c) => Ok(c.id()),
+            None => bail!("{} is not running", node.name()),
+        }
+    }
+
+    // ---- roles ----
+
+    /// Read the monitors' new samples; fail if a broker died on its own.
+    pub fn refresh(&mut self) -> anyhow::Result<()> {
+        for i in 0..2 {
+            for line in self.roles[i].read() {
+                if let Ok(s) = serde_json::from_str::<Sample>(&line) {
+                    self.samples[i].push(s);
+                }
+            }
+        }
+        for i in 0..2 {
+            let node = self.brokers[i].node;
+            if let Some(c) = &mut self.brokers[i].child {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.brokers[i].child = None;
+                    bail!("broker {} exited by itself ({status}); log:\n{}", node.name(), self.log_tail(node, 40));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Role changes in the samples read since the last call: (time, node, from, to).
+    pub fn role_changes(&mut self) -> Vec<(u64, Node, String, String)> {
+        let mut out = Vec::new();
+        for node in [Node::A, Node::B] {
+            let i = node.index();
+            for k in self.seen[i].max(1)..self.samples[i].len() {
+                let (prev, s) = (&self.samples[i][k - 1], &self.samples[i][k]);
+                if prev.role() != s.role() {
+                    out.push((s.t1, node, prev.role().to_string(), s.role().to_string()));
+                }
+            }
+            self.seen[i] = self.samples[i].len();
+        }
+        out.sort_by_key(|c| c.0);
+        out
+    }
+
+    /// Every sample of `node` read so far.
+    pub fn samples(&self, node: Node) -> &[Sample] {
+        &self.samples[node.index()]
+    }
+
+    /// The latest sample of `node` whose request went out at or after `since`.
+    pub fn latest(&self, node: Node, since: u64) -> Option<&Sample> {
+        self.samples[node.index()].last().filter(|s| s.t0 >= since)
+    }
+
+    /// Poll the monitors until `pred(a, b)` holds for samples taken after
+    /// `since` (microseconds), or fail after `timeout` with both nodes'
+    /// last status and log lines.
+    pub fn wait(
+        &mut self,
+        what: &str,
+        since: u64,
+        timeout: Duration,
+        pred: impl Fn(&Sample, &Sample) -> bool,
+    ) -> anyhow::Result<(Sample, Sample)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.refresh()?;
+            if let (Some(a), Some(b)) = (self.latest(Node::A, since), self.latest(Node::B, since)) {
+                if pred(a, b) {
+                    return Ok((a.clone(), b.clone()));
+                }
+            }
+            if Instant::now() > deadline {
+                let show = |n: Node| self.samples[n.index()].last().map_or("none".into(), |s| format!("{s:?}"));
+                bail!(
+                    "not reached within {timeout:?}: {what}\nlast sample of a: {}\nlast sample of b: {}\n--- log a:\n{}\n--- log b:\n{}",
+                    show(Node::A),
+                    show(Node::B),
+                    self.log_tail(Node::A, 25),
+                    self.log_tail(Node::B, 25)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Wait until `active` is active (`active`, not alone) and the other
+    /// node is passive and in sync.
+    pub fn wait_stable(&mut self, active: Node, since: u64, timeout: Duration) -> anyhow::Result<()> {
+        let what = format!("{} active, {} passive and in sync", active.name(), active.other().name());
+        self.wait(&what, since, timeout, |a, b| {
+            let (x, y) = if active == Node::A { (a, b) } else { (b, a) };
+            x.role() == "active" && y.is_in_sync_passive()
+        })
+        .map(|_| ())
+    }
+
+    /// Wait until one node is active and the other in sync; returns the active one.
+    pub fn wait_any_stable(&mut self, since: u64, timeout: Duration) -> anyhow::Result<Node> {
+        let (a, _) = self.wait("one active, the other passive and in sync", since, timeout, |a, b| {
+            (a.role() == "active" && b.is_in_sync_passive()) || (b.role() == "active" && a.is_in_sync_passive())
+        })?;
+        Ok(if a.role() == "active" { Node::A } else { Node::B })
+    }
+
+    /// Let `d` pass (during a fault), reading the monitors meanwhile.
+    pub fn hold(&mut self, d: Duration) -> anyhow::Result<()> {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            self.refresh()?;
+            std::thread::sleep(Duration::from_millis(25).min(end.saturating_duration_since(Instant::now())));
+        }
+        self.refresh()
+    }
+
+    // ---- workload and checker ----
+
+    /// The workload's flags: both nodes, queue `lab`, 200 messages/s with
+    /// up to 32 in flight, at most 15 minutes and 200,000 messages.
+    pub fn workload_args(&self) -> WorkloadArgs {
+        WorkloadArgs {
+            servers: vec![Node::A.client_addr(), Node::B.client_addr()],
+            queue: "lab".into(),
+            out: self.opts.dir.join("workload.jsonl"),
+            rate: 200,
+            window: 32,
+            size: 128,
+            max_messages: 200_000,
+            max_seconds: 900,
+        }
+    }
+
+    /// Start a workload on the client host and wait for its first message to
+    /// go round (which also creates the queue, before any fault).
+    pub fn start_workload(&self, args: &WorkloadArgs) -> anyhow::Result<Workload> {
+        let command = self.net.command_in(Host::Client, &self.opts.exe);
+        let mut w = Workload::spawn(command, args, &self.opts.dir.join("workload.log"))?;
+        w.wait_ready(Duration::from_secs(30))?;
+        Ok(w)
+    }
+
+    /// Run the checker on what was recorded so far.
+    pub fn report(&self, title: &str) -> Report {
+        self.events.flush();
+        checker::check(&self.opts.dir, title)
+    }
+
+    fn stop_processes(&mut self) {
+        for b in &mut self.brokers {
+            if let Some(mut c) = b.child.take() {
+                if b.frozen {
+                    signal(c.id(), "CONT");
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for mut h in self.helpers.drain(..) {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_processes();
+        // `net` drops next: it deletes the namespaces.
+    }
+}
+
+/// The daemon colours its log even into a file; drop the escape sequences.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters final-letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn names(cables: &[Cable]) -> String {
+    cables.iter().map(|c| c.name()).collect::<Vec<_>>().join("+")
+}
