@@ -95,18 +95,10 @@ enum Cmd {
 }
 
 fn main() {
-    // `broker ARGS`: the daemon itself, as lab.rs does for the loopback demo.
-    let mut raw = std::env::args_os();
-    let program = raw.next();
-    if raw.next().is_some_and(|a| a == "broker") {
-        proc::exit_with_parent();
-        std::process::exit(twinmq_broker::daemon::main_with_args(program.into_iter().chain(raw)));
-    }
+    // `broker ARGS`: the daemon itself, ending with the lab that started it.
+    twinmq_examples::lab::run_as_broker_if_asked(proc::exit_with_parent);
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    twinmq_examples::lab::init_tracing();
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -6,7 +6,7 @@
 //!
 //! `cargo run --release` runs it; `--help` lists flags.
 
-mod lab;
+use twinmq_examples::lab;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,12 +29,9 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    lab::run_as_broker_if_asked();
+    lab::run_as_broker_if_asked(|| {});
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    lab::init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(demo(args))
 }

@@ -5,7 +5,7 @@
 //! Prints each run and the median and max; checks at the end that no
 //! confirmed message was lost. Measures, asserts no timing.
 
-mod lab;
+use twinmq_examples::lab;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,12 +44,9 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    lab::run_as_broker_if_asked();
+    lab::run_as_broker_if_asked(|| {});
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    lab::init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(bench(args))
 }

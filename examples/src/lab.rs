@@ -1,6 +1,6 @@
 //! A local pair on loopback for the demos: two real daemon processes (this
 //! binary re-executed as `broker ...`), a pullable gateway, status polling.
-#![allow(dead_code)]
+//! Also what every lab shares: the pair's timings and the re-exec.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -12,14 +12,23 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use twinmq_client::{AdminClient, ClientConfig};
 
-/// If invoked as `<binary> broker ARGS...`, run the daemon and exit.
-pub fn run_as_broker_if_asked() {
+/// If invoked as `<binary> broker ARGS...`, run `before`, then the daemon, and exit.
+pub fn run_as_broker_if_asked(before: impl FnOnce()) {
     let mut args = std::env::args_os();
     let program = args.next();
     if args.next().is_some_and(|a| a == "broker") {
+        before();
         let argv = program.into_iter().chain(args);
         std::process::exit(twinmq_broker::daemon::main_with_args(argv));
     }
+}
+
+/// Logs to stderr at `RUST_LOG` (default: errors only), for the example binaries.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
@@ -86,6 +95,20 @@ impl Timings {
     /// The tightest timings we support on this machine.
     pub const TIGHT: Timings =
         Timings { heartbeat: 20, peer_timeout: 150, isolation_timeout: 150, takeover_delay: 200, probe_interval: 30 };
+
+    /// The `twinmqd` flags that set these timings.
+    pub fn args(&self) -> Vec<String> {
+        [
+            ("--heartbeat-ms", self.heartbeat),
+            ("--peer-timeout-ms", self.peer_timeout),
+            ("--isolation-timeout-ms", self.isolation_timeout),
+            ("--takeover-delay-ms", self.takeover_delay),
+            ("--probe-interval-ms", self.probe_interval),
+        ]
+        .iter()
+        .flat_map(|(flag, ms)| [flag.to_string(), ms.to_string()])
+        .collect()
+    }
 }
 
 pub struct Node {
@@ -198,7 +221,6 @@ impl Pair {
         let gateway = Gateway::start()?;
         let (a_client, a_ha, b_client, b_ha) = (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
         let args = |peer_ha: SocketAddr, peer_client: SocketAddr, priority: &str| -> Vec<String> {
-            let t = timings;
             let mut v: Vec<String> = vec![
                 "--peer-ha".into(),
                 peer_ha.to_string(),
@@ -210,17 +232,8 @@ impl Pair {
                 "demo-cluster-secret".into(),
                 "--priority".into(),
                 priority.into(),
-                "--heartbeat-ms".into(),
-                t.heartbeat.to_string(),
-                "--peer-timeout-ms".into(),
-                t.peer_timeout.to_string(),
-                "--isolation-timeout-ms".into(),
-                t.isolation_timeout.to_string(),
-                "--takeover-delay-ms".into(),
-                t.takeover_delay.to_string(),
-                "--probe-interval-ms".into(),
-                t.probe_interval.to_string(),
             ];
+            v.extend(timings.args());
             v.extend(extra.iter().map(|s| s.to_string()));
             v
         };

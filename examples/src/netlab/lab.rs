@@ -29,26 +29,7 @@ pub const HA_PORT: u16 = 5571;
 pub const GATEWAY_TCP_PORT: u16 = 5599;
 pub const CLUSTER_SECRET: &str = "cable-lab-cluster-secret";
 
-/// Pair timings (milliseconds).
-#[derive(Debug, Clone, Copy)]
-pub struct Timings {
-    pub heartbeat: u64,
-    pub peer_timeout: u64,
-    pub isolation_timeout: u64,
-    pub takeover_delay: u64,
-    pub probe_interval: u64,
-}
-
-impl Timings {
-    /// DESIGN.md section 4 defaults: what an operator runs.
-    pub const DEFAULT: Timings = Timings {
-        heartbeat: 100,
-        peer_timeout: 1000,
-        isolation_timeout: 1000,
-        takeover_delay: 1500,
-        probe_interval: 200,
-    };
-}
+pub use crate::lab::Timings;
 
 /// One node of the pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +193,7 @@ impl Lab {
             Node::B => (net::A_HA_IP, net::A_IP, "100"),
         };
         let data = self.opts.dir.join(format!("{}-data", node.name()));
-        let v = [
+        let mut v = vec![
             "broker".to_string(),
             "--node-id".into(),
             node.name().into(),
@@ -235,18 +216,9 @@ impl Lab {
             priority.into(),
             "--failback".into(),
             (if self.opts.failback_auto { "auto" } else { "manual" }).into(),
-            "--heartbeat-ms".into(),
-            t.heartbeat.to_string(),
-            "--peer-timeout-ms".into(),
-            t.peer_timeout.to_string(),
-            "--isolation-timeout-ms".into(),
-            t.isolation_timeout.to_string(),
-            "--takeover-delay-ms".into(),
-            t.takeover_delay.to_string(),
-            "--probe-interval-ms".into(),
-            t.probe_interval.to_string(),
         ];
-        v.to_vec()
+        v.extend(t.args());
+        v
     }
 
     fn start_broker(&mut self, node: Node) -> anyhow::Result<()> {
