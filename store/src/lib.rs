@@ -38,8 +38,8 @@ pub mod op;
 pub mod store;
 pub mod writer;
 
-pub use op::{BatchBody, Op, QueueKind, QueueSpec, StoredMessage};
-pub use store::{Durability, QueueEntry, Recovered, Store, StoreConfig};
+pub use op::{BatchBody, Grant, Op, Permission, QueueKind, QueueSpec, StoredMessage, UserRecord};
+pub use store::{Durability, QueueEntry, Recovered, Store, StoreConfig, UserEntry};
 pub use writer::{
     Applied, ApplyDone, Committed, Completion, FollowerTx, PromoteDone, ReplFrame, Writer, WriterConfig, WriterStats,
 };

@@ -45,6 +45,34 @@ pub struct QueueSpec {
     pub kind: QueueKind,
 }
 
+/// What a grant allows on the destinations its pattern matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Permission {
+    /// Publish to the destination.
+    Produce,
+    /// Subscribe to the destination (and receive from it).
+    Consume,
+    /// Create, delete and purge the destination; on `#`, manage the pair,
+    /// users and ACLs.
+    Admin,
+}
+
+/// One ACL entry: `permission` on every destination `pattern` matches (see
+/// the broker's `security` module for the pattern language).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Grant {
+    pub permission: Permission,
+    pub pattern: String,
+}
+
+/// An admin object: a user allowed to connect, and what they may do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// argon2 PHC string; the password itself is never stored or replicated.
+    pub password_hash: String,
+    pub grants: Vec<Grant>,
+}
+
 /// One change to the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
@@ -56,12 +84,16 @@ pub enum Op {
     PutQueue { key: String, spec: QueueSpec },
     /// Delete the stored queue `key` with every message it holds.
     DeleteQueue { key: String },
+    /// Create or replace the user `name` (password hash and grants).
+    PutUser { name: String, user: UserRecord },
+    /// Remove the user `name`.
+    DeleteUser { name: String },
 }
 
 impl Op {
     /// Admin ops are materialised in the admin tree and do not keep their batch alive.
     pub fn is_admin(&self) -> bool {
-        matches!(self, Op::PutQueue { .. } | Op::DeleteQueue { .. })
+        matches!(self, Op::PutQueue { .. } | Op::DeleteQueue { .. } | Op::PutUser { .. } | Op::DeleteUser { .. })
     }
 }
 

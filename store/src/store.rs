@@ -1,14 +1,15 @@
 //! Opening the sled database and recovering live state from it.
 //!
 //! Trees: `log` (batch records by first sequence), `admin` (stored queues and
-//! durable subscriptions, materialised), `producers` (idempotence high-water
+//! durable subscriptions under their queue keys `q/..`, `d/..`; users and
+//! their grants under `u/<name>`; materialised), `producers` (idempotence high-water
 //! marks that outlived their batches), `meta` (node id, epoch, sequence floor).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use crate::index::LiveIndex;
-use crate::op::{BatchBody, Op, QueueSpec, StoredMessage};
+use crate::op::{BatchBody, Op, QueueSpec, StoredMessage, UserRecord};
 use crate::StoreError;
 
 const META_EPOCH: &[u8] = b"epoch";
@@ -73,6 +74,16 @@ pub struct QueueEntry {
     pub created_seq: u64,
 }
 
+/// Admin tree key prefix of users.
+pub(crate) const USER_PREFIX: &str = "u/";
+
+/// A stored user as recovered: the record and the sequence of the op that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UserEntry {
+    pub user: UserRecord,
+    pub seq: u64,
+}
+
 /// Handle on the database. Cheap to clone (sled trees are reference counted).
 #[derive(Clone)]
 pub struct Store {
@@ -96,6 +107,8 @@ pub struct Recovered {
     /// Sequence number the next op gets.
     pub next_seq: u64,
     pub queues: BTreeMap<String, QueueEntry>,
+    /// Users by name.
+    pub users: BTreeMap<String, UserRecord>,
     /// Live messages per queue key, in sequence order.
     pub messages: HashMap<String, Vec<StoredMessage>>,
     /// Producer id -> highest producer sequence stored.
@@ -109,7 +122,24 @@ fn be_u64(v: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
 }
 
+fn decode_user(key: &str, raw: &[u8]) -> Result<UserEntry, StoreError> {
+    rmp_serde::from_slice(raw).map_err(|e| StoreError::Corrupt { key: 0, reason: format!("admin entry {key}: {e}") })
+}
+
 impl Store {
+    /// The users as stored right now. Safe from any thread: the broker reads
+    /// them while the writer thread works (a passive node's admin logins).
+    pub fn users(&self) -> Result<BTreeMap<String, UserRecord>, StoreError> {
+        let mut users = BTreeMap::new();
+        for kv in self.admin.scan_prefix(USER_PREFIX.as_bytes()) {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let entry = decode_user(&key, &v)?;
+            users.insert(key[USER_PREFIX.len()..].to_string(), entry.user);
+        }
+        Ok(users)
+    }
+
     /// Open (or create) the store at `config.path` and recover its live state.
     ///
     /// Fails with [`StoreError::Corrupt`] if any record fails its checksum: a
@@ -139,17 +169,25 @@ impl Store {
         let mut next_seq = self.meta.get(META_NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1).max(1);
 
         let mut queues = BTreeMap::new();
+        let mut user_seq = 0;
         for kv in self.admin.iter() {
             let (k, v) = kv?;
             let key = String::from_utf8_lossy(&k).into_owned();
+            if key.starts_with(USER_PREFIX) {
+                let entry = decode_user(&key, &v)?;
+                user_seq = user_seq.max(entry.seq);
+                continue;
+            }
             let entry: QueueEntry = rmp_serde::from_slice(&v)
                 .map_err(|e| StoreError::Corrupt { key: 0, reason: format!("admin entry {key}: {e}") })?;
             queues.insert(key, entry);
         }
+        let users = self.users()?;
 
         // An admin entry is written before its batch record; if the record was
         // lost in a crash, its sequence number must still never be reused.
         next_seq = next_seq.max(queues.values().map(|e: &QueueEntry| e.created_seq + 1).max().unwrap_or(1));
+        next_seq = next_seq.max(user_seq + 1);
 
         let mut dedup: HashMap<u64, u64> = HashMap::new();
         for kv in self.producers.iter() {
@@ -207,7 +245,7 @@ impl Store {
             self.log.apply_batch(b)?;
         }
 
-        Ok(Recovered { epoch, next_seq, queues, messages, dedup, index, batches })
+        Ok(Recovered { epoch, next_seq, queues, users, messages, dedup, index, batches })
     }
 
     /// Write what must survive the deletion of batch records: the next

@@ -38,7 +38,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::index::LiveIndex;
 use crate::op::{BatchBody, Op};
-use crate::store::{Durability, QueueEntry, Recovered, Store};
+use crate::store::{Durability, QueueEntry, Recovered, Store, UserEntry, USER_PREFIX};
 use crate::StoreError;
 
 /// Called on the writer thread once the submission is durable (or failed).
@@ -167,6 +167,8 @@ pub struct WriterStats {
 #[derive(Clone)]
 pub struct Writer {
     tx: Sender<Request>,
+    /// For reads of admin objects from other threads (sled is thread-safe).
+    store: Store,
     stats: Arc<WriterStats>,
     lease_base: Instant,
 }
@@ -209,7 +211,7 @@ impl Writer {
         let lease_base = Instant::now();
         let state = WriterState {
             lease_base,
-            store,
+            store: store.clone(),
             active: config.active,
             config,
             epoch: recovered.epoch,
@@ -231,7 +233,7 @@ impl Writer {
             .name("twinmq-store-writer".into())
             .spawn(move || state.run(rx))
             .map_err(StoreError::Thread)?;
-        Ok((Writer { tx, stats, lease_base }, handle))
+        Ok((Writer { tx, store, stats, lease_base }, handle))
     }
 
     fn send(&self, r: Request) {
@@ -245,6 +247,11 @@ impl Writer {
                 Request::AttachFollower(_) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}
             }
         }
+    }
+
+    /// The users as stored now (committed here, or applied from the active).
+    pub fn users(&self) -> Result<std::collections::BTreeMap<String, crate::UserRecord>, StoreError> {
+        self.store.users()
     }
 
     /// Queue `ops` for the next group commit; `done` runs when they are durable.
@@ -603,6 +610,14 @@ impl WriterState {
                 }
                 Op::DeleteQueue { key } => {
                     self.store.admin.remove(key.as_bytes())?;
+                }
+                Op::PutUser { name, user } => {
+                    let entry = UserEntry { user: user.clone(), seq: body.first_seq + i as u64 };
+                    let raw = rmp_serde::to_vec(&entry).map_err(|e| StoreError::Encode(e.to_string()))?;
+                    self.store.admin.insert(format!("{USER_PREFIX}{name}").as_bytes(), raw)?;
+                }
+                Op::DeleteUser { name } => {
+                    self.store.admin.remove(format!("{USER_PREFIX}{name}").as_bytes())?;
                 }
                 _ => {}
             }

@@ -145,3 +145,26 @@ fn a_corrupted_record_refuses_to_open() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+#[test]
+fn users_survive_reopen_and_their_sequence_is_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut rec) = open(dir.path());
+    let (w, h) = Writer::start(store.clone(), &mut rec, WriterConfig::default()).unwrap();
+    let u = UserRecord {
+        password_hash: "$argon2id$fake".into(),
+        grants: vec![Grant { permission: Permission::Consume, pattern: "#".into() }],
+    };
+    let c = submit(&w, vec![Op::PutUser { name: "app".into(), user: u.clone() }]);
+    submit(&w, vec![Op::PutUser { name: "tmp".into(), user: u.clone() }]);
+    submit(&w, vec![Op::DeleteUser { name: "tmp".into() }]);
+    drop(w);
+    h.join().unwrap();
+    store.close().unwrap();
+
+    let (_store, rec) = open(dir.path());
+    assert_eq!(rec.users.len(), 1);
+    assert_eq!(rec.users["app"], u);
+    assert!(rec.next_seq > c.first_seq);
+    assert!(rec.queues.is_empty(), "user entries are not mistaken for queues");
+}

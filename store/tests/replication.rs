@@ -121,3 +121,36 @@ fn require_replica_refuses_without_a_follower() {
     let (w, _h) = Writer::start(store, &mut rec, cfg).unwrap();
     assert!(matches!(submit(&w, vec![Op::DeleteQueue { key: "x".into() }]), Err(StoreError::NoReplica)));
 }
+
+fn user(hash: &str, grants: &[(Permission, &str)]) -> UserRecord {
+    UserRecord {
+        password_hash: hash.into(),
+        grants: grants.iter().map(|(p, pat)| Grant { permission: *p, pattern: pat.to_string() }).collect(),
+    }
+}
+
+#[test]
+fn users_and_grants_reach_the_passive_by_snapshot_and_by_stream() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_sa, a) = open(da.path(), true);
+    let (_sp, p) = open(dp.path(), false);
+    // Before the link: travels in the snapshot.
+    submit(&a, vec![Op::PutUser { name: "ops".into(), user: user("h1", &[(Permission::Admin, "#")]) }]).unwrap();
+    submit(&a, vec![Op::PutUser { name: "gone".into(), user: user("h2", &[]) }]).unwrap();
+    link(&a, &p);
+    // After the link: travels in the stream, including a change and a removal.
+    submit(&a, vec![Op::PutUser { name: "app".into(), user: user("h3", &[(Permission::Produce, "orders.*")]) }])
+        .unwrap();
+    submit(&a, vec![Op::PutUser { name: "ops".into(), user: user("h4", &[(Permission::Admin, "#")]) }]).unwrap();
+    submit(&a, vec![Op::DeleteUser { name: "gone".into() }]).unwrap();
+
+    let users = p.users().unwrap();
+    assert_eq!(users.keys().collect::<Vec<_>>(), vec!["app", "ops"]);
+    assert_eq!(users["ops"].password_hash, "h4");
+    assert_eq!(users["app"].grants, vec![Grant { permission: Permission::Produce, pattern: "orders.*".into() }]);
+
+    let (tx, rx) = mpsc::channel();
+    p.promote(2, Box::new(move |r| tx.send(r).unwrap()));
+    let rec = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(rec.users, users, "a promoted passive serves with the replicated users");
+}
