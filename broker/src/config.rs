@@ -30,14 +30,35 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
 }
 
-/// A user allowed to connect. Prefer `password_hash` (an argon2 PHC string
+/// A user allowed to connect, defined in the file (static: `twinmq user`
+/// commands cannot change it). Prefer `password_hash` (an argon2 PHC string
 /// from `twinmq hash-password`); a plain `password` is hashed at start.
+/// `grants` (`PERMISSION:PATTERN`, see `security.rs`) default to everything:
+/// `produce:#`, `consume:#`, `admin:#`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
     pub password_hash: Option<String>,
     pub password: Option<String>,
+    pub grants: Option<Vec<String>>,
+}
+
+impl UserConfig {
+    /// The user's grants, parsed (defaults to everything).
+    pub fn acl(&self) -> Result<Vec<twinmq_protocol::AclGrant>, String> {
+        match &self.grants {
+            None => Ok(["produce:#", "consume:#", "admin:#"].iter().filter_map(|g| g.parse().ok()).collect()),
+            Some(gs) => gs
+                .iter()
+                .map(|g| {
+                    let grant: twinmq_protocol::AclGrant = g.parse()?;
+                    crate::security::Pattern::parse(&grant.pattern)?;
+                    Ok(grant)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The file format. Every field is optional; defaults are in [`Config::default`].
@@ -342,12 +363,18 @@ impl Config {
         let mut users = file.users.unwrap_or_default();
         for u in &args.users {
             let (name, hash) = u.split_once('=').ok_or_else(|| invalid("users", format!("`{u}` is not NAME=HASH")))?;
-            users.push(UserConfig { name: name.into(), password_hash: Some(hash.into()), password: None });
+            users.push(UserConfig {
+                name: name.into(),
+                password_hash: Some(hash.into()),
+                password: None,
+                grants: None,
+            });
         }
         for u in &users {
             if u.name.is_empty() {
                 return Err(invalid("users", "a user has an empty name"));
             }
+            u.acl().map_err(|e| invalid("users", format!("user `{}`: {e}", u.name)))?;
             match (&u.password_hash, &u.password) {
                 (Some(h), None) => {
                     argon2::PasswordHash::new(h).map_err(|e| {

@@ -22,10 +22,11 @@ use twinmq_protocol::{ClientFrame, ErrorCode, ErrorContext, ErrorFrame, FrameCod
 
 use tracing::Instrument;
 
-use crate::auth::{AuthOutcome, Users};
+use crate::auth::AuthOutcome;
 use crate::config::Config;
 use crate::node::{self, Node};
 use crate::router::Router;
+use crate::security::SecurityDb;
 use crate::session::{Closed, Incoming, Outbound, Session};
 use crate::Shared;
 
@@ -47,7 +48,8 @@ pub struct ConnectionContext {
     /// The destinations, while this node is active.
     pub router: watch::Receiver<Option<Addr<Router>>>,
     pub node: Addr<Node>,
-    pub users: Users,
+    /// Users and ACLs of the moment (published by the `Node`).
+    pub security: watch::Receiver<Arc<SecurityDb>>,
     pub shared: Shared,
     /// Flips to true when the broker shuts down.
     pub shutdown: watch::Receiver<bool>,
@@ -99,7 +101,7 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
     }
     if admin {
         tracing::info!(user = ?user, "admin connection");
-        serve_admin(reader, writer, &cx).await;
+        serve_admin(reader, writer, &cx, user).await;
         return;
     }
     // The router of the moment; the connection ends when this node stops serving.
@@ -114,7 +116,19 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
     let tx = Outbound::new(raw_tx, queued.clone());
     let (close_tx, close_rx) = oneshot::channel();
     let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx, queued.clone()));
-    let session = Session::new(id, peer, user, tx.clone(), router, cx.node.clone(), cx.config.clone()).start();
+    let mut security = cx.security.clone();
+    security.mark_unchanged();
+    let session = Session::new(
+        id,
+        peer,
+        user.clone(),
+        tx.clone(),
+        router,
+        cx.node.clone(),
+        cx.config.clone(),
+        cx.security.clone(),
+    )
+    .start();
     let permits = Arc::new(Semaphore::new(cx.config.max_inflight_per_connection));
     let mut shutdown = cx.shutdown.clone();
     let mut role = cx.shared.role_watch();
@@ -134,6 +148,14 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
                 tracing::info!("this node stopped serving; closing the client connection");
                 let _ = tx.send(connection_error(ErrorCode::NotActive, "this node stopped serving; reconnect to the active node"));
                 break;
+            }
+            changed = security.changed() => {
+                if changed.is_ok() && !security.borrow_and_update().still_valid(user.as_deref()) {
+                    tracing::warn!(user = ?user, "user removed; closing the connection");
+                    let _ = tx.send(connection_error(ErrorCode::NotAuthenticated, "this user was removed"));
+                    break;
+                }
+                continue;
             }
         };
         match next {
@@ -190,6 +212,7 @@ async fn serve_admin(
     mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
     mut writer: FramedWrite<OwnedWriteHalf, Codec>,
     cx: &ConnectionContext,
+    user: Option<String>,
 ) {
     while let Some(frame) = reader.next().await {
         let reply = match frame {
@@ -202,10 +225,11 @@ async fn serve_admin(
                 Ok(json) => ServerFrame::StatusReply { req, json: json.to_string() },
                 Err(_) => return,
             },
-            Ok(ClientFrame::Admin { req, command }) => {
-                tracing::info!(?command, "operator command");
-                match cx.node.send(node::Admin(command)).await {
-                    Ok(Ok(())) => ServerFrame::Done { req },
+            Ok(ClientFrame::Admin { req, command, force }) => {
+                tracing::info!(user = ?user, command = command.name(), force, "operator command");
+                match cx.node.send(node::Admin { command, user: user.clone(), force }).await {
+                    Ok(Ok(node::AdminReply::Done)) => ServerFrame::Done { req },
+                    Ok(Ok(node::AdminReply::Json(json))) => ServerFrame::AdminReply { req, json: json.to_string() },
                     Ok(Err((code, message))) => {
                         ServerFrame::Error(ErrorFrame::new(code, ErrorContext::Request { req }, message))
                     }
@@ -255,11 +279,20 @@ async fn handshake(
     if !admin && !cx.shared.role().serves_clients() {
         return Err(Some(ServerFrame::NotActive { active_hint: peer_hint(cx) }));
     }
-    let users = cx.users.clone();
-    let outcome = tokio::task::spawn_blocking(move || users.check(user.as_deref(), password.as_deref()))
+    // A passive node learns users by replication: the node reads them fresh.
+    let security = match cx.node.send(node::CurrentSecurity).await {
+        Ok(db) => db,
+        Err(_) => cx.security.borrow().clone(),
+    };
+    let db = security.clone();
+    let outcome = tokio::task::spawn_blocking(move || db.check_password(user.as_deref(), password.as_deref()))
         .await
         .unwrap_or(AuthOutcome::Refused("authentication failed"));
     match outcome {
+        AuthOutcome::Accepted(user) if admin && !security.is_some_admin(user.as_deref()) => {
+            tracing::warn!(client = %client_name, user = ?user, "admin connection refused: no admin grant");
+            Err(Some(connection_error(ErrorCode::NotAuthorized, "this user holds no admin grant")))
+        }
         AuthOutcome::Accepted(user) => {
             tracing::debug!(client = %client_name, "authenticated");
             Ok((user, admin))

@@ -19,6 +19,7 @@ pub mod listener;
 pub mod node;
 pub mod queue;
 pub mod router;
+pub mod security;
 pub mod server;
 pub mod session;
 pub mod topic;

@@ -9,17 +9,19 @@
 //! connection at once and demotes the store; `Drain` (switchover) does the
 //! same after every committed op is confirmed.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 use twinmq_ha::{ForcePromote, HaStatus, Role, RoleCommand, Switchover};
-use twinmq_protocol::AdminCommand;
-use twinmq_store::{Recovered, Writer};
+use twinmq_protocol::{AclGrant, AdminCommand, Destination, ErrorCode, ErrorFrame, Permission};
+use twinmq_store::{Op, Recovered, UserRecord, Writer};
 
 use crate::config::Config;
 use crate::router::{self, Router};
+use crate::security::{self, SecurityDb, StaticUser};
 use crate::Shared;
 
 /// How long a switchover waits for the peer to acknowledge what was committed.
@@ -34,22 +36,85 @@ pub struct Node {
     router: Option<Addr<Router>>,
     /// The pair's arbiter and status, when this node is one of a pair.
     pair: Option<(Addr<twinmq_ha::RoleArbiter>, watch::Receiver<HaStatus>)>,
+    /// Users from the configuration file (fixed for the process's life).
+    statics: Arc<Vec<StaticUser>>,
+    /// Stored users as this node knows them: what it committed (active) or
+    /// last read from its replicated store (passive). The one owner of user
+    /// changes, so concurrent commands cannot lose each other's updates.
+    users: BTreeMap<String, UserRecord>,
+    /// Every session and connection checks against the latest snapshot.
+    security_tx: watch::Sender<Arc<SecurityDb>>,
+}
+
+/// What an admin command answers: done, or a listing.
+#[derive(Debug)]
+pub enum AdminReply {
+    Done,
+    Json(serde_json::Value),
+}
+
+/// An admin command's outcome; errors carry the code the client acts on.
+pub type AdminResult = Result<AdminReply, (ErrorCode, String)>;
+
+fn frame_err(e: ErrorFrame) -> (ErrorCode, String) {
+    (e.code, e.message)
+}
+
+fn user_name_ok(name: &str) -> Result<(), (ErrorCode, String)> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c.is_whitespace() || c == '/') {
+        return Err((
+            ErrorCode::InvalidRequest,
+            format!("user name `{name}` must be 1-64 bytes without spaces, control characters or `/`"),
+        ));
+    }
+    Ok(())
 }
 
 impl Node {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
         shared: Shared,
         writer: Writer,
         role_tx: watch::Sender<Role>,
         router_tx: watch::Sender<Option<Addr<Router>>>,
+        statics: Arc<Vec<StaticUser>>,
+        users: BTreeMap<String, UserRecord>,
+        security_tx: watch::Sender<Arc<SecurityDb>>,
     ) -> Node {
-        Node { config, shared, writer, role_tx, router_tx, router: None, pair: None }
+        let mut node =
+            Node { config, shared, writer, role_tx, router_tx, router: None, pair: None, statics, users, security_tx };
+        node.publish_security();
+        node
+    }
+
+    /// Build the snapshot every connection checks against from `self.users`.
+    fn publish_security(&mut self) {
+        let db = SecurityDb::build(&self.statics, &self.users);
+        self.security_tx.send_replace(Arc::new(db));
+    }
+
+    /// The current rules. A node that does not serve learns user changes only
+    /// through replication, so it reads them from its store first.
+    fn current_security(&mut self) -> Arc<SecurityDb> {
+        if !self.shared.role().serves_clients() {
+            match self.writer.users() {
+                Ok(users) if users != self.users => {
+                    self.users = users;
+                    self.publish_security();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot read users from the store; using the last known"),
+            }
+        }
+        self.security_tx.borrow().clone()
     }
 
     /// Start serving from recovered state.
     pub fn serve(&mut self, recovered: Recovered) {
         self.shared.epoch.store(recovered.epoch, Ordering::Relaxed);
+        self.users = recovered.users.clone();
+        self.publish_security();
         let router = Router::start(
             self.config.clone(),
             self.shared.clone(),
@@ -205,46 +270,289 @@ impl Handler<GetNodeStatus> for Node {
     }
 }
 
-/// An operator command from an admin connection.
+/// The rules of the moment (a passive node refreshes them from its store).
 #[derive(Message)]
-#[rtype(result = "Result<(), (twinmq_protocol::ErrorCode, String)>")]
-pub struct Admin(pub AdminCommand);
+#[rtype(result = "Arc<SecurityDb>")]
+pub struct CurrentSecurity;
+
+impl Handler<CurrentSecurity> for Node {
+    type Result = MessageResult<CurrentSecurity>;
+    fn handle(&mut self, _: CurrentSecurity, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.current_security())
+    }
+}
+
+/// An operator command from an admin connection, by `user`.
+#[derive(Message)]
+#[rtype(result = "AdminResult")]
+pub struct Admin {
+    pub command: AdminCommand,
+    pub user: Option<String>,
+    /// Let a change of destinations, users or ACLs through while the pair is split.
+    pub force: bool,
+}
+
+impl Node {
+    fn router_or_not_active(&self) -> Result<Addr<Router>, (ErrorCode, String)> {
+        self.router.clone().ok_or_else(|| {
+            (ErrorCode::NotActive, "this node is not active; send this command to the active node".to_string())
+        })
+    }
+
+    /// Users (static and stored) with their grants.
+    fn user_listing(&self, only: Option<&str>) -> serde_json::Value {
+        let mut out = Vec::new();
+        for s in self.statics.iter() {
+            let grants: Vec<String> = s.grants.iter().map(ToString::to_string).collect();
+            out.push(serde_json::json!({"name": s.name, "source": "config", "grants": grants}));
+        }
+        for (name, u) in &self.users {
+            if self.statics.iter().any(|s| &s.name == name) {
+                continue;
+            }
+            let grants: Vec<String> = u.grants.iter().map(|g| security::from_store_grant(g).to_string()).collect();
+            out.push(serde_json::json!({"name": name, "source": "store", "grants": grants}));
+        }
+        out.retain(|u| only.is_none_or(|o| u["name"] == o));
+        serde_json::json!({ "users": out })
+    }
+
+    /// Validate a user or ACL change against the current users; returns the op to store.
+    fn user_change(&self, command: &AdminCommand) -> Result<(Op, BTreeMap<String, UserRecord>), (ErrorCode, String)> {
+        let invalid = |m: String| (ErrorCode::InvalidRequest, m);
+        let mut users = self.users.clone();
+        let not_static = |name: &str| {
+            if self.statics.iter().any(|s| s.name == name) {
+                Err(invalid(format!("user `{name}` is defined in the configuration file; change it there")))
+            } else {
+                Ok(())
+            }
+        };
+        let existing = |users: &BTreeMap<String, UserRecord>, name: &str| {
+            users.get(name).cloned().ok_or_else(|| invalid(format!("no user `{name}`")))
+        };
+        let check_grant = |g: &AclGrant| security::Pattern::parse(&g.pattern).map(|_| ()).map_err(invalid);
+        let op = match command {
+            AdminCommand::UserAdd { name, password_hash, grants } => {
+                user_name_ok(name)?;
+                not_static(name)?;
+                if users.contains_key(name) {
+                    return Err(invalid(format!("user `{name}` already exists (use `twinmq user passwd`)")));
+                }
+                crate::auth::valid_hash(password_hash).map_err(invalid)?;
+                grants.iter().try_for_each(check_grant)?;
+                let mut gs: Vec<_> = grants.iter().map(security::to_store_grant).collect();
+                gs.sort();
+                gs.dedup();
+                let user = UserRecord { password_hash: password_hash.clone(), grants: gs };
+                users.insert(name.clone(), user.clone());
+                Op::PutUser { name: name.clone(), user }
+            }
+            AdminCommand::UserPasswd { name, password_hash } => {
+                not_static(name)?;
+                let mut user = existing(&users, name)?;
+                crate::auth::valid_hash(password_hash).map_err(invalid)?;
+                user.password_hash = password_hash.clone();
+                users.insert(name.clone(), user.clone());
+                Op::PutUser { name: name.clone(), user }
+            }
+            AdminCommand::UserRm { name } => {
+                not_static(name)?;
+                existing(&users, name)?;
+                users.remove(name);
+                Op::DeleteUser { name: name.clone() }
+            }
+            AdminCommand::AclGrant { user: name, grant } => {
+                not_static(name)?;
+                check_grant(grant)?;
+                let mut user = existing(&users, name)?;
+                let g = security::to_store_grant(grant);
+                if !user.grants.contains(&g) {
+                    user.grants.push(g);
+                    user.grants.sort();
+                }
+                users.insert(name.clone(), user.clone());
+                Op::PutUser { name: name.clone(), user }
+            }
+            AdminCommand::AclRevoke { user: name, grant } => {
+                not_static(name)?;
+                let mut user = existing(&users, name)?;
+                let g = security::to_store_grant(grant);
+                let before = user.grants.len();
+                user.grants.retain(|x| x != &g);
+                if user.grants.len() == before {
+                    return Err(invalid(format!("user `{name}` has no grant {grant}")));
+                }
+                users.insert(name.clone(), user.clone());
+                Op::PutUser { name: name.clone(), user }
+            }
+            other => return Err(invalid(format!("{other:?} is not a user change"))),
+        };
+        // Never leave a broker that has users but nobody who may manage them.
+        let after = SecurityDb::build(&self.statics, &users);
+        if !after.is_open() && !after.has_global_admin() {
+            return Err(invalid(
+                "refused: afterwards no user would hold admin:# and nobody could manage the broker \
+                 (the first user needs --grant admin:#)"
+                    .to_string(),
+            ));
+        }
+        Ok((op, users))
+    }
+}
 
 impl Handler<Admin> for Node {
-    type Result = ResponseFuture<Result<(), (twinmq_protocol::ErrorCode, String)>>;
+    type Result = ResponseActFuture<Self, AdminResult>;
     fn handle(&mut self, m: Admin, _: &mut Context<Self>) -> Self::Result {
-        use twinmq_protocol::ErrorCode;
-        let Some((arbiter, _)) = self.pair.clone() else {
-            return Box::pin(async { Err((ErrorCode::InvalidRequest, "this node is not one of a pair".to_string())) });
+        let done = |r: AdminResult| -> ResponseActFuture<Self, AdminResult> { Box::pin(fut::ready(r)) };
+        let sec = self.current_security();
+        let user = m.user.as_deref();
+        if !sec.still_valid(user) {
+            return done(Err((ErrorCode::NotAuthenticated, "this user no longer exists".into())));
+        }
+        let who = user.unwrap_or("anonymous").to_string();
+        let refuse = |what: String| -> ResponseActFuture<Self, AdminResult> {
+            tracing::warn!(user = %who, what, "admin command refused: not authorized");
+            Box::pin(fut::ready(Err((ErrorCode::NotAuthorized, format!("user `{who}` may not {what}")))))
         };
-        let serving = self.shared.role().serves_clients();
-        match m.0 {
-            AdminCommand::Switchover => Box::pin(async move {
-                if !serving {
-                    return Err((
+        let global = sec.is_global_admin(user);
+        let on = |d: &Destination| sec.allows(user, Permission::Admin, d);
+        let force = m.force;
+        match m.command {
+            AdminCommand::Switchover | AdminCommand::Promote { .. } if !global => {
+                refuse("change roles (needs admin:#)".into())
+            }
+            AdminCommand::Switchover | AdminCommand::Promote { .. } => {
+                let Some((arbiter, _)) = self.pair.clone() else {
+                    return done(Err((ErrorCode::InvalidRequest, "this node is not one of a pair".to_string())));
+                };
+                let serving = self.shared.role().serves_clients();
+                let command = m.command;
+                Box::pin(
+                    async move {
+                        match command {
+                            AdminCommand::Switchover if !serving => Err((
+                                ErrorCode::NotActive,
+                                "this node is not active; send switchover to the active node".into(),
+                            )),
+                            AdminCommand::Switchover => match arbiter.send(Switchover).await {
+                                Ok(Ok(())) => Ok(AdminReply::Done),
+                                Ok(Err(e)) => Err((ErrorCode::InvalidRequest, e)),
+                                Err(e) => Err((ErrorCode::ShuttingDown, e.to_string())),
+                            },
+                            AdminCommand::Promote { force: false } => Err((
+                                ErrorCode::InvalidRequest,
+                                "promote needs force: the operator asserts the peer is dead".into(),
+                            )),
+                            _ => match arbiter.send(ForcePromote).await {
+                                Ok(Ok(())) => Ok(AdminReply::Done),
+                                Ok(Err(e)) => Err((ErrorCode::InvalidRequest, e)),
+                                Err(e) => Err((ErrorCode::ShuttingDown, e.to_string())),
+                            },
+                        }
+                    }
+                    .into_actor(self),
+                )
+            }
+            AdminCommand::UserList | AdminCommand::AclList { .. } if !global => {
+                refuse("list users (needs admin:#)".into())
+            }
+            AdminCommand::UserList => done(Ok(AdminReply::Json(self.user_listing(None)))),
+            AdminCommand::AclList { user: only } => done(Ok(AdminReply::Json(self.user_listing(only.as_deref())))),
+            cmd @ (AdminCommand::UserAdd { .. }
+            | AdminCommand::UserPasswd { .. }
+            | AdminCommand::UserRm { .. }
+            | AdminCommand::AclGrant { .. }
+            | AdminCommand::AclRevoke { .. }) => {
+                if !global {
+                    return refuse("manage users and ACLs (needs admin:#)".into());
+                }
+                if !self.shared.role().serves_clients() {
+                    return done(Err((
                         ErrorCode::NotActive,
-                        "this node is not active; send switchover to the active node".into(),
-                    ));
+                        "this node is not active; send user and ACL changes to the active node".into(),
+                    )));
                 }
-                match arbiter.send(Switchover).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err((ErrorCode::InvalidRequest, e)),
-                    Err(e) => Err((ErrorCode::ShuttingDown, e.to_string())),
+                let what = cmd.name().to_string();
+                let ha = self.pair.as_ref().map(|(_, s)| s.clone());
+                if let Err(e) = router::admin_change_allowed(ha.as_ref(), &self.config, &what, force) {
+                    return done(Err(frame_err(e)));
                 }
-            }),
-            AdminCommand::Promote { force } => Box::pin(async move {
-                if !force {
-                    return Err((
-                        ErrorCode::InvalidRequest,
-                        "promote needs force: the operator asserts the peer is dead".into(),
-                    ));
-                }
-                match arbiter.send(ForcePromote).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err((ErrorCode::InvalidRequest, e)),
-                    Err(e) => Err((ErrorCode::ShuttingDown, e.to_string())),
-                }
-            }),
+                let (op, users) = match self.user_change(&cmd) {
+                    Ok(v) => v,
+                    Err(e) => return done(Err(e)),
+                };
+                tracing::info!(user = %who, change = %what, "users and ACLs changed");
+                self.users = users;
+                let w = self.writer.clone();
+                let commit = writer_call(move |done| w.submit(vec![op], done));
+                Box::pin(commit.into_actor(self).map(|res, act, _| match res {
+                    Ok(_) => {
+                        act.publish_security();
+                        Ok(AdminReply::Done)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not store a user change");
+                        if let Ok(users) = act.writer.users() {
+                            act.users = users;
+                        }
+                        act.publish_security();
+                        Err((ErrorCode::StoreFailed, e))
+                    }
+                }))
+            }
+            AdminCommand::QueueCreate { name } | AdminCommand::QueueRm { name } | AdminCommand::QueuePurge { name }
+                if !on(&Destination::queue(name.clone())) =>
+            {
+                refuse(format!("administer queue:{name}"))
+            }
+            AdminCommand::TopicRmDurable { topic, .. } if !on(&Destination::topic(topic.clone())) => {
+                refuse(format!("administer topic:{topic}"))
+            }
+            AdminCommand::QueueList | AdminCommand::TopicList if !sec.is_some_admin(user) => {
+                refuse("list destinations (needs an admin grant)".into())
+            }
+            command => {
+                let router = match self.router_or_not_active() {
+                    Ok(r) => r,
+                    Err(e) => return done(Err(e)),
+                };
+                let gone = |e: MailboxError| (ErrorCode::ShuttingDown, e.to_string());
+                let fut = async move {
+                    match command {
+                        AdminCommand::QueueCreate { name } => {
+                            router.send(router::CreateQueue { name, force }).await.map_err(gone)?.map_err(frame_err)?;
+                            Ok(AdminReply::Done)
+                        }
+                        AdminCommand::QueueRm { name } => {
+                            router.send(router::DeleteQueue { name, force }).await.map_err(gone)?.map_err(frame_err)?;
+                            Ok(AdminReply::Done)
+                        }
+                        AdminCommand::QueuePurge { name } => {
+                            let n = router.send(router::PurgeQueue { name }).await.map_err(gone)?.map_err(frame_err)?;
+                            Ok(AdminReply::Json(serde_json::json!({ "purged": n })))
+                        }
+                        AdminCommand::TopicRmDurable { topic, name } => {
+                            router
+                                .send(router::DeleteDurable { topic, name, force })
+                                .await
+                                .map_err(gone)?
+                                .map_err(frame_err)?;
+                            Ok(AdminReply::Done)
+                        }
+                        AdminCommand::QueueList => {
+                            let all = router.send(router::ListDestinations).await.map_err(gone)?;
+                            Ok(AdminReply::Json(serde_json::json!({ "queues": all["queues"] })))
+                        }
+                        AdminCommand::TopicList => {
+                            let all = router.send(router::ListDestinations).await.map_err(gone)?;
+                            Ok(AdminReply::Json(serde_json::json!({ "topics": all["topics"] })))
+                        }
+                        other => Err((ErrorCode::InvalidRequest, format!("unexpected command {other:?}"))),
+                    }
+                };
+                Box::pin(fut.into_actor(self))
+            }
         }
     }
 }

@@ -80,6 +80,9 @@ pub struct Queue {
     /// Messages in `ready` with an expiry, so the sweep can skip queues without TTLs.
     with_ttl: usize,
     dropped_full: u64,
+    /// Deleted by an operator: answers publishes with an error until it stops
+    /// (sessions that cached its address then resolve the name again).
+    deleted: bool,
 }
 
 impl Queue {
@@ -113,6 +116,7 @@ impl Queue {
             timed_out: HashMap::new(),
             with_ttl,
             dropped_full: 0,
+            deleted: false,
         }
     }
 
@@ -319,6 +323,15 @@ impl Handler<Publish> for Queue {
 
     fn handle(&mut self, p: Publish, ctx: &mut Context<Self>) {
         let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+        if self.deleted {
+            let _ = p.reply.send(publish_error(
+                pid,
+                pseq,
+                ErrorCode::UnknownDestination,
+                format!("{} was deleted", self.label),
+            ));
+            return;
+        }
         if self.depth() >= self.settings.max_depth {
             let _ = p.reply.send(publish_error(
                 pid,
@@ -420,6 +433,11 @@ pub struct AddConsumer {
 impl Handler<AddConsumer> for Queue {
     type Result = ();
     fn handle(&mut self, c: AddConsumer, _: &mut Context<Self>) {
+        if self.deleted {
+            let reason = format!("{} was deleted", self.label);
+            let _ = c.out.send(ServerFrame::ConsumerClosed { sub_id: c.key.1, reason });
+            return;
+        }
         self.consumers.retain(|x| x.key != c.key);
         self.consumers.push(Consumer { key: c.key, out: c.out, credit: c.prefetch.max(1) });
         self.dispatch();
@@ -575,16 +593,43 @@ pub struct Close {
     pub reason: Option<String>,
 }
 
+/// How long a deleted queue keeps answering publishes sent to its old address.
+const DELETED_GRACE: Duration = Duration::from_secs(2);
+
 impl Handler<Close> for Queue {
     type Result = ();
     fn handle(&mut self, c: Close, ctx: &mut Context<Self>) {
-        if let Some(reason) = &c.reason {
-            for consumer in &self.consumers {
-                let _ =
-                    consumer.out.send(ServerFrame::ConsumerClosed { sub_id: consumer.key.1, reason: reason.clone() });
-            }
+        let Some(reason) = &c.reason else {
+            ctx.stop();
+            return;
+        };
+        for consumer in self.consumers.drain(..) {
+            let _ = consumer.out.send(ServerFrame::ConsumerClosed { sub_id: consumer.key.1, reason: reason.clone() });
         }
-        ctx.stop();
+        // The store forgets its messages with the DeleteQueue op; so do we.
+        self.ready.clear();
+        self.in_flight.clear();
+        self.timed_out.clear();
+        self.deleted = true;
+        ctx.run_later(DELETED_GRACE, |_, ctx| ctx.stop());
+    }
+}
+
+/// Drop every message waiting in the queue (not those out for delivery).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Purge;
+
+impl Handler<Purge> for Queue {
+    type Result = usize;
+    fn handle(&mut self, _: Purge, _: &mut Context<Self>) -> usize {
+        let purged: Vec<Entry> = self.ready.drain(..).collect();
+        for e in &purged {
+            self.finish(e);
+        }
+        self.with_ttl = 0;
+        tracing::info!(queue = %self.label, messages = purged.len(), "purged");
+        purged.len()
     }
 }
 

@@ -165,19 +165,12 @@ impl Router {
         );
     }
 
-    /// Admin changes (creating or deleting destinations) are refused while the
-    /// pair is split, so the two stores never disagree on them, unless forced.
     fn admin_allowed(&self, what: &str) -> Result<(), ErrorFrame> {
-        let split = self.ha.as_ref().is_some_and(|h| h.borrow().role == twinmq_ha::Role::ActiveAlone);
-        if split && !self.config.admin_when_split {
-            tracing::warn!(what, "admin change refused: the pair is split");
-            return Err(ErrorFrame::new(
-                ErrorCode::InvalidRequest,
-                ErrorContext::Connection,
-                format!("{what} refused: the pair is split (peer down); admin changes wait for the peer unless admin_when_split = true"),
-            ));
-        }
-        Ok(())
+        admin_change_allowed(self.ha.as_ref(), &self.config, what, false)
+    }
+
+    fn admin_forced(&self, what: &str, force: bool) -> Result<(), ErrorFrame> {
+        admin_change_allowed(self.ha.as_ref(), &self.config, what, force)
     }
 
     fn topic(&mut self, name: &str) -> Addr<Topic> {
@@ -192,6 +185,29 @@ impl Router {
 
 impl Actor for Router {
     type Context = Context<Self>;
+}
+
+/// Admin changes (destinations, users, ACLs) are refused while the pair is
+/// split, so the two stores never disagree on them (DESIGN.md section 4),
+/// unless forced by the operator or `admin_when_split = true`.
+pub fn admin_change_allowed(
+    ha: Option<&tokio::sync::watch::Receiver<twinmq_ha::HaStatus>>,
+    config: &Config,
+    what: &str,
+    force: bool,
+) -> Result<(), ErrorFrame> {
+    let split = ha.is_some_and(|h| h.borrow().role == twinmq_ha::Role::ActiveAlone);
+    if split && !force && !config.admin_when_split {
+        tracing::warn!(what, "admin change refused: the pair is split");
+        return Err(ErrorFrame::new(
+            ErrorCode::InvalidRequest,
+            ErrorContext::Connection,
+            format!(
+                "{what} refused: the pair is split (peer down); admin changes wait for the peer unless forced (--force) or admin_when_split = true"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn unknown(dest: &Destination) -> ErrorFrame {
@@ -259,12 +275,13 @@ impl Handler<OpenDurable> for Router {
 pub struct DeleteDurable {
     pub topic: String,
     pub name: String,
+    pub force: bool,
 }
 
 impl Handler<DeleteDurable> for Router {
     type Result = Result<(), ErrorFrame>;
     fn handle(&mut self, d: DeleteDurable, _: &mut Context<Self>) -> Self::Result {
-        self.admin_allowed(&format!("deleting durable subscription {} on topic:{}", d.name, d.topic))?;
+        self.admin_forced(&format!("deleting durable subscription {} on topic:{}", d.name, d.topic), d.force)?;
         let Some(q) = self.durables.remove(&(d.topic.clone(), d.name.clone())) else {
             return Err(ErrorFrame::new(
                 ErrorCode::UnknownDestination,
@@ -298,16 +315,123 @@ impl Handler<DeadLetter> for Router {
     }
 }
 
+/// An operator creates a queue.
+#[derive(Message)]
+#[rtype(result = "Result<(), ErrorFrame>")]
+pub struct CreateQueue {
+    pub name: String,
+    pub force: bool,
+}
+
+impl Handler<CreateQueue> for Router {
+    type Result = Result<(), ErrorFrame>;
+    fn handle(&mut self, c: CreateQueue, ctx: &mut Context<Self>) -> Self::Result {
+        validate_name(&c.name).map_err(|m| ErrorFrame::new(ErrorCode::InvalidRequest, ErrorContext::Connection, m))?;
+        if self.queues.contains_key(&c.name) {
+            return Err(ErrorFrame::new(
+                ErrorCode::InvalidRequest,
+                ErrorContext::Connection,
+                format!("queue:{} already exists", c.name),
+            ));
+        }
+        self.admin_forced(&format!("creating queue:{}", c.name), c.force)?;
+        self.create_queue(&c.name, &ctx.address());
+        Ok(())
+    }
+}
+
+/// An operator deletes a queue and every message it holds.
+#[derive(Message)]
+#[rtype(result = "Result<(), ErrorFrame>")]
+pub struct DeleteQueue {
+    pub name: String,
+    pub force: bool,
+}
+
+impl Handler<DeleteQueue> for Router {
+    type Result = Result<(), ErrorFrame>;
+    fn handle(&mut self, d: DeleteQueue, _: &mut Context<Self>) -> Self::Result {
+        if !self.queues.contains_key(&d.name) {
+            return Err(unknown(&Destination::queue(d.name)));
+        }
+        self.admin_forced(&format!("deleting queue:{}", d.name), d.force)?;
+        let Some(q) = self.queues.remove(&d.name) else { return Ok(()) };
+        tracing::info!(queue = %d.name, "deleting queue");
+        self.submit_admin(Op::DeleteQueue { key: queue_key(&d.name) });
+        q.do_send(queue::Close { reason: Some(format!("queue:{} was deleted", d.name)) });
+        Ok(())
+    }
+}
+
+/// An operator drops the waiting messages of a queue; answers how many.
+#[derive(Message)]
+#[rtype(result = "Result<usize, ErrorFrame>")]
+pub struct PurgeQueue {
+    pub name: String,
+}
+
+impl Handler<PurgeQueue> for Router {
+    type Result = ResponseFuture<Result<usize, ErrorFrame>>;
+    fn handle(&mut self, p: PurgeQueue, _: &mut Context<Self>) -> Self::Result {
+        let q = self.queues.get(&p.name).cloned();
+        Box::pin(async move {
+            let q = q.ok_or_else(|| unknown(&Destination::queue(p.name)))?;
+            q.send(queue::Purge)
+                .await
+                .map_err(|_| ErrorFrame::new(ErrorCode::ShuttingDown, ErrorContext::Connection, "queue stopped"))
+        })
+    }
+}
+
+/// Queues (durable subscriptions included) with depth and consumers, and
+/// topics with their subscribers, for listings.
+#[derive(Message)]
+#[rtype(result = "serde_json::Value")]
+pub struct ListDestinations;
+
+impl Handler<ListDestinations> for Router {
+    type Result = ResponseFuture<serde_json::Value>;
+    fn handle(&mut self, _: ListDestinations, _: &mut Context<Self>) -> Self::Result {
+        let status = self.status_parts();
+        Box::pin(async move {
+            let (queues, topics) = status.await;
+            serde_json::json!({"queues": queues, "topics": topics})
+        })
+    }
+}
+
 /// The node's status as JSON.
 #[derive(Message)]
 #[rtype(result = "serde_json::Value")]
 pub struct GetStatus;
 
+impl Router {
+    /// Queue and topic statistics, gathered from their actors.
+    fn status_parts(&self) -> impl std::future::Future<Output = (Vec<QueueStats>, Vec<serde_json::Value>)> + 'static {
+        let queues: Vec<Addr<Queue>> = self.queues.values().chain(self.durables.values()).cloned().collect();
+        let topics: Vec<(String, Addr<Topic>)> = self.topics.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        async move {
+            let mut q_stats: Vec<QueueStats> = join_all(queues.iter().map(|q| q.send(queue::GetStats)))
+                .await
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect();
+            q_stats.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut t_stats = Vec::new();
+            for (name, t) in topics {
+                if let Ok((subs, durables)) = t.send(topic::TopicStats).await {
+                    t_stats.push(serde_json::json!({"name": format!("topic:{name}"), "subscribers": subs, "durable_subscriptions": durables}));
+                }
+            }
+            (q_stats, t_stats)
+        }
+    }
+}
+
 impl Handler<GetStatus> for Router {
     type Result = ResponseFuture<serde_json::Value>;
     fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
-        let queues: Vec<Addr<Queue>> = self.queues.values().chain(self.durables.values()).cloned().collect();
-        let topics: Vec<(String, Addr<Topic>)> = self.topics.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let parts = self.status_parts();
         let stats = self.writer.stats();
         let store = serde_json::json!({
             "durability": self.config.durability.to_string(),
@@ -323,19 +447,7 @@ impl Handler<GetStatus> for Router {
         let node_id = self.config.node_id.clone();
         let uptime = self.started.elapsed().as_secs();
         Box::pin(async move {
-            let q_stats: Vec<QueueStats> = join_all(queues.iter().map(|q| q.send(queue::GetStats)))
-                .await
-                .into_iter()
-                .filter_map(Result::ok)
-                .collect();
-            let mut t_stats = Vec::new();
-            for (name, t) in topics {
-                if let Ok((subs, durables)) = t.send(topic::TopicStats).await {
-                    t_stats.push(serde_json::json!({"name": format!("topic:{name}"), "subscribers": subs, "durable_subscriptions": durables}));
-                }
-            }
-            let mut q_stats = q_stats;
-            q_stats.sort_by(|a, b| a.name.cmp(&b.name));
+            let (q_stats, t_stats) = parts.await;
             serde_json::json!({
                 "node_id": node_id,
                 "role": shared.role().to_string(),

@@ -16,7 +16,6 @@ use tokio::sync::watch;
 use twinmq_ha::Role;
 use twinmq_store::{Store, StoreConfig, Writer, WriterConfig};
 
-use crate::auth::Users;
 use crate::config::Config;
 use crate::connection::ConnectionContext;
 use crate::listener::{self, Listener};
@@ -32,10 +31,7 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<(), BrokerError> {
     let config = Arc::new(config);
-    let users = Users::from_config(&config.users)?;
-    if users.is_open() {
-        tracing::warn!("no users configured: any client can connect without credentials");
-    }
+    let statics = Arc::new(crate::auth::static_users(&config.users)?);
 
     let store_config = StoreConfig::new(&config.data_dir);
     let (store, mut recovered) = {
@@ -70,7 +66,20 @@ pub async fn run(
     let (role_tx, role_rx) = watch::channel(Role::Passive);
     let shared = Shared::new(role_rx, recovered.epoch);
     let (router_tx, router_rx) = watch::channel(None);
-    let mut node = Node::new(config.clone(), shared.clone(), writer.clone(), role_tx, router_tx);
+    let (security_tx, security_rx) = watch::channel(Default::default());
+    let mut node = Node::new(
+        config.clone(),
+        shared.clone(),
+        writer.clone(),
+        role_tx,
+        router_tx,
+        statics,
+        recovered.users.clone(),
+        security_tx,
+    );
+    if security_rx.borrow().is_open() {
+        tracing::warn!("no users configured or stored: any client can connect without credentials");
+    }
     let mut pair = None;
     let node = match &config.pair {
         None => {
@@ -106,7 +115,7 @@ pub async fn run(
         config: config.clone(),
         router: router_rx,
         node: node.clone(),
-        users,
+        security: security_rx,
         shared: shared.clone(),
         shutdown: stop_rx,
         ha_status: pair.as_ref().map(|p: &Pair| p.status.clone()),

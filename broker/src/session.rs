@@ -15,9 +15,10 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 use tokio::sync::OwnedSemaphorePermit;
 use twinmq_protocol::{
-    ClientFrame, DestKind, Destination, ErrorCode, ErrorContext, ErrorFrame, OutMessage, ServerFrame,
+    ClientFrame, DestKind, Destination, ErrorCode, ErrorContext, ErrorFrame, OutMessage, Permission, ServerFrame,
 };
 use twinmq_store::StoredMessage;
 
@@ -26,6 +27,7 @@ use crate::node::Node;
 use crate::now_ms;
 use crate::queue::{self, ConsumerKey, Queue};
 use crate::router::{self, Router, Target};
+use crate::security::SecurityDb;
 use crate::topic::{self, Topic};
 
 /// Frames on their way to one client, counted: the connection's reader
@@ -53,6 +55,9 @@ impl Outbound {
 }
 
 struct Subscription {
+    /// What the client subscribed to: consume rights are checked against it
+    /// again whenever the ACLs change.
+    destination: Destination,
     queue: Addr<Queue>,
     /// Set for in-memory topic subscriptions, which the topic owns.
     topic: Option<Addr<Topic>>,
@@ -68,9 +73,23 @@ pub struct Session {
     config: Arc<Config>,
     targets: HashMap<Destination, Target>,
     subs: HashMap<u32, Subscription>,
+    /// The users and ACLs of the moment; every operation is checked against them.
+    security: watch::Receiver<Arc<SecurityDb>>,
+    /// Decisions already taken for this session's user, per destination
+    /// (produce, consume), cleared whenever the ACLs change: the publish path
+    /// pays one hash lookup, not a pattern match.
+    allowed: HashMap<Destination, [Option<bool>; 2]>,
+    /// Destinations already refused once (later refusals log at debug, not warn).
+    refused_logged: std::collections::HashSet<(Destination, u8)>,
 }
 
+/// The ACLs changed.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SecurityChanged;
+
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: u64,
         peer: SocketAddr,
@@ -79,8 +98,53 @@ impl Session {
         router: Addr<Router>,
         node: Addr<Node>,
         config: Arc<Config>,
+        security: watch::Receiver<Arc<SecurityDb>>,
     ) -> Session {
-        Session { id, peer, user, out, router, node, config, targets: HashMap::new(), subs: HashMap::new() }
+        Session {
+            id,
+            peer,
+            user,
+            out,
+            router,
+            node,
+            config,
+            targets: HashMap::new(),
+            subs: HashMap::new(),
+            security,
+            allowed: HashMap::new(),
+            refused_logged: Default::default(),
+        }
+    }
+
+    /// May this session's user produce to or consume from `dest`, by the current ACLs?
+    fn permitted(&mut self, permission: Permission, dest: &Destination) -> bool {
+        if self.security.has_changed().unwrap_or(false) {
+            self.security.borrow_and_update();
+            self.allowed.clear();
+        }
+        let slot = match permission {
+            Permission::Produce => 0,
+            Permission::Consume => 1,
+            Permission::Admin => return self.security.borrow().allows(self.user.as_deref(), permission, dest),
+        };
+        if let Some(ok) = self.allowed.get(dest).and_then(|a| a[slot]) {
+            return ok;
+        }
+        let ok = self.security.borrow().allows(self.user.as_deref(), permission, dest);
+        self.allowed.entry(dest.clone()).or_default()[slot] = Some(ok);
+        if !ok {
+            let first = self.refused_logged.insert((dest.clone(), slot as u8));
+            if first {
+                tracing::warn!(session = self.id, user = ?self.user, %dest, %permission, "refused: not authorized");
+            } else {
+                tracing::debug!(session = self.id, user = ?self.user, %dest, %permission, "refused: not authorized");
+            }
+        }
+        ok
+    }
+
+    fn not_authorized(&self, permission: Permission, dest: &Destination) -> String {
+        format!("user `{}` may not {permission} {dest}", self.user.as_deref().unwrap_or("anonymous"))
     }
 
     fn send(&self, frame: ServerFrame) {
@@ -112,6 +176,11 @@ impl Session {
         permit: Option<OwnedSemaphorePermit>,
     ) -> ResponseActFuture<Self, ()> {
         let ctx_err = ErrorContext::Publish { producer_id, seq };
+        if !self.permitted(Permission::Produce, &destination) {
+            let why = self.not_authorized(Permission::Produce, &destination);
+            self.error(ErrorCode::NotAuthorized, ctx_err, why);
+            return Box::pin(fut::ready(()));
+        }
         if message.payload.len() > self.config.max_message_bytes {
             self.error(
                 ErrorCode::TooLarge,
@@ -138,8 +207,16 @@ impl Session {
         };
         let p = queue::Publish { message: stored, persistent: message.persistent, reply: self.out.clone(), permit };
         if let Some(t) = self.targets.get(&destination) {
-            Self::publish_to(t, p);
-            return Box::pin(fut::ready(()));
+            let live = match t {
+                Target::Queue(q) => q.connected(),
+                Target::Topic(t) => t.connected(),
+            };
+            if live {
+                Self::publish_to(t, p);
+                return Box::pin(fut::ready(()));
+            }
+            // Deleted since: resolve the name again.
+            self.targets.remove(&destination);
         }
         let resolve = self.router.send(router::Resolve { destination: destination.clone() });
         Box::pin(resolve.into_actor(self).map(move |res, act, _| match res {
@@ -167,6 +244,12 @@ impl Session {
             self.error(ErrorCode::InvalidRequest, ctx_err, format!("subscription id {sub_id} is already in use"));
             return Box::pin(fut::ready(()));
         }
+        if !self.permitted(Permission::Consume, &destination) {
+            let why = self.not_authorized(Permission::Consume, &destination);
+            self.error(ErrorCode::NotAuthorized, ctx_err, why);
+            return Box::pin(fut::ready(()));
+        }
+        let subscribed_to = destination.clone();
         let prefetch = prefetch.clamp(1, 65_536);
         let key = self.key(sub_id);
         let out = self.out.clone();
@@ -178,7 +261,7 @@ impl Session {
             (DestKind::Topic, Some(name)) => {
                 let open = self.router.send(router::OpenDurable { topic: destination.name.clone(), name });
                 Box::pin(open.into_actor(self).map(move |res, act, _| match res {
-                    Ok(Ok(q)) => act.attach(sub_id, q, None, key, out, prefetch),
+                    Ok(Ok(q)) => act.attach(sub_id, subscribed_to, q, None, key, out, prefetch),
                     Ok(Err(mut e)) => {
                         e.context = ctx_err;
                         act.send(ServerFrame::Error(e));
@@ -191,14 +274,15 @@ impl Session {
                 Box::pin(resolve.into_actor(self).then(move |res, act, _| {
                     let fut: ResponseActFuture<Self, ()> = match res {
                         Ok(Ok(Target::Queue(q))) => {
-                            act.attach(sub_id, q, None, key, out, prefetch);
+                            act.attach(sub_id, subscribed_to, q, None, key, out, prefetch);
                             Box::pin(fut::ready(()))
                         }
                         Ok(Ok(Target::Topic(t))) => {
                             let sub = t.send(topic::Subscribe { key, out: out.clone(), prefetch });
                             Box::pin(sub.into_actor(act).map(move |res, act, _| match res {
                                 Ok(q) => {
-                                    act.subs.insert(sub_id, Subscription { queue: q, topic: Some(t) });
+                                    let s = Subscription { destination: subscribed_to, queue: q, topic: Some(t) };
+                                    act.subs.insert(sub_id, s);
                                     // The subscriber queue already has its consumer; confirm.
                                     act.send(ServerFrame::Subscribed { sub_id });
                                 }
@@ -221,9 +305,11 @@ impl Session {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attach(
         &mut self,
         sub_id: u32,
+        destination: Destination,
         q: Addr<Queue>,
         topic: Option<Addr<Topic>>,
         key: ConsumerKey,
@@ -233,7 +319,7 @@ impl Session {
         // Subscribed goes out before the consumer can receive its first delivery.
         self.send(ServerFrame::Subscribed { sub_id });
         q.do_send(queue::AddConsumer { key, out, prefetch });
-        self.subs.insert(sub_id, Subscription { queue: q, topic });
+        self.subs.insert(sub_id, Subscription { destination, queue: q, topic });
     }
 
     fn drop_subscription(&mut self, sub_id: u32) -> bool {
@@ -243,7 +329,7 @@ impl Session {
                 t.do_send(topic::Unsubscribe { key });
                 true
             }
-            Some(Subscription { queue, topic: None }) => {
+            Some(Subscription { queue, topic: None, .. }) => {
                 queue.do_send(queue::RemoveConsumer { key });
                 true
             }
@@ -255,8 +341,14 @@ impl Session {
 impl Actor for Session {
     type Context = Context<Self>;
 
-    fn started(&mut self, _: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(session = self.id, peer = %self.peer, user = ?self.user, "session started");
+        // ACL changes apply to open sessions: re-check consumers at each change.
+        let changes = futures_util::stream::unfold(self.security.clone(), |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some((SecurityChanged, rx))
+        });
+        ctx.add_message_stream(changes);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -303,7 +395,13 @@ impl Handler<Incoming> for Session {
                 done()
             }
             ClientFrame::DeleteDurable { req, topic, name } => {
-                let del = self.router.send(router::DeleteDurable { topic, name });
+                let dest = Destination::topic(topic.clone());
+                if !self.permitted(Permission::Consume, &dest) {
+                    let why = self.not_authorized(Permission::Consume, &dest);
+                    self.error(ErrorCode::NotAuthorized, ErrorContext::Request { req }, why);
+                    return done();
+                }
+                let del = self.router.send(router::DeleteDurable { topic, name, force: false });
                 Box::pin(del.into_actor(self).map(move |res, act, _| match res {
                     Ok(Ok(())) => act.send(ServerFrame::Done { req }),
                     Ok(Err(mut e)) => {
@@ -341,6 +439,21 @@ impl Handler<Incoming> for Session {
             ClientFrame::Bye => {
                 ctx.stop();
                 done()
+            }
+        }
+    }
+}
+
+impl Handler<SecurityChanged> for Session {
+    type Result = ();
+    fn handle(&mut self, _: SecurityChanged, _: &mut Context<Self>) {
+        let subs: Vec<(u32, Destination)> = self.subs.iter().map(|(id, s)| (*id, s.destination.clone())).collect();
+        for (sub_id, dest) in subs {
+            if !self.permitted(Permission::Consume, &dest) {
+                let reason = self.not_authorized(Permission::Consume, &dest);
+                tracing::warn!(session = self.id, user = ?self.user, %dest, "consume right revoked; closing the consumer");
+                self.drop_subscription(sub_id);
+                self.send(ServerFrame::ConsumerClosed { sub_id, reason });
             }
         }
     }

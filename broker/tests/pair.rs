@@ -304,6 +304,16 @@ async fn admin_changes_are_refused_while_the_pair_is_split() {
     let err =
         client.subscribe(Destination::topic("t"), SubscribeOptions::default().durable("new-sub")).await.unwrap_err();
     assert!(err.to_string().contains("split"), "{err}");
+    // Users and ACLs too, unless the operator forces it.
+    let add = twinmq_client::AdminCommand::UserAdd {
+        name: "late".into(),
+        password_hash: twinmq_broker::auth::hash_password("pw").unwrap(),
+        grants: vec!["admin:#".parse().unwrap()],
+    };
+    let err = AdminClient::command_on_active(&pair.client_config(), add.clone(), false).await.unwrap_err();
+    assert!(err.to_string().contains("split"), "{err}");
+    let (server, _) = AdminClient::command_on_active(&pair.client_config(), add, true).await.unwrap();
+    assert_eq!(server.node_id, "node-a", "forced on the active");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,5 @@
-//! Admin connections: status, switchover and promote, for operators and the CLI.
+//! Admin connections: status, switchover, promote, and the management of
+//! destinations, users and ACLs, for operators and the CLI.
 //!
 //! An admin connection says `Hello { admin: true }`; every node accepts it,
 //! the passive one too, and it carries only `Status` and `Admin` requests,
@@ -94,21 +95,42 @@ impl AdminClient {
     /// skipping those that are unreachable or answer `NotActive`. The node
     /// that switched over, or the last error.
     pub async fn switchover_any(config: &ClientConfig) -> Result<ServerInfo, ClientError> {
-        Self::on_first_accepting(config, ErrorCode::NotActive, AdminCommand::Switchover).await
+        Ok(Self::on_first_accepting(config, ErrorCode::NotActive, AdminCommand::Switchover, false).await?.0)
     }
 
     /// Promote whichever configured node is passive: each node in turn,
     /// skipping those that are unreachable or answer `InvalidRequest`
     /// (already active). The node promoted, or the last error.
     pub async fn promote_any(config: &ClientConfig, force: bool) -> Result<ServerInfo, ClientError> {
-        Self::on_first_accepting(config, ErrorCode::InvalidRequest, AdminCommand::Promote { force }).await
+        Ok(Self::on_first_accepting(config, ErrorCode::InvalidRequest, AdminCommand::Promote { force }, false).await?.0)
+    }
+
+    /// Run an operator command on this node: `Ok(None)` when done,
+    /// `Ok(Some(json))` for listings. `force` lets a change of destinations,
+    /// users or ACLs through while the pair is split.
+    pub async fn command(&mut self, command: AdminCommand, force: bool) -> Result<Option<String>, ClientError> {
+        match self.request(|req| ClientFrame::Admin { req, command, force }).await? {
+            Reply::Done => Ok(None),
+            Reply::Status(json) => Ok(Some(json)),
+        }
+    }
+
+    /// Run an operator command on whichever configured node is active (changes
+    /// must go to the active node; it replicates them to its peer).
+    pub async fn command_on_active(
+        config: &ClientConfig,
+        command: AdminCommand,
+        force: bool,
+    ) -> Result<(ServerInfo, Option<String>), ClientError> {
+        Self::on_first_accepting(config, ErrorCode::NotActive, command, force).await
     }
 
     async fn on_first_accepting(
         config: &ClientConfig,
         skip: ErrorCode,
         command: AdminCommand,
-    ) -> Result<ServerInfo, ClientError> {
+        force: bool,
+    ) -> Result<(ServerInfo, Option<String>), ClientError> {
         let mut last_error = ClientError::NoServers;
         for addr in &config.servers {
             let mut admin = match Self::connect_to(addr, config).await {
@@ -120,11 +142,11 @@ impl AdminClient {
                     continue;
                 }
             };
-            match admin.admin(command.clone()).await {
-                Ok(()) => {
+            match admin.command(command.clone(), force).await {
+                Ok(reply) => {
                     let server = admin.server.clone();
                     admin.close().await;
-                    return Ok(server);
+                    return Ok((server, reply));
                 }
                 Err(e) if e.code() == Some(skip) => {
                     debug!(addr, error = %e, "not the node for this command");
@@ -138,9 +160,9 @@ impl AdminClient {
     }
 
     async fn admin(&mut self, command: AdminCommand) -> Result<(), ClientError> {
-        match self.request(|req| ClientFrame::Admin { req, command }).await? {
-            Reply::Done => Ok(()),
-            Reply::Status(_) => Err(ClientError::UnexpectedFrame("StatusReply for an admin command".into())),
+        match self.command(command, false).await? {
+            None => Ok(()),
+            Some(_) => Err(ClientError::UnexpectedFrame("a listing for a command that answers Done".into())),
         }
     }
 
@@ -165,6 +187,7 @@ impl AdminClient {
             match frame {
                 ServerFrame::Done { req: r } if r == req => return Ok(Reply::Done),
                 ServerFrame::StatusReply { req: r, json } if r == req => return Ok(Reply::Status(json)),
+                ServerFrame::AdminReply { req: r, json } if r == req => return Ok(Reply::Status(json)),
                 ServerFrame::Error(e) if matches!(e.context, ErrorContext::Request { req: r } if r == req) => {
                     return Err(ClientError::Broker { code: e.code, message: e.message })
                 }

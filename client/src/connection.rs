@@ -692,6 +692,10 @@ impl Connection {
                 }
                 other => unexpected_answer(req, other, "Done"),
             },
+            ServerFrame::AdminReply { req, .. } => {
+                let pending = self.requests.remove(&req);
+                unexpected_answer(req, pending, "AdminReply")
+            }
             ServerFrame::Pong { .. } => {}
             ServerFrame::Error(ErrorFrame { code, message, context }) => {
                 // A node that stopped serving answers with these: nothing was

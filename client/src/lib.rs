@@ -94,4 +94,6 @@ pub use error::ClientError;
 pub use events::ClientEvent;
 pub use link::ServerInfo;
 pub use producer::{Confirm, Message, Producer};
-pub use twinmq_protocol::{Delivered, DestKind, Destination, ErrorCode, MessageId, OutMessage};
+pub use twinmq_protocol::{
+    AclGrant, AdminCommand, Delivered, DestKind, Destination, ErrorCode, MessageId, OutMessage, Permission,
+};

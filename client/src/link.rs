@@ -140,6 +140,7 @@ pub(crate) fn frame_name(frame: &ServerFrame) -> &'static str {
         ServerFrame::ConsumerClosed { .. } => "ConsumerClosed",
         ServerFrame::StatusReply { .. } => "StatusReply",
         ServerFrame::Done { .. } => "Done",
+        ServerFrame::AdminReply { .. } => "AdminReply",
         ServerFrame::Pong { .. } => "Pong",
         ServerFrame::Error(_) => "Error",
     }

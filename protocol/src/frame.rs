@@ -148,10 +148,14 @@ pub enum ClientFrame {
     Ping {
         nonce: u64,
     },
-    /// An operator command (admin connections only); answered with `Done { req }` or an error.
+    /// An operator command (admin connections only); answered with `Done { req }`,
+    /// `AdminReply { req, .. }` (listings) or an error. `force` lets a change
+    /// of destinations, users or ACLs through while the pair is split.
     Admin {
         req: u64,
         command: AdminCommand,
+        #[serde(default)]
+        force: bool,
     },
     /// Orderly goodbye.
     Bye,
@@ -165,7 +169,143 @@ pub enum AdminCommand {
     Switchover,
     /// Make this passive node active without waiting for its peer. `force` is
     /// required: the operator asserts the peer is dead.
-    Promote { force: bool },
+    Promote {
+        force: bool,
+    },
+    /// Create a user. The password travels hashed (argon2 PHC string): the
+    /// broker never sees it.
+    UserAdd {
+        name: String,
+        password_hash: String,
+        grants: Vec<AclGrant>,
+    },
+    /// Replace a user's password hash.
+    UserPasswd {
+        name: String,
+        password_hash: String,
+    },
+    /// Remove a user; their open connections are closed.
+    UserRm {
+        name: String,
+    },
+    /// Users and their grants (JSON in `AdminReply`).
+    UserList,
+    /// Allow `grant.permission` on destinations matching `grant.pattern`.
+    AclGrant {
+        user: String,
+        grant: AclGrant,
+    },
+    /// Remove exactly that grant; applies to open connections at once.
+    AclRevoke {
+        user: String,
+        grant: AclGrant,
+    },
+    /// Grants of one user, or of all (JSON in `AdminReply`).
+    AclList {
+        user: Option<String>,
+    },
+    QueueCreate {
+        name: String,
+    },
+    /// Delete a queue and every message it holds; its consumers are closed.
+    QueueRm {
+        name: String,
+    },
+    /// Queues with depth and consumers (JSON in `AdminReply`).
+    QueueList,
+    /// Drop the messages waiting in a queue (not those out for delivery).
+    QueuePurge {
+        name: String,
+    },
+    /// Topics with subscribers and durable subscriptions (JSON in `AdminReply`).
+    TopicList,
+    /// Delete the durable subscription `name` on `topic` and what it holds.
+    TopicRmDurable {
+        topic: String,
+        name: String,
+    },
+}
+
+impl AdminCommand {
+    /// The command's name for logs (never its arguments: they may hold a password hash).
+    pub fn name(&self) -> &'static str {
+        match self {
+            AdminCommand::Switchover => "switchover",
+            AdminCommand::Promote { .. } => "promote",
+            AdminCommand::UserAdd { .. } => "user add",
+            AdminCommand::UserPasswd { .. } => "user passwd",
+            AdminCommand::UserRm { .. } => "user rm",
+            AdminCommand::UserList => "user list",
+            AdminCommand::AclGrant { .. } => "acl grant",
+            AdminCommand::AclRevoke { .. } => "acl revoke",
+            AdminCommand::AclList { .. } => "acl list",
+            AdminCommand::QueueCreate { .. } => "queue create",
+            AdminCommand::QueueRm { .. } => "queue rm",
+            AdminCommand::QueueList => "queue list",
+            AdminCommand::QueuePurge { .. } => "queue purge",
+            AdminCommand::TopicList => "topic list",
+            AdminCommand::TopicRmDurable { .. } => "topic rm-durable",
+        }
+    }
+}
+
+/// What a grant allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Permission {
+    Produce,
+    Consume,
+    Admin,
+}
+
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Permission::Produce => "produce",
+            Permission::Consume => "consume",
+            Permission::Admin => "admin",
+        })
+    }
+}
+
+impl std::str::FromStr for Permission {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "produce" => Ok(Permission::Produce),
+            "consume" => Ok(Permission::Consume),
+            "admin" => Ok(Permission::Admin),
+            other => Err(format!("unknown permission `{other}` (expected produce, consume or admin)")),
+        }
+    }
+}
+
+/// One ACL entry on the wire: `permission` on destinations matching `pattern`
+/// (dot-separated words; `*` matches one word, `#` any number, a `queue:` or
+/// `topic:` prefix limits the kind).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AclGrant {
+    pub permission: Permission,
+    pub pattern: String,
+}
+
+impl std::fmt::Display for AclGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.permission, self.pattern)
+    }
+}
+
+impl std::str::FromStr for AclGrant {
+    type Err = String;
+    /// `produce:orders.*`, `admin:#`, `consume:topic:prices.#`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (perm, pattern) = s
+            .split_once(':')
+            .ok_or_else(|| format!("grant `{s}` must look like PERMISSION:PATTERN, e.g. produce:orders.*"))?;
+        if pattern.is_empty() {
+            return Err(format!("grant `{s}` has an empty pattern"));
+        }
+        Ok(AclGrant { permission: perm.parse()?, pattern: pattern.to_string() })
+    }
 }
 
 /// Frames a broker sends.
@@ -205,6 +345,11 @@ pub enum ServerFrame {
     },
     Done {
         req: u64,
+    },
+    /// The answer to a listing admin command, as JSON.
+    AdminReply {
+        req: u64,
+        json: String,
     },
     Pong {
         nonce: u64,

@@ -126,6 +126,8 @@ pub struct Node {
     pub args: Vec<String>,
     child: Option<Child>,
     starts: u32,
+    /// Credentials for status checks once the pair has users.
+    pub admin_login: Option<(String, String)>,
 }
 
 impl Node {
@@ -200,7 +202,10 @@ impl Node {
 
     /// The node's status JSON over an admin connection.
     pub async fn status(&self) -> Option<serde_json::Value> {
-        let cfg = ClientConfig::new([self.client.to_string()]).connect_timeout(Duration::from_millis(500));
+        let mut cfg = ClientConfig::new([self.client.to_string()]).connect_timeout(Duration::from_millis(500));
+        if let Some((user, password)) = &self.admin_login {
+            cfg = cfg.user(user).password(password);
+        }
         let fut = async {
             let mut admin = AdminClient::connect_to(&self.client.to_string(), &cfg).await.ok()?;
             let json = admin.status().await.ok()?;
@@ -332,6 +337,7 @@ impl Pair {
             args: common(a_paths, b_client, "200", SECRET),
             child: None,
             starts: 0,
+            admin_login: None,
         };
         let mut b = Node {
             name: "node-b".into(),
@@ -341,6 +347,7 @@ impl Pair {
             args: common(b_paths, a_client, "100", &b_secret),
             child: None,
             starts: 0,
+            admin_login: None,
         };
         a.start();
         b.start();

@@ -16,6 +16,8 @@
 mod bench;
 #[path = "twinmq/consume.rs"]
 mod consume;
+#[path = "twinmq/manage.rs"]
+mod manage;
 #[path = "twinmq/produce.rs"]
 mod produce;
 
@@ -68,6 +70,18 @@ enum Command {
     HashPassword { password: Option<String> },
     /// Measure produce/consume throughput and confirm latency.
     Bench(bench::BenchArgs),
+    /// Users: add, passwd, rm, list (changes go to the active node).
+    #[command(subcommand)]
+    User(manage::UserCmd),
+    /// ACLs: grant, revoke, list (PERMISSION:PATTERN, e.g. produce:orders.*).
+    #[command(subcommand)]
+    Acl(manage::AclCmd),
+    /// Queues: create, rm, list, purge.
+    #[command(subcommand)]
+    Queue(manage::QueueCmd),
+    /// Topics: list, rm-durable.
+    #[command(subcommand)]
+    Topic(manage::TopicCmd),
 }
 
 impl Cli {
@@ -130,6 +144,10 @@ async fn run(command: Command, config: ClientConfig) -> anyhow::Result<ExitCode>
             println!("promoted {}", server.addr);
             Ok(ExitCode::SUCCESS)
         }
+        Command::User(cmd) => manage::user(config, cmd).await,
+        Command::Acl(cmd) => manage::acl(config, cmd).await,
+        Command::Queue(cmd) => manage::queue(config, cmd).await,
+        Command::Topic(cmd) => manage::topic(config, cmd).await,
         Command::HashPassword { .. } => unreachable!("handled before connecting"),
     }
 }
@@ -170,14 +188,17 @@ async fn status(config: ClientConfig) -> anyhow::Result<ExitCode> {
 fn hash_password(password: Option<String>) -> anyhow::Result<ExitCode> {
     let password = match password {
         Some(password) => password,
-        None => {
-            let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line).context("could not read the password from stdin")?;
-            line.trim_end_matches(['\n', '\r']).to_owned()
-        }
+        None => read_stdin_line().context("could not read the password from stdin")?,
     };
     println!("{}", phc_hash(&password)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first line of stdin, without its line ending.
+fn read_stdin_line() -> std::io::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 /// argon2id with the crate's default parameters and a random salt, as a PHC string.

@@ -308,12 +308,14 @@ async fn serve_admin(
             ClientFrame::Status { req } => {
                 ServerFrame::StatusReply { req, json: format!(r#"{{"role":"{role}","node":"{addr}"}}"#) }
             }
-            ClientFrame::Admin { req, command } => {
+            ClientFrame::Admin { req, command, .. } => {
                 let refusal = match (command, role) {
                     (AdminCommand::Switchover, "active") | (AdminCommand::Promote { force: true }, "passive") => None,
                     (AdminCommand::Switchover, _) => Some((ErrorCode::NotActive, "not the active node")),
                     (AdminCommand::Promote { force: false }, _) => Some((ErrorCode::InvalidRequest, "force required")),
                     (AdminCommand::Promote { .. }, _) => Some((ErrorCode::InvalidRequest, "already active")),
+                    (_, "active") => None,
+                    (_, _) => Some((ErrorCode::NotActive, "not the active node")),
                 };
                 match refusal {
                     None => ServerFrame::Done { req },

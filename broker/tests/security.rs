@@ -1,0 +1,239 @@
+//! Users and ACLs, on real broker processes: every operation is checked
+//! against the current grants, changes apply to open connections, and users
+//! made on the active exist on the passive after a failover.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::pair::{Pair, PairOptions};
+use common::Broker;
+use twinmq_client::{
+    AclGrant, AdminClient, AdminCommand, Client, ClientConfig, ClientError, Destination, ErrorCode, Message,
+    SubscribeOptions,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn hash(password: &str) -> String {
+    twinmq_broker::auth::hash_password(password).unwrap()
+}
+
+fn grants(gs: &[&str]) -> Vec<AclGrant> {
+    gs.iter().map(|g| g.parse().unwrap()).collect()
+}
+
+/// A broker whose only configured user is `root` (admin on everything).
+fn broker() -> Broker {
+    let root = format!("root={}", hash("rootpw"));
+    Broker::start(&["--user", &root, "--auto-create", "true"])
+}
+
+fn as_user(config: ClientConfig, user: &str, password: &str) -> ClientConfig {
+    config.user(user).password(password).failover_timeout(Duration::from_secs(5))
+}
+
+async fn admin(config: &ClientConfig, command: AdminCommand) -> Result<Option<String>, ClientError> {
+    AdminClient::command_on_active(config, command, false).await.map(|(_, reply)| reply)
+}
+
+async fn add_user(root: &ClientConfig, name: &str, password: &str, gs: &[&str]) {
+    let cmd = AdminCommand::UserAdd { name: name.into(), password_hash: hash(password), grants: grants(gs) };
+    admin(root, cmd).await.unwrap();
+}
+
+async fn queue_depths(root: &ClientConfig) -> serde_json::Value {
+    let json = admin(root, AdminCommand::QueueList).await.unwrap().unwrap();
+    serde_json::from_str(&json).unwrap()
+}
+
+fn depth_of(list: &serde_json::Value, queue: &str) -> Option<u64> {
+    list["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == format!("queue:{queue}"))
+        .map(|q| q["depth"].as_u64().unwrap())
+}
+
+fn code(e: &ClientError) -> Option<ErrorCode> {
+    e.code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_produce_rights_cannot_send_and_nothing_is_stored() {
+    let b = broker();
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "reader", "pw", &["consume:orders.#"]).await;
+    let reader = Client::connect(as_user(b.config(), "reader", "pw")).await.unwrap();
+
+    let err = reader.producer(Destination::queue("orders.eu")).send(Message::persistent("nope")).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+    assert!(
+        err.to_string().contains("reader") && err.to_string().contains("orders.eu"),
+        "the error says who and what: {err}"
+    );
+    // Not even auto-created: the refusal comes before the destination is resolved.
+    assert_eq!(depth_of(&queue_depths(&root).await, "orders.eu"), None);
+    assert!(b.log().contains("refused: not authorized"), "a log line for the denial");
+
+    // The same connection still works for what the user may do.
+    let mut c = reader.subscribe(Destination::queue("orders.eu"), SubscribeOptions::default()).await.unwrap();
+    add_user(&root, "writer", "pw", &["produce:orders.*"]).await;
+    let w = Client::connect(as_user(b.config(), "writer", "pw")).await.unwrap();
+    w.producer(Destination::queue("orders.eu")).send(Message::persistent("yes")).await.unwrap();
+    assert_eq!(common::drain(&mut c, 1, Duration::from_secs(5)).await, vec!["yes"]);
+    // Restart: nothing from the refused publish comes back.
+    drop((reader, w, c));
+    let mut b = b;
+    b.terminate();
+    b.restart();
+    assert_eq!(depth_of(&queue_depths(&root).await, "orders.eu"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_consume_rights_receives_nothing() {
+    let b = broker();
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "producer", "pw", &["produce:#"]).await;
+    let p = Client::connect(as_user(b.config(), "producer", "pw")).await.unwrap();
+    for i in 0..10 {
+        p.producer(Destination::queue("jobs")).send(Message::persistent(format!("j{i}"))).await.unwrap();
+    }
+    let err = p.subscribe(Destination::queue("jobs"), SubscribeOptions::default()).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+    let err = p.subscribe(Destination::topic("news"), SubscribeOptions::default().durable("mine")).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "durable subscriptions too: {err}");
+    // Every message is still there for someone who may consume.
+    assert_eq!(depth_of(&queue_depths(&root).await, "jobs"), Some(10));
+    // Admin connections need an admin grant.
+    let err = AdminClient::connect(&as_user(b.config(), "producer", "pw")).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_changes_apply_to_open_connections() {
+    let b = broker();
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "app", "pw", &["produce:orders.#", "consume:orders.#"]).await;
+    let app = Client::connect(as_user(b.config(), "app", "pw")).await.unwrap();
+    let producer = app.producer(Destination::queue("orders"));
+    let mut consumer = app.subscribe(Destination::queue("orders"), SubscribeOptions::default()).await.unwrap();
+    producer.send(Message::persistent("m1")).await.unwrap();
+    assert_eq!(common::drain(&mut consumer, 1, Duration::from_secs(5)).await, vec!["m1"]);
+
+    // Revoke produce: the next publish on the same connection is refused.
+    let revoke = |g: &str| AdminCommand::AclRevoke { user: "app".into(), grant: g.parse().unwrap() };
+    admin(&root, revoke("produce:orders.#")).await.unwrap();
+    let err = producer.send(Message::persistent("m2")).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+
+    // Grant it back: the same producer works again.
+    let grant = AdminCommand::AclGrant { user: "app".into(), grant: "produce:orders".parse().unwrap() };
+    admin(&root, grant).await.unwrap();
+    producer.send(Message::persistent("m3")).await.unwrap();
+    assert_eq!(common::drain(&mut consumer, 1, Duration::from_secs(5)).await, vec!["m3"]);
+
+    // Revoke consume: the open consumer is closed by the broker and gets nothing more.
+    admin(&root, revoke("consume:orders.#")).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+        Ok(Some(Err(ClientError::ConsumerClosed { reason }))) => assert!(reason.contains("consume"), "{reason}"),
+        other => panic!("expected the consumer to be closed, got {:?}", other.map(|o| o.map(|r| r.is_ok()))),
+    }
+    producer.send(Message::persistent("m4")).await.unwrap();
+    assert_eq!(depth_of(&queue_depths(&root).await, "orders"), Some(1), "m4 waits, nobody may take it");
+
+    // Removing the user closes its connection.
+    admin(&root, AdminCommand::UserRm { name: "app".into() }).await.unwrap();
+    let err = producer.send(Message::persistent("m5")).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");
+    let err = Client::connect(as_user(b.config(), "app", "pw")).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_check_rights_and_keep_someone_in_charge() {
+    // An open broker: the first user must be able to manage it.
+    let b = Broker::start(&[]);
+    let open = b.config();
+    let cmd = AdminCommand::UserAdd { name: "ops".into(), password_hash: hash("pw"), grants: grants(&["produce:#"]) };
+    let err = admin(&open, cmd).await.unwrap_err();
+    assert!(err.to_string().contains("admin:#"), "{err}");
+    add_user(&open, "ops", "opspw", &["admin:#"]).await;
+    // Now closed: anonymous is refused, ops works.
+    assert_eq!(code(&Client::connect(b.config()).await.unwrap_err()), Some(ErrorCode::NotAuthenticated));
+    let ops = as_user(b.config(), "ops", "opspw");
+    add_user(&ops, "qadmin", "pw", &["admin:orders.*"]).await;
+    let qadmin = as_user(b.config(), "qadmin", "pw");
+    admin(&qadmin, AdminCommand::QueueCreate { name: "orders.eu".into() }).await.unwrap();
+    let err = admin(&qadmin, AdminCommand::QueueCreate { name: "billing".into() }).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+    let err = admin(&qadmin, AdminCommand::UserList).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+    // The last admin cannot be removed or lose admin:#.
+    let err = admin(&ops, AdminCommand::UserRm { name: "ops".into() }).await.unwrap_err();
+    assert!(err.to_string().contains("admin:#"), "{err}");
+    // Bad input gets a clear error.
+    let bad = AdminCommand::AclGrant {
+        user: "qadmin".into(),
+        grant: AclGrant { permission: twinmq_client::Permission::Produce, pattern: "a..b".into() },
+    };
+    assert_eq!(code(&admin(&ops, bad).await.unwrap_err()), Some(ErrorCode::InvalidRequest));
+    let dup = AdminCommand::UserAdd { name: "qadmin".into(), password_hash: hash("x"), grants: vec![] };
+    assert!(admin(&ops, dup).await.unwrap_err().to_string().contains("already exists"));
+    let plain = AdminCommand::UserPasswd { name: "qadmin".into(), password_hash: "plaintext".into() };
+    assert_eq!(code(&admin(&ops, plain).await.unwrap_err()), Some(ErrorCode::InvalidRequest));
+    // Password change takes effect for new connections.
+    admin(&ops, AdminCommand::UserPasswd { name: "qadmin".into(), password_hash: hash("new") }).await.unwrap();
+    assert_eq!(code(&AdminClient::connect(&qadmin).await.unwrap_err()), Some(ErrorCode::NotAuthenticated));
+    AdminClient::connect(&as_user(b.config(), "qadmin", "new")).await.unwrap();
+    // Queue admin: purge and delete.
+    let root_like = ops.clone();
+    add_user(&ops, "app", "pw", &["produce:#"]).await;
+    let app = Client::connect(as_user(b.config(), "app", "pw")).await.unwrap();
+    for i in 0..5 {
+        app.producer(Destination::queue("orders.eu")).send(Message::persistent(format!("p{i}"))).await.unwrap();
+    }
+    let purged = admin(&root_like, AdminCommand::QueuePurge { name: "orders.eu".into() }).await.unwrap().unwrap();
+    assert!(purged.contains("\"purged\":5"), "{purged}");
+    admin(&root_like, AdminCommand::QueueRm { name: "orders.eu".into() }).await.unwrap();
+    assert_eq!(depth_of(&queue_depths(&root_like).await, "orders.eu"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_objects_made_on_the_active_exist_on_the_passive_after_failover() {
+    let mut pair = Pair::start(PairOptions::default()).await;
+    pair.wait_a_active_b_in_sync().await;
+    let open = pair.client_config();
+    add_user(&open, "ops", "opspw", &["admin:#"]).await;
+    let ops = as_user(pair.client_config(), "ops", "opspw");
+    for node in [&mut pair.a, &mut pair.b] {
+        node.admin_login = Some(("ops".into(), "opspw".into()));
+    }
+    add_user(&ops, "app", "apppw", &["produce:orders.#", "consume:orders.#"]).await;
+    admin(&ops, AdminCommand::AclGrant { user: "app".into(), grant: "consume:audit".parse().unwrap() }).await.unwrap();
+    admin(&ops, AdminCommand::QueueCreate { name: "orders.made-by-admin".into() }).await.unwrap();
+    let app_cfg = as_user(pair.client_config(), "app", "apppw").failover_timeout(WAIT);
+    let app = Client::connect(app_cfg.clone()).await.unwrap();
+    app.producer(Destination::queue("orders.made-by-admin")).send(Message::persistent("before")).await.unwrap();
+    drop(app);
+    // The passive already authenticates admin logins against the replicated users.
+    let mut on_b = AdminClient::connect_to(&pair.b.client.to_string(), &ops).await.unwrap();
+    assert!(on_b.status().await.unwrap().contains("passive"));
+    on_b.close().await;
+
+    pair.a.kill9();
+    pair.b.wait_role("active", WAIT).await;
+    let users = admin(&ops, AdminCommand::UserList).await.unwrap().unwrap();
+    assert!(users.contains("\"app\"") && users.contains("consume:audit"), "{users}");
+    let app = Client::connect(app_cfg).await.unwrap();
+    assert_eq!(app.server().node_id, "node-b");
+    let mut c = app.subscribe(Destination::queue("orders.made-by-admin"), SubscribeOptions::default()).await.unwrap();
+    assert_eq!(common::drain(&mut c, 1, Duration::from_secs(5)).await, vec!["before"]);
+    let err = app.producer(Destination::queue("billing")).send(Message::persistent("x")).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "the grants came along, not just the user: {err}");
+    let wrong = Client::connect(as_user(pair.client_config(), "app", "wrong")).await.unwrap_err();
+    assert_eq!(code(&wrong), Some(ErrorCode::NotAuthenticated), "{wrong}");
+}
