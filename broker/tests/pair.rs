@@ -255,9 +255,7 @@ async fn after_a_healed_split_the_losing_side_hands_over_what_it_confirmed() {
     setup.producer(Destination::queue("split")).send(Message::persistent("split-before")).await.unwrap();
     confirmed.insert("split-before".to_string());
     drop(setup);
-    for p in &pair.cable {
-        p.cut();
-    }
+    common::pair::Proxy::cut_all(&pair.cable);
     pair.b
         .wait_for("active after the split", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active")))
         .await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use twinmq_client::{Client, ClientError, Message, SubscribeOptions};
-use twinmq_protocol::{ClientFrame, Destination, ErrorCode, MessageId, ServerFrame};
+use twinmq_protocol::{AdminCommand, ClientFrame, Destination, ErrorCode, MessageId, ServerFrame};
 
 #[tokio::test]
 async fn connect_follows_the_active_hint() {
@@ -306,4 +306,44 @@ async fn cli_promote_finds_the_passive_node() {
     let servers = format!("{},{}", active.addr, passive.addr);
     let (code, stdout, stderr) = twinmq(&["--servers", &servers, "promote", "--force"]).await;
     assert_eq!((code, stdout), (0, format!("promoted {}\n", passive.addr)), "{stderr}");
+}
+
+#[tokio::test]
+async fn cli_user_add_sends_an_argon2_hash_and_the_grants_never_the_password() {
+    let mut active = FakeBroker::start(active()).await;
+    let args = ["--servers", &active.addr, "user", "add", "app", "--new-password", "s3cret"];
+    let (code, stdout, stderr) =
+        twinmq(&[&args[..], &["--grant", "produce:orders.*", "--grant", "consume:topic:prices.#"]].concat()).await;
+    assert_eq!((code, stdout.as_str()), (0, "user added app\n"), "{stderr}");
+    let (command, force) = active
+        .next(|f| match f {
+            ClientFrame::Admin { command, force, .. } => Some((command, force)),
+            _ => None,
+        })
+        .await;
+    let AdminCommand::UserAdd { name, password_hash, grants } = command else { panic!("not UserAdd: {command:?}") };
+    assert_eq!(name, "app");
+    assert!(!force);
+    assert!(!password_hash.contains("s3cret"));
+    use argon2::PasswordVerifier;
+    let parsed = argon2::PasswordHash::new(&password_hash).unwrap();
+    assert!(argon2::Argon2::default().verify_password(b"s3cret", &parsed).is_ok(), "the hash is of the password");
+    let grants: Vec<String> = grants.iter().map(ToString::to_string).collect();
+    assert_eq!(grants, vec!["produce:orders.*", "consume:topic:prices.#"]);
+
+    let (code, stdout, stderr) =
+        twinmq(&["--servers", &active.addr, "acl", "revoke", "app", "admin:#", "--force"]).await;
+    assert_eq!((code, stdout.as_str()), (0, "revoked app admin:#\n"), "{stderr}");
+    let (command, force) = active
+        .next(|f| match f {
+            ClientFrame::Admin { command: c @ AdminCommand::AclRevoke { .. }, force, .. } => Some((c, force)),
+            _ => None,
+        })
+        .await;
+    assert!(force, "--force travels with the command");
+    assert!(matches!(command, AdminCommand::AclRevoke { ref user, .. } if user == "app"));
+
+    let (code, _, stderr) = twinmq(&["--servers", &active.addr, "acl", "grant", "app", "fly:#"]).await;
+    assert_eq!(code, 2, "a bad grant is a usage error: {stderr}");
+    assert!(stderr.contains("unknown permission"), "{stderr}");
 }

@@ -115,6 +115,20 @@ impl Proxy {
     pub fn restore(&self) {
         self.cut.store(false, Ordering::Relaxed);
     }
+
+    /// Cut several cables at (nearly) the same instant: refuse new
+    /// connections on all of them first, then drop the open ones, so a node
+    /// cannot move its replication to a second path between two cuts.
+    pub fn cut_all(proxies: &[Proxy]) {
+        for p in proxies {
+            p.cut.store(true, Ordering::SeqCst);
+        }
+        let conns: Vec<TcpStream> =
+            proxies.iter().flat_map(|p| p.conns.lock().unwrap().drain(..).collect::<Vec<_>>()).collect();
+        for c in conns {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// One node of the pair.
