@@ -122,11 +122,11 @@ fn presented_token(req: &HttpRequest) -> Option<String> {
     None
 }
 
-/// `Ok` when the request may proceed, else the 401 to send.
-fn check(req: &HttpRequest, token: &str) -> Result<(), HttpResponse> {
+/// `None` when the request may proceed, else the 401 to send.
+fn refusal(req: &HttpRequest, token: &str) -> Option<HttpResponse> {
     let ok = presented_token(req).is_some_and(|t| bool::from(t.as_bytes().ct_eq(token.as_bytes())));
     if ok {
-        return Ok(());
+        return None;
     }
     let why = if req.headers().contains_key(header::AUTHORIZATION) {
         "wrong credential"
@@ -136,19 +136,16 @@ fn check(req: &HttpRequest, token: &str) -> Result<(), HttpResponse> {
     tracing::info!(peer = ?req.peer_addr(), path = req.path(), "admin HTTP request refused: {why}");
     let mut resp = json_error(StatusCode::UNAUTHORIZED, why);
     resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"twinmq\""));
-    Err(resp)
+    Some(resp)
 }
 
 /// GET routes: open without a token, else the token is required.
-fn check_read(req: &HttpRequest, state: &HttpState) -> Result<(), HttpResponse> {
-    match &state.token {
-        Some(t) => check(req, t),
-        None => Ok(()),
-    }
+fn read_refusal(req: &HttpRequest, state: &HttpState) -> Option<HttpResponse> {
+    refusal(req, state.token.as_deref()?)
 }
 
 async fn page(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
-    if let Err(resp) = check_read(&req, &state) {
+    if let Some(resp) = read_refusal(&req, &state) {
         return resp;
     }
     HttpResponse::Ok()
@@ -166,7 +163,7 @@ async fn node_status(state: &HttpState) -> Result<serde_json::Value, HttpRespons
 }
 
 async fn status_json(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
-    if let Err(resp) = check_read(&req, &state) {
+    if let Some(resp) = read_refusal(&req, &state) {
         return resp;
     }
     match node_status(&state).await {
@@ -176,7 +173,7 @@ async fn status_json(req: HttpRequest, state: web::Data<HttpState>) -> HttpRespo
 }
 
 async fn metrics_text(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
-    if let Err(resp) = check_read(&req, &state) {
+    if let Some(resp) = read_refusal(&req, &state) {
         return resp;
     }
     let status = match node_status(&state).await {
@@ -184,7 +181,9 @@ async fn metrics_text(req: HttpRequest, state: web::Data<HttpState>) -> HttpResp
         Err(resp) => return resp,
     };
     match state.metrics.encode(&status) {
-        Ok(text) => HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(text),
+        Ok(text) => {
+            HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(text)
+        }
         Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}")),
     }
 }
@@ -196,7 +195,7 @@ async fn switchover(req: HttpRequest, state: web::Data<HttpState>) -> HttpRespon
             "switchover over HTTP is disabled: no http_token is configured on this node",
         );
     };
-    if let Err(resp) = check(&req, token) {
+    if let Some(resp) = refusal(&req, token) {
         return resp;
     }
     tracing::info!(peer = ?req.peer_addr(), "operator command over HTTP: switchover");
@@ -245,11 +244,11 @@ mod tests {
     #[test]
     fn a_wrong_token_gets_401_with_a_challenge() {
         let req = TestRequest::default().insert_header((header::AUTHORIZATION, "Bearer nope")).to_http_request();
-        let resp = check(&req, "right-token").unwrap_err();
+        let resp = refusal(&req, "right-token").unwrap();
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
         assert!(resp.headers().get(header::WWW_AUTHENTICATE).is_some());
         let req = TestRequest::default().insert_header((header::AUTHORIZATION, "Bearer right-token")).to_http_request();
-        assert!(check(&req, "right-token").is_ok());
-        assert!(check(&TestRequest::default().to_http_request(), "right-token").is_err());
+        assert!(refusal(&req, "right-token").is_none());
+        assert!(refusal(&TestRequest::default().to_http_request(), "right-token").is_some());
     }
 }

@@ -81,7 +81,11 @@ impl Metrics {
     pub fn encode(&self, status: &serde_json::Value) -> Result<String, std::fmt::Error> {
         let mut r = Registry::with_prefix("twinmq");
         r.register("messages_in", "Publish frames received from clients", self.0.messages_in.clone());
-        r.register("messages_out", "Messages delivered to consumers (redeliveries included)", self.0.messages_out.clone());
+        r.register(
+            "messages_out",
+            "Messages delivered to consumers (redeliveries included)",
+            self.0.messages_out.clone(),
+        );
         r.register("confirms", "Publish confirms sent to producers", self.0.confirms.clone());
         r.register_with_unit(
             "confirm_latency",
@@ -104,7 +108,11 @@ impl Metrics {
         // A lone node (no pair) has neither peer nor gateway; those gauges are omitted.
         if status["peer"].is_object() {
             let peer = &status["peer"];
-            r.register("in_sync", "1 when this node's store is in sync with its peer", gauge(u64::from(status["in_sync"] == true)));
+            r.register(
+                "in_sync",
+                "1 when this node's store is in sync with its peer",
+                gauge(u64::from(status["in_sync"] == true)),
+            );
             r.register("peer_up", "1 when the peer is heard on some path", gauge(u64::from(peer["state"] == "up")));
             r.register(
                 "gateway_reachable",
