@@ -188,6 +188,34 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
     }
 
+    /// What the data path pays per message (docs/BENCHMARKS.md, "Metrics on the
+    /// hot path"). Prints figures, asserts nothing about time:
+    /// `cargo test -p twinmq-broker --lib hot_path_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn hot_path_cost() {
+        const N: u32 = 2_000_000;
+        let m = Metrics::new();
+        for threads in [1, 2] {
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    let m = m.clone();
+                    s.spawn(move || {
+                        for _ in 0..N {
+                            let received = Instant::now();
+                            m.message_in();
+                            m.confirmed(received);
+                            m.message_out();
+                        }
+                    });
+                }
+            });
+            let ns = start.elapsed().as_nanos() as f64 / f64::from(N);
+            println!("{threads} thread(s): in + confirm (histogram) + out = {ns:.0} ns per message per thread");
+        }
+    }
+
     #[test]
     fn a_lone_node_has_no_pair_gauges() {
         let text = Metrics::new().encode(&serde_json::json!({"role": "active", "peer": null})).unwrap();
