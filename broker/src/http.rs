@@ -56,9 +56,11 @@ pub struct HttpEndpoint {
 }
 
 impl HttpEndpoint {
-    /// Stop accepting and finish requests in progress (bounded).
-    pub async fn stop(&self) {
-        self.handle.stop(true).await;
+    /// Stop accepting at once; the future resolves when requests in progress
+    /// are done (at most `SHUTDOWN_GRACE_SECS`: idle keep-alive connections
+    /// of an open status page count too, so await it late).
+    pub fn stop(&self) -> impl std::future::Future<Output = ()> {
+        self.handle.stop(true)
     }
 }
 

@@ -130,9 +130,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining in-flight confirms");
     listener.do_send(listener::StopAccepting);
-    if let Some(h) = &http {
-        h.stop().await;
-    }
+    let http_stopped = http.as_ref().map(http::HttpEndpoint::stop);
     let _ = stop_tx.send(true);
     // Connections close once their in-flight publishes are confirmed (bounded wait).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -153,6 +151,9 @@ pub async fn run(
     }));
     if tokio::time::timeout(Duration::from_secs(10), rx).await.is_err() {
         tracing::error!("the store writer did not drain within 10 s; closing anyway");
+    }
+    if let Some(stopped) = http_stopped {
+        stopped.await;
     }
     drop(node);
     for a in &io {
