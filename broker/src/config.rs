@@ -96,6 +96,8 @@ struct FileConfig {
     failback: Option<String>,
     require_replica: Option<bool>,
     admin_when_split: Option<bool>,
+    http_listen: Option<String>,
+    http_token: Option<String>,
 }
 
 /// Command-line flags of `twinmqd`. Each overrides the config file key of the same name.
@@ -198,6 +200,12 @@ pub struct Args {
     /// Pair: allow creating and deleting destinations while the peer is down (forced).
     #[arg(long, value_name = "BOOL")]
     pub admin_when_split: Option<bool>,
+    /// Admin HTTP endpoint (/, /status, /metrics, POST /switchover); off when unset.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http_listen: Option<String>,
+    /// Credential for the admin HTTP endpoint: Bearer token, or Basic password (env TWINMQ_HTTP_TOKEN).
+    #[arg(long, value_name = "TOKEN", env = "TWINMQ_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
 }
 
 /// The validated configuration.
@@ -225,6 +233,10 @@ pub struct Config {
     pub require_replica: bool,
     /// Allow admin changes while the pair is split (DESIGN.md section 4: refused unless forced).
     pub admin_when_split: bool,
+    /// The admin HTTP endpoint's address (`None`: no HTTP endpoint).
+    pub http_listen: Option<SocketAddr>,
+    /// Its credential (`None`: GET routes open, switchover refused). See `http.rs`.
+    pub http_token: Option<String>,
 }
 
 impl Default for Config {
@@ -249,6 +261,8 @@ impl Default for Config {
             pair: None,
             require_replica: false,
             admin_when_split: false,
+            http_listen: None,
+            http_token: None,
         }
     }
 }
@@ -290,6 +304,7 @@ impl Config {
             None => d.listen,
         };
         let pair = pair_config(&file, args, &node_id, listen)?;
+        let (http_listen, http_token) = http_config(&file, args, listen, pair.as_ref())?;
         let durability = match args.durability.clone().or(file.durability.clone()) {
             Some(t) => t.parse::<Durability>().map_err(|m| invalid("durability", m))?,
             None if pair.is_some() => Durability::Replicated,
@@ -410,6 +425,8 @@ impl Config {
             pair,
             require_replica,
             admin_when_split: args.admin_when_split.or(file.admin_when_split).unwrap_or(false),
+            http_listen,
+            http_token,
         })
     }
 }
@@ -515,6 +532,35 @@ fn pair_config(
     }))
 }
 
+/// The admin HTTP keys: an address of its own and an optional token.
+fn http_config(
+    file: &FileConfig,
+    args: &Args,
+    listen: SocketAddr,
+    pair: Option<&twinmq_ha::HaConfig>,
+) -> Result<(Option<SocketAddr>, Option<String>), ConfigError> {
+    let http_listen = match args.http_listen.clone().or(file.http_listen.clone()) {
+        None => None,
+        Some(t) => {
+            let a = parse_addr(&t).ok_or_else(|| invalid("http_listen", format!("`{t}` is not HOST:PORT")))?;
+            if a == listen || pair.is_some_and(|p| p.ha_listen == a) {
+                return Err(invalid("http_listen", "must differ from listen and ha_listen: the HTTP port is its own"));
+            }
+            Some(a)
+        }
+    };
+    let http_token = args.http_token.clone().or(file.http_token.clone());
+    if let Some(t) = &http_token {
+        if t.len() < 16 {
+            return Err(invalid("http_token", "use at least 16 characters"));
+        }
+        if !t.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(invalid("http_token", "use printable ASCII without spaces (it travels in an HTTP header)"));
+        }
+    }
+    Ok((http_listen, http_token))
+}
+
 fn parse_addr(text: &str) -> Option<SocketAddr> {
     use std::net::ToSocketAddrs;
     text.to_socket_addrs().ok()?.next()
@@ -559,6 +605,12 @@ mod tests {
         assert_eq!(err_key("node_id = \"a b\""), "node_id");
         assert_eq!(err_key("[[users]]\nname = \"u\""), "users");
         assert!(err_key("colour = 3").contains("colour"), "unknown keys are named");
+        assert_eq!(err_key("http_listen = \"nowhere\""), "http_listen");
+        assert_eq!(err_key("http_listen = \"127.0.0.1:5570\""), "http_listen");
+        assert_eq!(err_key("http_token = \"short\""), "http_token");
+        assert_eq!(err_key("http_token = \"sixteen chars and spaces\""), "http_token");
+        let c = Config::from_toml("http_listen = \"127.0.0.1:8080\"\nhttp_token = \"0123456789abcdef\"").unwrap();
+        assert_eq!(c.http_listen.map(|a| a.port()), Some(8080));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use crate::auth::AuthOutcome;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::node::{self, Node};
 use crate::router::Router;
 use crate::security::SecurityDb;
@@ -55,6 +56,8 @@ pub struct ConnectionContext {
     pub shutdown: watch::Receiver<bool>,
     /// The pair as this node sees it (None for a single node): redirect hints.
     pub ha_status: Option<watch::Receiver<twinmq_ha::HaStatus>>,
+    /// Event counters for `/metrics`.
+    pub metrics: Metrics,
 }
 
 fn connection_error(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
@@ -113,7 +116,7 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
 
     let (raw_tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
-    let tx = Outbound::new(raw_tx, queued.clone());
+    let tx = Outbound::new(raw_tx, queued.clone(), cx.metrics.clone());
     let (close_tx, close_rx) = oneshot::channel();
     let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx, queued.clone()));
     let mut security = cx.security.clone();
@@ -169,6 +172,9 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
                 break;
             }
             Some(Ok(frame)) => {
+                if matches!(frame, ClientFrame::Publish { .. }) {
+                    cx.metrics.message_in();
+                }
                 let permit = match frame {
                     ClientFrame::Publish { .. } => match permits.clone().acquire_owned().await {
                         Ok(p) => Some(p),

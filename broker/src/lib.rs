@@ -3,7 +3,8 @@
 //!
 //! Owns: the client port (`listener`, `connection`), sessions, destinations
 //! (`queue`, `topic`), the destination registry (`router`), configuration
-//! and authentication. Does not own: how bytes become durable (twinmq-store,
+//! and authentication, the admin HTTP endpoint (`http`) and the metrics it
+//! serves (`metrics`). Does not own: how bytes become durable (twinmq-store,
 //! whose crate doc states what a confirmation promises), the wire format
 //! (twinmq-protocol), or the pair's roles (twinmq-ha).
 //!
@@ -15,7 +16,9 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod node;
 pub mod queue;
 pub mod router;

@@ -252,6 +252,8 @@ impl Handler<GetNodeStatus> for Node {
                         "role": h.peer_role.map(|r| r.to_string()),
                         "epoch": h.peer_epoch,
                         "last_op": h.peer_last_seq,
+                        "in_sync": h.peer_in_sync,
+                        "sees_gateway": h.peer_sees_gateway,
                         "last_heard_ms_ago": h.peer_last_heard_ms_ago,
                         "connections": h.peer_connections,
                     });

@@ -299,6 +299,8 @@ pub struct Publish {
     pub reply: Outbound,
     /// Released when the confirm (or error) is sent: bounds a connection's unconfirmed publishes.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// When the session received it: the confirm latency metric starts here.
+    pub received: Instant,
 }
 
 /// The code a client acts on: a publish refused because this node stopped
@@ -308,10 +310,6 @@ pub fn store_error_code(e: &twinmq_store::StoreError) -> ErrorCode {
         twinmq_store::StoreError::NotActive => ErrorCode::NotActive,
         _ => ErrorCode::StoreFailed,
     }
-}
-
-fn confirm_frame(producer_id: u64, seq: u64) -> ServerFrame {
-    ServerFrame::Confirm { producer_id, seq }
 }
 
 fn publish_error(producer_id: u64, seq: u64, code: ErrorCode, message: String) -> ServerFrame {
@@ -346,6 +344,7 @@ impl Handler<Publish> for Queue {
                 let me = ctx.address();
                 let reply = p.reply;
                 let permit = p.permit;
+                let received = p.received;
                 let label = self.label.clone();
                 self.writer.submit(
                     vec![Op::Enqueue { message: p.message, queues: vec![key.clone()] }],
@@ -359,7 +358,7 @@ impl Handler<Publish> for Queue {
                                     }
                                 }
                                 // Durable as promised by the store's crate doc ("What a confirmation promises").
-                                let _ = reply.send(confirm_frame(pid, pseq));
+                                let _ = reply.confirm(pid, pseq, received);
                             }
                             Err(e) => {
                                 tracing::error!(queue = %label, error = %e, "store failed; publish not confirmed");
@@ -373,7 +372,7 @@ impl Handler<Publish> for Queue {
                 let mut m = p.message;
                 m.seq = transient_seq();
                 self.push_ready(Entry { msg: Arc::new(m), persistent: false, deliveries: 0 }, false);
-                let _ = p.reply.send(confirm_frame(pid, pseq));
+                let _ = p.reply.confirm(pid, pseq, p.received);
                 self.dispatch();
             }
         }

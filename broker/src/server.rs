@@ -18,7 +18,9 @@ use twinmq_store::{Store, StoreConfig, Writer, WriterConfig};
 
 use crate::config::Config;
 use crate::connection::ConnectionContext;
+use crate::http;
 use crate::listener::{self, Listener};
+use crate::metrics::Metrics;
 use crate::node::{Node, SetPair};
 use crate::{BrokerError, Shared};
 use twinmq_ha::Pair;
@@ -105,6 +107,13 @@ pub async fn run(
         }
     };
 
+    let metrics = Metrics::new();
+    // Bound before the client port, so a node that accepts clients answers HTTP too.
+    let http = match config.http_listen {
+        Some(addr) => Some(http::start(addr, node.clone(), metrics.clone(), config.http_token.clone())?),
+        None => None,
+    };
+
     let std_listener = listener::bind(config.listen)?;
     let local = std_listener.local_addr().map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
     let tcp =
@@ -119,6 +128,7 @@ pub async fn run(
         shared: shared.clone(),
         shutdown: stop_rx,
         ha_status: pair.as_ref().map(|p: &Pair| p.status.clone()),
+        metrics,
     };
     let listener = Listener::new(tcp, io.iter().map(Arbiter::handle).collect(), cx).start();
     tracing::info!(node_id = %config.node_id, listen = %local, durability = %config.durability, "listening");
@@ -129,6 +139,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining in-flight confirms");
     listener.do_send(listener::StopAccepting);
+    let http_stopped = http.as_ref().map(http::HttpEndpoint::stop);
     let _ = stop_tx.send(true);
     // Connections close once their in-flight publishes are confirmed (bounded wait).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -149,6 +160,9 @@ pub async fn run(
     }));
     if tokio::time::timeout(Duration::from_secs(10), rx).await.is_err() {
         tracing::error!("the store writer did not drain within 10 s; closing anyway");
+    }
+    if let Some(stopped) = http_stopped {
+        stopped.await;
     }
     drop(node);
     for a in &io {

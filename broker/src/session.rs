@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
@@ -23,6 +24,7 @@ use twinmq_protocol::{
 use twinmq_store::StoredMessage;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::now_ms;
 use crate::queue::{self, ConsumerKey, Queue};
@@ -37,20 +39,31 @@ use crate::topic::{self, Topic};
 pub struct Outbound {
     tx: UnboundedSender<ServerFrame>,
     queued: Arc<AtomicUsize>,
+    /// Every delivery and confirm passes here, so they are counted here.
+    metrics: Metrics,
 }
 
 impl Outbound {
-    pub fn new(tx: UnboundedSender<ServerFrame>, queued: Arc<AtomicUsize>) -> Outbound {
-        Outbound { tx, queued }
+    pub fn new(tx: UnboundedSender<ServerFrame>, queued: Arc<AtomicUsize>, metrics: Metrics) -> Outbound {
+        Outbound { tx, queued, metrics }
     }
 
     /// Queue a frame; `Err` when the connection is gone (the frame is dropped).
     pub fn send(&self, frame: ServerFrame) -> Result<(), Closed> {
+        if matches!(frame, ServerFrame::Deliver { .. }) {
+            self.metrics.message_out();
+        }
         self.queued.fetch_add(1, Ordering::Relaxed);
         self.tx.send(frame).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             Closed
         })
+    }
+
+    /// Queue the confirm of a publish received at `received` (counted, with its latency).
+    pub fn confirm(&self, producer_id: u64, seq: u64, received: Instant) -> Result<(), Closed> {
+        self.metrics.confirmed(received);
+        self.send(ServerFrame::Confirm { producer_id, seq })
     }
 }
 
@@ -205,7 +218,13 @@ impl Session {
             timestamp_ms: now,
             expires_at_ms: message.ttl_ms.map(|t| now.saturating_add(t)),
         };
-        let p = queue::Publish { message: stored, persistent: message.persistent, reply: self.out.clone(), permit };
+        let p = queue::Publish {
+            message: stored,
+            persistent: message.persistent,
+            reply: self.out.clone(),
+            permit,
+            received: Instant::now(),
+        };
         if let Some(t) = self.targets.get(&destination) {
             let live = match t {
                 Target::Queue(q) => q.connected(),

@@ -52,7 +52,7 @@ impl Handler<queue::Publish> for Topic {
                 d.do_send(Push { message: m.clone() });
             }
             self.fan_out(m);
-            let _ = p.reply.send(ServerFrame::Confirm { producer_id: pid, seq: pseq });
+            let _ = p.reply.confirm(pid, pseq, p.received);
             return;
         }
         let keys: Vec<String> = self.durables.keys().cloned().collect();
@@ -60,6 +60,7 @@ impl Handler<queue::Publish> for Topic {
         let me = ctx.address();
         let reply = p.reply;
         let permit = p.permit;
+        let received = p.received;
         let name = self.name.clone();
         self.writer.submit(
             vec![Op::Enqueue { message: p.message, queues: keys }],
@@ -76,7 +77,7 @@ impl Handler<queue::Publish> for Topic {
                                 me.do_send(FanOut { message: m });
                             }
                         }
-                        let _ = reply.send(ServerFrame::Confirm { producer_id: pid, seq: pseq });
+                        let _ = reply.confirm(pid, pseq, received);
                     }
                     Err(e) => {
                         tracing::error!(topic = %name, error = %e, "store failed; publish not confirmed");

@@ -54,6 +54,10 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     pair.a.wait_active(Duration::from_secs(10)).await?;
     pair.b.wait_in_sync_passive(Duration::from_secs(10)).await?;
     say(start, "node-a is active, node-b is passive and in sync (durability: replicated)");
+    say(
+        start,
+        format!("status pages: http://{}/ and http://{}/ (`--step 10` to watch them)", pair.a.http, pair.b.http),
+    );
 
     let producer_client = Client::connect(pair.client_config()).await?;
     let consumer_client = Client::connect(pair.client_config()).await?;

@@ -115,6 +115,8 @@ pub struct Node {
     pub name: String,
     pub client: SocketAddr,
     pub ha: SocketAddr,
+    /// The admin HTTP endpoint (status page, /status, /metrics); no token on loopback.
+    pub http: SocketAddr,
     pub data_dir: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
@@ -131,6 +133,7 @@ impl Node {
             .args(["--node-id", &self.name, "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &self.client.to_string(), "--ha-listen", &self.ha.to_string()])
+            .args(["--http-listen", &self.http.to_string()])
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -241,6 +244,7 @@ impl Pair {
             name: "node-a".into(),
             client: a_client,
             ha: a_ha,
+            http: free_addr()?,
             data_dir: dir.path().join("a"),
             args: args(b_ha, b_client, "200"),
             child: None,
@@ -250,6 +254,7 @@ impl Pair {
             name: "node-b".into(),
             client: b_client,
             ha: b_ha,
+            http: free_addr()?,
             data_dir: dir.path().join("b"),
             args: args(a_ha, a_client, "100"),
             child: None,

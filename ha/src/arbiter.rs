@@ -51,6 +51,10 @@ pub struct HaStatus {
     pub peer_role: Option<Role>,
     pub peer_epoch: Option<u64>,
     pub peer_last_seq: Option<u64>,
+    /// From the peer's last heartbeat: its store is in sync.
+    pub peer_in_sync: Option<bool>,
+    /// From the peer's last heartbeat: it sees the gateway.
+    pub peer_sees_gateway: Option<bool>,
     pub peer_last_heard_ms_ago: Option<u64>,
     pub peer_connections: usize,
     pub gateway: String,
@@ -197,6 +201,8 @@ impl RoleArbiter {
             peer_role: p.and_then(|p| p.heartbeat.map(|h| h.role)),
             peer_epoch: p.and_then(|p| p.heartbeat.map(|h| h.epoch)),
             peer_last_seq: p.and_then(|p| p.heartbeat.map(|h| h.last_seq)),
+            peer_in_sync: p.and_then(|p| p.heartbeat.map(|h| h.in_sync)),
+            peer_sees_gateway: p.and_then(|p| p.heartbeat.map(|h| h.sees_gateway)),
             peer_last_heard_ms_ago: p.and_then(|p| p.last_heard.map(|t| now.duration_since(t).as_millis() as u64)),
             peer_connections: p.map_or(0, |p| p.connections),
             gateway: self.cfg.gateway.to_string(),

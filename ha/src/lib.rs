@@ -93,6 +93,8 @@ impl Pair {
             peer_role: None,
             peer_epoch: None,
             peer_last_seq: None,
+            peer_in_sync: None,
+            peer_sees_gateway: None,
             peer_last_heard_ms_ago: None,
             peer_connections: 0,
             gateway: cfg.gateway.to_string(),

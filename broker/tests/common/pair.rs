@@ -136,6 +136,8 @@ pub struct Node {
     pub name: String,
     pub client: SocketAddr,
     pub ha: SocketAddr,
+    /// The admin HTTP endpoint, when `PairOptions::http` asked for one.
+    pub http: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub args: Vec<String>,
     child: Option<Child>,
@@ -160,6 +162,7 @@ impl Node {
             .args(["--node-id", &self.name, "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &self.client.to_string(), "--ha-listen", &self.ha.to_string()])
+            .args(self.http.iter().flat_map(|a| ["--http-listen".to_string(), a.to_string()]))
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -282,6 +285,8 @@ pub struct PairOptions {
     pub extra: Vec<String>,
     /// Node b's cluster secret, when it should differ.
     pub b_secret: Option<String>,
+    /// Give each node an admin HTTP port (`--http-listen`); a token goes in `extra`.
+    pub http: bool,
 }
 
 pub struct Pair {
@@ -347,6 +352,7 @@ impl Pair {
             name: "node-a".into(),
             client: a_client,
             ha: a_ha,
+            http: opts.http.then(addr),
             data_dir: tmp.path().join("a"),
             args: common(a_paths, b_client, "200", SECRET),
             child: None,
@@ -357,6 +363,7 @@ impl Pair {
             name: "node-b".into(),
             client: b_client,
             ha: b_ha,
+            http: opts.http.then(addr),
             data_dir: tmp.path().join("b"),
             args: common(b_paths, a_client, "100", &b_secret),
             child: None,

@@ -1,0 +1,226 @@
+//! Metrics: the counters the data path bumps, and their Prometheus text
+//! exposition (served by `http.rs` at `GET /metrics`).
+//!
+//! Two kinds of numbers, kept apart on purpose:
+//! - **Event counters** (messages in and out, confirms, the confirm-latency
+//!   histogram) are bumped where the event happens. They are
+//!   `prometheus-client` metrics, i.e. shared atomics (STYLE.md allows
+//!   atomics for counters); the histogram takes an uncontended
+//!   `parking_lot` lock per observation, one per confirm, which is cheap next
+//!   to the confirm itself. Nothing on the data path allocates for metrics.
+//! - **State** (role, epoch, peer, gateway, replication lag, connections,
+//!   queue depths, failovers) already has one owner each; it is read once
+//!   per scrape from the node's status (`node::GetNodeStatus`, the same
+//!   report `/status` and `twinmq status` show), so the two views cannot
+//!   disagree. Those gauges are built fresh for each scrape.
+//!
+//! The metric names are listed in README.md ("Admin HTTP endpoint").
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Every role a node can be in (`twinmq_role` is a state set over these).
+const ROLES: [&str; 5] = ["active", "active-alone", "passive-syncing", "passive", "isolated"];
+
+/// The event counters of one broker. Cloning shares them.
+#[derive(Clone, Debug)]
+pub struct Metrics(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    /// Publish frames received from clients (before any check).
+    messages_in: Counter,
+    /// Deliver frames queued to consumers (redeliveries included).
+    messages_out: Counter,
+    /// Publish confirms queued to producers.
+    confirms: Counter,
+    /// Publish received by the session to confirm queued, seconds.
+    confirm_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics(Arc::new(Inner {
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            confirms: Counter::default(),
+            // 50 µs .. ~3.3 s: a `none` confirm is tens of µs, a replicated one milliseconds.
+            confirm_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 17)),
+        }))
+    }
+
+    pub fn message_in(&self) {
+        self.0.messages_in.inc();
+    }
+
+    pub fn message_out(&self) {
+        self.0.messages_out.inc();
+    }
+
+    /// A confirm is on its way for a publish received at `received`.
+    pub fn confirmed(&self, received: Instant) {
+        self.0.confirms.inc();
+        self.0.confirm_latency.observe(received.elapsed().as_secs_f64());
+    }
+
+    /// The Prometheus text exposition: the event counters plus the state in
+    /// `status` (the JSON of `node::GetNodeStatus`).
+    pub fn encode(&self, status: &serde_json::Value) -> Result<String, std::fmt::Error> {
+        let mut r = Registry::with_prefix("twinmq");
+        r.register("messages_in", "Publish frames received from clients", self.0.messages_in.clone());
+        r.register(
+            "messages_out",
+            "Messages delivered to consumers (redeliveries included)",
+            self.0.messages_out.clone(),
+        );
+        r.register("confirms", "Publish confirms sent to producers", self.0.confirms.clone());
+        r.register_with_unit(
+            "confirm_latency",
+            "From a publish received to its confirm queued to the producer",
+            Unit::Seconds,
+            self.0.confirm_latency.clone(),
+        );
+
+        let u = |key: &str| status[key].as_u64().unwrap_or(0);
+        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        let role = status["role"].as_str().unwrap_or("unknown");
+        let roles = Family::<Vec<(String, String)>, Gauge>::default();
+        for name in ROLES {
+            roles.get_or_create(&vec![("role".to_string(), name.to_string())]).set(i64::from(role == name));
+        }
+        r.register("role", "This node's role: 1 for the current one", roles);
+        r.register("epoch", "The store's epoch (+1 on every promotion)", gauge(u("epoch")));
+        r.register("last_op", "Sequence number of the last op in this node's store", gauge(u("last_op")));
+        r.register("connections", "Open client connections", gauge(u("connections")));
+        // A lone node (no pair) has neither peer nor gateway; those gauges are omitted.
+        if status["peer"].is_object() {
+            let peer = &status["peer"];
+            r.register(
+                "in_sync",
+                "1 when this node's store is in sync with its peer",
+                gauge(u64::from(status["in_sync"] == true)),
+            );
+            r.register("peer_up", "1 when the peer is heard on some path", gauge(u64::from(peer["state"] == "up")));
+            r.register(
+                "gateway_reachable",
+                "1 when this node's gateway probes succeed",
+                gauge(u64::from(status["gateway"]["reachable"] == true)),
+            );
+            // Active: ops the peer has not acknowledged. Passive: ops the active holds that this node lacks.
+            let lag = match status["sync_lag"].as_u64() {
+                Some(l) => l,
+                None => peer["last_op"].as_u64().unwrap_or(0).saturating_sub(u("last_op")),
+            };
+            r.register("replication_lag_ops", "Ops between this node's store and its peer's", gauge(lag));
+            r.register(
+                "failovers",
+                "Times this node became active (promotions since the process started)",
+                ConstCounter::new(u("failovers")),
+            );
+        }
+        let depth = Family::<Vec<(String, String)>, Gauge>::default();
+        let consumers = Family::<Vec<(String, String)>, Gauge>::default();
+        let in_flight = Family::<Vec<(String, String)>, Gauge>::default();
+        for q in status["queues"].as_array().into_iter().flatten() {
+            let labels = vec![("destination".to_string(), q["name"].as_str().unwrap_or("?").to_string())];
+            let n = |key: &str| i64::try_from(q[key].as_u64().unwrap_or(0)).unwrap_or(i64::MAX);
+            depth.get_or_create(&labels).set(n("depth"));
+            consumers.get_or_create(&labels).set(n("consumers"));
+            in_flight.get_or_create(&labels).set(n("in_flight"));
+        }
+        r.register("queue_depth", "Messages waiting in a queue or durable subscription", depth);
+        r.register("queue_consumers", "Consumers attached to a queue or durable subscription", consumers);
+        r.register("queue_in_flight", "Messages delivered and not yet acknowledged", in_flight);
+
+        let mut text = String::new();
+        encode(&mut text, &r)?;
+        Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, line_start: &str) -> f64 {
+        let line = text.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("no {line_start}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn counters_and_status_gauges_are_exposed() {
+        let m = Metrics::new();
+        for _ in 0..3 {
+            m.message_in();
+        }
+        m.message_out();
+        m.confirmed(Instant::now());
+        let status = serde_json::json!({
+            "role": "passive", "epoch": 7, "last_op": 90, "connections": 0, "in_sync": true,
+            "sync_lag": null, "failovers": 2,
+            "peer": {"state": "up", "last_op": 100}, "gateway": {"reachable": true},
+            "queues": [{"name": "queue:orders", "depth": 4, "consumers": 1, "in_flight": 2}],
+        });
+        let text = m.encode(&status).unwrap();
+        assert_eq!(value(&text, "twinmq_messages_in_total"), 3.0);
+        assert_eq!(value(&text, "twinmq_messages_out_total"), 1.0);
+        assert_eq!(value(&text, "twinmq_confirms_total"), 1.0);
+        assert_eq!(value(&text, "twinmq_confirm_latency_seconds_count"), 1.0);
+        assert_eq!(value(&text, "twinmq_role{role=\"passive\"}"), 1.0);
+        assert_eq!(value(&text, "twinmq_role{role=\"active\"}"), 0.0);
+        assert_eq!(value(&text, "twinmq_epoch"), 7.0);
+        assert_eq!(value(&text, "twinmq_replication_lag_ops"), 10.0, "passive: the active's last op minus ours");
+        assert_eq!(value(&text, "twinmq_failovers_total"), 2.0);
+        assert_eq!(value(&text, "twinmq_queue_depth{destination=\"queue:orders\"}"), 4.0);
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// What the data path pays per message (docs/BENCHMARKS.md, "Metrics on the
+    /// hot path"). Prints figures, asserts nothing about time:
+    /// `cargo test -p twinmq-broker --lib hot_path_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn hot_path_cost() {
+        const N: u32 = 2_000_000;
+        let m = Metrics::new();
+        for threads in [1, 2] {
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    let m = m.clone();
+                    s.spawn(move || {
+                        for _ in 0..N {
+                            let received = Instant::now();
+                            m.message_in();
+                            m.confirmed(received);
+                            m.message_out();
+                        }
+                    });
+                }
+            });
+            let ns = start.elapsed().as_nanos() as f64 / f64::from(N);
+            println!("{threads} thread(s): in + confirm (histogram) + out = {ns:.0} ns per message per thread");
+        }
+    }
+
+    #[test]
+    fn a_lone_node_has_no_pair_gauges() {
+        let text = Metrics::new().encode(&serde_json::json!({"role": "active", "peer": null})).unwrap();
+        assert_eq!(value(&text, "twinmq_role{role=\"active\"}"), 1.0);
+        assert!(!text.contains("twinmq_peer_up"));
+        assert!(!text.contains("twinmq_failovers_total"));
+    }
+}

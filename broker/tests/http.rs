@@ -1,0 +1,392 @@
+//! The admin HTTP endpoint on real `twinmqd` processes: `/status` on both
+//! nodes of a pair, `/metrics` counting real traffic, the credential, `POST
+//! /switchover` moving the role, and the status page rendered by headless
+//! Chromium (its screenshot is kept in `target/test-output/`).
+//!
+//! Chromium comes from Debian's `chromium` package (`.ci/run` installs it).
+//! Without it the browser checks fail, unless `TWINMQ_SKIP_BROWSER=1`.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pair::{Pair, PairOptions};
+use twinmq_client::{Client, Destination, Message, SubscribeOptions};
+
+const TOKEN: &str = "http-test-token-0123456789";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// One HTTP/1.1 response: status, headers (lower-case names), body.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Auth<'a> {
+    None,
+    Bearer(&'a str),
+    /// User name and password.
+    Basic(&'a str, &'a str),
+}
+
+/// A plain HTTP request over a fresh connection (`Connection: close`).
+fn request(addr: SocketAddr, method: &str, path: &str, auth: Auth) -> Response {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let auth = match auth {
+        Auth::None => String::new(),
+        Auth::Bearer(t) => format!("Authorization: Bearer {t}\r\n"),
+        Auth::Basic(u, p) => format!("Authorization: Basic {}\r\n", base64(format!("{u}:{p}").as_bytes())),
+    };
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end: {text:?}"));
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    assert!(
+        !headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")),
+        "this little client reads sized bodies only"
+    );
+    Response { status, headers, body: body.to_string() }
+}
+
+async fn call(addr: SocketAddr, method: &'static str, path: &'static str, auth: Auth<'static>) -> Response {
+    tokio::task::spawn_blocking(move || request(addr, method, path, auth)).await.unwrap()
+}
+
+async fn status(addr: SocketAddr) -> serde_json::Value {
+    let r = call(addr, "GET", "/status", Auth::Bearer(TOKEN)).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()
+}
+
+/// Poll `/status` until `pred` holds.
+async fn wait_status(addr: SocketAddr, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(addr).await;
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{addr}: not {what} within {WAIT:?}; last status {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Standard base64 (the test's own, so the broker's decoder is checked against something else).
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Parse Prometheus/OpenMetrics text into (series, value), skipping comments.
+fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {l:?}"));
+            (series.to_string(), value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+        })
+        .collect()
+}
+
+fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v).unwrap_or_else(|| panic!("no series {series}"))
+}
+
+async fn metrics(addr: SocketAddr) -> Vec<(String, f64)> {
+    let r = call(addr, "GET", "/metrics", Auth::Basic("prometheus", TOKEN)).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.header("content-type").is_some_and(|c| c.starts_with("application/openmetrics-text")), "{r:?}");
+    assert!(r.body.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    parse_metrics(&r.body)
+}
+
+/// Where screenshots go: `<target>/test-output/`.
+fn output_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("test-output");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The Chromium binary, or `None` when the browser checks are skipped.
+fn chromium() -> Option<PathBuf> {
+    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].iter().map(PathBuf::from).find(|p| p.exists());
+    if found.is_none() {
+        if std::env::var("TWINMQ_SKIP_BROWSER").as_deref() == Ok("1") {
+            println!("SKIPPED: browser checks (no chromium; TWINMQ_SKIP_BROWSER=1)");
+            return None;
+        }
+        panic!("chromium is not installed: `apt-get install chromium` (as .ci/run does) or set TWINMQ_SKIP_BROWSER=1");
+    }
+    found
+}
+
+/// Run headless Chromium on `url` with `what` (`--dump-dom` or `--screenshot=...`); returns stdout.
+fn run_chromium(browser: &Path, url: &str, what: &[String]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1200,800",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(what)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within 90 s on {url}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(status.success(), "chromium failed ({status}) on {url}:\n{err}");
+    reader.join().unwrap()
+}
+
+/// The page's rendered DOM must show `node` in `role`.
+fn assert_shows(dom: &str, node: &str, role: &str) {
+    let needle = format!("data-node=\"{node}\" data-role=\"{role}\"");
+    assert!(
+        dom.contains(&needle),
+        "the status page does not show {node} as {role} (looked for `{needle}`); DOM:\n{dom}"
+    );
+}
+
+/// Load the page of the node at `addr` in the browser: check it shows both
+/// nodes' roles, and save a screenshot as `name`. Returns the screenshot path.
+async fn check_page(addr: SocketAddr, expect: [(&str, &str); 2], name: &str) -> Option<PathBuf> {
+    let browser = chromium()?;
+    // Basic credentials in the URL: Chromium answers the page's 401 challenge with
+    // them and reuses them for the page's own fetches of /status.
+    let url = format!("http://operator:{TOKEN}@{addr}/");
+    let shot = output_dir().join(name);
+    let _ = std::fs::remove_file(&shot);
+    let expect: Vec<(String, String)> = expect.iter().map(|(n, r)| (n.to_string(), r.to_string())).collect();
+    let shot2 = shot.clone();
+    tokio::task::spawn_blocking(move || {
+        let dom = run_chromium(&browser, &url, &["--dump-dom".to_string()]);
+        for (node, role) in &expect {
+            assert_shows(&dom, node, role);
+        }
+        run_chromium(&browser, &url, &[format!("--screenshot={}", shot2.display())]);
+    })
+    .await
+    .unwrap();
+    let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()));
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000, "{} is not a real PNG", shot.display());
+    println!("status page screenshot: {}", shot.display());
+    Some(shot)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoint_shows_both_nodes_counts_traffic_and_switches_over() {
+    let extra = vec!["--http-token".to_string(), TOKEN.to_string()];
+    let pair = Pair::start(PairOptions { http: true, extra, ..Default::default() }).await;
+    pair.wait_a_active_b_in_sync().await;
+    let (a, b) = (pair.a.http.unwrap(), pair.b.http.unwrap());
+
+    // The credential: missing or wrong gets 401 with a JSON error and a Basic challenge.
+    for path in ["/status", "/metrics", "/"] {
+        let r = call(a, "GET", path, Auth::None).await;
+        assert_eq!(r.status, 401, "{path} without a credential: {r:?}");
+        assert!(r.json()["error"].as_str().unwrap().contains("credential required"), "{r:?}");
+        assert_eq!(r.header("www-authenticate"), Some("Basic realm=\"twinmq\""));
+    }
+    let r = call(a, "GET", "/status", Auth::Bearer("not-the-token-at-all")).await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (401, Some("wrong credential")));
+    let r = call(a, "GET", "/status", Auth::Basic("operator", "not-the-token-at-all")).await;
+    assert_eq!(r.status, 401);
+    let r = call(a, "POST", "/switchover", Auth::None).await;
+    assert_eq!(r.status, 401, "switchover without a credential: {r:?}");
+    let r = call(a, "GET", "/switchover", Auth::Bearer(TOKEN)).await;
+    assert_eq!(r.status, 405, "{r:?}");
+    let r = call(a, "GET", "/nowhere", Auth::Bearer(TOKEN)).await;
+    assert_eq!(r.status, 404, "{r:?}");
+
+    // /status on both nodes: each shows itself and its peer, the gateway and the sync state.
+    let sa = wait_status(a, "seeing the gateway", |s| s["gateway"]["reachable"] == true).await;
+    assert_eq!((sa["node_id"].as_str(), sa["role"].as_str()), (Some("node-a"), Some("active")), "{sa}");
+    assert_eq!(sa["peer"]["node_id"], "node-b", "{sa}");
+    assert_eq!(sa["peer"]["role"], "passive", "{sa}");
+    assert_eq!(sa["peer"]["state"], "up", "{sa}");
+    assert_eq!(sa["gateway"]["target"], pair.gateway.url(), "{sa}");
+    assert_eq!(sa["gateway"]["reachable"], true, "{sa}");
+    assert!(sa["sync_lag"].is_u64() && sa["queues"].is_array(), "{sa}");
+    let sb = wait_status(b, "showing its peer in sync", |s| s["peer"]["sees_gateway"] == true).await;
+    assert_eq!((sb["node_id"].as_str(), sb["role"].as_str()), (Some("node-b"), Some("passive")), "{sb}");
+    assert_eq!(sb["in_sync"], true, "{sb}");
+    assert_eq!(sb["peer"]["node_id"], "node-a", "{sb}");
+    assert_eq!(sb["peer"]["role"], "active", "{sb}");
+    assert!(sb["peer"]["in_sync"].is_boolean() && sb["peer"]["last_op"].is_u64(), "from the heartbeats: {sb}");
+
+    // /metrics: the names exist, and the counters move with real traffic.
+    let before = metrics(a).await;
+    for name in [
+        "twinmq_messages_in_total",
+        "twinmq_messages_out_total",
+        "twinmq_confirms_total",
+        "twinmq_confirm_latency_seconds_count",
+        "twinmq_confirm_latency_seconds_bucket{le=\"+Inf\"}",
+        "twinmq_replication_lag_ops",
+        "twinmq_failovers_total",
+        "twinmq_connections",
+        "twinmq_peer_up",
+        "twinmq_in_sync",
+    ] {
+        sample(&before, name);
+    }
+    assert_eq!(sample(&before, "twinmq_role{role=\"active\"}"), 1.0);
+    assert_eq!(sample(&before, "twinmq_role{role=\"passive\"}"), 0.0);
+    assert_eq!(sample(&before, "twinmq_peer_up"), 1.0);
+    let mb = metrics(b).await;
+    assert_eq!(sample(&mb, "twinmq_role{role=\"passive\"}"), 1.0);
+    assert_eq!(sample(&mb, "twinmq_in_sync"), 1.0);
+
+    const N: usize = 60;
+    let client = Client::connect(pair.client_config()).await.unwrap();
+    let producer = client.producer(Destination::queue("http-orders"));
+    for i in 0..N {
+        producer.send(Message::persistent(format!("m{i}"))).await.unwrap();
+    }
+    let s = status(a).await;
+    assert!(s["connections"].as_u64().is_some_and(|n| n >= 1), "the client's connection counts: {s}");
+    let q = s["queues"].as_array().unwrap().iter().find(|q| q["name"] == "queue:http-orders").cloned();
+    assert_eq!(q.as_ref().map(|q| q["depth"].as_u64()), Some(Some(N as u64)), "{s}");
+    let mid = metrics(a).await;
+    assert_eq!(sample(&mid, "twinmq_queue_depth{destination=\"queue:http-orders\"}"), N as f64);
+    assert!(sample(&mid, "twinmq_connections") >= 1.0);
+    let mut consumer =
+        client.subscribe(Destination::queue("http-orders"), SubscribeOptions::default().prefetch(16)).await.unwrap();
+    let got = common::drain(&mut consumer, N, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), N);
+    // Acks are asynchronous: wait until the queue reports them.
+    wait_status(a, "with the queue drained", |s| {
+        s["queues"].as_array().unwrap().iter().any(|q| q["name"] == "queue:http-orders" && q["depth"] == 0)
+    })
+    .await;
+    let after = metrics(a).await;
+    let grew = |name: &str| sample(&after, name) - sample(&before, name);
+    assert!(grew("twinmq_messages_in_total") >= N as f64, "messages in: {}", grew("twinmq_messages_in_total"));
+    assert!(grew("twinmq_confirms_total") >= N as f64, "confirms: {}", grew("twinmq_confirms_total"));
+    assert!(grew("twinmq_messages_out_total") >= N as f64, "messages out: {}", grew("twinmq_messages_out_total"));
+    assert!(grew("twinmq_confirm_latency_seconds_count") >= N as f64);
+    assert!(grew("twinmq_confirm_latency_seconds_sum") > 0.0, "confirms take some time");
+    assert_eq!(sample(&after, "twinmq_queue_consumers{destination=\"queue:http-orders\"}"), 1.0);
+    println!(
+        "confirm latency over {N} replicated publishes: mean {:.2} ms",
+        grew("twinmq_confirm_latency_seconds_sum") * 1000.0 / grew("twinmq_confirm_latency_seconds_count")
+    );
+    drop(consumer);
+    client.close().await.unwrap();
+
+    // The status page, in a real browser, from the active node: both roles.
+    check_page(a, [("node-a", "active"), ("node-b", "passive")], "status-page.png").await;
+
+    // Switchover: refused on the passive (409), done by the active with the credential.
+    let r = call(b, "POST", "/switchover", Auth::Bearer(TOKEN)).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(r.json()["error"].as_str().unwrap().contains("not active"), "{r:?}");
+    let failovers_b = sample(&metrics(b).await, "twinmq_failovers_total");
+    let r = call(a, "POST", "/switchover", Auth::Basic("operator", TOKEN)).await;
+    assert_eq!(r.status, 200, "{r:?}\nA:\n{}", pair.a.log());
+    wait_status(b, "active after the switchover", |s| s["role"] == "active").await;
+    wait_status(a, "passive and in sync after the switchover", |s| s["role"] == "passive" && s["in_sync"] == true)
+        .await;
+    let mb = metrics(b).await;
+    assert_eq!(sample(&mb, "twinmq_role{role=\"active\"}"), 1.0);
+    assert_eq!(sample(&mb, "twinmq_failovers_total"), failovers_b + 1.0, "b's promotion is counted");
+    let r = call(a, "POST", "/switchover", Auth::Bearer(TOKEN)).await;
+    assert_eq!(r.status, 409, "a passive node refuses: {r:?}");
+
+    // The page follows: seen from either node, b is active and a passive now.
+    wait_status(a, "seeing b active", |s| s["peer"]["role"] == "active").await;
+    check_page(a, [("node-a", "passive"), ("node-b", "active")], "status-page-after-switchover.png").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_reads_are_open_and_switchover_is_refused() {
+    let http: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    let broker = common::Broker::start(&["--durability", "none", "--http-listen", &http.to_string()]);
+    let r = call(http, "GET", "/status", Auth::None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let s = r.json();
+    assert_eq!((s["role"].as_str(), s["node_id"].as_str()), (Some("active"), Some("test-node")), "{s}");
+    assert!(s["peer"].is_null() && s["gateway"].is_null(), "a single node has no pair: {s}");
+    let r = call(http, "GET", "/", Auth::None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/html")) && r.body.contains("twinmq"));
+    let r = call(http, "GET", "/metrics", Auth::None).await;
+    assert_eq!(r.status, 200);
+    let m = parse_metrics(&r.body);
+    assert_eq!(sample(&m, "twinmq_role{role=\"active\"}"), 1.0);
+    assert!(!r.body.contains("twinmq_peer_up"), "no pair gauges on a single node");
+    let r = call(http, "POST", "/switchover", Auth::Bearer(TOKEN)).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.json()["error"].as_str().unwrap().contains("no http_token"), "{r:?}");
+    drop(broker);
+}
