@@ -233,7 +233,7 @@ async fn serve_admin(
             },
             Ok(ClientFrame::Admin { req, command, force }) => {
                 tracing::info!(user = ?user, command = command.name(), force, "operator command");
-                match cx.node.send(node::Admin { command, user: user.clone(), force }).await {
+                match cx.node.send(node::Admin { command, caller: node::Caller::User(user.clone()), force }).await {
                     Ok(Ok(node::AdminReply::Done)) => ServerFrame::Done { req },
                     Ok(Ok(node::AdminReply::Json(json))) => ServerFrame::AdminReply { req, json: json.to_string() },
                     Ok(Err((code, message))) => {

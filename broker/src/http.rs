@@ -201,8 +201,9 @@ async fn switchover(req: HttpRequest, state: web::Data<HttpState>) -> HttpRespon
         return resp;
     }
     tracing::info!(peer = ?req.peer_addr(), "operator command over HTTP: switchover");
-    match state.node.send(node::Admin(AdminCommand::Switchover)).await {
-        Ok(Ok(())) => HttpResponse::Ok().json(serde_json::json!({
+    let command = node::Admin { command: AdminCommand::Switchover, caller: node::Caller::HttpToken, force: false };
+    match state.node.send(command).await {
+        Ok(Ok(_)) => HttpResponse::Ok().json(serde_json::json!({
             "result": "switched over: this node is passive now and its peer takes the active role",
         })),
         // Not possible in the current state: passive node, no pair, no in-sync peer.

@@ -284,12 +284,22 @@ impl Handler<CurrentSecurity> for Node {
     }
 }
 
-/// An operator command from an admin connection, by `user`.
+/// Who sends an admin command.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A client on an admin connection, authenticated as this user (`None`:
+    /// anonymous, only on an open broker); checked against the ACLs.
+    User(Option<String>),
+    /// The admin HTTP endpoint, which checked its own credential (`http_token`).
+    HttpToken,
+}
+
+/// An operator command from an admin connection or the HTTP endpoint.
 #[derive(Message)]
 #[rtype(result = "AdminResult")]
 pub struct Admin {
     pub command: AdminCommand,
-    pub user: Option<String>,
+    pub caller: Caller,
     /// Let a change of destinations, users or ACLs through while the pair is split.
     pub force: bool,
 }
@@ -408,17 +418,21 @@ impl Handler<Admin> for Node {
     fn handle(&mut self, m: Admin, _: &mut Context<Self>) -> Self::Result {
         let done = |r: AdminResult| -> ResponseActFuture<Self, AdminResult> { Box::pin(fut::ready(r)) };
         let sec = self.current_security();
-        let user = m.user.as_deref();
-        if !sec.still_valid(user) {
+        let (user, token) = match &m.caller {
+            Caller::User(user) => (user.as_deref(), false),
+            Caller::HttpToken => (None, true),
+        };
+        if !token && !sec.still_valid(user) {
             return done(Err((ErrorCode::NotAuthenticated, "this user no longer exists".into())));
         }
-        let who = user.unwrap_or("anonymous").to_string();
+        let who = if token { "http-token" } else { user.unwrap_or("anonymous") }.to_string();
         let refuse = |what: String| -> ResponseActFuture<Self, AdminResult> {
             tracing::warn!(user = %who, what, "admin command refused: not authorized");
             Box::pin(fut::ready(Err((ErrorCode::NotAuthorized, format!("user `{who}` may not {what}")))))
         };
-        let global = sec.is_global_admin(user);
-        let on = |d: &Destination| sec.allows(user, Permission::Admin, d);
+        // The HTTP credential stands for admin:# (it only offers switchover).
+        let global = token || sec.is_global_admin(user);
+        let on = |d: &Destination| token || sec.allows(user, Permission::Admin, d);
         let force = m.force;
         match m.command {
             AdminCommand::Switchover | AdminCommand::Promote { .. } if !global => {
@@ -511,7 +525,7 @@ impl Handler<Admin> for Node {
             AdminCommand::TopicRmDurable { topic, .. } if !on(&Destination::topic(topic.clone())) => {
                 refuse(format!("administer topic:{topic}"))
             }
-            AdminCommand::QueueList | AdminCommand::TopicList if !sec.is_some_admin(user) => {
+            AdminCommand::QueueList | AdminCommand::TopicList if !token && !sec.is_some_admin(user) => {
                 refuse("list destinations (needs an admin grant)".into())
             }
             command => {
