@@ -47,6 +47,7 @@ pub mod arbiter;
 pub mod config;
 pub mod link;
 pub mod monitor;
+pub mod tls;
 pub mod wire;
 pub mod witness;
 

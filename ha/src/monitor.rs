@@ -103,8 +103,12 @@ impl PeerMonitor {
         divergent_to: Recipient<DivergentMessages>,
         listener: std::net::TcpListener,
     ) -> PeerMonitor {
-        let auth =
-            LinkAuth { node_id: cfg.node_id.clone(), priority: cfg.priority, secret: cfg.cluster_secret.clone() };
+        let auth = LinkAuth {
+            node_id: cfg.node_id.clone(),
+            priority: cfg.priority,
+            secret: cfg.cluster_secret.clone(),
+            tls: cfg.tls.clone(),
+        };
         let paths = cfg.peer_ha.iter().map(|_| PathState::default()).collect();
         PeerMonitor {
             cfg,
@@ -261,7 +265,7 @@ impl Actor for PeerMonitor {
                         actix_rt::spawn(async move {
                             match link::accept(stream, &auth, timeout).await {
                                 Ok(link) => me.do_send(LinkUp { link, path: None }),
-                                Err(e @ LinkError::Auth(_)) => {
+                                Err(e) if e.is_refusal() => {
                                     tracing::warn!(%remote, error = %e, "HA connection refused")
                                 }
                                 Err(e) => tracing::debug!(%remote, error = %e, "HA handshake failed"),
@@ -296,7 +300,7 @@ async fn dial_loop(path: usize, addr: SocketAddr, auth: LinkAuth, cfg: Arc<HaCon
             match link::dial(addr, &auth, timeout).await {
                 Ok(link) => me.do_send(LinkUp { link, path: Some(path) }),
                 Err(LinkError::Refused) => me.do_send(DialFailed { path, refused: true }),
-                Err(e @ LinkError::Auth(_)) => {
+                Err(e) if e.is_refusal() => {
                     tracing::warn!(%addr, error = %e, "HA peer refused or failed authentication");
                     me.do_send(DialFailed { path, refused: false });
                 }
