@@ -683,6 +683,24 @@ mod tests {
     }
 
     #[test]
+    fn tls_keys_come_in_sets() {
+        assert_eq!(err_key("tls_cert = \"c.pem\""), "tls_key");
+        assert_eq!(err_key("tls_key = \"k.pem\""), "tls_cert");
+        assert_eq!(err_key("tls_client_ca = \"ca.pem\""), "tls_client_ca");
+        assert_eq!(err_key("tls_cert = \"/nonexistent/c.pem\"\ntls_key = \"k.pem\""), "tls_cert");
+        assert_eq!(err_key("ha_tls_cert = \"c.pem\""), "peer_ha", "HA TLS without a pair");
+        let pair = "listen = \"127.0.0.1:7001\"\nha_listen = \"127.0.0.1:7101\"\npeer_ha = [\"127.0.0.1:7102\"]\ngateway = \"tcp://127.0.0.1:7200\"\ncluster_secret = \"s3cret-s3cret\"\n";
+        assert!(Config::from_toml(pair).unwrap().pair.unwrap().tls.is_none(), "TLS is off by default");
+        assert_eq!(err_key(&format!("{pair}ha_tls_cert = \"c.pem\"\n")), "ha_tls_key");
+        assert_eq!(err_key(&format!("{pair}ha_tls_cert = \"c.pem\"\nha_tls_key = \"k.pem\"\n")), "ha_tls_ca");
+        assert_eq!(err_key(&format!("{pair}ha_tls_require_client_cert = true\n")), "ha_tls_require_client_cert");
+        assert_eq!(err_key(&format!("{pair}ha_tls_server_name = \"peer\"\n")), "ha_tls_server_name");
+        let files = "ha_tls_cert = \"/nonexistent/c.pem\"\nha_tls_key = \"k.pem\"\nha_tls_ca = \"ca.pem\"\n";
+        assert_eq!(err_key(&format!("{pair}{files}")), "ha_tls_cert");
+        assert_eq!(err_key(&format!("{pair}{files}ha_tls_server_name = \"not a name\"\n")), "ha_tls_server_name");
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let args = Args::parse_from(["twinmqd", "--listen", "127.0.0.1:7000", "--durability", "none", "--queue", "q1"]);
         let file: FileConfig = toml::from_str("listen = \"127.0.0.1:6000\"\nqueues = [\"q0\"]").unwrap();

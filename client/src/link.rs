@@ -155,7 +155,9 @@ impl Link {
 pub(crate) fn is_final(err: &ClientError) -> bool {
     matches!(
         err,
-        ClientError::Broker { code: ErrorCode::NotAuthenticated, .. } | ClientError::Tls { .. } | ClientError::TlsSetup { .. }
+        ClientError::Broker { code: ErrorCode::NotAuthenticated, .. }
+            | ClientError::Tls { .. }
+            | ClientError::TlsSetup { .. }
     )
 }
 

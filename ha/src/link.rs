@@ -84,7 +84,9 @@ async fn next(framed: &mut Framed<MaybeTls, HaCodec>, timeout: Duration) -> Resu
         Ok(None) => Err(LinkError::Protocol("closed during the handshake".into())),
         // With TLS 1.3 the dialer learns that its client certificate was
         // refused only here, from the acceptor's alert.
-        Ok(Some(Err(twinmq_protocol::ProtocolError::Io(e)))) if is_tls_failure(&e) => Err(LinkError::Tls(e.to_string())),
+        Ok(Some(Err(twinmq_protocol::ProtocolError::Io(e)))) if is_tls_failure(&e) => {
+            Err(LinkError::Tls(e.to_string()))
+        }
         Ok(Some(Err(e))) => Err(LinkError::Protocol(e.to_string())),
         Ok(Some(Ok(f))) => Ok(f),
     }

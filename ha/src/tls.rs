@@ -87,9 +87,8 @@ pub fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| LinkError::TlsConfig(format!("certificate and key: {e}")))?;
+    let config =
+        builder.with_single_cert(certs, key).map_err(|e| LinkError::TlsConfig(format!("certificate and key: {e}")))?;
     Ok(Arc::new(config))
 }
 
@@ -142,11 +141,8 @@ impl HaTls {
         require_client_cert: bool,
         server_name: Option<ServerName<'static>>,
     ) -> Result<HaTls, LinkError> {
-        let server = server_config(
-            certs.clone(),
-            key.clone_key(),
-            if require_client_cert { Some(ca.clone()) } else { None },
-        )?;
+        let server =
+            server_config(certs.clone(), key.clone_key(), if require_client_cert { Some(ca.clone()) } else { None })?;
         let client = client_config(ca, Some((certs, key)))?;
         Ok(HaTls {
             acceptor: tokio_rustls::TlsAcceptor::from(server),

@@ -263,6 +263,10 @@ pub struct PairOptions {
     pub extra: Vec<String>,
     /// Node b's cluster secret, when it should differ.
     pub b_secret: Option<String>,
+    /// Flags for node a only (after `extra`): its own certificate, say.
+    pub a_extra: Vec<String>,
+    /// Flags for node b only (after `extra`).
+    pub b_extra: Vec<String>,
 }
 
 pub struct Pair {
@@ -329,7 +333,7 @@ impl Pair {
             client: a_client,
             ha: a_ha,
             data_dir: tmp.path().join("a"),
-            args: common(a_paths, b_client, "200", SECRET),
+            args: [common(a_paths, b_client, "200", SECRET), opts.a_extra.clone()].concat(),
             child: None,
             starts: 0,
         };
@@ -338,7 +342,7 @@ impl Pair {
             client: b_client,
             ha: b_ha,
             data_dir: tmp.path().join("b"),
-            args: common(b_paths, a_client, "100", &b_secret),
+            args: [common(b_paths, a_client, "100", &b_secret), opts.b_extra.clone()].concat(),
             child: None,
             starts: 0,
         };
