@@ -57,10 +57,30 @@ async fn publish_and_subscribe_over_tls_and_plaintext_clients_are_closed() {
     admin.close().await;
 
     // A client that does not speak TLS gets nowhere, and the broker says why.
-    let plain = broker.config().failover_timeout(Duration::from_millis(500));
-    assert!(Client::connect(plain).await.is_err(), "a plaintext client must not be served");
+    let plain = broker.config().failover_timeout(Duration::from_secs(60));
+    let err = tokio::time::timeout(Duration::from_secs(20), Client::connect(plain)).await.expect("fails fast");
+    match err {
+        Err(ClientError::Tls { message, .. }) => assert!(message.contains("speaks TLS"), "{message}"),
+        other => panic!("a plaintext client must not be served: {:?}", other.map(|_| "connected")),
+    }
     let log = broker.log();
     assert!(log.contains("TLS handshake failed"), "refusal logged with the peer:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_connection_limit_a_tls_client_hears_limit_reached_not_a_tls_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let server = ca.issue(dir.path(), "server", &["127.0.0.1"]);
+    let broker = start(&flags(&server, "", &["--max-connections", "1"]));
+    let config = broker.config().tls(ClientTls::new(&ca.pem).unwrap());
+    let first = Client::connect(config.clone()).await.unwrap();
+    let second = Client::connect(config.failover_timeout(Duration::from_millis(300))).await;
+    match second {
+        Err(e) => assert_eq!(e.code(), Some(twinmq_client::ErrorCode::LimitReached), "{e}"),
+        Ok(_) => panic!("a second connection must be refused"),
+    }
+    first.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,6 +101,15 @@ impl Link {
             Some(Err(twinmq_protocol::ProtocolError::Io(e))) if config.tls.is_some() && is_tls_failure(&e) => {
                 return Err(tls_err(e))
             }
+            // A TLS record header read as our length prefix: a TLS port and no TLS configured.
+            Some(Err(twinmq_protocol::ProtocolError::TooLarge { len, .. }))
+                if config.tls.is_none() && is_tls_record(len) =>
+            {
+                return Err(ClientError::Tls {
+                    addr: addr.to_owned(),
+                    message: "the server speaks TLS; configure its CA (ClientTls, twinmq --tls-ca)".into(),
+                })
+            }
             Some(frame) => frame?,
             None => return Err(ClientError::Disconnected),
         };
@@ -151,6 +160,13 @@ impl Link {
 }
 
 /// Which error codes make trying another address pointless.
+/// Whether a frame length prefix is really the start of a TLS record
+/// (content type alert or handshake, protocol version 3.x).
+fn is_tls_record(len: usize) -> bool {
+    let bytes = (len as u32).to_be_bytes();
+    matches!(bytes[0], 0x15 | 0x16) && bytes[1] == 0x03
+}
+
 /// A TLS failure is a configuration problem (see `tls.rs`), as final as wrong credentials.
 pub(crate) fn is_final(err: &ClientError) -> bool {
     matches!(
@@ -181,6 +197,14 @@ pub(crate) fn frame_name(frame: &ServerFrame) -> &'static str {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_alert_is_recognised_in_a_length_prefix() {
+        assert!(is_tls_record(0x1503_0300), "alert, TLS 1.2 record version");
+        assert!(is_tls_record(0x1603_0100), "handshake");
+        assert!(!is_tls_record(4096));
+        assert!(!is_tls_record(0x0503_0300));
+    }
 
     #[test]
     fn only_refused_credentials_are_final() {
