@@ -94,6 +94,11 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
                     tracing::info!("no TLS handshake within {HELLO_TIMEOUT:?}; closing");
                     return;
                 }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // A port probe, or a client that gave up: nothing to warn about.
+                    tracing::info!("closed before the TLS handshake");
+                    return;
+                }
                 Ok(Err(e)) => {
                     // A plaintext client, an untrusted or missing client certificate.
                     tracing::warn!(error = %e, "TLS handshake failed; closing");

@@ -24,6 +24,19 @@ fn flags(id: &common::tls::Identity, prefix: &str, more: &[&str]) -> Vec<String>
     v
 }
 
+/// Wait (up to 10 s) until `pattern` occurs `count` times in the broker's log:
+/// the broker logs a refusal after sending its alert, so the client may know first.
+async fn wait_log(broker: &Broker, pattern: &str, count: usize) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = broker.log();
+        if log.matches(pattern).count() >= count || std::time::Instant::now() > deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn start(args: &[String]) -> Broker {
     Broker::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
@@ -63,7 +76,7 @@ async fn publish_and_subscribe_over_tls_and_plaintext_clients_are_closed() {
         Err(ClientError::Tls { message, .. }) => assert!(message.contains("speaks TLS"), "{message}"),
         other => panic!("a plaintext client must not be served: {:?}", other.map(|_| "connected")),
     }
-    let log = broker.log();
+    let log = wait_log(&broker, "TLS handshake failed", 1).await;
     assert!(log.contains("TLS handshake failed"), "refusal logged with the peer:\n{log}");
 }
 
@@ -138,8 +151,9 @@ async fn with_a_client_ca_foreign_and_missing_client_certificates_are_refused_an
         .await
         .expect("fails fast");
     assert!(matches!(err, Err(ClientError::Tls { .. })), "no certificate: {err:?}");
-    let log = broker.log();
+    let log = wait_log(&broker, "TLS handshake failed", 2).await;
     assert!(log.matches("TLS handshake failed").count() >= 2, "both refusals logged:\n{log}");
+    assert!(log.contains("UnknownIssuer") && log.contains("no certificates"), "each for its reason:\n{log}");
 
     // The right certificate is served; the queue holds only what it sent.
     let good_tls = ClientTls::with_client_cert(&ca.pem, &good.cert, &good.key).unwrap();
