@@ -98,6 +98,14 @@ struct FileConfig {
     admin_when_split: Option<bool>,
     http_listen: Option<String>,
     http_token: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    ha_tls_cert: Option<PathBuf>,
+    ha_tls_key: Option<PathBuf>,
+    ha_tls_ca: Option<PathBuf>,
+    ha_tls_require_client_cert: Option<bool>,
+    ha_tls_server_name: Option<String>,
 }
 
 /// Command-line flags of `twinmqd`. Each overrides the config file key of the same name.
@@ -206,6 +214,30 @@ pub struct Args {
     /// Credential for the admin HTTP endpoint: Bearer token, or Basic password (env TWINMQ_HTTP_TOKEN).
     #[arg(long, value_name = "TOKEN", env = "TWINMQ_HTTP_TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
+    /// TLS on the client port: this node's certificate chain (PEM); needs tls_key.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS on the client port: the private key of tls_cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS on the client port: require client certificates signed by this CA (PEM; mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Pair: TLS on the HA port: this node's certificate chain (PEM); needs ha_tls_key and ha_tls_ca.
+    #[arg(long, value_name = "FILE")]
+    pub ha_tls_cert: Option<PathBuf>,
+    /// Pair: the private key of ha_tls_cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub ha_tls_key: Option<PathBuf>,
+    /// Pair: the CA (PEM) that signed the peer's HA certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ha_tls_ca: Option<PathBuf>,
+    /// Pair: the accepting side requires a client certificate signed by ha_tls_ca (mutual TLS).
+    #[arg(long, value_name = "BOOL")]
+    pub ha_tls_require_client_cert: Option<bool>,
+    /// Pair: the DNS name verified in the peer's certificate (default: the IP address dialed).
+    #[arg(long, value_name = "NAME")]
+    pub ha_tls_server_name: Option<String>,
 }
 
 /// The validated configuration.
@@ -237,6 +269,22 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Its credential (`None`: GET routes open, switchover refused). See `http.rs`.
     pub http_token: Option<String>,
+    /// TLS on the client port (`tls_cert` and `tls_key` set), loaded and checked at start.
+    pub tls: Option<ClientPortTls>,
+}
+
+/// TLS on the client port: the rustls server configuration built from the files.
+#[derive(Clone)]
+pub struct ClientPortTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Clients must present a certificate signed by `tls_client_ca`.
+    pub mutual: bool,
+}
+
+impl std::fmt::Debug for ClientPortTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientPortTls").field("mutual", &self.mutual).finish_non_exhaustive()
+    }
 }
 
 impl Default for Config {
@@ -263,6 +311,7 @@ impl Default for Config {
             admin_when_split: false,
             http_listen: None,
             http_token: None,
+            tls: None,
         }
     }
 }
@@ -305,6 +354,7 @@ impl Config {
         };
         let pair = pair_config(&file, args, &node_id, listen)?;
         let (http_listen, http_token) = http_config(&file, args, listen, pair.as_ref())?;
+        let tls = client_port_tls(&file, args)?;
         let durability = match args.durability.clone().or(file.durability.clone()) {
             Some(t) => t.parse::<Durability>().map_err(|m| invalid("durability", m))?,
             None if pair.is_some() => Durability::Replicated,
@@ -427,6 +477,7 @@ impl Config {
             admin_when_split: args.admin_when_split.or(file.admin_when_split).unwrap_or(false),
             http_listen,
             http_token,
+            tls,
         })
     }
 }
@@ -444,7 +495,12 @@ fn pair_config(
         if args.peer_ha.is_empty() { file.peer_ha.clone().unwrap_or_default() } else { args.peer_ha.clone() };
     let ha_listen_text = args.ha_listen.clone().or(file.ha_listen.clone());
     if peer_ha_text.is_empty() {
-        if ha_listen_text.is_some() || args.gateway.is_some() || file.gateway.is_some() {
+        if ha_listen_text.is_some()
+            || args.gateway.is_some()
+            || file.gateway.is_some()
+            || args.ha_tls_cert.is_some()
+            || file.ha_tls_cert.is_some()
+        {
             return Err(invalid("peer_ha", "the pair keys are set but peer_ha (the peer's HA address) is missing"));
         }
         return Ok(None);
@@ -529,6 +585,7 @@ fn pair_config(
         probe_interval,
         probe_failures,
         failback,
+        tls: ha_tls(file, args)?,
     }))
 }
 
@@ -559,6 +616,83 @@ fn http_config(
         }
     }
     Ok((http_listen, http_token))
+}
+
+/// A TLS file error, named by the key that gave the file.
+fn tls_invalid(key: &'static str, e: twinmq_ha::link::LinkError) -> ConfigError {
+    invalid(key, e.to_string())
+}
+
+/// `tls_cert` + `tls_key` (both or neither), optional `tls_client_ca`.
+fn client_port_tls(file: &FileConfig, args: &Args) -> Result<Option<ClientPortTls>, ConfigError> {
+    use twinmq_ha::tls;
+    let cert = args.tls_cert.clone().or(file.tls_cert.clone());
+    let key = args.tls_key.clone().or(file.tls_key.clone());
+    let client_ca = args.tls_client_ca.clone().or(file.tls_client_ca.clone());
+    let (cert, key) = match (cert, key) {
+        (None, None) => {
+            if client_ca.is_some() {
+                return Err(invalid("tls_client_ca", "needs tls_cert and tls_key (TLS on the client port)"));
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => return Err(invalid("tls_key", "tls_cert is set: give its private key too")),
+        (None, Some(_)) => return Err(invalid("tls_cert", "tls_key is set: give its certificate too")),
+        (Some(c), Some(k)) => (c, k),
+    };
+    let certs = tls::load_certs(&cert).map_err(|e| tls_invalid("tls_cert", e))?;
+    let key = tls::load_key(&key).map_err(|e| tls_invalid("tls_key", e))?;
+    let roots = match &client_ca {
+        Some(path) => Some(tls::load_roots(path).map_err(|e| tls_invalid("tls_client_ca", e))?),
+        None => None,
+    };
+    let config = tls::server_config(certs, key, roots).map_err(|e| tls_invalid("tls_key", e))?;
+    Ok(Some(ClientPortTls { acceptor: tokio_rustls::TlsAcceptor::from(config), mutual: client_ca.is_some() }))
+}
+
+/// `ha_tls_cert` + `ha_tls_key` + `ha_tls_ca` (all or none), and the options on top.
+fn ha_tls(file: &FileConfig, args: &Args) -> Result<Option<twinmq_ha::tls::HaTls>, ConfigError> {
+    use twinmq_ha::tls;
+    let cert = args.ha_tls_cert.clone().or(file.ha_tls_cert.clone());
+    let key = args.ha_tls_key.clone().or(file.ha_tls_key.clone());
+    let ca = args.ha_tls_ca.clone().or(file.ha_tls_ca.clone());
+    let require_client_cert = args.ha_tls_require_client_cert.or(file.ha_tls_require_client_cert);
+    let server_name = args.ha_tls_server_name.clone().or(file.ha_tls_server_name.clone());
+    let (cert, key, ca) = match (cert, key, ca) {
+        (None, None, None) => {
+            if require_client_cert.is_some() {
+                return Err(invalid("ha_tls_require_client_cert", "needs ha_tls_cert, ha_tls_key and ha_tls_ca"));
+            }
+            if server_name.is_some() {
+                return Err(invalid("ha_tls_server_name", "needs ha_tls_cert, ha_tls_key and ha_tls_ca"));
+            }
+            return Ok(None);
+        }
+        (Some(c), Some(k), Some(a)) => (c, k, a),
+        (c, k, _) => {
+            let key = if c.is_none() {
+                "ha_tls_cert"
+            } else if k.is_none() {
+                "ha_tls_key"
+            } else {
+                "ha_tls_ca"
+            };
+            return Err(invalid(key, "TLS on the HA port needs all of ha_tls_cert, ha_tls_key and ha_tls_ca"));
+        }
+    };
+    let server_name = match server_name {
+        None => None,
+        Some(name) => Some(
+            rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| invalid("ha_tls_server_name", format!("`{name}` is not a DNS name or IP address")))?,
+        ),
+    };
+    let certs = tls::load_certs(&cert).map_err(|e| tls_invalid("ha_tls_cert", e))?;
+    let key = tls::load_key(&key).map_err(|e| tls_invalid("ha_tls_key", e))?;
+    let roots = tls::load_roots(&ca).map_err(|e| tls_invalid("ha_tls_ca", e))?;
+    tls::HaTls::new(certs, key, roots, require_client_cert.unwrap_or(false), server_name)
+        .map(Some)
+        .map_err(|e| tls_invalid("ha_tls_key", e))
 }
 
 fn parse_addr(text: &str) -> Option<SocketAddr> {
@@ -625,6 +759,24 @@ mod tests {
         assert_eq!(err_key(&pair.replace("cluster_secret = \"s3cret-s3cret\"\n", "")), "cluster_secret");
         assert_eq!(err_key("durability = \"replicated\""), "durability");
         assert_eq!(err_key("ha_listen = \"127.0.0.1:1\""), "peer_ha");
+    }
+
+    #[test]
+    fn tls_keys_come_in_sets() {
+        assert_eq!(err_key("tls_cert = \"c.pem\""), "tls_key");
+        assert_eq!(err_key("tls_key = \"k.pem\""), "tls_cert");
+        assert_eq!(err_key("tls_client_ca = \"ca.pem\""), "tls_client_ca");
+        assert_eq!(err_key("tls_cert = \"/nonexistent/c.pem\"\ntls_key = \"k.pem\""), "tls_cert");
+        assert_eq!(err_key("ha_tls_cert = \"c.pem\""), "peer_ha", "HA TLS without a pair");
+        let pair = "listen = \"127.0.0.1:7001\"\nha_listen = \"127.0.0.1:7101\"\npeer_ha = [\"127.0.0.1:7102\"]\ngateway = \"tcp://127.0.0.1:7200\"\ncluster_secret = \"s3cret-s3cret\"\n";
+        assert!(Config::from_toml(pair).unwrap().pair.unwrap().tls.is_none(), "TLS is off by default");
+        assert_eq!(err_key(&format!("{pair}ha_tls_cert = \"c.pem\"\n")), "ha_tls_key");
+        assert_eq!(err_key(&format!("{pair}ha_tls_cert = \"c.pem\"\nha_tls_key = \"k.pem\"\n")), "ha_tls_ca");
+        assert_eq!(err_key(&format!("{pair}ha_tls_require_client_cert = true\n")), "ha_tls_require_client_cert");
+        assert_eq!(err_key(&format!("{pair}ha_tls_server_name = \"peer\"\n")), "ha_tls_server_name");
+        let files = "ha_tls_cert = \"/nonexistent/c.pem\"\nha_tls_key = \"k.pem\"\nha_tls_ca = \"ca.pem\"\n";
+        assert_eq!(err_key(&format!("{pair}{files}")), "ha_tls_cert");
+        assert_eq!(err_key(&format!("{pair}{files}ha_tls_server_name = \"not a name\"\n")), "ha_tls_server_name");
     }
 
     #[test]

@@ -1,5 +1,12 @@
 //! The network side of one client connection: handshake, reader, writer.
 //!
+//! With TLS on (`tls_cert`/`tls_key`), the TLS handshake comes first, on the
+//! socket the listener already configured, bounded by the Hello timeout; a
+//! failed handshake (a plaintext client, a client certificate the
+//! `tls_client_ca` did not sign, or none) is logged at warn with the peer
+//! address and closes the connection before any frame is read. The rest is
+//! generic over the stream halves, so plain TCP pays nothing for it.
+//!
 //! The reader decodes frames (the codec checks the length prefix against
 //! `max_frame_bytes` before allocating) and hands each to the `Session`,
 //! waiting until it is handled. A malformed, oversized or future-version
@@ -14,7 +21,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -79,8 +86,47 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
             return;
         }
     };
+    match cx.config.tls.clone() {
+        // Plain TCP keeps tokio's lock-free owned halves.
+        None => {
+            let (rd, wr) = stream.into_split();
+            serve_io(rd, wr, peer, cx, id).await
+        }
+        Some(tls) => {
+            // Bounded like Hello: a client that never finishes the handshake must not hold a slot.
+            let stream = match tokio::time::timeout(HELLO_TIMEOUT, tls.acceptor.accept(stream)).await {
+                Err(_) => {
+                    tracing::info!("no TLS handshake within {HELLO_TIMEOUT:?}; closing");
+                    return;
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // A port probe, or a client that gave up: nothing to warn about.
+                    tracing::info!("closed before the TLS handshake");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    // A plaintext client, an untrusted or missing client certificate.
+                    tracing::warn!(error = %e, "TLS handshake failed; closing");
+                    return;
+                }
+                Ok(Ok(s)) => s,
+            };
+            if tls.mutual {
+                tracing::debug!("client certificate verified");
+            }
+            let (rd, wr) = tokio::io::split(stream);
+            serve_io(rd, wr, peer, cx, id).await
+        }
+    }
+}
+
+/// The connection after TCP (and TLS): the same for both.
+async fn serve_io<R, W>(rd: R, wr: W, peer: SocketAddr, cx: ConnectionContext, id: u64)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let max = cx.config.max_frame_bytes;
-    let (rd, wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, Codec::new(max));
     let mut writer = FramedWrite::new(wr, Codec::new(max));
 
@@ -214,9 +260,9 @@ fn peer_hint(cx: &ConnectionContext) -> Option<String> {
 }
 
 /// An admin connection: status and operator commands, on any node.
-async fn serve_admin(
-    mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
-    mut writer: FramedWrite<OwnedWriteHalf, Codec>,
+async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut reader: FramedRead<R, Codec>,
+    mut writer: FramedWrite<W, Codec>,
     cx: &ConnectionContext,
     user: Option<String>,
 ) {
@@ -262,8 +308,8 @@ async fn serve_admin(
 }
 
 /// Read Hello, check role and credentials. `Err(Some(frame))`: send it and close.
-async fn handshake(
-    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
+async fn handshake<R: AsyncRead + Unpin>(
+    reader: &mut FramedRead<R, Codec>,
     cx: &ConnectionContext,
 ) -> Result<(Option<String>, bool), Option<ServerFrame>> {
     let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
@@ -310,8 +356,8 @@ async fn handshake(
     }
 }
 
-async fn write_loop(
-    mut writer: FramedWrite<OwnedWriteHalf, Codec>,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: FramedWrite<W, Codec>,
     mut rx: mpsc::UnboundedReceiver<ServerFrame>,
     mut close: oneshot::Receiver<()>,
     queued: Arc<AtomicUsize>,

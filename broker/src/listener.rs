@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::codec::FramedWrite;
 use twinmq_protocol::{ClientFrame, ErrorCode, ErrorContext, ErrorFrame, FrameCodec, ServerFrame};
 
+use crate::config::ClientPortTls;
 use crate::connection::{self, ConnectionContext};
 use crate::BrokerError;
 
@@ -95,8 +96,9 @@ impl Handler<Accepted> for Listener {
         self.next_io += 1;
         if count > self.cx.config.max_connections {
             tracing::warn!(%peer, limit = self.cx.config.max_connections, "connection limit reached; refusing");
+            let tls = self.cx.config.tls.clone();
             arbiter.spawn(async move {
-                refuse(stream).await;
+                refuse(stream, tls).await;
                 shared.connections.fetch_sub(1, Ordering::SeqCst);
             });
             return;
@@ -109,17 +111,32 @@ impl Handler<Accepted> for Listener {
     }
 }
 
-async fn refuse(stream: std::net::TcpStream) {
-    if let Ok(s) = tokio::net::TcpStream::from_std(stream) {
-        let mut w = FramedWrite::new(s, FrameCodec::<ClientFrame, ServerFrame>::new(64 * 1024));
-        let _ = w
-            .send(ServerFrame::Error(ErrorFrame::new(
-                ErrorCode::LimitReached,
-                ErrorContext::Connection,
-                "too many connections",
-            )))
-            .await;
+/// Tell a connection over the limit why it is closed: in TLS when the port
+/// speaks TLS (bounded), or the client would take the refusal for a TLS failure.
+async fn refuse(stream: std::net::TcpStream, tls: Option<ClientPortTls>) {
+    let Ok(s) = tokio::net::TcpStream::from_std(stream) else { return };
+    match tls {
+        None => send_refusal(s).await,
+        Some(tls) => {
+            if let Ok(Ok(s)) = tokio::time::timeout(REFUSAL_HANDSHAKE_TIMEOUT, tls.acceptor.accept(s)).await {
+                send_refusal(s).await;
+            }
+        }
     }
+}
+
+/// A refused connection gets this long for its TLS handshake.
+const REFUSAL_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn send_refusal<S: tokio::io::AsyncWrite + Unpin>(s: S) {
+    let mut w = FramedWrite::new(s, FrameCodec::<ClientFrame, ServerFrame>::new(64 * 1024));
+    let _ = w
+        .send(ServerFrame::Error(ErrorFrame::new(
+            ErrorCode::LimitReached,
+            ErrorContext::Connection,
+            "too many connections",
+        )))
+        .await;
 }
 
 /// Stop accepting connections (shutdown).

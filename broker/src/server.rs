@@ -131,7 +131,12 @@ pub async fn run(
         metrics,
     };
     let listener = Listener::new(tcp, io.iter().map(Arbiter::handle).collect(), cx).start();
-    tracing::info!(node_id = %config.node_id, listen = %local, durability = %config.durability, "listening");
+    let tls = match &config.tls {
+        None => "off",
+        Some(t) if t.mutual => "on, client certificates required",
+        Some(_) => "on",
+    };
+    tracing::info!(node_id = %config.node_id, listen = %local, durability = %config.durability, tls, "listening");
     if let Some(ready) = ready {
         let _ = ready.send(local);
     }

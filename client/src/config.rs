@@ -44,6 +44,8 @@ pub struct ClientConfig {
     pub heartbeat_timeout: Duration,
     /// How long [`crate::Client::close`] waits for outstanding confirms.
     pub close_timeout: Duration,
+    /// Speak TLS to the broker (`None`: plain TCP). See [`crate::ClientTls`].
+    pub tls: Option<crate::ClientTls>,
 }
 
 impl Default for ClientConfig {
@@ -60,6 +62,7 @@ impl Default for ClientConfig {
             heartbeat_interval: Duration::from_millis(250),
             heartbeat_timeout: Duration::from_millis(1500),
             close_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -121,6 +124,11 @@ impl ClientConfig {
 
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
+        self
+    }
+
+    pub fn tls(mut self, tls: crate::ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 }

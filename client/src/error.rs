@@ -49,6 +49,15 @@ pub enum ClientError {
     /// The broker sent a frame that makes no sense at this point.
     #[error("unexpected frame from the broker: {0}")]
     UnexpectedFrame(String),
+    /// The TLS files or options cannot be used (at [`crate::ClientTls`] construction).
+    #[error("TLS setup: {message}")]
+    TlsSetup { message: String },
+    /// The TLS handshake with `addr` failed: its certificate is not signed by
+    /// our CA or does not name it, it refused our client certificate (or
+    /// wanted one), or it does not speak TLS. A configuration problem: the
+    /// client neither retries nor tries the other node.
+    #[error("TLS with {addr} failed: {message}")]
+    Tls { addr: String, message: String },
     /// Bytes that could not become a frame, or a frame that could not become bytes.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),

@@ -52,6 +52,12 @@
 //! unreachable, so an application started during a failover still connects.
 //! Each step is a [`ClientEvent`] on [`Client::events`] and an INFO log line.
 //!
+//! # TLS
+//!
+//! [`ClientConfig::tls`] with a [`ClientTls`] (a CA file, optionally a
+//! client certificate) makes every connection TLS. A failed TLS handshake is
+//! final like refused credentials: [`ClientError::Tls`] at once, no retry.
+//!
 //! What a failover does not hide: a non-durable topic subscription lives
 //! with its connection, so messages published between the loss and its
 //! re-creation never reach it (durable subscriptions and queues keep them).
@@ -85,6 +91,7 @@ mod error;
 mod events;
 mod link;
 mod producer;
+mod tls;
 
 pub use admin::AdminClient;
 pub use client::Client;
@@ -94,6 +101,7 @@ pub use error::ClientError;
 pub use events::ClientEvent;
 pub use link::ServerInfo;
 pub use producer::{Confirm, Message, Producer};
+pub use tls::ClientTls;
 pub use twinmq_protocol::{
     AclGrant, AdminCommand, Delivered, DestKind, Destination, ErrorCode, MessageId, OutMessage, Permission,
 };

@@ -1,4 +1,4 @@
-//! One TCP connection to one broker node: the handshake and the framing.
+//! One TCP (or TLS) connection to one broker node: the handshake and the framing.
 //!
 //! The read half is a `FramedRead` with the shared [`FrameCodec`]; the write
 //! half is written from a plain byte buffer owned by whoever drives the link
@@ -11,14 +11,19 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use tracing::debug;
 use twinmq_protocol::{encode_frame, ClientFrame, ErrorCode, FrameCodec, ServerFrame};
 
+use crate::tls::is_tls_failure;
 use crate::{ClientConfig, ClientError};
+
+/// The read half: plain TCP or TLS. One virtual call per read syscall.
+pub(crate) type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half: plain TCP or TLS.
+pub(crate) type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// What the node we are connected to said about itself in its `Welcome`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +38,8 @@ pub struct ServerInfo {
 
 /// An open, authenticated connection.
 pub(crate) struct Link {
-    pub(crate) reader: FramedRead<OwnedReadHalf, FrameCodec<ServerFrame, ClientFrame>>,
-    pub(crate) writer: OwnedWriteHalf,
+    pub(crate) reader: FramedRead<ReadHalf, FrameCodec<ServerFrame, ClientFrame>>,
+    pub(crate) writer: WriteHalf,
     /// Limit for frames we send: ours and the broker's, whichever is smaller.
     pub(crate) max_out: usize,
 }
@@ -59,7 +64,24 @@ impl Link {
         let stream = TcpStream::connect(addr).await.map_err(connect_err)?;
         // We batch writes ourselves; Nagle would only add latency to confirms and acks.
         stream.set_nodelay(true).map_err(connect_err)?;
-        let (read, writer) = stream.into_split();
+        let tls_err = |e: std::io::Error| ClientError::Tls { addr: addr.to_owned(), message: e.to_string() };
+        let (read, writer): (ReadHalf, WriteHalf) = match &config.tls {
+            None => {
+                let (read, write) = stream.into_split();
+                (Box::new(read), Box::new(write))
+            }
+            Some(tls) => {
+                let stream = tls.connector.connect(tls.name_for(addr)?, stream).await.map_err(|e| {
+                    if is_tls_failure(&e) {
+                        tls_err(e)
+                    } else {
+                        connect_err(e)
+                    }
+                })?;
+                let (read, write) = tokio::io::split(stream);
+                (Box::new(read), Box::new(write))
+            }
+        };
         let mut link = Link {
             reader: FramedRead::new(read, FrameCodec::new(config.max_frame_bytes)),
             writer,
@@ -75,6 +97,19 @@ impl Link {
         link.encode(&hello, &mut buf)?;
         link.writer.write_all_buf(&mut buf).await.map_err(connect_err)?;
         let answer = match link.reader.next().await {
+            // With TLS 1.3 a refused client certificate shows only now, as the server's alert.
+            Some(Err(twinmq_protocol::ProtocolError::Io(e))) if config.tls.is_some() && is_tls_failure(&e) => {
+                return Err(tls_err(e))
+            }
+            // A TLS record header read as our length prefix: a TLS port and no TLS configured.
+            Some(Err(twinmq_protocol::ProtocolError::TooLarge { len, .. }))
+                if config.tls.is_none() && is_tls_record(len) =>
+            {
+                return Err(ClientError::Tls {
+                    addr: addr.to_owned(),
+                    message: "the server speaks TLS; configure its CA (ClientTls, twinmq --tls-ca)".into(),
+                })
+            }
             Some(frame) => frame?,
             None => return Err(ClientError::Disconnected),
         };
@@ -125,8 +160,21 @@ impl Link {
 }
 
 /// Which error codes make trying another address pointless.
+/// Whether a frame length prefix is really the start of a TLS record
+/// (content type alert or handshake, protocol version 3.x).
+fn is_tls_record(len: usize) -> bool {
+    let bytes = (len as u32).to_be_bytes();
+    matches!(bytes[0], 0x15 | 0x16) && bytes[1] == 0x03
+}
+
+/// A TLS failure is a configuration problem (see `tls.rs`), as final as wrong credentials.
 pub(crate) fn is_final(err: &ClientError) -> bool {
-    matches!(err, ClientError::Broker { code: ErrorCode::NotAuthenticated, .. })
+    matches!(
+        err,
+        ClientError::Broker { code: ErrorCode::NotAuthenticated, .. }
+            | ClientError::Tls { .. }
+            | ClientError::TlsSetup { .. }
+    )
 }
 
 /// A frame's variant name, for logs and errors: never its payload.
@@ -152,11 +200,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tls_alert_is_recognised_in_a_length_prefix() {
+        assert!(is_tls_record(0x1503_0300), "alert, TLS 1.2 record version");
+        assert!(is_tls_record(0x1603_0100), "handshake");
+        assert!(!is_tls_record(4096));
+        assert!(!is_tls_record(0x0503_0300));
+    }
+
+    #[test]
     fn only_refused_credentials_are_final() {
         let broker = |code| ClientError::Broker { code, message: String::new() };
         assert!(is_final(&broker(ErrorCode::NotAuthenticated)));
         assert!(!is_final(&broker(ErrorCode::NotActive)));
         assert!(!is_final(&ClientError::NotActive { addr: "a".into(), active_hint: None }));
         assert!(!is_final(&ClientError::Disconnected));
+        assert!(is_final(&ClientError::Tls { addr: "a".into(), message: "unknown issuer".into() }));
     }
 }

@@ -68,4 +68,6 @@ pub struct HaConfig {
     /// Consecutive failed probes before the gateway counts as lost.
     pub probe_failures: u32,
     pub failback: Failback,
+    /// TLS on the HA port (under the cluster secret, not instead of it).
+    pub tls: Option<crate::tls::HaTls>,
 }

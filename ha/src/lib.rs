@@ -1,8 +1,8 @@
 //! twinmq-ha: the active/passive pair.
 //!
 //! Owns: the role an operator sees ([`Role`]), the pure role decision
-//! ([`decide`]), the HA link (framing and the challenge/response on the
-//! cluster secret), the `PeerMonitor` and `WitnessProber` actors and the
+//! ([`decide`]), the HA link (framing, optional TLS — [`tls`] — and the
+//! challenge/response on the cluster secret), the `PeerMonitor` and `WitnessProber` actors and the
 //! `RoleArbiter` that calls the decision and carries it out (DESIGN.md
 //! sections 3 and 4). Replication itself is the store writer's job
 //! (twinmq-store); this crate moves its records over the HA link.
@@ -47,6 +47,7 @@ pub mod arbiter;
 pub mod config;
 pub mod link;
 pub mod monitor;
+pub mod tls;
 pub mod wire;
 pub mod witness;
 

@@ -1,5 +1,6 @@
-//! Opening an HA connection: TCP with our socket options, then the mutual
-//! challenge/response on the cluster secret (see `wire.rs`).
+//! Opening an HA connection: TCP with our socket options, then TLS when
+//! configured (`tls.rs`), then the mutual challenge/response on the cluster
+//! secret (see `wire.rs`), which TLS never replaces.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,11 +9,12 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+use crate::tls::{is_tls_failure, HaTls, MaybeTls};
 use crate::wire::{self, HaCodec, HaFrame};
 
 /// An authenticated HA connection.
 pub struct Link {
-    pub framed: Framed<TcpStream, HaCodec>,
+    pub framed: Framed<MaybeTls, HaCodec>,
     pub peer_id: String,
     pub peer_priority: u32,
     pub remote: SocketAddr,
@@ -30,6 +32,8 @@ pub struct LinkAuth {
     pub node_id: String,
     pub priority: u32,
     pub secret: String,
+    /// TLS on the HA port, if configured.
+    pub tls: Option<HaTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,23 @@ pub enum LinkError {
     Auth(String),
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The TLS handshake failed: a certificate not signed by the CA, no
+    /// client certificate where one is required, or a peer not speaking TLS.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A certificate, key or CA file that cannot be used.
+    #[error("{path}: {message}")]
+    TlsFile { path: std::path::PathBuf, message: String },
+    /// Certificate and key that do not go together, or an unusable CA.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(String),
+}
+
+impl LinkError {
+    /// A refusal an operator must hear about (not just a peer that is away).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, LinkError::Auth(_) | LinkError::Tls(_))
+    }
 }
 
 /// Socket options for HA connections, in one place.
@@ -57,10 +78,15 @@ pub fn configure(stream: &TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn next(framed: &mut Framed<TcpStream, HaCodec>, timeout: Duration) -> Result<HaFrame, LinkError> {
+async fn next(framed: &mut Framed<MaybeTls, HaCodec>, timeout: Duration) -> Result<HaFrame, LinkError> {
     match tokio::time::timeout(timeout, framed.next()).await {
         Err(_) => Err(LinkError::Timeout),
         Ok(None) => Err(LinkError::Protocol("closed during the handshake".into())),
+        // With TLS 1.3 the dialer learns that its client certificate was
+        // refused only here, from the acceptor's alert.
+        Ok(Some(Err(twinmq_protocol::ProtocolError::Io(e)))) if is_tls_failure(&e) => {
+            Err(LinkError::Tls(e.to_string()))
+        }
         Ok(Some(Err(e))) => Err(LinkError::Protocol(e.to_string())),
         Ok(Some(Ok(f))) => Ok(f),
     }
@@ -75,6 +101,18 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
         Ok(Ok(s)) => s,
     };
     configure(&stream)?;
+    let stream = match &auth.tls {
+        None => MaybeTls::Plain(stream),
+        Some(tls) => {
+            let name = tls.server_name.clone().unwrap_or_else(|| addr.ip().into());
+            match tokio::time::timeout(timeout, tls.connector.connect(name, stream)).await {
+                Err(_) => return Err(LinkError::Timeout),
+                Ok(Err(e)) if is_tls_failure(&e) => return Err(LinkError::Tls(format!("{addr}: {e}"))),
+                Ok(Err(e)) => return Err(LinkError::Io(e)),
+                Ok(Ok(s)) => MaybeTls::Tls(Box::new(s.into())),
+            }
+        }
+    };
     let mut framed = Framed::new(stream, wire::handshake_codec());
     let my_nonce = wire::nonce();
     framed
@@ -109,6 +147,15 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
 pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Result<Link, LinkError> {
     configure(&stream)?;
     let remote = stream.peer_addr()?;
+    let stream = match &auth.tls {
+        None => MaybeTls::Plain(stream),
+        Some(tls) => match tokio::time::timeout(timeout, tls.acceptor.accept(stream)).await {
+            Err(_) => return Err(LinkError::Timeout),
+            Ok(Err(e)) if is_tls_failure(&e) => return Err(LinkError::Tls(format!("{remote}: {e}"))),
+            Ok(Err(e)) => return Err(LinkError::Io(e)),
+            Ok(Ok(s)) => MaybeTls::Tls(Box::new(s.into())),
+        },
+    };
     let mut framed = Framed::new(stream, wire::handshake_codec());
     let (peer_id, peer_priority, their_nonce) = match next(&mut framed, timeout).await? {
         HaFrame::Hello { node_id, priority, nonce } => (node_id, priority, nonce),

@@ -91,7 +91,14 @@ pub struct PeerMonitor {
     /// The connection the replication stream runs on, and its forwarder.
     replicating: Option<(ConnId, actix_rt::task::JoinHandle<()>)>,
     listener: Option<std::net::TcpListener>,
+    /// When each kind of refusal (per direction and address) was last logged
+    /// at warn: a misconfigured peer retries every heartbeat, the log says so
+    /// once per [`REFUSAL_LOG_EVERY`].
+    refusals_logged: HashMap<String, Instant>,
 }
+
+/// How often a repeated refusal of the same peer is logged at warn.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl PeerMonitor {
     pub fn new(
@@ -103,8 +110,12 @@ impl PeerMonitor {
         divergent_to: Recipient<DivergentMessages>,
         listener: std::net::TcpListener,
     ) -> PeerMonitor {
-        let auth =
-            LinkAuth { node_id: cfg.node_id.clone(), priority: cfg.priority, secret: cfg.cluster_secret.clone() };
+        let auth = LinkAuth {
+            node_id: cfg.node_id.clone(),
+            priority: cfg.priority,
+            secret: cfg.cluster_secret.clone(),
+            tls: cfg.tls.clone(),
+        };
         let paths = cfg.peer_ha.iter().map(|_| PathState::default()).collect();
         PeerMonitor {
             cfg,
@@ -123,6 +134,7 @@ impl PeerMonitor {
             peer_priority: None,
             replicating: None,
             listener: Some(listener),
+            refusals_logged: HashMap::new(),
         }
     }
 
@@ -261,9 +273,12 @@ impl Actor for PeerMonitor {
                         actix_rt::spawn(async move {
                             match link::accept(stream, &auth, timeout).await {
                                 Ok(link) => me.do_send(LinkUp { link, path: None }),
-                                Err(e @ LinkError::Auth(_)) => {
-                                    tracing::warn!(%remote, error = %e, "HA connection refused")
-                                }
+                                Err(e) if e.is_refusal() => me.do_send(Refusal {
+                                    key: format!("accept {}", remote.ip()),
+                                    what: "HA connection refused",
+                                    remote,
+                                    error: e.to_string(),
+                                }),
                                 Err(e) => tracing::debug!(%remote, error = %e, "HA handshake failed"),
                             }
                         });
@@ -296,8 +311,13 @@ async fn dial_loop(path: usize, addr: SocketAddr, auth: LinkAuth, cfg: Arc<HaCon
             match link::dial(addr, &auth, timeout).await {
                 Ok(link) => me.do_send(LinkUp { link, path: Some(path) }),
                 Err(LinkError::Refused) => me.do_send(DialFailed { path, refused: true }),
-                Err(e @ LinkError::Auth(_)) => {
-                    tracing::warn!(%addr, error = %e, "HA peer refused or failed authentication");
+                Err(e) if e.is_refusal() => {
+                    me.do_send(Refusal {
+                        key: format!("dial {addr}"),
+                        what: "HA peer refused or failed authentication",
+                        remote: addr,
+                        error: e.to_string(),
+                    });
                     me.do_send(DialFailed { path, refused: false });
                 }
                 Err(e) => {
@@ -400,6 +420,33 @@ impl Handler<LinkUp> for PeerMonitor {
         }
         self.register(m.link, m.path, ctx);
         self.report();
+    }
+}
+
+/// A peer failed the TLS handshake or the cluster-secret challenge.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Refusal {
+    key: String,
+    what: &'static str,
+    remote: SocketAddr,
+    error: String,
+}
+
+impl Handler<Refusal> for PeerMonitor {
+    type Result = ();
+    fn handle(&mut self, m: Refusal, _: &mut Context<Self>) {
+        let now = Instant::now();
+        let due = match self.refusals_logged.get(&m.key) {
+            Some(at) => now.duration_since(*at) >= REFUSAL_LOG_EVERY,
+            None => true,
+        };
+        if due {
+            self.refusals_logged.insert(m.key, now);
+            tracing::warn!(remote = %m.remote, error = %m.error, "{} (repeats are logged at debug for {REFUSAL_LOG_EVERY:?})", m.what);
+        } else {
+            tracing::debug!(remote = %m.remote, error = %m.error, "{}", m.what);
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use twinmq_client::{Client, ClientConfig};
 
 pub mod pair;
+pub mod tls;
 
 pub const TWINMQD: &str = env!("CARGO_BIN_EXE_twinmqd");
 

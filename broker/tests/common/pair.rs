@@ -287,6 +287,10 @@ pub struct PairOptions {
     pub b_secret: Option<String>,
     /// Give each node an admin HTTP port (`--http-listen`); a token goes in `extra`.
     pub http: bool,
+    /// Flags for node a only (after `extra`): its own certificate, say.
+    pub a_extra: Vec<String>,
+    /// Flags for node b only (after `extra`).
+    pub b_extra: Vec<String>,
 }
 
 pub struct Pair {
@@ -354,7 +358,7 @@ impl Pair {
             ha: a_ha,
             http: opts.http.then(addr),
             data_dir: tmp.path().join("a"),
-            args: common(a_paths, b_client, "200", SECRET),
+            args: [common(a_paths, b_client, "200", SECRET), opts.a_extra.clone()].concat(),
             child: None,
             starts: 0,
             admin_login: None,
@@ -365,7 +369,7 @@ impl Pair {
             ha: b_ha,
             http: opts.http.then(addr),
             data_dir: tmp.path().join("b"),
-            args: common(b_paths, a_client, "100", &b_secret),
+            args: [common(b_paths, a_client, "100", &b_secret), opts.b_extra.clone()].concat(),
             child: None,
             starts: 0,
             admin_login: None,

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{CommandFactory, Parser, Subcommand};
-use twinmq_client::{AdminClient, ClientConfig, Destination};
+use twinmq_client::{AdminClient, ClientConfig, ClientTls, Destination};
 
 #[derive(Debug, Parser)]
 #[command(name = "twinmq", version, about = "Command-line client for a twinmq broker pair")]
@@ -46,6 +46,18 @@ struct Cli {
     /// connection) before failing; also bounds each admin request.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_seconds, global = true)]
     failover_timeout: Duration,
+    /// Speak TLS, trusting brokers whose certificate this CA (PEM file) signed.
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// TLS client certificate (PEM), for a broker that requires one (tls_client_ca).
+    #[arg(long, value_name = "FILE", global = true, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", global = true, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The name to verify in the broker's certificate (default: the host of each address).
+    #[arg(long, value_name = "NAME", global = true, requires = "tls_ca")]
+    tls_server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -102,6 +114,19 @@ impl Cli {
         config.password = self.password.clone();
         Ok(config)
     }
+
+    /// TLS as the flags say (`None` without --tls-ca); unusable files are an error.
+    fn client_tls(&self) -> anyhow::Result<Option<ClientTls>> {
+        let Some(ca) = &self.tls_ca else { return Ok(None) };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => ClientTls::with_client_cert(ca, cert, key)?,
+            _ => ClientTls::new(ca)?,
+        };
+        Ok(Some(match &self.tls_server_name {
+            Some(name) => tls.server_name(name)?,
+            None => tls,
+        }))
+    }
 }
 
 fn main() -> ExitCode {
@@ -116,10 +141,14 @@ fn main() -> ExitCode {
     if let Command::HashPassword { password } = &cli.command {
         return report(hash_password(password.clone()));
     }
-    let config = match cli.client_config() {
+    let mut config = match cli.client_config() {
         Ok(config) => config,
         Err(e) => e.exit(),
     };
+    match cli.client_tls() {
+        Ok(tls) => config.tls = tls,
+        Err(e) => return report(Err(e)),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => return report(Err(anyhow!(e).context("could not start the runtime"))),
@@ -243,6 +272,10 @@ mod tests {
             user: None,
             password: None,
             failover_timeout: Duration::from_secs(30),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_server_name: None,
             command: Command::Status,
         };
         let err = cli.client_config().unwrap_err();
@@ -298,6 +331,17 @@ mod tests {
         assert_eq!(cli.client_config().unwrap().failover_timeout, Duration::from_secs(30));
         let cli = parse(&["pub", "q", "--count", "1", "--servers", "h:1", "--failover-timeout", "2.5"]).unwrap();
         assert_eq!(cli.client_config().unwrap().failover_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn tls_flags_go_together() {
+        assert!(parse(&["--servers", "h:1", "--tls-cert", "c.pem", "status"]).is_err(), "a cert needs its key");
+        assert!(parse(&["--servers", "h:1", "--tls-key", "k.pem", "status"]).is_err(), "a key needs its cert");
+        assert!(parse(&["--servers", "h:1", "--tls-server-name", "n", "status"]).is_err(), "a name needs a CA");
+        let cli = parse(&["--servers", "h:1", "--tls-ca", "/nonexistent/ca.pem", "status"]).unwrap();
+        let err = cli.client_tls().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        assert!(parse(&["status", "--servers", "h:1", "--tls-ca", "a", "--tls-cert", "c", "--tls-key", "k"]).is_ok());
     }
 
     #[test]
