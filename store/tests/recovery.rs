@@ -132,7 +132,19 @@ fn a_corrupted_record_refuses_to_open() {
     {
         // Flip one byte of our record through sled itself, so sled's own log stays valid
         // and only our checksum can notice.
-        let db = sled::open(dir.path()).unwrap();
+        // sled's background flusher may hold the file lock for a moment after
+        // the last handle is gone: retry for a bounded time.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("sled not yet released ({e}); retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("sled still locked after 5 s: {e}"),
+            }
+        };
         let log = db.open_tree("log").unwrap();
         let mut raw = log.get(key.to_be_bytes()).unwrap().expect("record exists").to_vec();
         let n = raw.len() - 1;
@@ -140,7 +152,16 @@ fn a_corrupted_record_refuses_to_open() {
         log.insert(key.to_be_bytes(), raw).unwrap();
         db.flush().unwrap();
     }
-    match Store::open(&StoreConfig::new(dir.path())) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let opened = loop {
+        match Store::open(&StoreConfig::new(dir.path())) {
+            Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20)) // the file lock, as above
+            }
+            other => break other,
+        }
+    };
+    match opened {
         Err(StoreError::Corrupt { key: k, .. }) => assert_eq!(k, key),
         other => panic!("expected Corrupt, got {other:?}"),
     }
