@@ -2,8 +2,9 @@
 //! `twinmqd` daemon.
 //!
 //! Owns: the client port (`listener`, `connection`), sessions, destinations
-//! (`queue`, `topic`), the destination registry (`router`), configuration
-//! and authentication, the admin HTTP endpoint (`http`) and the metrics it
+//! (`queue`, `topic`), the destination registry (`router`), configuration,
+//! authentication and authorization (`auth`, `security`: users and ACLs,
+//! whose current snapshot the `node` owns and publishes), the admin HTTP endpoint (`http`) and the metrics it
 //! serves (`metrics`). Does not own: how bytes become durable (twinmq-store,
 //! whose crate doc states what a confirmation promises), the wire format
 //! (twinmq-protocol), or the pair's roles (twinmq-ha).
