@@ -118,14 +118,35 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
     let permits = Arc::new(Semaphore::new(cx.config.max_inflight_per_connection));
     let mut shutdown = cx.shutdown.clone();
     let mut role = cx.shared.role_watch();
+    let idle_timeout = cx.config.idle_timeout_ms.map(Duration::from_millis);
+    let mut last_heard = tokio::time::Instant::now();
 
     loop {
         // Back-pressure on a client that does not read what we send it.
-        while queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES && !write_task.is_finished() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        if queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES {
+            while queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES && !write_task.is_finished() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // We were not reading: the client's silence meanwhile is ours, not its.
+            last_heard = tokio::time::Instant::now();
         }
+        let idle = async {
+            match idle_timeout {
+                Some(t) => tokio::time::sleep_until(last_heard + t).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             f = reader.next() => f,
+            _ = idle => {
+                let ms = idle_timeout.map_or(0, |t| t.as_millis());
+                tracing::info!(idle_ms = %ms, "idle connection; closing");
+                let _ = tx.send(connection_error(
+                    ErrorCode::LimitReached,
+                    format!("nothing received for {ms} ms (idle_timeout_ms); closing the connection"),
+                ));
+                break;
+            }
             _ = shutdown.wait_for(|s| *s) => {
                 let _ = tx.send(connection_error(ErrorCode::ShuttingDown, "broker is shutting down"));
                 break;
@@ -147,6 +168,7 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
                 break;
             }
             Some(Ok(frame)) => {
+                last_heard = tokio::time::Instant::now();
                 let permit = match frame {
                     ClientFrame::Publish { .. } => match permits.clone().acquire_owned().await {
                         Ok(p) => Some(p),

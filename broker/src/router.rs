@@ -64,6 +64,8 @@ impl Router {
                 max_depth: config.max_queue_depth,
                 ack_timeout: config.ack_timeout_ms.map(Duration::from_millis),
                 max_redeliveries: Some(config.max_redeliveries),
+                max_consumers: config.max_consumers_per_destination,
+                block_when_full: config.queue_full == crate::config::QueueFull::Block,
             };
             let mut r = Router {
                 config: config.clone(),

@@ -50,6 +50,11 @@ impl Outbound {
             Closed
         })
     }
+
+    /// The connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
 }
 
 struct Subscription {
@@ -177,31 +182,32 @@ impl Session {
             }
             (DestKind::Topic, Some(name)) => {
                 let open = self.router.send(router::OpenDurable { topic: destination.name.clone(), name });
-                Box::pin(open.into_actor(self).map(move |res, act, _| match res {
-                    Ok(Ok(q)) => act.attach(sub_id, q, None, key, out, prefetch),
+                Box::pin(open.into_actor(self).then(move |res, act, _| match res {
+                    Ok(Ok(q)) => act.attach(sub_id, q, key, out, prefetch),
                     Ok(Err(mut e)) => {
                         e.context = ctx_err;
                         act.send(ServerFrame::Error(e));
+                        Box::pin(fut::ready(()))
                     }
-                    Err(_) => act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down"),
+                    Err(_) => {
+                        act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down");
+                        Box::pin(fut::ready(()))
+                    }
                 }))
             }
             (_, None) => {
                 let resolve = self.router.send(router::Resolve { destination });
                 Box::pin(resolve.into_actor(self).then(move |res, act, _| {
                     let fut: ResponseActFuture<Self, ()> = match res {
-                        Ok(Ok(Target::Queue(q))) => {
-                            act.attach(sub_id, q, None, key, out, prefetch);
-                            Box::pin(fut::ready(()))
-                        }
+                        Ok(Ok(Target::Queue(q))) => act.attach(sub_id, q, key, out, prefetch),
                         Ok(Ok(Target::Topic(t))) => {
+                            // The topic's subscriber queue answers Subscribed (or the limit's error).
                             let sub = t.send(topic::Subscribe { key, out: out.clone(), prefetch });
                             Box::pin(sub.into_actor(act).map(move |res, act, _| match res {
-                                Ok(q) => {
+                                Ok(Some(q)) => {
                                     act.subs.insert(sub_id, Subscription { queue: q, topic: Some(t) });
-                                    // The subscriber queue already has its consumer; confirm.
-                                    act.send(ServerFrame::Subscribed { sub_id });
                                 }
+                                Ok(None) => {}
                                 Err(_) => act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down"),
                             }))
                         }
@@ -221,19 +227,24 @@ impl Session {
         }
     }
 
+    /// Add the consumer to a stored queue; the queue answers `Subscribed`
+    /// before its first delivery, or refuses past its consumer limit.
     fn attach(
         &mut self,
         sub_id: u32,
         q: Addr<Queue>,
-        topic: Option<Addr<Topic>>,
         key: ConsumerKey,
         out: Outbound,
         prefetch: u32,
-    ) {
-        // Subscribed goes out before the consumer can receive its first delivery.
-        self.send(ServerFrame::Subscribed { sub_id });
-        q.do_send(queue::AddConsumer { key, out, prefetch });
-        self.subs.insert(sub_id, Subscription { queue: q, topic });
+    ) -> ResponseActFuture<Self, ()> {
+        let add = q.send(queue::AddConsumer { key, out, prefetch });
+        Box::pin(add.into_actor(self).map(move |res, act, _| match res {
+            Ok(true) => {
+                act.subs.insert(sub_id, Subscription { queue: q, topic: None });
+            }
+            Ok(false) => {}
+            Err(_) => act.error(ErrorCode::ShuttingDown, ErrorContext::Subscribe { sub_id }, "broker is shutting down"),
+        }))
     }
 
     fn drop_subscription(&mut self, sub_id: u32) -> bool {

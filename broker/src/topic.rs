@@ -115,9 +115,11 @@ impl Handler<FanOut> for Topic {
     }
 }
 
-/// Subscribe a consumer without a durable name; returns its queue for acks.
+/// Subscribe a consumer without a durable name; returns its queue for acks,
+/// or `None` when the topic has `max_consumers_per_destination` subscribers
+/// already (the client is told so).
 #[derive(Message)]
-#[rtype(result = "Addr<Queue>")]
+#[rtype(result = "Option<Addr<Queue>>")]
 pub struct Subscribe {
     pub key: ConsumerKey,
     pub out: Outbound,
@@ -127,6 +129,19 @@ pub struct Subscribe {
 impl Handler<Subscribe> for Topic {
     type Result = MessageResult<Subscribe>;
     fn handle(&mut self, s: Subscribe, _: &mut Context<Self>) -> Self::Result {
+        self.subscribers.retain(|_, q| q.connected());
+        if self.subscribers.len() >= self.settings.max_consumers {
+            tracing::warn!(topic = %self.name, limit = self.settings.max_consumers, "subscriber limit reached; refusing");
+            let _ = s.out.send(ServerFrame::Error(ErrorFrame::new(
+                twinmq_protocol::ErrorCode::LimitReached,
+                ErrorContext::Subscribe { sub_id: s.key.1 },
+                format!(
+                    "topic:{} has {} subscribers (max_consumers_per_destination)",
+                    self.name, self.settings.max_consumers
+                ),
+            )));
+            return MessageResult(None);
+        }
         let settings = QueueSettings { max_redeliveries: None, ..self.settings.clone() };
         let q = Queue::new(
             format!("topic:{} (subscriber {}/{})", self.name, s.key.0, s.key.1),
@@ -140,7 +155,7 @@ impl Handler<Subscribe> for Topic {
         .start();
         q.do_send(AddConsumer { key: s.key, out: s.out, prefetch: s.prefetch });
         self.subscribers.insert(s.key, q.clone());
-        MessageResult(q)
+        MessageResult(Some(q))
     }
 }
 

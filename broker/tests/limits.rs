@@ -1,0 +1,241 @@
+//! Limits, each with a clear error and without harm to other clients:
+//! connections, consumers per destination, queue depth (reject and block),
+//! idle connections, and a consumer that stops reading.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::{drain, Broker};
+use twinmq_client::{Destination, ErrorCode, Message, SubscribeOptions};
+use twinmq_protocol::{decode_body, encode_frame, ClientFrame, ErrorContext, ServerFrame, DEFAULT_MAX_FRAME_BYTES};
+
+fn frame(f: &ClientFrame) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    encode_frame(f, DEFAULT_MAX_FRAME_BYTES, &mut b).unwrap();
+    b.to_vec()
+}
+
+fn hello() -> Vec<u8> {
+    frame(&ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: false })
+}
+
+/// Read frames until the broker closes the connection or `timeout` passes.
+fn read_frames(s: &mut TcpStream, timeout: Duration) -> Vec<ServerFrame> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut frames = Vec::new();
+    let mut rest = &buf[..];
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if rest.len() < 4 + len {
+            break;
+        }
+        frames.push(decode_body::<ServerFrame>(&rest[4..4 + len]).unwrap());
+        rest = &rest[4 + len..];
+    }
+    frames
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn connections_past_max_connections_get_limit_reached() {
+    let broker = Broker::start(&["--max-connections", "2"]);
+    let mut held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(broker.addr).unwrap()).collect();
+    for s in &mut held {
+        s.write_all(&hello()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = TcpStream::connect(broker.addr).unwrap();
+    let frames = read_frames(&mut third, Duration::from_secs(5));
+    match frames.last() {
+        Some(ServerFrame::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::LimitReached);
+            assert!(e.message.contains("too many connections"), "{}", e.message);
+        }
+        other => panic!("expected LimitReached, got {other:?}"),
+    }
+    // A slot frees when one of the two goes.
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = TcpStream::connect(broker.addr).unwrap();
+    again.write_all(&hello()).unwrap();
+    let frames = read_frames(&mut again, Duration::from_millis(500));
+    assert!(matches!(frames.first(), Some(ServerFrame::Welcome { .. })), "{frames:?}");
+}
+
+#[tokio::test]
+async fn consumers_past_the_limit_are_refused_naming_destination_and_limit() {
+    let broker = Broker::start(&["--max-consumers-per-destination", "2"]);
+    let client = broker.client().await;
+    for dest in [Destination::queue("busy"), Destination::topic("loud")] {
+        let _a = client.subscribe(dest.clone(), SubscribeOptions::default()).await.unwrap();
+        let _b = client.subscribe(dest.clone(), SubscribeOptions::default()).await.unwrap();
+        let err = client.subscribe(dest.clone(), SubscribeOptions::default()).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::LimitReached), "{dest}: {err}");
+        let text = err.to_string();
+        assert!(text.contains(&dest.name) && text.contains('2'), "names destination and limit: {text}");
+        // The two that were accepted still work.
+        drop(_b);
+    }
+    // A refused subscription leaves room once another consumer goes.
+    let q = Destination::queue("busy2");
+    let a = client.subscribe(q.clone(), SubscribeOptions::default()).await.unwrap();
+    let _b = client.subscribe(q.clone(), SubscribeOptions::default()).await.unwrap();
+    assert!(client.subscribe(q.clone(), SubscribeOptions::default()).await.is_err());
+    a.unsubscribe().await.unwrap();
+    let mut c = client.subscribe(q.clone(), SubscribeOptions::default()).await.expect("room again");
+    client.producer(q).send(Message::persistent("x")).await.unwrap();
+    let got = drain(&mut c, 1, Duration::from_secs(2)).await;
+    assert!(got.len() <= 1);
+}
+
+#[tokio::test]
+async fn a_full_queue_rejects_publishes_with_limit_reached() {
+    let broker = Broker::start(&["--max-queue-depth", "5"]);
+    let client = broker.client().await;
+    let q = Destination::queue("small");
+    let producer = client.producer(q.clone());
+    for i in 0..5 {
+        producer.send(Message::persistent(format!("m-{i}"))).await.unwrap();
+    }
+    let err = producer.send(Message::persistent("one too many")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::LimitReached), "{err}");
+    assert!(err.to_string().contains("queue:small"), "{err}");
+    let mut c = client.subscribe(q, SubscribeOptions::default()).await.unwrap();
+    assert_eq!(drain(&mut c, 6, Duration::from_millis(800)).await.len(), 5);
+}
+
+#[tokio::test]
+async fn a_full_queue_holds_publishes_unconfirmed_until_there_is_room() {
+    let broker = Broker::start(&["--max-queue-depth", "5", "--queue-full", "block"]);
+    let client = broker.client().await;
+    let q = Destination::queue("held");
+    let producer = client.producer(q.clone());
+    let mut confirms = Vec::new();
+    for i in 0..12 {
+        confirms.push(producer.send_nowait(Message::persistent(format!("h-{i}"))).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(producer.in_flight(), 7, "5 confirmed, 7 held unconfirmed");
+    let mut c = client.subscribe(q, SubscribeOptions::default().prefetch(1)).await.unwrap();
+    let got = drain(&mut c, 12, Duration::from_secs(3)).await;
+    for conf in confirms {
+        tokio::time::timeout(Duration::from_secs(5), conf).await.expect("confirmed in time").expect("confirmed");
+    }
+    assert_eq!(got, (0..12).map(|i| format!("h-{i}")).collect::<Vec<_>>(), "all, in order, none lost");
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_idle_timeout_and_heartbeats_keep_one_open() {
+    let broker = Broker::start(&["--idle-timeout-ms", "600"]);
+    // The client library pings every 250 ms when it has nothing to say.
+    let client = broker.client().await;
+
+    let mut raw = TcpStream::connect(broker.addr).unwrap();
+    raw.write_all(&hello()).unwrap();
+    let start = Instant::now();
+    let frames = read_frames(&mut raw, Duration::from_secs(5));
+    let waited = start.elapsed();
+    assert!(matches!(frames.first(), Some(ServerFrame::Welcome { .. })), "{frames:?}");
+    match frames.last() {
+        Some(ServerFrame::Error(e)) => {
+            assert_eq!((e.code, &e.context), (ErrorCode::LimitReached, &ErrorContext::Connection));
+            assert!(e.message.contains("idle_timeout_ms"), "{}", e.message);
+        }
+        other => panic!("expected the idle error, got {other:?}"),
+    }
+    assert!(waited >= Duration::from_millis(500) && waited < Duration::from_secs(4), "closed after {waited:?}");
+
+    // A connection that pings is kept.
+    let mut pinger = TcpStream::connect(broker.addr).unwrap();
+    pinger.write_all(&hello()).unwrap();
+    for n in 0..6 {
+        std::thread::sleep(Duration::from_millis(250));
+        pinger.write_all(&frame(&ClientFrame::Ping { nonce: n })).unwrap();
+    }
+    pinger.write_all(&frame(&ClientFrame::Bye)).unwrap();
+    let frames = read_frames(&mut pinger, Duration::from_secs(2));
+    assert!(!frames.iter().any(|f| matches!(f, ServerFrame::Error(_))), "{frames:?}");
+    assert_eq!(frames.iter().filter(|f| matches!(f, ServerFrame::Pong { .. })).count(), 6);
+
+    client.producer(Destination::queue("alive")).send(Message::persistent("still here")).await.expect("heartbeats");
+}
+
+#[tokio::test]
+async fn a_consumer_that_stops_reading_does_not_grow_the_broker_without_bound() {
+    let broker = Broker::start(&["--max-queue-depth", "10000", "--durability", "none"]);
+    let pid = broker.pid();
+    // A raw consumer with the largest prefetch that never reads a byte.
+    let mut stuck = TcpStream::connect(broker.addr).unwrap();
+    stuck.write_all(&hello()).unwrap();
+    stuck
+        .write_all(&frame(&ClientFrame::Subscribe {
+            sub_id: 1,
+            destination: Destination::queue("firehose"),
+            durable: None,
+            prefetch: u32::MAX,
+        }))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid);
+
+    let client = broker.client().await;
+    let producer = client.producer(Destination::queue("firehose"));
+    let payload = vec![b'p'; 4096];
+    let (mut confirmed, mut refused) = (0u32, 0u32);
+    let mut peak = before;
+    let mut when_full = 0;
+    for round in 0..20 {
+        let mut pending = Vec::new();
+        for _ in 0..5_000 {
+            pending.push(producer.send_nowait(Message::persistent(payload.clone())).await.unwrap());
+        }
+        for p in pending {
+            match p.await {
+                Ok(()) => confirmed += 1,
+                Err(e) if e.code() == Some(ErrorCode::LimitReached) => refused += 1,
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        peak = peak.max(rss_kib(pid));
+        if round == 4 {
+            // The queue filled in round 2: from here on, publishing more must not cost more.
+            when_full = peak;
+        }
+        if round % 5 == 4 {
+            // Other clients are served all along.
+            client.producer(Destination::queue("other")).send(Message::persistent("ok")).await.unwrap();
+        }
+    }
+    let grown_mib = (peak.saturating_sub(before)) / 1024;
+    println!(
+        "stuck consumer: {confirmed} confirmed, {refused} refused (queue full); broker RSS {} MiB, {} MiB once full, peak {} MiB (+{grown_mib} MiB) for 100000 x 4 KiB published",
+        before / 1024,
+        when_full / 1024,
+        peak / 1024
+    );
+    assert_eq!(confirmed, 10_000, "the queue holds max_queue_depth messages");
+    assert_eq!(refused, 90_000);
+    // What the broker holds is bounded by max_queue_depth, not by what was
+    // published: 10,000 x 4 KiB in the queue (and in the in-memory store), plus
+    // the delivery copies waiting for the stuck socket, about 3 x 40 MiB.
+    assert!(grown_mib < 200, "broker grew by {grown_mib} MiB for 40 MiB of queue");
+    // After the queue is full, 60,000 more publishes cost nothing that stays.
+    assert!(peak <= when_full + 32 * 1024, "RSS kept growing after the queue was full: {when_full} -> {peak} KiB");
+    let other = broker.client().await;
+    let mut c = other.subscribe(Destination::queue("other"), SubscribeOptions::default()).await.unwrap();
+    assert_eq!(drain(&mut c, 4, Duration::from_secs(2)).await.len(), 4);
+    drop(stuck);
+}
