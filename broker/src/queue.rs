@@ -8,6 +8,7 @@
 //! recovered messages are flagged `redelivered`, count unknown = 1).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,9 @@ pub struct Queue {
     held: VecDeque<Publish>,
     /// Our own address, for the store writer's completions.
     me: Option<Addr<Queue>>,
+    /// The depth, published for the topic of a durable subscription, which
+    /// stores messages into this queue without asking it (see `Topic`).
+    depth_gauge: Arc<AtomicUsize>,
 }
 
 impl Queue {
@@ -113,6 +117,7 @@ impl Queue {
             .map(|m| Entry { msg: Arc::new(m), persistent: true, deliveries: 1 })
             .collect();
         let with_ttl = ready.iter().filter(|e| e.msg.expires_at_ms.is_some()).count();
+        let depth_gauge = Arc::new(AtomicUsize::new(ready.len()));
         Queue {
             label,
             destination,
@@ -130,7 +135,13 @@ impl Queue {
             pending: 0,
             held: VecDeque::new(),
             me: None,
+            depth_gauge,
         }
+    }
+
+    /// The depth as last published (after every change of it).
+    pub fn depth_gauge(&self) -> Arc<AtomicUsize> {
+        self.depth_gauge.clone()
     }
 
     fn store_key(&self) -> Option<&str> {
@@ -246,6 +257,11 @@ impl Queue {
 
     /// Hand ready messages to consumers with credit, round robin.
     fn dispatch(&mut self) {
+        self.dispatch_to_consumers();
+        self.depth_gauge.store(self.depth(), Ordering::Relaxed);
+    }
+
+    fn dispatch_to_consumers(&mut self) {
         if self.consumers.is_empty() {
             return;
         }

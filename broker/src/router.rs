@@ -132,7 +132,7 @@ impl Router {
         me: &Addr<Router>,
     ) -> Addr<Queue> {
         let key = durable_key(topic, name);
-        let addr = Queue::new(
+        let queue = Queue::new(
             format!("topic:{topic} (durable {name})"),
             Destination::topic(topic),
             QueueMode::Stored { key: key.clone() },
@@ -140,9 +140,10 @@ impl Router {
             self.writer.clone(),
             Some(me.clone().recipient()),
             recovered,
-        )
-        .start();
-        self.topic(topic).do_send(topic::SetDurable { key, queue: Some(addr.clone()) });
+        );
+        let depth = queue.depth_gauge();
+        let addr = queue.start();
+        self.topic(topic).do_send(topic::SetDurable { key, queue: Some((addr.clone(), depth)) });
         self.durables.insert((topic.to_string(), name.to_string()), addr.clone());
         addr
     }

@@ -7,9 +7,18 @@
 //! subscription's queue key, and confirmed after that commit; with none it is
 //! only fanned out to the in-memory subscribers and confirmed at once, since
 //! nothing would keep it.
+//!
+//! Durable subscriptions are held to `max_queue_depth` too: the topic reads
+//! each one's published depth (a gauge the subscription's queue updates after
+//! every change) before storing a persistent message, and refuses it
+//! (`queue_full = "reject"`) or holds it unconfirmed until every durable
+//! subscription has room (`"block"`). The gauge lags by the commits in
+//! flight, so a subscription may end up a few messages over the limit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use twinmq_protocol::{Destination, ErrorContext, ErrorFrame, ServerFrame};
@@ -25,13 +34,26 @@ pub struct Topic {
     settings: QueueSettings,
     /// Durable subscriptions by store key.
     durables: BTreeMap<String, Addr<Queue>>,
+    /// Their depths (see the module doc).
+    durable_depths: BTreeMap<String, Arc<AtomicUsize>>,
+    /// Persistent publishes waiting for room in a durable subscription
+    /// (`queue_full = "block"`); each holds its connection's publish permit.
+    held: VecDeque<queue::Publish>,
     /// In-memory subscriptions by consumer.
     subscribers: HashMap<ConsumerKey, Addr<Queue>>,
 }
 
 impl Topic {
     pub fn new(name: String, writer: Writer, settings: QueueSettings) -> Topic {
-        Topic { name, writer, settings, durables: BTreeMap::new(), subscribers: HashMap::new() }
+        Topic {
+            name,
+            writer,
+            settings,
+            durables: BTreeMap::new(),
+            durable_depths: BTreeMap::new(),
+            held: VecDeque::new(),
+            subscribers: HashMap::new(),
+        }
     }
 }
 
@@ -39,10 +61,69 @@ impl Actor for Topic {
     type Context = Context<Self>;
 }
 
+impl Topic {
+    /// The first durable subscription at `max_queue_depth`, if any.
+    fn full_durable(&self) -> Option<&str> {
+        self.durable_depths
+            .iter()
+            .find(|(_, d)| d.load(Ordering::Relaxed) >= self.settings.max_depth)
+            .map(|(k, _)| k.as_str())
+    }
+
+    /// Store the held publishes there is room for now; look again shortly if some remain.
+    fn release_held(&mut self, ctx: &mut Context<Self>) {
+        while !self.held.is_empty() && self.full_durable().is_none() {
+            if let Some(p) = self.held.pop_front() {
+                if !p.reply.is_closed() {
+                    self.publish(p, ctx);
+                }
+            }
+        }
+        if !self.held.is_empty() {
+            ctx.run_later(Duration::from_millis(20), |t, ctx| t.release_held(ctx));
+        }
+    }
+}
+
 impl Handler<queue::Publish> for Topic {
     type Result = ();
 
     fn handle(&mut self, p: queue::Publish, ctx: &mut Context<Self>) {
+        let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+        if p.persistent && !self.durables.is_empty() {
+            if let Some(full) = self.full_durable().map(str::to_string) {
+                if self.settings.block_when_full {
+                    let first = self.held.is_empty();
+                    self.held.push_back(p);
+                    if first {
+                        tracing::info!(topic = %self.name, subscription = %full, "durable subscription full; holding publishes");
+                        self.release_held(ctx);
+                    }
+                } else {
+                    let name = full.rsplit('/').next().unwrap_or(&full);
+                    let _ = p.reply.send(ServerFrame::Error(ErrorFrame::new(
+                        twinmq_protocol::ErrorCode::LimitReached,
+                        ErrorContext::Publish { producer_id: pid, seq: pseq },
+                        format!(
+                            "durable subscription {name} on topic:{} is full ({} messages, max_queue_depth)",
+                            self.name, self.settings.max_depth
+                        ),
+                    )));
+                }
+                return;
+            }
+            if !self.held.is_empty() {
+                // Keep the order: behind those already waiting.
+                self.held.push_back(p);
+                return;
+            }
+        }
+        self.publish(p, ctx);
+    }
+}
+
+impl Topic {
+    fn publish(&mut self, p: queue::Publish, ctx: &mut Context<Self>) {
         let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
         if !p.persistent || self.durables.is_empty() {
             let mut m = p.message;
@@ -179,17 +260,19 @@ impl Handler<Unsubscribe> for Topic {
 #[rtype(result = "()")]
 pub struct SetDurable {
     pub key: String,
-    pub queue: Option<Addr<Queue>>,
+    pub queue: Option<(Addr<Queue>, Arc<AtomicUsize>)>,
 }
 
 impl Handler<SetDurable> for Topic {
     type Result = ();
     fn handle(&mut self, d: SetDurable, _: &mut Context<Self>) {
         match d.queue {
-            Some(q) => {
+            Some((q, depth)) => {
+                self.durable_depths.insert(d.key.clone(), depth);
                 self.durables.insert(d.key, q);
             }
             None => {
+                self.durable_depths.remove(&d.key);
                 self.durables.remove(&d.key);
             }
         }

@@ -239,3 +239,54 @@ async fn a_consumer_that_stops_reading_does_not_grow_the_broker_without_bound() 
     assert_eq!(drain(&mut c, 4, Duration::from_secs(2)).await.len(), 4);
     drop(stuck);
 }
+
+#[tokio::test]
+async fn a_full_durable_subscription_refuses_persistent_publishes_naming_it() {
+    let broker = Broker::start(&["--max-queue-depth", "5"]);
+    let client = broker.client().await;
+    let sub = client.subscribe(Destination::topic("feed"), SubscribeOptions::default().durable("slow")).await.unwrap();
+    drop(sub);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let producer = client.producer(Destination::topic("feed"));
+    for i in 0..5 {
+        producer.send(Message::persistent(format!("f-{i}"))).await.unwrap();
+    }
+    // The depth gauge is published after each commit reaches the subscription.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = producer.send(Message::persistent("one too many")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::LimitReached), "{err}");
+    assert!(err.to_string().contains("slow") && err.to_string().contains("topic:feed"), "{err}");
+    let mut c =
+        client.subscribe(Destination::topic("feed"), SubscribeOptions::default().durable("slow")).await.unwrap();
+    assert_eq!(drain(&mut c, 6, Duration::from_millis(800)).await.len(), 5);
+    // Room again once consumed.
+    producer.send(Message::persistent("after")).await.expect("room again");
+}
+
+#[tokio::test]
+async fn a_full_durable_subscription_holds_publishes_until_there_is_room() {
+    let broker = Broker::start(&["--max-queue-depth", "5", "--queue-full", "block"]);
+    let client = broker.client().await;
+    drop(client.subscribe(Destination::topic("feed"), SubscribeOptions::default().durable("slow")).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let producer = client.producer(Destination::topic("feed"));
+    let mut confirms = Vec::new();
+    for i in 0..5 {
+        producer.send(Message::persistent(format!("b-{i}"))).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 5..10 {
+        confirms.push(producer.send_nowait(Message::persistent(format!("b-{i}"))).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(producer.in_flight(), 5, "held unconfirmed while the subscription is full");
+    let mut c = client
+        .subscribe(Destination::topic("feed"), SubscribeOptions::default().durable("slow").prefetch(1))
+        .await
+        .unwrap();
+    let got = drain(&mut c, 10, Duration::from_secs(3)).await;
+    for conf in confirms {
+        tokio::time::timeout(Duration::from_secs(5), conf).await.expect("confirmed in time").expect("confirmed");
+    }
+    assert_eq!(got, (0..10).map(|i| format!("b-{i}")).collect::<Vec<_>>(), "all, in order, none lost");
+}

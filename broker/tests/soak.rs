@@ -40,7 +40,7 @@ const PAYLOAD_BYTES: usize = 1024;
 const PING_EVERY: Duration = Duration::from_secs(3);
 const IDLE_TIMEOUT_MS: &str = "10000";
 /// The active broker's RSS must stay below this (see docs/SOAK.md for the measured peak).
-const RSS_BOUND_MIB: u64 = 512;
+const RSS_BOUND_MIB: u64 = 256;
 
 type Codec = FrameCodec<ServerFrame, ClientFrame>;
 
