@@ -111,9 +111,10 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
 
     let (raw_tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
-    let tx = Outbound::new(raw_tx, queued.clone());
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let tx = Outbound::new(raw_tx, queued.clone(), queued_bytes.clone());
     let (close_tx, close_rx) = oneshot::channel();
-    let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx, queued.clone()));
+    let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx, queued.clone(), queued_bytes));
     let session = Session::new(id, peer, user, tx.clone(), router, cx.node.clone(), cx.config.clone()).start();
     let permits = Arc::new(Semaphore::new(cx.config.max_inflight_per_connection));
     let mut shutdown = cx.shutdown.clone();
@@ -298,9 +299,11 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<ServerFrame>,
     mut close: oneshot::Receiver<()>,
     queued: Arc<AtomicUsize>,
+    queued_bytes: Arc<AtomicUsize>,
 ) {
     let taken = |f| {
         queued.fetch_sub(1, Ordering::Relaxed);
+        queued_bytes.fetch_sub(Outbound::cost(&f), Ordering::Relaxed);
         f
     };
     loop {

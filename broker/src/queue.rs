@@ -268,7 +268,11 @@ impl Queue {
         let now = now_ms();
         while !self.ready.is_empty() {
             let n = self.consumers.len();
-            let Some(offset) = (0..n).find(|i| self.consumers[(self.next_consumer + i) % n].credit > 0) else {
+            // A consumer whose connection has a backlog waits: its queue looks again next tick.
+            let Some(offset) = (0..n).find(|i| {
+                let c = &self.consumers[(self.next_consumer + i) % n];
+                c.credit > 0 && !c.out.backed_up()
+            }) else {
                 return;
             };
             let idx = (self.next_consumer + offset) % n;

@@ -28,27 +28,52 @@ use crate::queue::{self, ConsumerKey, Queue};
 use crate::router::{self, Router, Target};
 use crate::topic::{self, Topic};
 
-/// Frames on their way to one client, counted: the connection's reader
-/// stops reading while too many wait (a client that does not read must not
-/// grow the broker's memory).
+/// Bytes of deliveries waiting for one slow client past which its queues
+/// stop handing it more (they look again on their next tick): what a
+/// consumer that stops reading can cost, whatever its prefetch.
+pub const MAX_OUTBOUND_BYTES: usize = 8 * 1024 * 1024;
+
+/// Frames on their way to one client, counted in frames and in (estimated)
+/// bytes: the connection's reader stops reading while too many frames wait,
+/// and queues stop delivering while too many bytes do (a client that does
+/// not read must not grow the broker's memory).
 #[derive(Clone, Debug)]
 pub struct Outbound {
     tx: UnboundedSender<ServerFrame>,
     queued: Arc<AtomicUsize>,
+    bytes: Arc<AtomicUsize>,
 }
 
 impl Outbound {
-    pub fn new(tx: UnboundedSender<ServerFrame>, queued: Arc<AtomicUsize>) -> Outbound {
-        Outbound { tx, queued }
+    pub fn new(tx: UnboundedSender<ServerFrame>, queued: Arc<AtomicUsize>, bytes: Arc<AtomicUsize>) -> Outbound {
+        Outbound { tx, queued, bytes }
+    }
+
+    /// What a frame costs while it waits, roughly: its payload and headers.
+    pub fn cost(frame: &ServerFrame) -> usize {
+        match frame {
+            ServerFrame::Deliver { message, .. } => {
+                128 + message.payload.len() + message.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>()
+            }
+            _ => 64,
+        }
     }
 
     /// Queue a frame; `Err` when the connection is gone (the frame is dropped).
     pub fn send(&self, frame: ServerFrame) -> Result<(), Closed> {
+        let cost = Self::cost(&frame);
         self.queued.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(cost, Ordering::Relaxed);
         self.tx.send(frame).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.bytes.fetch_sub(cost, Ordering::Relaxed);
             Closed
         })
+    }
+
+    /// More than [`MAX_OUTBOUND_BYTES`] wait for this client: deliver no more for now.
+    pub fn backed_up(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) > MAX_OUTBOUND_BYTES
     }
 
     /// The connection is gone.

@@ -219,6 +219,14 @@ async fn a_consumer_that_stops_reading_does_not_grow_the_broker_without_bound() 
             client.producer(Destination::queue("other")).send(Message::persistent("ok")).await.unwrap();
         }
     }
+    // Deliveries handed to the stuck connection are capped by bytes
+    // (MAX_OUTBOUND_BYTES, 8 MiB, plus what the kernel's socket buffers took),
+    // not by its prefetch: most of the queue is still waiting in the queue.
+    let status: serde_json::Value = serde_json::from_str(&client.status().await.unwrap()).unwrap();
+    let firehose = status["queues"].as_array().unwrap().iter().find(|q| q["name"] == "queue:firehose").unwrap().clone();
+    let in_flight = firehose["in_flight"].as_u64().unwrap();
+    println!("stuck consumer: {in_flight} deliveries handed to it of {} in the queue", firehose["depth"]);
+    assert!(in_flight < 6_000, "{in_flight} x 4 KiB deliveries queued for a consumer that never reads");
     let grown_mib = (peak.saturating_sub(before)) / 1024;
     println!(
         "stuck consumer: {confirmed} confirmed, {refused} refused (queue full); broker RSS {} MiB, {} MiB once full, peak {} MiB (+{grown_mib} MiB) for 100000 x 4 KiB published",
