@@ -43,23 +43,70 @@ fn read_frames(s: &mut TcpStream, timeout: Duration) -> Vec<ServerFrame> {
     frames
 }
 
+/// Wait until the status shows `name` holding `depth` messages (the queue
+/// has processed everything sent to it before the status request).
+async fn wait_depth(client: &twinmq_client::Client, name: &str, depth: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status: serde_json::Value = serde_json::from_str(&client.status().await.unwrap()).unwrap();
+        let q = status["queues"].as_array().unwrap().iter().find(|q| q["name"] == name).cloned();
+        if q.as_ref().is_some_and(|q| q["depth"] == depth) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} did not reach depth {depth}: {q:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait for the producer's unconfirmed count to come down to `expected`, then check it stays there.
+async fn held_unconfirmed(producer: &twinmq_client::Producer, expected: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while producer.in_flight() > expected {
+        assert!(Instant::now() < deadline, "{} unconfirmed, expected {expected}", producer.in_flight());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(producer.in_flight(), expected, "held, unconfirmed, while the destination is full");
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Read one frame (blocking, with a timeout).
+fn read_one(s: &mut TcpStream, timeout: Duration) -> Option<ServerFrame> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(decode_body(&body).unwrap())
+}
+
+/// A connection that got its Welcome; retried while the slot is still taken
+/// by a connection the broker has not finished closing (the harness's
+/// readiness probe, a dropped one).
+fn welcomed(broker: &Broker) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = TcpStream::connect(broker.addr).unwrap();
+        s.write_all(&hello()).unwrap();
+        match read_one(&mut s, Duration::from_secs(5)) {
+            Some(ServerFrame::Welcome { .. }) => return s,
+            other => assert!(Instant::now() < deadline, "no Welcome within 10 s, last: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn connections_past_max_connections_get_limit_reached() {
     let broker = Broker::start(&["--max-connections", "2"]);
-    let mut held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(broker.addr).unwrap()).collect();
-    for s in &mut held {
-        s.write_all(&hello()).unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let mut held = vec![welcomed(&broker), welcomed(&broker)];
     let mut third = TcpStream::connect(broker.addr).unwrap();
-    let frames = read_frames(&mut third, Duration::from_secs(5));
-    match frames.last() {
+    match read_frames(&mut third, Duration::from_secs(5)).last() {
         Some(ServerFrame::Error(e)) => {
             assert_eq!(e.code, ErrorCode::LimitReached);
             assert!(e.message.contains("too many connections"), "{}", e.message);
@@ -68,11 +115,7 @@ fn connections_past_max_connections_get_limit_reached() {
     }
     // A slot frees when one of the two goes.
     drop(held.pop());
-    std::thread::sleep(Duration::from_millis(300));
-    let mut again = TcpStream::connect(broker.addr).unwrap();
-    again.write_all(&hello()).unwrap();
-    let frames = read_frames(&mut again, Duration::from_millis(500));
-    assert!(matches!(frames.first(), Some(ServerFrame::Welcome { .. })), "{frames:?}");
+    let _again = welcomed(&broker);
 }
 
 #[tokio::test]
@@ -127,8 +170,7 @@ async fn a_full_queue_holds_publishes_unconfirmed_until_there_is_room() {
     for i in 0..12 {
         confirms.push(producer.send_nowait(Message::persistent(format!("h-{i}"))).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(producer.in_flight(), 7, "5 confirmed, 7 held unconfirmed");
+    held_unconfirmed(&producer, 7).await;
     let mut c = client.subscribe(q, SubscribeOptions::default().prefetch(1)).await.unwrap();
     let got = drain(&mut c, 12, Duration::from_secs(3)).await;
     for conf in confirms {
@@ -254,13 +296,12 @@ async fn a_full_durable_subscription_refuses_persistent_publishes_naming_it() {
     let client = broker.client().await;
     let sub = client.subscribe(Destination::topic("feed"), SubscribeOptions::default().durable("slow")).await.unwrap();
     drop(sub);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let producer = client.producer(Destination::topic("feed"));
     for i in 0..5 {
         producer.send(Message::persistent(format!("f-{i}"))).await.unwrap();
     }
-    // The depth gauge is published after each commit reaches the subscription.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The topic reads the depth the subscription publishes once it has them.
+    wait_depth(&client, "topic:feed (durable slow)", 5).await;
     let err = producer.send(Message::persistent("one too many")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::LimitReached), "{err}");
     assert!(err.to_string().contains("slow") && err.to_string().contains("topic:feed"), "{err}");
@@ -276,18 +317,16 @@ async fn a_full_durable_subscription_holds_publishes_until_there_is_room() {
     let broker = Broker::start(&["--max-queue-depth", "5", "--queue-full", "block"]);
     let client = broker.client().await;
     drop(client.subscribe(Destination::topic("feed"), SubscribeOptions::default().durable("slow")).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let producer = client.producer(Destination::topic("feed"));
     let mut confirms = Vec::new();
     for i in 0..5 {
         producer.send(Message::persistent(format!("b-{i}"))).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_depth(&client, "topic:feed (durable slow)", 5).await;
     for i in 5..10 {
         confirms.push(producer.send_nowait(Message::persistent(format!("b-{i}"))).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(producer.in_flight(), 5, "held unconfirmed while the subscription is full");
+    held_unconfirmed(&producer, 5).await;
     let mut c = client
         .subscribe(Destination::topic("feed"), SubscribeOptions::default().durable("slow").prefetch(1))
         .await
