@@ -43,6 +43,15 @@ pub struct QueueSettings {
     pub max_consumers: usize,
     /// `queue_full = "block"`: hold publishes to a full queue instead of refusing them.
     pub block_when_full: bool,
+    /// The broker is stopping: let held publishes go (see [`crate::Shared`]).
+    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl QueueSettings {
+    /// Whether held publishes must be let go now, unconfirmed (the client resends them).
+    pub fn drop_held(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +166,10 @@ impl Queue {
 
     /// Admit held publishes while there is room (`queue_full = "block"`).
     fn release_held(&mut self) {
+        if self.settings.drop_held() && !self.held.is_empty() {
+            tracing::info!(queue = %self.label, held = self.held.len(), "shutting down; held publishes left unconfirmed");
+            self.held.clear();
+        }
         while self.depth() < self.settings.max_depth {
             let Some(p) = self.held.pop_front() else { return };
             if p.reply.is_closed() {

@@ -66,6 +66,7 @@ impl Router {
                 max_redeliveries: Some(config.max_redeliveries),
                 max_consumers: config.max_consumers_per_destination,
                 block_when_full: config.queue_full == crate::config::QueueFull::Block,
+                shutting_down: shared.shutting_down.clone(),
             };
             let mut r = Router {
                 config: config.clone(),

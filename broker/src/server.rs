@@ -120,6 +120,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining in-flight confirms");
     listener.do_send(listener::StopAccepting);
+    shared.shutting_down.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     // Connections close once their in-flight publishes are confirmed (bounded wait).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

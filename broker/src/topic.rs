@@ -72,6 +72,10 @@ impl Topic {
 
     /// Store the held publishes there is room for now; look again shortly if some remain.
     fn release_held(&mut self, ctx: &mut Context<Self>) {
+        if self.settings.drop_held() && !self.held.is_empty() {
+            tracing::info!(topic = %self.name, held = self.held.len(), "shutting down; held publishes left unconfirmed");
+            self.held.clear();
+        }
         while !self.held.is_empty() && self.full_durable().is_none() {
             if let Some(p) = self.held.pop_front() {
                 if !p.reply.is_closed() {
