@@ -106,6 +106,9 @@ struct FileConfig {
     ha_tls_ca: Option<PathBuf>,
     ha_tls_require_client_cert: Option<bool>,
     ha_tls_server_name: Option<String>,
+    max_consumers_per_destination: Option<usize>,
+    queue_full: Option<String>,
+    idle_timeout_ms: Option<u64>,
 }
 
 /// Command-line flags of `twinmqd`. Each overrides the config file key of the same name.
@@ -238,6 +241,25 @@ pub struct Args {
     /// Pair: the DNS name verified in the peer's certificate (default: the IP address dialed).
     #[arg(long, value_name = "NAME")]
     pub ha_tls_server_name: Option<String>,
+    /// Most consumers on one queue, topic or durable subscription; more are refused with LimitReached.
+    #[arg(long, value_name = "N")]
+    pub max_consumers_per_destination: Option<usize>,
+    /// A publish to a full queue: reject (LimitReached) or block (held unconfirmed until there is room).
+    #[arg(long, value_name = "reject|block")]
+    pub queue_full: Option<String>,
+    /// Close a client connection that sent nothing (not even a Ping) for this long (0: never).
+    #[arg(long, value_name = "MS")]
+    pub idle_timeout_ms: Option<u64>,
+}
+
+/// What a publish to a full queue gets (`queue_full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFull {
+    /// Refused at once with `LimitReached`; the producer decides what to do.
+    Reject,
+    /// Held, unconfirmed, until the queue has room; the connection's
+    /// `max_inflight_per_connection` window then stops the producer.
+    Block,
 }
 
 /// The validated configuration.
@@ -271,6 +293,10 @@ pub struct Config {
     pub http_token: Option<String>,
     /// TLS on the client port (`tls_cert` and `tls_key` set), loaded and checked at start.
     pub tls: Option<ClientPortTls>,
+    pub max_consumers_per_destination: usize,
+    pub queue_full: QueueFull,
+    /// `None`: an idle connection is never closed.
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// TLS on the client port: the rustls server configuration built from the files.
@@ -312,6 +338,11 @@ impl Default for Config {
             http_listen: None,
             http_token: None,
             tls: None,
+            max_consumers_per_destination: 10_000,
+            queue_full: QueueFull::Reject,
+            // Far above the client's heartbeat (a Ping every 250 ms when silent),
+            // short enough to reap half-open connections within a minute.
+            idle_timeout_ms: Some(60_000),
         }
     }
 }
@@ -418,6 +449,26 @@ impl Config {
             Some(ms) => Some(ms),
             None => d.ack_timeout_ms,
         };
+        let max_consumers_per_destination = positive(
+            "max_consumers_per_destination",
+            args.max_consumers_per_destination,
+            file.max_consumers_per_destination,
+            d.max_consumers_per_destination,
+        )?;
+        let queue_full = match args.queue_full.clone().or(file.queue_full.clone()).as_deref() {
+            None => d.queue_full,
+            Some("reject") => QueueFull::Reject,
+            Some("block") => QueueFull::Block,
+            Some(other) => return Err(invalid("queue_full", format!("`{other}`: use reject or block"))),
+        };
+        let idle_timeout_ms = match args.idle_timeout_ms.or(file.idle_timeout_ms) {
+            Some(0) => None,
+            Some(ms) if !(100..=86_400_000).contains(&ms) => {
+                return Err(invalid("idle_timeout_ms", format!("{ms} is outside 100..=86400000 (use 0 for never)")))
+            }
+            Some(ms) => Some(ms),
+            None => d.idle_timeout_ms,
+        };
         let max_redeliveries = args.max_redeliveries.or(file.max_redeliveries).unwrap_or(d.max_redeliveries);
         let auto_create = args.auto_create.or(file.auto_create).unwrap_or(d.auto_create);
         let mut queues = file.queues.unwrap_or_default();
@@ -478,6 +529,9 @@ impl Config {
             http_listen,
             http_token,
             tls,
+            max_consumers_per_destination,
+            queue_full,
+            idle_timeout_ms,
         })
     }
 }
@@ -735,6 +789,11 @@ mod tests {
         assert_eq!(err_key("listen = \"nowhere\""), "listen");
         assert_eq!(err_key("durability = \"maybe\""), "durability");
         assert_eq!(err_key("max_connections = 0"), "max_connections");
+        assert_eq!(err_key("max_consumers_per_destination = 0"), "max_consumers_per_destination");
+        assert_eq!(err_key("queue_full = \"drop\""), "queue_full");
+        assert_eq!(err_key("idle_timeout_ms = 5"), "idle_timeout_ms");
+        assert_eq!(Config::from_toml("idle_timeout_ms = 0").unwrap().idle_timeout_ms, None);
+        assert_eq!(Config::from_toml("queue_full = \"block\"").unwrap().queue_full, QueueFull::Block);
         assert_eq!(err_key("ack_timeout_ms = 5"), "ack_timeout_ms");
         assert_eq!(err_key("node_id = \"a b\""), "node_id");
         assert_eq!(err_key("[[users]]\nname = \"u\""), "users");

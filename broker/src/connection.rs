@@ -162,9 +162,10 @@ where
 
     let (raw_tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
-    let tx = Outbound::new(raw_tx, queued.clone(), cx.metrics.clone());
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let tx = Outbound::new(raw_tx, queued.clone(), queued_bytes.clone(), cx.metrics.clone());
     let (close_tx, close_rx) = oneshot::channel();
-    let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx, queued.clone()));
+    let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx, queued.clone(), queued_bytes));
     let mut security = cx.security.clone();
     security.mark_unchanged();
     let session = Session::new(
@@ -181,14 +182,35 @@ where
     let permits = Arc::new(Semaphore::new(cx.config.max_inflight_per_connection));
     let mut shutdown = cx.shutdown.clone();
     let mut role = cx.shared.role_watch();
+    let idle_timeout = cx.config.idle_timeout_ms.map(Duration::from_millis);
+    let mut last_heard = tokio::time::Instant::now();
 
     loop {
         // Back-pressure on a client that does not read what we send it.
-        while queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES && !write_task.is_finished() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        if queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES {
+            while queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES && !write_task.is_finished() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // We were not reading: the client's silence meanwhile is ours, not its.
+            last_heard = tokio::time::Instant::now();
         }
+        let idle = async {
+            match idle_timeout {
+                Some(t) => tokio::time::sleep_until(last_heard + t).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             f = reader.next() => f,
+            _ = idle => {
+                let ms = idle_timeout.map_or(0, |t| t.as_millis());
+                tracing::info!(idle_ms = %ms, "idle connection; closing");
+                let _ = tx.send(connection_error(
+                    ErrorCode::LimitReached,
+                    format!("nothing received for {ms} ms (idle_timeout_ms); closing the connection"),
+                ));
+                break;
+            }
             _ = shutdown.wait_for(|s| *s) => {
                 let _ = tx.send(connection_error(ErrorCode::ShuttingDown, "broker is shutting down"));
                 break;
@@ -199,7 +221,11 @@ where
                 break;
             }
             changed = security.changed() => {
-                if changed.is_ok() && !security.borrow_and_update().still_valid(user.as_deref()) {
+                if changed.is_err() {
+                    // The node (which owns the rules) is gone: the broker is stopping.
+                    break;
+                }
+                if !security.borrow_and_update().still_valid(user.as_deref()) {
                     tracing::warn!(user = ?user, "user removed; closing the connection");
                     let _ = tx.send(connection_error(ErrorCode::NotAuthenticated, "this user was removed"));
                     break;
@@ -221,6 +247,7 @@ where
                 if matches!(frame, ClientFrame::Publish { .. }) {
                     cx.metrics.message_in();
                 }
+                last_heard = tokio::time::Instant::now();
                 let permit = match frame {
                     ClientFrame::Publish { .. } => match permits.clone().acquire_owned().await {
                         Ok(p) => Some(p),
@@ -361,9 +388,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<ServerFrame>,
     mut close: oneshot::Receiver<()>,
     queued: Arc<AtomicUsize>,
+    queued_bytes: Arc<AtomicUsize>,
 ) {
     let taken = |f| {
         queued.fetch_sub(1, Ordering::Relaxed);
+        queued_bytes.fetch_sub(Outbound::cost(&f), Ordering::Relaxed);
         f
     };
     loop {

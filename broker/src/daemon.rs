@@ -41,6 +41,7 @@ where
             return 2;
         }
     };
+    raise_open_files_limit(config.max_connections);
     let system = actix_rt::System::new();
     match system.block_on(crate::run(config, shutdown_signal(), None)) {
         Ok(()) => 0,
@@ -66,5 +67,35 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Raise the soft limit on open files to the hard limit: every client
+/// connection is a descriptor, and the usual soft limit (1024) is far below
+/// the default `max_connections`. Logged, and a warning when the limit still
+/// cannot hold `max_connections` (plus the store's and the HA link's files).
+fn raise_open_files_limit(max_connections: usize) {
+    let (soft, hard) = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open files limit");
+            return;
+        }
+    };
+    let now = match rlimit::increase_nofile_limit(hard) {
+        Ok(now) => now,
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open files limit");
+            soft
+        }
+    };
+    tracing::info!(was = soft, now, hard, "open files limit");
+    let needed = max_connections as u64 + 256;
+    if now < needed {
+        tracing::warn!(
+            limit = now,
+            max_connections,
+            "the open files limit is below max_connections + 256: connections past it fail to be accepted"
+        );
     }
 }

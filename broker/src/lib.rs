@@ -62,12 +62,21 @@ pub struct Shared {
     /// Open client connections (the listener enforces `max_connections`).
     pub connections: Arc<AtomicUsize>,
     pub epoch: Arc<AtomicU64>,
+    /// Set when the broker starts shutting down: destinations let go of
+    /// publishes they hold for room (`queue_full = "block"`), unconfirmed,
+    /// so that connections need not wait for them.
+    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
     role: watch::Receiver<Role>,
 }
 
 impl Shared {
     pub fn new(role: watch::Receiver<Role>, epoch: u64) -> Shared {
-        Shared { connections: Arc::new(AtomicUsize::new(0)), epoch: Arc::new(AtomicU64::new(epoch)), role }
+        Shared {
+            connections: Arc::new(AtomicUsize::new(0)),
+            epoch: Arc::new(AtomicU64::new(epoch)),
+            shutting_down: Arc::default(),
+            role,
+        }
     }
 
     /// Whether this node serves clients right now (`active`) or not (`passive`).

@@ -8,6 +8,7 @@
 //! recovered messages are flagged `redelivered`, count unknown = 1).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,19 @@ pub struct QueueSettings {
     pub ack_timeout: Option<Duration>,
     /// `None`: never dead-letter (dead-letter queues themselves, memory subscriptions).
     pub max_redeliveries: Option<u32>,
+    /// Most consumers at once (`max_consumers_per_destination`).
+    pub max_consumers: usize,
+    /// `queue_full = "block"`: hold publishes to a full queue instead of refusing them.
+    pub block_when_full: bool,
+    /// The broker is stopping: let held publishes go (see [`crate::Shared`]).
+    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl QueueSettings {
+    /// Whether held publishes must be let go now, unconfirmed (the client resends them).
+    pub fn drop_held(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +97,19 @@ pub struct Queue {
     /// Deleted by an operator: answers publishes with an error until it stops
     /// (sessions that cached its address then resolve the name again).
     deleted: bool,
+    /// Persistent publishes handed to the store writer and not yet back: they
+    /// count toward the depth, so a burst cannot overshoot `max_depth`.
+    pending: usize,
+    /// Publishes waiting for room (`queue_full = "block"`), unconfirmed. Each
+    /// holds its connection's publish permit, so this is bounded by
+    /// connections x `max_inflight_per_connection`; dropped unconfirmed when
+    /// the queue stops, and the client resends them.
+    held: VecDeque<Publish>,
+    /// Our own address, for the store writer's completions.
+    me: Option<Addr<Queue>>,
+    /// The depth, published for the topic of a durable subscription, which
+    /// stores messages into this queue without asking it (see `Topic`).
+    depth_gauge: Arc<AtomicUsize>,
 }
 
 impl Queue {
@@ -102,6 +129,7 @@ impl Queue {
             .map(|m| Entry { msg: Arc::new(m), persistent: true, deliveries: 1 })
             .collect();
         let with_ttl = ready.iter().filter(|e| e.msg.expires_at_ms.is_some()).count();
+        let depth_gauge = Arc::new(AtomicUsize::new(ready.len()));
         Queue {
             label,
             destination,
@@ -117,7 +145,16 @@ impl Queue {
             with_ttl,
             dropped_full: 0,
             deleted: false,
+            pending: 0,
+            held: VecDeque::new(),
+            me: None,
+            depth_gauge,
         }
+    }
+
+    /// The depth as last published (after every change of it).
+    pub fn depth_gauge(&self) -> Arc<AtomicUsize> {
+        self.depth_gauge.clone()
     }
 
     fn store_key(&self) -> Option<&str> {
@@ -128,7 +165,71 @@ impl Queue {
     }
 
     fn depth(&self) -> usize {
-        self.ready.len() + self.in_flight.len()
+        self.ready.len() + self.in_flight.len() + self.pending
+    }
+
+    /// Admit held publishes while there is room (`queue_full = "block"`).
+    fn release_held(&mut self) {
+        if self.settings.drop_held() && !self.held.is_empty() {
+            tracing::info!(queue = %self.label, held = self.held.len(), "shutting down; held publishes left unconfirmed");
+            self.held.clear();
+        }
+        while self.depth() < self.settings.max_depth {
+            let Some(p) = self.held.pop_front() else { return };
+            if p.reply.is_closed() {
+                // Its connection is gone: the client resends it elsewhere.
+                continue;
+            }
+            self.accept(p);
+        }
+    }
+
+    /// Store (or, for a transient message, queue) a publish there is room for.
+    fn accept(&mut self, p: Publish) {
+        let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+        match (&self.mode, p.persistent, &self.me) {
+            (QueueMode::Stored { key }, true, Some(me)) => {
+                let me = me.clone();
+                let reply = p.reply;
+                let permit = p.permit;
+                let received = p.received;
+                let label = self.label.clone();
+                self.pending += 1;
+                self.writer.submit(
+                    vec![Op::Enqueue { message: p.message, queues: vec![key.clone()] }],
+                    Box::new(move |r| {
+                        let _permit = permit;
+                        match r {
+                            Ok(c) => {
+                                let messages = c
+                                    .ops
+                                    .into_iter()
+                                    .filter_map(|op| match op {
+                                        Op::Enqueue { message, .. } => Some(Arc::new(message)),
+                                        _ => None,
+                                    })
+                                    .collect();
+                                me.do_send(Committed { messages });
+                                // Durable as promised by the store's crate doc ("What a confirmation promises").
+                                let _ = reply.confirm(pid, pseq, received);
+                            }
+                            Err(e) => {
+                                me.do_send(Committed { messages: Vec::new() });
+                                tracing::error!(queue = %label, error = %e, "store failed; publish not confirmed");
+                                let _ = reply.send(publish_error(pid, pseq, store_error_code(&e), e.to_string()));
+                            }
+                        }
+                    }),
+                );
+            }
+            _ => {
+                let mut m = p.message;
+                m.seq = transient_seq();
+                self.push_ready(Entry { msg: Arc::new(m), persistent: false, deliveries: 0 }, false);
+                let _ = p.reply.confirm(pid, pseq, p.received);
+                self.dispatch();
+            }
+        }
     }
 
     /// Record that `entry` is done here (acked, expired, dead-lettered).
@@ -174,13 +275,22 @@ impl Queue {
 
     /// Hand ready messages to consumers with credit, round robin.
     fn dispatch(&mut self) {
+        self.dispatch_to_consumers();
+        self.depth_gauge.store(self.depth(), Ordering::Relaxed);
+    }
+
+    fn dispatch_to_consumers(&mut self) {
         if self.consumers.is_empty() {
             return;
         }
         let now = now_ms();
         while !self.ready.is_empty() {
             let n = self.consumers.len();
-            let Some(offset) = (0..n).find(|i| self.consumers[(self.next_consumer + i) % n].credit > 0) else {
+            // A consumer whose connection has a backlog waits: its queue looks again next tick.
+            let Some(offset) = (0..n).find(|i| {
+                let c = &self.consumers[(self.next_consumer + i) % n];
+                c.credit > 0 && !c.out.backed_up()
+            }) else {
                 return;
             };
             let idx = (self.next_consumer + offset) % n;
@@ -278,6 +388,7 @@ impl Queue {
                 tracing::debug!(queue = %self.label, expired = gone.len(), "expired messages removed");
             }
         }
+        self.release_held();
         self.dispatch();
     }
 }
@@ -286,6 +397,7 @@ impl Actor for Queue {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.me = Some(ctx.address());
         ctx.run_interval(Duration::from_millis(250), |q, _| q.tick());
     }
 }
@@ -319,7 +431,7 @@ fn publish_error(producer_id: u64, seq: u64, code: ErrorCode, message: String) -
 impl Handler<Publish> for Queue {
     type Result = ();
 
-    fn handle(&mut self, p: Publish, ctx: &mut Context<Self>) {
+    fn handle(&mut self, p: Publish, _: &mut Context<Self>) {
         let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
         if self.deleted {
             let _ = p.reply.send(publish_error(
@@ -330,52 +442,43 @@ impl Handler<Publish> for Queue {
             ));
             return;
         }
-        if self.depth() >= self.settings.max_depth {
+        if self.depth() >= self.settings.max_depth || !self.held.is_empty() {
+            if self.settings.block_when_full {
+                if self.held.is_empty() {
+                    tracing::info!(queue = %self.label, max_depth = self.settings.max_depth, "queue full; holding publishes");
+                }
+                self.held.push_back(p);
+                return;
+            }
             let _ = p.reply.send(publish_error(
                 pid,
                 pseq,
                 ErrorCode::LimitReached,
-                format!("{} is full ({} messages)", self.label, self.settings.max_depth),
+                format!("{} is full ({} messages, max_queue_depth)", self.label, self.settings.max_depth),
             ));
             return;
         }
-        match (&self.mode, p.persistent) {
-            (QueueMode::Stored { key }, true) => {
-                let me = ctx.address();
-                let reply = p.reply;
-                let permit = p.permit;
-                let received = p.received;
-                let label = self.label.clone();
-                self.writer.submit(
-                    vec![Op::Enqueue { message: p.message, queues: vec![key.clone()] }],
-                    Box::new(move |r| {
-                        let _permit = permit;
-                        match r {
-                            Ok(c) => {
-                                for op in c.ops {
-                                    if let Op::Enqueue { message, .. } = op {
-                                        me.do_send(Stored { messages: vec![Arc::new(message)] });
-                                    }
-                                }
-                                // Durable as promised by the store's crate doc ("What a confirmation promises").
-                                let _ = reply.confirm(pid, pseq, received);
-                            }
-                            Err(e) => {
-                                tracing::error!(queue = %label, error = %e, "store failed; publish not confirmed");
-                                let _ = reply.send(publish_error(pid, pseq, store_error_code(&e), e.to_string()));
-                            }
-                        }
-                    }),
-                );
-            }
-            _ => {
-                let mut m = p.message;
-                m.seq = transient_seq();
-                self.push_ready(Entry { msg: Arc::new(m), persistent: false, deliveries: 0 }, false);
-                let _ = p.reply.confirm(pid, pseq, p.received);
-                self.dispatch();
-            }
+        self.accept(p);
+    }
+}
+
+/// A publish this queue submitted is back from the store writer (`messages`
+/// empty: it failed and was not confirmed).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Committed {
+    messages: Vec<Arc<StoredMessage>>,
+}
+
+impl Handler<Committed> for Queue {
+    type Result = ();
+    fn handle(&mut self, c: Committed, _: &mut Context<Self>) {
+        self.pending = self.pending.saturating_sub(1);
+        for m in c.messages {
+            self.push_ready(Entry { msg: m, persistent: true, deliveries: 0 }, false);
         }
+        self.release_held();
+        self.dispatch();
     }
 }
 
@@ -421,8 +524,11 @@ impl Handler<Push> for Queue {
     }
 }
 
+/// Add a consumer. The queue answers the client itself (`Subscribed`, or a
+/// `LimitReached` error past `max_consumers_per_destination`), so that
+/// `Subscribed` goes out before the first delivery.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "bool")]
 pub struct AddConsumer {
     pub key: ConsumerKey,
     pub out: Outbound,
@@ -430,16 +536,31 @@ pub struct AddConsumer {
 }
 
 impl Handler<AddConsumer> for Queue {
-    type Result = ();
-    fn handle(&mut self, c: AddConsumer, _: &mut Context<Self>) {
+    type Result = bool;
+    fn handle(&mut self, c: AddConsumer, _: &mut Context<Self>) -> bool {
         if self.deleted {
-            let reason = format!("{} was deleted", self.label);
-            let _ = c.out.send(ServerFrame::ConsumerClosed { sub_id: c.key.1, reason });
-            return;
+            let _ = c.out.send(ServerFrame::Error(ErrorFrame::new(
+                ErrorCode::UnknownDestination,
+                ErrorContext::Subscribe { sub_id: c.key.1 },
+                format!("{} was deleted", self.label),
+            )));
+            return false;
         }
         self.consumers.retain(|x| x.key != c.key);
+        let sub_id = c.key.1;
+        if self.consumers.len() >= self.settings.max_consumers {
+            tracing::warn!(queue = %self.label, limit = self.settings.max_consumers, "consumer limit reached; refusing");
+            let _ = c.out.send(ServerFrame::Error(ErrorFrame::new(
+                ErrorCode::LimitReached,
+                ErrorContext::Subscribe { sub_id },
+                format!("{} has {} consumers (max_consumers_per_destination)", self.label, self.settings.max_consumers),
+            )));
+            return false;
+        }
+        let _ = c.out.send(ServerFrame::Subscribed { sub_id });
         self.consumers.push(Consumer { key: c.key, out: c.out, credit: c.prefetch.max(1) });
         self.dispatch();
+        true
     }
 }
 
@@ -502,6 +623,7 @@ impl Handler<Settle> for Queue {
         } else {
             self.requeue(f.entry);
         }
+        self.release_held();
         self.dispatch();
     }
 }
@@ -610,6 +732,11 @@ impl Handler<Close> for Queue {
         self.in_flight.clear();
         self.timed_out.clear();
         self.deleted = true;
+        // Publishes held for room (`queue_full = "block"`) will never get it.
+        for p in self.held.drain(..) {
+            let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+            let _ = p.reply.send(publish_error(pid, pseq, ErrorCode::UnknownDestination, reason.clone()));
+        }
         ctx.run_later(DELETED_GRACE, |_, ctx| ctx.stop());
     }
 }

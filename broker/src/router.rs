@@ -64,6 +64,9 @@ impl Router {
                 max_depth: config.max_queue_depth,
                 ack_timeout: config.ack_timeout_ms.map(Duration::from_millis),
                 max_redeliveries: Some(config.max_redeliveries),
+                max_consumers: config.max_consumers_per_destination,
+                block_when_full: config.queue_full == crate::config::QueueFull::Block,
+                shutting_down: shared.shutting_down.clone(),
             };
             let mut r = Router {
                 config: config.clone(),
@@ -130,7 +133,7 @@ impl Router {
         me: &Addr<Router>,
     ) -> Addr<Queue> {
         let key = durable_key(topic, name);
-        let addr = Queue::new(
+        let queue = Queue::new(
             format!("topic:{topic} (durable {name})"),
             Destination::topic(topic),
             QueueMode::Stored { key: key.clone() },
@@ -138,9 +141,10 @@ impl Router {
             self.writer.clone(),
             Some(me.clone().recipient()),
             recovered,
-        )
-        .start();
-        self.topic(topic).do_send(topic::SetDurable { key, queue: Some(addr.clone()) });
+        );
+        let depth = queue.depth_gauge();
+        let addr = queue.start();
+        self.topic(topic).do_send(topic::SetDurable { key, queue: Some((addr.clone(), depth)) });
         self.durables.insert((topic.to_string(), name.to_string()), addr.clone());
         addr
     }

@@ -145,6 +145,7 @@ pub async fn run(
     tracing::info!("shutting down: no new connections, draining in-flight confirms");
     listener.do_send(listener::StopAccepting);
     let http_stopped = http.as_ref().map(http::HttpEndpoint::stop);
+    shared.shutting_down.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     // Connections close once their in-flight publishes are confirmed (bounded wait).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

@@ -32,20 +32,42 @@ use crate::router::{self, Router, Target};
 use crate::security::SecurityDb;
 use crate::topic::{self, Topic};
 
-/// Frames on their way to one client, counted: the connection's reader
-/// stops reading while too many wait (a client that does not read must not
-/// grow the broker's memory).
+/// Bytes of deliveries waiting for one slow client past which its queues
+/// stop handing it more (they look again on their next tick): what a
+/// consumer that stops reading can cost, whatever its prefetch.
+pub const MAX_OUTBOUND_BYTES: usize = 8 * 1024 * 1024;
+
+/// Frames on their way to one client, counted in frames and in (estimated)
+/// bytes: the connection's reader stops reading while too many frames wait,
+/// and queues stop delivering while too many bytes do (a client that does
+/// not read must not grow the broker's memory).
 #[derive(Clone, Debug)]
 pub struct Outbound {
     tx: UnboundedSender<ServerFrame>,
     queued: Arc<AtomicUsize>,
+    bytes: Arc<AtomicUsize>,
     /// Every delivery and confirm passes here, so they are counted here.
     metrics: Metrics,
 }
 
 impl Outbound {
-    pub fn new(tx: UnboundedSender<ServerFrame>, queued: Arc<AtomicUsize>, metrics: Metrics) -> Outbound {
-        Outbound { tx, queued, metrics }
+    pub fn new(
+        tx: UnboundedSender<ServerFrame>,
+        queued: Arc<AtomicUsize>,
+        bytes: Arc<AtomicUsize>,
+        metrics: Metrics,
+    ) -> Outbound {
+        Outbound { tx, queued, bytes, metrics }
+    }
+
+    /// What a frame costs while it waits, roughly: its payload and headers.
+    pub fn cost(frame: &ServerFrame) -> usize {
+        match frame {
+            ServerFrame::Deliver { message, .. } => {
+                128 + message.payload.len() + message.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>()
+            }
+            _ => 64,
+        }
     }
 
     /// Queue a frame; `Err` when the connection is gone (the frame is dropped).
@@ -53,9 +75,12 @@ impl Outbound {
         if matches!(frame, ServerFrame::Deliver { .. }) {
             self.metrics.message_out();
         }
+        let cost = Self::cost(&frame);
         self.queued.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(cost, Ordering::Relaxed);
         self.tx.send(frame).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.bytes.fetch_sub(cost, Ordering::Relaxed);
             Closed
         })
     }
@@ -64,6 +89,16 @@ impl Outbound {
     pub fn confirm(&self, producer_id: u64, seq: u64, received: Instant) -> Result<(), Closed> {
         self.metrics.confirmed(received);
         self.send(ServerFrame::Confirm { producer_id, seq })
+    }
+
+    /// More than [`MAX_OUTBOUND_BYTES`] wait for this client: deliver no more for now.
+    pub fn backed_up(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) > MAX_OUTBOUND_BYTES
+    }
+
+    /// The connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 }
 
@@ -279,32 +314,33 @@ impl Session {
             }
             (DestKind::Topic, Some(name)) => {
                 let open = self.router.send(router::OpenDurable { topic: destination.name.clone(), name });
-                Box::pin(open.into_actor(self).map(move |res, act, _| match res {
-                    Ok(Ok(q)) => act.attach(sub_id, subscribed_to, q, None, key, out, prefetch),
+                Box::pin(open.into_actor(self).then(move |res, act, _| match res {
+                    Ok(Ok(q)) => act.attach(sub_id, subscribed_to, q, key, out, prefetch),
                     Ok(Err(mut e)) => {
                         e.context = ctx_err;
                         act.send(ServerFrame::Error(e));
+                        Box::pin(fut::ready(()))
                     }
-                    Err(_) => act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down"),
+                    Err(_) => {
+                        act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down");
+                        Box::pin(fut::ready(()))
+                    }
                 }))
             }
             (_, None) => {
                 let resolve = self.router.send(router::Resolve { destination });
                 Box::pin(resolve.into_actor(self).then(move |res, act, _| {
                     let fut: ResponseActFuture<Self, ()> = match res {
-                        Ok(Ok(Target::Queue(q))) => {
-                            act.attach(sub_id, subscribed_to, q, None, key, out, prefetch);
-                            Box::pin(fut::ready(()))
-                        }
+                        Ok(Ok(Target::Queue(q))) => act.attach(sub_id, subscribed_to, q, key, out, prefetch),
                         Ok(Ok(Target::Topic(t))) => {
+                            // The topic's subscriber queue answers Subscribed (or the limit's error).
                             let sub = t.send(topic::Subscribe { key, out: out.clone(), prefetch });
                             Box::pin(sub.into_actor(act).map(move |res, act, _| match res {
-                                Ok(q) => {
+                                Ok(Some(q)) => {
                                     let s = Subscription { destination: subscribed_to, queue: q, topic: Some(t) };
                                     act.subs.insert(sub_id, s);
-                                    // The subscriber queue already has its consumer; confirm.
-                                    act.send(ServerFrame::Subscribed { sub_id });
                                 }
+                                Ok(None) => {}
                                 Err(_) => act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down"),
                             }))
                         }
@@ -324,21 +360,25 @@ impl Session {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Add the consumer to a stored queue; the queue answers `Subscribed`
+    /// before its first delivery, or refuses past its consumer limit.
     fn attach(
         &mut self,
         sub_id: u32,
         destination: Destination,
         q: Addr<Queue>,
-        topic: Option<Addr<Topic>>,
         key: ConsumerKey,
         out: Outbound,
         prefetch: u32,
-    ) {
-        // Subscribed goes out before the consumer can receive its first delivery.
-        self.send(ServerFrame::Subscribed { sub_id });
-        q.do_send(queue::AddConsumer { key, out, prefetch });
-        self.subs.insert(sub_id, Subscription { destination, queue: q, topic });
+    ) -> ResponseActFuture<Self, ()> {
+        let add = q.send(queue::AddConsumer { key, out, prefetch });
+        Box::pin(add.into_actor(self).map(move |res, act, _| match res {
+            Ok(true) => {
+                act.subs.insert(sub_id, Subscription { destination, queue: q, topic: None });
+            }
+            Ok(false) => {}
+            Err(_) => act.error(ErrorCode::ShuttingDown, ErrorContext::Subscribe { sub_id }, "broker is shutting down"),
+        }))
     }
 
     fn drop_subscription(&mut self, sub_id: u32) -> bool {

@@ -7,9 +7,18 @@
 //! subscription's queue key, and confirmed after that commit; with none it is
 //! only fanned out to the in-memory subscribers and confirmed at once, since
 //! nothing would keep it.
+//!
+//! Durable subscriptions are held to `max_queue_depth` too: the topic reads
+//! each one's published depth (a gauge the subscription's queue updates after
+//! every change) before storing a persistent message, and refuses it
+//! (`queue_full = "reject"`) or holds it unconfirmed until every durable
+//! subscription has room (`"block"`). The gauge lags by the commits in
+//! flight, so a subscription may end up a few messages over the limit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use twinmq_protocol::{Destination, ErrorContext, ErrorFrame, ServerFrame};
@@ -25,13 +34,26 @@ pub struct Topic {
     settings: QueueSettings,
     /// Durable subscriptions by store key.
     durables: BTreeMap<String, Addr<Queue>>,
+    /// Their depths (see the module doc).
+    durable_depths: BTreeMap<String, Arc<AtomicUsize>>,
+    /// Persistent publishes waiting for room in a durable subscription
+    /// (`queue_full = "block"`); each holds its connection's publish permit.
+    held: VecDeque<queue::Publish>,
     /// In-memory subscriptions by consumer.
     subscribers: HashMap<ConsumerKey, Addr<Queue>>,
 }
 
 impl Topic {
     pub fn new(name: String, writer: Writer, settings: QueueSettings) -> Topic {
-        Topic { name, writer, settings, durables: BTreeMap::new(), subscribers: HashMap::new() }
+        Topic {
+            name,
+            writer,
+            settings,
+            durables: BTreeMap::new(),
+            durable_depths: BTreeMap::new(),
+            held: VecDeque::new(),
+            subscribers: HashMap::new(),
+        }
     }
 }
 
@@ -39,10 +61,73 @@ impl Actor for Topic {
     type Context = Context<Self>;
 }
 
+impl Topic {
+    /// The first durable subscription at `max_queue_depth`, if any.
+    fn full_durable(&self) -> Option<&str> {
+        self.durable_depths
+            .iter()
+            .find(|(_, d)| d.load(Ordering::Relaxed) >= self.settings.max_depth)
+            .map(|(k, _)| k.as_str())
+    }
+
+    /// Store the held publishes there is room for now; look again shortly if some remain.
+    fn release_held(&mut self, ctx: &mut Context<Self>) {
+        if self.settings.drop_held() && !self.held.is_empty() {
+            tracing::info!(topic = %self.name, held = self.held.len(), "shutting down; held publishes left unconfirmed");
+            self.held.clear();
+        }
+        while !self.held.is_empty() && self.full_durable().is_none() {
+            if let Some(p) = self.held.pop_front() {
+                if !p.reply.is_closed() {
+                    self.publish(p, ctx);
+                }
+            }
+        }
+        if !self.held.is_empty() {
+            ctx.run_later(Duration::from_millis(20), |t, ctx| t.release_held(ctx));
+        }
+    }
+}
+
 impl Handler<queue::Publish> for Topic {
     type Result = ();
 
     fn handle(&mut self, p: queue::Publish, ctx: &mut Context<Self>) {
+        let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+        if p.persistent && !self.durables.is_empty() {
+            if let Some(full) = self.full_durable().map(str::to_string) {
+                if self.settings.block_when_full {
+                    let first = self.held.is_empty();
+                    self.held.push_back(p);
+                    if first {
+                        tracing::info!(topic = %self.name, subscription = %full, "durable subscription full; holding publishes");
+                        self.release_held(ctx);
+                    }
+                } else {
+                    let name = full.rsplit('/').next().unwrap_or(&full);
+                    let _ = p.reply.send(ServerFrame::Error(ErrorFrame::new(
+                        twinmq_protocol::ErrorCode::LimitReached,
+                        ErrorContext::Publish { producer_id: pid, seq: pseq },
+                        format!(
+                            "durable subscription {name} on topic:{} is full ({} messages, max_queue_depth)",
+                            self.name, self.settings.max_depth
+                        ),
+                    )));
+                }
+                return;
+            }
+            if !self.held.is_empty() {
+                // Keep the order: behind those already waiting.
+                self.held.push_back(p);
+                return;
+            }
+        }
+        self.publish(p, ctx);
+    }
+}
+
+impl Topic {
+    fn publish(&mut self, p: queue::Publish, ctx: &mut Context<Self>) {
         let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
         if !p.persistent || self.durables.is_empty() {
             let mut m = p.message;
@@ -116,9 +201,11 @@ impl Handler<FanOut> for Topic {
     }
 }
 
-/// Subscribe a consumer without a durable name; returns its queue for acks.
+/// Subscribe a consumer without a durable name; returns its queue for acks,
+/// or `None` when the topic has `max_consumers_per_destination` subscribers
+/// already (the client is told so).
 #[derive(Message)]
-#[rtype(result = "Addr<Queue>")]
+#[rtype(result = "Option<Addr<Queue>>")]
 pub struct Subscribe {
     pub key: ConsumerKey,
     pub out: Outbound,
@@ -128,6 +215,19 @@ pub struct Subscribe {
 impl Handler<Subscribe> for Topic {
     type Result = MessageResult<Subscribe>;
     fn handle(&mut self, s: Subscribe, _: &mut Context<Self>) -> Self::Result {
+        self.subscribers.retain(|_, q| q.connected());
+        if self.subscribers.len() >= self.settings.max_consumers {
+            tracing::warn!(topic = %self.name, limit = self.settings.max_consumers, "subscriber limit reached; refusing");
+            let _ = s.out.send(ServerFrame::Error(ErrorFrame::new(
+                twinmq_protocol::ErrorCode::LimitReached,
+                ErrorContext::Subscribe { sub_id: s.key.1 },
+                format!(
+                    "topic:{} has {} subscribers (max_consumers_per_destination)",
+                    self.name, self.settings.max_consumers
+                ),
+            )));
+            return MessageResult(None);
+        }
         let settings = QueueSettings { max_redeliveries: None, ..self.settings.clone() };
         let q = Queue::new(
             format!("topic:{} (subscriber {}/{})", self.name, s.key.0, s.key.1),
@@ -141,7 +241,7 @@ impl Handler<Subscribe> for Topic {
         .start();
         q.do_send(AddConsumer { key: s.key, out: s.out, prefetch: s.prefetch });
         self.subscribers.insert(s.key, q.clone());
-        MessageResult(q)
+        MessageResult(Some(q))
     }
 }
 
@@ -165,17 +265,19 @@ impl Handler<Unsubscribe> for Topic {
 #[rtype(result = "()")]
 pub struct SetDurable {
     pub key: String,
-    pub queue: Option<Addr<Queue>>,
+    pub queue: Option<(Addr<Queue>, Arc<AtomicUsize>)>,
 }
 
 impl Handler<SetDurable> for Topic {
     type Result = ();
     fn handle(&mut self, d: SetDurable, _: &mut Context<Self>) {
         match d.queue {
-            Some(q) => {
+            Some((q, depth)) => {
+                self.durable_depths.insert(d.key.clone(), depth);
                 self.durables.insert(d.key, q);
             }
             None => {
+                self.durable_depths.remove(&d.key);
                 self.durables.remove(&d.key);
             }
         }

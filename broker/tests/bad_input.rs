@@ -156,6 +156,9 @@ fn bad_config_names_the_key_and_exits_2() {
         ("listen = \"not an address\"\n", "listen"),
         ("colour = \"blue\"\n", "colour"),
         ("max_redeliveries = \"five\"\n", "max_redeliveries"),
+        ("queue_full = \"drop\"\n", "queue_full"),
+        ("idle_timeout_ms = 50\n", "idle_timeout_ms"),
+        ("max_consumers_per_destination = 0\n", "max_consumers_per_destination"),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.toml"));

@@ -346,15 +346,15 @@ pub enum ServerFrame {
     Done {
         req: u64,
     },
+    Pong {
+        nonce: u64,
+    },
+    Error(ErrorFrame),
     /// The answer to a listing admin command, as JSON.
     AdminReply {
         req: u64,
         json: String,
     },
-    Pong {
-        nonce: u64,
-    },
-    Error(ErrorFrame),
 }
 
 /// A typed error. `context` says which request it answers, if one.
