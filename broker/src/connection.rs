@@ -184,6 +184,10 @@ where
     let mut role = cx.shared.role_watch();
     let idle_timeout = cx.config.idle_timeout_ms.map(Duration::from_millis);
     let mut last_heard = tokio::time::Instant::now();
+    // One timer for the connection's life, pushed back only when it fires
+    // early: re-arming a timer for every frame would cost the hot path.
+    let idle = tokio::time::sleep(idle_timeout.unwrap_or(Duration::from_secs(86_400)));
+    tokio::pin!(idle);
 
     loop {
         // Back-pressure on a client that does not read what we send it.
@@ -194,15 +198,14 @@ where
             // We were not reading: the client's silence meanwhile is ours, not its.
             last_heard = tokio::time::Instant::now();
         }
-        let idle = async {
-            match idle_timeout {
-                Some(t) => tokio::time::sleep_until(last_heard + t).await,
-                None => std::future::pending().await,
-            }
-        };
         let next = tokio::select! {
             f = reader.next() => f,
-            _ = idle => {
+            _ = &mut idle, if idle_timeout.is_some() => {
+                let deadline = last_heard + idle_timeout.unwrap_or_default();
+                if tokio::time::Instant::now() < deadline {
+                    idle.as_mut().reset(deadline);
+                    continue;
+                }
                 let ms = idle_timeout.map_or(0, |t| t.as_millis());
                 tracing::info!(idle_ms = %ms, "idle connection; closing");
                 let _ = tx.send(connection_error(
