@@ -166,8 +166,9 @@ where
     let tx = Outbound::new(raw_tx, queued.clone(), queued_bytes.clone(), cx.metrics.clone());
     let (close_tx, close_rx) = oneshot::channel();
     let write_task = actix_rt::spawn(write_loop(writer, rx, close_rx, queued.clone(), queued_bytes));
+    // Not marked seen: the first turn of the loop below checks the user
+    // against the current rules, so a removal since the password check counts.
     let mut security = cx.security.clone();
-    security.mark_unchanged();
     let session = Session::new(
         id,
         peer,
@@ -303,10 +304,24 @@ async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 let _ = writer.send(connection_error(e.code(), e.to_string())).await;
                 return;
             }
-            Ok(ClientFrame::Status { req }) => match cx.node.send(node::GetNodeStatus).await {
-                Ok(json) => ServerFrame::StatusReply { req, json: json.to_string() },
-                Err(_) => return,
-            },
+            Ok(ClientFrame::Status { req }) => {
+                // The user may have been removed or lost every admin grant since login.
+                let allowed = match cx.node.send(node::CurrentSecurity).await {
+                    Ok(db) => db.still_valid(user.as_deref()) && db.is_some_admin(user.as_deref()),
+                    Err(_) => return,
+                };
+                if !allowed {
+                    tracing::warn!(user = ?user, "status refused: the user lost its admin rights; closing");
+                    let refusal =
+                        connection_error(ErrorCode::NotAuthorized, "this user no longer holds an admin grant");
+                    let _ = writer.send(refusal).await;
+                    return;
+                }
+                match cx.node.send(node::GetNodeStatus).await {
+                    Ok(json) => ServerFrame::StatusReply { req, json: json.to_string() },
+                    Err(_) => return,
+                }
+            }
             Ok(ClientFrame::Admin { req, command, force }) => {
                 tracing::info!(user = ?user, command = command.name(), force, "operator command");
                 match cx.node.send(node::Admin { command, caller: node::Caller::User(user.clone()), force }).await {

@@ -97,7 +97,10 @@ impl Node {
     /// The current rules. A node that does not serve learns user changes only
     /// through replication, so it reads them from its store first.
     fn current_security(&mut self) -> Arc<SecurityDb> {
-        if !self.shared.role().serves_clients() {
+        // Only from a complete copy: while a snapshot loads, the store holds
+        // some or none of the users, and "none" would mean an open broker.
+        let complete = self.writer.stats().in_sync.load(Ordering::Relaxed);
+        if !self.shared.role().serves_clients() && complete {
             match self.writer.users() {
                 Ok(users) if users != self.users => {
                     self.users = users;
@@ -400,8 +403,15 @@ impl Node {
             }
             other => return Err(invalid(format!("{other:?} is not a user change"))),
         };
-        // Never leave a broker that has users but nobody who may manage them.
+        // Never leave a broker that has users but nobody who may manage them,
+        // nor open a closed broker to anyone by removing its last user.
         let after = SecurityDb::build(&self.statics, &users);
+        let before = SecurityDb::build(&self.statics, &self.users);
+        if after.is_open() && !before.is_open() {
+            return Err(invalid(
+                "refused: removing the last user would open the broker to anyone without credentials".to_string(),
+            ));
+        }
         if !after.is_open() && !after.has_global_admin() {
             return Err(invalid(
                 "refused: afterwards no user would hold admin:# and nobody could manage the broker \

@@ -83,13 +83,24 @@ impl Pattern {
     }
 }
 
+/// Dynamic programming over (pattern word, name word): O(pattern x name),
+/// whatever the number of `#` (backtracking would be exponential in them).
 fn matches_words(pattern: &[Word], name: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => name.is_empty(),
-        Some((Word::Any, rest)) => (0..=name.len()).any(|skip| matches_words(rest, &name[skip..])),
-        Some((Word::One, rest)) => !name.is_empty() && matches_words(rest, &name[1..]),
-        Some((Word::Literal(w), rest)) => name.first().is_some_and(|n| n == w) && matches_words(rest, &name[1..]),
+    // ok[j]: the pattern so far matches the first j words of the name.
+    let mut ok = vec![false; name.len() + 1];
+    ok[0] = true;
+    for w in pattern {
+        let mut next = vec![false; name.len() + 1];
+        for j in 0..=name.len() {
+            next[j] = match w {
+                Word::Any => ok[j] || (j > 0 && next[j - 1]),
+                Word::One => j > 0 && ok[j - 1],
+                Word::Literal(l) => j > 0 && ok[j - 1] && name[j - 1] == l,
+            };
+        }
+        ok = next;
     }
+    ok[name.len()]
 }
 
 /// A configured (static) user, password already hashed.
@@ -276,6 +287,15 @@ mod tests {
         assert!(!p("topic:prices.#").matches(&q("prices.eur")));
         assert!(p("queue:jobs").matches(&q("jobs")));
         assert!(!p("jobs").matches(&q("jobs2")));
+    }
+
+    #[test]
+    fn many_hashes_match_in_polynomial_time() {
+        let name = vec!["w"; 100].join(".");
+        let pattern = format!("{}.x", vec!["#"; 20].join("."));
+        // Backtracking would not finish this; the table does it at once.
+        assert!(!p(&pattern).matches(&Destination::queue(name.clone())));
+        assert!(p(&vec!["#"; 20].join(".")).matches(&Destination::queue(name)));
     }
 
     #[test]

@@ -131,6 +131,9 @@ pub struct Session {
     refused_logged: std::collections::HashSet<(Destination, u8)>,
 }
 
+/// Most cached ACL decisions (and logged refusals) per session before they are forgotten.
+const MAX_CACHED_DECISIONS: usize = 4096;
+
 /// The ACLs changed.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -169,6 +172,14 @@ impl Session {
         if self.security.has_changed().unwrap_or(false) {
             self.security.borrow_and_update();
             self.allowed.clear();
+            self.refused_logged.clear();
+        }
+        // A client naming endless destinations must not grow these without bound.
+        if self.allowed.len() >= MAX_CACHED_DECISIONS {
+            self.allowed.clear();
+        }
+        if self.refused_logged.len() >= MAX_CACHED_DECISIONS {
+            self.refused_logged.clear();
         }
         let slot = match permission {
             Permission::Produce => 0,
@@ -339,6 +350,7 @@ impl Session {
                                 Ok(Some(q)) => {
                                     let s = Subscription { destination: subscribed_to, queue: q, topic: Some(t) };
                                     act.subs.insert(sub_id, s);
+                                    act.recheck_consumer(sub_id);
                                 }
                                 Ok(None) => {}
                                 Err(_) => act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down"),
@@ -375,6 +387,7 @@ impl Session {
         Box::pin(add.into_actor(self).map(move |res, act, _| match res {
             Ok(true) => {
                 act.subs.insert(sub_id, Subscription { destination, queue: q, topic: None });
+                act.recheck_consumer(sub_id);
             }
             Ok(false) => {}
             Err(_) => act.error(ErrorCode::ShuttingDown, ErrorContext::Subscribe { sub_id }, "broker is shutting down"),
@@ -503,17 +516,26 @@ impl Handler<Incoming> for Session {
     }
 }
 
+impl Session {
+    /// Close the consumer `sub_id` if its user may no longer consume from it
+    /// (after an ACL change, or a change that raced its subscribe).
+    fn recheck_consumer(&mut self, sub_id: u32) {
+        let Some(dest) = self.subs.get(&sub_id).map(|s| s.destination.clone()) else { return };
+        if !self.permitted(Permission::Consume, &dest) {
+            let reason = self.not_authorized(Permission::Consume, &dest);
+            tracing::warn!(session = self.id, user = ?self.user, %dest, "consume right revoked; closing the consumer");
+            self.drop_subscription(sub_id);
+            self.send(ServerFrame::ConsumerClosed { sub_id, reason });
+        }
+    }
+}
+
 impl Handler<SecurityChanged> for Session {
     type Result = ();
     fn handle(&mut self, _: SecurityChanged, _: &mut Context<Self>) {
-        let subs: Vec<(u32, Destination)> = self.subs.iter().map(|(id, s)| (*id, s.destination.clone())).collect();
-        for (sub_id, dest) in subs {
-            if !self.permitted(Permission::Consume, &dest) {
-                let reason = self.not_authorized(Permission::Consume, &dest);
-                tracing::warn!(session = self.id, user = ?self.user, %dest, "consume right revoked; closing the consumer");
-                self.drop_subscription(sub_id);
-                self.send(ServerFrame::ConsumerClosed { sub_id, reason });
-            }
+        let subs: Vec<u32> = self.subs.keys().copied().collect();
+        for sub_id in subs {
+            self.recheck_consumer(sub_id);
         }
     }
 }

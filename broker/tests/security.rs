@@ -175,6 +175,15 @@ async fn admin_commands_check_rights_and_keep_someone_in_charge() {
     // The last admin cannot be removed or lose admin:#.
     let err = admin(&ops, AdminCommand::UserRm { name: "ops".into() }).await.unwrap_err();
     assert!(err.to_string().contains("admin:#"), "{err}");
+    // An open admin connection loses status once its user loses every admin grant.
+    let mut watching = AdminClient::connect(&qadmin).await.unwrap();
+    watching.status().await.unwrap();
+    let revoke = AdminCommand::AclRevoke { user: "qadmin".into(), grant: "admin:orders.*".parse().unwrap() };
+    admin(&ops, revoke).await.unwrap();
+    let err = watching.status().await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+    let grant = AdminCommand::AclGrant { user: "qadmin".into(), grant: "admin:orders.*".parse().unwrap() };
+    admin(&ops, grant).await.unwrap();
     // Bad input gets a clear error.
     let bad = AdminCommand::AclGrant {
         user: "qadmin".into(),
@@ -236,4 +245,14 @@ async fn admin_objects_made_on_the_active_exist_on_the_passive_after_failover() 
     assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "the grants came along, not just the user: {err}");
     let wrong = Client::connect(as_user(pair.client_config(), "app", "wrong")).await.unwrap_err();
     assert_eq!(code(&wrong), Some(ErrorCode::NotAuthenticated), "{wrong}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_last_user_does_not_open_the_broker() {
+    let b = Broker::start(&[]);
+    add_user(&b.config(), "ops", "opspw", &["admin:#"]).await;
+    let ops = as_user(b.config(), "ops", "opspw");
+    let err = admin(&ops, AdminCommand::UserRm { name: "ops".into() }).await.unwrap_err();
+    assert!(err.to_string().contains("open the broker"), "{err}");
+    assert_eq!(code(&Client::connect(b.config()).await.unwrap_err()), Some(ErrorCode::NotAuthenticated));
 }
