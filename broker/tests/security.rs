@@ -234,7 +234,8 @@ async fn admin_objects_made_on_the_active_exist_on_the_passive_after_failover() 
     on_b.close().await;
 
     pair.a.kill9();
-    pair.b.wait_role("active", WAIT).await;
+    // "active", then "active-alone" moments later (its peer is gone): either will do.
+    pair.b.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
     let users = admin(&ops, AdminCommand::UserList).await.unwrap().unwrap();
     assert!(users.contains("\"app\"") && users.contains("consume:audit"), "{users}");
     let app = Client::connect(app_cfg).await.unwrap();
