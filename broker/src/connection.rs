@@ -137,6 +137,7 @@ where
                 let _ = writer.send(reply).await;
             }
             let _ = writer.get_mut().shutdown().await;
+            linger(reader.into_inner()).await;
             return;
         }
     };
@@ -276,6 +277,27 @@ where
     drop(tx);
     let _ = close_tx.send(());
     let _ = write_task.await;
+    linger(reader.into_inner()).await;
+}
+
+/// After our last frame and FIN: read and discard what the client still
+/// sends, briefly and boundedly, before the socket closes. Closing with
+/// unread input makes the kernel send a reset, which can destroy the error
+/// frame we just sent before the client reads it.
+async fn linger<R: AsyncRead + Unpin>(mut rd: R) {
+    const LINGER: Duration = Duration::from_millis(200);
+    const MAX_DISCARD: usize = 256 * 1024;
+    let discard = async {
+        let mut buf = [0u8; 8192];
+        let mut total = 0;
+        while total < MAX_DISCARD {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, discard).await;
 }
 
 /// Point clients at the peer only when it is up and active: a hint to a
@@ -445,4 +467,4 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = writer.get_mut().shutdown().await;
 }
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -5,27 +5,15 @@
 
 mod common;
 
+use common::{frame, hello};
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use common::Broker;
 use twinmq_client::{Client, ClientError, Destination, ErrorCode, Message, SubscribeOptions};
-use twinmq_protocol::{
-    decode_body, encode_frame, ClientFrame, ErrorContext, OutMessage, ServerFrame, DEFAULT_MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
-};
-
-fn frame(f: &ClientFrame) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    encode_frame(f, DEFAULT_MAX_FRAME_BYTES, &mut b).unwrap();
-    b.to_vec()
-}
-
-fn hello() -> Vec<u8> {
-    frame(&ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: false })
-}
+use twinmq_protocol::{decode_body, ClientFrame, ErrorContext, OutMessage, ServerFrame, PROTOCOL_VERSION};
 
 fn publish(body: &str) -> ClientFrame {
     ClientFrame::Publish {

@@ -6,24 +6,15 @@
 
 mod common;
 
+use common::{frame, hello};
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use common::{drain, Broker};
 use twinmq_client::{Destination, ErrorCode, Message, SubscribeOptions};
-use twinmq_protocol::{decode_body, encode_frame, ClientFrame, ErrorContext, ServerFrame, DEFAULT_MAX_FRAME_BYTES};
-
-fn frame(f: &ClientFrame) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    encode_frame(f, DEFAULT_MAX_FRAME_BYTES, &mut b).unwrap();
-    b.to_vec()
-}
-
-fn hello() -> Vec<u8> {
-    frame(&ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: false })
-}
+use twinmq_protocol::{decode_body, ClientFrame, ErrorContext, ServerFrame};
 
 /// Read frames until the broker closes the connection or `timeout` passes.
 fn read_frames(s: &mut TcpStream, timeout: Duration) -> Vec<ServerFrame> {

@@ -139,6 +139,18 @@ impl Drop for Broker {
     }
 }
 
+/// One client frame as raw bytes, for tests that speak the protocol by hand.
+pub fn frame(f: &twinmq_protocol::ClientFrame) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    twinmq_protocol::encode_frame(f, twinmq_protocol::DEFAULT_MAX_FRAME_BYTES, &mut b).expect("encodable frame");
+    b.to_vec()
+}
+
+/// An anonymous Hello as raw bytes.
+pub fn hello() -> Vec<u8> {
+    frame(&twinmq_protocol::ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: false })
+}
+
 /// Send `sig` (e.g. "TERM", "STOP") to a process we spawned.
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("run kill").success();
