@@ -169,11 +169,8 @@ impl Router {
         );
     }
 
-    fn admin_allowed(&self, what: &str) -> Result<(), ErrorFrame> {
-        admin_change_allowed(self.ha.as_ref(), &self.config, what, false)
-    }
-
-    fn admin_forced(&self, what: &str, force: bool) -> Result<(), ErrorFrame> {
+    /// See [`admin_change_allowed`]; implicit creations by clients are never forced.
+    fn admin_change(&self, what: &str, force: bool) -> Result<(), ErrorFrame> {
         admin_change_allowed(self.ha.as_ref(), &self.config, what, force)
     }
 
@@ -238,7 +235,7 @@ impl Handler<Resolve> for Router {
                 if !self.config.auto_create {
                     return Err(unknown(&r.destination));
                 }
-                self.admin_allowed(&format!("creating queue:{name}"))?;
+                self.admin_change(&format!("creating queue:{name}"), false)?;
                 Ok(Target::Queue(self.create_queue(name, &ctx.address())))
             }
             DestKind::Topic => Ok(Target::Topic(self.topic(name))),
@@ -263,7 +260,7 @@ impl Handler<OpenDurable> for Router {
         if let Some(q) = self.durables.get(&(d.topic.clone(), d.name.clone())) {
             return Ok(q.clone());
         }
-        self.admin_allowed(&format!("creating durable subscription {} on topic:{}", d.name, d.topic))?;
+        self.admin_change(&format!("creating durable subscription {} on topic:{}", d.name, d.topic), false)?;
         tracing::info!(topic = %d.topic, name = %d.name, "creating durable subscription");
         self.submit_admin(Op::PutQueue {
             key: durable_key(&d.topic, &d.name),
@@ -285,7 +282,7 @@ pub struct DeleteDurable {
 impl Handler<DeleteDurable> for Router {
     type Result = Result<(), ErrorFrame>;
     fn handle(&mut self, d: DeleteDurable, _: &mut Context<Self>) -> Self::Result {
-        self.admin_forced(&format!("deleting durable subscription {} on topic:{}", d.name, d.topic), d.force)?;
+        self.admin_change(&format!("deleting durable subscription {} on topic:{}", d.name, d.topic), d.force)?;
         let Some(q) = self.durables.remove(&(d.topic.clone(), d.name.clone())) else {
             return Err(ErrorFrame::new(
                 ErrorCode::UnknownDestination,
@@ -338,7 +335,7 @@ impl Handler<CreateQueue> for Router {
                 format!("queue:{} already exists", c.name),
             ));
         }
-        self.admin_forced(&format!("creating queue:{}", c.name), c.force)?;
+        self.admin_change(&format!("creating queue:{}", c.name), c.force)?;
         self.create_queue(&c.name, &ctx.address());
         Ok(())
     }
@@ -358,7 +355,7 @@ impl Handler<DeleteQueue> for Router {
         if !self.queues.contains_key(&d.name) {
             return Err(unknown(&Destination::queue(d.name)));
         }
-        self.admin_forced(&format!("deleting queue:{}", d.name), d.force)?;
+        self.admin_change(&format!("deleting queue:{}", d.name), d.force)?;
         let Some(q) = self.queues.remove(&d.name) else { return Ok(()) };
         tracing::info!(queue = %d.name, "deleting queue");
         self.submit_admin(Op::DeleteQueue { key: queue_key(&d.name) });

@@ -7,13 +7,13 @@ mod common;
 
 use common::{frame, hello};
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
 use common::Broker;
 use twinmq_client::{Client, ClientError, Destination, ErrorCode, Message, SubscribeOptions};
-use twinmq_protocol::{decode_body, ClientFrame, ErrorContext, OutMessage, ServerFrame, PROTOCOL_VERSION};
+use twinmq_protocol::{ClientFrame, ErrorContext, OutMessage, ServerFrame, PROTOCOL_VERSION};
 
 fn publish(body: &str) -> ClientFrame {
     ClientFrame::Publish {
@@ -26,20 +26,7 @@ fn publish(body: &str) -> ClientFrame {
 
 /// Read every frame the broker sends until it closes the connection.
 fn read_until_closed(s: &mut TcpStream) -> Vec<ServerFrame> {
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let mut frames = Vec::new();
-    let mut rest = &buf[..];
-    while rest.len() >= 4 {
-        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if rest.len() < 4 + len {
-            break;
-        }
-        frames.push(decode_body::<ServerFrame>(&rest[4..4 + len]).expect("broker frames decode"));
-        rest = &rest[4 + len..];
-    }
-    frames
+    common::read_frames(s, Duration::from_secs(5))
 }
 
 fn connection_error(frames: &[ServerFrame]) -> ErrorCode {

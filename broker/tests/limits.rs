@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{frame, hello};
+use common::{frame, hello, read_frames};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -15,24 +15,6 @@ use std::time::{Duration, Instant};
 use common::{drain, Broker};
 use twinmq_client::{Destination, ErrorCode, Message, SubscribeOptions};
 use twinmq_protocol::{decode_body, ClientFrame, ErrorContext, ServerFrame};
-
-/// Read frames until the broker closes the connection or `timeout` passes.
-fn read_frames(s: &mut TcpStream, timeout: Duration) -> Vec<ServerFrame> {
-    s.set_read_timeout(Some(timeout)).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let mut frames = Vec::new();
-    let mut rest = &buf[..];
-    while rest.len() >= 4 {
-        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if rest.len() < 4 + len {
-            break;
-        }
-        frames.push(decode_body::<ServerFrame>(&rest[4..4 + len]).unwrap());
-        rest = &rest[4 + len..];
-    }
-    frames
-}
 
 /// Wait until the status shows `name` holding `depth` messages (the queue
 /// has processed everything sent to it before the status request).

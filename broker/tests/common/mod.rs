@@ -151,6 +151,26 @@ pub fn hello() -> Vec<u8> {
     frame(&twinmq_protocol::ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: false })
 }
 
+/// Read the frames a broker sends on a raw socket until it closes the
+/// connection or `timeout` passes without data.
+pub fn read_frames(s: &mut TcpStream, timeout: Duration) -> Vec<twinmq_protocol::ServerFrame> {
+    use std::io::Read;
+    s.set_read_timeout(Some(timeout)).expect("set read timeout");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut frames = Vec::new();
+    let mut rest = &buf[..];
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if rest.len() < 4 + len {
+            break;
+        }
+        frames.push(twinmq_protocol::decode_body(&rest[4..4 + len]).expect("broker frames decode"));
+        rest = &rest[4 + len..];
+    }
+    frames
+}
+
 /// Send `sig` (e.g. "TERM", "STOP") to a process we spawned.
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("run kill").success();
