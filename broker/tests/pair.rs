@@ -219,6 +219,35 @@ async fn a_cut_ha_cable_with_the_client_network_up_causes_no_takeover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replication_stream_moves_between_paths_without_a_new_snapshot() {
+    // Every HA connection runs through one of four proxies; dropping each in
+    // turn drops the one carrying the stream at some point. It must go on on
+    // another connection from where it was (DESIGN.md section 5, catch-up): a
+    // new snapshot would leave b out of sync, unable to take over, meanwhile.
+    let pair = Pair::start(PairOptions { all_paths_proxied: true, ..Default::default() }).await;
+    pair.wait_a_active_b_in_sync().await;
+    let load = Load::start(Client::connect(pair.client_config()).await.unwrap(), "moves", "m");
+    for round in 0..2 {
+        for p in &pair.cable {
+            p.cut();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            p.restore();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let b = pair.b.status().await.unwrap();
+            assert_eq!(b["in_sync"], true, "round {round}: b fell out of sync: {b}\n{}", pair.b.log());
+        }
+    }
+    assert!(pair.a.log().contains("peer resumes the replication stream"), "{}", pair.a.log());
+    assert_eq!(pair.b.log().matches("snapshot from the peer loaded").count(), 1, "{}", pair.b.log());
+    assert!(!pair.b.log().contains("to=passive-syncing"), "b fell out of sync:\n{}", pair.b.log());
+    assert_eq!(pair.a.role().await.as_deref(), Some("active"));
+    let confirmed = load.finish().await;
+    assert!(confirmed.len() > 50, "the load ran: {} confirmed", confirmed.len());
+    let received = consume_all(&pair, "moves").await;
+    assert_no_loss(&confirmed, &received, "stream moved between paths");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_active_is_replaced_and_never_serves_as_a_second_active_when_it_wakes() {
     let pair = Pair::start(PairOptions::default()).await;
     pair.wait_a_active_b_in_sync().await;

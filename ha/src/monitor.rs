@@ -90,6 +90,8 @@ pub struct PeerMonitor {
     peer_priority: Option<u32>,
     /// The connection the replication stream runs on, and its forwarder.
     replicating: Option<(ConnId, actix_rt::task::JoinHandle<()>)>,
+    /// The peer refused the stream: the next attach sends a snapshot.
+    snapshot_needed: bool,
     listener: Option<std::net::TcpListener>,
     /// When each kind of refusal (per direction and address) was last logged
     /// at warn: a misconfigured peer retries every heartbeat, the log says so
@@ -135,6 +137,7 @@ impl PeerMonitor {
             replicating: None,
             listener: Some(listener),
             refusals_logged: HashMap::new(),
+            snapshot_needed: false,
         }
     }
 
@@ -214,7 +217,8 @@ impl PeerMonitor {
             .map(|(id, c)| (*id, c.tx.clone()));
         let Some((id, conn_tx)) = best else { return };
         let (tx, mut rx) = mpsc::unbounded_channel::<ReplFrame>();
-        self.writer.attach_follower(tx);
+        // A new connection resumes the stream, unless the peer refused it.
+        self.writer.attach_follower(tx, !std::mem::take(&mut self.snapshot_needed));
         let fwd = actix_rt::spawn(async move {
             while let Some(f) = rx.recv().await {
                 if conn_tx.send(HaFrame::Repl(f)).is_err() {
@@ -222,7 +226,7 @@ impl PeerMonitor {
                 }
             }
         });
-        tracing::info!(conn = id, "replicating to the peer (snapshot first)");
+        tracing::info!(conn = id, "replicating to the peer");
         self.replicating = Some((id, fwd));
     }
 
@@ -523,8 +527,14 @@ impl Handler<ReplicationRefused> for PeerMonitor {
     type Result = ();
     fn handle(&mut self, m: ReplicationRefused, _: &mut Context<Self>) {
         if self.replicating.as_ref().is_some_and(|(r, _)| *r == m.conn) {
-            tracing::warn!(reason = %m.reason, "the peer refused a replicated record; sending a new snapshot");
+            if m.reason.contains("cannot resume") {
+                // A restarted or resynced peer: routine.
+                tracing::info!(reason = %m.reason, "the peer cannot resume the stream; sending a snapshot");
+            } else {
+                tracing::warn!(reason = %m.reason, "the peer refused a replicated record; sending a new snapshot");
+            }
             self.stop_replicating("refused by the peer");
+            self.snapshot_needed = true;
             self.maybe_replicate();
         }
     }

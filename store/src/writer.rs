@@ -102,7 +102,14 @@ pub enum ReplFrame {
         value: Vec<u8>,
     },
     /// The snapshot is complete; the receiver acknowledges `next_seq - 1`.
-    SnapshotEnd { next_seq: u64, epoch: u64 },
+    /// `stream` names the active's replication stream, so that a follower
+    /// whose connection moves can resume it rather than load a new snapshot.
+    SnapshotEnd { next_seq: u64, epoch: u64, stream: u64 },
+    /// Instead of a snapshot, on a new connection: the tail of `stream` follows
+    /// from `from_seq` (the follower skips what it already holds). `in_sync`:
+    /// every confirm waited for this follower while it was away, so it stays a
+    /// takeover candidate; otherwise it is not in sync until the next `InSync`.
+    Resume { stream: u64, from_seq: u64, in_sync: bool },
     /// From here on the active holds every confirm for this follower's ack:
     /// only now may the passive count itself in sync (a takeover candidate).
     InSync { seq: u64 },
@@ -122,7 +129,8 @@ enum Request {
     Submit(Vec<Op>, Completion),
     /// Complete once everything submitted before it is done.
     Barrier(Completion),
-    AttachFollower(FollowerTx),
+    /// `true`: the follower may resume the stream's tail instead of a snapshot.
+    AttachFollower(FollowerTx, bool),
     DetachFollower,
     /// The peer is declared down (not just a connection lost): release what
     /// waits for it as single-copy confirms, or fail it (`require_replica`).
@@ -227,6 +235,11 @@ impl Writer {
             snapshot_loading: false,
             diverged_after: None,
             divergent: Vec::new(),
+            stream: rand::random(),
+            tail: None,
+            resume_at: None,
+            following: None,
+            resumed_from: None,
         };
         state.publish_stats();
         let handle = std::thread::Builder::new()
@@ -244,7 +257,7 @@ impl Writer {
                 }
                 Request::Apply(_, done) => done(Err(StoreError::Closed)),
                 Request::Promote(_, done) => done(Err(StoreError::Closed)),
-                Request::AttachFollower(_) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}
+                Request::AttachFollower(..) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}
             }
         }
     }
@@ -266,9 +279,12 @@ impl Writer {
         self.send(Request::Barrier(done));
     }
 
-    /// Active: send a snapshot and then every new record to `tx`.
-    pub fn attach_follower(&self, tx: FollowerTx) {
-        self.send(Request::AttachFollower(tx));
+    /// Active: send a snapshot and then every new record to `tx`. With
+    /// `resume`, a follower that held a consistent copy of this node's current
+    /// stream (its connection moved) gets only the records it lacks, when the
+    /// writer still has them in memory (DESIGN.md section 5, catch-up).
+    pub fn attach_follower(&self, tx: FollowerTx, resume: bool) {
+        self.send(Request::AttachFollower(tx, resume));
     }
 
     /// Active: the follower is gone; release (or fail) what waits for it.
@@ -322,6 +338,36 @@ struct Follower {
     synced_at: u64,
     acked: u64,
     in_sync: bool,
+    /// The follower holds a consistent prefix of the stream through `acked`
+    /// (it resumed, or acknowledged the end of its snapshot).
+    consistent: bool,
+}
+
+/// Most bytes of recent records kept in memory for a follower to resume from.
+const TAIL_BYTES: usize = 32 * 1024 * 1024;
+
+/// The active's recent records, oldest first, contiguous.
+#[derive(Default)]
+struct Tail {
+    records: VecDeque<(u64, u64, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn push(&mut self, first_seq: u64, last_seq: u64, raw: Vec<u8>) {
+        self.bytes += raw.len();
+        self.records.push_back((first_seq, last_seq, raw));
+        while self.bytes > TAIL_BYTES {
+            let Some((_, _, old)) = self.records.pop_front() else { break };
+            self.bytes -= old.len();
+        }
+    }
+
+    /// The records from `from_seq` on, if every one of them is still here.
+    fn from(&self, from_seq: u64, next_seq: u64) -> Option<impl Iterator<Item = &(u64, u64, Vec<u8>)>> {
+        let covered = from_seq == next_seq || self.records.iter().any(|(first, _, _)| *first == from_seq);
+        covered.then(|| self.records.iter().filter(move |(first, _, _)| *first >= from_seq))
+    }
 }
 
 /// Completions waiting for the follower's ack of `seq`.
@@ -359,6 +405,16 @@ struct WriterState {
     /// snapshot overwrites them.
     diverged_after: Option<u64>,
     divergent: Vec<(String, crate::StoredMessage)>,
+    /// Active: this node's replication stream since it became active.
+    stream: u64,
+    /// Active: recent records, kept once a follower has attached.
+    tail: Option<Tail>,
+    /// Active: the last follower's consistent acknowledgement in `stream`.
+    resume_at: Option<u64>,
+    /// Passive: the stream this store is a consistent copy of, if any.
+    following: Option<u64>,
+    /// Passive: after a `Resume` from this sequence, records already held are skipped.
+    resumed_from: Option<u64>,
 }
 
 impl WriterState {
@@ -406,7 +462,7 @@ impl WriterState {
                 let mut v = vec![r];
                 self.commit(&mut v);
             }
-            Request::AttachFollower(tx) => self.attach(tx),
+            Request::AttachFollower(tx, resume) => self.attach(tx, resume),
             Request::DetachFollower => self.detach(),
             Request::PeerDown => self.peer_down(),
             Request::PeerAck(seq) => self.peer_ack(seq),
@@ -432,6 +488,9 @@ impl WriterState {
                     if self.next_seq - 1 > acked {
                         self.diverged_after = Some(acked);
                     }
+                }
+                if self.active {
+                    self.forget_stream();
                 }
                 self.follower = None;
                 self.stats.follower_in_sync.store(false, Ordering::Relaxed);
@@ -509,7 +568,11 @@ impl WriterState {
             match self.write(&body) {
                 Ok((dead, raw)) => {
                     self.delete(&dead);
-                    self.ship(ReplFrame::Batch { first_seq, last_seq: body.last_seq(), raw });
+                    let last_seq = body.last_seq();
+                    if let Some(tail) = &mut self.tail {
+                        tail.push(first_seq, last_seq, raw.clone());
+                    }
+                    self.ship(ReplFrame::Batch { first_seq, last_seq, raw });
                 }
                 Err(e) => {
                     let reason = e.to_string();
@@ -540,9 +603,10 @@ impl WriterState {
                 results.push((r, c));
             }
         }
-        // Durability `replicated` with an in-sync follower: confirm after its ack.
-        let hold =
-            self.config.durability == Durability::Replicated && self.follower.as_ref().is_some_and(|f| f.in_sync);
+        // Durability `replicated` with an in-sync follower, or one whose
+        // connection was lost but which is not declared down: confirm after its ack.
+        let hold = self.config.durability == Durability::Replicated
+            && (self.awaiting_peer || self.follower.as_ref().is_some_and(|f| f.in_sync));
         let seq = self.next_seq - 1;
         for (r, c) in results {
             let done = match r {
@@ -558,7 +622,7 @@ impl WriterState {
         }
         if !hold {
             self.release_held(u64::MAX);
-        } else if let Some(f) = self.follower.as_ref().filter(|f| f.in_sync) {
+        } else if let Some(f) = self.follower.as_ref().filter(|f| f.consistent) {
             // What the follower already acknowledged (a barrier with nothing new) goes now.
             let acked = f.acked;
             self.release_held(acked);
@@ -678,7 +742,7 @@ impl WriterState {
         }
     }
 
-    fn attach(&mut self, tx: FollowerTx) {
+    fn attach(&mut self, tx: FollowerTx, resume: bool) {
         if !self.active {
             tracing::warn!("a follower asked to attach to a passive store; ignored");
             return;
@@ -686,14 +750,54 @@ impl WriterState {
         if self.follower.is_some() {
             self.detach();
         }
+        let tail = self.tail.get_or_insert_with(Tail::default);
+        let synced_at = self.next_seq - 1;
+        if let Some(acked) = self.resume_at.filter(|_| resume) {
+            if let Some(records) = tail.from(acked + 1, self.next_seq) {
+                let frames = std::iter::once(ReplFrame::Resume {
+                    stream: self.stream,
+                    from_seq: acked + 1,
+                    in_sync: self.awaiting_peer,
+                })
+                .chain(records.map(|(first_seq, last_seq, raw)| ReplFrame::Batch {
+                    first_seq: *first_seq,
+                    last_seq: *last_seq,
+                    raw: raw.clone(),
+                }));
+                let mut sent = 0u64;
+                for f in frames {
+                    if tx.send(f).is_err() {
+                        return;
+                    }
+                    sent += 1;
+                }
+                tracing::info!(
+                    from_seq = acked + 1,
+                    synced_at,
+                    records = sent - 1,
+                    "peer resumes the replication stream"
+                );
+                self.follower = Some(Follower { tx, synced_at, acked, in_sync: false, consistent: true });
+                return;
+            }
+            tracing::info!(acked, "the records the peer lacks are no longer in memory; sending a snapshot");
+        }
         match self.snapshot(&tx) {
             Ok(()) => {
-                let synced_at = self.next_seq - 1;
                 tracing::info!(synced_at, live_batches = self.index.live_batches(), "snapshot sent to the peer");
-                self.follower = Some(Follower { tx, synced_at, acked: 0, in_sync: false });
+                self.follower = Some(Follower { tx, synced_at, acked: 0, in_sync: false, consistent: false });
             }
             Err(e) => tracing::error!(error = %e, "could not send a snapshot to the peer"),
         }
+    }
+
+    /// The stream ends (a role change): a follower of it must load a snapshot.
+    fn forget_stream(&mut self) {
+        self.stream = rand::random();
+        self.tail = None;
+        self.resume_at = None;
+        self.following = None;
+        self.resumed_from = None;
     }
 
     fn snapshot(&self, tx: &FollowerTx) -> Result<(), StoreError> {
@@ -712,13 +816,15 @@ impl WriterState {
             let (key, raw) = kv?;
             tx.send(ReplFrame::Record { key, raw }).map_err(gone)?;
         }
-        tx.send(ReplFrame::SnapshotEnd { next_seq: self.next_seq, epoch: self.epoch }).map_err(gone)?;
+        tx.send(ReplFrame::SnapshotEnd { next_seq: self.next_seq, epoch: self.epoch, stream: self.stream })
+            .map_err(gone)?;
         Ok(())
     }
 
     fn detach(&mut self) {
         if let Some(f) = self.follower.take() {
             tracing::info!("peer detached from replication");
+            self.resume_at = f.consistent.then_some(f.acked);
             if f.in_sync && self.config.durability == Durability::Replicated {
                 // The passive may still count itself in sync: what waits for it
                 // keeps waiting until it is back, or declared down.
@@ -759,6 +865,7 @@ impl WriterState {
         self.stats.peer_acked.store(f.acked, Ordering::Relaxed);
         if !f.in_sync && f.acked >= f.synced_at {
             f.in_sync = true;
+            f.consistent = true;
             self.awaiting_peer = false;
             self.stats.follower_in_sync.store(true, Ordering::Relaxed);
             tracing::info!(seq = f.acked, "peer in sync");
@@ -796,6 +903,7 @@ impl WriterState {
         self.dirty_dedup.clear();
         self.active = true;
         self.snapshot_loading = false;
+        self.forget_stream();
         self.stats.in_sync.store(false, Ordering::Relaxed);
         self.publish_stats();
         Ok(recovered)
@@ -841,6 +949,9 @@ impl WriterState {
             }
         }
         if let Some(e) = error {
+            // Whatever half-applied state that left is no copy to resume from.
+            self.following = None;
+            self.resumed_from = None;
             tracing::warn!(error = %e, "replication frame refused; a resync is needed");
             self.stats.in_sync.store(false, Ordering::Relaxed);
         }
@@ -873,6 +984,8 @@ impl WriterState {
                 self.store.db.flush()?;
                 self.store.clear_for_snapshot()?;
                 self.snapshot_loading = true;
+                self.following = None;
+                self.resumed_from = None;
                 Ok(false)
             }
             ReplFrame::Admin { key, value } if self.snapshot_loading => {
@@ -889,7 +1002,7 @@ impl WriterState {
                 self.store.log.insert(key.to_be_bytes(), raw)?;
                 Ok(false)
             }
-            ReplFrame::SnapshotEnd { next_seq, epoch } if self.snapshot_loading => {
+            ReplFrame::SnapshotEnd { next_seq, epoch, stream } if self.snapshot_loading => {
                 self.store.set_next_seq(next_seq)?;
                 self.store.set_epoch_unflushed(epoch)?;
                 self.store.set_last_active(false)?;
@@ -901,16 +1014,42 @@ impl WriterState {
                 self.dedup = recovered.dedup;
                 self.dirty_dedup.clear();
                 self.snapshot_loading = false;
+                self.following = Some(stream);
                 // Not in sync yet: the active confirms without waiting for us
                 // until it has our ack and sends InSync.
                 self.stats.last_seq.store(self.next_seq - 1, Ordering::Relaxed);
                 tracing::info!(epoch, next_seq, batches = recovered.batches, "snapshot from the peer loaded");
                 Ok(true)
             }
+            ReplFrame::Resume { stream, from_seq, in_sync } if !self.snapshot_loading => {
+                if self.following != Some(stream) {
+                    return Err(StoreError::Replication(
+                        "cannot resume a stream this store is not a copy of; a snapshot is needed".into(),
+                    ));
+                }
+                if from_seq > self.next_seq {
+                    return Err(StoreError::Replication(format!(
+                        "cannot resume from {from_seq}: this store holds only through {}",
+                        self.next_seq - 1
+                    )));
+                }
+                if !in_sync {
+                    // The active confirmed without us while we were away.
+                    self.stats.in_sync.store(false, Ordering::Relaxed);
+                }
+                tracing::info!(from_seq, holds = self.next_seq - 1, in_sync, "the active resumes its stream");
+                self.resumed_from = Some(from_seq);
+                Ok(false)
+            }
             ReplFrame::InSync { seq } if !self.snapshot_loading => {
                 tracing::info!(seq, "in sync with the active: every confirm now waits for this node");
                 self.stats.in_sync.store(true, Ordering::Relaxed);
                 Ok(false)
+            }
+            ReplFrame::Batch { first_seq, last_seq, .. }
+                if self.resumed_from.is_some_and(|from| first_seq >= from) && last_seq < self.next_seq =>
+            {
+                Ok(false) // resumed: this store already holds it
             }
             ReplFrame::Batch { first_seq, raw, .. } if !self.snapshot_loading => {
                 let body = BatchBody::decode(first_seq, &raw)?;
@@ -946,7 +1085,9 @@ impl WriterState {
             other => Err(StoreError::Replication(format!(
                 "unexpected {} frame",
                 match other {
-                    ReplFrame::Batch { .. } | ReplFrame::InSync { .. } => "stream frame (snapshot still loading)",
+                    ReplFrame::Batch { .. } | ReplFrame::InSync { .. } | ReplFrame::Resume { .. } => {
+                        "stream frame (snapshot still loading)"
+                    }
                     _ => "snapshot (no snapshot begun)",
                 }
             ))),
@@ -984,6 +1125,6 @@ fn complete(r: Request, result: Result<Committed, StoreError>) {
         Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(_, done) => done(result),
         Request::Apply(_, done) => done(result.map(|_| Applied::default())),
         Request::Promote(_, done) => done(Err(result.err().unwrap_or(StoreError::Closed))),
-        Request::AttachFollower(_) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}
+        Request::AttachFollower(..) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}
     }
 }

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use twinmq_store::*;
@@ -30,22 +30,61 @@ fn open(dir: &std::path::Path, active: bool) -> (Store, Writer) {
 
 /// Pump replication frames from the active to the passive and acks back, on a thread.
 fn link(active: &Writer, passive: &Writer) {
+    link_kinds(active, passive);
+}
+
+/// As `link`; the kinds of frame sent ("SnapshotBegin", "Resume", "Batch", ...)
+/// and the passive's refusals ("refused: ...") are recorded in order.
+fn link_kinds(active: &Writer, passive: &Writer) -> Arc<Mutex<Vec<String>>> {
+    link_kinds_with(active, passive, true)
+}
+
+/// `resume: false` is what the HA link asks for after the peer refused to resume.
+fn link_kinds_with(active: &Writer, passive: &Writer, resume: bool) -> Arc<Mutex<Vec<String>>> {
+    let kinds = Arc::new(Mutex::new(Vec::new()));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    active.attach_follower(tx);
-    let (a, p) = (active.clone(), passive.clone());
+    active.attach_follower(tx, resume);
+    let (a, p, seen) = (active.clone(), passive.clone(), kinds.clone());
     std::thread::spawn(move || {
         while let Some(frame) = rx.blocking_recv() {
-            let a = a.clone();
+            let kind = format!("{frame:?}");
+            seen.lock().unwrap().push(kind.split([' ', '{']).next().unwrap_or_default().to_string());
+            let (a, seen) = (a.clone(), seen.clone());
             p.apply(
                 frame,
-                Box::new(move |r| {
-                    if let Ok(Applied { ack: Some(seq), .. }) = r {
-                        a.peer_ack(seq);
-                    }
+                Box::new(move |r| match r {
+                    Ok(Applied { ack: Some(seq), .. }) => a.peer_ack(seq),
+                    Ok(_) => {}
+                    Err(e) => seen.lock().unwrap().push(format!("refused: {e}")),
                 }),
             );
         }
     });
+    kinds
+}
+
+fn in_sync(w: &Writer) -> bool {
+    w.stats().in_sync.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn promote(w: &Writer, epoch: u64) -> Recovered {
+    let (tx, rx) = mpsc::channel();
+    w.promote(epoch, Box::new(move |r| tx.send(r).unwrap()));
+    rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap()
+}
+
+fn bodies(rec: &Recovered, queue: &str) -> Vec<String> {
+    rec.messages
+        .get(queue)
+        .map_or(Vec::new(), |ms| ms.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect())
 }
 
 fn submit(w: &Writer, ops: Vec<Op>) -> Result<Committed, StoreError> {
@@ -100,7 +139,7 @@ fn records_of_an_older_epoch_are_refused() {
         rx.recv_timeout(Duration::from_secs(5)).unwrap().map(|a| a.ack)
     };
     assert_eq!(apply(ReplFrame::SnapshotBegin { epoch: 3 }).unwrap(), None, "nothing to acknowledge mid-snapshot");
-    apply(ReplFrame::SnapshotEnd { next_seq: 10, epoch: 3 }).unwrap();
+    apply(ReplFrame::SnapshotEnd { next_seq: 10, epoch: 3, stream: 1 }).unwrap();
     let old = BatchBody { epoch: 2, first_seq: 10, ops: vec![Op::DeleteQueue { key: "x".into() }] };
     let raw = old.encode().unwrap();
     assert!(apply(ReplFrame::Batch { first_seq: 10, last_seq: 10, raw }).is_err(), "epoch 2 < 3 is fenced");
@@ -153,4 +192,133 @@ fn users_and_grants_reach_the_passive_by_snapshot_and_by_stream() {
     p.promote(2, Box::new(move |r| tx.send(r).unwrap()));
     let rec = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
     assert_eq!(rec.users, users, "a promoted passive serves with the replicated users");
+}
+
+fn enqueue(i: u64) -> Vec<Op> {
+    vec![Op::Enqueue { message: msg(i, &format!("m{i}")), queues: vec!["q".into()] }]
+}
+
+#[test]
+fn a_follower_whose_connection_moves_resumes_the_tail_and_stays_in_sync() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_sa, a) = open(da.path(), true);
+    let (_sp, p) = open(dp.path(), false);
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    let first = link_kinds(&a, &p);
+    for i in 1..=20 {
+        submit(&a, enqueue(i)).unwrap();
+    }
+    wait_until("the passive is in sync", || in_sync(&p));
+    assert_eq!(first.lock().unwrap()[0], "SnapshotBegin", "a new follower starts with a snapshot");
+
+    // The connection is lost; the peer is not declared down.
+    a.detach_follower();
+    let (tx, held) = mpsc::channel();
+    for i in 21..=30 {
+        let tx = tx.clone();
+        a.submit(enqueue(i), Box::new(move |r| tx.send(r.map(|c| c.first_seq)).unwrap()));
+    }
+    assert!(
+        held.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a confirm went out while the in-sync passive lacked it"
+    );
+    assert!(in_sync(&p), "a lost connection alone does not make the passive fall out of sync");
+
+    // A new connection: the tail only, and the held confirms follow the passive's ack.
+    let second = link_kinds(&a, &p);
+    for _ in 21..=30 {
+        held.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    }
+    let kinds = second.lock().unwrap().clone();
+    assert_eq!(kinds.first().map(String::as_str), Some("Resume"), "{kinds:?}");
+    assert!(!kinds.iter().any(|k| k.starts_with("Snapshot") || k.starts_with("refused")), "{kinds:?}");
+    assert!(in_sync(&p), "the passive stayed in sync");
+    for i in 31..=40 {
+        submit(&a, enqueue(i)).unwrap();
+    }
+
+    // The copy is complete: the passive takes over with every message.
+    a.detach_follower();
+    let rec = promote(&p, 2);
+    assert_eq!(bodies(&rec, "q"), (1..=40).map(|i| format!("m{i}")).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_passive_declared_down_resumes_out_of_sync_until_it_has_caught_up() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_sa, a) = open(da.path(), true);
+    let (_sp, p) = open(dp.path(), false);
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    link(&a, &p);
+    submit(&a, enqueue(1)).unwrap();
+    wait_until("the passive is in sync", || in_sync(&p));
+    a.detach_follower();
+    a.peer_down();
+    // Degraded: confirmed here alone.
+    for i in 2..=10 {
+        submit(&a, enqueue(i)).unwrap();
+    }
+    let kinds = link_kinds(&a, &p);
+    wait_until("the passive caught up and got InSync again", || {
+        kinds.lock().unwrap().iter().any(|k| k == "InSync") && in_sync(&p)
+    });
+    let kinds = kinds.lock().unwrap().clone();
+    assert_eq!(kinds[0], "Resume", "{kinds:?}");
+    assert!(!kinds.iter().any(|k| k.starts_with("Snapshot")), "{kinds:?}");
+    a.detach_follower();
+    let rec = promote(&p, 2);
+    assert_eq!(bodies(&rec, "q"), (1..=10).map(|i| format!("m{i}")).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_store_that_is_not_a_copy_of_the_stream_refuses_to_resume_and_gets_a_snapshot() {
+    let (da, dp, dq) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_sa, a) = open(da.path(), true);
+    let (_sp, p) = open(dp.path(), false);
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    link(&a, &p);
+    submit(&a, enqueue(1)).unwrap();
+    wait_until("the passive is in sync", || in_sync(&p));
+    a.detach_follower();
+    a.peer_down();
+    submit(&a, enqueue(2)).unwrap();
+    // The peer comes back with another store (replaced, or restarted from scratch).
+    let (_sq, q) = open(dq.path(), false);
+    let kinds = link_kinds_with(&a, &q, true);
+    wait_until("the new store refuses to resume", || kinds.lock().unwrap().iter().any(|k| k.starts_with("refused")));
+    let refusal = kinds.lock().unwrap().iter().find(|k| k.starts_with("refused")).cloned().unwrap();
+    assert!(refusal.contains("cannot resume"), "{refusal}");
+    // What the HA link does on a refusal: attach again, with a snapshot.
+    let kinds = link_kinds_with(&a, &q, false);
+    wait_until("the new store is in sync", || in_sync(&q));
+    assert_eq!(kinds.lock().unwrap()[0], "SnapshotBegin");
+    a.detach_follower();
+    assert_eq!(bodies(&promote(&q, 2), "q"), ["m1", "m2"]);
+}
+
+#[test]
+fn a_follower_away_longer_than_the_kept_tail_gets_a_snapshot() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_sa, a) = open(da.path(), true);
+    let (_sp, p) = open(dp.path(), false);
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    link(&a, &p);
+    submit(&a, enqueue(1)).unwrap();
+    wait_until("the passive is in sync", || in_sync(&p));
+    a.detach_follower();
+    a.peer_down();
+    // More than the 32 MiB the active keeps in memory.
+    for i in 2..=40 {
+        let mut m = msg(i, "");
+        m.payload = vec![i as u8; 1024 * 1024];
+        submit(&a, vec![Op::Enqueue { message: m, queues: vec!["q".into()] }]).unwrap();
+    }
+    let kinds = link_kinds(&a, &p);
+    wait_until("the passive is in sync again", || in_sync(&p) && kinds.lock().unwrap().iter().any(|k| k == "InSync"));
+    let kinds = kinds.lock().unwrap().clone();
+    assert_eq!(kinds[0], "SnapshotBegin", "{:?}", &kinds[..kinds.len().min(5)]);
+    a.detach_follower();
+    let rec = promote(&p, 2);
+    assert_eq!(rec.messages["q"].len(), 40);
+    assert!(rec.messages["q"][39].payload.iter().all(|b| *b == 40));
 }
