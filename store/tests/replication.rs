@@ -47,8 +47,17 @@ fn link_kinds_with(active: &Writer, passive: &Writer, resume: bool) -> Arc<Mutex
     let (a, p, seen) = (active.clone(), passive.clone(), kinds.clone());
     std::thread::spawn(move || {
         while let Some(frame) = rx.blocking_recv() {
-            let kind = format!("{frame:?}");
-            seen.lock().unwrap().push(kind.split([' ', '{']).next().unwrap_or_default().to_string());
+            let kind = match &frame {
+                ReplFrame::SnapshotBegin { .. } => "SnapshotBegin",
+                ReplFrame::Record { .. } => "Record",
+                ReplFrame::Admin { .. } => "Admin",
+                ReplFrame::Producer { .. } => "Producer",
+                ReplFrame::SnapshotEnd { .. } => "SnapshotEnd",
+                ReplFrame::Resume { .. } => "Resume",
+                ReplFrame::InSync { .. } => "InSync",
+                ReplFrame::Batch { .. } => "Batch",
+            };
+            seen.lock().unwrap().push(kind.to_string());
             let (a, seen) = (a.clone(), seen.clone());
             p.apply(
                 frame,
@@ -177,6 +186,8 @@ fn users_and_grants_reach_the_passive_by_snapshot_and_by_stream() {
     submit(&a, vec![Op::PutUser { name: "ops".into(), user: user("h1", &[(Permission::Admin, "#")]) }]).unwrap();
     submit(&a, vec![Op::PutUser { name: "gone".into(), user: user("h2", &[]) }]).unwrap();
     link(&a, &p);
+    // Once in sync, a confirm means the passive has it.
+    wait_until("the passive is in sync", || in_sync(&p));
     // After the link: travels in the stream, including a change and a removal.
     submit(&a, vec![Op::PutUser { name: "app".into(), user: user("h3", &[(Permission::Produce, "orders.*")]) }])
         .unwrap();
