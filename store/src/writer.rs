@@ -240,6 +240,7 @@ impl Writer {
             resume_at: None,
             following: None,
             resumed_from: None,
+            resync_needed: false,
         };
         state.publish_stats();
         let handle = std::thread::Builder::new()
@@ -415,6 +416,9 @@ struct WriterState {
     following: Option<u64>,
     /// Passive: after a `Resume` from this sequence, records already held are skipped.
     resumed_from: Option<u64>,
+    /// Passive: a frame was refused; nothing but a new snapshot or resume is
+    /// applied (or acknowledged) until the active starts anew.
+    resync_needed: bool,
 }
 
 impl WriterState {
@@ -927,7 +931,10 @@ impl WriterState {
         let mut error = None;
         let mut flushed_needed = false;
         for (frame, done) in frames {
-            if error.is_none() {
+            // After a refusal, what the old stream still had in flight is
+            // dropped: one refusal is enough for the active to start anew.
+            let starts_anew = matches!(frame, ReplFrame::SnapshotBegin { .. } | ReplFrame::Resume { .. });
+            if error.is_none() && (!self.resync_needed || starts_anew) {
                 match self.apply_one(frame) {
                     Ok(needs_flush) => flushed_needed |= needs_flush,
                     Err(e) => error = Some(e),
@@ -940,20 +947,22 @@ impl WriterState {
                 error = Some(e);
             }
         }
-        // While a snapshot loads, `next_seq` is the old store's: never acknowledge it.
-        let through = (!self.snapshot_loading).then(|| self.next_seq - 1);
-        for done in dones {
-            match &error {
-                None => done(Ok(Applied { ack: through, divergent: std::mem::take(&mut self.divergent) })),
-                Some(e) => done(Err(StoreError::Replication(e.to_string()))),
-            }
-        }
-        if let Some(e) = error {
+        if let Some(e) = &error {
             // Whatever half-applied state that left is no copy to resume from.
             self.following = None;
             self.resumed_from = None;
+            self.resync_needed = true;
             tracing::warn!(error = %e, "replication frame refused; a resync is needed");
             self.stats.in_sync.store(false, Ordering::Relaxed);
+        }
+        // While a snapshot loads, `next_seq` is the old store's: never acknowledge it.
+        let through = (!self.snapshot_loading && !self.resync_needed).then(|| self.next_seq - 1);
+        let mut error = error.map(|e| StoreError::Replication(e.to_string()));
+        for done in dones {
+            match error.take() {
+                None => done(Ok(Applied { ack: through, divergent: std::mem::take(&mut self.divergent) })),
+                Some(e) => done(Err(e)),
+            }
         }
         self.publish_stats();
     }
@@ -986,6 +995,7 @@ impl WriterState {
                 self.snapshot_loading = true;
                 self.following = None;
                 self.resumed_from = None;
+                self.resync_needed = false;
                 Ok(false)
             }
             ReplFrame::Admin { key, value } if self.snapshot_loading => {

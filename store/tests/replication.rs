@@ -147,18 +147,23 @@ fn records_of_an_older_epoch_are_refused() {
         p.apply(frame, Box::new(move |r| tx.send(r).unwrap()));
         rx.recv_timeout(Duration::from_secs(5)).unwrap().map(|a| a.ack)
     };
-    assert_eq!(apply(ReplFrame::SnapshotBegin { epoch: 3 }).unwrap(), None, "nothing to acknowledge mid-snapshot");
-    apply(ReplFrame::SnapshotEnd { next_seq: 10, epoch: 3, stream: 1 }).unwrap();
-    let old = BatchBody { epoch: 2, first_seq: 10, ops: vec![Op::DeleteQueue { key: "x".into() }] };
-    let raw = old.encode().unwrap();
-    assert!(apply(ReplFrame::Batch { first_seq: 10, last_seq: 10, raw }).is_err(), "epoch 2 < 3 is fenced");
-    let gap = BatchBody { epoch: 3, first_seq: 12, ops: vec![Op::DeleteQueue { key: "x".into() }] };
-    assert!(
-        apply(ReplFrame::Batch { first_seq: 12, last_seq: 12, raw: gap.encode().unwrap() }).is_err(),
-        "a gap is refused"
-    );
-    let ok = BatchBody { epoch: 3, first_seq: 10, ops: vec![Op::DeleteQueue { key: "x".into() }] };
-    assert_eq!(apply(ReplFrame::Batch { first_seq: 10, last_seq: 10, raw: ok.encode().unwrap() }).unwrap(), Some(10));
+    let snapshot = |next_seq| {
+        assert_eq!(apply(ReplFrame::SnapshotBegin { epoch: 3 }).unwrap(), None, "nothing to acknowledge mid-snapshot");
+        assert_eq!(apply(ReplFrame::SnapshotEnd { next_seq, epoch: 3, stream: 1 }).unwrap(), Some(next_seq - 1));
+    };
+    let batch = |epoch, first_seq| {
+        let body = BatchBody { epoch, first_seq, ops: vec![Op::DeleteQueue { key: "x".into() }] };
+        ReplFrame::Batch { first_seq, last_seq: first_seq, raw: body.encode().unwrap() }
+    };
+    snapshot(10);
+    assert!(apply(batch(2, 10)).is_err(), "epoch 2 < 3 is fenced");
+    // One refusal is enough: what the old stream still sends is dropped, unacknowledged.
+    assert_eq!(apply(batch(3, 10)).unwrap(), None, "nothing is applied until the active starts anew");
+    assert!(apply(ReplFrame::Resume { stream: 1, from_seq: 10, in_sync: true }).is_err(), "no resume after a refusal");
+    snapshot(10);
+    assert!(apply(batch(3, 12)).is_err(), "a gap is refused");
+    snapshot(10);
+    assert_eq!(apply(batch(3, 10)).unwrap(), Some(10));
 }
 
 #[test]
