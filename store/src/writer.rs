@@ -20,7 +20,9 @@
 //! right after its local flush. With `durability = replicated` and an
 //! in-sync follower, completions wait until the follower acknowledges a
 //! sequence at or past their record (it acknowledges after its own flush).
-//! If the follower goes away, waiting completions are released as local
+//! If the follower's connection is lost they keep waiting: a new connection
+//! resumes the stream from the records kept in memory (`Resume`, no new
+//! snapshot). Once the peer is declared down they are released as local
 //! confirms (degraded), or failed with `require_replica`.
 //!
 //! On the passive node local submissions are refused; the writer applies
