@@ -484,6 +484,14 @@ impl Handler<Incoming> for Session {
                 }))
             }
             ClientFrame::Status { req } => {
+                // The status names every destination, user count and peer: operators only.
+                if !self.security.borrow().is_some_admin(self.user.as_deref()) {
+                    tracing::warn!(session = self.id, user = ?self.user, "refused: status needs an admin grant");
+                    let who = self.user.as_deref().unwrap_or("anonymous");
+                    let why = format!("user `{who}` may not read the node status (it needs an admin grant)");
+                    self.error(ErrorCode::NotAuthorized, ErrorContext::Request { req }, why);
+                    return done();
+                }
                 let st = self.node.send(crate::node::GetNodeStatus);
                 Box::pin(st.into_actor(self).map(move |res, act, _| match res {
                     Ok(json) => act.send(ServerFrame::StatusReply { req, json: json.to_string() }),

@@ -78,6 +78,12 @@ async fn a_user_without_produce_rights_cannot_send_and_nothing_is_stored() {
     // Not even auto-created: the refusal comes before the destination is resolved.
     assert_eq!(depth_of(&queue_depths(&root).await, "orders.eu"), None);
     assert!(b.log().contains("refused: not authorized"), "a log line for the denial");
+    // The node status (every destination, the peer) is for operators only.
+    let err = reader.status().await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+    assert!(b.log().contains("refused: status needs an admin grant"), "a log line for the denial");
+    let root_client = Client::connect(root.clone()).await.unwrap();
+    assert!(root_client.status().await.unwrap().contains("\"role\""), "an admin reads it on a messaging connection");
 
     // The same connection still works for what the user may do.
     let mut c = reader.subscribe(Destination::queue("orders.eu"), SubscribeOptions::default()).await.unwrap();
