@@ -16,6 +16,8 @@ const META_EPOCH: &[u8] = b"epoch";
 const META_NEXT_SEQ: &[u8] = b"next_seq";
 const META_NODE_ID: &[u8] = b"node_id";
 const META_LAST_ACTIVE: &[u8] = b"last_active";
+/// Passive: the active's replication stream this store is a consistent copy of.
+const META_FOLLOWING: &[u8] = b"following";
 
 /// When a write counts as done. The promise each mode makes is written once,
 /// in the crate documentation (see `lib.rs`).
@@ -296,12 +298,27 @@ impl Store {
         Ok(())
     }
 
+    /// The replication stream this (passive) store is a copy of, if any: a
+    /// restarted passive resumes it instead of loading a new snapshot.
+    pub(crate) fn following(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.meta.get(META_FOLLOWING)?.and_then(|v| be_u64(&v)))
+    }
+
+    pub(crate) fn set_following(&self, stream: Option<u64>) -> Result<(), StoreError> {
+        match stream {
+            Some(s) => self.meta.insert(META_FOLLOWING, &s.to_be_bytes())?,
+            None => self.meta.remove(META_FOLLOWING)?,
+        };
+        Ok(())
+    }
+
     /// Forget all replicated state before a snapshot is loaded (node id stays).
     pub(crate) fn clear_for_snapshot(&self) -> Result<(), StoreError> {
         self.log.clear()?;
         self.admin.clear()?;
         self.producers.clear()?;
         self.meta.remove(META_NEXT_SEQ)?;
+        self.meta.remove(META_FOLLOWING)?;
         Ok(())
     }
 

@@ -219,6 +219,7 @@ impl Writer {
         stats.last_seq.store(recovered.next_seq - 1, Ordering::Relaxed);
         stats.epoch.store(recovered.epoch, Ordering::Relaxed);
         let lease_base = Instant::now();
+        let config_active = config.active;
         let state = WriterState {
             lease_base,
             store: store.clone(),
@@ -240,7 +241,8 @@ impl Writer {
             stream: rand::random(),
             tail: None,
             resume_at: None,
-            following: None,
+            // Survives a restart: a passive that was a consistent copy resumes.
+            following: if config_active { None } else { store.following()? },
             resumed_from: None,
             resync_needed: false,
         };
@@ -899,6 +901,7 @@ impl WriterState {
         self.store.set_epoch_unflushed(epoch)?;
         self.store.set_last_active(true)?;
         self.store.set_next_seq(self.next_seq)?;
+        self.store.set_following(None)?;
         self.flush()?;
         let mut recovered = self.store.recover()?;
         self.epoch = epoch;
@@ -950,10 +953,14 @@ impl WriterState {
             }
         }
         if let Some(e) = &error {
-            // Whatever half-applied state that left is no copy to resume from.
+            // Whatever half-applied state that left is no copy to resume from,
+            // not even after a restart.
             self.following = None;
             self.resumed_from = None;
             self.resync_needed = true;
+            if let Err(e) = self.store.set_following(None).and_then(|_| Ok(self.store.db.flush()?)) {
+                tracing::error!(error = %e, "could not record that this store needs a resync");
+            }
             tracing::warn!(error = %e, "replication frame refused; a resync is needed");
             self.stats.in_sync.store(false, Ordering::Relaxed);
         }
@@ -990,8 +997,10 @@ impl WriterState {
                         );
                     }
                 }
-                // Durably not a candidate for the cold-start rule while half loaded.
+                // Durably not a candidate for the cold-start rule, and no copy
+                // to resume from, while half loaded.
                 self.store.set_last_active(false)?;
+                self.store.set_following(None)?;
                 self.store.db.flush()?;
                 self.store.clear_for_snapshot()?;
                 self.snapshot_loading = true;
@@ -1018,6 +1027,7 @@ impl WriterState {
                 self.store.set_next_seq(next_seq)?;
                 self.store.set_epoch_unflushed(epoch)?;
                 self.store.set_last_active(false)?;
+                self.store.set_following(Some(stream))?;
                 self.flush()?;
                 let mut recovered = self.store.recover()?;
                 self.epoch = recovered.epoch;

@@ -338,3 +338,80 @@ fn a_follower_away_longer_than_the_kept_tail_gets_a_snapshot() {
     assert_eq!(rec.messages["q"].len(), 40);
     assert!(rec.messages["q"][39].payload.iter().all(|b| *b == 40));
 }
+
+/// Open a passive store again after its writer stopped (sled may hold its
+/// file lock for a moment after the last handle is gone).
+fn reopen_passive(dir: &std::path::Path) -> (Store, Writer) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (store, mut rec) = loop {
+        match Store::open(&StoreConfig::new(dir)) {
+            Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => break other.unwrap(),
+        }
+    };
+    let cfg = WriterConfig { durability: Durability::Replicated, active: false, ..WriterConfig::default() };
+    let (w, _h) = Writer::start(store.clone(), &mut rec, cfg).unwrap();
+    (store, w)
+}
+
+#[test]
+fn a_restarted_passive_resumes_from_its_own_store() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_sa, a) = open(da.path(), true);
+    {
+        let (sp, p) = open(dp.path(), false);
+        submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+        link(&a, &p);
+        for i in 1..=10 {
+            submit(&a, enqueue(i)).unwrap();
+        }
+        wait_until("the passive is in sync", || in_sync(&p));
+        submit(&a, enqueue(11)).unwrap(); // in sync: the passive has flushed it
+        a.detach_follower(); // the pump thread ends and lets go of the passive
+        a.peer_down();
+        drop((sp, p));
+    }
+    // Confirmed while the passive was down.
+    for i in 12..=20 {
+        submit(&a, enqueue(i)).unwrap();
+    }
+    let (_sp, p) = reopen_passive(dp.path());
+    assert!(!in_sync(&p), "a restarted passive is not in sync until the active says so");
+    let kinds = link_kinds(&a, &p);
+    wait_until("the passive caught up", || in_sync(&p));
+    let kinds = kinds.lock().unwrap().clone();
+    assert_eq!(kinds[0], "Resume", "{kinds:?}");
+    assert!(!kinds.iter().any(|k| k.starts_with("Snapshot") || k.starts_with("refused")), "{kinds:?}");
+    a.detach_follower();
+    assert_eq!(bodies(&promote(&p, 2), "q"), (1..=20).map(|i| format!("m{i}")).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_passive_that_stopped_during_a_snapshot_does_not_resume_over_it() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_sa, a) = open(da.path(), true);
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    submit(&a, enqueue(1)).unwrap();
+    {
+        let (sp, p) = open(dp.path(), false);
+        link(&a, &p);
+        wait_until("the passive is in sync", || in_sync(&p));
+        a.detach_follower();
+        a.peer_down();
+        // A new snapshot begins (the stream was refused, say) and the passive stops half-way.
+        let (tx, rx) = mpsc::channel();
+        p.apply(ReplFrame::SnapshotBegin { epoch: 1 }, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+        drop((sp, p));
+    }
+    let (_sp, p) = reopen_passive(dp.path());
+    let kinds = link_kinds(&a, &p);
+    wait_until("the passive refused to resume", || kinds.lock().unwrap().iter().any(|k| k.starts_with("refused")));
+    let kinds = link_kinds_with(&a, &p, false);
+    wait_until("the passive is in sync again", || in_sync(&p));
+    assert_eq!(kinds.lock().unwrap()[0], "SnapshotBegin");
+    a.detach_follower();
+    assert_eq!(bodies(&promote(&p, 2), "q"), ["m1"]);
+}
