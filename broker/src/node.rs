@@ -584,14 +584,20 @@ impl Handler<Admin> for Node {
 }
 
 impl Handler<twinmq_ha::monitor::DivergentMessages> for Node {
-    type Result = ();
-    fn handle(&mut self, m: twinmq_ha::monitor::DivergentMessages, _: &mut Context<Self>) {
+    type Result = ResponseFuture<bool>;
+    fn handle(&mut self, m: twinmq_ha::monitor::DivergentMessages, _: &mut Context<Self>) -> Self::Result {
         match &self.router {
-            Some(r) => r.do_send(router::RestoreDivergent(m.messages)),
-            None => tracing::error!(
-                messages = m.messages.len(),
-                "messages handed over after a split arrived while this node is not active; they stay with the peer"
-            ),
+            Some(r) => {
+                let stored = r.send(router::RestoreDivergent(m.messages));
+                Box::pin(async move { stored.await.unwrap_or(false) })
+            }
+            None => {
+                tracing::warn!(
+                    messages = m.messages.len(),
+                    "messages handed over after a split arrived while this node is not active; they stay with the peer"
+                );
+                Box::pin(async { false })
+            }
         }
     }
 }

@@ -760,16 +760,20 @@ impl Handler<Purge> for Queue {
 }
 
 /// A message another node stored during a split and this node may lack.
+/// Answers `true` once the message is durable here.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "bool")]
 pub struct Restore {
     pub message: StoredMessage,
 }
 
 impl Handler<Restore> for Queue {
-    type Result = ();
-    fn handle(&mut self, r: Restore, ctx: &mut Context<Self>) {
-        let QueueMode::Stored { key } = &self.mode else { return };
+    type Result = ResponseFuture<bool>;
+    fn handle(&mut self, r: Restore, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let QueueMode::Stored { key } = &self.mode else {
+            return Box::pin(async { false });
+        };
         let me = ctx.address();
         let label = self.label.clone();
         // Not through the producer's idempotence mark: it only says how far the
@@ -780,18 +784,20 @@ impl Handler<Restore> for Queue {
         self.writer.submit(
             vec![Op::Enqueue { message, queues: vec![key.clone()] }],
             Box::new(move |res| match res {
-                Ok(c) if !c.duplicate => {
+                Ok(c) => {
                     for op in c.ops {
                         if let Op::Enqueue { message, .. } = op {
                             me.do_send(Stored { messages: vec![Arc::new(message)] });
                         }
                     }
+                    let _ = tx.send(true);
                 }
-                Ok(_) => {}
                 Err(e) => {
-                    tracing::error!(queue = %label, error = %e, "could not store a message handed over after a split")
+                    tracing::error!(queue = %label, error = %e, "could not store a message handed over after a split");
+                    let _ = tx.send(false);
                 }
             }),
         );
+        Box::pin(async move { rx.await == Ok(true) })
     }
 }

@@ -485,14 +485,16 @@ impl Handler<StopAll> for Router {
 }
 
 /// Messages the peer stored during a split (see twinmq-ha's `DivergentMessages`).
+/// `true` once every one is stored, or dropped because its subscription was deleted.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "bool")]
 pub struct RestoreDivergent(pub Vec<(String, StoredMessage)>);
 
 impl Handler<RestoreDivergent> for Router {
-    type Result = ();
-    fn handle(&mut self, m: RestoreDivergent, ctx: &mut Context<Self>) {
+    type Result = ResponseFuture<bool>;
+    fn handle(&mut self, m: RestoreDivergent, ctx: &mut Context<Self>) -> Self::Result {
         let me = ctx.address();
+        let mut stored = Vec::with_capacity(m.0.len());
         for (key, message) in m.0 {
             let target = if let Some(name) = key.strip_prefix("q/") {
                 Some(match self.queues.get(name) {
@@ -505,11 +507,18 @@ impl Handler<RestoreDivergent> for Router {
                 None
             };
             match target {
-                Some(q) => q.do_send(queue::Restore { message }),
+                Some(q) => stored.push(q.send(queue::Restore { message })),
                 None => {
                     tracing::warn!(queue = %key, "a message handed over after a split names a queue that no longer exists")
                 }
             }
         }
+        Box::pin(async move {
+            let mut all = true;
+            for s in stored {
+                all &= matches!(s.await, Ok(true));
+            }
+            all
+        })
     }
 }

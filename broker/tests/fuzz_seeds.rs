@@ -167,6 +167,7 @@ fn link_frames() -> Vec<HaFrame> {
         HaFrame::ReplAck { seq: 13 },
         HaFrame::ReplRefused { reason: "gap".into() },
         HaFrame::Divergent { messages: vec![("q/orders".into(), message)] },
+        HaFrame::DivergentStored { ids: vec![(2, 13)] },
         HaFrame::TakeOver { epoch: 2, last_seq: 13 },
     ]
 }

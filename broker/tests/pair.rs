@@ -308,8 +308,18 @@ async fn after_a_healed_split_the_losing_side_hands_over_what_it_confirmed() {
     pair.a.wait_role("passive", WAIT).await;
     pair.b.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
     assert!(pair.a.log().contains("handing them to the new active"), "a handed over:\n{}", pair.a.log());
-    // Give the handed-over messages a moment to be stored.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // b says when it has stored them; only then does a forget them.
+    for _ in 0..100 {
+        if pair.a.log().contains("the new active stored the messages handed over") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        pair.a.log().contains("the new active stored the messages handed over"),
+        "b confirmed the hand-over:\n{}",
+        pair.a.log()
+    );
     let received = consume_all(&pair, "split").await;
     assert_no_loss(&confirmed, &received, "healed split");
 }

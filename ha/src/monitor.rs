@@ -57,9 +57,11 @@ pub struct PeerReport {
 }
 
 /// Messages the peer stored during a split that this (active) node lacks;
-/// the broker stores those it does not already have (idempotence marks).
+/// the broker stores them (at-least-once: a resent hand-over may duplicate).
+/// The answer is `true` once every message is stored (or knowingly dropped:
+/// its subscription was deleted); then the peer is told to forget them.
 #[derive(Debug, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "bool")]
 pub struct DivergentMessages {
     pub messages: Vec<(String, twinmq_store::StoredMessage)>,
 }
@@ -387,7 +389,8 @@ async fn run_conn(
                 HaFrame::ReplAck { seq } => writer.peer_ack(seq),
                 HaFrame::ReplRefused { reason } => monitor.do_send(ReplicationRefused { conn: id, reason }),
                 HaFrame::TakeOver { epoch, last_seq } => monitor.do_send(TakeOverRequest { epoch, last_seq }),
-                HaFrame::Divergent { messages } => monitor.do_send(DivergentMessages { messages }),
+                HaFrame::Divergent { messages } => monitor.do_send(HandedOver { conn: id, messages }),
+                HaFrame::DivergentStored { ids } => writer.handover_stored(ids),
                 other => break format!("unexpected frame {other:?}"),
             },
         }
@@ -540,11 +543,34 @@ impl Handler<ReplicationRefused> for PeerMonitor {
     }
 }
 
-impl Handler<DivergentMessages> for PeerMonitor {
+/// The peer handed over messages on connection `conn`.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct HandedOver {
+    conn: ConnId,
+    messages: Vec<(String, twinmq_store::StoredMessage)>,
+}
+
+impl Handler<HandedOver> for PeerMonitor {
     type Result = ();
-    fn handle(&mut self, m: DivergentMessages, _: &mut Context<Self>) {
+    fn handle(&mut self, m: HandedOver, ctx: &mut Context<Self>) {
         tracing::warn!(messages = m.messages.len(), "the peer hands over messages it stored during a split");
-        self.divergent_to.do_send(m);
+        let ids: Vec<(u64, u64)> = m.messages.iter().map(|(_, msg)| (msg.epoch, msg.seq)).collect();
+        let stored = self.divergent_to.send(DivergentMessages { messages: m.messages });
+        ctx.spawn(stored.into_actor(self).map(move |res, act, _| {
+            if !matches!(res, Ok(true)) {
+                // The peer keeps them and sends them again on the next attach.
+                tracing::warn!(messages = ids.len(), "messages handed over were not all stored; the peer keeps them");
+                return;
+            }
+            // On the connection they came on, or any other if it is gone.
+            let frame = HaFrame::DivergentStored { ids };
+            let sent = act.conns.get(&m.conn).is_some_and(|c| c.tx.send(frame.clone()).is_ok())
+                || act.conns.values().any(|c| c.tx.send(frame.clone()).is_ok());
+            if !sent {
+                tracing::warn!("no connection to tell the peer its hand-over is stored; it will send it again");
+            }
+        }));
     }
 }
 

@@ -86,6 +86,11 @@ pub enum HaFrame {
     Divergent {
         messages: Vec<(String, twinmq_store::StoredMessage)>,
     },
+    /// The active to the node that handed messages over: it stored these
+    /// (the messages' epoch and sequence on the sender); they can be forgotten.
+    DivergentStored {
+        ids: Vec<(u64, u64)>,
+    },
     /// Active to passive during a switchover: everything up to `last_seq` of
     /// `epoch` is yours; take the role with `epoch + 1`.
     TakeOver {

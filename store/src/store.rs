@@ -18,6 +18,8 @@ const META_NODE_ID: &[u8] = b"node_id";
 const META_LAST_ACTIVE: &[u8] = b"last_active";
 /// Passive: the active's replication stream this store is a consistent copy of.
 const META_FOLLOWING: &[u8] = b"following";
+/// A node that stepped down after a split: its peer acknowledged through here.
+const META_DIVERGED_AFTER: &[u8] = b"diverged_after";
 
 /// When a write counts as done. The promise each mode makes is written once,
 /// in the crate documentation (see `lib.rs`).
@@ -94,6 +96,10 @@ pub struct Store {
     pub(crate) admin: sled::Tree,
     pub(crate) producers: sled::Tree,
     pub(crate) meta: sled::Tree,
+    /// Messages this node confirmed during a split that its peer never had,
+    /// kept until the new active says it stored them (not cleared by a
+    /// snapshot). Key: the message's epoch and sequence.
+    pub(crate) handover: sled::Tree,
 }
 
 impl std::fmt::Debug for Store {
@@ -118,6 +124,13 @@ pub struct Recovered {
     pub(crate) index: LiveIndex,
     /// Batch records read.
     pub batches: usize,
+}
+
+fn handover_key(epoch: u64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&epoch.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn be_u64(v: &[u8]) -> Option<u64> {
@@ -160,6 +173,7 @@ impl Store {
             admin: db.open_tree("admin")?,
             producers: db.open_tree("producers")?,
             meta: db.open_tree("meta")?,
+            handover: db.open_tree("handover")?,
             db,
         };
         let recovered = store.recover()?;
@@ -309,6 +323,49 @@ impl Store {
             Some(s) => self.meta.insert(META_FOLLOWING, &s.to_be_bytes())?,
             None => self.meta.remove(META_FOLLOWING)?,
         };
+        Ok(())
+    }
+
+    /// Set when a node steps down with records its peer never acknowledged,
+    /// so that a restart before the hand-over does not forget them.
+    pub(crate) fn diverged_after(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.meta.get(META_DIVERGED_AFTER)?.and_then(|v| be_u64(&v)))
+    }
+
+    pub(crate) fn set_diverged_after(&self, after: Option<u64>) -> Result<(), StoreError> {
+        match after {
+            Some(a) => self.meta.insert(META_DIVERGED_AFTER, &a.to_be_bytes())?,
+            None => self.meta.remove(META_DIVERGED_AFTER)?,
+        };
+        Ok(())
+    }
+
+    /// Keep `messages` (queue key, message) for the hand-over (unflushed).
+    pub(crate) fn keep_for_handover(&self, messages: &[(String, StoredMessage)]) -> Result<(), StoreError> {
+        for (queue, m) in messages {
+            let raw = rmp_serde::to_vec(&(queue, m)).map_err(|e| StoreError::Encode(e.to_string()))?;
+            self.handover.insert(handover_key(m.epoch, m.seq), raw)?;
+        }
+        Ok(())
+    }
+
+    /// Every message still waiting for the peer to store it, oldest first.
+    pub fn pending_handover(&self) -> Result<Vec<(String, StoredMessage)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.handover.iter() {
+            let (_, v) = kv?;
+            let m: (String, StoredMessage) = rmp_serde::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt { key: 0, reason: format!("handover entry: {e}") })?;
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    /// The peer stored these (epoch, seq) (unflushed).
+    pub(crate) fn handed_over(&self, ids: &[(u64, u64)]) -> Result<(), StoreError> {
+        for (epoch, seq) in ids {
+            self.handover.remove(handover_key(*epoch, *seq))?;
+        }
         Ok(())
     }
 

@@ -143,6 +143,8 @@ enum Request {
     Apply(ReplFrame, ApplyDone),
     /// Become active in `epoch`, and recover the live state for serving.
     Promote(u64, PromoteDone),
+    /// The new active stored these handed-over messages (epoch, seq).
+    HandoverStored(Vec<(u64, u64)>),
     /// Become passive: refuse local submissions from now on. `true`: this node
     /// stays the last active one (it stepped down for lack of a majority, and
     /// nobody is known to have taken over).
@@ -236,7 +238,8 @@ impl Writer {
             held: VecDeque::new(),
             awaiting_peer: false,
             snapshot_loading: false,
-            diverged_after: None,
+            // Survives a restart: the hand-over must not be forgotten.
+            diverged_after: if config_active { None } else { store.diverged_after()? },
             divergent: Vec::new(),
             stream: rand::random(),
             tail: None,
@@ -262,7 +265,11 @@ impl Writer {
                 }
                 Request::Apply(_, done) => done(Err(StoreError::Closed)),
                 Request::Promote(_, done) => done(Err(StoreError::Closed)),
-                Request::AttachFollower(..) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}
+                Request::AttachFollower(..)
+                | Request::HandoverStored(_)
+                | Request::DetachFollower
+                | Request::PeerDown
+                | Request::PeerAck(_) => {}
             }
         }
     }
@@ -311,6 +318,12 @@ impl Writer {
     /// Passive: apply a replication frame; `done` gets the highest durable sequence.
     pub fn apply(&self, frame: ReplFrame, done: ApplyDone) {
         self.send(Request::Apply(frame, done));
+    }
+
+    /// Passive after a split: the new active stored these messages this node
+    /// handed over (`(epoch, seq)` of each); they are forgotten here.
+    pub fn handover_stored(&self, ids: Vec<(u64, u64)>) {
+        self.send(Request::HandoverStored(ids));
     }
 
     /// Become active in `epoch` (persisted before `done` runs).
@@ -474,6 +487,14 @@ impl WriterState {
             Request::DetachFollower => self.detach(),
             Request::PeerDown => self.peer_down(),
             Request::PeerAck(seq) => self.peer_ack(seq),
+            Request::HandoverStored(ids) => {
+                let n = ids.len();
+                if let Err(e) = self.store.handed_over(&ids).and_then(|_| Ok(self.store.db.flush()?)) {
+                    tracing::error!(error = %e, "could not forget handed-over messages; they will be sent again");
+                } else {
+                    tracing::info!(messages = n, "the new active stored the messages handed over after the split");
+                }
+            }
             Request::Apply(frame, done) => {
                 // Group the waiting record frames: one flush for all of them.
                 let mut batch = vec![(frame, done)];
@@ -495,6 +516,9 @@ impl WriterState {
                     let acked = self.stats.peer_acked.load(Ordering::Relaxed);
                     if self.next_seq - 1 > acked {
                         self.diverged_after = Some(acked);
+                        if let Err(e) = self.store.set_diverged_after(Some(acked)) {
+                            tracing::error!(error = %e, "could not record what the peer never acknowledged");
+                        }
                     }
                 }
                 if self.active {
@@ -902,6 +926,9 @@ impl WriterState {
         self.store.set_last_active(true)?;
         self.store.set_next_seq(self.next_seq)?;
         self.store.set_following(None)?;
+        self.store.set_diverged_after(None)?;
+        self.diverged_after = None;
+        self.take_back_handover(epoch)?;
         self.flush()?;
         let mut recovered = self.store.recover()?;
         self.epoch = epoch;
@@ -916,6 +943,49 @@ impl WriterState {
         self.stats.in_sync.store(false, Ordering::Relaxed);
         self.publish_stats();
         Ok(recovered)
+    }
+
+    /// Becoming active with messages it handed over after a split that the
+    /// peer never confirmed storing: they are stored here again, in the
+    /// queues they were in (at-least-once: the peer may have them too).
+    fn take_back_handover(&mut self, epoch: u64) -> Result<(), StoreError> {
+        let pending = self.store.pending_handover()?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<(u64, u64)> = pending.iter().map(|(_, m)| (m.epoch, m.seq)).collect();
+        let mut ops = Vec::new();
+        let mut created = std::collections::HashSet::new();
+        let mut seq = self.next_seq;
+        for (key, mut message) in pending {
+            if self.store.admin.get(key.as_bytes())?.is_none() && !created.contains(&key) {
+                if !key.starts_with("q/") {
+                    tracing::warn!(queue = %key, "a message kept for the hand-over names a subscription that no longer exists");
+                    continue;
+                }
+                ops.push(Op::PutQueue { key: key.clone(), spec: crate::QueueSpec { kind: crate::QueueKind::Queue } });
+                created.insert(key.clone());
+                seq += 1;
+            }
+            message.epoch = epoch;
+            message.seq = seq;
+            message.producer_id = 0;
+            ops.push(Op::Enqueue { message, queues: vec![key] });
+            seq += 1;
+        }
+        if !ops.is_empty() {
+            let body = BatchBody { epoch, first_seq: self.next_seq, ops };
+            self.materialise_admin(&body)?;
+            self.store.log.insert(body.first_seq.to_be_bytes(), body.encode()?)?;
+            self.next_seq = body.last_seq() + 1;
+            self.store.set_next_seq(self.next_seq)?;
+        }
+        self.store.handed_over(&ids)?;
+        tracing::warn!(
+            messages = ids.len(),
+            "messages handed over after a split were never stored by the peer; stored here"
+        );
+        Ok(())
     }
 
     // ----- the passive side of replication -----
@@ -987,21 +1057,28 @@ impl WriterState {
                     return Err(StoreError::Fenced { got: epoch, current: self.epoch });
                 }
                 self.stats.in_sync.store(false, Ordering::Relaxed);
-                if let Some(after) = self.diverged_after.take() {
-                    self.divergent = self.divergent_messages(after)?;
-                    if !self.divergent.is_empty() {
+                if let Some(after) = self.diverged_after {
+                    // Kept durably (below, before the store is cleared) until the
+                    // new active says it stored them.
+                    let divergent = self.divergent_messages(after)?;
+                    if !divergent.is_empty() {
                         tracing::warn!(
-                            messages = self.divergent.len(),
+                            messages = divergent.len(),
                             after,
                             "this node stored messages its peer never acknowledged; handing them to the new active"
                         );
                     }
+                    self.store.keep_for_handover(&divergent)?;
+                    self.store.set_diverged_after(None)?;
                 }
                 // Durably not a candidate for the cold-start rule, and no copy
                 // to resume from, while half loaded.
                 self.store.set_last_active(false)?;
                 self.store.set_following(None)?;
                 self.store.db.flush()?;
+                self.diverged_after = None;
+                // Every attach sends what is still waiting (an earlier hand-over may have been lost).
+                self.divergent = self.store.pending_handover()?;
                 self.store.clear_for_snapshot()?;
                 self.snapshot_loading = true;
                 self.following = None;
@@ -1061,6 +1138,7 @@ impl WriterState {
                 }
                 tracing::info!(from_seq, holds = self.next_seq - 1, in_sync, "the active resumes its stream");
                 self.resumed_from = Some(from_seq);
+                self.divergent = self.store.pending_handover()?;
                 Ok(false)
             }
             ReplFrame::InSync { seq } if !self.snapshot_loading => {
@@ -1147,6 +1225,10 @@ fn complete(r: Request, result: Result<Committed, StoreError>) {
         Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(_, done) => done(result),
         Request::Apply(_, done) => done(result.map(|_| Applied::default())),
         Request::Promote(_, done) => done(Err(result.err().unwrap_or(StoreError::Closed))),
-        Request::AttachFollower(..) | Request::DetachFollower | Request::PeerDown | Request::PeerAck(_) => {}
+        Request::AttachFollower(..)
+        | Request::HandoverStored(_)
+        | Request::DetachFollower
+        | Request::PeerDown
+        | Request::PeerAck(_) => {}
     }
 }

@@ -62,8 +62,16 @@ fn link_kinds_with(active: &Writer, passive: &Writer, resume: bool) -> Arc<Mutex
             p.apply(
                 frame,
                 Box::new(move |r| match r {
-                    Ok(Applied { ack: Some(seq), .. }) => a.peer_ack(seq),
-                    Ok(_) => {}
+                    Ok(Applied { ack, divergent }) => {
+                        if !divergent.is_empty() {
+                            let bodies: Vec<String> =
+                                divergent.iter().map(|(_, m)| String::from_utf8_lossy(&m.payload).into()).collect();
+                            seen.lock().unwrap().push(format!("divergent: {}", bodies.join(",")));
+                        }
+                        if let Some(seq) = ack {
+                            a.peer_ack(seq);
+                        }
+                    }
                     Err(e) => seen.lock().unwrap().push(format!("refused: {e}")),
                 }),
             );
@@ -414,4 +422,77 @@ fn a_passive_that_stopped_during_a_snapshot_does_not_resume_over_it() {
     assert_eq!(kinds.lock().unwrap()[0], "SnapshotBegin");
     a.detach_follower();
     assert_eq!(bodies(&promote(&p, 2), "q"), ["m1"]);
+}
+
+fn demote(w: &Writer) {
+    let (tx, rx) = mpsc::channel();
+    w.demote(false, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+}
+
+fn handed_over(kinds: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+    kinds.lock().unwrap().iter().filter(|k| k.starts_with("divergent")).cloned().collect()
+}
+
+/// A (active) and B (its in-sync passive) split; both confirm alone; B is the
+/// new active and A steps down with m2 and m3 its peer never had.
+fn split_and_step_down(da: &std::path::Path, db: &std::path::Path) -> ((Store, Writer), (Store, Writer)) {
+    let (sa, a) = open(da, true);
+    let (sb, b) = open(db, false);
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    link(&a, &b);
+    wait_until("b is in sync", || in_sync(&b));
+    submit(&a, enqueue(1)).unwrap();
+    a.detach_follower();
+    a.peer_down();
+    submit(&a, enqueue(2)).unwrap();
+    submit(&a, enqueue(3)).unwrap();
+    promote(&b, 2);
+    submit(&b, enqueue(4)).unwrap();
+    demote(&a);
+    ((sa, a), (sb, b))
+}
+
+#[test]
+fn a_node_that_stepped_down_hands_over_until_the_new_active_stored_it_even_across_a_restart() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((sa, a), (_sb, b)) = split_and_step_down(da.path(), db.path());
+    // A restarts before the new active attaches it: what diverged is not forgotten.
+    drop((sa, a));
+    let (sa, a) = reopen_passive(da.path());
+    let kinds = link_kinds(&b, &a);
+    wait_until("a is in sync with b", || in_sync(&a));
+    assert_eq!(handed_over(&kinds), ["divergent: m2,m3"]);
+    // The new active never said it stored them (a lost connection, say): sent again.
+    b.detach_follower();
+    let kinds = link_kinds(&b, &a);
+    wait_until("a resumed", || kinds.lock().unwrap().iter().any(|k| k == "Resume"));
+    wait_until("the hand-over is sent again", || !handed_over(&kinds).is_empty());
+    assert_eq!(handed_over(&kinds), ["divergent: m2,m3"]);
+    // Once the new active stored them, they are forgotten.
+    let pending = sa.pending_handover().unwrap();
+    assert_eq!(pending.len(), 2);
+    a.handover_stored(pending.iter().map(|(_, m)| (m.epoch, m.seq)).collect());
+    wait_until("the hand-over is forgotten", || sa.pending_handover().unwrap().is_empty());
+    b.detach_follower();
+    let kinds = link_kinds(&b, &a);
+    wait_until("a resumed", || kinds.lock().unwrap().iter().any(|k| k == "Resume"));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(handed_over(&kinds).is_empty(), "{:?}", kinds.lock().unwrap());
+}
+
+#[test]
+fn a_node_that_becomes_active_again_before_its_hand_over_was_stored_keeps_those_messages() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((sa, a), (_sb, b)) = split_and_step_down(da.path(), db.path());
+    let kinds = link_kinds(&b, &a);
+    wait_until("a is in sync with b", || in_sync(&a));
+    assert_eq!(handed_over(&kinds), ["divergent: m2,m3"]);
+    // B dies before storing them; A takes over.
+    b.detach_follower();
+    let rec = promote(&a, 3);
+    let mut got = bodies(&rec, "q");
+    got.sort();
+    assert_eq!(got, ["m1", "m2", "m3", "m4"]);
+    assert!(sa.pending_handover().unwrap().is_empty());
 }
