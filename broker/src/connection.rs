@@ -319,7 +319,24 @@ async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     cx: &ConnectionContext,
     user: Option<String>,
 ) {
-    while let Some(frame) = reader.next().await {
+    // Held to the same idle limit as a messaging connection (one timer per
+    // frame: admin traffic is light).
+    let idle = cx.config.idle_timeout_ms.map(Duration::from_millis);
+    loop {
+        let next = match idle {
+            Some(limit) => match tokio::time::timeout(limit, reader.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let ms = limit.as_millis();
+                    tracing::info!(idle_ms = %ms, user = ?user, "idle admin connection; closing");
+                    let message = format!("nothing received for {ms} ms (idle_timeout_ms); closing the connection");
+                    let _ = writer.send(connection_error(ErrorCode::LimitReached, message)).await;
+                    return;
+                }
+            },
+            None => reader.next().await,
+        };
+        let Some(frame) = next else { return };
         let reply = match frame {
             Err(e) => {
                 tracing::warn!(error = %e, "bad frame on an admin connection");

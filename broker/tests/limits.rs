@@ -186,6 +186,22 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout_and_heartbeats_kee
     assert_eq!(frames.iter().filter(|f| matches!(f, ServerFrame::Pong { .. })).count(), 6);
 
     client.producer(Destination::queue("alive")).send(Message::persistent("still here")).await.expect("heartbeats");
+
+    // An admin connection is held to the same limit.
+    let mut admin = TcpStream::connect(broker.addr).unwrap();
+    let admin_hello = ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: true };
+    admin.write_all(&frame(&admin_hello)).unwrap();
+    let start = Instant::now();
+    let frames = read_frames(&mut admin, Duration::from_secs(5));
+    let waited = start.elapsed();
+    match frames.last() {
+        Some(ServerFrame::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::LimitReached);
+            assert!(e.message.contains("idle_timeout_ms"), "{}", e.message);
+        }
+        other => panic!("expected the idle error on the admin connection, got {other:?}"),
+    }
+    assert!(waited >= Duration::from_millis(500) && waited < Duration::from_secs(4), "closed after {waited:?}");
 }
 
 #[tokio::test]
