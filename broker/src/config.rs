@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Parser;
 use serde::Deserialize;
@@ -98,6 +99,7 @@ struct FileConfig {
     admin_when_split: Option<bool>,
     http_listen: Option<String>,
     http_token: Option<String>,
+    http_tls: Option<bool>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -217,6 +219,9 @@ pub struct Args {
     /// Credential for the admin HTTP endpoint: Bearer token, or Basic password (env TWINMQ_HTTP_TOKEN).
     #[arg(long, value_name = "TOKEN", env = "TWINMQ_HTTP_TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
+    /// Serve the admin HTTP endpoint over HTTPS, with the client port's tls_cert and tls_key.
+    #[arg(long, value_name = "BOOL")]
+    pub http_tls: Option<bool>,
     /// TLS on the client port: this node's certificate chain (PEM); needs tls_key.
     #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -291,6 +296,9 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Its credential (`None`: GET routes open, switchover refused). See `http.rs`.
     pub http_token: Option<String>,
+    /// HTTPS on the admin HTTP endpoint (`http_tls = true`): the client port's
+    /// certificate, no client certificates.
+    pub http_tls: Option<Arc<rustls::ServerConfig>>,
     /// TLS on the client port (`tls_cert` and `tls_key` set), loaded and checked at start.
     pub tls: Option<ClientPortTls>,
     pub max_consumers_per_destination: usize,
@@ -337,6 +345,7 @@ impl Default for Config {
             admin_when_split: false,
             http_listen: None,
             http_token: None,
+            http_tls: None,
             tls: None,
             max_consumers_per_destination: 10_000,
             queue_full: QueueFull::Reject,
@@ -385,6 +394,7 @@ impl Config {
         };
         let pair = pair_config(&file, args, &node_id, listen)?;
         let (http_listen, http_token) = http_config(&file, args, listen, pair.as_ref())?;
+        let http_tls = http_tls(&file, args, http_listen.is_some())?;
         let tls = client_port_tls(&file, args)?;
         let durability = match args.durability.clone().or(file.durability.clone()) {
             Some(t) => t.parse::<Durability>().map_err(|m| invalid("durability", m))?,
@@ -528,6 +538,7 @@ impl Config {
             admin_when_split: args.admin_when_split.or(file.admin_when_split).unwrap_or(false),
             http_listen,
             http_token,
+            http_tls,
             tls,
             max_consumers_per_destination,
             queue_full,
@@ -670,6 +681,31 @@ fn http_config(
         }
     }
     Ok((http_listen, http_token))
+}
+
+/// `http_tls = true`: the HTTP endpoint serves HTTPS with the client port's
+/// certificate and key (clients are not asked for certificates: the token
+/// authenticates them).
+fn http_tls(file: &FileConfig, args: &Args, http: bool) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+    use twinmq_ha::tls;
+    if !args.http_tls.or(file.http_tls).unwrap_or(false) {
+        return Ok(None);
+    }
+    if !http {
+        return Err(invalid("http_tls", "needs http_listen (there is no HTTP endpoint)"));
+    }
+    let cert = args.tls_cert.clone().or(file.tls_cert.clone());
+    let key = args.tls_key.clone().or(file.tls_key.clone());
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Err(invalid(
+            "http_tls",
+            "needs tls_cert and tls_key (the HTTP endpoint uses the client port's certificate)",
+        ));
+    };
+    let certs = tls::load_certs(&cert).map_err(|e| tls_invalid("tls_cert", e))?;
+    let key = tls::load_key(&key).map_err(|e| tls_invalid("tls_key", e))?;
+    let config = tls::server_config(certs, key, None).map_err(|e| tls_invalid("tls_key", e))?;
+    Ok(Some(config))
 }
 
 /// A TLS file error, named by the key that gave the file.

@@ -7,6 +7,9 @@
 //! | `GET /metrics` | Prometheus text exposition (`metrics.rs`) |
 //! | `POST /switchover` | hand the active role to the in-sync peer (`node::Admin`, as `twinmq switchover`) |
 //!
+//! **HTTPS** with `http_tls = true`: the client port's certificate
+//! (`tls_cert`, `tls_key`); the token still authenticates the caller.
+//!
 //! **Credential.** `http_token` (or env `TWINMQ_HTTP_TOKEN`). Accepted as
 //! `Authorization: Bearer <token>` (scripts, Prometheus) or HTTP Basic with
 //! the token as password and any user name (browsers: the 401 carries a
@@ -70,6 +73,7 @@ pub fn start(
     node: Addr<Node>,
     metrics: Metrics,
     token: Option<String>,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 ) -> Result<HttpEndpoint, BrokerError> {
     let listener = crate::listener::bind(addr)?;
     let local = listener.local_addr().map_err(|source| BrokerError::Bind { addr, source })?;
@@ -89,8 +93,13 @@ pub fn start(
     // The daemon owns the signals; shutdown comes through `stop`.
     .disable_signals()
     .shutdown_timeout(SHUTDOWN_GRACE_SECS)
-    .client_request_timeout(Duration::from_secs(5))
-    .listen(listener)
+    .client_request_timeout(Duration::from_secs(5));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = match tls {
+        // actix sets its own ALPN protocols on the copy it is given.
+        Some(config) => server.listen_rustls_0_23(listener, (*config).clone()),
+        None => server.listen(listener),
+    }
     .map_err(|source| BrokerError::Bind { addr: local, source })?
     .run();
     let handle = server.handle();
@@ -99,7 +108,7 @@ pub fn start(
             tracing::error!(error = %e, "admin HTTP server failed");
         }
     });
-    tracing::info!(http_listen = %local, "admin HTTP endpoint listening");
+    tracing::info!(http_listen = %local, scheme, "admin HTTP endpoint listening");
     Ok(HttpEndpoint { addr: local, handle })
 }
 

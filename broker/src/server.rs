@@ -110,7 +110,9 @@ pub async fn run(
     let metrics = Metrics::new();
     // Bound before the client port, so a node that accepts clients answers HTTP too.
     let http = match config.http_listen {
-        Some(addr) => Some(http::start(addr, node.clone(), metrics.clone(), config.http_token.clone())?),
+        Some(addr) => {
+            Some(http::start(addr, node.clone(), metrics.clone(), config.http_token.clone(), config.http_tls.clone())?)
+        }
         None => None,
     };
 

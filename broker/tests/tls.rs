@@ -291,3 +291,56 @@ async fn a_peer_with_the_right_certificate_and_the_wrong_secret_never_joins() {
     assert!(pair.a.log().contains("does not know the cluster secret"), "refusal logged:\n{}", pair.a.log());
     assert_eq!(pair.b.status().await.unwrap()["in_sync"], false);
 }
+
+/// One HTTP/1.1 request over `stream`; the whole response as text.
+async fn http_request<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S, token: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req =
+        format!("GET /status HTTP/1.1\r\nHost: twinmq\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_http_endpoint_serves_https_with_the_client_port_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let server = ca.issue(dir.path(), "server", &["127.0.0.1"]);
+    let http = format!("127.0.0.1:{}", common::free_port());
+    let token = "https-test-token-0123456789";
+    let broker = start(&flags(&server, "", &["--http-listen", &http, "--http-token", token, "--http-tls", "true"]));
+    wait_log(&broker, "admin HTTP endpoint listening", 1).await;
+
+    // A client trusting the CA gets the status over HTTPS.
+    let roots = twinmq_ha::tls::load_roots(&ca.pem).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(twinmq_ha::tls::client_config(roots, None).unwrap());
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tcp = tokio::net::TcpStream::connect(&http).await.unwrap();
+    let tls = connector.connect(name.clone(), tcp).await.expect("the HTTPS handshake succeeds");
+    let response = http_request(tls, token).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"role\""), "{response}");
+
+    // Plain HTTP gets no answer from it.
+    let response = http_request(tokio::net::TcpStream::connect(&http).await.unwrap(), token).await;
+    assert!(!response.contains("\"role\""), "plain HTTP must not be served: {response}");
+
+    // A client trusting another CA cannot complete the handshake.
+    let other = Ca::new(dir.path(), "other");
+    let roots = twinmq_ha::tls::load_roots(&other.pem).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(twinmq_ha::tls::client_config(roots, None).unwrap());
+    let tcp = tokio::net::TcpStream::connect(&http).await.unwrap();
+    assert!(connector.connect(name, tcp).await.is_err(), "a foreign CA is refused");
+
+    // http_tls without a certificate is a configuration error naming the key.
+    let out = std::process::Command::new(TWINMQD)
+        .args(["--data-dir", &dir.path().join("d2").display().to_string(), "--listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:9", "--http-tls", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("`http_tls`"), "{stderr}");
+}
