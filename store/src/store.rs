@@ -315,27 +315,32 @@ impl Store {
     /// The replication stream this (passive) store is a copy of, if any: a
     /// restarted passive resumes it instead of loading a new snapshot.
     pub(crate) fn following(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self.meta.get(META_FOLLOWING)?.and_then(|v| be_u64(&v)))
+        self.meta_u64(META_FOLLOWING)
     }
 
     pub(crate) fn set_following(&self, stream: Option<u64>) -> Result<(), StoreError> {
-        match stream {
-            Some(s) => self.meta.insert(META_FOLLOWING, &s.to_be_bytes())?,
-            None => self.meta.remove(META_FOLLOWING)?,
-        };
-        Ok(())
+        self.set_meta_u64(META_FOLLOWING, stream)
     }
 
     /// Set when a node steps down with records its peer never acknowledged,
     /// so that a restart before the hand-over does not forget them.
     pub(crate) fn diverged_after(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self.meta.get(META_DIVERGED_AFTER)?.and_then(|v| be_u64(&v)))
+        self.meta_u64(META_DIVERGED_AFTER)
     }
 
     pub(crate) fn set_diverged_after(&self, after: Option<u64>) -> Result<(), StoreError> {
-        match after {
-            Some(a) => self.meta.insert(META_DIVERGED_AFTER, &a.to_be_bytes())?,
-            None => self.meta.remove(META_DIVERGED_AFTER)?,
+        self.set_meta_u64(META_DIVERGED_AFTER, after)
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        Ok(self.meta.get(key)?.and_then(|v| be_u64(&v)))
+    }
+
+    /// Set `key` to `value`, or remove it (unflushed).
+    fn set_meta_u64(&self, key: &[u8], value: Option<u64>) -> Result<(), StoreError> {
+        match value {
+            Some(v) => self.meta.insert(key, &v.to_be_bytes())?,
+            None => self.meta.remove(key)?,
         };
         Ok(())
     }

@@ -267,17 +267,28 @@ fn a_follower_whose_connection_moves_resumes_the_tail_and_stays_in_sync() {
     assert_eq!(bodies(&rec, "q"), (1..=40).map(|i| format!("m{i}")).collect::<Vec<_>>());
 }
 
-#[test]
-fn a_passive_declared_down_resumes_out_of_sync_until_it_has_caught_up() {
-    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (_sa, a) = open(da.path(), true);
-    let (_sp, p) = open(dp.path(), false);
+/// An active and its in-sync passive, holding queue `q` with `m1`.
+fn in_sync_pair(da: &std::path::Path, dp: &std::path::Path) -> ((Store, Writer), (Store, Writer)) {
+    let (sa, a) = open(da, true);
+    let (sp, p) = open(dp, false);
     submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
     link(&a, &p);
     submit(&a, enqueue(1)).unwrap();
     wait_until("the passive is in sync", || in_sync(&p));
+    ((sa, a), (sp, p))
+}
+
+/// The connection to the passive is lost and the peer declared down: confirms are single-copy.
+fn lose_peer(a: &Writer) {
     a.detach_follower();
     a.peer_down();
+}
+
+#[test]
+fn a_passive_declared_down_resumes_out_of_sync_until_it_has_caught_up() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((_sa, a), (_sp, p)) = in_sync_pair(da.path(), dp.path());
+    lose_peer(&a);
     // Degraded: confirmed here alone.
     for i in 2..=10 {
         submit(&a, enqueue(i)).unwrap();
@@ -297,14 +308,8 @@ fn a_passive_declared_down_resumes_out_of_sync_until_it_has_caught_up() {
 #[test]
 fn a_store_that_is_not_a_copy_of_the_stream_refuses_to_resume_and_gets_a_snapshot() {
     let (da, dp, dq) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (_sa, a) = open(da.path(), true);
-    let (_sp, p) = open(dp.path(), false);
-    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
-    link(&a, &p);
-    submit(&a, enqueue(1)).unwrap();
-    wait_until("the passive is in sync", || in_sync(&p));
-    a.detach_follower();
-    a.peer_down();
+    let ((_sa, a), (_sp, _p)) = in_sync_pair(da.path(), dp.path());
+    lose_peer(&a);
     submit(&a, enqueue(2)).unwrap();
     // The peer comes back with another store (replaced, or restarted from scratch).
     let (_sq, q) = open(dq.path(), false);
@@ -323,14 +328,8 @@ fn a_store_that_is_not_a_copy_of_the_stream_refuses_to_resume_and_gets_a_snapsho
 #[test]
 fn a_follower_away_longer_than_the_kept_tail_gets_a_snapshot() {
     let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (_sa, a) = open(da.path(), true);
-    let (_sp, p) = open(dp.path(), false);
-    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
-    link(&a, &p);
-    submit(&a, enqueue(1)).unwrap();
-    wait_until("the passive is in sync", || in_sync(&p));
-    a.detach_follower();
-    a.peer_down();
+    let ((_sa, a), (_sp, p)) = in_sync_pair(da.path(), dp.path());
+    lose_peer(&a);
     // More than the 32 MiB the active keeps in memory.
     for i in 2..=40 {
         let mut m = msg(i, "");
