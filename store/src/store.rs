@@ -126,10 +126,19 @@ pub struct Recovered {
     pub batches: usize,
 }
 
-fn handover_key(epoch: u64, seq: u64) -> [u8; 16] {
+/// A message's epoch and sequence, the prefix of its hand-over entries.
+fn handover_prefix(epoch: u64, seq: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&epoch.to_be_bytes());
     k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// One entry per queue a message is in: a topic message stored for several
+/// durable subscriptions shares its epoch and sequence across them.
+fn handover_key(epoch: u64, seq: u64, queue: &str) -> Vec<u8> {
+    let mut k = handover_prefix(epoch, seq).to_vec();
+    k.extend_from_slice(queue.as_bytes());
     k
 }
 
@@ -349,7 +358,7 @@ impl Store {
     pub(crate) fn keep_for_handover(&self, messages: &[(String, StoredMessage)]) -> Result<(), StoreError> {
         for (queue, m) in messages {
             let raw = rmp_serde::to_vec(&(queue, m)).map_err(|e| StoreError::Encode(e.to_string()))?;
-            self.handover.insert(handover_key(m.epoch, m.seq), raw)?;
+            self.handover.insert(handover_key(m.epoch, m.seq, queue), raw)?;
         }
         Ok(())
     }
@@ -366,10 +375,13 @@ impl Store {
         Ok(out)
     }
 
-    /// The peer stored these (epoch, seq) (unflushed).
+    /// The peer stored these (epoch, seq), in every queue they were in (unflushed).
     pub(crate) fn handed_over(&self, ids: &[(u64, u64)]) -> Result<(), StoreError> {
         for (epoch, seq) in ids {
-            self.handover.remove(handover_key(*epoch, *seq))?;
+            for kv in self.handover.scan_prefix(handover_prefix(*epoch, *seq)) {
+                let (k, _) = kv?;
+                self.handover.remove(k)?;
+            }
         }
         Ok(())
     }

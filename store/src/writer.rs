@@ -525,6 +525,7 @@ impl WriterState {
                     self.forget_stream();
                 }
                 self.follower = None;
+                self.awaiting_peer = false;
                 self.stats.follower_in_sync.store(false, Ordering::Relaxed);
                 self.active = false;
                 for h in self.held.drain(..) {
@@ -870,8 +871,12 @@ impl WriterState {
     }
 
     fn peer_down(&mut self) {
-        if self.follower.as_ref().is_some_and(|f| f.in_sync) {
-            return; // a stale verdict: the peer is attached and in sync again
+        if self.follower.is_some() {
+            // A stale verdict: the peer is attached again (maybe still catching
+            // up on a resumed stream that told it it is in sync). A dead or
+            // silent connection is detached first; the verdict, repeated every
+            // arbiter tick while the peer is down, applies then.
+            return;
         }
         self.awaiting_peer = false;
         if !self.lease_valid() {
@@ -938,6 +943,7 @@ impl WriterState {
         self.dedup = recovered.dedup.clone();
         self.dirty_dedup.clear();
         self.active = true;
+        self.awaiting_peer = false;
         self.snapshot_loading = false;
         self.forget_stream();
         self.stats.in_sync.store(false, Ordering::Relaxed);

@@ -439,15 +439,17 @@ fn split_and_step_down(da: &std::path::Path, db: &std::path::Path) -> ((Store, W
     let (sa, a) = open(da, true);
     let (sb, b) = open(db, false);
     submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    submit(&a, vec![Op::PutQueue { key: "r".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
     link(&a, &b);
     wait_until("b is in sync", || in_sync(&b));
     submit(&a, enqueue(1)).unwrap();
-    a.detach_follower();
-    a.peer_down();
+    lose_peer(&a);
     submit(&a, enqueue(2)).unwrap();
     submit(&a, enqueue(3)).unwrap();
+    // One message in two queues (a topic with two durable subscriptions): one seq, two copies.
+    submit(&a, vec![Op::Enqueue { message: msg(4, "both"), queues: vec!["q".into(), "r".into()] }]).unwrap();
     promote(&b, 2);
-    submit(&b, enqueue(4)).unwrap();
+    submit(&b, enqueue(5)).unwrap();
     demote(&a);
     ((sa, a), (sb, b))
 }
@@ -461,16 +463,16 @@ fn a_node_that_stepped_down_hands_over_until_the_new_active_stored_it_even_acros
     let (sa, a) = reopen_passive(da.path());
     let kinds = link_kinds(&b, &a);
     wait_until("a is in sync with b", || in_sync(&a));
-    assert_eq!(handed_over(&kinds), ["divergent: m2,m3"]);
+    assert_eq!(handed_over(&kinds), ["divergent: m2,m3,both,both"]);
     // The new active never said it stored them (a lost connection, say): sent again.
     b.detach_follower();
     let kinds = link_kinds(&b, &a);
     wait_until("a resumed", || kinds.lock().unwrap().iter().any(|k| k == "Resume"));
     wait_until("the hand-over is sent again", || !handed_over(&kinds).is_empty());
-    assert_eq!(handed_over(&kinds), ["divergent: m2,m3"]);
+    assert_eq!(handed_over(&kinds), ["divergent: m2,m3,both,both"]);
     // Once the new active stored them, they are forgotten.
     let pending = sa.pending_handover().unwrap();
-    assert_eq!(pending.len(), 2);
+    assert_eq!(pending.len(), 4, "one entry per queue a message is in");
     a.handover_stored(pending.iter().map(|(_, m)| (m.epoch, m.seq)).collect());
     wait_until("the hand-over is forgotten", || sa.pending_handover().unwrap().is_empty());
     b.detach_follower();
@@ -486,12 +488,13 @@ fn a_node_that_becomes_active_again_before_its_hand_over_was_stored_keeps_those_
     let ((sa, a), (_sb, b)) = split_and_step_down(da.path(), db.path());
     let kinds = link_kinds(&b, &a);
     wait_until("a is in sync with b", || in_sync(&a));
-    assert_eq!(handed_over(&kinds), ["divergent: m2,m3"]);
+    assert_eq!(handed_over(&kinds), ["divergent: m2,m3,both,both"]);
     // B dies before storing them; A takes over.
     b.detach_follower();
     let rec = promote(&a, 3);
     let mut got = bodies(&rec, "q");
     got.sort();
-    assert_eq!(got, ["m1", "m2", "m3", "m4"]);
+    assert_eq!(got, ["both", "m1", "m2", "m3", "m5"]);
+    assert_eq!(bodies(&rec, "r"), ["both"], "every queue the message was in");
     assert!(sa.pending_handover().unwrap().is_empty());
 }
