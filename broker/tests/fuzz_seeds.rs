@@ -157,11 +157,11 @@ fn link_frames() -> Vec<HaFrame> {
     };
     vec![
         HaFrame::Heartbeat(Heartbeat { role: Role::Active, epoch: 2, last_seq: 13, sees_gateway: true, in_sync: true }),
-        HaFrame::Repl(ReplFrame::SnapshotBegin { epoch: 2 }),
+        HaFrame::Repl(ReplFrame::SnapshotBegin { epoch: 2, stream: 7, attach: 1 }),
         HaFrame::Repl(ReplFrame::Record { key: 10, raw: raw.clone() }),
         HaFrame::Repl(ReplFrame::Admin { key: b"q/orders".to_vec(), value: b"an admin entry".to_vec() }),
         HaFrame::Repl(ReplFrame::SnapshotEnd { next_seq: 14, epoch: 2, stream: 7 }),
-        HaFrame::Repl(ReplFrame::Resume { stream: 7, from_seq: 10, in_sync: true }),
+        HaFrame::Repl(ReplFrame::Resume { stream: 7, from_seq: 10, in_sync: true, attach: 2 }),
         HaFrame::Repl(ReplFrame::InSync { seq: 13 }),
         HaFrame::Repl(ReplFrame::Batch { first_seq: 10, last_seq: 13, raw }),
         HaFrame::ReplAck { seq: 13 },

@@ -91,7 +91,16 @@ async fn a_user_without_produce_rights_cannot_send_and_nothing_is_stored() {
     let w = Client::connect(as_user(b.config(), "writer", "pw")).await.unwrap();
     w.producer(Destination::queue("orders.eu")).send(Message::persistent("yes")).await.unwrap();
     assert_eq!(common::drain(&mut c, 1, Duration::from_secs(5)).await, vec!["yes"]);
-    // Restart: nothing from the refused publish comes back.
+    // Restart: nothing from the refused publish comes back. (First let the
+    // consumer's ack of "yes" land: it travels after the delivery.)
+    for _ in 0..100 {
+        let list = queue_depths(&root).await;
+        let q = list["queues"].as_array().unwrap().iter().find(|q| q["name"] == "queue:orders.eu").cloned();
+        if q.is_some_and(|q| q["depth"] == 0 && q["in_flight"] == 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop((reader, w, c));
     let mut b = b;
     b.terminate();

@@ -371,6 +371,7 @@ async fn run_conn(
                     let tx = tx.clone();
                     writer.apply(
                         f,
+                        id,
                         Box::new(move |r| match r {
                             Ok(applied) => {
                                 if !applied.divergent.is_empty() {
@@ -389,7 +390,7 @@ async fn run_conn(
                 HaFrame::ReplAck { seq } => writer.peer_ack(seq),
                 HaFrame::ReplRefused { reason } => monitor.do_send(ReplicationRefused { conn: id, reason }),
                 HaFrame::TakeOver { epoch, last_seq } => monitor.do_send(TakeOverRequest { epoch, last_seq }),
-                HaFrame::Divergent { messages } => monitor.do_send(HandedOver { conn: id, messages }),
+                HaFrame::Divergent { messages } => monitor.do_send(HandedOver { conn: id, messages, attempt: 0 }),
                 HaFrame::DivergentStored { ids } => writer.handover_stored(ids),
                 other => break format!("unexpected frame {other:?}"),
             },
@@ -543,24 +544,38 @@ impl Handler<ReplicationRefused> for PeerMonitor {
     }
 }
 
-/// The peer handed over messages on connection `conn`.
+/// The peer handed over messages on connection `conn` (`attempt`: how many
+/// times storing them failed so far).
 #[derive(Message)]
 #[rtype(result = "()")]
 struct HandedOver {
     conn: ConnId,
     messages: Vec<(String, twinmq_store::StoredMessage)>,
+    attempt: u32,
 }
 
 impl Handler<HandedOver> for PeerMonitor {
     type Result = ();
     fn handle(&mut self, m: HandedOver, ctx: &mut Context<Self>) {
-        tracing::warn!(messages = m.messages.len(), "the peer hands over messages it stored during a split");
+        if m.attempt == 0 {
+            tracing::warn!(messages = m.messages.len(), "the peer hands over messages it stored during a split");
+        }
         let ids: Vec<(u64, u64)> = m.messages.iter().map(|(_, msg)| (msg.epoch, msg.seq)).collect();
-        let stored = self.divergent_to.send(DivergentMessages { messages: m.messages });
-        ctx.spawn(stored.into_actor(self).map(move |res, act, _| {
+        let stored = self.divergent_to.send(DivergentMessages { messages: m.messages.clone() });
+        ctx.spawn(stored.into_actor(self).map(move |res, act, ctx| {
             if !matches!(res, Ok(true)) {
-                // The peer keeps them and sends them again on the next attach.
-                tracing::warn!(messages = ids.len(), "messages handed over were not all stored; the peer keeps them");
+                // Try again here (the peer keeps them meanwhile, and sends them
+                // again on its next attach), backing off up to 30 s, for ~1.5 min.
+                if m.attempt >= 8 {
+                    tracing::warn!(messages = ids.len(), "gave up storing handed-over messages; the peer keeps them and sends them again when it next attaches");
+                    return;
+                }
+                let delay = Duration::from_millis(500u64 << m.attempt.min(6)).min(Duration::from_secs(30));
+                if m.attempt == 0 {
+                    tracing::warn!(messages = ids.len(), ?delay, "messages handed over were not all stored; retrying");
+                }
+                let again = HandedOver { conn: m.conn, messages: m.messages, attempt: m.attempt + 1 };
+                ctx.notify_later(again, delay);
                 return;
             }
             // On the connection they came on, or any other if it is gone.

@@ -82,7 +82,10 @@ pub struct Committed {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ReplFrame {
     /// A snapshot follows: the receiver forgets its replicated state.
-    SnapshotBegin { epoch: u64 },
+    /// `stream` and `attach` (counting the active's attaches) name this
+    /// attach: the receiver follows the latest one and ignores what an older
+    /// connection still delivers.
+    SnapshotBegin { epoch: u64, stream: u64, attach: u64 },
     /// One live log record (snapshot).
     Record {
         key: u64,
@@ -111,7 +114,7 @@ pub enum ReplFrame {
     /// from `from_seq` (the follower skips what it already holds). `in_sync`:
     /// every confirm waited for this follower while it was away, so it stays a
     /// takeover candidate; otherwise it is not in sync until the next `InSync`.
-    Resume { stream: u64, from_seq: u64, in_sync: bool },
+    Resume { stream: u64, from_seq: u64, in_sync: bool, attach: u64 },
     /// From here on the active holds every confirm for this follower's ack:
     /// only now may the passive count itself in sync (a takeover candidate).
     InSync { seq: u64 },
@@ -139,8 +142,8 @@ enum Request {
     PeerDown,
     /// The follower has flushed everything up to this sequence.
     PeerAck(u64),
-    /// Passive: apply a frame from the active.
-    Apply(ReplFrame, ApplyDone),
+    /// Passive: apply a frame from the active, received on connection `source`.
+    Apply(ReplFrame, u64, ApplyDone),
     /// Become active in `epoch`, and recover the live state for serving.
     Promote(u64, PromoteDone),
     /// The new active stored these handed-over messages (epoch, seq).
@@ -248,6 +251,9 @@ impl Writer {
             following: if config_active { None } else { store.following()? },
             resumed_from: None,
             resync_needed: false,
+            attaches: 0,
+            source: None,
+            begun: None,
         };
         state.publish_stats();
         let handle = std::thread::Builder::new()
@@ -263,7 +269,7 @@ impl Writer {
                 Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(_, done) => {
                     done(Err(StoreError::Closed))
                 }
-                Request::Apply(_, done) => done(Err(StoreError::Closed)),
+                Request::Apply(_, _, done) => done(Err(StoreError::Closed)),
                 Request::Promote(_, done) => done(Err(StoreError::Closed)),
                 Request::AttachFollower(..)
                 | Request::HandoverStored(_)
@@ -315,9 +321,13 @@ impl Writer {
         self.send(Request::PeerAck(seq));
     }
 
-    /// Passive: apply a replication frame; `done` gets the highest durable sequence.
-    pub fn apply(&self, frame: ReplFrame, done: ApplyDone) {
-        self.send(Request::Apply(frame, done));
+    /// Passive: apply a replication frame that arrived on connection `source`
+    /// (any id unique among this node's connections); `done` gets the highest
+    /// durable sequence. Only the connection that delivered the latest
+    /// `SnapshotBegin`/`Resume` is followed: frames an older one still
+    /// delivers are ignored.
+    pub fn apply(&self, frame: ReplFrame, source: u64, done: ApplyDone) {
+        self.send(Request::Apply(frame, source, done));
     }
 
     /// Passive after a split: the new active stored these messages this node
@@ -436,6 +446,12 @@ struct WriterState {
     /// Passive: a frame was refused; nothing but a new snapshot or resume is
     /// applied (or acknowledged) until the active starts anew.
     resync_needed: bool,
+    /// Active: attaches so far (named in `SnapshotBegin`/`Resume`).
+    attaches: u64,
+    /// Passive: the connection, and the (stream, attach), of the latest
+    /// `SnapshotBegin`/`Resume`: the one replication stream followed.
+    source: Option<u64>,
+    begun: Option<(u64, u64)>,
 }
 
 impl WriterState {
@@ -495,12 +511,12 @@ impl WriterState {
                     tracing::info!(messages = n, "the new active stored the messages handed over after the split");
                 }
             }
-            Request::Apply(frame, done) => {
+            Request::Apply(frame, source, done) => {
                 // Group the waiting record frames: one flush for all of them.
-                let mut batch = vec![(frame, done)];
+                let mut batch = vec![(frame, source, done)];
                 while let Ok(next) = rx.try_recv() {
                     match next {
-                        Request::Apply(f, d) => batch.push((f, d)),
+                        Request::Apply(f, src, d) => batch.push((f, src, d)),
                         other => {
                             self.apply_all(batch);
                             self.handle_control(other, rx);
@@ -783,6 +799,8 @@ impl WriterState {
         if self.follower.is_some() {
             self.detach();
         }
+        self.attaches += 1;
+        let attach = self.attaches;
         let tail = self.tail.get_or_insert_with(Tail::default);
         let synced_at = self.next_seq - 1;
         if let Some(acked) = self.resume_at.filter(|_| resume) {
@@ -791,6 +809,7 @@ impl WriterState {
                     stream: self.stream,
                     from_seq: acked + 1,
                     in_sync: self.awaiting_peer,
+                    attach,
                 })
                 .chain(records.map(|(first_seq, last_seq, raw)| ReplFrame::Batch {
                     first_seq: *first_seq,
@@ -815,7 +834,7 @@ impl WriterState {
             }
             tracing::info!(acked, "the records the peer lacks are no longer in memory; sending a snapshot");
         }
-        match self.snapshot(&tx) {
+        match self.snapshot(&tx, attach) {
             Ok(()) => {
                 tracing::info!(synced_at, live_batches = self.index.live_batches(), "snapshot sent to the peer");
                 self.follower = Some(Follower { tx, synced_at, acked: 0, in_sync: false, consistent: false });
@@ -833,9 +852,9 @@ impl WriterState {
         self.resumed_from = None;
     }
 
-    fn snapshot(&self, tx: &FollowerTx) -> Result<(), StoreError> {
+    fn snapshot(&self, tx: &FollowerTx, attach: u64) -> Result<(), StoreError> {
         let gone = |_| StoreError::Closed;
-        tx.send(ReplFrame::SnapshotBegin { epoch: self.epoch }).map_err(gone)?;
+        tx.send(ReplFrame::SnapshotBegin { epoch: self.epoch, stream: self.stream, attach }).map_err(gone)?;
         for kv in self.store.admin.iter() {
             let (k, v) = kv?;
             tx.send(ReplFrame::Admin { key: k.to_vec(), value: v.to_vec() }).map_err(gone)?;
@@ -1007,49 +1026,91 @@ impl WriterState {
         Ok(out)
     }
 
-    fn apply_all(&mut self, frames: Vec<(ReplFrame, ApplyDone)>) {
-        let mut dones = Vec::with_capacity(frames.len());
-        let mut error = None;
-        let mut flushed_needed = false;
-        for (frame, done) in frames {
-            // After a refusal, what the old stream still had in flight is
-            // dropped: one refusal is enough for the active to start anew.
+    fn apply_all(&mut self, frames: Vec<(ReplFrame, u64, ApplyDone)>) {
+        // Per frame: ignored (another connection's, or dropped while a resync
+        // is needed), applied, or refused (the refusal goes back on its own
+        // connection; one is enough for the active to start anew).
+        let mut dones: Vec<(ApplyDone, Result<bool, StoreError>)> = Vec::with_capacity(frames.len());
+        let mut flush_needed = false;
+        for (frame, source, done) in frames {
             let starts_anew = matches!(frame, ReplFrame::SnapshotBegin { .. } | ReplFrame::Resume { .. });
-            if error.is_none() && (!self.resync_needed || starts_anew) {
+            let outcome = if !self.follows(&frame, source) || (self.resync_needed && !starts_anew) {
+                Ok(false)
+            } else {
                 match self.apply_one(frame) {
-                    Ok(needs_flush) => flushed_needed |= needs_flush,
-                    Err(e) => error = Some(e),
+                    Ok(needs_flush) => {
+                        flush_needed |= needs_flush;
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        self.need_resync(&e);
+                        Err(e)
+                    }
+                }
+            };
+            dones.push((done, outcome));
+        }
+        if flush_needed && self.config.durability != Durability::None {
+            if let Err(e) = self.flush() {
+                self.need_resync(&e);
+                if let Some(last) = dones.iter_mut().rev().find(|(_, o)| matches!(o, Ok(true))) {
+                    last.1 = Err(e);
                 }
             }
-            dones.push(done);
-        }
-        if error.is_none() && flushed_needed && self.config.durability != Durability::None {
-            if let Err(e) = self.flush() {
-                error = Some(e);
-            }
-        }
-        if let Some(e) = &error {
-            // Whatever half-applied state that left is no copy to resume from,
-            // not even after a restart.
-            self.following = None;
-            self.resumed_from = None;
-            self.resync_needed = true;
-            if let Err(e) = self.store.set_following(None).and_then(|_| Ok(self.store.db.flush()?)) {
-                tracing::error!(error = %e, "could not record that this store needs a resync");
-            }
-            tracing::warn!(error = %e, "replication frame refused; a resync is needed");
-            self.stats.in_sync.store(false, Ordering::Relaxed);
         }
         // While a snapshot loads, `next_seq` is the old store's: never acknowledge it.
         let through = (!self.snapshot_loading && !self.resync_needed).then(|| self.next_seq - 1);
-        let mut error = error.map(|e| StoreError::Replication(e.to_string()));
-        for done in dones {
-            match error.take() {
-                None => done(Ok(Applied { ack: through, divergent: std::mem::take(&mut self.divergent) })),
-                Some(e) => done(Err(e)),
+        for (done, outcome) in dones {
+            match outcome {
+                Err(e) => done(Err(StoreError::Replication(e.to_string()))),
+                Ok(false) => done(Ok(Applied::default())),
+                Ok(true) => done(Ok(Applied { ack: through, divergent: std::mem::take(&mut self.divergent) })),
             }
         }
         self.publish_stats();
+    }
+
+    /// A frame was refused: whatever half-applied state that left is no copy
+    /// to resume from, not even after a restart.
+    fn need_resync(&mut self, e: &StoreError) {
+        self.following = None;
+        self.resumed_from = None;
+        self.resync_needed = true;
+        if let Err(e) = self.store.set_following(None).and_then(|_| Ok(self.store.db.flush()?)) {
+            tracing::error!(error = %e, "could not record that this store needs a resync");
+        }
+        tracing::warn!(error = %e, "replication frame refused; a resync is needed");
+        self.stats.in_sync.store(false, Ordering::Relaxed);
+    }
+
+    /// Is `frame`, from connection `source`, part of the stream this node
+    /// follows? A `SnapshotBegin`/`Resume` newer than the last one starts
+    /// following its connection; anything else must come from that connection.
+    fn follows(&mut self, frame: &ReplFrame, source: u64) -> bool {
+        let begins = match frame {
+            ReplFrame::SnapshotBegin { stream, attach, .. } | ReplFrame::Resume { stream, attach, .. } => {
+                Some((*stream, *attach))
+            }
+            _ => None,
+        };
+        match begins {
+            Some((stream, attach)) => {
+                if self.begun.is_some_and(|(s, a)| s == stream && attach <= a) {
+                    tracing::debug!(source, stream, attach, "an older attach of the stream arrived late; ignored");
+                    return false;
+                }
+                self.begun = Some((stream, attach));
+                self.source = Some(source);
+                true
+            }
+            None => {
+                let ok = self.source.is_none_or(|s| s == source);
+                if !ok {
+                    tracing::debug!(source, "a frame from a connection no longer followed; ignored");
+                }
+                ok
+            }
+        }
     }
 
     /// Apply one frame; true when it wrote something that must be flushed.
@@ -1058,7 +1119,7 @@ impl WriterState {
             return Err(StoreError::Replication("this node is active; it does not take replicated records".into()));
         }
         match frame {
-            ReplFrame::SnapshotBegin { epoch } => {
+            ReplFrame::SnapshotBegin { epoch, .. } => {
                 if epoch < self.epoch {
                     return Err(StoreError::Fenced { got: epoch, current: self.epoch });
                 }
@@ -1126,7 +1187,7 @@ impl WriterState {
                 tracing::info!(epoch, next_seq, batches = recovered.batches, "snapshot from the peer loaded");
                 Ok(true)
             }
-            ReplFrame::Resume { stream, from_seq, in_sync } if !self.snapshot_loading => {
+            ReplFrame::Resume { stream, from_seq, in_sync, .. } if !self.snapshot_loading => {
                 if self.following != Some(stream) {
                     return Err(StoreError::Replication(
                         "cannot resume a stream this store is not a copy of; a snapshot is needed".into(),
@@ -1229,7 +1290,7 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 fn complete(r: Request, result: Result<Committed, StoreError>) {
     match r {
         Request::Submit(_, done) | Request::Barrier(done) | Request::Demote(_, done) => done(result),
-        Request::Apply(_, done) => done(result.map(|_| Applied::default())),
+        Request::Apply(_, _, done) => done(result.map(|_| Applied::default())),
         Request::Promote(_, done) => done(Err(result.err().unwrap_or(StoreError::Closed))),
         Request::AttachFollower(..)
         | Request::HandoverStored(_)

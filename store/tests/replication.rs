@@ -44,6 +44,9 @@ fn link_kinds_with(active: &Writer, passive: &Writer, resume: bool) -> Arc<Mutex
     let kinds = Arc::new(Mutex::new(Vec::new()));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     active.attach_follower(tx, resume);
+    // Each link is a connection of its own, as on the HA port.
+    static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let source = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (a, p, seen) = (active.clone(), passive.clone(), kinds.clone());
     std::thread::spawn(move || {
         while let Some(frame) = rx.blocking_recv() {
@@ -61,6 +64,7 @@ fn link_kinds_with(active: &Writer, passive: &Writer, resume: bool) -> Arc<Mutex
             let (a, seen) = (a.clone(), seen.clone());
             p.apply(
                 frame,
+                source,
                 Box::new(move |r| match r {
                     Ok(Applied { ack, divergent }) => {
                         if !divergent.is_empty() {
@@ -152,11 +156,14 @@ fn records_of_an_older_epoch_are_refused() {
     let (_sp, p) = open(dp.path(), false);
     let apply = |frame| {
         let (tx, rx) = mpsc::channel();
-        p.apply(frame, Box::new(move |r| tx.send(r).unwrap()));
+        p.apply(frame, 1, Box::new(move |r| tx.send(r).unwrap()));
         rx.recv_timeout(Duration::from_secs(5)).unwrap().map(|a| a.ack)
     };
+    let attaches = std::sync::atomic::AtomicU64::new(1);
+    use std::sync::atomic::Ordering::Relaxed;
     let snapshot = |next_seq| {
-        assert_eq!(apply(ReplFrame::SnapshotBegin { epoch: 3 }).unwrap(), None, "nothing to acknowledge mid-snapshot");
+        let begin = ReplFrame::SnapshotBegin { epoch: 3, stream: 1, attach: attaches.fetch_add(1, Relaxed) };
+        assert_eq!(apply(begin).unwrap(), None, "nothing to acknowledge mid-snapshot");
         assert_eq!(apply(ReplFrame::SnapshotEnd { next_seq, epoch: 3, stream: 1 }).unwrap(), Some(next_seq - 1));
     };
     let batch = |epoch, first_seq| {
@@ -167,7 +174,8 @@ fn records_of_an_older_epoch_are_refused() {
     assert!(apply(batch(2, 10)).is_err(), "epoch 2 < 3 is fenced");
     // One refusal is enough: what the old stream still sends is dropped, unacknowledged.
     assert_eq!(apply(batch(3, 10)).unwrap(), None, "nothing is applied until the active starts anew");
-    assert!(apply(ReplFrame::Resume { stream: 1, from_seq: 10, in_sync: true }).is_err(), "no resume after a refusal");
+    let resume = ReplFrame::Resume { stream: 1, from_seq: 10, in_sync: true, attach: attaches.fetch_add(1, Relaxed) };
+    assert!(apply(resume).is_err(), "no resume after a refusal");
     snapshot(10);
     assert!(apply(batch(3, 12)).is_err(), "a gap is refused");
     snapshot(10);
@@ -409,7 +417,8 @@ fn a_passive_that_stopped_during_a_snapshot_does_not_resume_over_it() {
         a.peer_down();
         // A new snapshot begins (the stream was refused, say) and the passive stops half-way.
         let (tx, rx) = mpsc::channel();
-        p.apply(ReplFrame::SnapshotBegin { epoch: 1 }, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+        let begin = ReplFrame::SnapshotBegin { epoch: 1, stream: 99, attach: 1 };
+        p.apply(begin, 1_000, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
         assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
         drop((sp, p));
     }
@@ -497,4 +506,29 @@ fn a_node_that_becomes_active_again_before_its_hand_over_was_stored_keeps_those_
     assert_eq!(got, ["both", "m1", "m2", "m3", "m5"]);
     assert_eq!(bodies(&rec, "r"), ["both"], "every queue the message was in");
     assert!(sa.pending_handover().unwrap().is_empty());
+}
+
+#[test]
+fn frames_an_old_connection_delivers_late_are_ignored() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((_sa, a), (_sp, p)) = in_sync_pair(da.path(), dp.path());
+    // The stream moves to a new connection (resumed)...
+    a.detach_follower();
+    let kinds = link_kinds(&a, &p);
+    submit(&a, enqueue(2)).unwrap();
+    wait_until("resumed", || kinds.lock().unwrap().iter().any(|k| k == "Resume"));
+    // ...and the old one still delivers something: a record out of place.
+    let stale = BatchBody { epoch: 0, first_seq: 1, ops: vec![Op::DeleteQueue { key: "q".into() }] };
+    let frame = ReplFrame::Batch { first_seq: 1, last_seq: 1, raw: stale.encode().unwrap() };
+    let (tx, rx) = mpsc::channel();
+    p.apply(frame, 0, Box::new(move |r| tx.send(r.map(|a| a.ack)).unwrap()));
+    let answer = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(matches!(answer, Ok(None)), "ignored: neither applied, acknowledged nor refused: {answer:?}");
+    // The followed stream goes on: confirms (which wait for the in-sync passive) keep coming.
+    for i in 3..=5 {
+        submit(&a, enqueue(i)).unwrap();
+    }
+    assert!(in_sync(&p));
+    a.detach_follower();
+    assert_eq!(bodies(&promote(&p, 2), "q"), ["m1", "m2", "m3", "m4", "m5"]);
 }
