@@ -20,6 +20,9 @@ const META_LAST_ACTIVE: &[u8] = b"last_active";
 const META_FOLLOWING: &[u8] = b"following";
 /// A node that stepped down after a split: its peer acknowledged through here.
 const META_DIVERGED_AFTER: &[u8] = b"diverged_after";
+/// An active confirming without its peer: records from here on may be missing
+/// there (kept across a crash, so that the node hands them over on its return).
+const META_ALONE_SINCE: &[u8] = b"alone_since";
 
 /// When a write counts as done. The promise each mode makes is written once,
 /// in the crate documentation (see `lib.rs`).
@@ -339,6 +342,16 @@ impl Store {
 
     pub(crate) fn set_diverged_after(&self, after: Option<u64>) -> Result<(), StoreError> {
         self.set_meta_u64(META_DIVERGED_AFTER, after)
+    }
+
+    /// The first record this node may have confirmed without its peer, since
+    /// a follower was last in sync.
+    pub(crate) fn alone_since(&self) -> Result<Option<u64>, StoreError> {
+        self.meta_u64(META_ALONE_SINCE)
+    }
+
+    pub(crate) fn set_alone_since(&self, seq: Option<u64>) -> Result<(), StoreError> {
+        self.set_meta_u64(META_ALONE_SINCE, seq)
     }
 
     fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {

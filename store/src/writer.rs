@@ -242,7 +242,15 @@ impl Writer {
             awaiting_peer: false,
             snapshot_loading: false,
             // Survives a restart: the hand-over must not be forgotten.
-            diverged_after: if config_active { None } else { store.diverged_after()? },
+            // A node that crashed while confirming alone hands those records over too.
+            diverged_after: if config_active {
+                None
+            } else {
+                match (store.diverged_after()?, store.alone_since()?) {
+                    (Some(d), Some(a)) => Some(d.min(a.saturating_sub(1))),
+                    (d, a) => d.or(a.map(|a| a.saturating_sub(1))),
+                }
+            },
             divergent: Vec::new(),
             stream: rand::random(),
             tail: None,
@@ -252,6 +260,7 @@ impl Writer {
             resumed_from: None,
             resync_needed: false,
             attaches: 0,
+            alone_since: store.alone_since()?,
             source: None,
             begun: None,
         };
@@ -448,6 +457,9 @@ struct WriterState {
     resync_needed: bool,
     /// Active: attaches so far (named in `SnapshotBegin`/`Resume`).
     attaches: u64,
+    /// The first record confirmed without the peer since it was last in sync
+    /// (persisted: see `mark_alone_since`).
+    alone_since: Option<u64>,
     /// Passive: the connection, and the (stream, attach), of the latest
     /// `SnapshotBegin`/`Resume`: the one replication stream followed.
     source: Option<u64>,
@@ -529,7 +541,9 @@ impl WriterState {
             Request::Promote(epoch, done) => done(self.promote(epoch)),
             Request::Demote(still_last_active, done) => {
                 if self.active {
+                    // Every record below `alone_since` waited for the peer's ack.
                     let acked = self.stats.peer_acked.load(Ordering::Relaxed);
+                    let acked = self.alone_since.map_or(acked, |a| acked.max(a.saturating_sub(1)));
                     if self.next_seq - 1 > acked {
                         self.diverged_after = Some(acked);
                         if let Err(e) = self.store.set_diverged_after(Some(acked)) {
@@ -613,6 +627,10 @@ impl WriterState {
 
         let mut results: Vec<(Request, Committed)> = Vec::with_capacity(plan.len());
         if !all_ops.is_empty() {
+            if !self.holds_for_peer() {
+                // Confirmed here alone: durable with the record (same flush).
+                self.mark_alone_since(first_seq);
+            }
             let body = BatchBody { epoch: self.epoch, first_seq, ops: all_ops };
             match self.write(&body) {
                 Ok((dead, raw)) => {
@@ -652,10 +670,7 @@ impl WriterState {
                 results.push((r, c));
             }
         }
-        // Durability `replicated` with an in-sync follower, or one whose
-        // connection was lost but which is not declared down: confirm after its ack.
-        let hold = self.config.durability == Durability::Replicated
-            && (self.awaiting_peer || self.follower.as_ref().is_some_and(|f| f.in_sync));
+        let hold = self.holds_for_peer();
         let seq = self.next_seq - 1;
         for (r, c) in results {
             let done = match r {
@@ -675,6 +690,26 @@ impl WriterState {
             // What the follower already acknowledged (a barrier with nothing new) goes now.
             let acked = f.acked;
             self.release_held(acked);
+        }
+    }
+
+    /// Durability `replicated` with an in-sync follower, or one whose
+    /// connection was lost but which is not declared down: confirm after its ack.
+    fn holds_for_peer(&self) -> bool {
+        self.config.durability == Durability::Replicated
+            && (self.awaiting_peer || self.follower.as_ref().is_some_and(|f| f.in_sync))
+    }
+
+    /// A pair member confirms from `seq` on without its peer: recorded (not
+    /// flushed here) so that, should this node crash and the peer take over,
+    /// it hands those records over when it returns (DESIGN.md section 5).
+    fn mark_alone_since(&mut self, seq: u64) {
+        if self.config.durability != Durability::Replicated || self.alone_since.is_some_and(|s| s <= seq) {
+            return;
+        }
+        match self.store.set_alone_since(Some(seq)) {
+            Ok(()) => self.alone_since = Some(seq),
+            Err(e) => tracing::error!(error = %e, "could not record confirming without the peer"),
         }
     }
 
@@ -909,6 +944,12 @@ impl WriterState {
             }
         } else {
             // Degraded: what waited for the peer is durable here; confirm it.
+            if !self.held.is_empty() {
+                self.mark_alone_since(self.stats.peer_acked.load(Ordering::Relaxed) + 1);
+                if let Err(e) = self.flush() {
+                    tracing::error!(error = %e, "could not record confirming without the peer");
+                }
+            }
             self.release_held(u64::MAX);
         }
     }
@@ -925,6 +966,12 @@ impl WriterState {
             self.awaiting_peer = false;
             self.stats.follower_in_sync.store(true, Ordering::Relaxed);
             tracing::info!(seq = f.acked, "peer in sync");
+            // The peer holds everything: nothing is ours alone any more.
+            if self.alone_since.take().is_some() {
+                if let Err(e) = self.store.set_alone_since(None) {
+                    tracing::error!(error = %e, "could not record that the peer is in sync");
+                }
+            }
             // From now on every commit is held for this follower; tell it so.
             let marker = ReplFrame::InSync { seq: self.next_seq - 1 };
             self.ship(marker);
@@ -1138,6 +1185,9 @@ impl WriterState {
                     self.store.keep_for_handover(&divergent)?;
                     self.store.set_diverged_after(None)?;
                 }
+                // This store's own records are handed over or replaced now.
+                self.alone_since = None;
+                self.store.set_alone_since(None)?;
                 // Durably not a candidate for the cold-start rule, and no copy
                 // to resume from, while half loaded.
                 self.store.set_last_active(false)?;

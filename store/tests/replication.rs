@@ -532,3 +532,41 @@ fn frames_an_old_connection_delivers_late_are_ignored() {
     a.detach_follower();
     assert_eq!(bodies(&promote(&p, 2), "q"), ["m1", "m2", "m3", "m4", "m5"]);
 }
+
+/// Stop a node's writer as a crash would (no step-down), and open its store again as a passive.
+fn crash_and_restart_passive(node: (Store, Writer), dir: &std::path::Path) -> (Store, Writer) {
+    drop(node);
+    reopen_passive(dir)
+}
+
+#[test]
+fn an_active_that_crashed_while_confirming_alone_hands_those_records_over_on_its_return() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((sa, a), (_sb, b)) = in_sync_pair(da.path(), db.path());
+    lose_peer(&a);
+    submit(&a, enqueue(2)).unwrap(); // confirmed with a single copy
+    submit(&a, enqueue(3)).unwrap();
+    promote(&b, 2); // the peer took over meanwhile
+    submit(&b, enqueue(4)).unwrap();
+    let (_sa, a) = crash_and_restart_passive((sa, a), da.path());
+    let kinds = link_kinds(&b, &a);
+    wait_until("a is in sync with b", || in_sync(&a));
+    assert_eq!(handed_over(&kinds), ["divergent: m2,m3"]);
+}
+
+#[test]
+fn an_in_sync_active_that_crashed_hands_nothing_over() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((sa, a), (_sb, b)) = in_sync_pair(da.path(), db.path());
+    submit(&a, enqueue(2)).unwrap(); // held for b's ack: b has it
+    a.detach_follower(); // the connection dies with the process (and lets go of it here)
+    let (_sa, a) = crash_and_restart_passive((sa, a), da.path());
+    promote(&b, 2);
+    let kinds = link_kinds(&b, &a);
+    wait_until("a is in sync with b", || in_sync(&a));
+    assert!(handed_over(&kinds).is_empty(), "{:?}", kinds.lock().unwrap());
+    b.detach_follower();
+    let mut got = bodies(&promote(&a, 3), "q");
+    got.sort();
+    assert_eq!(got, ["m1", "m2"]);
+}
