@@ -30,8 +30,23 @@ fn submit(w: &Writer, ops: Vec<Op>) -> Committed {
     rx.recv().expect("writer answers").expect("commit succeeds")
 }
 
+/// Open the store at `dir`. After a reopen, sled's background flusher may
+/// hold the file lock for a moment after the last handle is gone: retry for
+/// a bounded time (it flaked in CI without this).
+fn try_open(dir: &std::path::Path) -> Result<(Store, Recovered), StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Store::open(&StoreConfig::new(dir)) {
+            Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other,
+        }
+    }
+}
+
 fn open(dir: &std::path::Path) -> (Store, Recovered) {
-    Store::open(&StoreConfig::new(dir)).expect("store opens")
+    try_open(dir).expect("store opens")
 }
 
 #[test]
@@ -152,16 +167,7 @@ fn a_corrupted_record_refuses_to_open() {
         log.insert(key.to_be_bytes(), raw).unwrap();
         db.flush().unwrap();
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let opened = loop {
-        match Store::open(&StoreConfig::new(dir.path())) {
-            Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20)) // the file lock, as above
-            }
-            other => break other,
-        }
-    };
-    match opened {
+    match try_open(dir.path()) {
         Err(StoreError::Corrupt { key: k, .. }) => assert_eq!(k, key),
         other => panic!("expected Corrupt, got {other:?}"),
     }
