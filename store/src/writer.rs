@@ -246,10 +246,7 @@ impl Writer {
             diverged_after: if config_active {
                 None
             } else {
-                match (store.diverged_after()?, store.alone_since()?) {
-                    (Some(d), Some(a)) => Some(d.min(a.saturating_sub(1))),
-                    (d, a) => d.or(a.map(|a| a.saturating_sub(1))),
-                }
+                [store.diverged_after()?, store.alone_since()?.map(|a| a.saturating_sub(1))].into_iter().flatten().min()
             },
             divergent: Vec::new(),
             stream: rand::random(),
@@ -550,8 +547,6 @@ impl WriterState {
                             tracing::error!(error = %e, "could not record what the peer never acknowledged");
                         }
                     }
-                }
-                if self.active {
                     self.forget_stream();
                 }
                 self.follower = None;
@@ -1046,9 +1041,9 @@ impl WriterState {
             seq += 1;
         }
         if !ops.is_empty() {
+            // A commit like any other (the index it updates is rebuilt by the promotion).
             let body = BatchBody { epoch, first_seq: self.next_seq, ops };
-            self.materialise_admin(&body)?;
-            self.store.log.insert(body.first_seq.to_be_bytes(), body.encode()?)?;
+            self.write(&body)?;
             self.next_seq = body.last_seq() + 1;
             self.store.set_next_seq(self.next_seq)?;
         }
