@@ -650,6 +650,7 @@ fn pair_config(
         probe_interval,
         probe_failures,
         failback,
+        disk_stall: std::time::Duration::from_millis(2000),
         tls: ha_tls(file, args)?,
     }))
 }

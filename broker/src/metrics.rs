@@ -27,7 +27,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 /// Every role a node can be in (`twinmq_role` is a state set over these).
-const ROLES: [&str; 5] = ["active", "active-alone", "passive-syncing", "passive", "isolated"];
+const ROLES: [&str; 6] = ["active", "active-alone", "passive-syncing", "passive", "waiting", "isolated"];
 
 /// The event counters of one broker. Cloning shares them.
 #[derive(Clone, Debug)]

@@ -43,14 +43,14 @@ pub async fn run(
             .map_err(|e| BrokerError::Internal(e.to_string()))??
     };
     store.claim_node_id(&config.node_id)?;
-    let was_last_active = store.was_last_active()?;
+    let repl = store.repl_meta()?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
         epoch = recovered.epoch,
         next_seq = recovered.next_seq,
         batches = recovered.batches,
         queues = recovered.queues.len(),
-        was_last_active,
+        serve_alone = repl.serve_alone,
         "store opened"
     );
     let (writer, writer_thread) = Writer::start(
@@ -62,6 +62,7 @@ pub async fn run(
             // A pair member starts passive (DESIGN.md section 4, cold start).
             active: config.pair.is_none(),
             require_replica: config.require_replica,
+            ..WriterConfig::default()
         },
     )?;
 
@@ -96,7 +97,6 @@ pub async fn run(
             let p = Pair::start(
                 Arc::new(ha.clone()),
                 writer.clone(),
-                was_last_active,
                 node.clone().recipient(),
                 node.clone().recipient(),
                 ha_listener,
@@ -158,8 +158,7 @@ pub async fn run(
         p.stop();
         // Nobody will declare the peer down now: release what waits for it
         // (durable here) rather than wait forever.
-        writer.detach_follower();
-        writer.peer_down();
+        writer.shutting_down();
     }
     // Wait until every op submitted so far is committed.
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -16,9 +16,10 @@ use std::path::PathBuf;
 
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
-use twinmq_ha::wire::{self, HaFrame, Heartbeat};
+use twinmq_ha::wire::{self, HaFrame, Heartbeat, RoleMsg};
 use twinmq_ha::Role;
 use twinmq_protocol::*;
+use twinmq_store::repl::{AttachId, EpochStart, History};
 use twinmq_store::{BatchBody, Op, QueueKind, QueueSpec, ReplFrame, StoredMessage};
 
 fn seeds_dir(target: &str) -> PathBuf {
@@ -155,20 +156,39 @@ fn link_frames() -> Vec<HaFrame> {
         Op::Enqueue { message, .. } => message.clone(),
         _ => unreachable!(),
     };
+    let raw = bytes::Bytes::from(raw);
+    let attach = AttachId { epoch: 2, promotion: 7, n: 1 };
+    let history = History::new(vec![EpochStart { epoch: 2, id: 7, start: 1, forced: false }]);
     vec![
-        HaFrame::Heartbeat(Heartbeat { role: Role::Active, epoch: 2, last_seq: 13, sees_gateway: true, in_sync: true }),
-        HaFrame::Repl(ReplFrame::SnapshotBegin { epoch: 2, stream: 7, attach: 1 }),
-        HaFrame::Repl(ReplFrame::Record { key: 10, raw: raw.clone() }),
-        HaFrame::Repl(ReplFrame::Admin { key: b"q/orders".to_vec(), value: b"an admin entry".to_vec() }),
-        HaFrame::Repl(ReplFrame::SnapshotEnd { next_seq: 14, epoch: 2, stream: 7 }),
-        HaFrame::Repl(ReplFrame::Resume { stream: 7, from_seq: 10, in_sync: true, attach: 2 }),
-        HaFrame::Repl(ReplFrame::InSync { seq: 13 }),
+        HaFrame::Heartbeat(Heartbeat {
+            role: Role::Active,
+            epoch: 2,
+            floor: 2,
+            last_seq: 13,
+            last_op_epoch: 2,
+            sees_gateway: true,
+            in_sync: true,
+            holding: true,
+            holding_gen: 3,
+            serviceable: true,
+        }),
+        HaFrame::Repl(ReplFrame::Attach { attach, history: history.clone(), last_seq: 9 }),
+        HaFrame::Repl(ReplFrame::AttachReply { attach, floor: 2, history: history.clone(), last_seq: 0 }),
+        HaFrame::Repl(ReplFrame::Snapshot { attach, fork: Some(4), handover_all: false, synced_at: 9 }),
+        HaFrame::Repl(ReplFrame::SnapRecord { key: 10, raw: raw.clone() }),
+        HaFrame::Repl(ReplFrame::SnapAdmin { key: b"q/orders"[..].into(), value: b"an admin entry"[..].into() }),
+        HaFrame::Repl(ReplFrame::SnapEnd { next_seq: 14, history }),
+        HaFrame::Repl(ReplFrame::Resume { attach, from_seq: 10, in_sync: Some(3) }),
+        HaFrame::Repl(ReplFrame::InSync { gen: 3 }),
         HaFrame::Repl(ReplFrame::Batch { first_seq: 10, last_seq: 13, raw }),
-        HaFrame::ReplAck { seq: 13 },
-        HaFrame::ReplRefused { reason: "gap".into() },
+        HaFrame::Repl(ReplFrame::Ack { attach, seq: 13 }),
+        HaFrame::Repl(ReplFrame::Refused { attach: Some(attach), reason: "gap".into() }),
+        HaFrame::Repl(ReplFrame::Failed { reason: "EIO".into() }),
+        HaFrame::Role(RoleMsg::VoteRequest { epoch: 3, rank: (2, 13) }),
+        HaFrame::Role(RoleMsg::VoteReply { epoch: 3, granted: true }),
+        HaFrame::Role(RoleMsg::TakeOver { epoch: 2, last_seq: 13 }),
         HaFrame::Divergent { messages: vec![("q/orders".into(), message)] },
         HaFrame::DivergentStored { ids: vec![(2, 13)] },
-        HaFrame::TakeOver { epoch: 2, last_seq: 13 },
     ]
 }
 

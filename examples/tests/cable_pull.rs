@@ -106,8 +106,9 @@ impl Scenario {
     }
 }
 
+/// Serving nothing: passive, isolated, or waiting for its peer.
 fn passive_or_isolated(s: &Sample) -> bool {
-    s.role().starts_with("passive") || s.role() == "isolated"
+    s.role().starts_with("passive") || s.role() == "isolated" || s.role() == "waiting"
 }
 
 /// 1. A's switch cable: A still sees B over the HA cable but lost the
@@ -203,7 +204,7 @@ fn s4_a_cut_off_steps_down_and_takes_the_role_back_after_the_replug() {
 ///    cable: both nodes end passive and serve nothing; the gateway back
 ///    brings A back as active (the last active, and it sees the gateway).
 #[test]
-fn s5_no_majority_anywhere_serves_nothing_until_the_gateway_returns() {
+fn s5_no_majority_anywhere_serves_nothing_until_the_peers_meet_again() {
     scenario("5: no majority (gateway, then HA + B's switch cable)", false, |s| {
         s.lab.hold(Duration::from_secs(1))?;
         let t = s.lab.pull(&[Cable::Gateway])?;
@@ -217,10 +218,14 @@ fn s5_no_majority_anywhere_serves_nothing_until_the_gateway_returns() {
         s.lab.hold(Duration::from_secs(3))?;
         s.always(Node::A, none, "serving nothing", passive_or_isolated)?;
         s.always(Node::B, none, "serving nothing", passive_or_isolated)?;
+        // The gateway returns, but A cannot know whether B (in sync when they
+        // lost each other) took over meanwhile: it waits, and says so.
         let t = s.lab.replug(&[Cable::Gateway])?;
-        s.lab.wait("a active again", t, WAIT, |a, _| a.is_active())?;
-        s.always(Node::B, t, "passive", passive_or_isolated)?;
-        s.confirm_after(t)?;
+        s.lab.wait("a waiting", t, WAIT, |a, _| a.role() == "waiting")?;
+        s.lab.hold(Duration::from_secs(2))?;
+        s.always(Node::A, t, "not serving", |x| !x.is_active())?;
+        s.always(Node::B, t, "not serving", |x| !x.is_active())?;
+        // Once they see each other again, the newest store serves.
         let t = s.lab.replug(&[Cable::Ha, Cable::BSwitch])?;
         s.lab.wait_stable(Node::A, t, WAIT)?;
         s.confirm_after(t)?;

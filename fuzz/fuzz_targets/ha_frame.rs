@@ -1,8 +1,10 @@
 //! Fuzz the HA link decoder (`twinmq_ha::wire`) as the link runs it: first
 //! with the small pre-authentication limit (what a stranger on the HA port
 //! can reach), then with the post-authentication limit (what an
-//! authenticated peer sends). Replication frames go one step further, into
-//! what the passive does with them before storing: the batch record decoder
+//! authenticated peer sends). Replication frames go further: into the
+//! replication core (`twinmq_store::repl::Replica`, as a follower and as a
+//! primary: whatever a peer sends, it must not panic), and into what the
+//! passive does with them before storing: the batch record decoder
 //! (`BatchBody::decode`) and the admin entry decoder. Byte 0 picks the stage
 //! and the piece size; the rest is the stream.
 //!
@@ -16,21 +18,42 @@ use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 use twinmq_ha::wire::{self, HaCodec, HaFrame};
 use twinmq_store::op::RECORD_FORMAT;
-use twinmq_store::{BatchBody, QueueEntry, ReplFrame};
+use twinmq_store::repl::{Replica, ReplicaConfig, ReplMeta};
+use twinmq_store::{BatchBody, Durability, QueueEntry, ReplFrame};
 
 /// Authenticated HA frames may be up to `MAX_HA_FRAME` (64 MiB, a snapshot
 /// record); a stranger's only up to `MAX_HANDSHAKE_FRAME`. Above 80 MiB is a bug.
 #[global_allocator]
 static ALLOC: twinmq_fuzz::CappedAlloc<{ 80 * 1024 * 1024 }> = twinmq_fuzz::CappedAlloc;
 
+/// A follower and a primary (attached on connection 1) as the frames' targets.
+fn cores() -> (Replica, Replica) {
+    let cfg = ReplicaConfig { durability: Durability::Replicated, require_replica: false, pair: true, tail_bytes: 1 << 20 };
+    let follower = Replica::new(cfg.clone(), ReplMeta::default(), 1, 1);
+    let mut primary = Replica::new(cfg, ReplMeta::default(), 1, 2);
+    let mut out = Vec::new();
+    primary.promote(1, 2, None, false, &mut out).expect("an empty store promotes");
+    primary.attach(1, &mut out);
+    (follower, primary)
+}
+
 fn stream(mut codec: HaCodec, piece: usize, bytes: &[u8]) {
     let max = codec.max_frame_bytes();
+    let (mut follower, mut primary) = cores();
     let mut src = BytesMut::new();
     for chunk in bytes.chunks(piece) {
         src.extend_from_slice(chunk);
         loop {
             match codec.decode(&mut src) {
-                Ok(Some(frame)) => follow(frame),
+                Ok(Some(frame)) => {
+                    if let HaFrame::Repl(f) = &frame {
+                        let mut out = Vec::new();
+                        follower.on_frame(1, f.clone(), 0, &mut out);
+                        follower.flush_point(&mut out);
+                        primary.on_frame(1, f.clone(), 0, &mut out);
+                    }
+                    follow(frame)
+                }
                 Ok(None) => {
                     assert!(src.capacity() <= 2 * (4 + max) + bytes.len(), "buffer beyond one frame");
                     break;
@@ -45,12 +68,12 @@ fn stream(mut codec: HaCodec, piece: usize, bytes: &[u8]) {
 fn follow(frame: HaFrame) {
     match frame {
         HaFrame::Repl(ReplFrame::Batch { first_seq, raw, .. })
-        | HaFrame::Repl(ReplFrame::Record { key: first_seq, raw }) => {
+        | HaFrame::Repl(ReplFrame::SnapRecord { key: first_seq, raw }) => {
             if let Ok(body) = BatchBody::decode(first_seq, &raw) {
                 check_body(&body);
             }
         }
-        HaFrame::Repl(ReplFrame::Admin { value, .. }) => {
+        HaFrame::Repl(ReplFrame::SnapAdmin { value, .. }) => {
             let _ = rmp_serde::from_slice::<QueueEntry>(&value);
         }
         _ => {}

@@ -68,6 +68,8 @@ pub struct HaConfig {
     /// Consecutive failed probes before the gateway counts as lost.
     pub probe_failures: u32,
     pub failback: Failback,
+    /// A sync slower than this counts as a failed disk.
+    pub disk_stall: Duration,
     /// TLS on the HA port (under the cluster secret, not instead of it).
     pub tls: Option<crate::tls::HaTls>,
 }

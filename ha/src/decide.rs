@@ -1,8 +1,8 @@
 //! The role decision: a pure function of what this node sees and the time.
 //!
 //! Every rule of DESIGN.md section 4 is a branch here and a row in the table
-//! test below. No I/O: the `RoleArbiter` gathers the inputs, calls
-//! [`decide`], and carries out the returned [`Action`].
+//! test below. No I/O: the [`crate::role::RoleCore`] gathers the inputs,
+//! calls [`decide`], and turns the returned [`Action`] into work.
 
 use crate::Role;
 
@@ -22,11 +22,17 @@ pub enum PeerView {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerStatus {
     pub role: Role,
+    /// The epoch it serves in (active) or follows (passive).
     pub epoch: u64,
-    pub last_seq: u64,
+    /// The highest epoch it has heard of.
+    pub floor: u64,
+    /// Its store's rank: (epoch of its last op, last op).
+    pub rank: (u64, u64),
     pub sees_gateway: bool,
-    /// A passive peer that holds everything this (active) node confirmed.
+    /// A passive peer: it holds everything this (active) node confirmed.
     pub in_sync: bool,
+    /// Its store works (no failed disk, no half-loaded snapshot).
+    pub serviceable: bool,
 }
 
 /// Everything the decision depends on.
@@ -34,13 +40,22 @@ pub struct PeerStatus {
 pub struct Inputs {
     pub now_ms: u64,
     pub role: Role,
+    /// The epoch this node serves in (active) or follows (passive).
     pub epoch: u64,
-    pub last_seq: u64,
-    /// Passive: holds everything the active confirmed, as of the last time the
-    /// active was heard (the stream was live and caught up).
+    /// This store's rank: (epoch of its last op, last op).
+    pub rank: (u64, u64),
+    /// Passive: holds everything the active confirmed (DESIGN.md section 4,
+    /// "in sync expires": already false if this node stood still or was isolated).
     pub in_sync: bool,
-    /// The store says this node was the last active one (cold start rule).
-    pub was_last_active: bool,
+    /// The store says nobody can have taken over since this node stopped
+    /// serving (it was active with no in-sync peer): the cold-start rule.
+    pub serve_alone: bool,
+    /// This node's disk failed (an error, or a flush slower than `disk_stall_ms`).
+    pub disk_failed: bool,
+    /// A snapshot is half loaded: this store cannot serve.
+    pub loading: bool,
+    /// Active: the peer's store knows a higher epoch (it refused to follow).
+    pub outranked: bool,
     /// This node wins ties (higher priority, then lower node id).
     pub preferred: bool,
     pub peer: PeerView,
@@ -61,18 +76,25 @@ pub struct Inputs {
     pub switchover_requested: bool,
 }
 
-/// What the arbiter must do.
+/// What the role core must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Nothing beyond reporting `role` (which may change label only, e.g.
     /// `active` to `active-alone`, or `passive` to `isolated`).
     Stay,
-    /// Become active: epoch + 1, start serving.
+    /// Become active now: the peer is gone and this node holds everything
+    /// (in sync, or the cold-start rule), or the operator forces it.
     Promote,
+    /// Both passive and this node's store ranks first: become active once
+    /// the peer grants it (a vote, so that two stale views never both promote).
+    Elect,
     /// Stop serving now (drop clients) and be passive.
     StepDown,
     /// Orderly switchover: drain, final sync, tell the peer to take over.
     HandOver,
+    /// This node's disk failed while active: stop serving at once and tell
+    /// the in-sync peer to take over (no drain: nothing more is confirmed here).
+    HandOverNow,
 }
 
 /// The outcome: the action, the role to report, and why (for the INFO line).
@@ -97,6 +119,23 @@ pub fn decide(i: &Inputs) -> Decision {
 }
 
 fn decide_active(i: &Inputs) -> Decision {
+    if i.disk_failed {
+        return match i.peer {
+            PeerView::Up(p) if !p.role.serves_clients() && p.in_sync && p.serviceable => d(
+                Action::HandOverNow,
+                Role::Waiting,
+                "disk failed: handing the role to the in-sync peer; restart once the disk is fixed",
+            ),
+            _ => d(
+                Action::StepDown,
+                Role::Waiting,
+                "disk failed and no in-sync peer to hand over to: serving nothing; restart once the disk is fixed",
+            ),
+        };
+    }
+    if i.outranked {
+        return d(Action::StepDown, Role::Passive, "the peer's store is at a higher epoch: stepping down to follow it");
+    }
     match i.peer {
         PeerView::Up(p) if p.role.serves_clients() => {
             // A healed split: the higher epoch stays, ties go to the preferred node.
@@ -109,6 +148,9 @@ fn decide_active(i: &Inputs) -> Decision {
             } else {
                 d(Action::Stay, Role::Active, "healed split: this node keeps the role (higher epoch or tie winner)")
             }
+        }
+        PeerView::Up(p) if p.floor > i.epoch => {
+            d(Action::StepDown, Role::Passive, "the peer has heard of a higher epoch: stepping down")
         }
         PeerView::Up(p) => {
             if i.switchover_requested && p.in_sync {
@@ -144,6 +186,19 @@ fn decide_active(i: &Inputs) -> Decision {
 
 fn decide_passive(i: &Inputs) -> Decision {
     let idle = if i.in_sync { Role::Passive } else { Role::PassiveSyncing };
+    if i.disk_failed {
+        return d(Action::Stay, Role::Waiting, "disk failed: serving nothing; restart once the disk is fixed");
+    }
+    if i.loading {
+        return match i.peer {
+            PeerView::Up(p) if p.role.serves_clients() => d(Action::Stay, idle, "loading a snapshot from the peer"),
+            _ => d(
+                Action::Stay,
+                Role::Waiting,
+                "a snapshot from the peer is half loaded: this store cannot serve until the peer returns",
+            ),
+        };
+    }
     if i.force_promote {
         return d(Action::Promote, Role::Active, "promoted by the operator (--force)");
     }
@@ -153,10 +208,14 @@ fn decide_passive(i: &Inputs) -> Decision {
             if i.now_ms < i.holdoff_until_ms {
                 return d(Action::Stay, idle, "handed over recently: waiting for the peer to take the role");
             }
-            let mine = (i.epoch, i.last_seq);
-            let theirs = (p.epoch, p.last_seq);
-            if mine > theirs || (mine == theirs && i.preferred) {
-                d(Action::Promote, Role::Active, "both passive: this node has the newest store (or wins the tie)")
+            if i.rank > p.rank || (i.rank == p.rank && i.preferred) || !p.serviceable && i.rank >= p.rank {
+                d(Action::Elect, Role::Active, "both passive: this node has the newest store (or wins the tie)")
+            } else if !p.serviceable {
+                d(
+                    Action::Stay,
+                    Role::Waiting,
+                    "both passive: the peer holds newer data but cannot serve (disk failed); promote --force overrides",
+                )
             } else {
                 d(Action::Stay, idle, "both passive: the peer has the newer store (or wins the tie)")
             }
@@ -164,25 +223,15 @@ fn decide_passive(i: &Inputs) -> Decision {
         PeerView::Silent { .. } | PeerView::Dead if !i.gateway => {
             d(Action::Stay, Role::Isolated, "isolated: neither peer nor gateway")
         }
-        PeerView::Dead => {
-            if i.in_sync || i.was_last_active {
-                d(Action::Promote, Role::Active, "peer process gone (reset, every path refuses), gateway up")
-            } else {
-                d(
-                    Action::Stay,
-                    idle,
-                    "peer gone but this node is not in sync: staying passive (promote --force overrides)",
-                )
-            }
-        }
+        PeerView::Dead | PeerView::Silent { .. } if !(i.in_sync || i.serve_alone) => d(
+            Action::Stay,
+            Role::Waiting,
+            "waiting for the peer: it may have confirmed messages this node lacks (not in sync, or it may have \
+             taken over after this node stopped); `promote --force` overrides",
+        ),
+        PeerView::Dead => d(Action::Promote, Role::Active, "peer process gone (reset, every path refuses), gateway up"),
         PeerView::Silent { since_ms } => {
-            if !(i.in_sync || i.was_last_active) {
-                d(
-                    Action::Stay,
-                    idle,
-                    "peer silent but this node is not in sync: staying passive (promote --force overrides)",
-                )
-            } else if i.now_ms.saturating_sub(since_ms) >= i.takeover_delay_ms {
+            if i.now_ms.saturating_sub(since_ms) >= i.takeover_delay_ms {
                 d(Action::Promote, Role::Active, "peer silent on every path for takeover_delay, gateway up")
             } else {
                 d(Action::Stay, idle, "peer silent: waiting out takeover_delay")
@@ -203,9 +252,12 @@ mod tests {
             now_ms: NOW,
             role,
             epoch: 5,
-            last_seq: 1000,
+            rank: (5, 1000),
             in_sync: true,
-            was_last_active: false,
+            serve_alone: false,
+            disk_failed: false,
+            loading: false,
+            outranked: false,
             preferred: true,
             peer: PeerView::Up(peer(Role::Passive)),
             gateway: true,
@@ -221,7 +273,7 @@ mod tests {
     }
 
     fn peer(role: Role) -> PeerStatus {
-        PeerStatus { role, epoch: 5, last_seq: 1000, sees_gateway: true, in_sync: true }
+        PeerStatus { role, epoch: 5, floor: 5, rank: (5, 1000), sees_gateway: true, in_sync: true, serviceable: true }
     }
 
     fn up(role: Role, f: impl FnOnce(&mut PeerStatus)) -> PeerView {
@@ -299,29 +351,55 @@ mod tests {
                 StepDown,
                 Passive,
             ),
+            // Histories are ordered by epoch.
+            (
+                "active, passive peer has heard of a higher epoch: step down",
+                Inputs { peer: up(Passive, |p| p.floor = 6), ..base(Active) },
+                StepDown,
+                Passive,
+            ),
+            (
+                "active, a follower refused for a higher epoch: step down",
+                Inputs { outranked: true, ..base(Active) },
+                StepDown,
+                Passive,
+            ),
             // Both passive.
             (
-                "both passive, my store newer epoch: promote",
-                Inputs { peer: up(Passive, |p| p.epoch = 4), preferred: false, ..base(Passive) },
-                Promote,
+                "both passive, my last op has the newer epoch: elect",
+                Inputs { peer: up(Passive, |p| p.rank = (4, 5000)), preferred: false, ..base(Passive) },
+                Elect,
                 Active,
             ),
             (
-                "both passive, my store longer: promote",
-                Inputs { peer: up(Passive, |p| p.last_seq = 999), preferred: false, ..base(Passive) },
-                Promote,
+                "both passive, my store longer: elect",
+                Inputs { peer: up(Passive, |p| p.rank = (5, 999)), preferred: false, ..base(Passive) },
+                Elect,
                 Active,
             ),
             (
                 "both passive, peer newer: stay",
-                Inputs { peer: up(Passive, |p| p.last_seq = 1001), ..base(Passive) },
+                Inputs { peer: up(Passive, |p| p.rank = (5, 1001)), ..base(Passive) },
                 Stay,
                 Passive,
             ),
             (
-                "both passive, tie, preferred: promote",
+                "both passive, a force-promoted empty peer at a high epoch does not outrank data",
+                Inputs {
+                    peer: up(Passive, |p| {
+                        p.epoch = 9;
+                        p.rank = (0, 0)
+                    }),
+                    preferred: false,
+                    ..base(Passive)
+                },
+                Elect,
+                Active,
+            ),
+            (
+                "both passive, tie, preferred: elect",
                 Inputs { peer: up(Passive, |_| {}), ..base(Passive) },
-                Promote,
+                Elect,
                 Active,
             ),
             (
@@ -335,6 +413,24 @@ mod tests {
                 Inputs { peer: up(Passive, |_| {}), holdoff_until_ms: NOW + 1, ..base(Passive) },
                 Stay,
                 Passive,
+            ),
+            (
+                "both passive, the peer is newer but its disk failed: wait",
+                Inputs {
+                    peer: up(Passive, |p| {
+                        p.rank = (5, 2000);
+                        p.serviceable = false
+                    }),
+                    ..base(Passive)
+                },
+                Stay,
+                Waiting,
+            ),
+            (
+                "both passive, the peer's disk failed and it is not newer: elect",
+                Inputs { peer: up(Passive, |p| p.serviceable = false), preferred: false, ..base(Passive) },
+                Elect,
+                Active,
             ),
             // Active with the peer up and passive.
             ("active, peer passive, both see gateway: stay", base(Active), Stay, Active),
@@ -402,6 +498,31 @@ mod tests {
                 Stay,
                 Active,
             ),
+            // A failing disk is a failed node.
+            (
+                "active, disk failed, in-sync peer: hand over at once",
+                Inputs { disk_failed: true, ..base(Active) },
+                HandOverNow,
+                Waiting,
+            ),
+            (
+                "active, disk failed, peer not in sync: step down",
+                Inputs { disk_failed: true, peer: up(Passive, |p| p.in_sync = false), ..base(Active) },
+                StepDown,
+                Waiting,
+            ),
+            (
+                "active, disk failed, peer down: step down",
+                Inputs { disk_failed: true, peer: silent_long, ..base(Active) },
+                StepDown,
+                Waiting,
+            ),
+            (
+                "passive, disk failed, peer down: wait",
+                Inputs { disk_failed: true, peer: PeerView::Dead, ..base(Passive) },
+                Stay,
+                Waiting,
+            ),
             // Peer down, gateway up.
             ("active, peer down, gateway up: alone", Inputs { peer: silent_long, ..base(Active) }, Stay, ActiveAlone),
             (
@@ -429,16 +550,22 @@ mod tests {
                 Active,
             ),
             (
-                "passive not in sync, peer down, gateway up: stay passive",
+                "passive not in sync, peer down, gateway up: waiting",
                 Inputs { peer: silent_long, in_sync: false, ..base(Passive) },
                 Stay,
-                PassiveSyncing,
+                Waiting,
             ),
             (
-                "passive not in sync, peer dead: stay passive",
+                "passive not in sync, peer dead: waiting",
                 Inputs { peer: PeerView::Dead, in_sync: false, ..base(Passive) },
                 Stay,
-                PassiveSyncing,
+                Waiting,
+            ),
+            (
+                "passive with a half-loaded snapshot, peer dead: waiting",
+                Inputs { peer: PeerView::Dead, loading: true, ..base(Passive) },
+                Stay,
+                Waiting,
             ),
             (
                 "operator promote --force overrides",
@@ -448,20 +575,20 @@ mod tests {
             ),
             // Cold start.
             (
-                "cold start alone, was last active, gateway up: promote",
-                Inputs { peer: silent_long, in_sync: false, was_last_active: true, ..base(Passive) },
+                "cold start alone, was active with no in-sync peer, gateway up: promote",
+                Inputs { peer: silent_long, in_sync: false, serve_alone: true, ..base(Passive) },
                 Promote,
                 Active,
             ),
             (
-                "cold start alone, was not last active: wait for peer",
+                "cold start alone, a peer may have taken over: waiting",
                 Inputs { peer: silent_long, in_sync: false, ..base(Passive) },
                 Stay,
-                PassiveSyncing,
+                Waiting,
             ),
             (
-                "cold start alone, last active, no gateway: isolated",
-                Inputs { peer: silent_long, in_sync: false, was_last_active: true, gateway: false, ..base(Passive) },
+                "cold start alone, may serve alone, no gateway: isolated",
+                Inputs { peer: silent_long, in_sync: false, serve_alone: true, gateway: false, ..base(Passive) },
                 Stay,
                 Isolated,
             ),
@@ -486,7 +613,10 @@ mod tests {
                     ..base(Role::Passive)
                 };
                 let (da, db) = (decide(&a), decide(&b));
-                assert_ne!(db.action, Action::Promote, "passive never promotes while it sees the active");
+                assert!(
+                    !matches!(db.action, Action::Promote | Action::Elect),
+                    "passive never promotes while it sees the active"
+                );
                 assert!(!(da.action == Action::Stay && da.role.serves_clients() && db.role.serves_clients()));
             }
         }

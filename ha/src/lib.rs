@@ -8,6 +8,8 @@
 //! (twinmq-store); this crate moves its records over the HA link.
 
 pub mod decide;
+pub mod role;
+pub mod sim;
 
 pub use decide::{decide, Action, Decision, Inputs, PeerStatus, PeerView};
 
@@ -21,6 +23,9 @@ pub enum Role {
     ActiveAlone,
     PassiveSyncing,
     Passive,
+    /// Not serving until the peer returns or an operator forces it: this
+    /// node may lack what the peer confirmed (DESIGN.md section 4).
+    Waiting,
     Isolated,
 }
 
@@ -38,6 +43,7 @@ impl std::fmt::Display for Role {
             Role::ActiveAlone => "active-alone",
             Role::PassiveSyncing => "passive-syncing",
             Role::Passive => "passive",
+            Role::Waiting => "waiting",
             Role::Isolated => "isolated",
         })
     }
@@ -78,22 +84,24 @@ impl Pair {
     pub fn start(
         cfg: Arc<HaConfig>,
         writer: twinmq_store::Writer,
-        was_last_active: bool,
         broker: Recipient<RoleCommand>,
         divergent_to: Recipient<monitor::DivergentMessages>,
         ha_listener: std::net::TcpListener,
     ) -> Pair {
         let thread = Arbiter::new();
+        let view = arbiter::view_of(&writer);
         let initial = HaStatus {
             role: Role::PassiveSyncing,
-            epoch: 0,
-            last_seq: 0,
+            epoch: view.epoch,
+            floor: view.floor,
+            last_seq: view.last_seq,
             in_sync: false,
             peer_id: None,
             peer_state: "silent",
             peer_role: None,
             peer_epoch: None,
             peer_last_seq: None,
+            peer_last_op_epoch: None,
             peer_in_sync: None,
             peer_sees_gateway: None,
             peer_last_heard_ms_ago: None,
@@ -103,26 +111,29 @@ impl Pair {
             sync_lag: None,
             last_reason: "starting",
             failovers: 0,
+            disk_failure: None,
         };
         let (status_tx, status) = watch::channel(initial);
         // The first heartbeat may go out before the arbiter's first tick: it
-        // must already tell the truth about the store (the both-passive
-        // election compares it).
-        let stats = writer.stats();
+        // must already tell the truth about the store (elections compare it).
         let (hb_tx, hb_rx) = watch::channel(wire::Heartbeat {
             role: Role::PassiveSyncing,
-            epoch: stats.epoch.load(std::sync::atomic::Ordering::Relaxed),
-            last_seq: stats.last_seq.load(std::sync::atomic::Ordering::Relaxed),
+            epoch: view.epoch,
+            floor: view.floor,
+            last_seq: view.last_seq,
+            last_op_epoch: view.last_op_epoch,
             sees_gateway: false,
             in_sync: false,
+            holding: false,
+            holding_gen: 0,
+            serviceable: !view.disk_failed && !view.loading,
         });
         let (c, w) = (cfg.clone(), writer.clone());
-        let arbiter = RoleArbiter::start_in_arbiter(&thread.handle(), move |_| {
-            RoleArbiter::new(c, w, broker, was_last_active, status_tx, hb_tx)
-        });
+        let arbiter =
+            RoleArbiter::start_in_arbiter(&thread.handle(), move |_| RoleArbiter::new(c, w, broker, status_tx, hb_tx));
         let (c, a) = (cfg.clone(), arbiter.clone());
         let monitor = monitor::PeerMonitor::start_in_arbiter(&thread.handle(), move |_| {
-            monitor::PeerMonitor::new(c, writer, hb_rx, a.clone().recipient(), a.recipient(), divergent_to, ha_listener)
+            monitor::PeerMonitor::new(c, writer, hb_rx, a, divergent_to, ha_listener)
         });
         let a = arbiter.clone();
         let (gw, interval, failures) = (cfg.gateway.clone(), cfg.probe_interval, cfg.probe_failures);

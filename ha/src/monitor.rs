@@ -8,27 +8,41 @@
 //! "Dead" (the fast path) means every connection is gone and every path's
 //! last dial was refused: the host answers, the process is not there.
 //!
-//! Replication data does not pass through this actor: connection tasks hand
-//! records straight to the store writer (passive) and acks straight back
-//! (active); this actor only chooses the connection and attaches it.
+//! Replication data does not pass through this actor: each connection's
+//! task hands the frames it reads straight to the store writer (which owns
+//! the protocol, see `twinmq_store::repl`) and writes what the writer queues
+//! for it. A frame read waits for room (a bounded number of bytes in flight
+//! to the writer) before the next one is read: a slow store slows the
+//! socket, and TCP slows the active. This actor only decides on which
+//! connection the active attaches its passive peer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, watch};
-use twinmq_store::{ReplFrame, Writer};
+use tokio::sync::{mpsc, watch, Semaphore};
+use twinmq_store::{Outbound, PeerRx, PeerTx, Writer};
 
+use crate::arbiter::{FromPeer, PeerHeartbeat, PeerLinks, RoleArbiter};
 use crate::config::HaConfig;
 use crate::link::{self, Link, LinkAuth, LinkError};
 use crate::wire::{HaFrame, Heartbeat};
 
 type ConnId = u64;
 
+/// Bytes of replication frames read from one connection that may wait for
+/// the store writer; past it the connection is not read (back-pressure).
+const APPLY_WINDOW_KB: u32 = 32 * 1024;
+
+/// How often a hand-over the active has not acknowledged is sent again.
+const HANDOVER_RESEND: Duration = Duration::from_secs(5);
+
 struct Conn {
+    /// Heartbeats, role messages and acknowledgements of hand-overs.
     tx: mpsc::UnboundedSender<HaFrame>,
     /// Outbound path index, `None` for a connection the peer dialed.
     path: Option<usize>,
@@ -43,21 +57,8 @@ struct PathState {
     refused: bool,
 }
 
-/// What the monitor tells the arbiter, on every change and heartbeat.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct PeerReport {
-    pub last_heard: Option<Instant>,
-    pub heartbeat: Option<Heartbeat>,
-    pub peer_id: Option<String>,
-    pub peer_priority: Option<u32>,
-    /// Every path refuses and no connection is up.
-    pub dead: bool,
-    pub connections: usize,
-}
-
-/// Messages the peer stored during a split that this (active) node lacks;
-/// the broker stores them (at-least-once: a resent hand-over may duplicate).
+/// Messages the peer holds that this (active) node's history lacks; the
+/// broker stores those it does not have yet (at-least-once).
 /// The answer is `true` once every message is stored (or knowingly dropped:
 /// its subscription was deleted); then the peer is told to forget them.
 #[derive(Debug, Message)]
@@ -66,34 +67,22 @@ pub struct DivergentMessages {
     pub messages: Vec<(String, twinmq_store::StoredMessage)>,
 }
 
-/// The peer asks this node to take the role (switchover).
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct TakeOverRequest {
-    pub epoch: u64,
-    pub last_seq: u64,
-}
-
 pub struct PeerMonitor {
     cfg: Arc<HaConfig>,
     auth: LinkAuth,
     writer: Writer,
     /// This node's heartbeat content, published by the arbiter.
     me: watch::Receiver<Heartbeat>,
-    report_to: Recipient<PeerReport>,
-    takeover_to: Recipient<TakeOverRequest>,
+    arbiter: Addr<RoleArbiter>,
     divergent_to: Recipient<DivergentMessages>,
     conns: HashMap<ConnId, Conn>,
     next_id: ConnId,
     paths: Vec<PathState>,
-    last_heard: Option<Instant>,
-    heartbeat: Option<Heartbeat>,
-    peer_id: Option<String>,
-    peer_priority: Option<u32>,
-    /// The connection the replication stream runs on, and its forwarder.
-    replicating: Option<(ConnId, actix_rt::task::JoinHandle<()>)>,
-    /// The peer refused the stream: the next attach sends a snapshot.
-    snapshot_needed: bool,
+    peer: Option<Heartbeat>,
+    identity: Option<(String, u32)>,
+    /// The connection the follower was last attached on, and when.
+    attached: Option<(ConnId, Instant)>,
+    handover_sent: Instant,
     listener: Option<std::net::TcpListener>,
     /// When each kind of refusal (per direction and address) was last logged
     /// at warn: a misconfigured peer retries every heartbeat, the log says so
@@ -109,8 +98,7 @@ impl PeerMonitor {
         cfg: Arc<HaConfig>,
         writer: Writer,
         me: watch::Receiver<Heartbeat>,
-        report_to: Recipient<PeerReport>,
-        takeover_to: Recipient<TakeOverRequest>,
+        arbiter: Addr<RoleArbiter>,
         divergent_to: Recipient<DivergentMessages>,
         listener: std::net::TcpListener,
     ) -> PeerMonitor {
@@ -126,43 +114,36 @@ impl PeerMonitor {
             auth,
             writer,
             me,
-            report_to,
-            takeover_to,
+            arbiter,
             divergent_to,
             conns: HashMap::new(),
             next_id: 1,
             paths,
-            last_heard: None,
-            heartbeat: None,
-            peer_id: None,
-            peer_priority: None,
-            replicating: None,
+            peer: None,
+            identity: None,
+            attached: None,
+            handover_sent: Instant::now(),
             listener: Some(listener),
             refusals_logged: HashMap::new(),
-            snapshot_needed: false,
         }
     }
 
     fn report(&self) {
         let dead = self.conns.is_empty() && !self.paths.is_empty() && self.paths.iter().all(|p| p.refused);
-        self.report_to.do_send(PeerReport {
-            last_heard: self.last_heard,
-            heartbeat: self.heartbeat,
-            peer_id: self.peer_id.clone(),
-            peer_priority: self.peer_priority,
-            dead,
-            connections: self.conns.len(),
-        });
+        self.arbiter.do_send(PeerLinks { dead, connections: self.conns.len(), identity: self.identity.clone() });
     }
 
     fn register(&mut self, link: Link, path: Option<usize>, ctx: &mut Context<Self>) -> ConnId {
         let id = self.next_id;
         self.next_id += 1;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.peer_id = Some(link.peer_id.clone());
-        self.peer_priority = Some(link.peer_priority);
+        self.identity = Some((link.peer_id.clone(), link.peer_priority));
         tracing::info!(conn = id, peer = %link.peer_id, remote = %link.remote, path = ?path, "HA connection up");
-        let task = actix_rt::spawn(run_conn(link, id, ctx.address(), self.writer.clone(), rx, tx.clone()));
+        // The writer may send on it before the first frame is read from it.
+        let (peer_tx, peer_rx) = PeerTx::new();
+        self.writer.connected(id, peer_tx);
+        let task =
+            actix_rt::spawn(run_conn(link, id, ctx.address(), self.arbiter.clone(), self.writer.clone(), rx, peer_rx));
         // Say who we are at once, so the peer need not wait a heartbeat interval.
         let _ = tx.send(HaFrame::Heartbeat(*self.me.borrow()));
         self.conns.insert(id, Conn { tx, path, last_heard: Instant::now(), task });
@@ -179,36 +160,35 @@ impl PeerMonitor {
             if let Some(p) = c.path {
                 self.paths[p].connected = false;
             }
+            self.writer.connection_lost(id);
             tracing::info!(conn = id, path = ?c.path, why, "HA connection down");
         }
-        if self.replicating.as_ref().is_some_and(|(r, _)| *r == id) {
-            self.stop_replicating("its connection closed");
+        if self.attached.is_some_and(|(c, _)| c == id) {
+            // The stream moves to another connection at once (it resumes).
+            self.attached = None;
+            self.maybe_attach();
         }
     }
 
-    fn stop_replicating(&mut self, why: &str) {
-        if let Some((_, fwd)) = self.replicating.take() {
-            fwd.abort();
-            self.writer.detach_follower();
-            tracing::info!(why, "replication to the peer stopped");
-        }
-    }
-
-    /// Attach the peer as the writer's follower when this node is active and
-    /// the peer is a live passive; on the best connection (outbound path order).
-    fn maybe_replicate(&mut self) {
+    /// The active attaches its passive peer as follower, on the best live
+    /// connection (outbound path order), when none is attached.
+    fn maybe_attach(&mut self) {
         let me = *self.me.borrow();
         if !me.role.serves_clients() {
-            if self.replicating.is_some() {
-                self.stop_replicating("this node is not active");
-            }
+            self.attached = None;
             return;
         }
-        if self.replicating.is_some() {
+        let peer_ok = self.peer.is_some_and(|h| !h.role.serves_clients() && h.serviceable);
+        if !peer_ok {
             return;
         }
-        let peer_passive = self.heartbeat.is_some_and(|h| !h.role.serves_clients());
-        if !peer_passive {
+        let stats = self.writer.stats();
+        let stuck = stats.follower_handshaking.load(Ordering::Relaxed)
+            && self.attached.is_some_and(|(_, at)| at.elapsed() >= 2 * self.cfg.peer_timeout);
+        let linked = stats.follower_linked.load(Ordering::Relaxed) && !stuck;
+        let recent =
+            self.attached.is_some_and(|(c, at)| self.conns.contains_key(&c) && at.elapsed() < 2 * self.cfg.heartbeat);
+        if linked || recent {
             return;
         }
         let best = self
@@ -216,20 +196,11 @@ impl PeerMonitor {
             .iter()
             .filter(|(_, c)| c.last_heard.elapsed() < self.cfg.peer_timeout)
             .min_by_key(|(id, c)| (c.path.unwrap_or(usize::MAX), **id))
-            .map(|(id, c)| (*id, c.tx.clone()));
-        let Some((id, conn_tx)) = best else { return };
-        let (tx, mut rx) = mpsc::unbounded_channel::<ReplFrame>();
-        // A new connection resumes the stream, unless the peer refused it.
-        self.writer.attach_follower(tx, !std::mem::take(&mut self.snapshot_needed));
-        let fwd = actix_rt::spawn(async move {
-            while let Some(f) = rx.recv().await {
-                if conn_tx.send(HaFrame::Repl(f)).is_err() {
-                    break;
-                }
-            }
-        });
+            .map(|(id, _)| *id);
+        let Some(id) = best else { return };
         tracing::info!(conn = id, "replicating to the peer");
-        self.replicating = Some((id, fwd));
+        self.writer.attach(id);
+        self.attached = Some((id, Instant::now()));
     }
 
     fn tick(&mut self, _ctx: &mut Context<Self>) {
@@ -246,7 +217,13 @@ impl PeerMonitor {
         for c in self.conns.values() {
             let _ = c.tx.send(hb.clone());
         }
-        self.maybe_replicate();
+        self.maybe_attach();
+        if self.writer.stats().handover_pending.load(Ordering::Relaxed) > 0
+            && self.handover_sent.elapsed() >= HANDOVER_RESEND
+        {
+            self.handover_sent = Instant::now();
+            self.writer.resend_handover();
+        }
         self.report();
     }
 }
@@ -313,46 +290,62 @@ async fn dial_loop(path: usize, addr: SocketAddr, auth: LinkAuth, cfg: Arc<HaCon
             tokio::time::sleep(watch).await;
             continue;
         }
-        {
-            match link::dial(addr, &auth, timeout).await {
-                Ok(link) => me.do_send(LinkUp { link, path: Some(path) }),
-                Err(LinkError::Refused) => me.do_send(DialFailed { path, refused: true }),
-                Err(e) if e.is_refusal() => {
-                    me.do_send(Refusal {
-                        key: format!("dial {addr}"),
-                        what: "HA peer refused or failed authentication",
-                        remote: addr,
-                        error: e.to_string(),
-                    });
-                    me.do_send(DialFailed { path, refused: false });
-                }
-                Err(e) => {
-                    tracing::debug!(%addr, error = %e, "HA dial failed");
-                    me.do_send(DialFailed { path, refused: false });
-                }
+        match link::dial(addr, &auth, timeout).await {
+            Ok(link) => me.do_send(LinkUp { link, path: Some(path) }),
+            Err(LinkError::Refused) => me.do_send(DialFailed { path, refused: true }),
+            Err(e) if e.is_refusal() => {
+                me.do_send(Refusal {
+                    key: format!("dial {addr}"),
+                    what: "HA peer refused or failed authentication",
+                    remote: addr,
+                    error: e.to_string(),
+                });
+                me.do_send(DialFailed { path, refused: false });
+            }
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "HA dial failed");
+                me.do_send(DialFailed { path, refused: false });
             }
         }
         tokio::time::sleep(cfg.heartbeat).await;
     }
 }
 
-/// Read frames until the connection ends; write what the monitor queues.
+/// Read frames until the connection ends; write what the monitor and the
+/// store writer queue for it.
 async fn run_conn(
     link: Link,
     id: ConnId,
     monitor: Addr<PeerMonitor>,
+    arbiter: Addr<RoleArbiter>,
     writer: Writer,
     mut rx: mpsc::UnboundedReceiver<HaFrame>,
-    tx: mpsc::UnboundedSender<HaFrame>,
+    mut peer_rx: PeerRx,
 ) {
     let (mut sink, mut stream) = link.framed.split();
     let writing = actix_rt::spawn(async move {
-        while let Some(f) = rx.recv().await {
-            if sink.feed(f).await.is_err() {
+        let wire = |o: Outbound| match o {
+            Outbound::Repl(f) => HaFrame::Repl(f),
+            Outbound::Handover(messages) => HaFrame::Divergent { messages },
+        };
+        loop {
+            let first = tokio::select! {
+                f = rx.recv() => match f { Some(f) => f, None => return },
+                o = peer_rx.recv() => match o { Some(o) => wire(o), None => return },
+            };
+            if sink.feed(first).await.is_err() {
                 return;
             }
-            while let Ok(f) = rx.try_recv() {
-                if sink.feed(f).await.is_err() {
+            // Everything else already waiting goes out with one flush.
+            loop {
+                let next = match rx.try_recv() {
+                    Ok(f) => f,
+                    Err(_) => match peer_rx.try_recv() {
+                        Some(o) => wire(o),
+                        None => break,
+                    },
+                };
+                if sink.feed(next).await.is_err() {
                     return;
                 }
             }
@@ -361,6 +354,7 @@ async fn run_conn(
             }
         }
     });
+    let window = Arc::new(Semaphore::new(APPLY_WINDOW_KB as usize));
     let why = loop {
         match stream.next().await {
             None => break "closed by the peer".to_string(),
@@ -368,28 +362,17 @@ async fn run_conn(
             Some(Ok(frame)) => match frame {
                 HaFrame::Heartbeat(hb) => monitor.do_send(HeardHeartbeat { conn: id, heartbeat: hb }),
                 HaFrame::Repl(f) => {
-                    let tx = tx.clone();
-                    writer.apply(
-                        f,
-                        id,
-                        Box::new(move |r| match r {
-                            Ok(applied) => {
-                                if !applied.divergent.is_empty() {
-                                    let _ = tx.send(HaFrame::Divergent { messages: applied.divergent });
-                                }
-                                if let Some(seq) = applied.ack {
-                                    let _ = tx.send(HaFrame::ReplAck { seq });
-                                }
-                            }
-                            Err(e) => {
-                                let _ = tx.send(HaFrame::ReplRefused { reason: e.to_string() });
-                            }
-                        }),
-                    );
+                    let kb = ((f.weight() / 1024) as u32).clamp(1, APPLY_WINDOW_KB);
+                    let Ok(permit) = window.clone().acquire_many_owned(kb).await else {
+                        break "closed".to_string();
+                    };
+                    monitor.do_send(Heard(id));
+                    writer.frame(id, f, Box::new(permit));
                 }
-                HaFrame::ReplAck { seq } => writer.peer_ack(seq),
-                HaFrame::ReplRefused { reason } => monitor.do_send(ReplicationRefused { conn: id, reason }),
-                HaFrame::TakeOver { epoch, last_seq } => monitor.do_send(TakeOverRequest { epoch, last_seq }),
+                HaFrame::Role(m) => {
+                    monitor.do_send(Heard(id));
+                    arbiter.do_send(FromPeer(m));
+                }
                 HaFrame::Divergent { messages } => monitor.do_send(HandedOver { conn: id, messages, attempt: 0 }),
                 HaFrame::DivergentStored { ids } => writer.handover_stored(ids),
                 other => break format!("unexpected frame {other:?}"),
@@ -488,7 +471,6 @@ impl Handler<LinkDown> for PeerMonitor {
     fn handle(&mut self, m: LinkDown, _: &mut Context<Self>) {
         self.drop_conn(m.conn, &m.why);
         self.report();
-        self.maybe_replicate();
     }
 }
 
@@ -502,44 +484,29 @@ struct HeardHeartbeat {
 impl Handler<HeardHeartbeat> for PeerMonitor {
     type Result = ();
     fn handle(&mut self, m: HeardHeartbeat, _: &mut Context<Self>) {
-        let now = Instant::now();
         if let Some(c) = self.conns.get_mut(&m.conn) {
-            c.last_heard = now;
+            c.last_heard = Instant::now();
         }
-        self.last_heard = Some(now);
-        let changed = self.heartbeat.map(|h| (h.role, h.epoch)) != Some((m.heartbeat.role, m.heartbeat.epoch));
-        self.heartbeat = Some(m.heartbeat);
+        let changed = self.peer.map(|h| (h.role, h.epoch)) != Some((m.heartbeat.role, m.heartbeat.epoch));
+        self.peer = Some(m.heartbeat);
+        self.arbiter.do_send(PeerHeartbeat(m.heartbeat));
         if changed {
-            // The peer changed role: a replication stream to it may need to start or stop.
-            if m.heartbeat.role.serves_clients() && self.replicating.is_some() {
-                self.stop_replicating("the peer is active");
-            }
-            self.maybe_replicate();
+            // The peer changed role: a follower may need attaching.
+            self.maybe_attach();
         }
-        self.report();
     }
 }
 
+/// Anything read from a connection shows it is alive.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct ReplicationRefused {
-    conn: ConnId,
-    reason: String,
-}
+struct Heard(ConnId);
 
-impl Handler<ReplicationRefused> for PeerMonitor {
+impl Handler<Heard> for PeerMonitor {
     type Result = ();
-    fn handle(&mut self, m: ReplicationRefused, _: &mut Context<Self>) {
-        if self.replicating.as_ref().is_some_and(|(r, _)| *r == m.conn) {
-            if m.reason.contains("cannot resume") {
-                // A restarted or resynced peer: routine.
-                tracing::info!(reason = %m.reason, "the peer cannot resume the stream; sending a snapshot");
-            } else {
-                tracing::warn!(reason = %m.reason, "the peer refused a replicated record; sending a new snapshot");
-            }
-            self.stop_replicating("refused by the peer");
-            self.snapshot_needed = true;
-            self.maybe_replicate();
+    fn handle(&mut self, m: Heard, _: &mut Context<Self>) {
+        if let Some(c) = self.conns.get_mut(&m.0) {
+            c.last_heard = Instant::now();
         }
     }
 }
@@ -558,7 +525,7 @@ impl Handler<HandedOver> for PeerMonitor {
     type Result = ();
     fn handle(&mut self, m: HandedOver, ctx: &mut Context<Self>) {
         if m.attempt == 0 {
-            tracing::warn!(messages = m.messages.len(), "the peer hands over messages it stored during a split");
+            tracing::warn!(messages = m.messages.len(), "the peer hands over messages this node's history lacks");
         }
         let ids: Vec<(u64, u64)> = m.messages.iter().map(|(_, msg)| (msg.epoch, msg.seq)).collect();
         let stored = self.divergent_to.send(DivergentMessages { messages: m.messages.clone() });
@@ -567,7 +534,10 @@ impl Handler<HandedOver> for PeerMonitor {
                 // Try again here (the peer keeps them meanwhile, and sends them
                 // again on its next attach), backing off up to 30 s, for ~1.5 min.
                 if m.attempt >= 8 {
-                    tracing::warn!(messages = ids.len(), "gave up storing handed-over messages; the peer keeps them and sends them again when it next attaches");
+                    tracing::warn!(
+                        messages = ids.len(),
+                        "gave up storing handed-over messages; the peer keeps them and sends them again"
+                    );
                     return;
                 }
                 let delay = Duration::from_millis(500u64 << m.attempt.min(6)).min(Duration::from_secs(30));
@@ -589,26 +559,22 @@ impl Handler<HandedOver> for PeerMonitor {
     }
 }
 
-impl Handler<TakeOverRequest> for PeerMonitor {
-    type Result = ();
-    fn handle(&mut self, m: TakeOverRequest, _: &mut Context<Self>) {
-        self.takeover_to.do_send(m);
-    }
-}
-
-/// Send a frame to the peer on every connection (switchover's TakeOver).
+/// Send a frame to the peer on one connection, the one heard last (role
+/// messages: sent once, so that a vote is not asked for, and answered,
+/// several times over; a lost one is asked again).
 #[derive(Message)]
-#[rtype(result = "usize")]
+#[rtype(result = "bool")]
 pub struct SendToPeer(pub HaFrame);
 
 impl Handler<SendToPeer> for PeerMonitor {
-    type Result = usize;
-    fn handle(&mut self, m: SendToPeer, _: &mut Context<Self>) -> usize {
-        self.conns.values().filter(|c| c.tx.send(m.0.clone()).is_ok()).count()
+    type Result = bool;
+    fn handle(&mut self, m: SendToPeer, _: &mut Context<Self>) -> bool {
+        let best = self.conns.values().max_by_key(|c| c.last_heard);
+        best.is_some_and(|c| c.tx.send(m.0).is_ok())
     }
 }
 
-/// This node's role changed: start or stop replicating, tell the peer at once.
+/// This node's role changed: tell the peer at once, start or stop replicating.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RoleChanged;
@@ -620,6 +586,6 @@ impl Handler<RoleChanged> for PeerMonitor {
         for c in self.conns.values() {
             let _ = c.tx.send(hb.clone());
         }
-        self.maybe_replicate();
+        self.maybe_attach();
     }
 }

@@ -9,7 +9,7 @@
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use twinmq_store::ReplFrame;
+use twinmq_store::repl::ReplFrame;
 
 use crate::Role;
 
@@ -34,11 +34,34 @@ pub fn handshake_codec() -> HaCodec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub role: Role,
+    /// The epoch it serves in (active) or follows (passive).
     pub epoch: u64,
+    /// The highest epoch it has heard of (its own, its peer's, a vote granted).
+    pub floor: u64,
     pub last_seq: u64,
+    /// The epoch of its last op (with `last_seq`, its store's rank).
+    pub last_op_epoch: u64,
     pub sees_gateway: bool,
-    /// Passive: holds a complete, current copy.
+    /// Passive: holds a complete, current copy (in sync, and not expired).
     pub in_sync: bool,
+    /// Active: whether it counts its follower in sync (with `replicated`,
+    /// every confirm waits for it), and the generation of that state.
+    pub holding: bool,
+    pub holding_gen: u64,
+    /// Its store works: no failed disk, no half-loaded snapshot.
+    pub serviceable: bool,
+}
+
+/// Between the two role cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoleMsg {
+    /// Both passive: the sender's store ranks first; may it become active in `epoch`?
+    VoteRequest { epoch: u64, rank: (u64, u64) },
+    /// The answer; a grant means the sender never promotes at or below `epoch`.
+    VoteReply { epoch: u64, granted: bool },
+    /// Active to passive during a switchover (or when its disk failed):
+    /// everything up to `last_seq` of `epoch` is yours; take the role.
+    TakeOver { epoch: u64, last_seq: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,18 +94,13 @@ pub enum HaFrame {
         reason: String,
     },
     Heartbeat(Heartbeat),
-    /// Active to passive: replication (snapshot, records).
+    /// Replication, both ways (see `twinmq_store::repl::frame`).
     Repl(ReplFrame),
-    /// Passive to active: flushed everything through `seq`.
-    ReplAck {
-        seq: u64,
-    },
-    /// Passive to active: a record was refused; send a new snapshot.
-    ReplRefused {
-        reason: String,
-    },
-    /// A node that stepped down after a split: messages it stored and its peer
-    /// never acknowledged (queue key, message), for the active to store.
+    /// Between the role cores: votes and switchover.
+    Role(RoleMsg),
+    /// A node whose store diverged: messages it may have confirmed that the
+    /// active's history lacks (queue key, message), for the active to store;
+    /// at most [`MAX_HANDOVER_CHUNK`] bytes of payload per frame.
     Divergent {
         messages: Vec<(String, twinmq_store::StoredMessage)>,
     },
@@ -91,13 +109,10 @@ pub enum HaFrame {
     DivergentStored {
         ids: Vec<(u64, u64)>,
     },
-    /// Active to passive during a switchover: everything up to `last_seq` of
-    /// `epoch` is yours; take the role with `epoch + 1`.
-    TakeOver {
-        epoch: u64,
-        last_seq: u64,
-    },
 }
+
+/// Most payload bytes of messages in one `Divergent` frame (far below the frame limit).
+pub const MAX_HANDOVER_CHUNK: usize = 4 * 1024 * 1024;
 
 /// The proof that the sender of `role_tag` knows the secret.
 pub fn proof(secret: &str, role_tag: &str, my_nonce: &[u8], their_nonce: &[u8], node_id: &str) -> Vec<u8> {

@@ -18,8 +18,10 @@ use crate::config::Gateway;
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
 pub struct GatewayReport {
+    /// The verdict, after the hysteresis.
     pub reachable: bool,
-    pub last_ok: Option<Instant>,
+    /// This probe was answered (it renews the lease).
+    pub answered: bool,
 }
 
 pub struct WitnessProber {
@@ -29,7 +31,6 @@ pub struct WitnessProber {
     report_to: Recipient<GatewayReport>,
     reachable: bool,
     failures: u32,
-    last_ok: Option<Instant>,
     probing: bool,
 }
 
@@ -47,7 +48,6 @@ impl WitnessProber {
             report_to,
             reachable: false,
             failures: 0,
-            last_ok: None,
             probing: false,
         }
     }
@@ -77,7 +77,6 @@ impl WitnessProber {
         let before = self.reachable;
         if ok {
             self.failures = 0;
-            self.last_ok = Some(Instant::now());
             self.reachable = true;
         } else {
             self.failures += 1;
@@ -88,7 +87,7 @@ impl WitnessProber {
         if before != self.reachable {
             tracing::info!(gateway = %self.gateway, reachable = self.reachable, "gateway reachability changed");
         }
-        self.report_to.do_send(GatewayReport { reachable: self.reachable, last_ok: self.last_ok });
+        self.report_to.do_send(GatewayReport { reachable: self.reachable, answered: ok });
     }
 }
 

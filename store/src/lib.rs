@@ -33,15 +33,19 @@
 //! out of old records, so a queue nobody consumes pins the records it shares
 //! with busy queues.
 
+pub mod clock;
 pub mod index;
 pub mod op;
+pub mod repl;
 pub mod store;
 pub mod writer;
 
 pub use op::{BatchBody, Grant, Op, Permission, QueueKind, QueueSpec, StoredMessage, UserRecord};
-pub use store::{Durability, QueueEntry, Recovered, Store, StoreConfig, UserEntry};
+pub use repl::ReplFrame;
+pub use store::{Durability, QueueEntry, Recovered, Store, StoreConfig, Synced, UserEntry};
 pub use writer::{
-    Applied, ApplyDone, Committed, Completion, FollowerTx, PromoteDone, ReplFrame, Writer, WriterConfig, WriterStats,
+    Callback, Committed, Completion, Outbound, PeerRx, PeerTx, PromoteDone, Token, Writer, WriterConfig, WriterStats,
+    HANDOVER_CHUNK,
 };
 
 /// Store failures.

@@ -3,26 +3,37 @@
 //! Trees: `log` (batch records by first sequence), `admin` (stored queues and
 //! durable subscriptions under their queue keys `q/..`, `d/..`; users and
 //! their grants under `u/<name>`; materialised), `producers` (idempotence high-water
-//! marks that outlived their batches), `meta` (node id, epoch, sequence floor).
+//! marks that outlived their batches), `meta` (node id, the replication
+//! state [`ReplMeta`], sequence floor), `handover` (messages kept for a
+//! peer), and the `staging_*` copies of the first three where a snapshot
+//! from the peer is loaded beside the store until it is complete.
+//!
+//! "Flushed" means fdatasync'd: sled 0.34 ends its flush with
+//! `sync_file_range` (no metadata, no device cache flush), and writes values
+//! over a quarter of a segment to files under `blobs/` without any fsync.
+//! [`Store::sync`] follows sled's flush with an fdatasync of its log file and
+//! an fsync of every blob file it created (and of their directory).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex};
+
 use crate::index::LiveIndex;
 use crate::op::{BatchBody, Op, QueueSpec, StoredMessage, UserRecord};
+use crate::repl::{EpochStart, History, ReplMeta};
 use crate::StoreError;
 
+/// Before the replication state was one record (`repl`): kept to migrate.
 const META_EPOCH: &[u8] = b"epoch";
+const META_ALONE_SINCE: &[u8] = b"alone_since";
 const META_NEXT_SEQ: &[u8] = b"next_seq";
 const META_NODE_ID: &[u8] = b"node_id";
-const META_LAST_ACTIVE: &[u8] = b"last_active";
-/// Passive: the active's replication stream this store is a consistent copy of.
-const META_FOLLOWING: &[u8] = b"following";
-/// A node that stepped down after a split: its peer acknowledged through here.
-const META_DIVERGED_AFTER: &[u8] = b"diverged_after";
-/// An active confirming without its peer: records from here on may be missing
-/// there (kept across a crash, so that the node hands them over on its return).
-const META_ALONE_SINCE: &[u8] = b"alone_since";
+/// The replication state ([`ReplMeta`]), MessagePack.
+const META_REPL: &[u8] = b"repl";
+/// A complete staged snapshot is being swapped in (its next sequence):
+/// redone at open if a crash interrupted it.
+const META_STAGED: &[u8] = b"staged";
 
 /// When a write counts as done. The promise each mode makes is written once,
 /// in the crate documentation (see `lib.rs`).
@@ -99,10 +110,33 @@ pub struct Store {
     pub(crate) admin: sled::Tree,
     pub(crate) producers: sled::Tree,
     pub(crate) meta: sled::Tree,
-    /// Messages this node confirmed during a split that its peer never had,
-    /// kept until the new active says it stored them (not cleared by a
-    /// snapshot). Key: the message's epoch and sequence.
+    /// Messages this node may have confirmed that its peer's history lacks,
+    /// kept until the active says it stored them (not cleared by a
+    /// snapshot). Key: the message's epoch, sequence and queue.
     pub(crate) handover: sled::Tree,
+    /// A snapshot from the peer, loaded here until complete.
+    pub(crate) staging_log: sled::Tree,
+    pub(crate) staging_admin: sled::Tree,
+    pub(crate) staging_producers: sled::Tree,
+    /// sled's log file, fdatasync'd after each flush.
+    db_file: Arc<std::fs::File>,
+    blobs: Arc<Mutex<BlobSync>>,
+    path: PathBuf,
+}
+
+/// Which of sled's blob files are known to be synced.
+#[derive(Debug, Default)]
+struct BlobSync {
+    synced: std::collections::HashSet<std::ffi::OsString>,
+    dir_mtime: Option<std::time::SystemTime>,
+    checked_at: Option<std::time::SystemTime>,
+}
+
+/// What one [`Store::sync`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Synced {
+    /// fdatasync/fsync calls made.
+    pub fsyncs: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -170,7 +204,8 @@ impl Store {
     /// Open (or create) the store at `config.path` and recover its live state.
     ///
     /// Fails with [`StoreError::Corrupt`] if any record fails its checksum: a
-    /// node must not serve from a store it cannot trust.
+    /// node must not serve from a store it cannot trust (a pair member sets
+    /// it aside and resyncs from its peer: see the broker).
     pub fn open(config: &StoreConfig) -> Result<(Store, Recovered), StoreError> {
         let db = sled::Config::new()
             .path(&config.path)
@@ -180,20 +215,104 @@ impl Store {
             .flush_every_ms(Some(500))
             .open()
             .map_err(|e| StoreError::Open { path: config.path.clone(), source: e })?;
+        let open_err = |e: std::io::Error| StoreError::Open { path: config.path.clone(), source: sled::Error::Io(e) };
+        let db_file = std::fs::File::open(config.path.join("db")).map_err(open_err)?;
+        // The directory entries of sled's files themselves.
+        std::fs::File::open(&config.path).and_then(|d| d.sync_all()).map_err(open_err)?;
         let store = Store {
             log: db.open_tree("log")?,
             admin: db.open_tree("admin")?,
             producers: db.open_tree("producers")?,
             meta: db.open_tree("meta")?,
             handover: db.open_tree("handover")?,
+            staging_log: db.open_tree("staging_log")?,
+            staging_admin: db.open_tree("staging_admin")?,
+            staging_producers: db.open_tree("staging_producers")?,
             db,
+            db_file: Arc::new(db_file),
+            blobs: Arc::default(),
+            path: config.path.clone(),
         };
+        if let Some(next_seq) = store.meta_u64(META_STAGED)? {
+            tracing::warn!(
+                next_seq,
+                "a snapshot from the peer was being swapped in when this node stopped; finishing it"
+            );
+            store.swap_in_staging(next_seq)?;
+        }
         let recovered = store.recover()?;
         Ok((store, recovered))
     }
 
+    /// The replication state (migrated from the keys of earlier versions).
+    pub fn repl_meta(&self) -> Result<ReplMeta, StoreError> {
+        if let Some(raw) = self.meta.get(META_REPL)? {
+            return rmp_serde::from_slice(&raw)
+                .map_err(|e| StoreError::Corrupt { key: 0, reason: format!("replication state: {e}") });
+        }
+        let epoch = self.meta_u64(META_EPOCH)?.unwrap_or(0);
+        let history = if epoch > 0 {
+            History::new(vec![EpochStart { epoch, id: 0, start: 1, forced: false }])
+        } else {
+            History::default()
+        };
+        // An earlier version's store may not serve alone at a cold start: wait for the peer.
+        Ok(ReplMeta { epoch, floor: epoch, history, serve_alone: false, alone_since: self.meta_u64(META_ALONE_SINCE)? })
+    }
+
+    /// Write the replication state (unflushed).
+    pub(crate) fn set_repl_meta(&self, meta: &ReplMeta) -> Result<(), StoreError> {
+        let raw = rmp_serde::to_vec(meta).map_err(|e| StoreError::Encode(e.to_string()))?;
+        self.meta.insert(META_REPL, raw)?;
+        Ok(())
+    }
+
+    /// Make everything written so far durable: sled's flush, then an
+    /// fdatasync of its log file and an fsync of every blob file it created
+    /// since the last call (and of the blob directory).
+    pub fn sync(&self) -> Result<Synced, StoreError> {
+        self.db.flush()?;
+        self.db_file.sync_data().map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        let blobs = self.sync_blobs().map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        Ok(Synced { fsyncs: 1 + blobs })
+    }
+
+    /// fsync blob files sled wrote since the last look. The directory is read
+    /// only when its modification time changed, or was recent enough that a
+    /// file made in the same clock tick could hide behind it.
+    fn sync_blobs(&self) -> std::io::Result<u64> {
+        let dir = self.path.join("blobs");
+        let Ok(meta) = std::fs::metadata(&dir) else { return Ok(0) };
+        let mtime = meta.modified()?;
+        let mut state = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::SystemTime::now();
+        let settled = state.checked_at.is_some_and(|c| c.duration_since(mtime).is_ok_and(|d| d.as_millis() > 50));
+        if state.dir_mtime == Some(mtime) && settled {
+            return Ok(0);
+        }
+        let mut fsyncs = 0;
+        let mut present = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !state.synced.contains(&name) {
+                std::fs::File::open(entry.path())?.sync_all()?;
+                fsyncs += 1;
+            }
+            present.insert(name);
+        }
+        if fsyncs > 0 {
+            std::fs::File::open(&dir)?.sync_all()?;
+            fsyncs += 1;
+        }
+        state.synced = present;
+        state.dir_mtime = Some(mtime);
+        state.checked_at = Some(now);
+        Ok(fsyncs)
+    }
+
     pub(crate) fn recover(&self) -> Result<Recovered, StoreError> {
-        let epoch = self.meta.get(META_EPOCH)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+        let epoch = self.repl_meta()?.epoch;
         let mut next_seq = self.meta.get(META_NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1).max(1);
 
         let mut queues = BTreeMap::new();
@@ -265,7 +384,7 @@ impl Store {
 
         if !dead_at_open.is_empty() {
             // Possible when a crash came between an ack and the deletion it allowed.
-            self.persist_floor(next_seq, &dedup)?;
+            self.persist_floor(next_seq, dedup.iter())?;
             let mut b = sled::Batch::default();
             for d in &dead_at_open {
                 b.remove(&d.to_be_bytes());
@@ -292,79 +411,13 @@ impl Store {
         Ok(())
     }
 
-    /// The epoch recorded in the store.
-    pub fn epoch(&self) -> Result<u64, StoreError> {
-        Ok(self.meta.get(META_EPOCH)?.and_then(|v| be_u64(&v)).unwrap_or(0))
-    }
-
-    /// Record a new epoch durably (flushed before returning).
-    pub fn set_epoch(&self, epoch: u64) -> Result<(), StoreError> {
-        self.meta.insert(META_EPOCH, &epoch.to_be_bytes())?;
-        self.db.flush()?;
-        Ok(())
-    }
-
-    /// Whether this node was the last active one (the cold-start rule).
-    pub fn was_last_active(&self) -> Result<bool, StoreError> {
-        Ok(self.meta.get(META_LAST_ACTIVE)?.is_some_and(|v| v.as_ref() == [1]))
-    }
-
-    pub(crate) fn set_last_active(&self, active: bool) -> Result<(), StoreError> {
-        self.meta.insert(META_LAST_ACTIVE, &[u8::from(active)])?;
-        Ok(())
-    }
-
     pub(crate) fn set_next_seq(&self, next_seq: u64) -> Result<(), StoreError> {
         self.meta.insert(META_NEXT_SEQ, &next_seq.to_be_bytes())?;
         Ok(())
     }
 
-    pub(crate) fn set_epoch_unflushed(&self, epoch: u64) -> Result<(), StoreError> {
-        self.meta.insert(META_EPOCH, &epoch.to_be_bytes())?;
-        Ok(())
-    }
-
-    /// The replication stream this (passive) store is a copy of, if any: a
-    /// restarted passive resumes it instead of loading a new snapshot.
-    pub(crate) fn following(&self) -> Result<Option<u64>, StoreError> {
-        self.meta_u64(META_FOLLOWING)
-    }
-
-    pub(crate) fn set_following(&self, stream: Option<u64>) -> Result<(), StoreError> {
-        self.set_meta_u64(META_FOLLOWING, stream)
-    }
-
-    /// Set when a node steps down with records its peer never acknowledged,
-    /// so that a restart before the hand-over does not forget them.
-    pub(crate) fn diverged_after(&self) -> Result<Option<u64>, StoreError> {
-        self.meta_u64(META_DIVERGED_AFTER)
-    }
-
-    pub(crate) fn set_diverged_after(&self, after: Option<u64>) -> Result<(), StoreError> {
-        self.set_meta_u64(META_DIVERGED_AFTER, after)
-    }
-
-    /// The first record this node may have confirmed without its peer, since
-    /// a follower was last in sync.
-    pub(crate) fn alone_since(&self) -> Result<Option<u64>, StoreError> {
-        self.meta_u64(META_ALONE_SINCE)
-    }
-
-    pub(crate) fn set_alone_since(&self, seq: Option<u64>) -> Result<(), StoreError> {
-        self.set_meta_u64(META_ALONE_SINCE, seq)
-    }
-
     fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
         Ok(self.meta.get(key)?.and_then(|v| be_u64(&v)))
-    }
-
-    /// Set `key` to `value`, or remove it (unflushed).
-    fn set_meta_u64(&self, key: &[u8], value: Option<u64>) -> Result<(), StoreError> {
-        match value {
-            Some(v) => self.meta.insert(key, &v.to_be_bytes())?,
-            None => self.meta.remove(key)?,
-        };
-        Ok(())
     }
 
     /// Keep `messages` (queue key, message) for the hand-over (unflushed).
@@ -399,13 +452,39 @@ impl Store {
         Ok(())
     }
 
-    /// Forget all replicated state before a snapshot is loaded (node id stays).
-    pub(crate) fn clear_for_snapshot(&self) -> Result<(), StoreError> {
-        self.log.clear()?;
-        self.admin.clear()?;
-        self.producers.clear()?;
-        self.meta.remove(META_NEXT_SEQ)?;
-        self.meta.remove(META_FOLLOWING)?;
+    /// Start loading a snapshot beside the store: empty staging trees.
+    pub(crate) fn begin_staging(&self) -> Result<(), StoreError> {
+        self.staging_log.clear()?;
+        self.staging_admin.clear()?;
+        self.staging_producers.clear()?;
+        Ok(())
+    }
+
+    /// The staged copy is complete (through `next_seq - 1`): it replaces the
+    /// store, with `meta`, durably. A crash in between is finished at open.
+    pub(crate) fn commit_staging(&self, next_seq: u64, meta: &ReplMeta) -> Result<(), StoreError> {
+        self.set_repl_meta(meta)?;
+        self.meta.insert(META_STAGED, &next_seq.to_be_bytes())?;
+        self.sync()?;
+        self.swap_in_staging(next_seq)
+    }
+
+    fn swap_in_staging(&self, next_seq: u64) -> Result<(), StoreError> {
+        for (from, to) in [
+            (&self.staging_log, &self.log),
+            (&self.staging_admin, &self.admin),
+            (&self.staging_producers, &self.producers),
+        ] {
+            to.clear()?;
+            for kv in from.iter() {
+                let (k, v) = kv?;
+                to.insert(k, v)?;
+            }
+        }
+        self.set_next_seq(next_seq)?;
+        self.meta.remove(META_STAGED)?;
+        self.sync()?;
+        self.begin_staging()?;
         Ok(())
     }
 
@@ -437,7 +516,38 @@ impl Store {
 
     /// Flush everything and report the error, instead of trusting `Drop`.
     pub fn close(self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.sync()?;
         Ok(())
+    }
+
+    /// Materialise the admin ops of `body` into `tree` (the admin tree, or its staging copy).
+    pub(crate) fn materialise(tree: &sled::Tree, body: &BatchBody) -> Result<(), StoreError> {
+        for (i, op) in body.ops.iter().enumerate() {
+            match op {
+                Op::PutQueue { key, spec } => {
+                    let entry = QueueEntry { spec: spec.clone(), created_seq: body.first_seq + i as u64 };
+                    let raw = rmp_serde::to_vec(&entry).map_err(|e| StoreError::Encode(e.to_string()))?;
+                    tree.insert(key.as_bytes(), raw)?;
+                }
+                Op::DeleteQueue { key } => {
+                    tree.remove(key.as_bytes())?;
+                }
+                Op::PutUser { name, user } => {
+                    let entry = UserEntry { user: user.clone(), seq: body.first_seq + i as u64 };
+                    let raw = rmp_serde::to_vec(&entry).map_err(|e| StoreError::Encode(e.to_string()))?;
+                    tree.insert(format!("{USER_PREFIX}{name}").as_bytes(), raw)?;
+                }
+                Op::DeleteUser { name } => {
+                    tree.remove(format!("{USER_PREFIX}{name}").as_bytes())?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }

@@ -1,0 +1,1002 @@
+//! [`Replica`]: one node's side of replication, as a state machine.
+//!
+//! Events come in as method calls (a local commit was written, a frame
+//! arrived, a connection was lost, the peer was declared down, promote,
+//! demote, the disk failed); what must happen comes out as [`Action`]s, in
+//! order, for the caller (the store writer, or the simulator) to perform.
+//! No I/O, no clock: times are passed in. The durable part of the state is
+//! [`ReplMeta`]; `Action::PersistMeta` asks the caller to write it.
+//!
+//! The rules, in one place:
+//! - A primary ships every record after its local flush. With `replicated`
+//!   durability and an in-sync follower it confirms a commit only once the
+//!   follower acknowledged it (after its own flush); if the follower's
+//!   connection is lost, confirms keep waiting until it resumes or the peer
+//!   is declared down; then they are confirmed single-copy (first recording
+//!   durably from which op on: `alone_since`) or failed (`require_replica`).
+//! - A follower counts itself in sync only after the primary's `InSync`
+//!   (or a `Resume` that keeps it in sync); anything that breaks the stream
+//!   clears it, and the primary's heartbeats say when it stopped holding.
+//! - On attach the primary compares histories ([`History::fork`]): a
+//!   follower holding a prefix of the primary's history resumes from its
+//!   last op when the primary still has the records in memory; otherwise it
+//!   gets a snapshot, staged beside its old copy until complete. Ops the
+//!   follower holds past the fork are its own: those it may have confirmed
+//!   alone are kept for the hand-over before its copy is replaced.
+//! - A node never follows a primary below the highest epoch it has heard of
+//!   (`floor`), and never promotes at or below it.
+//! - A failed disk stops everything on that node: a primary confirms
+//!   nothing more, a follower tells the primary, which stops waiting for it.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::frame::{AttachId, ReplFrame};
+use super::history::{EpochStart, History};
+use crate::store::Durability;
+
+/// A connection to the peer, as the caller numbers them.
+pub type ConnId = u64;
+
+/// What the store keeps durably for the protocol.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplMeta {
+    /// The epoch of this store's position: the one it serves in (primary)
+    /// or the one of the primary it follows.
+    pub epoch: u64,
+    /// The highest epoch this node has heard of (its own, the peer's
+    /// reports, a vote it granted). It never promotes at or below it and
+    /// never follows a primary below it.
+    pub floor: u64,
+    pub history: History,
+    /// Cold start: this node was serving with no in-sync follower when it
+    /// stopped, so nobody can have taken over since (DESIGN.md section 4).
+    pub serve_alone: bool,
+    /// The first op this node confirmed without its peer since a follower
+    /// was last in sync (`replicated`): what it hands over should the peer's
+    /// history move on without it. With `local` or `none`, every op past the
+    /// fork may have been confirmed and is handed over.
+    pub alone_since: Option<u64>,
+}
+
+/// Why a local commit (or a held confirm) is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NotActive,
+    NoReplica,
+    Failed(String),
+}
+
+/// Options of the protocol.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub durability: Durability,
+    pub require_replica: bool,
+    /// A pair member (replication, leases); a single node is always primary.
+    pub pair: bool,
+    /// Most bytes of recent records kept in memory for a follower to resume from.
+    pub tail_bytes: usize,
+}
+
+/// What the caller must do, in order. If an I/O action fails, the caller
+/// performs none of the actions after it and reports the failure
+/// ([`Replica::disk_failed`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send a frame on a connection (dropped if the connection is gone).
+    Send(ConnId, ReplFrame),
+    /// Write [`Replica::meta`]; with `flush`, durably before what follows.
+    PersistMeta { flush: bool },
+    /// Confirm every local commit through this sequence number.
+    Confirm { through: u64 },
+    /// Fail every local commit not yet confirmed.
+    FailHeld(Refusal),
+    /// Primary: stream the snapshot (records through `through`, admin
+    /// entries, idempotence marks) on `conn`, then call
+    /// [`Replica::snapshot_streamed`]. New records are interleaved meanwhile.
+    StreamSnapshot { conn: ConnId, attach: AttachId, through: u64 },
+    /// Follower: write this record (of `epoch`) to the store (unflushed).
+    ApplyBatch { first_seq: u64, last_seq: u64, epoch: u64, raw: Bytes },
+    /// Follower: flush what was applied (an `Ack` follows).
+    Flush,
+    /// Follower: keep, durably, the messages this store holds after `after`
+    /// that may have been confirmed, for the hand-over, before its copy is
+    /// replaced: with `all`, or a durability other than `replicated`, every
+    /// one; otherwise those from [`ReplMeta::alone_since`] on.
+    KeepHandover { after: u64, all: bool },
+    /// Follower: start a staged copy beside the current store.
+    BeginStaging,
+    /// Follower: one snapshot frame (or interleaved record) into staging.
+    Stage(ReplFrame),
+    /// Follower: the staged copy is complete (through `next_seq - 1`):
+    /// replace the store with it and flush, with [`Replica::meta`].
+    CommitStaging { next_seq: u64 },
+    /// Follower: forget a half-loaded staged copy.
+    DiscardStaging,
+    /// Follower: send what is kept for the hand-over, on `conn` (the caller
+    /// also resends it now and then until the primary says it stored it).
+    SendHandover(ConnId),
+}
+
+/// Recent records, oldest first, contiguous.
+#[derive(Debug, Default)]
+struct Tail {
+    records: VecDeque<(u64, u64, Bytes)>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Tail {
+    fn push(&mut self, first: u64, last: u64, raw: Bytes) {
+        self.bytes += raw.len();
+        self.records.push_back((first, last, raw));
+        while self.bytes > self.limit {
+            let Some((_, _, old)) = self.records.pop_front() else { break };
+            self.bytes -= old.len();
+        }
+    }
+
+    /// The records from `from` on, if every one of them is still here.
+    fn from(&self, from: u64, next_seq: u64) -> Option<Vec<(u64, u64, Bytes)>> {
+        if from == next_seq {
+            return Some(Vec::new());
+        }
+        let start = self.records.iter().position(|(first, _, _)| *first == from)?;
+        Some(self.records.iter().skip(start).cloned().collect())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkPhase {
+    /// `Attach` sent, waiting for the follower's reply.
+    Handshake,
+    /// The snapshot (through `synced_at`) is being streamed.
+    Snapshot { synced_at: u64 },
+    /// Records flow; in sync once the follower acknowledged `synced_at`.
+    Streaming { synced_at: u64 },
+}
+
+#[derive(Debug)]
+struct Link {
+    conn: ConnId,
+    attach: AttachId,
+    phase: LinkPhase,
+    acked: u64,
+    in_sync: bool,
+}
+
+#[derive(Debug)]
+struct Primary {
+    epoch: u64,
+    promotion: u64,
+    attaches: u64,
+    link: Option<Link>,
+    /// An in-sync follower's connection was lost: confirms wait until it
+    /// resumes or the peer is declared down.
+    awaiting: bool,
+    /// Local commits are flushed through here.
+    flushed: u64,
+    /// Confirms announced through here.
+    confirmed: u64,
+    tail: Tail,
+    /// Changes of holding (see `ReplFrame::InSync`), and whether it holds now.
+    gen: u64,
+    /// The follower refused the stream: the next attach sends a snapshot.
+    force_snapshot: bool,
+    /// A follower answered with a higher epoch: this node must step down.
+    outranked: bool,
+}
+
+#[derive(Debug)]
+enum FollowerPhase {
+    /// Following nobody.
+    Idle,
+    /// Replied to `Attach` (the primary's history); waiting for `Resume` or `Snapshot`.
+    Handshake { history: History },
+    /// Loading a snapshot into staging; the next interleaved record is `next`.
+    Loading { next: u64 },
+    /// Applying records of the primary's history.
+    Streaming { history: History },
+    /// A frame was refused: nothing more until a new attach.
+    Refused,
+}
+
+#[derive(Debug)]
+struct Follower {
+    source: Option<(ConnId, AttachId)>,
+    /// The primary (epoch, promotion) that in-sync generations refer to.
+    primary: Option<(u64, u64)>,
+    phase: FollowerPhase,
+    /// In sync under this generation of the primary's holding.
+    in_sync: Option<u64>,
+    /// Generations below this are not trusted (in sync expired).
+    gen_floor: u64,
+    /// Something was applied since the last flush point.
+    applied: bool,
+}
+
+#[derive(Debug)]
+enum State {
+    Primary(Primary),
+    Follower(Follower),
+}
+
+/// One node's replication state. See the module documentation.
+#[derive(Debug)]
+pub struct Replica {
+    cfg: ReplicaConfig,
+    meta: ReplMeta,
+    next_seq: u64,
+    failed: Option<String>,
+    /// Pair: commits and confirms only before this time (ms, the lease clock).
+    lease_until: Option<u64>,
+    state: State,
+}
+
+/// What a primary's commit may go ahead with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    pub epoch: u64,
+    pub first_seq: u64,
+    /// The meta changed (`alone_since`): write it with the record, in the same flush.
+    pub persist_meta: bool,
+}
+
+impl Replica {
+    /// A replica over a store recovered with `meta` and `next_seq`. A single
+    /// node starts as primary; a pair member starts following nobody.
+    pub fn new(cfg: ReplicaConfig, meta: ReplMeta, next_seq: u64, promotion: u64) -> Replica {
+        let state = if cfg.pair {
+            State::Follower(Follower {
+                source: None,
+                primary: None,
+                phase: FollowerPhase::Idle,
+                in_sync: None,
+                gen_floor: 0,
+                applied: false,
+            })
+        } else {
+            State::Primary(Primary::new(meta.epoch, promotion, next_seq, cfg.tail_bytes))
+        };
+        Replica { cfg, meta, next_seq: next_seq.max(1), failed: None, lease_until: None, state }
+    }
+
+    pub fn meta(&self) -> &ReplMeta {
+        &self.meta
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn is_primary(&self) -> bool {
+        matches!(self.state, State::Primary(_))
+    }
+
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// The epoch a primary serves in (or the followed one).
+    pub fn epoch(&self) -> u64 {
+        match &self.state {
+            State::Primary(p) => p.epoch,
+            State::Follower(_) => self.meta.epoch,
+        }
+    }
+
+    /// Follower: in sync, under this generation of the primary's holding.
+    pub fn in_sync(&self) -> Option<u64> {
+        match &self.state {
+            State::Follower(f) if self.failed.is_none() => f.in_sync,
+            _ => None,
+        }
+    }
+
+    /// Follower: a snapshot is half loaded (the store cannot serve yet).
+    pub fn loading(&self) -> bool {
+        matches!(&self.state, State::Follower(Follower { phase: FollowerPhase::Loading { .. }, .. }))
+    }
+
+    /// Primary: (generation, whether it counts its follower in sync: with
+    /// `replicated`, whether every confirm waits for it). Heartbeats carry it.
+    pub fn holding(&self) -> (u64, bool) {
+        match &self.state {
+            State::Primary(p) => (p.gen, p.awaiting || p.link.as_ref().is_some_and(|l| l.in_sync)),
+            State::Follower(_) => (0, false),
+        }
+    }
+
+    /// Primary: the follower's acknowledgement, and whether it is in sync.
+    pub fn follower(&self) -> Option<(u64, bool)> {
+        match &self.state {
+            State::Primary(p) => p.link.as_ref().map(|l| (l.acked, l.in_sync)),
+            State::Follower(_) => None,
+        }
+    }
+
+    /// Primary: confirms were announced through here.
+    pub fn confirmed_through(&self) -> Option<u64> {
+        match &self.state {
+            State::Primary(p) => Some(p.confirmed),
+            State::Follower(_) => None,
+        }
+    }
+
+    /// Follower: the connection of the stream it follows.
+    pub fn source(&self) -> Option<ConnId> {
+        match &self.state {
+            State::Follower(f) => f.source.map(|(c, _)| c),
+            State::Primary(_) => None,
+        }
+    }
+
+    /// Primary: the follower's link is still waiting for its `AttachReply`.
+    pub fn handshaking(&self) -> bool {
+        matches!(&self.state, State::Primary(p) if p.link.as_ref().is_some_and(|l| l.phase == LinkPhase::Handshake))
+    }
+
+    /// Primary: a follower's store is at a higher epoch: this node must step down.
+    pub fn outranked(&self) -> bool {
+        matches!(&self.state, State::Primary(p) if p.outranked)
+    }
+
+    /// Pair: the lease (the caller renews it while it hears peer or gateway).
+    pub fn set_lease(&mut self, until: u64) {
+        self.lease_until = Some(until);
+    }
+
+    /// Primary: could confirm at `now` (lease valid, disk working).
+    pub fn can_confirm(&self, now: u64) -> bool {
+        self.is_primary() && self.failed.is_none() && self.lease_valid(now)
+    }
+
+    fn lease_valid(&self, now: u64) -> bool {
+        self.lease_until.is_none_or(|until| now < until)
+    }
+
+    fn holds(&self, p: &Primary) -> bool {
+        self.cfg.pair
+            && self.cfg.durability == Durability::Replicated
+            && (p.awaiting || p.link.as_ref().is_some_and(|l| l.in_sync))
+    }
+
+    // ----- primary: local commits -----
+
+    /// May a local commit of `ops` ops be written now, and under which
+    /// epoch and sequence numbers?
+    pub fn admit(&mut self, now: u64) -> Result<Admitted, Refusal> {
+        if let Some(reason) = &self.failed {
+            return Err(Refusal::Failed(reason.clone()));
+        }
+        if !self.lease_valid(now) {
+            return Err(Refusal::NotActive);
+        }
+        let State::Primary(p) = &self.state else { return Err(Refusal::NotActive) };
+        let replicated = self.cfg.pair && self.cfg.durability == Durability::Replicated;
+        if replicated && self.cfg.require_replica && !p.link.as_ref().is_some_and(|l| l.in_sync) {
+            return Err(Refusal::NoReplica);
+        }
+        let mut persist_meta = false;
+        if replicated && !self.holds(p) && self.meta.alone_since.is_none() {
+            // Confirmed here alone: recorded durably with the record itself.
+            self.meta.alone_since = Some(self.next_seq);
+            persist_meta = true;
+        }
+        Ok(Admitted { epoch: p.epoch, first_seq: self.next_seq, persist_meta })
+    }
+
+    /// A local commit of ops `first..=last` was written and flushed (`raw`
+    /// is its record): ship it, and confirm or hold.
+    pub fn committed(&mut self, first: u64, last: u64, raw: Bytes, out: &mut Vec<Action>) {
+        let State::Primary(p) = &mut self.state else { return };
+        debug_assert_eq!(first, self.next_seq);
+        self.next_seq = last + 1;
+        p.flushed = last;
+        if self.cfg.pair {
+            p.tail.push(first, last, raw.clone());
+            if let Some(l) = &p.link {
+                if matches!(l.phase, LinkPhase::Snapshot { .. } | LinkPhase::Streaming { .. }) {
+                    out.push(Action::Send(l.conn, ReplFrame::Batch { first_seq: first, last_seq: last, raw }));
+                }
+            }
+        }
+        self.confirm(out);
+    }
+
+    /// Confirm what may be confirmed now.
+    fn confirm(&mut self, out: &mut Vec<Action>) {
+        let holds = match &self.state {
+            State::Primary(p) => self.holds(p),
+            State::Follower(_) => return,
+        };
+        let State::Primary(p) = &mut self.state else { return };
+        let horizon = if !holds {
+            p.flushed
+        } else {
+            match &p.link {
+                Some(l) if l.in_sync => p.flushed.min(l.acked),
+                _ => p.confirmed,
+            }
+        };
+        if horizon > p.confirmed {
+            p.confirmed = horizon;
+            out.push(Action::Confirm { through: horizon });
+        }
+    }
+
+    // ----- primary: the follower -----
+
+    /// Attach the peer as follower on `conn` (a new attach replaces the old).
+    pub fn attach(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+        if !self.cfg.pair {
+            return;
+        }
+        self.detach_link();
+        let last_seq = self.next_seq - 1;
+        let history = self.meta.history.clone();
+        let State::Primary(p) = &mut self.state else { return };
+        p.attaches += 1;
+        let attach = AttachId { epoch: p.epoch, promotion: p.promotion, n: p.attaches };
+        p.link = Some(Link { conn, attach, phase: LinkPhase::Handshake, acked: 0, in_sync: false });
+        out.push(Action::Send(conn, ReplFrame::Attach { attach, history, last_seq }));
+    }
+
+    /// The connection `conn` is gone.
+    pub fn connection_lost(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+        match &mut self.state {
+            State::Primary(p) => {
+                if p.link.as_ref().is_some_and(|l| l.conn == conn) {
+                    self.detach_link();
+                }
+            }
+            State::Follower(f) => {
+                if f.source.is_some_and(|(c, _)| c == conn) {
+                    if matches!(f.phase, FollowerPhase::Loading { .. }) {
+                        out.push(Action::DiscardStaging);
+                    }
+                    // Still in sync if it was: the primary holds confirms for
+                    // it until it resumes or declares it down.
+                    f.source = None;
+                    f.phase = FollowerPhase::Idle;
+                }
+            }
+        }
+    }
+
+    /// The link ends; an in-sync follower is awaited (confirms keep waiting).
+    fn detach_link(&mut self) {
+        let State::Primary(p) = &mut self.state else { return };
+        if let Some(l) = p.link.take() {
+            if l.in_sync {
+                p.awaiting = true;
+            }
+        }
+    }
+
+    /// The peer is declared down (not just a connection lost): release what
+    /// waits for it as single-copy confirms, or fail it. `alone`: this node
+    /// sees the gateway (active alone, DESIGN.md section 4), so nobody can
+    /// take over without it knowing, short of a split: a restart may serve
+    /// alone. An isolated node (no gateway) cannot say so: its peer may take over.
+    pub fn peer_down(&mut self, now: u64, alone: bool, out: &mut Vec<Action>) {
+        let lease_ok = self.lease_valid(now);
+        let State::Primary(p) = &mut self.state else { return };
+        if p.link.is_some() {
+            // A stale verdict: the peer is attached again. A dead connection
+            // is lost first; the verdict, repeated while the peer is down, applies then.
+            return;
+        }
+        self.release_for_peer_gone(lease_ok, alone, out);
+    }
+
+    /// The peer is gone (declared down, or its disk failed): this node is
+    /// alone now; what waits for the peer is confirmed single-copy, or failed.
+    fn release_for_peer_gone(&mut self, lease_ok: bool, alone: bool, out: &mut Vec<Action>) {
+        let replicated = self.cfg.pair && self.cfg.durability == Durability::Replicated;
+        let require = self.cfg.require_replica;
+        let State::Primary(p) = &mut self.state else { return };
+        if p.awaiting {
+            p.awaiting = false;
+            p.gen += 1;
+        }
+        let mut persist = None;
+        if alone && !self.meta.serve_alone {
+            self.meta.serve_alone = true;
+            persist = Some(false);
+        }
+        if p.flushed > p.confirmed {
+            if !lease_ok || require {
+                out.push(Action::FailHeld(if lease_ok { Refusal::NoReplica } else { Refusal::NotActive }));
+                p.confirmed = p.flushed;
+            } else {
+                // Degraded: what waited for the peer is durable here. Say so
+                // durably before confirming it.
+                if replicated && self.meta.alone_since.is_none_or(|a| a > p.confirmed + 1) {
+                    self.meta.alone_since = Some(p.confirmed + 1);
+                }
+                persist = Some(true);
+            }
+        }
+        if let Some(flush) = persist {
+            out.push(Action::PersistMeta { flush });
+        }
+        self.confirm(out);
+    }
+
+    /// Primary: whether the snapshot of `attach` is still wanted (its link
+    /// stands and is at that stage); the caller stops streaming otherwise.
+    pub fn snapshot_wanted(&self, attach: &AttachId) -> bool {
+        matches!(&self.state, State::Primary(p)
+            if p.link.as_ref().is_some_and(|l| l.attach == *attach && matches!(l.phase, LinkPhase::Snapshot { .. })))
+    }
+
+    /// Primary: the snapshot of `attach` was streamed; the end follows.
+    pub fn snapshot_streamed(&mut self, attach: AttachId, out: &mut Vec<Action>) {
+        let next_seq = self.next_seq;
+        let history = self.meta.history.clone();
+        let State::Primary(p) = &mut self.state else { return };
+        let Some(l) = p.link.as_mut().filter(|l| l.attach == attach) else { return };
+        if let LinkPhase::Snapshot { .. } = l.phase {
+            l.phase = LinkPhase::Streaming { synced_at: next_seq - 1 };
+            out.push(Action::Send(l.conn, ReplFrame::SnapEnd { next_seq, history }));
+        }
+    }
+
+    /// Primary: the follower cannot keep up (its queue overflowed): detach it.
+    pub fn follower_lagging(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+        self.connection_lost(conn, out);
+    }
+
+    fn primary_frame(&mut self, conn: ConnId, frame: ReplFrame, now: u64, out: &mut Vec<Action>) {
+        let lease_ok = self.lease_valid(now);
+        let next_seq = self.next_seq;
+        let State::Primary(p) = &mut self.state else { return };
+        let ours = |l: &Link, attach: &AttachId| l.conn == conn && l.attach == *attach;
+        match frame {
+            ReplFrame::AttachReply { attach, floor, history, last_seq } => {
+                let Some(l) = p.link.as_mut().filter(|l| ours(l, &attach) && l.phase == LinkPhase::Handshake) else {
+                    return;
+                };
+                if floor > p.epoch {
+                    // The lower side yields (DESIGN.md section 4): this node
+                    // learns of a newer epoch and must step down.
+                    p.outranked = true;
+                    p.link = None;
+                    return;
+                }
+                let fork = self.meta.history.fork(next_seq - 1, &history, last_seq);
+                let resumable = last_seq <= fork && !p.force_snapshot;
+                let tail = if resumable { p.tail.from(last_seq + 1, next_seq) } else { None };
+                match tail {
+                    Some(records) => {
+                        // Every confirm waited for it while it was away: it stays in sync.
+                        let in_sync = p.awaiting;
+                        out.push(Action::Send(
+                            conn,
+                            ReplFrame::Resume { attach, from_seq: last_seq + 1, in_sync: in_sync.then_some(p.gen) },
+                        ));
+                        for (first, last, raw) in records {
+                            out.push(Action::Send(conn, ReplFrame::Batch { first_seq: first, last_seq: last, raw }));
+                        }
+                        l.phase = LinkPhase::Streaming { synced_at: next_seq - 1 };
+                        l.acked = last_seq;
+                        l.in_sync = in_sync;
+                        if in_sync {
+                            p.awaiting = false;
+                        } else {
+                            // It may hold everything already (nothing to send).
+                            self.caught_up(out);
+                        }
+                    }
+                    None => {
+                        let synced_at = next_seq - 1;
+                        let handover_all = self.meta.history.forced_since(&history);
+                        let fork = (last_seq > fork).then_some(fork);
+                        out.push(Action::Send(conn, ReplFrame::Snapshot { attach, fork, handover_all, synced_at }));
+                        out.push(Action::StreamSnapshot { conn, attach, through: synced_at });
+                        l.phase = LinkPhase::Snapshot { synced_at };
+                        p.force_snapshot = false;
+                    }
+                }
+            }
+            ReplFrame::Ack { attach, seq } => {
+                let Some(l) = p.link.as_mut().filter(|l| ours(l, &attach)) else { return };
+                if !matches!(l.phase, LinkPhase::Streaming { .. }) {
+                    return;
+                }
+                // Never believe an ack beyond what was shipped.
+                l.acked = l.acked.max(seq.min(next_seq - 1));
+                self.caught_up(out);
+            }
+            ReplFrame::Refused { attach, .. } => {
+                if p.link.as_ref().is_some_and(|l| l.conn == conn && attach.is_none_or(|a| a == l.attach)) {
+                    // The follower dropped its in-sync state before refusing.
+                    p.link = None;
+                    p.force_snapshot = true;
+                }
+            }
+            ReplFrame::Failed { .. } => {
+                if let Some(l) = p.link.take_if(|l| l.conn == conn) {
+                    if l.in_sync {
+                        p.gen += 1;
+                    }
+                    // A failed peer cannot take over.
+                    self.release_for_peer_gone(lease_ok, true, out);
+                }
+                return;
+            }
+            _ => return,
+        }
+        self.confirm(out);
+    }
+
+    /// Primary: the follower acknowledged everything up to where it was
+    /// attached: from now on every confirm waits for it (with `replicated`).
+    fn caught_up(&mut self, out: &mut Vec<Action>) {
+        let State::Primary(p) = &mut self.state else { return };
+        let Some(l) = p.link.as_mut() else { return };
+        let LinkPhase::Streaming { synced_at } = l.phase else { return };
+        if l.in_sync || l.acked < synced_at {
+            return;
+        }
+        l.in_sync = true;
+        p.awaiting = false;
+        p.gen += 1;
+        // Nothing is this node's alone any more, and a cold start alone is
+        // off: durably, before the follower counts itself a takeover candidate.
+        self.meta.alone_since = None;
+        self.meta.serve_alone = false;
+        out.push(Action::PersistMeta { flush: true });
+        out.push(Action::Send(l.conn, ReplFrame::InSync { gen: p.gen }));
+    }
+
+    // ----- follower -----
+
+    fn follower_frame(&mut self, conn: ConnId, frame: ReplFrame, out: &mut Vec<Action>) {
+        let State::Follower(f) = &mut self.state else { return };
+        if let ReplFrame::Attach { attach, history, .. } = frame {
+            if f.source.is_some_and(|(_, a)| !attach.supersedes(&a)) {
+                return; // an older attach arrived late
+            }
+            if matches!(f.phase, FollowerPhase::Loading { .. }) {
+                out.push(Action::DiscardStaging);
+            }
+            if let Some(reason) = &self.failed {
+                out.push(Action::Send(conn, ReplFrame::Failed { reason: reason.clone() }));
+                return;
+            }
+            let reply = ReplFrame::AttachReply {
+                attach,
+                floor: self.meta.floor,
+                history: self.meta.history.clone(),
+                last_seq: self.next_seq - 1,
+            };
+            if attach.epoch < self.meta.floor {
+                // Fenced: the primary learns of the higher epoch and steps down.
+                f.source = None;
+                f.phase = FollowerPhase::Idle;
+                out.push(Action::Send(conn, reply));
+                return;
+            }
+            f.source = Some((conn, attach));
+            f.phase = FollowerPhase::Handshake { history };
+            if f.primary != Some((attach.epoch, attach.promotion)) {
+                // Another primary: in sync only once it says so.
+                f.primary = Some((attach.epoch, attach.promotion));
+                f.in_sync = None;
+                f.gen_floor = 0;
+            }
+            if self.meta.epoch != attach.epoch || self.meta.serve_alone {
+                // Durably a follower of this primary before it hears so.
+                self.meta.epoch = attach.epoch;
+                self.meta.floor = self.meta.floor.max(attach.epoch);
+                self.meta.serve_alone = false;
+                out.push(Action::PersistMeta { flush: true });
+            }
+            out.push(Action::Send(conn, reply));
+            out.push(Action::SendHandover(conn));
+            return;
+        }
+        let Some((source, attach)) = f.source else { return };
+        if source != conn || self.failed.is_some() {
+            return; // not the connection followed
+        }
+        let refuse = |f: &mut Follower, out: &mut Vec<Action>, reason: String| {
+            if matches!(f.phase, FollowerPhase::Loading { .. }) {
+                out.push(Action::DiscardStaging);
+            }
+            f.phase = FollowerPhase::Refused;
+            f.in_sync = None;
+            out.push(Action::Send(conn, ReplFrame::Refused { attach: Some(attach), reason }));
+        };
+        match (&mut f.phase, frame) {
+            (FollowerPhase::Refused, _) => {}
+            (FollowerPhase::Handshake { history }, ReplFrame::Resume { attach: a, from_seq, in_sync })
+                if a == attach =>
+            {
+                if from_seq != self.next_seq {
+                    let reason =
+                        format!("cannot resume from {from_seq}: this store holds through {}", self.next_seq - 1);
+                    refuse(f, out, reason);
+                    return;
+                }
+                f.in_sync = in_sync.filter(|g| *g >= f.gen_floor);
+                let history = std::mem::take(history);
+                f.phase = FollowerPhase::Streaming { history };
+            }
+            (FollowerPhase::Handshake { .. }, ReplFrame::Snapshot { attach: a, fork, handover_all, synced_at })
+                if a == attach =>
+            {
+                f.in_sync = None;
+                if let Some(after) = fork {
+                    out.push(Action::KeepHandover { after, all: handover_all });
+                    out.push(Action::SendHandover(conn));
+                }
+                out.push(Action::BeginStaging);
+                f.phase = FollowerPhase::Loading { next: synced_at + 1 };
+            }
+            (
+                FollowerPhase::Loading { .. },
+                frame @ (ReplFrame::SnapRecord { .. } | ReplFrame::SnapAdmin { .. } | ReplFrame::SnapProducer { .. }),
+            ) => {
+                out.push(Action::Stage(frame));
+            }
+            (FollowerPhase::Loading { next }, ReplFrame::Batch { first_seq, last_seq, raw }) => {
+                if last_seq < *next {
+                    return;
+                }
+                if first_seq != *next || last_seq < first_seq {
+                    let reason = format!("record {first_seq} does not follow {} (a gap)", *next - 1);
+                    refuse(f, out, reason);
+                    return;
+                }
+                *next = last_seq + 1;
+                out.push(Action::Stage(ReplFrame::Batch { first_seq, last_seq, raw }));
+            }
+            (FollowerPhase::Loading { next }, ReplFrame::SnapEnd { next_seq, history }) => {
+                if next_seq != *next {
+                    let reason = format!("snapshot ends at {next_seq} but records arrived through {}", *next - 1);
+                    refuse(f, out, reason);
+                    return;
+                }
+                self.next_seq = next_seq;
+                self.meta.history = history.clone();
+                self.meta.alone_since = None;
+                self.meta.serve_alone = false;
+                f.phase = FollowerPhase::Streaming { history };
+                out.push(Action::CommitStaging { next_seq });
+                out.push(Action::Send(conn, ReplFrame::Ack { attach, seq: next_seq - 1 }));
+            }
+            (FollowerPhase::Streaming { history }, ReplFrame::Batch { first_seq, last_seq, raw }) => {
+                if last_seq < self.next_seq {
+                    return; // already held
+                }
+                if first_seq != self.next_seq || last_seq < first_seq {
+                    let reason = format!("record {first_seq} does not follow {} (a gap)", self.next_seq - 1);
+                    refuse(f, out, reason);
+                    return;
+                }
+                self.next_seq = last_seq + 1;
+                let prefix = history.prefix(last_seq);
+                if prefix != self.meta.history {
+                    self.meta.history = prefix;
+                    out.push(Action::PersistMeta { flush: false });
+                }
+                f.applied = true;
+                out.push(Action::ApplyBatch { first_seq, last_seq, epoch: attach.epoch, raw });
+            }
+            (FollowerPhase::Streaming { .. }, ReplFrame::InSync { gen }) => {
+                if gen >= f.gen_floor {
+                    f.in_sync = Some(gen);
+                }
+            }
+            (_, other) => {
+                let reason = format!("unexpected {} frame here", other.kind());
+                refuse(f, out, reason);
+            }
+        }
+    }
+
+    /// Follower: after a group of frames, flush what was applied and
+    /// acknowledge it.
+    pub fn flush_point(&mut self, out: &mut Vec<Action>) {
+        let next_seq = self.next_seq;
+        let State::Follower(f) = &mut self.state else { return };
+        if !std::mem::take(&mut f.applied) {
+            return;
+        }
+        if let (Some((conn, attach)), FollowerPhase::Streaming { .. }) = (f.source, &f.phase) {
+            out.push(Action::Flush);
+            out.push(Action::Send(conn, ReplFrame::Ack { attach, seq: next_seq - 1 }));
+        }
+    }
+
+    /// A frame arrived on `conn`.
+    pub fn on_frame(&mut self, conn: ConnId, frame: ReplFrame, now: u64, out: &mut Vec<Action>) {
+        match &self.state {
+            State::Primary(_) => self.primary_frame(conn, frame, now, out),
+            State::Follower(_) => self.follower_frame(conn, frame, out),
+        }
+    }
+
+    /// Follower: the caller could not apply the record starting at
+    /// `first_seq` (corrupt, or of another epoch): it is not part of this
+    /// store; refuse the stream.
+    pub fn apply_failed(&mut self, first_seq: u64, reason: String, out: &mut Vec<Action>) {
+        let State::Follower(f) = &mut self.state else { return };
+        if let FollowerPhase::Streaming { history } = &f.phase {
+            if first_seq < self.next_seq {
+                self.next_seq = first_seq;
+                self.meta.history = history.prefix(first_seq - 1);
+                out.push(Action::PersistMeta { flush: false });
+            }
+        }
+        let Some((conn, attach)) = f.source else { return };
+        if matches!(f.phase, FollowerPhase::Loading { .. }) {
+            out.push(Action::DiscardStaging);
+        }
+        f.phase = FollowerPhase::Refused;
+        f.in_sync = None;
+        f.applied = false;
+        out.push(Action::Send(conn, ReplFrame::Refused { attach: Some(attach), reason }));
+    }
+
+    /// Follower: in sync expires (this node stood still, or was isolated):
+    /// not a takeover candidate until the primary says so again.
+    pub fn expire_in_sync(&mut self) {
+        if let State::Follower(f) = &mut self.state {
+            if let Some(g) = f.in_sync.take() {
+                f.gen_floor = f.gen_floor.max(g + 1);
+            }
+        }
+    }
+
+    /// Follower: the primary's heartbeat says how it holds now.
+    pub fn primary_holds(&mut self, gen: u64, holds: bool) {
+        if let State::Follower(f) = &mut self.state {
+            if !holds && f.in_sync.is_some_and(|g| gen >= g) {
+                f.in_sync = None;
+                f.gen_floor = f.gen_floor.max(gen + 1);
+            }
+        }
+    }
+
+    /// Primary: the follower says it is not in sync though this node holds
+    /// for it (its in-sync expired): tell it again, under a new generation.
+    pub fn reaffirm_in_sync(&mut self, out: &mut Vec<Action>) {
+        let State::Primary(p) = &mut self.state else { return };
+        if let Some(l) = p.link.as_ref().filter(|l| l.in_sync) {
+            p.gen += 1;
+            out.push(Action::Send(l.conn, ReplFrame::InSync { gen: p.gen }));
+        }
+    }
+
+    /// The highest epoch heard of (a peer's report, a vote granted) rises.
+    /// With `durable` (a vote: the grant goes out only after this), the
+    /// floor is made durable even if it was already that high. Returns false
+    /// when it cannot be (the disk failed): then no grant may go out.
+    pub fn raise_floor(&mut self, epoch: u64, durable: bool, out: &mut Vec<Action>) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        if epoch > self.meta.floor {
+            self.meta.floor = epoch;
+            if epoch > self.epoch() {
+                // A newer epoch than this node's: in sync only once its
+                // primary says so, and someone may serve without this node.
+                self.expire_in_sync();
+                self.meta.serve_alone = false;
+            }
+            out.push(Action::PersistMeta { flush: true });
+        } else if durable {
+            out.push(Action::PersistMeta { flush: true });
+        }
+        true
+    }
+
+    // ----- roles -----
+
+    /// Become primary in an epoch of at least `at_least`, above every epoch
+    /// heard of (promotion id `promotion`); returns the epoch. `in_sync_gen`:
+    /// the promotion relies on this node being in sync under that generation
+    /// (a takeover); `None` for a forced or cold-start promotion.
+    pub fn promote(
+        &mut self,
+        at_least: u64,
+        promotion: u64,
+        in_sync_gen: Option<u64>,
+        forced: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<u64, String> {
+        if let Some(reason) = &self.failed {
+            return Err(format!("the store failed: {reason}"));
+        }
+        let State::Follower(f) = &self.state else { return Err("already primary".into()) };
+        if matches!(f.phase, FollowerPhase::Loading { .. }) {
+            return Err("a snapshot is half loaded; this store cannot serve".into());
+        }
+        if let Some(g) = in_sync_gen {
+            if f.in_sync != Some(g) {
+                return Err("this node is no longer in sync".into());
+            }
+        }
+        let epoch = at_least.max(self.meta.floor + 1);
+        self.meta.epoch = epoch;
+        self.meta.floor = epoch;
+        self.meta.history.begin(EpochStart { epoch, id: promotion, start: self.next_seq, forced });
+        self.meta.serve_alone = true;
+        self.state = State::Primary(Primary::new(epoch, promotion, self.next_seq, self.cfg.tail_bytes));
+        out.push(Action::PersistMeta { flush: true });
+        Ok(epoch)
+    }
+
+    /// Become follower. `still_last_active`: it stepped down for lack of a
+    /// majority, and nobody is known to have taken over: the cold-start rule
+    /// keeps what it said.
+    pub fn demote(&mut self, still_last_active: bool, out: &mut Vec<Action>) {
+        if let State::Primary(p) = &self.state {
+            if p.flushed > p.confirmed {
+                out.push(Action::FailHeld(Refusal::NotActive));
+            }
+        }
+        self.state = State::Follower(Follower {
+            source: None,
+            primary: None,
+            phase: FollowerPhase::Idle,
+            in_sync: None,
+            gen_floor: 0,
+            applied: false,
+        });
+        self.meta.serve_alone = still_last_active && self.meta.serve_alone;
+        out.push(Action::PersistMeta { flush: true });
+    }
+
+    /// The disk failed (a write, flush or fsync error, or a stall): nothing
+    /// is confirmed after this on this node.
+    pub fn disk_failed(&mut self, reason: String, out: &mut Vec<Action>) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.failed = Some(reason.clone());
+        match &mut self.state {
+            State::Primary(p) => {
+                if p.flushed > p.confirmed || p.link.is_some() {
+                    out.push(Action::FailHeld(Refusal::Failed(reason)));
+                }
+                p.link = None;
+                p.awaiting = false;
+            }
+            State::Follower(f) => {
+                f.in_sync = None;
+                if matches!(f.phase, FollowerPhase::Loading { .. }) {
+                    out.push(Action::DiscardStaging);
+                }
+                f.phase = FollowerPhase::Refused;
+                if let Some((conn, _)) = f.source {
+                    out.push(Action::Send(conn, ReplFrame::Failed { reason }));
+                }
+            }
+        }
+    }
+}
+
+impl Primary {
+    fn new(epoch: u64, promotion: u64, next_seq: u64, tail_bytes: usize) -> Primary {
+        Primary {
+            epoch,
+            promotion,
+            attaches: 0,
+            link: None,
+            awaiting: false,
+            flushed: next_seq - 1,
+            confirmed: next_seq - 1,
+            tail: Tail { limit: tail_bytes, ..Tail::default() },
+            gen: 0,
+            force_snapshot: false,
+            outranked: false,
+        }
+    }
+}
