@@ -7,7 +7,7 @@
 
 use clap::Parser;
 
-use crate::{Args, BrokerError, Config};
+use crate::{BrokerError, Config, Settings};
 
 /// Parse `argv` (program name first) and run the daemon to its end; returns the exit code.
 pub fn main_with_args<I, T>(argv: I) -> i32
@@ -15,7 +15,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let args = match Args::try_parse_from(argv) {
+    let args = match Settings::try_parse_from(argv) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use twinmq_ha::Role;
 
-pub use config::{Args, Config, ConfigError};
+pub use config::{Config, ConfigError, Settings};
 pub use server::run;
 
 /// Broker failures.
