@@ -216,9 +216,20 @@ pub fn frame(f: &twinmq_protocol::ClientFrame) -> Vec<u8> {
     b.to_vec()
 }
 
-/// An anonymous Hello as raw bytes.
+/// An anonymous Hello as raw bytes, offering the versions this release speaks.
 pub fn hello() -> Vec<u8> {
-    frame(&twinmq_protocol::ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: false })
+    hello_offering(twinmq_protocol::SUPPORTED_VERSIONS)
+}
+
+/// An anonymous Hello offering `versions`.
+pub fn hello_offering(versions: twinmq_protocol::VersionRange) -> Vec<u8> {
+    frame(&twinmq_protocol::ClientFrame::Hello {
+        client_name: "raw".into(),
+        user: None,
+        password: None,
+        admin: false,
+        versions,
+    })
 }
 
 /// Read the frames a broker sends on a raw socket until it closes the
