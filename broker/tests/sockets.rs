@@ -58,8 +58,41 @@ fn a_passed_socket_is_served_instead_of_the_configured_address() {
     let _ = child.wait();
 }
 
+/// The port in the daemon's `listening` log line (colours stripped).
+fn logged_port(log: &str) -> Option<u16> {
+    let plain: String = log.split('\x1b').map(|part| part.split_once('m').map_or(part, |(_, rest)| rest)).collect();
+    let line = plain.lines().find(|l| l.contains(" listening "))?;
+    let addr = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))?;
+    addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+}
+
 #[test]
-fn without_passed_sockets_the_configured_address_is_bound() {
+fn without_passed_sockets_the_daemon_binds_the_configured_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("log");
+    // No sockets passed: `spawn_activated` with none sets LISTEN_FDS=0.
+    let mut cmd = Command::new(TWINMQD);
+    cmd.args(["--durability", "none", "--data-dir", &dir.path().join("d").display().to_string()])
+        .args(["--listen", "127.0.0.1:0"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let (mut child, ready) = spawn_activated(cmd, Vec::new(), &dir.path().join("notify"));
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_ready(&mut child, &ready, "twinmqd", log);
+    let port = logged_port(&log()).unwrap_or_else(|| panic!("no listening line:\n{}", log()));
+    assert_ne!(port, 0);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut s, &common::hello()).unwrap();
+    let frames = common::read_frames(&mut s, Duration::from_millis(500));
+    assert!(matches!(frames.first(), Some(twinmq_protocol::ServerFrame::Welcome { .. })), "{frames:?}\n{}", log());
+    assert!(!log().contains("passed by socket activation"), "{}", log());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_port_the_daemon_cannot_bind_is_a_runtime_failure() {
     let dir = tempfile::tempdir().unwrap();
     let taken = loopback_listener();
     let addr = taken.local_addr().unwrap().to_string();
