@@ -43,6 +43,9 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    /// A layer whose values cannot be layered (a path that is not UTF-8).
+    #[error("{layer}: {message}")]
+    Unusable { layer: &'static str, message: String },
     /// A `TWINMQ_<KEY>` variable whose value does not fit its key.
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
@@ -281,11 +284,15 @@ impl Settings {
     /// The keys this layer sets, as figment data: unset keys (`None`, empty
     /// lists) are left out so that they do not hide a lower layer's value.
     /// Split in two: the keys that replace and the lists that add up.
-    fn layer(&self) -> (Dict, Dict) {
+    fn layer(&self, layer: &'static str) -> Result<(Dict, Dict), ConfigError> {
         let mut replace = Dict::new();
         let mut add = Dict::new();
-        // Serializing plain data into figment's own value type cannot fail.
-        let Ok(Value::Dict(_, all)) = Value::serialize(self) else { return (replace, add) };
+        // Fails only on a path that is not UTF-8 (figment's values are text).
+        let all = match Value::serialize(self) {
+            Ok(Value::Dict(_, all)) => all,
+            Ok(_) => return Err(ConfigError::Unusable { layer, message: "not a set of keys".into() }),
+            Err(e) => return Err(ConfigError::Unusable { layer, message: e.to_string() }),
+        };
         for (key, value) in all {
             match &value {
                 Value::Empty(..) => {}
@@ -298,7 +305,7 @@ impl Settings {
                 }
             }
         }
-        (replace, add)
+        Ok((replace, add))
     }
 
     /// The environment layer from `(key, value)` pairs: keys already without
@@ -337,8 +344,8 @@ impl Settings {
         if let Some((_, text)) = file {
             figment = figment.merge(Toml::string(text));
         }
-        for layer in [env, flags] {
-            let (replace, add) = layer.layer();
+        for (layer, name) in [(env, "the environment"), (flags, "the command line")] {
+            let (replace, add) = layer.layer(name)?;
             figment = figment.merge(Serialized::defaults(replace)).admerge(Serialized::defaults(add));
         }
         // Only the file can fail here (unknown key, wrong type, bad TOML):
@@ -1050,6 +1057,20 @@ mod tests {
         let s = layered("", &[], &["--disk-stall-ms", "99"]).unwrap();
         assert!(matches!(Config::from_settings(&s), Err(ConfigError::Invalid { key: "disk_stall_ms", .. })));
         assert!(Settings::try_parse_from(["twinmqd", "--user", "no-hash"]).is_err(), "NAME=HASH");
+    }
+
+    #[test]
+    fn a_layer_that_cannot_be_layered_is_an_error_not_dropped() {
+        use std::os::unix::ffi::OsStrExt;
+        let flags = Settings {
+            data_dir: Some(PathBuf::from(std::ffi::OsStr::from_bytes(b"/tmp/\xff"))),
+            max_queue_depth: Some(5),
+            ..Settings::default()
+        };
+        match Settings::layered(None, &Settings::default(), &flags) {
+            Err(ConfigError::Unusable { layer: "the command line", .. }) => {}
+            other => panic!("the flags must not vanish silently: {other:?}"),
+        }
     }
 
     #[test]
