@@ -1,15 +1,35 @@
-//! Broker configuration: a TOML file, every key also a command-line flag.
+//! Broker configuration: every key declared once, in [`Settings`].
 //!
-//! Precedence: built-in defaults, then the file (`--config`), then flags.
-//! Validation names the offending key; the daemon exits with code 2 on any
+//! `Settings` is at once the TOML file's format (serde), the command line
+//! (clap: each key a `--kebab-case` flag, its doc comment the help text) and
+//! the environment (`TWINMQ_<KEY>`), so a key cannot exist in one of them and
+//! be forgotten in another. figment layers them: built-in defaults, then the
+//! file (`--config`), then the environment, then flags; a later layer
+//! replaces the keys it sets, except the lists of things to create
+//! (`queues`, `users`), which add up across layers. [`Config::from_settings`]
+//! then applies the defaults and the validation rules, whose errors name the
+//! key (`invalid value for `key`: ...`). The daemon exits with code 2 on any
 //! configuration error. The reference table is in README.md.
+//!
+//! **The environment.** `TWINMQ_` and the key in capitals:
+//! `TWINMQ_MAX_QUEUE_DEPTH=5000`, `TWINMQ_CLUSTER_SECRET=...`. Only names of
+//! keys are read: the `TWINMQ_` prefix is shared with the `twinmq` tool
+//! (`TWINMQ_SERVERS`, `TWINMQ_PASSWORD`) and the test knobs, so any other
+//! `TWINMQ_*` variable is ignored, not refused (the daemon logs the names of
+//! the keys it took from the environment, never their values). A value is
+//! taken as written, without quotes or escapes, and converted to the key's
+//! type (`true`/`false`/`yes`/`no`, numbers); a list takes a TOML array:
+//! `TWINMQ_QUEUES='["orders", "audit"]'`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clap::Parser;
-use serde::Deserialize;
+use clap::{CommandFactory, Parser};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
 use twinmq_store::Durability;
 
 /// A configuration problem, naming the key at fault.
@@ -23,8 +43,18 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    /// A layer whose values cannot be layered (a path that is not UTF-8).
+    #[error("{layer}: {message}")]
+    Unusable { layer: &'static str, message: String },
+    /// A `TWINMQ_<KEY>` variable whose value does not fit its key.
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
     #[error("invalid value for `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// Listening sockets handed over by socket activation (`LISTEN_FDS`)
+    /// that do not fit the configuration.
+    #[error("socket activation: {0}")]
+    Activation(String),
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -35,8 +65,8 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 /// commands cannot change it). Prefer `password_hash` (an argon2 PHC string
 /// from `twinmq hash-password`); a plain `password` is hashed at start.
 /// `grants` (`PERMISSION:PATTERN`, see `security.rs`) default to everything:
-/// `produce:#`, `consume:#`, `admin:#`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// `produce:#`, `consume:#`, `admin:#`. On the command line: `--user NAME=HASH`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -62,63 +92,27 @@ impl UserConfig {
     }
 }
 
-/// The file format. Every field is optional; defaults are in [`Config::default`].
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    node_id: Option<String>,
-    data_dir: Option<PathBuf>,
-    listen: Option<String>,
-    durability: Option<String>,
-    max_frame_bytes: Option<usize>,
-    max_message_bytes: Option<usize>,
-    max_connections: Option<usize>,
-    max_inflight_per_connection: Option<usize>,
-    max_queue_depth: Option<usize>,
-    ack_timeout_ms: Option<u64>,
-    max_redeliveries: Option<u32>,
-    auto_create: Option<bool>,
-    io_threads: Option<usize>,
-    max_batch_ops: Option<usize>,
-    queues: Option<Vec<String>>,
-    users: Option<Vec<UserConfig>>,
-    priority: Option<u32>,
-    ha_listen: Option<String>,
-    peer_ha: Option<Vec<String>>,
-    peer_client: Option<String>,
-    gateway: Option<String>,
-    cluster_secret: Option<String>,
-    heartbeat_ms: Option<u64>,
-    peer_timeout_ms: Option<u64>,
-    isolation_timeout_ms: Option<u64>,
-    takeover_delay_ms: Option<u64>,
-    probe_interval_ms: Option<u64>,
-    probe_failures: Option<u32>,
-    failback: Option<String>,
-    require_replica: Option<bool>,
-    admin_when_split: Option<bool>,
-    http_listen: Option<String>,
-    http_token: Option<String>,
-    http_tls: Option<bool>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_client_ca: Option<PathBuf>,
-    ha_tls_cert: Option<PathBuf>,
-    ha_tls_key: Option<PathBuf>,
-    ha_tls_ca: Option<PathBuf>,
-    ha_tls_require_client_cert: Option<bool>,
-    ha_tls_server_name: Option<String>,
-    max_consumers_per_destination: Option<usize>,
-    queue_full: Option<String>,
-    idle_timeout_ms: Option<u64>,
+/// `--user NAME=HASH`: a user with a password hash and every grant.
+fn user_flag(text: &str) -> Result<UserConfig, String> {
+    let (name, hash) = text.split_once('=').ok_or_else(|| format!("`{text}` is not NAME=HASH"))?;
+    Ok(UserConfig { name: name.into(), password_hash: Some(hash.into()), password: None, grants: None })
 }
 
-/// Command-line flags of `twinmqd`. Each overrides the config file key of the same name.
-#[derive(Debug, Parser, Default)]
-#[command(name = "twinmqd", version, about = "twinmq broker daemon")]
-pub struct Args {
-    /// TOML configuration file; flags override its keys.
+/// Every configuration key, declared once: the TOML file's format, the
+/// flags of `twinmqd` and the `TWINMQ_<KEY>` environment. A key left unset
+/// in every layer is `None` (or empty) here and gets its default in
+/// [`Config::from_settings`]; the defaults are listed in README.md.
+///
+/// Each key's flag is its name in kebab case (`max_queue_depth` is
+/// `--max-queue-depth`), except the repeatable `--queue` and `--user`
+/// (one item each), whose keys are the lists `queues` and `users`.
+#[derive(Debug, Clone, Default, PartialEq, Parser, Serialize, Deserialize)]
+#[command(name = "twinmqd", version, about = "twinmq broker daemon", long_about = None)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// TOML configuration file; the environment (TWINMQ_<KEY>) and flags override its keys.
     #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Name of this node (also recorded in the data directory).
     #[arg(long, value_name = "NAME")]
@@ -162,12 +156,15 @@ pub struct Args {
     /// Most ops in one group commit.
     #[arg(long, value_name = "N")]
     pub max_batch_ops: Option<usize>,
-    /// Queue to create at start (repeatable).
+    /// A flush slower than this counts as a failed disk: nothing is confirmed after it on this node.
+    #[arg(long, value_name = "MS")]
+    pub disk_stall_ms: Option<u64>,
+    /// Queue to create at start (repeatable; adds to the file's `queues`).
     #[arg(long = "queue", value_name = "NAME")]
     pub queues: Vec<String>,
-    /// User allowed to connect, as NAME=ARGON2_PHC_HASH (repeatable).
-    #[arg(long = "user", value_name = "NAME=HASH")]
-    pub users: Vec<String>,
+    /// User allowed to connect, as NAME=ARGON2_PHC_HASH (repeatable; adds to the file's `[[users]]`).
+    #[arg(long = "user", value_name = "NAME=HASH", value_parser = user_flag)]
+    pub users: Vec<UserConfig>,
     /// Pair: this node's priority; the higher one is preferred (ties: lower node id).
     #[arg(long, value_name = "N")]
     pub priority: Option<u32>,
@@ -183,8 +180,8 @@ pub struct Args {
     /// Pair: the witness, tcp://HOST:PORT or icmp://IP.
     #[arg(long, value_name = "URL")]
     pub gateway: Option<String>,
-    /// Pair: the shared secret both nodes prove on the HA link (env TWINMQ_CLUSTER_SECRET).
-    #[arg(long, value_name = "SECRET", env = "TWINMQ_CLUSTER_SECRET", hide_env_values = true)]
+    /// Pair: the shared secret both nodes prove on the HA link (prefer env TWINMQ_CLUSTER_SECRET).
+    #[arg(long, value_name = "SECRET")]
     pub cluster_secret: Option<String>,
     /// Pair: heartbeat interval.
     #[arg(long, value_name = "MS")]
@@ -216,8 +213,8 @@ pub struct Args {
     /// Admin HTTP endpoint (/, /status, /metrics, POST /switchover); off when unset.
     #[arg(long, value_name = "HOST:PORT")]
     pub http_listen: Option<String>,
-    /// Credential for the admin HTTP endpoint: Bearer token, or Basic password (env TWINMQ_HTTP_TOKEN).
-    #[arg(long, value_name = "TOKEN", env = "TWINMQ_HTTP_TOKEN", hide_env_values = true)]
+    /// Credential for the admin HTTP endpoint: Bearer token, or Basic password (prefer env TWINMQ_HTTP_TOKEN).
+    #[arg(long, value_name = "TOKEN")]
     pub http_token: Option<String>,
     /// Serve the admin HTTP endpoint over HTTPS, with the client port's tls_cert and tls_key.
     #[arg(long, value_name = "BOOL")]
@@ -255,6 +252,124 @@ pub struct Args {
     /// Close a client connection that sent nothing (not even a Ping) for this long (0: never).
     #[arg(long, value_name = "MS")]
     pub idle_timeout_ms: Option<u64>,
+}
+
+/// The prefix of the environment layer: `TWINMQ_MAX_QUEUE_DEPTH` sets `max_queue_depth`.
+pub const ENV_PREFIX: &str = "TWINMQ_";
+
+/// Keys whose values add up across layers (things to create at start)
+/// instead of being replaced by the later layer.
+const ADDED_UP: [&str; 2] = ["queues", "users"];
+
+/// One configuration key as the declaration in [`Settings`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Key {
+    /// The TOML key (and, in capitals after `TWINMQ_`, the variable).
+    name: String,
+    /// A list (a repeatable flag, a TOML array).
+    list: bool,
+}
+
+/// Every key, read off the clap side of the one declaration (the serde side
+/// has the same names: a test holds them equal).
+fn keys() -> Vec<Key> {
+    Settings::command()
+        .get_arguments()
+        .filter(|a| a.get_long().is_some() && !["config", "help", "version"].contains(&a.get_id().as_str()))
+        .map(|a| Key { name: a.get_id().to_string(), list: matches!(a.get_action(), clap::ArgAction::Append) })
+        .collect()
+}
+
+impl Settings {
+    /// The keys this layer sets, as figment data: unset keys (`None`, empty
+    /// lists) are left out so that they do not hide a lower layer's value.
+    /// Split in two: the keys that replace and the lists that add up.
+    fn layer(&self, layer: &'static str) -> Result<(Dict, Dict), ConfigError> {
+        let mut replace = Dict::new();
+        let mut add = Dict::new();
+        // Fails only on a path that is not UTF-8 (figment's values are text).
+        let all = match Value::serialize(self) {
+            Ok(Value::Dict(_, all)) => all,
+            Ok(_) => return Err(ConfigError::Unusable { layer, message: "not a set of keys".into() }),
+            Err(e) => return Err(ConfigError::Unusable { layer, message: e.to_string() }),
+        };
+        for (key, value) in all {
+            match &value {
+                Value::Empty(..) => {}
+                Value::Array(_, items) if items.is_empty() => {}
+                _ if ADDED_UP.contains(&key.as_str()) => {
+                    add.insert(key, value);
+                }
+                _ => {
+                    replace.insert(key, value);
+                }
+            }
+        }
+        Ok((replace, add))
+    }
+
+    /// The environment layer from `(key, value)` pairs: keys already without
+    /// the prefix, lowercase, and known. A scalar is taken as written and
+    /// converted to its key's type; a list is a TOML array.
+    fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
+        let keys = keys();
+        let var = |key: &str| format!("{ENV_PREFIX}{}", key.to_uppercase());
+        let mut data = Dict::new();
+        for (key, raw) in vars {
+            let list = keys.iter().any(|k| k.name == key && k.list);
+            let value = if list {
+                let doc: toml::Table = toml::from_str(&format!("value = {raw}"))
+                    .map_err(|e| ConfigError::Env { var: var(&key), message: format!("not a TOML array: {e}") })?;
+                let item = doc.get("value").cloned().unwrap_or(toml::Value::Array(Vec::new()));
+                Value::serialize(item).map_err(|e| ConfigError::Env { var: var(&key), message: e.to_string() })?
+            } else {
+                Value::from(raw)
+            };
+            // One key at a time, so that an error names its variable.
+            let one = Dict::from([(key.clone(), value.clone())]);
+            Figment::from(Serialized::defaults(one))
+                .extract_lossy::<Settings>()
+                .map_err(|e| ConfigError::Env { var: var(&key), message: e.kind.to_string() })?;
+            data.insert(key, value);
+        }
+        Figment::from(Serialized::defaults(data))
+            .extract_lossy()
+            .map_err(|e| ConfigError::Env { var: ENV_PREFIX.into(), message: e.to_string() })
+    }
+
+    /// The three layers, lowest first: the file (its path for errors and its
+    /// text), the environment, the flags.
+    fn layered(file: Option<(&Path, &str)>, env: &Settings, flags: &Settings) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some((_, text)) = file {
+            figment = figment.merge(Toml::string(text));
+        }
+        for (layer, name) in [(env, "the environment"), (flags, "the command line")] {
+            let (replace, add) = layer.layer(name)?;
+            figment = figment.merge(Serialized::defaults(replace)).admerge(Serialized::defaults(add));
+        }
+        // Only the file can fail here (unknown key, wrong type, bad TOML):
+        // the other layers are `Settings` already.
+        figment.extract().map_err(|e| ConfigError::Parse {
+            path: file.map_or_else(|| PathBuf::from("<none>"), |(p, _)| p.to_path_buf()),
+            message: file_error(&e),
+        })
+    }
+}
+
+/// A figment error in words, naming the key (figment's own text names the
+/// provider and the profile too, which mean nothing to an operator).
+fn file_error(e: &figment::Error) -> String {
+    let e = e.clone().into_iter().next().unwrap_or_else(|| e.clone());
+    if let figment::error::Kind::UnknownField(key, _) = &e.kind {
+        // figment would list all the keys; README.md does that better.
+        return format!("unknown key `{key}`");
+    }
+    if e.path.is_empty() {
+        e.kind.to_string()
+    } else {
+        format!("key `{}`: {}", e.path.join("."), e.kind)
+    }
 }
 
 /// What a publish to a full queue gets (`queue_full`).
@@ -305,6 +420,9 @@ pub struct Config {
     pub queue_full: QueueFull,
     /// `None`: an idle connection is never closed.
     pub idle_timeout_ms: Option<u64>,
+    /// A flush slower than this counts as a failed disk: nothing is confirmed
+    /// after it on this node (DESIGN.md section 4, "a failing disk is a failed node").
+    pub disk_stall_ms: u64,
 }
 
 /// TLS on the client port: the rustls server configuration built from the files.
@@ -352,51 +470,62 @@ impl Default for Config {
             // Far above the client's heartbeat (a Ping every 250 ms when silent),
             // short enough to reap half-open connections within a minute.
             idle_timeout_ms: Some(60_000),
+            // Far above a healthy flush (one fdatasync is ~70 us here, a
+            // group commit a few ms), far below the minutes a hung disk hangs.
+            disk_stall_ms: 2000,
         }
     }
 }
 
 impl Config {
-    /// Build the configuration from flags (and the file they name).
-    pub fn load(args: &Args) -> Result<Config, ConfigError> {
-        let file = match &args.config {
+    /// Build the configuration: the file named by `--config`, the
+    /// `TWINMQ_<KEY>` environment, then the flags in `flags`.
+    pub fn load(flags: &Settings) -> Result<Config, ConfigError> {
+        let text = match &flags.config {
             Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str::<FileConfig>(&text)
-                    .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?
+                Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?)
             }
-            None => FileConfig::default(),
+            None => None,
         };
-        Config::merge(file, args)
+        let file = flags.config.as_deref().zip(text.as_deref());
+        let names: Vec<String> = keys().into_iter().map(|k| k.name).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let vars: Vec<(String, String)> =
+            Env::prefixed(ENV_PREFIX).only(&names).iter().map(|(k, v)| (k.as_str().to_lowercase(), v)).collect();
+        if !vars.is_empty() {
+            let taken: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
+            tracing::info!(keys = ?taken, "configuration keys from the environment");
+        }
+        let env = Settings::from_env(vars)?;
+        Config::from_settings(&Settings::layered(file, &env, flags)?)
     }
 
-    /// Parse a TOML document (no flags), for tests and embedding.
+    /// Parse a TOML document alone (no environment, no flags), for tests and embedding.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let file = toml::from_str::<FileConfig>(text)
-            .map_err(|e| ConfigError::Parse { path: PathBuf::from("<inline>"), message: e.to_string() })?;
-        Config::merge(file, &Args::default())
+        let s = Settings::layered(Some((Path::new("<inline>"), text)), &Settings::default(), &Settings::default())?;
+        Config::from_settings(&s)
     }
 
-    fn merge(file: FileConfig, args: &Args) -> Result<Config, ConfigError> {
+    /// Apply the defaults and the validation rules to the layered keys.
+    pub fn from_settings(s: &Settings) -> Result<Config, ConfigError> {
         let d = Config::default();
-        let node_id = args.node_id.clone().or(file.node_id.clone()).unwrap_or(d.node_id);
+        let node_id = s.node_id.clone().unwrap_or(d.node_id);
         if node_id.is_empty()
             || node_id.len() > 64
             || !node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(invalid("node_id", format!("`{node_id}`: use 1-64 of A-Z a-z 0-9 - _ .")));
         }
-        let listen_text = args.listen.clone().or(file.listen.clone());
+        let listen_text = s.listen.clone();
         let listen = match listen_text {
             Some(t) => parse_addr(&t).ok_or_else(|| invalid("listen", format!("`{t}` is not HOST:PORT")))?,
             None => d.listen,
         };
-        let pair = pair_config(&file, args, &node_id, listen)?;
-        let (http_listen, http_token) = http_config(&file, args, listen, pair.as_ref())?;
-        let http_tls = http_tls(&file, args, http_listen.is_some())?;
-        let tls = client_port_tls(&file, args)?;
-        let durability = match args.durability.clone().or(file.durability.clone()) {
+        let pair = pair_config(s, &node_id, listen)?;
+        let (http_listen, http_token) = http_config(s, listen, pair.as_ref())?;
+        let http_tls = http_tls(s, http_listen.is_some())?;
+        let tls = client_port_tls(s)?;
+        let durability = match s.durability.clone() {
             Some(t) => t.parse::<Durability>().map_err(|m| invalid("durability", m))?,
             None if pair.is_some() => Durability::Replicated,
             None => d.durability,
@@ -404,16 +533,16 @@ impl Config {
         if durability == Durability::Replicated && pair.is_none() {
             return Err(invalid("durability", "`replicated` needs a peer: set peer_ha (and the other pair keys)"));
         }
-        let require_replica = args.require_replica.or(file.require_replica).unwrap_or(false);
+        let require_replica = s.require_replica.unwrap_or(false);
         if require_replica && durability != Durability::Replicated {
             return Err(invalid("require_replica", "only meaningful with durability = replicated"));
         }
-        let max_frame_bytes = args.max_frame_bytes.or(file.max_frame_bytes).unwrap_or(d.max_frame_bytes);
+        let max_frame_bytes = s.max_frame_bytes.unwrap_or(d.max_frame_bytes);
         // Bounded so that a record and its replication frame stay below the HA link's limit.
         if !(1024..=32 * 1024 * 1024).contains(&max_frame_bytes) {
             return Err(invalid("max_frame_bytes", format!("{max_frame_bytes} is outside 1024..=33554432")));
         }
-        let max_message_bytes = args.max_message_bytes.or(file.max_message_bytes).unwrap_or(d.max_message_bytes);
+        let max_message_bytes = s.max_message_bytes.unwrap_or(d.max_message_bytes);
         if max_message_bytes == 0 || max_message_bytes + 512 > max_frame_bytes {
             return Err(invalid(
                 "max_message_bytes",
@@ -422,36 +551,30 @@ impl Config {
                 ),
             ));
         }
-        let positive = |key: &'static str, v: Option<usize>, f: Option<usize>, def: usize| {
-            let v = v.or(f).unwrap_or(def);
+        let positive = |key: &'static str, v: Option<usize>, def: usize| {
+            let v = v.unwrap_or(def);
             if v == 0 {
                 Err(invalid(key, "must be at least 1"))
             } else {
                 Ok(v)
             }
         };
-        let max_connections =
-            positive("max_connections", args.max_connections, file.max_connections, d.max_connections)?;
-        let max_inflight_per_connection = positive(
-            "max_inflight_per_connection",
-            args.max_inflight_per_connection,
-            file.max_inflight_per_connection,
-            d.max_inflight_per_connection,
-        )?;
+        let max_connections = positive("max_connections", s.max_connections, d.max_connections)?;
+        let max_inflight_per_connection =
+            positive("max_inflight_per_connection", s.max_inflight_per_connection, d.max_inflight_per_connection)?;
         if max_inflight_per_connection > 1_000_000 {
             return Err(invalid(
                 "max_inflight_per_connection",
                 format!("{max_inflight_per_connection} is above 1000000"),
             ));
         }
-        let max_queue_depth =
-            positive("max_queue_depth", args.max_queue_depth, file.max_queue_depth, d.max_queue_depth)?;
-        let io_threads = positive("io_threads", args.io_threads, file.io_threads, d.io_threads)?;
+        let max_queue_depth = positive("max_queue_depth", s.max_queue_depth, d.max_queue_depth)?;
+        let io_threads = positive("io_threads", s.io_threads, d.io_threads)?;
         if io_threads > 64 {
             return Err(invalid("io_threads", format!("{io_threads} is above 64")));
         }
-        let max_batch_ops = positive("max_batch_ops", args.max_batch_ops, file.max_batch_ops, d.max_batch_ops)?;
-        let ack_timeout_ms = match args.ack_timeout_ms.or(file.ack_timeout_ms) {
+        let max_batch_ops = positive("max_batch_ops", s.max_batch_ops, d.max_batch_ops)?;
+        let ack_timeout_ms = match s.ack_timeout_ms {
             Some(0) => None,
             Some(ms) if ms < 100 => {
                 return Err(invalid("ack_timeout_ms", format!("{ms} is below 100 (use 0 for never)")))
@@ -461,17 +584,16 @@ impl Config {
         };
         let max_consumers_per_destination = positive(
             "max_consumers_per_destination",
-            args.max_consumers_per_destination,
-            file.max_consumers_per_destination,
+            s.max_consumers_per_destination,
             d.max_consumers_per_destination,
         )?;
-        let queue_full = match args.queue_full.clone().or(file.queue_full.clone()).as_deref() {
+        let queue_full = match s.queue_full.clone().as_deref() {
             None => d.queue_full,
             Some("reject") => QueueFull::Reject,
             Some("block") => QueueFull::Block,
             Some(other) => return Err(invalid("queue_full", format!("`{other}`: use reject or block"))),
         };
-        let idle_timeout_ms = match args.idle_timeout_ms.or(file.idle_timeout_ms) {
+        let idle_timeout_ms = match s.idle_timeout_ms {
             Some(0) => None,
             Some(ms) if !(100..=86_400_000).contains(&ms) => {
                 return Err(invalid("idle_timeout_ms", format!("{ms} is outside 100..=86400000 (use 0 for never)")))
@@ -479,23 +601,17 @@ impl Config {
             Some(ms) => Some(ms),
             None => d.idle_timeout_ms,
         };
-        let max_redeliveries = args.max_redeliveries.or(file.max_redeliveries).unwrap_or(d.max_redeliveries);
-        let auto_create = args.auto_create.or(file.auto_create).unwrap_or(d.auto_create);
-        let mut queues = file.queues.unwrap_or_default();
-        queues.extend(args.queues.iter().cloned());
+        let disk_stall_ms = s.disk_stall_ms.unwrap_or(d.disk_stall_ms);
+        if disk_stall_ms < 100 {
+            return Err(invalid("disk_stall_ms", format!("{disk_stall_ms} is below 100")));
+        }
+        let max_redeliveries = s.max_redeliveries.unwrap_or(d.max_redeliveries);
+        let auto_create = s.auto_create.unwrap_or(d.auto_create);
+        let queues = s.queues.clone();
         for q in &queues {
             validate_name(q).map_err(|m| invalid("queues", m))?;
         }
-        let mut users = file.users.unwrap_or_default();
-        for u in &args.users {
-            let (name, hash) = u.split_once('=').ok_or_else(|| invalid("users", format!("`{u}` is not NAME=HASH")))?;
-            users.push(UserConfig {
-                name: name.into(),
-                password_hash: Some(hash.into()),
-                password: None,
-                grants: None,
-            });
-        }
+        let users = s.users.clone();
         for u in &users {
             if u.name.is_empty() {
                 return Err(invalid("users", "a user has an empty name"));
@@ -518,7 +634,7 @@ impl Config {
         }
         Ok(Config {
             node_id,
-            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or(d.data_dir),
+            data_dir: s.data_dir.clone().unwrap_or(d.data_dir),
             listen,
             durability,
             max_frame_bytes,
@@ -535,7 +651,7 @@ impl Config {
             users,
             pair,
             require_replica,
-            admin_when_split: args.admin_when_split.or(file.admin_when_split).unwrap_or(false),
+            admin_when_split: s.admin_when_split.unwrap_or(false),
             http_listen,
             http_token,
             http_tls,
@@ -543,29 +659,19 @@ impl Config {
             max_consumers_per_destination,
             queue_full,
             idle_timeout_ms,
+            disk_stall_ms,
         })
     }
 }
 
 /// The pair keys: all absent (a single node) or a complete, consistent set.
-fn pair_config(
-    file: &FileConfig,
-    args: &Args,
-    node_id: &str,
-    listen: SocketAddr,
-) -> Result<Option<twinmq_ha::HaConfig>, ConfigError> {
+fn pair_config(s: &Settings, node_id: &str, listen: SocketAddr) -> Result<Option<twinmq_ha::HaConfig>, ConfigError> {
     use std::time::Duration;
     use twinmq_ha::{Failback, Gateway, HaConfig};
-    let peer_ha_text: Vec<String> =
-        if args.peer_ha.is_empty() { file.peer_ha.clone().unwrap_or_default() } else { args.peer_ha.clone() };
-    let ha_listen_text = args.ha_listen.clone().or(file.ha_listen.clone());
+    let peer_ha_text = &s.peer_ha;
+    let ha_listen_text = s.ha_listen.clone();
     if peer_ha_text.is_empty() {
-        if ha_listen_text.is_some()
-            || args.gateway.is_some()
-            || file.gateway.is_some()
-            || args.ha_tls_cert.is_some()
-            || file.ha_tls_cert.is_some()
-        {
+        if ha_listen_text.is_some() || s.gateway.is_some() || s.ha_tls_cert.is_some() {
             return Err(invalid("peer_ha", "the pair keys are set but peer_ha (the peer's HA address) is missing"));
         }
         return Ok(None);
@@ -577,39 +683,31 @@ fn pair_config(
         return Err(invalid("ha_listen", "must differ from listen: the HA port is a port of its own"));
     }
     let mut peer_ha = Vec::new();
-    for t in &peer_ha_text {
+    for t in peer_ha_text {
         let a = parse_addr(t).ok_or_else(|| invalid("peer_ha", format!("`{t}` is not HOST:PORT")))?;
         if a == ha_listen || a == listen {
             return Err(invalid("peer_ha", format!("`{t}` is this node's own address: a node cannot be its own peer")));
         }
         peer_ha.push(a);
     }
-    let gateway_text = args
-        .gateway
-        .clone()
-        .or(file.gateway.clone())
-        .ok_or_else(|| invalid("gateway", "required in a pair (the witness)"))?;
+    let gateway_text = s.gateway.clone().ok_or_else(|| invalid("gateway", "required in a pair (the witness)"))?;
     let gateway: Gateway = gateway_text.parse().map_err(|m: String| invalid("gateway", m))?;
-    let cluster_secret = args
-        .cluster_secret
-        .clone()
-        .or(file.cluster_secret.clone())
-        .ok_or_else(|| invalid("cluster_secret", "required in a pair"))?;
+    let cluster_secret = s.cluster_secret.clone().ok_or_else(|| invalid("cluster_secret", "required in a pair"))?;
     if cluster_secret.len() < 8 {
         return Err(invalid("cluster_secret", "use at least 8 characters"));
     }
-    let ms = |key: &'static str, a: Option<u64>, f: Option<u64>, def: u64, min: u64| -> Result<Duration, ConfigError> {
-        let v = a.or(f).unwrap_or(def);
+    let ms = |key: &'static str, v: Option<u64>, def: u64, min: u64| -> Result<Duration, ConfigError> {
+        let v = v.unwrap_or(def);
         if v < min || v > 600_000 {
             return Err(invalid(key, format!("{v} ms is outside {min}..=600000")));
         }
         Ok(Duration::from_millis(v))
     };
-    let heartbeat = ms("heartbeat_ms", args.heartbeat_ms, file.heartbeat_ms, 100, 10)?;
-    let peer_timeout = ms("peer_timeout_ms", args.peer_timeout_ms, file.peer_timeout_ms, 1000, 30)?;
-    let isolation_timeout = ms("isolation_timeout_ms", args.isolation_timeout_ms, file.isolation_timeout_ms, 1000, 30)?;
-    let takeover_delay = ms("takeover_delay_ms", args.takeover_delay_ms, file.takeover_delay_ms, 1500, 30)?;
-    let probe_interval = ms("probe_interval_ms", args.probe_interval_ms, file.probe_interval_ms, 200, 10)?;
+    let heartbeat = ms("heartbeat_ms", s.heartbeat_ms, 100, 10)?;
+    let peer_timeout = ms("peer_timeout_ms", s.peer_timeout_ms, 1000, 30)?;
+    let isolation_timeout = ms("isolation_timeout_ms", s.isolation_timeout_ms, 1000, 30)?;
+    let takeover_delay = ms("takeover_delay_ms", s.takeover_delay_ms, 1500, 30)?;
+    let probe_interval = ms("probe_interval_ms", s.probe_interval_ms, 200, 10)?;
     if peer_timeout < heartbeat * 2 {
         return Err(invalid("peer_timeout_ms", "must be at least twice heartbeat_ms"));
     }
@@ -626,21 +724,21 @@ fn pair_config(
             ),
         ));
     }
-    let failback = match args.failback.clone().or(file.failback.clone()).as_deref() {
+    let failback = match s.failback.clone().as_deref() {
         None | Some("manual") => Failback::Manual,
         Some("auto") => Failback::Auto,
         Some(other) => return Err(invalid("failback", format!("`{other}`: use auto or manual"))),
     };
-    let probe_failures = args.probe_failures.or(file.probe_failures).unwrap_or(2);
+    let probe_failures = s.probe_failures.unwrap_or(2);
     if probe_failures == 0 {
         return Err(invalid("probe_failures", "must be at least 1"));
     }
     Ok(Some(HaConfig {
         node_id: node_id.to_string(),
-        priority: args.priority.or(file.priority).unwrap_or(100),
+        priority: s.priority.unwrap_or(100),
         ha_listen,
         peer_ha,
-        peer_client: args.peer_client.clone().or(file.peer_client.clone()),
+        peer_client: s.peer_client.clone(),
         gateway,
         cluster_secret,
         heartbeat,
@@ -650,19 +748,19 @@ fn pair_config(
         probe_interval,
         probe_failures,
         failback,
-        disk_stall: std::time::Duration::from_millis(2000),
-        tls: ha_tls(file, args)?,
+        // Validated with the other keys (at least 100 ms).
+        disk_stall: std::time::Duration::from_millis(s.disk_stall_ms.unwrap_or(2000)),
+        tls: ha_tls(s)?,
     }))
 }
 
 /// The admin HTTP keys: an address of its own and an optional token.
 fn http_config(
-    file: &FileConfig,
-    args: &Args,
+    s: &Settings,
     listen: SocketAddr,
     pair: Option<&twinmq_ha::HaConfig>,
 ) -> Result<(Option<SocketAddr>, Option<String>), ConfigError> {
-    let http_listen = match args.http_listen.clone().or(file.http_listen.clone()) {
+    let http_listen = match s.http_listen.clone() {
         None => None,
         Some(t) => {
             let a = parse_addr(&t).ok_or_else(|| invalid("http_listen", format!("`{t}` is not HOST:PORT")))?;
@@ -672,7 +770,7 @@ fn http_config(
             Some(a)
         }
     };
-    let http_token = args.http_token.clone().or(file.http_token.clone());
+    let http_token = s.http_token.clone();
     if let Some(t) = &http_token {
         if t.len() < 16 {
             return Err(invalid("http_token", "use at least 16 characters"));
@@ -687,16 +785,16 @@ fn http_config(
 /// `http_tls = true`: the HTTP endpoint serves HTTPS with the client port's
 /// certificate and key (clients are not asked for certificates: the token
 /// authenticates them).
-fn http_tls(file: &FileConfig, args: &Args, http: bool) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+fn http_tls(s: &Settings, http: bool) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
     use twinmq_ha::tls;
-    if !args.http_tls.or(file.http_tls).unwrap_or(false) {
+    if !s.http_tls.unwrap_or(false) {
         return Ok(None);
     }
     if !http {
         return Err(invalid("http_tls", "needs http_listen (there is no HTTP endpoint)"));
     }
-    let cert = args.tls_cert.clone().or(file.tls_cert.clone());
-    let key = args.tls_key.clone().or(file.tls_key.clone());
+    let cert = s.tls_cert.clone();
+    let key = s.tls_key.clone();
     let (Some(cert), Some(key)) = (cert, key) else {
         return Err(invalid(
             "http_tls",
@@ -715,11 +813,11 @@ fn tls_invalid(key: &'static str, e: twinmq_ha::link::LinkError) -> ConfigError 
 }
 
 /// `tls_cert` + `tls_key` (both or neither), optional `tls_client_ca`.
-fn client_port_tls(file: &FileConfig, args: &Args) -> Result<Option<ClientPortTls>, ConfigError> {
+fn client_port_tls(s: &Settings) -> Result<Option<ClientPortTls>, ConfigError> {
     use twinmq_ha::tls;
-    let cert = args.tls_cert.clone().or(file.tls_cert.clone());
-    let key = args.tls_key.clone().or(file.tls_key.clone());
-    let client_ca = args.tls_client_ca.clone().or(file.tls_client_ca.clone());
+    let cert = s.tls_cert.clone();
+    let key = s.tls_key.clone();
+    let client_ca = s.tls_client_ca.clone();
     let (cert, key) = match (cert, key) {
         (None, None) => {
             if client_ca.is_some() {
@@ -742,13 +840,13 @@ fn client_port_tls(file: &FileConfig, args: &Args) -> Result<Option<ClientPortTl
 }
 
 /// `ha_tls_cert` + `ha_tls_key` + `ha_tls_ca` (all or none), and the options on top.
-fn ha_tls(file: &FileConfig, args: &Args) -> Result<Option<twinmq_ha::tls::HaTls>, ConfigError> {
+fn ha_tls(s: &Settings) -> Result<Option<twinmq_ha::tls::HaTls>, ConfigError> {
     use twinmq_ha::tls;
-    let cert = args.ha_tls_cert.clone().or(file.ha_tls_cert.clone());
-    let key = args.ha_tls_key.clone().or(file.ha_tls_key.clone());
-    let ca = args.ha_tls_ca.clone().or(file.ha_tls_ca.clone());
-    let require_client_cert = args.ha_tls_require_client_cert.or(file.ha_tls_require_client_cert);
-    let server_name = args.ha_tls_server_name.clone().or(file.ha_tls_server_name.clone());
+    let cert = s.ha_tls_cert.clone();
+    let key = s.ha_tls_key.clone();
+    let ca = s.ha_tls_ca.clone();
+    let require_client_cert = s.ha_tls_require_client_cert;
+    let server_name = s.ha_tls_server_name.clone();
     let (cert, key, ca) = match (cert, key, ca) {
         (None, None, None) => {
             if require_client_cert.is_some() {
@@ -875,13 +973,137 @@ mod tests {
         assert_eq!(err_key(&format!("{pair}{files}ha_tls_server_name = \"not a name\"\n")), "ha_tls_server_name");
     }
 
+    /// The three layers from text: the file, `(KEY, value)` variables (the
+    /// part after `TWINMQ_`), and a command line.
+    fn layered(file: &str, env: &[(&str, &str)], argv: &[&str]) -> Result<Settings, ConfigError> {
+        let env = Settings::from_env(env.iter().map(|(k, v)| (k.to_lowercase(), v.to_string())))?;
+        let flags = Settings::try_parse_from(std::iter::once("twinmqd").chain(argv.iter().copied())).unwrap();
+        Settings::layered(Some((Path::new("twinmq.toml"), file)), &env, &flags)
+    }
+
     #[test]
     fn flags_override_the_file() {
-        let args = Args::parse_from(["twinmqd", "--listen", "127.0.0.1:7000", "--durability", "none", "--queue", "q1"]);
-        let file: FileConfig = toml::from_str("listen = \"127.0.0.1:6000\"\nqueues = [\"q0\"]").unwrap();
-        let c = Config::merge(file, &args).unwrap();
+        let s = layered(
+            "listen = \"127.0.0.1:6000\"\nqueues = [\"q0\"]",
+            &[],
+            &["--listen", "127.0.0.1:7000", "--durability", "none", "--queue", "q1"],
+        )
+        .unwrap();
+        let c = Config::from_settings(&s).unwrap();
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.durability, Durability::None);
         assert_eq!(c.queues, vec!["q0".to_string(), "q1".to_string()]);
+    }
+
+    #[test]
+    fn precedence_is_file_then_environment_then_flags() {
+        let file = "max_queue_depth = 10\n";
+        let env = [("MAX_QUEUE_DEPTH", "20")];
+        let flag = ["--max-queue-depth", "30"];
+        let depth = |s: Result<Settings, ConfigError>| Config::from_settings(&s.unwrap()).unwrap().max_queue_depth;
+        assert_eq!(depth(layered("", &[], &[])), 1_000_000, "the default");
+        assert_eq!(depth(layered(file, &[], &[])), 10, "the file over the default");
+        assert_eq!(depth(layered(file, &env, &[])), 20, "the environment over the file");
+        assert_eq!(depth(layered(file, &env, &flag)), 30, "a flag over the environment");
+        assert_eq!(depth(layered("", &[], &flag)), 30);
+        // Lists of things to create add up across the layers; other lists are replaced.
+        let s = layered(
+            "queues = [\"a\"]\npeer_ha = [\"127.0.0.1:1\"]\n",
+            &[("QUEUES", "[\"b\"]"), ("PEER_HA", "[\"127.0.0.1:2\"]")],
+            &["--queue", "c", "--peer-ha", "127.0.0.1:3,127.0.0.1:4"],
+        )
+        .unwrap();
+        assert_eq!(s.queues, ["a", "b", "c"]);
+        assert_eq!(s.peer_ha, ["127.0.0.1:3", "127.0.0.1:4"]);
+    }
+
+    #[test]
+    fn environment_values_are_taken_as_written_and_typed_by_their_key() {
+        let s = layered(
+            "",
+            &[("CLUSTER_SECRET", "12345678"), ("HTTP_TOKEN", "\"quoted\"-0123456789"), ("AUTO_CREATE", "false")],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.cluster_secret.as_deref(), Some("12345678"), "digits stay a string for a string key");
+        assert_eq!(s.http_token.as_deref(), Some("\"quoted\"-0123456789"), "no unquoting");
+        assert_eq!(s.auto_create, Some(false));
+        let u = layered("", &[("USERS", "[{ name = \"ops\", password = \"pw\" }]")], &["--user", "x=h"]).unwrap();
+        assert_eq!(u.users.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["ops", "x"]);
+    }
+
+    #[test]
+    fn an_unknown_file_key_or_a_bad_value_is_refused_naming_the_key() {
+        match layered("max_queue_depth = 5\ncolour = \"blue\"\n", &[], &[]) {
+            Err(e @ ConfigError::Parse { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("`colour`") && text.contains("twinmq.toml"), "{text}");
+            }
+            other => panic!("an unknown key must be refused: {other:?}"),
+        }
+        match layered("max_queue_depth = \"lots\"\n", &[], &[]) {
+            Err(e @ ConfigError::Parse { .. }) => assert!(e.to_string().contains("`max_queue_depth`"), "{e}"),
+            other => panic!("a string for a number must be refused: {other:?}"),
+        }
+        match layered("", &[("MAX_QUEUE_DEPTH", "lots")], &[]) {
+            Err(ConfigError::Env { var, .. }) => assert_eq!(var, "TWINMQ_MAX_QUEUE_DEPTH"),
+            other => panic!("a bad environment value must be refused: {other:?}"),
+        }
+        match layered("", &[("QUEUES", "orders")], &[]) {
+            Err(ConfigError::Env { var, .. }) => assert_eq!(var, "TWINMQ_QUEUES"),
+            other => panic!("a list must be a TOML array: {other:?}"),
+        }
+        let s = layered("max_queue_depth = 0\n", &[], &[]).unwrap();
+        let e = Config::from_settings(&s).unwrap_err();
+        assert_eq!(e.to_string(), "invalid value for `max_queue_depth`: must be at least 1");
+        let s = layered("", &[], &["--disk-stall-ms", "99"]).unwrap();
+        assert!(matches!(Config::from_settings(&s), Err(ConfigError::Invalid { key: "disk_stall_ms", .. })));
+        assert!(Settings::try_parse_from(["twinmqd", "--user", "no-hash"]).is_err(), "NAME=HASH");
+    }
+
+    #[test]
+    fn a_layer_that_cannot_be_layered_is_an_error_not_dropped() {
+        use std::os::unix::ffi::OsStrExt;
+        let flags = Settings {
+            data_dir: Some(PathBuf::from(std::ffi::OsStr::from_bytes(b"/tmp/\xff"))),
+            max_queue_depth: Some(5),
+            ..Settings::default()
+        };
+        match Settings::layered(None, &Settings::default(), &flags) {
+            Err(ConfigError::Unusable { layer: "the command line", .. }) => {}
+            other => panic!("the flags must not vanish silently: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn disk_stall_ms_defaults_to_two_seconds() {
+        assert_eq!(Config::from_toml("").unwrap().disk_stall_ms, 2000);
+        assert_eq!(Config::from_toml("disk_stall_ms = 100").unwrap().disk_stall_ms, 100);
+        assert_eq!(err_key("disk_stall_ms = 50"), "disk_stall_ms");
+    }
+
+    /// The one declaration has one name per key: the serde field, the clap
+    /// argument (whence the `TWINMQ_<KEY>` variable) and the flag agree.
+    #[test]
+    fn every_key_is_a_file_key_a_flag_and_a_variable() {
+        let Ok(Value::Dict(_, serde_keys)) = Value::serialize(Settings::default()) else { panic!("a dict") };
+        let mut serde_keys: Vec<String> = serde_keys.into_keys().collect();
+        let mut clap_keys: Vec<String> = keys().into_iter().map(|k| k.name).collect();
+        serde_keys.sort();
+        clap_keys.sort();
+        assert_eq!(serde_keys, clap_keys);
+        assert!(clap_keys.len() > 40, "{clap_keys:?}");
+        for arg in Settings::command().get_arguments() {
+            let (id, long) = (arg.get_id().as_str(), arg.get_long().unwrap_or_default());
+            let expected = match id {
+                "queues" => "queue".to_string(),
+                "users" => "user".to_string(),
+                _ => id.replace('_', "-"),
+            };
+            assert_eq!(long, expected, "the flag of `{id}`");
+            assert!(arg.get_help().is_some(), "`{id}` has help text");
+        }
+        let lists: Vec<String> = keys().into_iter().filter(|k| k.list).map(|k| k.name).collect();
+        assert_eq!(lists, ["queues", "users", "peer_ha"]);
     }
 }

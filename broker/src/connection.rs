@@ -7,6 +7,13 @@
 //! address and closes the connection before any frame is read. The rest is
 //! generic over the stream halves, so plain TCP pays nothing for it.
 //!
+//! The handshake: the client's `Hello` states the protocol versions it
+//! speaks (none: version 1, a client older than negotiation); the broker
+//! picks the highest one it speaks too (`twinmq_protocol::negotiate`), says
+//! so in `Welcome`, and frames everything after `Welcome` at it. No common
+//! version: an `UnsupportedVersion` error frame naming both ranges, then
+//! close, before credentials are looked at.
+//!
 //! The reader decodes frames (the codec checks the length prefix against
 //! `max_frame_bytes` before allocating) and hands each to the `Session`,
 //! waiting until it is handled. A malformed, oversized or future-version
@@ -25,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use twinmq_protocol::{ClientFrame, ErrorCode, ErrorContext, ErrorFrame, FrameCodec, ServerFrame};
+use twinmq_protocol::{ClientFrame, ErrorCode, ErrorContext, ErrorFrame, FrameCodec, ServerFrame, SUPPORTED_VERSIONS};
 
 use tracing::Instrument;
 
@@ -130,8 +137,8 @@ where
     let mut reader = FramedRead::new(rd, Codec::new(max));
     let mut writer = FramedWrite::new(wr, Codec::new(max));
 
-    let (user, admin) = match handshake(&mut reader, &cx).await {
-        Ok(user) => user,
+    let Admitted { user, admin, version } = match handshake(&mut reader, &cx).await {
+        Ok(admitted) => admitted,
         Err(reply) => {
             if let Some(reply) = reply {
                 let _ = writer.send(reply).await;
@@ -145,12 +152,16 @@ where
         node_id: cx.config.node_id.clone(),
         server_version: env!("CARGO_PKG_VERSION").to_string(),
         max_frame_bytes: u32::try_from(max).unwrap_or(u32::MAX),
+        protocol_version: version,
     };
+    // Welcome goes out at the handshake version; everything after it at the chosen one.
     if writer.send(welcome).await.is_err() {
         return;
     }
+    writer.encoder_mut().set_version(version);
+    reader.decoder_mut().set_version(version);
     if admin {
-        tracing::info!(user = ?user, "admin connection");
+        tracing::info!(user = ?user, protocol_version = version, "admin connection");
         serve_admin(reader, writer, &cx, user).await;
         return;
     }
@@ -159,7 +170,7 @@ where
         let _ = writer.send(ServerFrame::NotActive { active_hint: peer_hint(&cx) }).await;
         return;
     };
-    tracing::info!(user = ?user, "client connected");
+    tracing::info!(user = ?user, protocol_version = version, "client connected");
 
     let (raw_tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -391,11 +402,22 @@ async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-/// Read Hello, check role and credentials. `Err(Some(frame))`: send it and close.
+/// What the handshake let in.
+struct Admitted {
+    /// The authenticated user (`None`: an open broker, no credentials).
+    user: Option<String>,
+    /// An admin connection (accepted by a passive node too).
+    admin: bool,
+    /// The protocol version negotiated for the rest of the connection.
+    version: u8,
+}
+
+/// Read Hello, agree on a protocol version, check role and credentials.
+/// `Err(Some(frame))`: send it and close.
 async fn handshake<R: AsyncRead + Unpin>(
     reader: &mut FramedRead<R, Codec>,
     cx: &ConnectionContext,
-) -> Result<(Option<String>, bool), Option<ServerFrame>> {
+) -> Result<Admitted, Option<ServerFrame>> {
     let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
         Err(_) => {
             tracing::info!("no Hello within {HELLO_TIMEOUT:?}; closing");
@@ -408,9 +430,17 @@ async fn handshake<R: AsyncRead + Unpin>(
         }
         Ok(Some(Ok(f))) => f,
     };
-    let ClientFrame::Hello { user, password, client_name, admin } = first else {
+    let ClientFrame::Hello { user, password, client_name, admin, versions } = first else {
         tracing::warn!("first frame is not Hello");
         return Err(Some(connection_error(ErrorCode::ProtocolViolation, "the first frame must be Hello")));
+    };
+    // First: without a common version nothing else we could say would be understood.
+    let version = match twinmq_protocol::negotiate(SUPPORTED_VERSIONS, versions) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(client = %client_name, error = %e, "refused: no common protocol version");
+            return Err(Some(ServerFrame::Error(ErrorFrame::no_common_version(versions, SUPPORTED_VERSIONS))));
+        }
     };
     if !admin && !cx.shared.role().serves_clients() {
         return Err(Some(ServerFrame::NotActive { active_hint: peer_hint(cx) }));
@@ -431,7 +461,7 @@ async fn handshake<R: AsyncRead + Unpin>(
         }
         AuthOutcome::Accepted(user) => {
             tracing::debug!(client = %client_name, "authenticated");
-            Ok((user, admin))
+            Ok(Admitted { user, admin, version })
         }
         AuthOutcome::Refused(why) => {
             tracing::warn!(client = %client_name, "authentication refused: {why}");

@@ -2,12 +2,19 @@
 //! Kept in the library so that other binaries (the demos in `examples/`)
 //! can run a real daemon process by re-executing themselves.
 //!
-//! Exit codes: 0 after a clean shutdown, 1 on a runtime failure, 2 on a
-//! configuration error.
+//! Exit codes: 0 after a clean shutdown, 1 on a runtime failure (a port
+//! that cannot be bound included), 2 on a configuration error.
+//!
+//! The ports: sockets passed by socket activation (`LISTEN_FDS`, see
+//! `sockets.rs`) where there are some, otherwise bound from the
+//! configuration, before the store is opened. Readiness: with
+//! `NOTIFY_SOCKET` set (systemd `Type=notify`, our test harnesses) the
+//! daemon sends `READY=1` there once every port is served.
 
 use clap::Parser;
 
-use crate::{Args, BrokerError, Config};
+use crate::sockets::{Activated, Listeners};
+use crate::{BrokerError, Config, Settings};
 
 /// Parse `argv` (program name first) and run the daemon to its end; returns the exit code.
 pub fn main_with_args<I, T>(argv: I) -> i32
@@ -15,7 +22,9 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let args = match Args::try_parse_from(argv) {
+    // First, while no other thread of ours reads the environment: it removes LISTEN_*.
+    let activated = Activated::from_env();
+    let args = match Settings::try_parse_from(argv) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
@@ -41,9 +50,30 @@ where
             return 2;
         }
     };
+    let listeners = match activated.map_err(BrokerError::from).and_then(|a| Listeners::activated_or_bind(&config, a)) {
+        Ok(l) => l,
+        Err(BrokerError::Config(e)) => {
+            eprintln!("twinmqd: configuration error: {e}");
+            return 2;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen");
+            eprintln!("twinmqd: {e}");
+            return 1;
+        }
+    };
     raise_open_files_limit(config.max_connections);
     let system = actix_rt::System::new();
-    match system.block_on(crate::run(config, shutdown_signal(), None)) {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let served = system.block_on(async move {
+        actix_rt::spawn(async move {
+            if ready_rx.await.is_ok() {
+                notify_ready();
+            }
+        });
+        crate::run(config, listeners, shutdown_signal(), Some(ready_tx)).await
+    });
+    match served {
         Ok(()) => 0,
         Err(BrokerError::Config(e)) => {
             eprintln!("twinmqd: configuration error: {e}");
@@ -67,6 +97,29 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Tell whoever started us with `NOTIFY_SOCKET` (a path, or `@name` in the
+/// abstract namespace) that we serve: one `READY=1` datagram, as systemd's
+/// `sd_notify` sends it. Without the variable, nothing.
+fn notify_ready() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let send = || -> std::io::Result<usize> {
+        let socket = UnixDatagram::unbound()?;
+        #[cfg(target_os = "linux")]
+        if let Some(name) = path.as_bytes().strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            return socket.send_to_addr(b"READY=1", &addr);
+        }
+        socket.send_to(b"READY=1", &path)
+    };
+    match send() {
+        Ok(_) => tracing::debug!("readiness notified"),
+        Err(e) => tracing::warn!(error = %e, notify_socket = ?path, "cannot notify readiness"),
     }
 }
 

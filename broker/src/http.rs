@@ -67,16 +67,15 @@ impl HttpEndpoint {
     }
 }
 
-/// Bind `addr` and serve. Must run inside an actix System.
+/// Serve on `listener` (bound, non-blocking). Must run inside an actix System.
 pub fn start(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     node: Addr<Node>,
     metrics: Metrics,
     token: Option<String>,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 ) -> Result<HttpEndpoint, BrokerError> {
-    let listener = crate::listener::bind(addr)?;
-    let local = listener.local_addr().map_err(|source| BrokerError::Bind { addr, source })?;
+    let local = crate::sockets::local_addr(&listener);
     let state = HttpState { node, metrics, token };
     let server = HttpServer::new(move || {
         App::new()

@@ -5,7 +5,9 @@
 //! (`queue`, `topic`), the destination registry (`router`), configuration,
 //! authentication and authorization (`auth`, `security`: users and ACLs,
 //! whose current snapshot the `node` owns and publishes), the admin HTTP endpoint (`http`) and the metrics it
-//! serves (`metrics`). Does not own: how bytes become durable (twinmq-store,
+//! serves (`metrics`), and which listening sockets a node serves on
+//! (`sockets`: bound from the configuration or passed by socket
+//! activation). Does not own: how bytes become durable (twinmq-store,
 //! whose crate doc states what a confirmation promises), the wire format
 //! (twinmq-protocol), or the pair's roles (twinmq-ha).
 //!
@@ -26,6 +28,7 @@ pub mod router;
 pub mod security;
 pub mod server;
 pub mod session;
+pub mod sockets;
 pub mod topic;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -34,8 +37,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use twinmq_ha::Role;
 
-pub use config::{Args, Config, ConfigError};
+pub use config::{Config, ConfigError, Settings};
 pub use server::run;
+pub use sockets::{Activated, Listeners};
 
 /// Broker failures.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,9 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    /// The sockets given to `run` do not fit its configuration (a caller's bug).
+    #[error("listeners: {0}")]
+    Listeners(&'static str),
     #[error("authentication setup: {0}")]
     Auth(String),
     #[error("internal: {0}")]

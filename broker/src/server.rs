@@ -1,10 +1,15 @@
 //! Starting and stopping a broker.
 //!
 //! `run` is the whole life of a node: open the store, recover, start the
-//! writer, the router and its destinations, bind the client port, serve
-//! until `shutdown` resolves, then drain in order: stop accepting, let
-//! connections finish their in-flight confirms, stop the writer (it flushes
-//! what is left), close the store and report its error.
+//! writer, the router and its destinations, serve on the listening sockets
+//! it is given until `shutdown` resolves, then drain in order: stop
+//! accepting, let connections finish their in-flight confirms, stop the
+//! writer (it flushes what is left), close the store and report its error.
+//!
+//! The sockets are bound before `run` (by the daemon, from the
+//! configuration or socket activation: `sockets.rs`; by a test, on port 0):
+//! a connection that arrives while the store opens waits in the backlog
+//! until the node serves it.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -22,16 +27,23 @@ use crate::http;
 use crate::listener::{self, Listener};
 use crate::metrics::Metrics;
 use crate::node::{Node, SetPair};
+use crate::sockets::{self, Listeners};
 use crate::{BrokerError, Shared};
 use twinmq_ha::Pair;
 
-/// Serve as a broker until `shutdown` resolves. Must run inside an actix `System`.
-/// `ready` receives the bound client address once the port accepts connections.
+/// Serve as a broker on `listeners` until `shutdown` resolves. Must run
+/// inside an actix `System`. `listeners` must fit `config`: an HA socket
+/// exactly when it configures a pair, an HTTP socket exactly when
+/// `http_listen` is set (see [`Listeners::bind`]). `ready` receives the
+/// client address once every port is served.
 pub async fn run(
     config: Config,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
     ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<(), BrokerError> {
+    listeners.check(&config)?;
+    let Listeners { client: client_listener, ha: ha_listener, http: http_listener } = listeners;
     let config = Arc::new(config);
     let statics = Arc::new(crate::auth::static_users(&config.users)?);
 
@@ -92,8 +104,9 @@ pub async fn run(
         Some(ha) => {
             drop(recovered);
             let node = node.start();
-            let ha_listener = listener::bind(ha.ha_listen)?;
-            tracing::info!(ha_listen = %ha.ha_listen, peer_ha = ?ha.peer_ha, gateway = %ha.gateway, "pair member: starting passive");
+            let ha_listener = ha_listener.ok_or(BrokerError::Listeners("a pair member needs an HA listener"))?;
+            let ha_listen = sockets::local_addr(&ha_listener);
+            tracing::info!(%ha_listen, peer_ha = ?ha.peer_ha, gateway = %ha.gateway, "pair member: starting passive");
             let p = Pair::start(
                 Arc::new(ha.clone()),
                 writer.clone(),
@@ -109,17 +122,16 @@ pub async fn run(
 
     let metrics = Metrics::new();
     // Bound before the client port, so a node that accepts clients answers HTTP too.
-    let http = match config.http_listen {
-        Some(addr) => {
-            Some(http::start(addr, node.clone(), metrics.clone(), config.http_token.clone(), config.http_tls.clone())?)
+    let http = match http_listener {
+        Some(l) => {
+            Some(http::start(l, node.clone(), metrics.clone(), config.http_token.clone(), config.http_tls.clone())?)
         }
         None => None,
     };
 
-    let std_listener = listener::bind(config.listen)?;
-    let local = std_listener.local_addr().map_err(|source| BrokerError::Bind { addr: config.listen, source })?;
-    let tcp =
-        tokio::net::TcpListener::from_std(std_listener).map_err(|source| BrokerError::Bind { addr: local, source })?;
+    let local = sockets::local_addr(&client_listener);
+    let tcp = tokio::net::TcpListener::from_std(client_listener)
+        .map_err(|source| BrokerError::Bind { addr: local, source })?;
     let io: Vec<Arbiter> = (0..config.io_threads).map(|_| Arbiter::new()).collect();
     let (stop_tx, stop_rx) = watch::channel(false);
     let cx = ConnectionContext {

@@ -150,3 +150,26 @@ fn bad_config_names_the_key_and_exits_2() {
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent/twinmq.toml"), "{stderr}");
 }
+
+#[test]
+fn the_environment_layer_is_checked_like_the_file() {
+    let run = |vars: &[(&str, &str)], args: &[&str]| {
+        let out = std::process::Command::new(common::TWINMQD).envs(vars.iter().copied()).args(args).output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = run(&[("TWINMQ_MAX_QUEUE_DEPTH", "0")], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("invalid value for `max_queue_depth`"), "{stderr}");
+    let (code, stderr) = run(&[("TWINMQ_MAX_QUEUE_DEPTH", "many")], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("TWINMQ_MAX_QUEUE_DEPTH"), "{stderr}");
+    // A flag wins over the environment: the bad value is never looked at.
+    let (code, stderr) = run(&[("TWINMQ_LISTEN", "nowhere")], &["--listen", "127.0.0.1:1", "--max-connections", "0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("`max_connections`") && !stderr.contains("`listen`"), "{stderr}");
+    // The `twinmq` tool's variables share the prefix: ignored, not refused.
+    let (code, stderr) =
+        run(&[("TWINMQ_SERVERS", "127.0.0.1:1"), ("TWINMQ_PASSWORD", "x")], &["--max-connections", "0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("`max_connections`") && !stderr.contains("servers"), "{stderr}");
+}

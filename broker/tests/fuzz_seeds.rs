@@ -43,6 +43,7 @@ fn client_frames() -> Vec<ClientFrame> {
             user: Some("app".into()),
             password: Some("pw".into()),
             admin: false,
+            versions: VersionRange::new(1, 3),
         },
         ClientFrame::Publish {
             producer_id: 7,
@@ -83,7 +84,12 @@ fn client_frames() -> Vec<ClientFrame> {
 
 fn server_frames() -> Vec<ServerFrame> {
     vec![
-        ServerFrame::Welcome { node_id: "n1".into(), server_version: "0.1.0".into(), max_frame_bytes: 4 << 20 },
+        ServerFrame::Welcome {
+            node_id: "n1".into(),
+            server_version: "0.1.0".into(),
+            max_frame_bytes: 4 << 20,
+            protocol_version: 1,
+        },
         ServerFrame::Confirm { producer_id: 7, seq: 1 },
         ServerFrame::Subscribed { sub_id: 1 },
         ServerFrame::Deliver {
@@ -109,6 +115,7 @@ fn server_frames() -> Vec<ServerFrame> {
         ServerFrame::StatusReply { req: 4, json: "{}".into() },
         ServerFrame::Pong { nonce: 42 },
         ServerFrame::AdminReply { req: 6, json: r#"{"users":[]}"#.into() },
+        ServerFrame::Error(ErrorFrame::no_common_version(VersionRange::new(2, 3), VersionRange::V1)),
     ]
 }
 

@@ -370,8 +370,8 @@ async fn http_endpoint_shows_both_nodes_counts_traffic_and_switches_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_token_reads_are_open_and_switchover_is_refused() {
-    let http: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
-    let broker = common::Broker::start(&["--durability", "none", "--http-listen", &http.to_string()]);
+    let broker = common::Broker::start_with_http(&["--durability", "none"]);
+    let http = broker.http.unwrap();
     let r = call(http, "GET", "/status", Auth::None).await;
     assert_eq!(r.status, 200, "{r:?}");
     let s = r.json();

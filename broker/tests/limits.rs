@@ -189,7 +189,13 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout_and_heartbeats_kee
 
     // An admin connection is held to the same limit.
     let mut admin = TcpStream::connect(broker.addr).unwrap();
-    let admin_hello = ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: true };
+    let admin_hello = ClientFrame::Hello {
+        client_name: "raw".into(),
+        user: None,
+        password: None,
+        admin: true,
+        versions: twinmq_protocol::SUPPORTED_VERSIONS,
+    };
     admin.write_all(&frame(&admin_hello)).unwrap();
     let start = Instant::now();
     let frames = read_frames(&mut admin, Duration::from_secs(5));

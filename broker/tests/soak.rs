@@ -60,7 +60,13 @@ async fn idle_client(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) -> Resul
     let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let mut framed = Framed::new(stream, Codec::new(DEFAULT_MAX_FRAME_BYTES));
     framed
-        .send(ClientFrame::Hello { client_name: format!("idle-{i}"), user: None, password: None, admin: false })
+        .send(ClientFrame::Hello {
+            client_name: format!("idle-{i}"),
+            user: None,
+            password: None,
+            admin: false,
+            versions: twinmq_protocol::SUPPORTED_VERSIONS,
+        })
         .await
         .map_err(|e| format!("hello: {e}"))?;
     match tokio::time::timeout(Duration::from_secs(20), framed.next()).await {

@@ -308,10 +308,11 @@ async fn the_admin_http_endpoint_serves_https_with_the_client_port_certificate()
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "ca");
     let server = ca.issue(dir.path(), "server", &["127.0.0.1"]);
-    let http = format!("127.0.0.1:{}", common::free_port());
     let token = "https-test-token-0123456789";
-    let broker = start(&flags(&server, "", &["--http-listen", &http, "--http-token", token, "--http-tls", "true"]));
-    wait_log(&broker, "admin HTTP endpoint listening", 1).await;
+    let args = flags(&server, "", &["--http-token", token, "--http-tls", "true"]);
+    let broker = Broker::start_with_http(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let http = broker.http.unwrap();
+    assert!(broker.log().contains("admin HTTP endpoint listening"), "ready means the HTTP port is served too");
 
     // A client trusting the CA gets the status over HTTPS.
     let roots = twinmq_ha::tls::load_roots(&ca.pem).unwrap();

@@ -35,14 +35,13 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 use twinmq_protocol::{
-    encode_frame, ClientFrame, Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, OutMessage,
-    ServerFrame,
+    ClientFrame, Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, OutMessage, ServerFrame,
 };
 
 use crate::consumer::{Delivery, Inbound};
 use crate::dial::{Backoff, Dialer};
 use crate::events::{ClientEvent, Events};
-use crate::link::{frame_name, is_final, Link, ServerInfo};
+use crate::link::{frame_name, is_final, Framing, Link, ServerInfo};
 use crate::{ClientConfig, ClientError};
 
 /// Where the answer to a command goes.
@@ -257,8 +256,8 @@ pub(crate) struct Connection {
     /// task stops taking commands above [`HIGH_WATER`]. Emptied when the
     /// connection is lost: its content is replayed from the state instead.
     wbuf: BytesMut,
-    /// Largest frame the current connection accepts.
-    max_out: usize,
+    /// How frames are made for the current connection: its frame limit and protocol version.
+    framing: Framing,
 }
 
 impl Connection {
@@ -269,7 +268,7 @@ impl Connection {
         events: Events,
         server: watch::Sender<ServerInfo>,
     ) -> Self {
-        let max_out = config.max_frame_bytes;
+        let framing = Framing { max_out: config.max_frame_bytes, version: twinmq_protocol::HANDSHAKE_VERSION };
         Connection {
             commands,
             command_sender,
@@ -287,7 +286,7 @@ impl Connection {
             server,
             phase: Phase::Offline,
             wbuf: BytesMut::with_capacity(64 * 1024),
-            max_out,
+            framing,
         }
     }
 
@@ -327,7 +326,7 @@ impl Connection {
     /// A node welcomed us: replay the state if this is a reconnect (the
     /// first connection was announced by [`crate::Client::connect`]).
     fn connected(&mut self, link: &Link, server: ServerInfo, restore: bool) {
-        self.max_out = link.max_out;
+        self.framing = link.framing;
         if restore {
             self.events.emit(ClientEvent::Connected { addr: server.addr.clone(), node_id: server.node_id.clone() });
             self.server.send_replace(server);
@@ -485,7 +484,7 @@ impl Connection {
             if matches!(sub.state, SubState::Live) {
                 sub.state = SubState::Resubscribing;
             }
-            if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &subscribe_frame(sub_id, &sub.spec)) {
+            if let Err(e) = encode_into(&mut self.wbuf, self.framing, &subscribe_frame(sub_id, &sub.spec)) {
                 refused.push((sub_id, e));
             }
         }
@@ -514,7 +513,7 @@ impl Connection {
         let mut refused = Vec::new();
         for &(_, producer_id, i) in &order {
             let unconfirmed = &self.producers[&producer_id].unconfirmed[i];
-            if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &unconfirmed.frame) {
+            if let Err(e) = encode_into(&mut self.wbuf, self.framing, &unconfirmed.frame) {
                 refused.push((producer_id, unconfirmed.seq, e));
             }
         }
@@ -526,7 +525,7 @@ impl Connection {
 
         let mut refused = Vec::new();
         for (&req, request) in &self.requests {
-            if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &request.frame) {
+            if let Err(e) = encode_into(&mut self.wbuf, self.framing, &request.frame) {
                 refused.push((req, e));
             }
         }
@@ -564,7 +563,7 @@ impl Connection {
                 let frame = ClientFrame::Publish { producer_id, seq, destination, message };
                 // Offline or restoring: it goes out after the resends.
                 if self.phase == Phase::Online {
-                    if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &frame) {
+                    if let Err(e) = encode_into(&mut self.wbuf, self.framing, &frame) {
                         let _ = done.send(Err(e));
                         return;
                     }
@@ -591,7 +590,7 @@ impl Connection {
                 let sub_id = self.next_sub_id;
                 // Offline: sent with the others when the next connection is restored.
                 if self.phase != Phase::Offline {
-                    if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &subscribe_frame(sub_id, &spec)) {
+                    if let Err(e) = encode_into(&mut self.wbuf, self.framing, &subscribe_frame(sub_id, &spec)) {
                         let _ = done.send(Err(e));
                         return;
                     }
@@ -631,7 +630,7 @@ impl Connection {
         let req = self.next_req;
         let frame = frame(req);
         if self.phase == Phase::Online {
-            if let Err(e) = encode_into(&mut self.wbuf, self.max_out, &frame) {
+            if let Err(e) = encode_into(&mut self.wbuf, self.framing, &frame) {
                 answer.fail(e);
                 return;
             }
@@ -697,7 +696,7 @@ impl Connection {
                 unexpected_answer(req, pending, "AdminReply")
             }
             ServerFrame::Pong { .. } => {}
-            ServerFrame::Error(ErrorFrame { code, message, context }) => {
+            ServerFrame::Error(ErrorFrame { code, message, context, .. }) => {
                 // A node that stopped serving answers with these: nothing was
                 // done, so the work is kept and goes to the next active node.
                 if matches!(code, ErrorCode::NotActive | ErrorCode::ShuttingDown) {
@@ -808,7 +807,7 @@ impl Connection {
 
     /// Encode `frame` for the current connection, logging what cannot be.
     fn write_or_log(&mut self, frame: &ClientFrame) {
-        if let Err(e) = encode_into(&mut self.wbuf, self.max_out, frame) {
+        if let Err(e) = encode_into(&mut self.wbuf, self.framing, frame) {
             warn!(error = %e, "could not encode a frame");
         }
     }
@@ -888,8 +887,8 @@ fn subscribe_frame(sub_id: u32, spec: &SubscriptionSpec) -> ClientFrame {
 }
 
 /// Encode `frame` at the end of `wbuf`; on error (too large) nothing is added.
-fn encode_into(wbuf: &mut BytesMut, max_out: usize, frame: &ClientFrame) -> Result<(), ClientError> {
-    Ok(encode_frame(frame, max_out, wbuf)?)
+fn encode_into(wbuf: &mut BytesMut, framing: Framing, frame: &ClientFrame) -> Result<(), ClientError> {
+    framing.encode(frame, wbuf)
 }
 
 fn unexpected_answer(req: u64, pending: Option<PendingRequest>, got: &'static str) {

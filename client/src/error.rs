@@ -4,6 +4,7 @@
 //! application can act on them (`NotAuthenticated` is final, `NotActive`
 //! means "try the other node").
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use twinmq_protocol::{ErrorCode, ProtocolError};
@@ -24,6 +25,11 @@ pub enum ClientError {
     /// `addr` answered that it does not serve clients (it is passive or isolated).
     #[error("{addr} is not the active node{}", hint_text(.active_hint))]
     NotActive { addr: String, active_hint: Option<String> },
+    /// `addr` shares no protocol version with this client library: one of
+    /// the two must be upgraded (or downgraded). Not final: during a rolling
+    /// upgrade the other node may still speak ours.
+    #[error("{addr} speaks protocol versions {broker:?}, this client {client:?}: none in common")]
+    NoCommonVersion { addr: String, client: RangeInclusive<u8>, broker: RangeInclusive<u8> },
     /// The broker refused a request (or the whole connection) with a typed error.
     #[error("broker error {code}: {message}")]
     Broker { code: ErrorCode, message: String },
@@ -76,6 +82,7 @@ impl ClientError {
         match self {
             ClientError::Broker { code, .. } => Some(*code),
             ClientError::NotActive { .. } => Some(ErrorCode::NotActive),
+            ClientError::NoCommonVersion { .. } => Some(ErrorCode::UnsupportedVersion),
             _ => None,
         }
     }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use tracing::debug;
-use twinmq_protocol::{encode_frame, ClientFrame, ErrorCode, FrameCodec, ServerFrame};
+use twinmq_protocol::{encode_frame_as, ClientFrame, ErrorCode, FrameCodec, ServerFrame, SUPPORTED_VERSIONS};
 
 use crate::tls::is_tls_failure;
 use crate::{ClientConfig, ClientError};
@@ -34,14 +34,33 @@ pub struct ServerInfo {
     pub server_version: String,
     /// Largest frame the broker accepts.
     pub max_frame_bytes: u32,
+    /// The protocol version this connection speaks: the highest that this
+    /// library and the node both speak, chosen by the node in the handshake
+    /// (1 with a node older than version negotiation).
+    pub protocol_version: u8,
+}
+
+/// How the frames we send are made on one connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Framing {
+    /// Limit for frames we send: ours and the broker's, whichever is smaller.
+    pub(crate) max_out: usize,
+    /// The negotiated protocol version.
+    pub(crate) version: u8,
+}
+
+impl Framing {
+    /// Encode `frame` at the end of `buf`; on error (too large) nothing is added.
+    pub(crate) fn encode(&self, frame: &ClientFrame, buf: &mut BytesMut) -> Result<(), ClientError> {
+        Ok(encode_frame_as(frame, self.version, self.max_out, buf)?)
+    }
 }
 
 /// An open, authenticated connection.
 pub(crate) struct Link {
     pub(crate) reader: FramedRead<ReadHalf, FrameCodec<ServerFrame, ClientFrame>>,
     pub(crate) writer: WriteHalf,
-    /// Limit for frames we send: ours and the broker's, whichever is smaller.
-    pub(crate) max_out: usize,
+    pub(crate) framing: Framing,
 }
 
 impl Link {
@@ -82,16 +101,18 @@ impl Link {
                 (Box::new(read), Box::new(write))
             }
         };
+        // Hello and its answer at the handshake version (what `FrameCodec::new` frames at).
         let mut link = Link {
             reader: FramedRead::new(read, FrameCodec::new(config.max_frame_bytes)),
             writer,
-            max_out: config.max_frame_bytes,
+            framing: Framing { max_out: config.max_frame_bytes, version: twinmq_protocol::HANDSHAKE_VERSION },
         };
         let hello = ClientFrame::Hello {
             client_name: config.client_name.clone(),
             user: config.user.clone(),
             password: config.password.clone(),
             admin,
+            versions: SUPPORTED_VERSIONS,
         };
         let mut buf = BytesMut::new();
         link.encode(&hello, &mut buf)?;
@@ -114,23 +135,41 @@ impl Link {
             None => return Err(ClientError::Disconnected),
         };
         match answer {
-            ServerFrame::Welcome { node_id, server_version, max_frame_bytes } => {
-                link.max_out = link.max_out.min(max_frame_bytes as usize);
-                debug!(addr, node_id, server_version, admin, "welcomed");
-                Ok((link, ServerInfo { addr: addr.to_owned(), node_id, server_version, max_frame_bytes }))
+            ServerFrame::Welcome { node_id, server_version, max_frame_bytes, protocol_version } => {
+                if !SUPPORTED_VERSIONS.contains(protocol_version) {
+                    return Err(ClientError::UnexpectedFrame(format!(
+                        "{addr} chose protocol version {protocol_version}, which this client (versions \
+                         {SUPPORTED_VERSIONS}) did not offer"
+                    )));
+                }
+                link.framing.max_out = link.framing.max_out.min(max_frame_bytes as usize);
+                // Everything after Welcome, both ways, at the chosen version.
+                link.framing.version = protocol_version;
+                link.reader.decoder_mut().set_version(protocol_version);
+                debug!(addr, node_id, server_version, protocol_version, admin, "welcomed");
+                let server =
+                    ServerInfo { addr: addr.to_owned(), node_id, server_version, max_frame_bytes, protocol_version };
+                Ok((link, server))
             }
             ServerFrame::NotActive { active_hint } => {
                 Err(ClientError::NotActive { addr: addr.to_owned(), active_hint })
+            }
+            ServerFrame::Error(twinmq_protocol::ErrorFrame { versions: Some(v), .. }) => {
+                Err(ClientError::NoCommonVersion {
+                    addr: addr.to_owned(),
+                    client: v.client.min..=v.client.max,
+                    broker: v.broker.min..=v.broker.max,
+                })
             }
             ServerFrame::Error(e) => Err(ClientError::Broker { code: e.code, message: e.message }),
             other => Err(ClientError::UnexpectedFrame(format!("expected Welcome, got {}", frame_name(&other)))),
         }
     }
 
-    /// Encode `frame` at the end of `buf`, within this link's frame limit.
-    /// On error (too large) nothing is added.
+    /// Encode `frame` at the end of `buf`, within this link's frame limit and
+    /// at its protocol version. On error (too large) nothing is added.
     pub(crate) fn encode(&self, frame: &ClientFrame, buf: &mut BytesMut) -> Result<(), ClientError> {
-        Ok(encode_frame(frame, self.max_out, buf)?)
+        self.framing.encode(frame, buf)
     }
 
     /// Encode and write one frame, waiting until it is written; for

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use twinmq_client::{Client, ClientError, Message, SubscribeOptions};
-use twinmq_protocol::{AdminCommand, ClientFrame, Destination, ErrorCode, MessageId, ServerFrame};
+use twinmq_protocol::{
+    AdminCommand, ClientFrame, Destination, ErrorCode, MessageId, ServerFrame, VersionRange, SUPPORTED_VERSIONS,
+};
 
 #[tokio::test]
 async fn connect_follows_the_active_hint() {
@@ -67,6 +69,44 @@ async fn when_every_node_fails_the_last_error_is_returned() {
     assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
     let err = Client::connect(config(&[])).await.unwrap_err();
     assert!(matches!(err, ClientError::NoServers), "{err:?}");
+}
+
+#[tokio::test]
+async fn the_client_offers_its_versions_and_exposes_the_one_the_node_chose() {
+    let mut broker = FakeBroker::start(Mode::Speaks(VersionRange::new(1, 3))).await;
+    let client = Client::connect(config(&[&broker.addr])).await.unwrap();
+    let offered =
+        broker.next(|f| if let ClientFrame::Hello { versions, .. } = f { Some(versions) } else { None }).await;
+    assert_eq!(offered, SUPPORTED_VERSIONS);
+    assert_eq!(client.server().protocol_version, SUPPORTED_VERSIONS.max, "the highest both speak");
+    // Frames after Welcome travel at the chosen version, both ways.
+    client.producer(Destination::queue("q")).send(Message::persistent("x")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_with_no_common_version_is_a_typed_error_naming_both_ranges() {
+    let newer = SUPPORTED_VERSIONS.max + 1;
+    let broker = FakeBroker::start(Mode::Speaks(VersionRange::new(newer, newer + 1))).await;
+    let short = config(&[&broker.addr]).failover_timeout(Duration::from_millis(200));
+    let err = Client::connect(short).await.unwrap_err();
+    match &err {
+        ClientError::NoCommonVersion { addr, client, broker: theirs } => {
+            assert_eq!(addr, &broker.addr);
+            assert_eq!(client, &(SUPPORTED_VERSIONS.min..=SUPPORTED_VERSIONS.max));
+            assert_eq!(theirs, &(newer..=newer + 1));
+        }
+        other => panic!("expected NoCommonVersion, got {other:?}"),
+    }
+    assert_eq!(err.code(), Some(ErrorCode::UnsupportedVersion));
+    assert!(broker.connections() > 1, "not final: a rolling upgrade may bring the node back to our version");
+}
+
+#[tokio::test]
+async fn a_node_that_chooses_a_version_the_client_did_not_offer_is_refused() {
+    let broker = FakeBroker::start(Mode::Chooses(SUPPORTED_VERSIONS.max + 1)).await;
+    let short = config(&[&broker.addr]).failover_timeout(Duration::from_millis(200));
+    let err = Client::connect(short).await.unwrap_err();
+    assert!(matches!(&err, ClientError::UnexpectedFrame(m) if m.contains("did not offer")), "{err:?}");
 }
 
 #[tokio::test]

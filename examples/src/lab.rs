@@ -1,8 +1,15 @@
 //! A local pair on loopback for the demos: two real daemon processes (this
 //! binary re-executed as `broker ...`), a pullable gateway, status polling.
 //! Also what every lab shares: the pair's timings and the re-exec.
+//!
+//! The lab binds every port itself (`127.0.0.1:0`) and hands the listening
+//! sockets to the daemon by socket activation, keeping no copy: a killed
+//! node's ports refuse connections, as a dead process's do. A restart binds
+//! the same ports again. Readiness is the daemon's `READY=1` on
+//! `NOTIFY_SOCKET`.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,8 +38,21 @@ pub fn init_tracing() {
         .init();
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// A listening socket on `addr` (port 0: a new one; a stopped node's port:
+/// bound again, SO_REUSEADDR for its connections in TIME_WAIT).
+fn listen_on(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into()).with_context(|| format!("bind {addr}"))?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// A new loopback listening socket and its address.
+fn bound(name: &'static str) -> anyhow::Result<(SocketAddr, (&'static str, TcpListener))> {
+    let l = listen_on(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    Ok((l.local_addr()?, (name, l)))
 }
 
 /// A loopback gateway that answers TCP probes while plugged; pulled, it stops
@@ -121,34 +141,67 @@ pub struct Node {
     args: Vec<String>,
     child: Option<Child>,
     starts: u32,
+    /// The sockets bound for the first start (both nodes' ports exist before
+    /// either starts: each names the other's); later starts bind them again.
+    sockets: Vec<(&'static str, TcpListener)>,
 }
 
 impl Node {
     pub fn start(&mut self) -> anyhow::Result<()> {
+        use command_fds::{CommandFdExt, FdMapping};
         self.starts += 1;
-        let log = std::fs::File::create(self.data_dir.with_file_name(format!("{}-{}.log", self.name, self.starts)))?;
+        let log_path = self.data_dir.with_file_name(format!("{}-{}.log", self.name, self.starts));
+        let log = std::fs::File::create(&log_path)?;
         let exe = std::env::current_exe().context("own executable")?;
-        let child = Command::new(exe)
-            .arg("broker")
+        let mut sockets = std::mem::take(&mut self.sockets);
+        if sockets.is_empty() {
+            sockets =
+                vec![("client", listen_on(self.client)?), ("ha", listen_on(self.ha)?), ("http", listen_on(self.http)?)];
+        }
+        let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
+        let notify_path = log_path.with_extension("notify");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).context("bind the readiness socket")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("broker")
             .args(["--node-id", &self.name, "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &self.client.to_string(), "--ha-listen", &self.ha.to_string()])
             .args(["--http-listen", &self.http.to_string()])
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .env("LISTEN_FDS", names.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .env_remove("LISTEN_PID")
+            .env("NOTIFY_SOCKET", &notify_path)
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("start broker process")?;
-        self.child = Some(child);
+            .stderr(log);
+        let mappings = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, l))| FdMapping { parent_fd: l.into(), child_fd: 3 + i as i32 })
+            .collect();
+        cmd.fd_mappings(mappings)?;
+        let child = cmd.spawn().context("start broker process")?;
+        // The command owned our copies of the sockets: now only the child holds them.
+        drop(cmd);
+        let child = self.child.insert(child);
+        notify.set_read_timeout(Some(Duration::from_millis(100)))?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect_timeout(&self.client, Duration::from_millis(200)).is_err() {
-            if Instant::now() > deadline {
-                bail!("{} did not start listening", self.name);
+        let mut buf = [0u8; 256];
+        loop {
+            if let Ok(n) = notify.recv(&mut buf) {
+                if buf[..n].split(|&b| b == b'\n').any(|line| line == b"READY=1") {
+                    return Ok(());
+                }
             }
-            std::thread::sleep(Duration::from_millis(10));
+            if let Some(status) = child.try_wait()? {
+                bail!("{} exited with {status} before serving", self.name);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not start serving within 20 s", self.name);
+            }
         }
-        Ok(())
     }
 
     pub fn kill9(&mut self) {
@@ -222,7 +275,13 @@ impl Pair {
     pub fn start(timings: Timings, extra: &[&str]) -> anyhow::Result<Pair> {
         let dir = tempfile::tempdir()?;
         let gateway = Gateway::start()?;
-        let (a_client, a_ha, b_client, b_ha) = (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
+        // Every port bound now, before either node starts: each names the other's.
+        let (a_client, a_client_l) = bound("client")?;
+        let (a_ha, a_ha_l) = bound("ha")?;
+        let (a_http, a_http_l) = bound("http")?;
+        let (b_client, b_client_l) = bound("client")?;
+        let (b_ha, b_ha_l) = bound("ha")?;
+        let (b_http, b_http_l) = bound("http")?;
         let args = |peer_ha: SocketAddr, peer_client: SocketAddr, priority: &str| -> Vec<String> {
             let mut v: Vec<String> = vec![
                 "--peer-ha".into(),
@@ -244,21 +303,23 @@ impl Pair {
             name: "node-a".into(),
             client: a_client,
             ha: a_ha,
-            http: free_addr()?,
+            http: a_http,
             data_dir: dir.path().join("a"),
             args: args(b_ha, b_client, "200"),
             child: None,
             starts: 0,
+            sockets: vec![a_client_l, a_ha_l, a_http_l],
         };
         let mut b = Node {
             name: "node-b".into(),
             client: b_client,
             ha: b_ha,
-            http: free_addr()?,
+            http: b_http,
             data_dir: dir.path().join("b"),
             args: args(a_ha, a_client, "100"),
             child: None,
             starts: 0,
+            sockets: vec![b_client_l, b_ha_l, b_http_l],
         };
         a.start()?;
         b.start()?;

@@ -1,5 +1,10 @@
 //! The frame codec: `u32 length | u8 version | MessagePack body`.
 //!
+//! A codec frames at one protocol version: [`HANDSHAKE_VERSION`] when it is
+//! made, the negotiated one once the handshake has chosen it
+//! ([`FrameCodec::set_version`], see [`crate::version`]). A frame carrying
+//! another version is refused with [`ProtocolError::UnsupportedVersion`].
+//!
 //! Pure: it works on `BytesMut` and does no I/O, so the network layers of the
 //! broker and the client own their sockets and this module owns the bytes.
 //! The length prefix is checked against the limit before anything is
@@ -13,7 +18,7 @@ use bytes::{BufMut, BytesMut};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::frame::PROTOCOL_VERSION;
+use crate::version::{HANDSHAKE_VERSION, SUPPORTED_VERSIONS};
 use crate::ProtocolError;
 
 /// Default largest frame, in bytes (length prefix excluded): 4 MiB.
@@ -23,33 +28,66 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug)]
 pub struct FrameCodec<In, Out> {
     max_frame_bytes: usize,
+    /// The version frames are written with and must arrive with.
+    version: u8,
     _types: PhantomData<fn(Out) -> In>,
 }
 
 impl<In, Out> FrameCodec<In, Out> {
+    /// A codec at [`HANDSHAKE_VERSION`], for a connection's opening frames.
     pub fn new(max_frame_bytes: usize) -> Self {
-        FrameCodec { max_frame_bytes, _types: PhantomData }
+        FrameCodec { max_frame_bytes, version: HANDSHAKE_VERSION, _types: PhantomData }
     }
 
     pub fn max_frame_bytes(&self) -> usize {
         self.max_frame_bytes
     }
+
+    /// The version this codec frames at.
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// Frame at `version` from the next frame on: the one the handshake chose.
+    pub fn set_version(&mut self, version: u8) {
+        self.version = version;
+    }
 }
 
-/// Decode one frame body (version byte + MessagePack) into `T`.
+/// Decode one frame body (version byte + MessagePack) into `T`, accepting
+/// any version this crate speaks: for tools and tests that read frames
+/// outside a connection's codec.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
-    let (&version, rest) = body.split_first().ok_or(ProtocolError::Empty)?;
-    if version != PROTOCOL_VERSION {
-        return Err(ProtocolError::UnsupportedVersion { got: version, supported: PROTOCOL_VERSION });
+    let version = *body.first().ok_or(ProtocolError::Empty)?;
+    let expected = if SUPPORTED_VERSIONS.contains(version) { version } else { SUPPORTED_VERSIONS.max };
+    decode_body_at(body, expected)
+}
+
+/// Decode one frame body that must carry `version`.
+fn decode_body_at<T: DeserializeOwned>(body: &[u8], version: u8) -> Result<T, ProtocolError> {
+    let (&got, rest) = body.split_first().ok_or(ProtocolError::Empty)?;
+    if got != version {
+        return Err(ProtocolError::UnsupportedVersion { got, supported: version });
     }
     rmp_serde::from_slice(rest).map_err(|e| ProtocolError::Malformed(e.to_string()))
 }
 
-/// Encode `frame` as a complete wire frame (length prefix included) onto `dst`.
+/// Encode `frame` at [`HANDSHAKE_VERSION`] as a complete wire frame (length
+/// prefix included) onto `dst`: the opening frames of a connection.
 pub fn encode_frame<T: Serialize>(frame: &T, max_frame_bytes: usize, dst: &mut BytesMut) -> Result<(), ProtocolError> {
+    encode_frame_as(frame, HANDSHAKE_VERSION, max_frame_bytes, dst)
+}
+
+/// Encode `frame` at `version` (the negotiated one) onto `dst`.
+pub fn encode_frame_as<T: Serialize>(
+    frame: &T,
+    version: u8,
+    max_frame_bytes: usize,
+    dst: &mut BytesMut,
+) -> Result<(), ProtocolError> {
     let start = dst.len();
     dst.put_u32(0);
-    dst.put_u8(PROTOCOL_VERSION);
+    dst.put_u8(version);
     let mut writer = dst.writer();
     rmp_serde::encode::write_named(&mut writer, frame).map_err(|e| ProtocolError::Encode(e.to_string()))?;
     let dst = writer.into_inner();
@@ -81,7 +119,7 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
             return Ok(None);
         }
         let frame = src.split_to(4 + len);
-        decode_body(&frame[4..]).map(Some)
+        decode_body_at(&frame[4..], self.version).map(Some)
     }
 }
 
@@ -89,7 +127,7 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     type Error = ProtocolError;
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), ProtocolError> {
-        encode_frame(&item, self.max_frame_bytes, dst)
+        encode_frame_as(&item, self.version, self.max_frame_bytes, dst)
     }
 }
 
@@ -97,7 +135,7 @@ impl<In, Out: Serialize> Encoder<&Out> for FrameCodec<In, Out> {
     type Error = ProtocolError;
 
     fn encode(&mut self, item: &Out, dst: &mut BytesMut) -> Result<(), ProtocolError> {
-        encode_frame(item, self.max_frame_bytes, dst)
+        encode_frame_as(item, self.version, self.max_frame_bytes, dst)
     }
 }
 
@@ -167,6 +205,24 @@ mod tests {
         encode_frame(&ClientFrame::Ping { nonce: 1 }, 1024, &mut wire).unwrap();
         wire[4] = PROTOCOL_VERSION + 1;
         assert!(matches!(server.decode(&mut wire), Err(ProtocolError::UnsupportedVersion { .. })));
+    }
+
+    #[test]
+    fn a_codec_frames_at_the_version_it_was_set_to() {
+        let mut client: FrameCodec<ServerFrame, ClientFrame> = FrameCodec::new(1024);
+        let mut server = ServerSide::new(1024);
+        assert_eq!(client.version(), HANDSHAKE_VERSION);
+        client.set_version(7);
+        let mut wire = BytesMut::new();
+        client.encode(ClientFrame::Ping { nonce: 1 }, &mut wire).unwrap();
+        assert_eq!(wire[4], 7, "the version byte");
+        let mut copy = wire.clone();
+        assert!(
+            matches!(server.decode(&mut copy), Err(ProtocolError::UnsupportedVersion { got: 7, supported: 1 })),
+            "a codec still at the handshake version refuses it"
+        );
+        server.set_version(7);
+        assert_eq!(server.decode(&mut wire).unwrap(), Some(ClientFrame::Ping { nonce: 1 }));
     }
 
     #[test]

@@ -8,8 +8,13 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The protocol version this crate speaks. A frame carrying another version is
-/// answered with [`ErrorCode::UnsupportedVersion`] and the connection closed.
+use crate::version::VersionRange;
+
+/// The newest protocol version this crate speaks (the top of
+/// [`crate::SUPPORTED_VERSIONS`]). Which version a connection uses is
+/// negotiated in its handshake ([`crate::version`]); a frame carrying
+/// another one is answered with [`ErrorCode::UnsupportedVersion`] and the
+/// connection closed.
 pub const PROTOCOL_VERSION: u8 = 1;
 
 /// Which kind of destination a name refers to.
@@ -103,6 +108,10 @@ pub enum ClientFrame {
         /// every node, the passive one too, and carries no messaging.
         #[serde(default)]
         admin: bool,
+        /// The protocol versions this client speaks; absent (a client older
+        /// than negotiation): version 1 only.
+        #[serde(default)]
+        versions: VersionRange,
     },
     /// Store and route a message. Confirmed with [`ServerFrame::Confirm`]
     /// carrying the same `producer_id`/`seq`, or answered with an error.
@@ -316,6 +325,11 @@ pub enum ServerFrame {
         server_version: String,
         /// Largest frame the broker accepts, in bytes.
         max_frame_bytes: u32,
+        /// The protocol version the broker chose: the highest in both its
+        /// range and the client's. Every frame after this one is framed at
+        /// it. Absent (a broker older than negotiation): version 1.
+        #[serde(default = "version_1")]
+        protocol_version: u8,
     },
     /// This node does not serve clients; try `active_hint` if any.
     NotActive {
@@ -357,12 +371,27 @@ pub enum ServerFrame {
     },
 }
 
+fn version_1() -> u8 {
+    1
+}
+
 /// A typed error. `context` says which request it answers, if one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorFrame {
     pub code: ErrorCode,
     pub message: String,
     pub context: ErrorContext,
+    /// With [`ErrorCode::UnsupportedVersion`] from the handshake: both
+    /// sides' ranges. Left out of the frame when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<VersionMismatch>,
+}
+
+/// The ranges of a client and a broker that share no protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionMismatch {
+    pub client: VersionRange,
+    pub broker: VersionRange,
 }
 
 /// Which request an error answers.
@@ -416,6 +445,114 @@ impl std::fmt::Display for ErrorCode {
 
 impl ErrorFrame {
     pub fn new(code: ErrorCode, context: ErrorContext, message: impl Into<String>) -> Self {
-        ErrorFrame { code, message: message.into(), context }
+        ErrorFrame { code, message: message.into(), context, versions: None }
+    }
+
+    /// The handshake's refusal of a client that shares no version with the
+    /// broker; the broker closes the connection after it.
+    pub fn no_common_version(client: VersionRange, broker: VersionRange) -> Self {
+        ErrorFrame {
+            code: ErrorCode::UnsupportedVersion,
+            message: format!(
+                "no common protocol version: the client speaks {client}, the broker {broker}; upgrade one of them"
+            ),
+            context: ErrorContext::Connection,
+            versions: Some(VersionMismatch { client, broker }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    //! Frames of releases before version negotiation still decode, and the
+    //! new fields do not trouble those releases.
+    use super::*;
+    use crate::{decode_body, encode_frame, DEFAULT_MAX_FRAME_BYTES};
+
+    /// The opening frames as releases before negotiation declared them.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum OldClientFrame {
+        Hello { client_name: String, user: Option<String>, password: Option<String>, admin: bool },
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum OldServerFrame {
+        Welcome { node_id: String, server_version: String, max_frame_bytes: u32 },
+        Error(OldErrorFrame),
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct OldErrorFrame {
+        code: ErrorCode,
+        message: String,
+        context: ErrorContext,
+    }
+
+    /// Encode as one side, decode as the other: what crosses the wire.
+    fn across<A: Serialize, B: serde::de::DeserializeOwned>(frame: &A) -> B {
+        let mut wire = bytes::BytesMut::new();
+        encode_frame(frame, DEFAULT_MAX_FRAME_BYTES, &mut wire).unwrap();
+        decode_body(&wire[4..]).unwrap()
+    }
+
+    #[test]
+    fn an_old_hello_speaks_version_1_only() {
+        let old = OldClientFrame::Hello { client_name: "old".into(), user: None, password: None, admin: true };
+        match across::<_, ClientFrame>(&old) {
+            ClientFrame::Hello { client_name, admin, versions, .. } => {
+                assert_eq!((client_name.as_str(), admin), ("old", true));
+                assert_eq!(versions, VersionRange::V1);
+            }
+            other => panic!("{other:?}"),
+        }
+        // An old broker reads a new Hello, ignoring the range it does not know.
+        let new = ClientFrame::Hello {
+            client_name: "new".into(),
+            user: Some("u".into()),
+            password: None,
+            admin: false,
+            versions: VersionRange::new(1, 4),
+        };
+        assert_eq!(across::<_, ClientFrame>(&new), new, "the range travels");
+        let seen: OldClientFrame = across(&new);
+        assert_eq!(
+            seen,
+            OldClientFrame::Hello { client_name: "new".into(), user: Some("u".into()), password: None, admin: false }
+        );
+    }
+
+    #[test]
+    fn an_old_welcome_chose_version_1_and_old_clients_read_new_frames() {
+        let old = OldServerFrame::Welcome { node_id: "n".into(), server_version: "0.1.0".into(), max_frame_bytes: 64 };
+        match across::<_, ServerFrame>(&old) {
+            ServerFrame::Welcome { protocol_version, .. } => assert_eq!(protocol_version, 1),
+            other => panic!("{other:?}"),
+        }
+        let new = ServerFrame::Welcome {
+            node_id: "n".into(),
+            server_version: "0.2.0".into(),
+            max_frame_bytes: 64,
+            protocol_version: 1,
+        };
+        assert!(matches!(across::<_, OldServerFrame>(&new), OldServerFrame::Welcome { .. }));
+        // The refusal is a plain error frame to an old client, typed to a new one.
+        let refusal = ServerFrame::Error(ErrorFrame::no_common_version(VersionRange::V1, VersionRange::new(2, 3)));
+        match across::<_, OldServerFrame>(&refusal) {
+            OldServerFrame::Error(e) => {
+                assert_eq!(e.code, ErrorCode::UnsupportedVersion);
+                assert!(e.message.contains("client speaks 1, the broker 2..=3"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(across::<_, ServerFrame>(&refusal), refusal, "typed ranges survive");
+        // Other error frames carry no `versions` at all: byte for byte what they were.
+        let plain = ErrorFrame::new(ErrorCode::LimitReached, ErrorContext::Connection, "full");
+        let old =
+            OldErrorFrame { code: ErrorCode::LimitReached, message: "full".into(), context: ErrorContext::Connection };
+        let (mut a, mut b) = (bytes::BytesMut::new(), bytes::BytesMut::new());
+        encode_frame(&ServerFrame::Error(plain), 1024, &mut a).unwrap();
+        encode_frame(&OldServerFrame::Error(old), 1024, &mut b).unwrap();
+        assert_eq!(a, b);
     }
 }

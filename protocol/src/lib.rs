@@ -1,23 +1,28 @@
 //! twinmq-protocol: the wire types and codec shared by broker and client.
 //!
 //! Owns: the frame layout (`u32 length | u8 version | MessagePack`), the
-//! client/server frame enums, typed error codes and the frame size limit.
+//! client/server frame enums, typed error codes, the frame size limit, and
+//! protocol version negotiation (`version`: pure, so that the HA handshake
+//! can use the same rule).
 //! Does not own: sockets, authentication, routing: those belong to the
 //! broker and the client, which both depend on this crate and never on each
 //! other.
 
 pub mod codec;
 pub mod frame;
+pub mod version;
 
-pub use codec::{decode_body, encode_frame, FrameCodec, DEFAULT_MAX_FRAME_BYTES};
+pub use codec::{decode_body, encode_frame, encode_frame_as, FrameCodec, DEFAULT_MAX_FRAME_BYTES};
 pub use frame::*;
+pub use version::{negotiate, NoCommonVersion, VersionRange, HANDSHAKE_VERSION, SUPPORTED_VERSIONS};
 
 /// Why bytes could not become a frame (or a frame bytes).
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
-    #[error("frame version {got} is not supported (this side speaks {supported})")]
+    /// A frame whose version byte is not the connection's (`supported`).
+    #[error("frame version {got} is not this connection's version ({supported})")]
     UnsupportedVersion { got: u8, supported: u8 },
     #[error("malformed frame: {0}")]
     Malformed(String),

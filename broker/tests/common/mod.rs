@@ -1,8 +1,18 @@
 //! Test harness: real `twinmqd` processes on loopback, each in a fresh temp
 //! data directory, killed with SIGKILL or stopped with SIGTERM at will.
+//!
+//! The harness binds each broker's ports itself (`127.0.0.1:0`) and hands
+//! the listening sockets to the process by socket activation, so a port is
+//! known before the broker starts and no other process can take it in
+//! between. It keeps no copy: once the child is spawned only the child holds
+//! the socket, so a killed broker's port refuses connections (the pair's
+//! dead-process fast path depends on that). A restart binds the same port
+//! again and hands it over anew. Readiness is the daemon's `READY=1` on
+//! `NOTIFY_SOCKET`, not a connect that the kernel would accept anyway.
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,13 +24,70 @@ pub mod tls;
 
 pub const TWINMQD: &str = env!("CARGO_BIN_EXE_twinmqd");
 
-/// A free loopback port (bound, then released for the broker to take).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
+/// A listening socket on `addr`: a new port for `127.0.0.1:0`, or the port a
+/// stopped broker had, bound again (SO_REUSEADDR: its old connections may
+/// still be in TIME_WAIT).
+pub fn listen_on(addr: SocketAddr) -> TcpListener {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket.bind(&addr.into()).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    socket.listen(1024).expect("listen");
+    socket.into()
+}
+
+/// A new listening socket on a loopback port of the kernel's choosing.
+pub fn loopback_listener() -> TcpListener {
+    listen_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Spawn `cmd` (a twinmqd) with `sockets` passed by socket activation (as
+/// fds 3, 4, ... named by `LISTEN_FDNAMES`) and `NOTIFY_SOCKET` at `notify`.
+/// `cmd` is consumed: dropping it closes our copies of the sockets, so that
+/// the child alone holds them. Wait for readiness with [`wait_ready`].
+pub fn spawn_activated(mut cmd: Command, sockets: Vec<(&str, TcpListener)>, notify: &Path) -> (Child, UnixDatagram) {
+    use command_fds::{CommandFdExt, FdMapping};
+    let _ = std::fs::remove_file(notify);
+    let ready = UnixDatagram::bind(notify).expect("bind the notify socket");
+    let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
+    let mappings = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, l))| FdMapping { parent_fd: l.into(), child_fd: 3 + i as i32 })
+        .collect();
+    cmd.fd_mappings(mappings).expect("distinct child fds");
+    cmd.env("LISTEN_FDS", names.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .env_remove("LISTEN_PID")
+        .env("NOTIFY_SOCKET", notify);
+    let child = cmd.spawn().expect("spawn twinmqd");
+    drop(cmd);
+    (child, ready)
+}
+
+/// Wait (at most 20 s) for the daemon's `READY=1`; panic with `log()` if it
+/// exits first or stays silent.
+pub fn wait_ready(child: &mut Child, ready: &UnixDatagram, what: &str, log: impl Fn() -> String) {
+    ready.set_read_timeout(Some(Duration::from_millis(100))).expect("read timeout");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 256];
+    loop {
+        if let Ok(n) = ready.recv(&mut buf) {
+            if buf[..n].split(|&b| b == b'\n').any(|line| line == b"READY=1") {
+                return;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}; log:\n{}", log());
+        }
+        assert!(Instant::now() < deadline, "{what} not ready in 20 s; log:\n{}", log());
+    }
 }
 
 pub struct Broker {
     pub addr: SocketAddr,
+    /// The admin HTTP endpoint, when started with [`Broker::start_with_http`].
+    pub http: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub extra: Vec<String>,
     child: Option<Child>,
@@ -31,18 +98,29 @@ pub struct Broker {
 impl Broker {
     /// Start a broker in a new temp directory with `extra` flags.
     pub fn start(extra: &[&str]) -> Broker {
+        Broker::start_on(extra, false)
+    }
+
+    /// The same, with an admin HTTP port too (`--http-listen`, passed like the client port).
+    pub fn start_with_http(extra: &[&str]) -> Broker {
+        Broker::start_on(extra, true)
+    }
+
+    fn start_on(extra: &[&str], http: bool) -> Broker {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("data");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let client = loopback_listener();
+        let http = http.then(loopback_listener);
         let mut b = Broker {
-            addr,
+            addr: client.local_addr().expect("local addr"),
+            http: http.as_ref().map(|l| l.local_addr().expect("local addr")),
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             _tmp: Some(tmp),
             starts: 0,
         };
-        b.launch();
+        b.launch(client, http);
         b
     }
 
@@ -50,35 +128,25 @@ impl Broker {
         self.data_dir.parent().expect("data dir has a parent").join(format!("twinmqd-{}.log", self.starts))
     }
 
-    fn launch(&mut self) {
+    fn launch(&mut self, client: TcpListener, http: Option<TcpListener>) {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("log file");
-        let child = Command::new(TWINMQD)
-            .args(["--node-id", "test-node", "--data-dir"])
+        let mut cmd = Command::new(TWINMQD);
+        cmd.args(["--node-id", "test-node", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &self.addr.to_string()])
+            .args(self.http.iter().flat_map(|a| ["--http-listen".to_string(), a.to_string()]))
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn twinmqd");
-        self.child = Some(child);
-        self.wait_ready();
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("twinmqd exited early with {status}; log:\n{}", self.log());
-            }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "twinmqd not ready in 20 s; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .stderr(log);
+        let mut sockets = vec![("client", client)];
+        sockets.extend(http.map(|l| ("http", l)));
+        let log_path = self.log_path();
+        let (child, ready) = spawn_activated(cmd, sockets, &log_path.with_extension("notify"));
+        // Ours before waiting, so that a panic below still kills it (Drop).
+        let child = self.child.insert(child);
+        wait_ready(child, &ready, "twinmqd", || std::fs::read_to_string(&log_path).unwrap_or_default());
     }
 
     pub fn log(&self) -> String {
@@ -114,10 +182,12 @@ impl Broker {
         }
     }
 
-    /// Start again on the same data directory and port.
+    /// Start again on the same data directory and ports.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop it first");
-        self.launch();
+        let client = listen_on(self.addr);
+        let http = self.http.map(listen_on);
+        self.launch(client, http);
     }
 
     pub fn config(&self) -> ClientConfig {
@@ -146,9 +216,20 @@ pub fn frame(f: &twinmq_protocol::ClientFrame) -> Vec<u8> {
     b.to_vec()
 }
 
-/// An anonymous Hello as raw bytes.
+/// An anonymous Hello as raw bytes, offering the versions this release speaks.
 pub fn hello() -> Vec<u8> {
-    frame(&twinmq_protocol::ClientFrame::Hello { client_name: "raw".into(), user: None, password: None, admin: false })
+    hello_offering(twinmq_protocol::SUPPORTED_VERSIONS)
+}
+
+/// An anonymous Hello offering `versions`.
+pub fn hello_offering(versions: twinmq_protocol::VersionRange) -> Vec<u8> {
+    frame(&twinmq_protocol::ClientFrame::Hello {
+        client_name: "raw".into(),
+        user: None,
+        password: None,
+        admin: false,
+        versions,
+    })
 }
 
 /// Read the frames a broker sends on a raw socket until it closes the

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use twinmq_client::{AdminClient, ClientConfig};
 
-use super::{free_port, signal, TWINMQD};
+use super::{listen_on, loopback_listener, signal, spawn_activated, wait_ready, TWINMQD};
 
 /// A loopback "gateway" that answers TCP probes while plugged. Pulled, it
 /// stops accepting; its one-slot backlog fills and further SYNs are dropped,
@@ -144,6 +144,10 @@ pub struct Node {
     starts: u32,
     /// Credentials for status checks once the pair has users.
     pub admin_login: Option<(String, String)>,
+    /// The sockets bound for the first start (both nodes' ports are bound
+    /// before either starts: each names the other's); later starts bind the
+    /// same ports again.
+    sockets: Vec<(&'static str, TcpListener)>,
 }
 
 impl Node {
@@ -155,26 +159,31 @@ impl Node {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Start the process on this node's ports (handed over by socket
+    /// activation) and wait until it serves them.
     pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is running", self.name);
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(TWINMQD)
-            .args(["--node-id", &self.name, "--data-dir"])
+        let mut cmd = Command::new(TWINMQD);
+        cmd.args(["--node-id", &self.name, "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &self.client.to_string(), "--ha-listen", &self.ha.to_string()])
             .args(self.http.iter().flat_map(|a| ["--http-listen".to_string(), a.to_string()]))
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn twinmqd");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect_timeout(&self.client, Duration::from_millis(200)).is_err() {
-            assert!(Instant::now() < deadline, "{} not listening; log:\n{}", self.name, self.log());
-            std::thread::sleep(Duration::from_millis(20));
+            .stderr(log);
+        let mut sockets = std::mem::take(&mut self.sockets);
+        if sockets.is_empty() {
+            sockets.push(("client", listen_on(self.client)));
+            sockets.push(("ha", listen_on(self.ha)));
+            sockets.extend(self.http.map(|a| ("http", listen_on(a))));
         }
+        let log_path = self.log_path();
+        let (child, ready) = spawn_activated(cmd, sockets, &log_path.with_extension("notify"));
+        let child = self.child.insert(child);
+        wait_ready(child, &ready, &self.name, || std::fs::read_to_string(&log_path).unwrap_or_default());
     }
 
     pub fn kill9(&mut self) {
@@ -309,8 +318,17 @@ impl Pair {
     pub async fn start(opts: PairOptions) -> Pair {
         let tmp = tempfile::tempdir().unwrap();
         let gateway = Gateway::start();
-        let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
-        let (a_client, a_ha, b_client, b_ha) = (addr(), addr(), addr(), addr());
+        // Every port bound now, before either node starts: each names the other's.
+        let bound = |name: &'static str| {
+            let l = loopback_listener();
+            (l.local_addr().unwrap(), (name, l))
+        };
+        let (a_client, a_client_l) = bound("client");
+        let (a_ha, a_ha_l) = bound("ha");
+        let (b_client, b_client_l) = bound("client");
+        let (b_ha, b_ha_l) = bound("ha");
+        let (a_http, a_http_l) = opts.http.then(|| bound("http")).unzip();
+        let (b_http, b_http_l) = opts.http.then(|| bound("http")).unzip();
         let mut cable = Vec::new();
         let (a_paths, b_paths) = if opts.all_paths_proxied {
             let proxies = [Proxy::start(b_ha), Proxy::start(b_ha), Proxy::start(a_ha), Proxy::start(a_ha)];
@@ -356,23 +374,25 @@ impl Pair {
             name: "node-a".into(),
             client: a_client,
             ha: a_ha,
-            http: opts.http.then(addr),
+            http: a_http,
             data_dir: tmp.path().join("a"),
             args: [common(a_paths, b_client, "200", SECRET), opts.a_extra.clone()].concat(),
             child: None,
             starts: 0,
             admin_login: None,
+            sockets: [a_client_l, a_ha_l].into_iter().chain(a_http_l).collect(),
         };
         let mut b = Node {
             name: "node-b".into(),
             client: b_client,
             ha: b_ha,
-            http: opts.http.then(addr),
+            http: b_http,
             data_dir: tmp.path().join("b"),
             args: [common(b_paths, a_client, "100", &b_secret), opts.b_extra.clone()].concat(),
             child: None,
             starts: 0,
             admin_login: None,
+            sockets: [b_client_l, b_ha_l].into_iter().chain(b_http_l).collect(),
         };
         a.start();
         b.start();

@@ -20,8 +20,8 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::Framed;
 use twinmq_client::ClientConfig;
 use twinmq_protocol::{
-    AdminCommand, ClientFrame, Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, FrameCodec, MessageId,
-    ServerFrame, DEFAULT_MAX_FRAME_BYTES,
+    negotiate, AdminCommand, ClientFrame, Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, FrameCodec,
+    MessageId, ServerFrame, VersionRange, DEFAULT_MAX_FRAME_BYTES,
 };
 
 /// Bound on every wait, so that a bug fails the test instead of hanging it.
@@ -42,6 +42,11 @@ pub enum Mode {
         hint: Option<String>,
     },
     RefuseAuth,
+    /// An active node that speaks these protocol versions: it negotiates as
+    /// the broker does, refusing a client with none in common.
+    Speaks(VersionRange),
+    /// A faulty node that welcomes with this version, whatever was offered.
+    Chooses(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,9 +196,22 @@ async fn serve(
         let connection = state.connections.fetch_add(1, Ordering::SeqCst) + 1;
         let mut framed = Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME_BYTES));
         let Some(Ok(hello)) = framed.next().await else { continue };
-        let ClientFrame::Hello { admin, .. } = hello else { panic!("first frame must be Hello, got {hello:?}") };
+        let ClientFrame::Hello { admin, versions, .. } = hello else {
+            panic!("first frame must be Hello, got {hello:?}")
+        };
         let _ = received.send((connection, hello));
         let mode = state.mode.lock().unwrap().clone();
+        let version = match &mode {
+            Mode::Speaks(ours) => match negotiate(*ours, versions) {
+                Ok(v) => v,
+                Err(_) => {
+                    let _ = framed.send(ServerFrame::Error(ErrorFrame::no_common_version(versions, *ours))).await;
+                    continue;
+                }
+            },
+            Mode::Chooses(v) => *v,
+            _ => 1,
+        };
         if admin && !matches!(mode, Mode::RefuseAuth) {
             serve_admin(framed, &addr, &mode, connection, &received).await;
             continue;
@@ -209,12 +227,18 @@ async fn serve(
                 continue;
             }
             Mode::Active { auto_confirm, reject_seq, .. } => (*auto_confirm, *reject_seq),
+            Mode::Speaks(_) | Mode::Chooses(_) => (true, None),
         };
-        let welcome =
-            ServerFrame::Welcome { node_id: addr.clone(), server_version: "0".into(), max_frame_bytes: 1 << 20 };
+        let welcome = ServerFrame::Welcome {
+            node_id: addr.clone(),
+            server_version: "0".into(),
+            max_frame_bytes: 1 << 20,
+            protocol_version: version,
+        };
         if framed.send(welcome).await.is_err() {
             continue;
         }
+        framed.codec_mut().set_version(version);
         loop {
             tokio::select! {
                 biased;
@@ -298,7 +322,12 @@ async fn serve_admin(
     received: &mpsc::UnboundedSender<(usize, ClientFrame)>,
 ) {
     let role = if matches!(mode, Mode::Active { .. }) { "active" } else { "passive" };
-    let welcome = ServerFrame::Welcome { node_id: addr.into(), server_version: "0".into(), max_frame_bytes: 1 << 20 };
+    let welcome = ServerFrame::Welcome {
+        node_id: addr.into(),
+        server_version: "0".into(),
+        max_frame_bytes: 1 << 20,
+        protocol_version: 1,
+    };
     if framed.send(welcome).await.is_err() {
         return;
     }
