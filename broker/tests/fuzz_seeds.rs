@@ -148,8 +148,14 @@ fn batch() -> BatchBody {
 
 fn handshake_frames() -> Vec<HaFrame> {
     vec![
-        HaFrame::Hello { node_id: "a".into(), priority: 100, nonce: vec![1; 32] },
-        HaFrame::Challenge { node_id: "b".into(), priority: 50, nonce: vec![2; 32], proof: vec![3; 32] },
+        HaFrame::Hello { node_id: "a".into(), priority: 100, nonce: vec![1; 32], versions: wire::HA_VERSIONS },
+        HaFrame::Challenge {
+            node_id: "b".into(),
+            priority: 50,
+            nonce: vec![2; 32],
+            proof: vec![3; 32],
+            version: Some(2),
+        },
         HaFrame::Proof { proof: vec![4; 32] },
         HaFrame::Accepted,
         HaFrame::Refused { reason: "bad proof".into() },

@@ -18,6 +18,8 @@ pub struct Link {
     pub peer_id: String,
     pub peer_priority: u32,
     pub remote: SocketAddr,
+    /// The HA protocol version both sides speak on it.
+    pub version: u8,
 }
 
 impl std::fmt::Debug for Link {
@@ -59,12 +61,16 @@ pub enum LinkError {
     /// Certificate and key that do not go together, or an unusable CA.
     #[error("TLS configuration: {0}")]
     TlsConfig(String),
+    /// The peer speaks no HA protocol version this node does (a node of
+    /// another release): never linked, whatever it says.
+    #[error("{0}")]
+    Version(String),
 }
 
 impl LinkError {
     /// A refusal an operator must hear about (not just a peer that is away).
     pub fn is_refusal(&self) -> bool {
-        matches!(self, LinkError::Auth(_) | LinkError::Tls(_))
+        matches!(self, LinkError::Auth(_) | LinkError::Tls(_) | LinkError::Version(_))
     }
 }
 
@@ -116,16 +122,29 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
     let mut framed = Framed::new(stream, wire::handshake_codec());
     let my_nonce = wire::nonce();
     framed
-        .send(HaFrame::Hello { node_id: auth.node_id.clone(), priority: auth.priority, nonce: my_nonce.clone() })
+        .send(HaFrame::Hello {
+            node_id: auth.node_id.clone(),
+            priority: auth.priority,
+            nonce: my_nonce.clone(),
+            versions: wire::HA_VERSIONS,
+        })
         .await
         .map_err(|e| LinkError::Protocol(e.to_string()))?;
-    let (peer_id, peer_priority, their_nonce) = match next(&mut framed, timeout).await? {
-        HaFrame::Challenge { node_id, priority, nonce, proof } => {
+    let (peer_id, peer_priority, their_nonce, version) = match next(&mut framed, timeout).await? {
+        HaFrame::Challenge { node_id, priority, nonce, proof, version } => {
             if !wire::verify(&auth.secret, "acceptor", &nonce, &my_nonce, &node_id, &proof) {
                 return Err(LinkError::Auth(format!("`{node_id}` at {addr} does not know the cluster secret")));
             }
-            (node_id, priority, nonce)
+            let version = version.unwrap_or(1);
+            if !wire::HA_VERSIONS.contains(version) {
+                return Err(LinkError::Version(format!(
+                    "`{node_id}` at {addr} speaks HA protocol {version}, this node {}: run the same release on both nodes",
+                    wire::HA_VERSIONS
+                )));
+            }
+            (node_id, priority, nonce, version)
         }
+        HaFrame::Refused { reason } if reason.contains("HA protocol") => return Err(LinkError::Version(reason)),
         HaFrame::Refused { reason } => return Err(LinkError::Auth(reason)),
         other => return Err(LinkError::Protocol(format!("expected Challenge, got {other:?}"))),
     };
@@ -136,7 +155,7 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
     framed.send(HaFrame::Proof { proof }).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
     match next(&mut framed, timeout).await? {
         HaFrame::Accepted => {
-            Ok(Link { framed: framed.map_codec(|_| wire::codec()), peer_id, peer_priority, remote: addr })
+            Ok(Link { framed: framed.map_codec(|_| wire::codec()), peer_id, peer_priority, remote: addr, version })
         }
         HaFrame::Refused { reason } => Err(LinkError::Auth(reason)),
         other => Err(LinkError::Protocol(format!("expected Accepted, got {other:?}"))),
@@ -157,9 +176,17 @@ pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Re
         },
     };
     let mut framed = Framed::new(stream, wire::handshake_codec());
-    let (peer_id, peer_priority, their_nonce) = match next(&mut framed, timeout).await? {
-        HaFrame::Hello { node_id, priority, nonce } => (node_id, priority, nonce),
+    let (peer_id, peer_priority, their_nonce, versions) = match next(&mut framed, timeout).await? {
+        HaFrame::Hello { node_id, priority, nonce, versions } => (node_id, priority, nonce, versions),
         other => return Err(LinkError::Protocol(format!("expected Hello, got {other:?}"))),
+    };
+    let version = match twinmq_protocol::negotiate(wire::HA_VERSIONS, versions) {
+        Ok(v) => v,
+        Err(e) => {
+            let reason = format!("no common HA protocol version: {e}; run the same release on both nodes");
+            let _ = framed.send(HaFrame::Refused { reason: reason.clone() }).await;
+            return Err(LinkError::Version(format!("`{peer_id}` from {remote}: {reason}")));
+        }
     };
     let my_nonce = wire::nonce();
     let proof = wire::proof(&auth.secret, "acceptor", &my_nonce, &their_nonce, &auth.node_id);
@@ -169,6 +196,7 @@ pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Re
             priority: auth.priority,
             nonce: my_nonce.clone(),
             proof,
+            version: Some(version),
         })
         .await
         .map_err(|e| LinkError::Protocol(e.to_string()))?;
@@ -185,5 +213,5 @@ pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Re
         return Err(LinkError::Auth(format!("{remote} claims this node's own id `{peer_id}`")));
     }
     framed.send(HaFrame::Accepted).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
-    Ok(Link { framed: framed.map_codec(|_| wire::codec()), peer_id, peer_priority, remote })
+    Ok(Link { framed: framed.map_codec(|_| wire::codec()), peer_id, peer_priority, remote, version })
 }

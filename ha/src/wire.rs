@@ -9,6 +9,7 @@
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use twinmq_protocol::VersionRange;
 use twinmq_store::repl::ReplFrame;
 
 use crate::Role;
@@ -17,6 +18,12 @@ use crate::Role;
 pub const MAX_HA_FRAME: usize = 64 * 1024 * 1024;
 
 pub type HaCodec = twinmq_protocol::FrameCodec<HaFrame, HaFrame>;
+
+/// The versions of the HA protocol this node speaks. 2: the replication
+/// protocol of `twinmq_store::repl` (histories, votes); nodes before it
+/// speak 1 and are refused with a clear reason (stop both to upgrade from
+/// them; later changes roll one node at a time within the range).
+pub const HA_VERSIONS: VersionRange = VersionRange::new(2, 2);
 
 pub fn codec() -> HaCodec {
     HaCodec::new(MAX_HA_FRAME)
@@ -72,6 +79,9 @@ pub enum HaFrame {
         priority: u32,
         #[serde(with = "serde_bytes")]
         nonce: Vec<u8>,
+        /// The HA protocol versions the dialer speaks (absent: 1 only).
+        #[serde(default)]
+        versions: VersionRange,
     },
     /// Acceptor: its answer to my challenge, and its own challenge.
     Challenge {
@@ -81,6 +91,9 @@ pub enum HaFrame {
         nonce: Vec<u8>,
         #[serde(with = "serde_bytes")]
         proof: Vec<u8>,
+        /// The HA protocol version the acceptor chose (absent: 1).
+        #[serde(default)]
+        version: Option<u8>,
     },
     /// Dialer: the answer to the acceptor's challenge.
     Proof {
