@@ -234,6 +234,7 @@ impl Handler<GetNodeStatus> for Node {
         let epoch = stats.epoch.load(Ordering::Relaxed);
         let serving = self.shared.role();
         let connections = self.shared.connections.load(Ordering::Relaxed);
+        let store = store_status(stats);
         Box::pin(async move {
             let mut status = match router {
                 Some(r) => r.send(router::GetStatus).await.unwrap_or_else(|_| serde_json::json!({})),
@@ -244,6 +245,8 @@ impl Handler<GetNodeStatus> for Node {
             status["last_op"] = last_op.into();
             status["durability"] = durability.into();
             status["connections"] = connections.into();
+            // The store's own counters, on every node (a passive writes too).
+            status["store"] = store;
             match ha {
                 Some(h) => {
                     status["role"] = h.role.to_string().into();
@@ -263,6 +266,7 @@ impl Handler<GetNodeStatus> for Node {
                     status["gateway"] = serde_json::json!({"target": h.gateway, "reachable": h.gateway_reachable});
                     status["last_role_reason"] = h.last_reason.into();
                     status["failovers"] = h.failovers.into();
+                    status["floor"] = h.floor.into();
                 }
                 None => {
                     status["role"] = serving.to_string().into();
@@ -273,6 +277,23 @@ impl Handler<GetNodeStatus> for Node {
             status
         })
     }
+}
+
+/// The store writer's counters, for status.
+fn store_status(s: &twinmq_store::WriterStats) -> serde_json::Value {
+    serde_json::json!({
+        "live_batches": s.live_batches.load(Ordering::Relaxed),
+        "live_bytes": s.live_bytes.load(Ordering::Relaxed),
+        "batches_written": s.batches.load(Ordering::Relaxed),
+        "ops_written": s.ops.load(Ordering::Relaxed),
+        "flushes": s.flushes.load(Ordering::Relaxed),
+        "fsyncs": s.fsyncs.load(Ordering::Relaxed),
+        "last_flush_us": s.last_flush_us.load(Ordering::Relaxed),
+        "disk_failure": s.failure(),
+        "handover_pending": s.handover_pending.load(Ordering::Relaxed),
+        "loading_snapshot": s.loading.load(Ordering::Relaxed),
+        "serve_alone": s.serve_alone.load(Ordering::Relaxed),
+    })
 }
 
 /// The rules of the moment (a passive node refreshes them from its store).

@@ -434,15 +434,6 @@ impl Handler<GetStatus> for Router {
     fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
         let parts = self.status_parts();
         let stats = self.writer.stats();
-        let store = serde_json::json!({
-            "durability": self.config.durability.to_string(),
-            "live_batches": stats.live_batches.load(Ordering::Relaxed),
-            "live_bytes": stats.live_bytes.load(Ordering::Relaxed),
-            "batches_written": stats.batches.load(Ordering::Relaxed),
-            "ops_written": stats.ops.load(Ordering::Relaxed),
-            "flushes": stats.flushes.load(Ordering::Relaxed),
-            "last_flush_us": stats.last_flush_us.load(Ordering::Relaxed),
-        });
         let last_op = stats.last_seq.load(Ordering::Relaxed);
         let shared = self.shared.clone();
         let node_id = self.config.node_id.clone();
@@ -460,7 +451,6 @@ impl Handler<GetStatus> for Router {
                 "connections": shared.connections.load(Ordering::Relaxed),
                 "queues": q_stats,
                 "topics": t_stats,
-                "store": store,
             })
         })
     }

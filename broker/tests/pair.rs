@@ -391,3 +391,85 @@ async fn both_nodes_stopped_together_shut_down_cleanly_and_keep_every_confirmed_
     let received = consume_all(&pair, "stop").await;
     assert_no_loss(&confirmed, &received, "both stopped with SIGTERM");
 }
+
+/// Send `n` persistent messages `<tag>-<i>` to `queue` through `node` alone.
+async fn send_to(node: &common::pair::Node, queue: &str, tag: &str, n: usize) -> HashSet<String> {
+    let cfg = twinmq_client::ClientConfig::new([node.client.to_string()]).failover_timeout(Duration::from_secs(10));
+    let client = Client::connect(cfg).await.unwrap();
+    let producer = client.producer(Destination::queue(queue));
+    let mut sent = HashSet::new();
+    for i in 0..n {
+        let body = format!("{tag}-{i}");
+        producer.send(Message::persistent(body.clone())).await.unwrap();
+        sent.insert(body);
+    }
+    sent
+}
+
+fn is_active(s: &serde_json::Value) -> bool {
+    s["role"].as_str().is_some_and(|r| r.starts_with("active"))
+}
+
+/// `node` serves nothing for `how_long` and reports `waiting`.
+async fn stays_waiting(node: &common::pair::Node, how_long: Duration) -> serde_json::Value {
+    let s = node.wait_for("waiting", WAIT, |s| s["role"] == "waiting").await;
+    let until = std::time::Instant::now() + how_long;
+    while std::time::Instant::now() < until {
+        if let Some(s) = node.status().await {
+            assert!(!is_active(&s), "{} serves though its peer may hold what it lacks: {s}\n{}", node.name, node.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_9_schedule_1_a_node_restarted_alone_after_its_peer_took_over_waits() {
+    // m0 on a; kill a: b takes over, m1; kill b, restart b alone: b was active
+    // alone, so it serves (epoch 3), m2; kill b, restart a alone: a was active
+    // with an in-sync peer, which may have taken over: a waits and says why;
+    // b returns: nothing confirmed is missing.
+    let mut pair = Pair::start(PairOptions::default()).await;
+    pair.wait_a_active_b_in_sync().await;
+    let mut confirmed = send_to(&pair.a, "sched1", "m0", 100).await;
+    pair.a.kill9();
+    pair.b.wait_for("active", WAIT, is_active).await;
+    confirmed.extend(send_to(&pair.b, "sched1", "m1", 100).await);
+    pair.b.kill9();
+    pair.b.start();
+    let b = pair.b.wait_for("active alone", WAIT, is_active).await;
+    assert_eq!(b["epoch"].as_u64(), Some(3), "{b}");
+    confirmed.extend(send_to(&pair.b, "sched1", "m2", 100).await);
+    pair.b.kill9();
+    pair.a.start();
+    let a = stays_waiting(&pair.a, Duration::from_secs(3)).await;
+    let reason = a["last_role_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("waiting for the peer") && reason.contains("promote --force"), "{a}");
+    pair.b.start();
+    pair.b.wait_for("active", WAIT, is_active).await;
+    pair.a.wait_for("passive and in sync", WAIT, |s| s["role"] == "passive" && s["in_sync"] == true).await;
+    let received = consume_all(&pair, "sched1").await;
+    assert_no_loss(&confirmed, &received, "schedule 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_9_schedule_2_a_stale_passive_never_promotes() {
+    // b frozen 3 s: a declares it down and confirms s1 alone; kill a, thaw b:
+    // b must not serve (its in-sync expired while it stood still); a returns:
+    // s0 and s1 are both delivered.
+    let mut pair = Pair::start(PairOptions::default()).await;
+    pair.wait_a_active_b_in_sync().await;
+    let mut confirmed = send_to(&pair.a, "sched2", "s0", 100).await;
+    pair.b.freeze();
+    pair.a.wait_for("active alone", WAIT, |s| s["role"] == "active-alone").await;
+    confirmed.extend(send_to(&pair.a, "sched2", "s1", 100).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pair.a.kill9();
+    pair.b.thaw();
+    stays_waiting(&pair.b, Duration::from_secs(3)).await;
+    pair.a.start();
+    pair.a.wait_for("active", WAIT, is_active).await;
+    pair.b.wait_for("passive and in sync", WAIT, |s| s["role"] == "passive" && s["in_sync"] == true).await;
+    let received = consume_all(&pair, "sched2").await;
+    assert_no_loss(&confirmed, &received, "schedule 2");
+}
