@@ -473,3 +473,31 @@ async fn issue_9_schedule_2_a_stale_passive_never_promotes() {
     let received = consume_all(&pair, "sched2").await;
     assert_no_loss(&confirmed, &received, "schedule 2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_new_active_serves_at_once_and_clients_do_not_spin() {
+    // Issue 9: right after the promotion the new active refused publishes
+    // for ~5 ms ("this node is not active") and the client reconnected ten
+    // times in that window, without backoff.
+    let mut pair = Pair::start(PairOptions::default()).await;
+    pair.wait_a_active_b_in_sync().await;
+    let client = Client::connect(pair.client_config()).await.unwrap();
+    let mut events = client.events();
+    let load = Load::start(client, "spin", "s");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pair.a.kill9();
+    pair.b.wait_for("active", WAIT, is_active).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let confirmed = load.finish().await;
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(e.to_string());
+    }
+    let connected = seen.iter().filter(|e| e.starts_with("connected")).count();
+    let disconnected: Vec<&String> = seen.iter().filter(|e| e.starts_with("disconnected")).collect();
+    assert_eq!(connected, 1, "one failover, one new connection: {seen:#?}");
+    assert_eq!(disconnected.len(), 1, "{seen:#?}");
+    assert!(!pair.b.log().contains("this node is not active"), "{}", pair.b.log());
+    let received = consume_all(&pair, "spin").await;
+    assert_no_loss(&confirmed, &received, "failover without spinning");
+}

@@ -66,6 +66,10 @@ const HIGH_WATER: usize = 256 * 1024;
 /// How long an orderly close waits for the broker to end the connection after our Bye.
 const BYE_GRACE: Duration = Duration::from_secs(1);
 
+/// A connection that ends sooner than this after it was made counts as
+/// flapping: the next reconnect waits a growing pause first (see `run`).
+const FLAP_WINDOW: Duration = Duration::from_secs(1);
+
 /// Requests from the handles to the connection task.
 pub(crate) enum Command {
     Publish {
@@ -293,6 +297,11 @@ impl Connection {
     /// Serve `link`, then every connection after it, until closed or given up.
     pub(crate) async fn run(mut self, mut link: Link, server: ServerInfo) {
         self.connected(&link, server, false);
+        // A connection lost soon after it was made (a node that welcomed us
+        // and then refused as not active, say) is retried with a growing
+        // pause, not at once: a client must not spin against such a node.
+        let mut flapping = Backoff::new();
+        let mut since = Instant::now();
         loop {
             let reason = match self.serve(&mut link).await {
                 End::Close => return self.goodbye(Some(link)).await,
@@ -303,9 +312,16 @@ impl Connection {
             self.wbuf.clear();
             let addr = self.server.borrow().addr.clone();
             self.events.emit(ClientEvent::Disconnected { addr, reason });
-            match self.reconnect().await {
+            let pause = if since.elapsed() < FLAP_WINDOW {
+                flapping.next_pause()
+            } else {
+                flapping = Backoff::new();
+                Duration::ZERO
+            };
+            match self.reconnect(pause).await {
                 Reconnect::Connected(new_link, server) => {
                     link = new_link;
+                    since = Instant::now();
                     self.connected(&link, server, true);
                 }
                 Reconnect::Close => return self.goodbye(None).await,
@@ -400,12 +416,17 @@ impl Connection {
     /// The outage loop: dial round after round (with backoff) while taking
     /// commands, until a node welcomes us, a close is due, or
     /// `failover_timeout` has passed since the loss.
-    async fn reconnect(&mut self) -> Reconnect {
+    async fn reconnect(&mut self, first_pause: Duration) -> Reconnect {
         let give_up_at = Instant::now() + self.config.failover_timeout;
         let mut dialer = Dialer::new(self.config.clone(), false);
         let mut backoff = Backoff::new();
         let mut last_error: Option<ClientError> = None;
         let mut attempt = 0u32;
+        if !first_pause.is_zero() {
+            if let Some(end) = self.pause_taking_commands(Instant::now() + first_pause).await {
+                return end;
+            }
+        }
         loop {
             attempt = attempt.saturating_add(1);
             self.events.emit(ClientEvent::Reconnecting { attempt });
@@ -441,20 +462,27 @@ impl Connection {
                 }
             }
             let wake = (Instant::now() + backoff.next_pause()).min(give_up_at);
-            loop {
-                if let Some(end) = self.close_due() {
-                    return end;
-                }
-                let close_deadline = self.closing.as_ref().map(|c| c.deadline);
-                tokio::select! {
-                    biased;
-                    () = tokio::time::sleep_until(wake) => break,
-                    command = self.commands.recv(), if self.handles_alive => self.on_command_or_end(command),
-                    () = wait_until(close_deadline) => {}
-                }
+            if let Some(end) = self.pause_taking_commands(wake).await {
+                return end;
             }
             if Instant::now() >= give_up_at {
                 return self.give_up(last_error);
+            }
+        }
+    }
+
+    /// Wait until `wake` while taking commands; `Some` if a close came due.
+    async fn pause_taking_commands(&mut self, wake: Instant) -> Option<Reconnect> {
+        loop {
+            if let Some(end) = self.close_due() {
+                return Some(end);
+            }
+            let close_deadline = self.closing.as_ref().map(|c| c.deadline);
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(wake) => return None,
+                command = self.commands.recv(), if self.handles_alive => self.on_command_or_end(command),
+                () = wait_until(close_deadline) => {}
             }
         }
     }

@@ -72,6 +72,18 @@ async fn when_every_node_fails_the_last_error_is_returned() {
 }
 
 #[tokio::test]
+async fn a_node_that_welcomes_then_refuses_is_retried_with_backoff_not_in_a_spin() {
+    // Issue 9: a client reconnected ten times within 5 ms to a node that
+    // had welcomed it and then refused as not active.
+    let broker = FakeBroker::start(Mode::Flapping).await;
+    let client = Client::connect(config(&[&broker.addr]).failover_timeout(Duration::from_secs(5))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = broker.connections();
+    assert!((2..=12).contains(&n), "{n} connections in a second: the client spins (or never retried)");
+    drop(client);
+}
+
+#[tokio::test]
 async fn the_client_offers_its_versions_and_exposes_the_one_the_node_chose() {
     let mut broker = FakeBroker::start(Mode::Speaks(VersionRange::new(1, 3))).await;
     let client = Client::connect(config(&[&broker.addr])).await.unwrap();

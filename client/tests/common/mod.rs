@@ -47,6 +47,9 @@ pub enum Mode {
     Speaks(VersionRange),
     /// A faulty node that welcomes with this version, whatever was offered.
     Chooses(u8),
+    /// A node that welcomes, then at once refuses as not active (as a node
+    /// that has just stopped serving, or not quite started, may).
+    Flapping,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,7 +230,7 @@ async fn serve(
                 continue;
             }
             Mode::Active { auto_confirm, reject_seq, .. } => (*auto_confirm, *reject_seq),
-            Mode::Speaks(_) | Mode::Chooses(_) => (true, None),
+            Mode::Speaks(_) | Mode::Chooses(_) | Mode::Flapping => (true, None),
         };
         let welcome = ServerFrame::Welcome {
             node_id: addr.clone(),
@@ -239,6 +242,11 @@ async fn serve(
             continue;
         }
         framed.codec_mut().set_version(version);
+        if matches!(mode, Mode::Flapping) {
+            let error = ErrorFrame::new(ErrorCode::NotActive, ErrorContext::Connection, "this node is not active");
+            let _ = framed.send(ServerFrame::Error(error)).await;
+            continue;
+        }
         loop {
             tokio::select! {
                 biased;
