@@ -124,6 +124,7 @@ impl Node {
             self.writer.clone(),
             recovered.queues,
             recovered.messages,
+            recovered.deliveries,
             self.pair.as_ref().map(|(_, status)| status.clone()),
         );
         self.router = Some(router.clone());

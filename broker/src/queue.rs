@@ -4,7 +4,9 @@
 //! and the deliveries in flight. Persistent messages enter only after the
 //! store writer has made them durable (`Stored`), so a consumer never sees a
 //! message that a crash could take back. Acks, expiries and dead-lettering
-//! are ops in the store; redelivery counts live in memory (after a restart,
+//! are ops in the store; so are the delivery counts of messages that came
+//! back (nacked, timed out, their consumer gone), so that a count survives a
+//! failover and a poison message still reaches the dead-letter queue (other
 //! recovered messages are flagged `redelivered`, count unknown = 1).
 
 use std::collections::{HashMap, VecDeque};
@@ -60,6 +62,8 @@ struct Entry {
     persistent: bool,
     /// Deliveries so far.
     deliveries: u32,
+    /// Its delivery count is in the store (to be forgotten with its ack).
+    count_stored: bool,
 }
 
 struct Consumer {
@@ -121,12 +125,18 @@ impl Queue {
         settings: QueueSettings,
         writer: Writer,
         dead_letters: Option<Recipient<DeadLetter>>,
-        recovered: Vec<StoredMessage>,
+        recovered: Vec<(StoredMessage, u32)>,
     ) -> Queue {
         let ready: VecDeque<Entry> = recovered
             .into_iter()
-            // Recovered messages may have been delivered before the restart.
-            .map(|m| Entry { msg: Arc::new(m), persistent: true, deliveries: 1 })
+            // Recovered messages may have been delivered before the restart
+            // (count unknown: 1), or came back that many times (count stored).
+            .map(|(m, count)| Entry {
+                msg: Arc::new(m),
+                persistent: true,
+                deliveries: count.max(1),
+                count_stored: count > 0,
+            })
             .collect();
         let with_ttl = ready.iter().filter(|e| e.msg.expires_at_ms.is_some()).count();
         let depth_gauge = Arc::new(AtomicUsize::new(ready.len()));
@@ -225,7 +235,10 @@ impl Queue {
             _ => {
                 let mut m = p.message;
                 m.seq = transient_seq();
-                self.push_ready(Entry { msg: Arc::new(m), persistent: false, deliveries: 0 }, false);
+                self.push_ready(
+                    Entry { msg: Arc::new(m), persistent: false, deliveries: 0, count_stored: false },
+                    false,
+                );
                 let _ = p.reply.confirm(pid, pseq, p.received);
                 self.dispatch();
             }
@@ -239,8 +252,12 @@ impl Queue {
         }
         if let Some(key) = self.store_key() {
             let label = self.label.clone();
+            let mut ops = vec![Op::Ack { queue: key.to_string(), seq: entry.msg.seq }];
+            if entry.count_stored {
+                ops.push(Op::Redelivered { queue: key.to_string(), seq: entry.msg.seq, count: 0 });
+            }
             self.writer.submit(
-                vec![Op::Ack { queue: key.to_string(), seq: entry.msg.seq }],
+                ops,
                 Box::new(move |r| {
                     if let Err(e) = r {
                         tracing::error!(queue = %label, error = %e, "could not store an ack");
@@ -330,7 +347,26 @@ impl Queue {
     }
 
     /// A delivery came back unacked: redeliver, or dead-letter past the limit.
-    fn requeue(&mut self, entry: Entry) {
+    fn requeue(&mut self, mut entry: Entry) {
+        match (self.settings.max_redeliveries, &self.dead_letters) {
+            (Some(max), Some(_)) if entry.deliveries <= max && entry.persistent => {
+                // Kept in the store, so that the count survives a failover.
+                if let Some(key) = self.store_key() {
+                    let label = self.label.clone();
+                    let op = Op::Redelivered { queue: key.to_string(), seq: entry.msg.seq, count: entry.deliveries };
+                    self.writer.submit(
+                        vec![op],
+                        Box::new(move |r| {
+                            if let Err(e) = r {
+                                tracing::warn!(queue = %label, error = %e, "could not store a delivery count");
+                            }
+                        }),
+                    );
+                    entry.count_stored = true;
+                }
+            }
+            _ => {}
+        }
         match (self.settings.max_redeliveries, &self.dead_letters) {
             (Some(max), Some(dlq)) if entry.deliveries > max => {
                 tracing::info!(queue = %self.label, seq = entry.msg.seq, deliveries = entry.deliveries, "dead-lettering");
@@ -475,7 +511,7 @@ impl Handler<Committed> for Queue {
     fn handle(&mut self, c: Committed, _: &mut Context<Self>) {
         self.pending = self.pending.saturating_sub(1);
         for m in c.messages {
-            self.push_ready(Entry { msg: m, persistent: true, deliveries: 0 }, false);
+            self.push_ready(Entry { msg: m, persistent: true, deliveries: 0, count_stored: false }, false);
         }
         self.release_held();
         self.dispatch();
@@ -493,7 +529,7 @@ impl Handler<Stored> for Queue {
     type Result = ();
     fn handle(&mut self, s: Stored, _: &mut Context<Self>) {
         for m in s.messages {
-            self.push_ready(Entry { msg: m, persistent: true, deliveries: 0 }, false);
+            self.push_ready(Entry { msg: m, persistent: true, deliveries: 0, count_stored: false }, false);
         }
         self.dispatch();
     }
@@ -519,7 +555,7 @@ impl Handler<Push> for Queue {
             }
             return;
         }
-        self.push_ready(Entry { msg: p.message, persistent: false, deliveries: 0 }, false);
+        self.push_ready(Entry { msg: p.message, persistent: false, deliveries: 0, count_stored: false }, false);
         self.dispatch();
     }
 }
@@ -590,7 +626,10 @@ impl Handler<RemoveConsumer> for Queue {
 #[rtype(result = "()")]
 pub struct Settle {
     pub key: ConsumerKey,
-    pub seq: u64,
+    /// The delivered message's id: its epoch as well as its sequence, so
+    /// that an ack for a delivery of another history (before a failover
+    /// after a split) never settles a different message with the same seq.
+    pub id: MessageId,
     /// false: nack, redeliver.
     pub ack: bool,
 }
@@ -598,14 +637,15 @@ pub struct Settle {
 impl Handler<Settle> for Queue {
     type Result = ();
     fn handle(&mut self, s: Settle, _: &mut Context<Self>) {
+        let seq = s.id.seq;
         // Only the consumer it was delivered to may settle it (a late ack after
         // an ack timeout refers to a delivery that is no longer its own).
-        match self.in_flight.get(&s.seq) {
-            Some(f) if f.consumer == s.key => {}
+        match self.in_flight.get(&seq) {
+            Some(f) if f.consumer == s.key && f.entry.msg.epoch == s.id.epoch => {}
             _ => {
                 // A late settle of a timed-out delivery gives its credit back.
-                if self.timed_out.get(&s.seq) == Some(&s.key) {
-                    self.timed_out.remove(&s.seq);
+                if self.timed_out.get(&seq) == Some(&s.key) {
+                    self.timed_out.remove(&seq);
                     if let Some(c) = self.consumers.iter_mut().find(|c| c.key == s.key) {
                         c.credit += 1;
                     }
@@ -614,7 +654,7 @@ impl Handler<Settle> for Queue {
                 return;
             }
         }
-        let Some(f) = self.in_flight.remove(&s.seq) else { return };
+        let Some(f) = self.in_flight.remove(&seq) else { return };
         if let Some(c) = self.consumers.iter_mut().find(|c| c.key == s.key) {
             c.credit += 1;
         }
@@ -656,7 +696,8 @@ impl Handler<DeadLetter> for Queue {
                 self.writer.submit(
                     vec![
                         Op::Enqueue { message: copy, queues: vec![key.clone()] },
-                        Op::Ack { queue: from_key, seq: d.message.seq },
+                        Op::Ack { queue: from_key.clone(), seq: d.message.seq },
+                        Op::Redelivered { queue: from_key, seq: d.message.seq, count: 0 },
                     ],
                     Box::new(move |r| match r {
                         Ok(c) => {
@@ -672,7 +713,10 @@ impl Handler<DeadLetter> for Queue {
             }
             _ => {
                 copy.seq = transient_seq();
-                self.push_ready(Entry { msg: Arc::new(copy), persistent: false, deliveries: 0 }, false);
+                self.push_ready(
+                    Entry { msg: Arc::new(copy), persistent: false, deliveries: 0, count_stored: false },
+                    false,
+                );
                 self.dispatch();
             }
         }
@@ -780,9 +824,15 @@ impl Handler<Restore> for Queue {
         // producer got on this node, and the split may have gone further on the
         // other. A message both sides have arrives twice (at-least-once).
         let mut message = r.message;
+        let (epoch, seq) = (message.epoch, message.seq);
+        match self.writer.handed_in(epoch, seq, key) {
+            Ok(true) => return Box::pin(async { true }), // stored by an earlier hand-over
+            Ok(false) => {}
+            Err(e) => tracing::warn!(queue = %label, error = %e, "cannot tell whether a handed-over message is stored"),
+        }
         message.producer_id = 0;
         self.writer.submit(
-            vec![Op::Enqueue { message, queues: vec![key.clone()] }],
+            vec![Op::Enqueue { message, queues: vec![key.clone()] }, Op::HandedIn { epoch, seq, queue: key.clone() }],
             Box::new(move |res| match res {
                 Ok(c) => {
                     for op in c.ops {

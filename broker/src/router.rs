@@ -57,6 +57,7 @@ impl Router {
         writer: Writer,
         queues: BTreeMap<String, QueueEntry>,
         mut messages: HashMap<String, Vec<StoredMessage>>,
+        deliveries: HashMap<(String, u64), u32>,
         ha: Option<tokio::sync::watch::Receiver<twinmq_ha::HaStatus>>,
     ) -> Addr<Router> {
         Router::create(move |ctx| {
@@ -81,7 +82,15 @@ impl Router {
             };
             let me = ctx.address();
             for (key, entry) in queues {
-                let recovered = messages.remove(&key).unwrap_or_default();
+                let recovered: Vec<(StoredMessage, u32)> = messages
+                    .remove(&key)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|m| {
+                        let count = deliveries.get(&(key.clone(), m.seq)).copied().unwrap_or(0);
+                        (m, count)
+                    })
+                    .collect();
                 let n = recovered.len();
                 match entry.spec.kind {
                     QueueKind::Queue => {
@@ -105,7 +114,7 @@ impl Router {
         })
     }
 
-    fn spawn_queue(&mut self, name: &str, recovered: Vec<StoredMessage>, me: &Addr<Router>) -> Addr<Queue> {
+    fn spawn_queue(&mut self, name: &str, recovered: Vec<(StoredMessage, u32)>, me: &Addr<Router>) -> Addr<Queue> {
         let is_dlq = name.ends_with(".dlq");
         let settings = QueueSettings {
             max_redeliveries: if is_dlq { None } else { self.settings.max_redeliveries },
@@ -129,7 +138,7 @@ impl Router {
         &mut self,
         topic: &str,
         name: &str,
-        recovered: Vec<StoredMessage>,
+        recovered: Vec<(StoredMessage, u32)>,
         me: &Addr<Router>,
     ) -> Addr<Queue> {
         let key = durable_key(topic, name);

@@ -455,7 +455,7 @@ impl Handler<Incoming> for Session {
             ClientFrame::Ack { sub_id, id } | ClientFrame::Nack { sub_id, id } => {
                 let ack = matches!(msg.frame, ClientFrame::Ack { .. });
                 match self.subs.get(&sub_id) {
-                    Some(s) => s.queue.do_send(queue::Settle { key: self.key(sub_id), seq: id.seq, ack }),
+                    Some(s) => s.queue.do_send(queue::Settle { key: self.key(sub_id), id, ack }),
                     None => tracing::debug!(session = self.id, sub_id, "settle for an unknown subscription ignored"),
                 }
                 done()

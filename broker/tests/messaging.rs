@@ -206,3 +206,86 @@ async fn sigterm_drains_and_keeps_every_confirmed_message() {
     let mut c = client.subscribe(Destination::queue("drain"), SubscribeOptions::default()).await.unwrap();
     assert_eq!(drain(&mut c, 1000, Duration::from_secs(2)).await.len(), 1000);
 }
+
+#[tokio::test]
+async fn a_poison_message_reaches_the_dead_letter_queue_across_restarts() {
+    // Issue 9: redelivery counts lived in memory only, so a message that
+    // crashed its consumers was redelivered forever across failovers.
+    let mut broker = Broker::start(&["--max-redeliveries", "2"]);
+    let q = Destination::queue("crashy");
+    broker.client().await.producer(q.clone()).send(Message::persistent("poison")).await.unwrap();
+    for round in 1..=3u32 {
+        let client = broker.client().await;
+        let mut c = client.subscribe(q.clone(), SubscribeOptions::default().prefetch(1)).await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(5), c.recv()).await.expect("delivered").unwrap().unwrap();
+        assert_eq!(d.payload(), b"poison");
+        assert_eq!(d.message().delivery_count, round - 1, "the count survives the restart");
+        d.nack().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(client);
+        // The node goes down with the nacked message in its queue.
+        broker.kill9();
+        broker.restart();
+    }
+    let client = broker.client().await;
+    let mut dlq = client.subscribe(Destination::queue("crashy.dlq"), SubscribeOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), dlq.recv()).await.expect("dead letter").unwrap().unwrap();
+    assert_eq!(d.payload(), b"poison");
+    assert_eq!(d.message().headers.get("x-delivery-count").map(String::as_str), Some("3"));
+}
+
+#[tokio::test]
+async fn an_ack_naming_another_epoch_settles_nothing() {
+    use std::io::Write;
+    use twinmq_protocol::{ClientFrame, MessageId, ServerFrame};
+    let broker = Broker::start(&[]);
+    broker.client().await.producer(Destination::queue("ids")).send(Message::persistent("x")).await.unwrap();
+    let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
+    s.write_all(&common::hello()).unwrap();
+    let subscribe =
+        ClientFrame::Subscribe { sub_id: 1, destination: Destination::queue("ids"), durable: None, prefetch: 1 };
+    s.write_all(&common::frame(&subscribe)).unwrap();
+    // The delivery's id, then an ack for the same seq in another epoch.
+    let frames = read_some(&mut s);
+    let id = frames
+        .iter()
+        .find_map(|f| match f {
+            ServerFrame::Deliver { message, .. } => Some(message.id),
+            _ => None,
+        })
+        .expect("delivered");
+    let other = MessageId { epoch: id.epoch + 7, seq: id.seq };
+    s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id: other })).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    // Not acked: it comes back to the next consumer.
+    let client = broker.client().await;
+    let mut c = client.subscribe(Destination::queue("ids"), SubscribeOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), c.recv()).await.expect("redelivered").unwrap().unwrap();
+    assert_eq!((d.payload(), d.message().redelivered), (&b"x"[..], true));
+}
+
+/// The frames a broker sent within half a second (the connection stays open).
+fn read_some(s: &mut std::net::TcpStream) -> Vec<twinmq_protocol::ServerFrame> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = Vec::new();
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let mut frames = Vec::new();
+    let mut rest = &got[..];
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if rest.len() < 4 + len {
+            break;
+        }
+        frames.push(twinmq_protocol::decode_body(&rest[4..4 + len]).unwrap());
+        rest = &rest[4 + len..];
+    }
+    frames
+}

@@ -69,7 +69,7 @@ impl LiveIndex {
                 Op::PutQueue { key: q, .. } => {
                     self.live.entry(q.clone()).or_default();
                 }
-                Op::PutUser { .. } | Op::DeleteUser { .. } => {}
+                Op::PutUser { .. } | Op::DeleteUser { .. } | Op::Redelivered { .. } | Op::HandedIn { .. } => {}
                 Op::DeleteQueue { key: q } => {
                     let seqs = self.live.remove(q).unwrap_or_default();
                     for s in seqs {

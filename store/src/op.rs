@@ -88,12 +88,28 @@ pub enum Op {
     PutUser { name: String, user: UserRecord },
     /// Remove the user `name`.
     DeleteUser { name: String },
+    /// The message `seq` of `queue` was delivered `count` times and came
+    /// back (nacked, timed out, its consumer gone): kept, so that the count
+    /// survives a failover and a poison message still reaches the dead-letter
+    /// queue. `count == 0` forgets it (the message was acked).
+    Redelivered { queue: String, seq: u64, count: u32 },
+    /// A message another node handed over (its `(epoch, seq)` there) was
+    /// stored into `queue`: a hand-over sent again stores only what is not.
+    HandedIn { epoch: u64, seq: u64, queue: String },
 }
 
 impl Op {
     /// Admin ops are materialised in the admin tree and do not keep their batch alive.
     pub fn is_admin(&self) -> bool {
-        matches!(self, Op::PutQueue { .. } | Op::DeleteQueue { .. } | Op::PutUser { .. } | Op::DeleteUser { .. })
+        matches!(
+            self,
+            Op::PutQueue { .. }
+                | Op::DeleteQueue { .. }
+                | Op::PutUser { .. }
+                | Op::DeleteUser { .. }
+                | Op::Redelivered { .. }
+                | Op::HandedIn { .. }
+        )
     }
 }
 

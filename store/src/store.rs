@@ -94,6 +94,24 @@ pub struct QueueEntry {
 
 /// Admin tree key prefix of users.
 pub(crate) const USER_PREFIX: &str = "u/";
+/// Admin tree key prefix of delivery counts: `r/<queue key>\0<seq BE>`.
+const REDELIVERED_PREFIX: &str = "r/";
+/// Admin tree key prefix of handed-in messages: `h/<epoch BE><seq BE><queue key>`.
+const HANDED_IN_PREFIX: &str = "h/";
+
+fn redelivered_key(queue: &str, seq: u64) -> Vec<u8> {
+    let mut k = format!("{REDELIVERED_PREFIX}{queue}\0").into_bytes();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn handed_in_key(epoch: u64, seq: u64, queue: &str) -> Vec<u8> {
+    let mut k = HANDED_IN_PREFIX.as_bytes().to_vec();
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(queue.as_bytes());
+    k
+}
 
 /// A stored user as recovered: the record and the sequence of the op that wrote it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -156,6 +174,8 @@ pub struct Recovered {
     pub users: BTreeMap<String, UserRecord>,
     /// Live messages per queue key, in sequence order.
     pub messages: HashMap<String, Vec<StoredMessage>>,
+    /// Delivery counts kept for messages that came back (queue key, seq).
+    pub deliveries: HashMap<(String, u64), u32>,
     /// Producer id -> highest producer sequence stored.
     pub dedup: HashMap<u64, u64>,
     pub(crate) index: LiveIndex,
@@ -317,8 +337,21 @@ impl Store {
 
         let mut queues = BTreeMap::new();
         let mut user_seq = 0;
+        let mut deliveries = HashMap::new();
         for kv in self.admin.iter() {
             let (k, v) = kv?;
+            if k.starts_with(HANDED_IN_PREFIX.as_bytes()) {
+                continue;
+            }
+            if let Some(rest) = k.strip_prefix(REDELIVERED_PREFIX.as_bytes()) {
+                if let (Some(split), Some(count)) = (rest.len().checked_sub(9), be_u64(&v)) {
+                    let (queue, seq) = (&rest[..split], &rest[split + 1..]);
+                    if let Some(seq) = be_u64(seq) {
+                        deliveries.insert((String::from_utf8_lossy(queue).into_owned(), seq), count as u32);
+                    }
+                }
+                continue;
+            }
             let key = String::from_utf8_lossy(&k).into_owned();
             if key.starts_with(USER_PREFIX) {
                 let entry = decode_user(&key, &v)?;
@@ -392,7 +425,8 @@ impl Store {
             self.log.apply_batch(b)?;
         }
 
-        Ok(Recovered { epoch, next_seq, queues, users, messages, dedup, index, batches })
+        deliveries.retain(|(q, s), _| messages.get(q).is_some_and(|ms| ms.iter().any(|m| m.seq == *s)));
+        Ok(Recovered { epoch, next_seq, queues, users, messages, deliveries, dedup, index, batches })
     }
 
     /// Write what must survive the deletion of batch records: the next
@@ -540,10 +574,25 @@ impl Store {
                 Op::DeleteUser { name } => {
                     tree.remove(format!("{USER_PREFIX}{name}").as_bytes())?;
                 }
+                Op::Redelivered { queue, seq, count: 0 } => {
+                    tree.remove(redelivered_key(queue, *seq))?;
+                }
+                Op::Redelivered { queue, seq, count } => {
+                    tree.insert(redelivered_key(queue, *seq), &u64::from(*count).to_be_bytes())?;
+                }
+                Op::HandedIn { epoch, seq, queue } => {
+                    tree.insert(handed_in_key(*epoch, *seq, queue), &[])?;
+                }
                 _ => {}
             }
         }
         Ok(())
+    }
+
+    /// Whether the message `(epoch, seq)` another node handed over was
+    /// stored into `queue` already.
+    pub fn handed_in(&self, epoch: u64, seq: u64, queue: &str) -> Result<bool, StoreError> {
+        Ok(self.admin.contains_key(handed_in_key(epoch, seq, queue))?)
     }
 
     /// The data directory.

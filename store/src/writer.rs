@@ -334,6 +334,12 @@ impl Writer {
         }
     }
 
+    /// Whether the message `(epoch, seq)` another node handed over was stored
+    /// into `queue` already (see `Op::HandedIn`).
+    pub fn handed_in(&self, epoch: u64, seq: u64, queue: &str) -> Result<bool, StoreError> {
+        self.store.handed_in(epoch, seq, queue)
+    }
+
     /// The users as stored now (committed here, or applied from the active).
     pub fn users(&self) -> Result<std::collections::BTreeMap<String, crate::UserRecord>, StoreError> {
         self.store.users()

@@ -624,3 +624,22 @@ fn an_active_whose_disk_failed_confirms_nothing_more() {
     assert!(matches!(submit(&a, enqueue(2)), Err(StoreError::Failed(_))));
     assert!(a.stats().disk_failed.load(Relaxed));
 }
+
+#[test]
+fn what_was_handed_in_is_known_on_both_nodes_so_a_hand_over_sent_again_is_not_stored_twice() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((_sa, a), (_sp, p), _l) = in_sync_pair(da.path(), dp.path());
+    let mut m = msg(0, "from the other side");
+    m.producer_id = 0;
+    submit(
+        &a,
+        vec![
+            Op::Enqueue { message: m, queues: vec!["q".into()] },
+            Op::HandedIn { epoch: 1, seq: 77, queue: "q".into() },
+        ],
+    )
+    .unwrap();
+    assert!(a.handed_in(1, 77, "q").unwrap());
+    assert!(!a.handed_in(1, 78, "q").unwrap() && !a.handed_in(1, 77, "r").unwrap());
+    assert!(p.handed_in(1, 77, "q").unwrap(), "replicated with the message");
+}
