@@ -31,6 +31,31 @@ use crate::sockets::{self, Listeners};
 use crate::{BrokerError, Shared};
 use twinmq_ha::Pair;
 
+/// Open the store. A pair member whose store fails its checks keeps the bad
+/// copy aside (for inspection), starts from an empty one and resyncs from its
+/// peer (DESIGN.md section 5: it never becomes active from a store it cannot
+/// trust, and never stays down); a single node refuses to start.
+fn open_store(config: &StoreConfig, pair_member: bool) -> Result<(Store, twinmq_store::Recovered), BrokerError> {
+    match Store::open(config) {
+        Err(e) if e.is_corruption() && pair_member => {
+            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let mut aside = config.path.clone().into_os_string();
+            aside.push(format!(".corrupt-{stamp}"));
+            let aside = std::path::PathBuf::from(aside);
+            tracing::error!(
+                error = %e,
+                kept_at = %aside.display(),
+                "the store fails its checks: keeping it aside and resyncing from the peer"
+            );
+            std::fs::rename(&config.path, &aside).map_err(|err| {
+                BrokerError::Internal(format!("cannot move the corrupt store {} aside: {err}", config.path.display()))
+            })?;
+            Ok(Store::open(config)?)
+        }
+        other => Ok(other?),
+    }
+}
+
 /// Serve as a broker on `listeners` until `shutdown` resolves. Must run
 /// inside an actix `System`. `listeners` must fit `config`: an HA socket
 /// exactly when it configures a pair, an HTTP socket exactly when
@@ -48,9 +73,10 @@ pub async fn run(
     let statics = Arc::new(crate::auth::static_users(&config.users)?);
 
     let store_config = StoreConfig::new(&config.data_dir);
+    let pair_member = config.pair.is_some();
     let (store, mut recovered) = {
         let sc = store_config.clone();
-        tokio::task::spawn_blocking(move || Store::open(&sc))
+        tokio::task::spawn_blocking(move || open_store(&sc, pair_member))
             .await
             .map_err(|e| BrokerError::Internal(e.to_string()))??
     };

@@ -80,3 +80,15 @@ pub enum StoreError {
     #[error("replication: {0}")]
     Replication(String),
 }
+
+impl StoreError {
+    /// The store's contents fail their checks (ours or sled's own).
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt { .. }
+                | StoreError::Sled(sled::Error::Corruption { .. })
+                | StoreError::Open { source: sled::Error::Corruption { .. }, .. }
+        )
+    }
+}
