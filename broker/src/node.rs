@@ -259,6 +259,7 @@ impl Handler<GetNodeStatus> for Node {
                         "role": h.peer_role.map(|r| r.to_string()),
                         "epoch": h.peer_epoch,
                         "last_op": h.peer_last_seq,
+                        "last_op_epoch": h.peer_last_op_epoch,
                         "in_sync": h.peer_in_sync,
                         "sees_gateway": h.peer_sees_gateway,
                         "last_heard_ms_ago": h.peer_last_heard_ms_ago,
@@ -294,6 +295,11 @@ fn store_status(s: &twinmq_store::WriterStats) -> serde_json::Value {
         "handover_pending": s.handover_pending.load(Ordering::Relaxed),
         "loading_snapshot": s.loading.load(Ordering::Relaxed),
         "serve_alone": s.serve_alone.load(Ordering::Relaxed),
+        "peer_last_known": match (s.peer_seen_epoch.load(Ordering::Relaxed), s.peer_seen_last.load(Ordering::Relaxed)) {
+            (0, 0) => serde_json::Value::Null,
+            (epoch, last_op) => serde_json::json!({ "epoch": epoch, "last_op": last_op }),
+        },
+        "last_op_epoch": s.last_op_epoch.load(Ordering::Relaxed),
     })
 }
 

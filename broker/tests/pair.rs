@@ -445,6 +445,13 @@ async fn issue_9_schedule_1_a_node_restarted_alone_after_its_peer_took_over_wait
     let a = stays_waiting(&pair.a, Duration::from_secs(3)).await;
     let reason = a["last_role_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("waiting for the peer") && reason.contains("promote --force"), "{a}");
+    // What forcing it would risk, as `twinmq promote --force` says before
+    // --yes: b's store as a last heard of it (before a was killed), and that
+    // whatever b confirmed after that would be missing.
+    let risks = AdminClient::promote_risks(&pair.client_config()).await;
+    let risk = risks.iter().find(|r| r.node_id == "node-a").expect("a would be promoted");
+    assert!(risk.peer.is_some_and(|(epoch, last)| epoch == 1 && last > 0), "{risk:?}");
+    assert!(risk.describe().contains("whatever it confirmed after that"), "{}", risk.describe());
     pair.b.start();
     pair.b.wait_for("active", WAIT, is_active).await;
     pair.a.wait_for("passive and in sync", WAIT, |s| s["role"] == "passive" && s["in_sync"] == true).await;

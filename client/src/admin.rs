@@ -19,6 +19,62 @@ use crate::dial::Dialer;
 use crate::link::{frame_name, is_final, Link, ServerInfo};
 use crate::{ClientConfig, ClientError};
 
+/// What `promote --force` on one node would risk (see [`AdminClient::promote_risks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PromoteRisk {
+    pub addr: String,
+    pub node_id: String,
+    pub role: String,
+    /// Why it does not serve (its last role change's reason).
+    pub reason: String,
+    /// Its store: (epoch of its last op, last op).
+    pub holds: (u64, u64),
+    /// Its peer's store, live or as last heard of; `None`: never heard of.
+    pub peer: Option<(u64, u64)>,
+    /// `peer` is what the peer says now (not a memory).
+    pub peer_live: bool,
+}
+
+impl PromoteRisk {
+    /// Ops the peer held that this node lacks, when both are of one epoch;
+    /// `None` when it cannot be counted (another epoch, or no peer known).
+    pub fn ops_at_risk(&self) -> Option<u64> {
+        let (peer_epoch, peer_last) = self.peer?;
+        (peer_epoch == self.holds.0 || peer_last <= self.holds.1).then(|| peer_last.saturating_sub(self.holds.1))
+    }
+
+    /// A few lines for an operator.
+    pub fn describe(&self) -> String {
+        let (epoch, last) = self.holds;
+        let mut s = format!(
+            "node {} at {} is {} ({})\n  it holds ops through {last} (epoch {epoch})\n",
+            self.node_id, self.addr, self.role, self.reason
+        );
+        match self.peer {
+            None => s.push_str(
+                "  its peer was never heard of: whatever the peer confirmed may be missing here (unknown amount)\n",
+            ),
+            Some((pe, pl)) => {
+                let when = if self.peer_live { "now" } else { "when last heard of" };
+                s.push_str(&format!("  its peer held ops through {pl} (epoch {pe}) {when}\n"));
+                match self.ops_at_risk() {
+                    Some(0) => s.push_str(
+                        "  nothing the peer held then is missing here; whatever it confirmed after that would be\n",
+                    ),
+                    Some(n) => s.push_str(&format!(
+                        "  forcing it may lose {n} ops the peer held (messages, acks, admin changes), and whatever the peer confirmed after that\n"
+                    )),
+                    None => s.push_str(&format!(
+                        "  the peer's history is of epoch {pe}: every op it wrote in it may be missing here\n"
+                    )),
+                }
+            }
+        }
+        s
+    }
+}
+
 /// An admin connection to one node. Requests wait up to the configured
 /// `failover_timeout` for their answer.
 pub struct AdminClient {
@@ -96,6 +152,37 @@ impl AdminClient {
     /// that switched over, or the last error.
     pub async fn switchover_any(config: &ClientConfig) -> Result<ServerInfo, ClientError> {
         Ok(Self::on_first_accepting(config, ErrorCode::NotActive, AdminCommand::Switchover, false).await?.0)
+    }
+
+    /// What forcing each configured node that does not serve would risk:
+    /// its store against what its peer held when last heard of. Nodes that
+    /// serve or do not answer are left out. Nothing is changed.
+    pub async fn promote_risks(config: &ClientConfig) -> Vec<PromoteRisk> {
+        let mut out = Vec::new();
+        for addr in &config.servers {
+            let Ok(mut admin) = AdminClient::connect_to(addr, config).await else { continue };
+            let Ok(json) = admin.status().await else { continue };
+            let Ok(s) = serde_json::from_str::<serde_json::Value>(&json) else { continue };
+            let role = s["role"].as_str().unwrap_or("unknown").to_string();
+            if role.starts_with("active") {
+                continue;
+            }
+            let op = |v: &serde_json::Value| (v["epoch"].as_u64().unwrap_or(0), v["last_op"].as_u64().unwrap_or(0));
+            let live = (s["peer"]["state"] == "up").then(|| {
+                (s["peer"]["last_op_epoch"].as_u64().unwrap_or(0), s["peer"]["last_op"].as_u64().unwrap_or(0))
+            });
+            out.push(PromoteRisk {
+                addr: addr.clone(),
+                node_id: s["node_id"].as_str().unwrap_or_default().to_string(),
+                role,
+                reason: s["last_role_reason"].as_str().unwrap_or_default().to_string(),
+                holds: (s["store"]["last_op_epoch"].as_u64().unwrap_or(0), s["last_op"].as_u64().unwrap_or(0)),
+                peer: live
+                    .or_else(|| s["store"]["peer_last_known"].is_object().then(|| op(&s["store"]["peer_last_known"]))),
+                peer_live: live.is_some(),
+            });
+        }
+        out
     }
 
     /// Promote whichever configured node is passive: each node in turn,

@@ -93,7 +93,7 @@ mod link;
 mod producer;
 mod tls;
 
-pub use admin::AdminClient;
+pub use admin::{AdminClient, PromoteRisk};
 pub use client::Client;
 pub use config::ClientConfig;
 pub use consumer::{Consumer, Delivery, SubscribeOptions};

@@ -84,6 +84,8 @@ pub struct RoleArbiter {
     heartbeat_tx: watch::Sender<Heartbeat>,
     switchover: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     peer_connections: usize,
+    /// The peer's store as last told to the writer (kept for operators).
+    peer_noted: Option<(u64, u64)>,
 }
 
 impl RoleArbiter {
@@ -118,6 +120,7 @@ impl RoleArbiter {
             heartbeat_tx,
             switchover: None,
             peer_connections: 0,
+            peer_noted: None,
         }
     }
 
@@ -259,6 +262,19 @@ impl RoleArbiter {
         }));
     }
 
+    /// What the peer's store holds goes to the store (unflushed: it is
+    /// written with the next sync), so that a node restarted alone can still
+    /// say what forcing it may lose.
+    fn note_peer(&mut self) {
+        if let Some(hb) = self.core.peer_heartbeat() {
+            let seen = (hb.last_op_epoch, hb.last_seq);
+            if self.peer_noted != Some(seen) {
+                self.peer_noted = Some(seen);
+                self.writer.note_peer(seen.0, seen.1);
+            }
+        }
+    }
+
     fn tick(&mut self, ctx: &mut Context<Self>) {
         let now = lease_now_ms();
         let store = self.view();
@@ -321,6 +337,7 @@ impl Handler<PeerHeartbeat> for RoleArbiter {
         let mut out = Vec::new();
         self.core.heard_peer(lease_now_ms(), m.0, &mut out);
         self.perform(out, ctx);
+        self.note_peer();
     }
 }
 

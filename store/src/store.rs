@@ -277,7 +277,14 @@ impl Store {
             History::default()
         };
         // An earlier version's store may not serve alone at a cold start: wait for the peer.
-        Ok(ReplMeta { epoch, floor: epoch, history, serve_alone: false, alone_since: self.meta_u64(META_ALONE_SINCE)? })
+        Ok(ReplMeta {
+            epoch,
+            floor: epoch,
+            history,
+            serve_alone: false,
+            alone_since: self.meta_u64(META_ALONE_SINCE)?,
+            peer_seen: None,
+        })
     }
 
     /// Write the replication state (unflushed).

@@ -171,6 +171,7 @@ enum Request {
     HandoverStored(Vec<(u64, u64)>),
     ResendHandover,
     ShuttingDown,
+    NotePeer(u64, u64),
 }
 
 /// Counters readable from any thread.
@@ -218,6 +219,10 @@ pub struct WriterStats {
     pub disk_failed: AtomicBool,
     /// Messages kept for a hand-over to the peer.
     pub handover_pending: AtomicU64,
+    /// The peer's store when last heard of (also across restarts): the epoch
+    /// of its last op and its last op (0, 0: never).
+    pub peer_seen_epoch: AtomicU64,
+    pub peer_seen_last: AtomicU64,
     /// Pair only: the lease, in lease-clock ms (0: none). Past it nothing is
     /// written or confirmed.
     pub lease_until_ms: AtomicU64,
@@ -413,6 +418,12 @@ impl Writer {
     /// Passive: send what is kept for the hand-over again (on the followed connection).
     pub fn resend_handover(&self) {
         self.send(Request::ResendHandover);
+    }
+
+    /// What the peer's store held when last heard of (epoch of its last op,
+    /// last op): kept for an operator about to force this node.
+    pub fn note_peer(&self, last_op_epoch: u64, last_seq: u64) {
+        self.send(Request::NotePeer(last_op_epoch, last_seq));
     }
 
     /// The node is stopping and nobody will declare the peer down: every
@@ -624,6 +635,7 @@ impl WriterState {
                     out.push(Action::SendHandover(conn));
                 }
             }
+            Request::NotePeer(epoch, last) => self.replica.note_peer(epoch, last, &mut out),
             Request::ShuttingDown => {
                 for conn in self.conns.keys().copied().collect::<Vec<_>>() {
                     self.replica.connection_lost(conn, &mut out);
@@ -1086,6 +1098,9 @@ impl WriterState {
         s.in_sync_gen.store(in_sync.unwrap_or(0), Ordering::Relaxed);
         s.in_sync.store(in_sync.is_some(), Ordering::Relaxed);
         s.serve_alone.store(r.meta().serve_alone, Ordering::Relaxed);
+        let (pe, pl) = r.meta().peer_seen.unwrap_or((0, 0));
+        s.peer_seen_epoch.store(pe, Ordering::Relaxed);
+        s.peer_seen_last.store(pl, Ordering::Relaxed);
         s.outranked.store(r.outranked(), Ordering::Relaxed);
         s.loading.store(r.loading(), Ordering::Relaxed);
     }

@@ -72,11 +72,16 @@ enum Command {
     Status,
     /// Hand the active role to the passive node (orderly); prints `switchover done`.
     Switchover,
-    /// Make the passive node active even if it is not in sync; prints `promoted ADDR`.
+    /// Make the passive node active even if it is not in sync. Without
+    /// --yes, prints what that may lose and changes nothing (exit code 2);
+    /// with it, prints `promoted ADDR`.
     Promote {
         /// Required: promoting a node that is not in sync can lose confirmed messages.
         #[arg(long, required = true)]
         force: bool,
+        /// Promote after all, having read what it may lose.
+        #[arg(long)]
+        yes: bool,
     },
     /// Print an argon2id PHC hash of PASSWORD (read from stdin if omitted) for the broker's config.
     HashPassword { password: Option<String> },
@@ -168,7 +173,20 @@ async fn run(command: Command, config: ClientConfig) -> anyhow::Result<ExitCode>
             println!("switchover done");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Promote { force } => {
+        Command::Promote { force, yes: false } => {
+            let risks = AdminClient::promote_risks(&config).await;
+            if risks.is_empty() {
+                anyhow::bail!("no configured node answered as a node that does not serve; nothing to promote");
+            }
+            for r in &risks {
+                println!("{}", r.describe());
+            }
+            let servers = config.servers.join(",");
+            let again = if force { "promote --force --yes" } else { "promote --force" };
+            println!("nothing was changed; to promote anyway: twinmq --servers {servers} {again}");
+            Ok(ExitCode::from(2))
+        }
+        Command::Promote { force, yes: true } => {
             let server = AdminClient::promote_any(&config, force).await.context("promote failed")?;
             println!("promoted {}", server.addr);
             Ok(ExitCode::SUCCESS)
@@ -349,7 +367,9 @@ mod tests {
         let err = parse(&["--servers", "h:1", "promote"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
         let cli = parse(&["--servers", "h:1", "promote", "--force"]).unwrap();
-        assert!(matches!(cli.command, Command::Promote { force: true }));
+        assert!(matches!(cli.command, Command::Promote { force: true, yes: false }));
+        let cli = parse(&["--servers", "h:1", "promote", "--force", "--yes"]).unwrap();
+        assert!(matches!(cli.command, Command::Promote { force: true, yes: true }));
         assert!(matches!(parse(&["--servers", "h:1", "switchover"]).unwrap().command, Command::Switchover));
     }
 

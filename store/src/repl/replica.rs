@@ -59,6 +59,10 @@ pub struct ReplMeta {
     /// history move on without it. With `local` or `none`, every op past the
     /// fork may have been confirmed and is handed over.
     pub alone_since: Option<u64>,
+    /// The peer's store when last heard of: (epoch of its last op, last op).
+    /// For an operator about to force this node: what may be lost.
+    #[serde(default)]
+    pub peer_seen: Option<(u64, u64)>,
 }
 
 /// Why a local commit (or a held confirm) is refused.
@@ -895,6 +899,14 @@ impl Replica {
             out.push(Action::PersistMeta { flush: true });
         }
         true
+    }
+
+    /// What the peer's store held when last heard of (kept for operators).
+    pub fn note_peer(&mut self, last_op_epoch: u64, last_seq: u64, out: &mut Vec<Action>) {
+        if self.meta.peer_seen != Some((last_op_epoch, last_seq)) {
+            self.meta.peer_seen = Some((last_op_epoch, last_seq));
+            out.push(Action::PersistMeta { flush: false });
+        }
     }
 
     // ----- roles -----
