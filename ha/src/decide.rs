@@ -214,7 +214,7 @@ fn decide_passive(i: &Inputs) -> Decision {
                 d(
                     Action::Stay,
                     Role::Waiting,
-                    "both passive: the peer holds newer data but cannot serve (disk failed); promote --force overrides",
+                    "both passive: the peer holds newer data but cannot serve (disk failed); `promote --force` says what may be lost, `--yes` overrides",
                 )
             } else {
                 d(Action::Stay, idle, "both passive: the peer has the newer store (or wins the tie)")
@@ -227,7 +227,7 @@ fn decide_passive(i: &Inputs) -> Decision {
             Action::Stay,
             Role::Waiting,
             "waiting for the peer: it may have confirmed messages this node lacks (not in sync, or it may have \
-             taken over after this node stopped); `promote --force` overrides",
+             taken over after this node stopped); `promote --force` says what may be lost, `--yes` overrides",
         ),
         PeerView::Dead => d(Action::Promote, Role::Active, "peer process gone (reset, every path refuses), gateway up"),
         PeerView::Silent { since_ms } => {
