@@ -356,7 +356,12 @@ async fn cli_promote_finds_the_passive_node() {
     let active = FakeBroker::start(active()).await;
     let passive = FakeBroker::start(Mode::Passive { hint: None }).await;
     let servers = format!("{},{}", active.addr, passive.addr);
+    // Without --yes: what may be lost, and nothing changed.
     let (code, stdout, stderr) = twinmq(&["--servers", &servers, "promote", "--force"]).await;
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stdout.contains(&format!("node  at {} is passive", passive.addr)), "{stdout}");
+    assert!(stdout.contains("nothing was changed") && stdout.contains("promote --force --yes"), "{stdout}");
+    let (code, stdout, stderr) = twinmq(&["--servers", &servers, "promote", "--force", "--yes"]).await;
     assert_eq!((code, stdout), (0, format!("promoted {}\n", passive.addr)), "{stderr}");
 }
 

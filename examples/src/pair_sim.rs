@@ -41,15 +41,27 @@ struct Args {
     /// Run this one seed with its trace and print it.
     #[arg(long)]
     replay: Option<u64>,
+    /// How many of the last events a replay prints.
+    #[arg(long, default_value_t = 400)]
+    trace_lines: usize,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let cfg = SimConfig { steps: args.steps, fault_rate: args.fault_rate, durability: args.durability, ..SimConfig::default() };
+    let cfg = SimConfig {
+        steps: args.steps,
+        fault_rate: args.fault_rate,
+        durability: args.durability,
+        trace_lines: args.trace_lines,
+        ..SimConfig::default()
+    };
     if let Some(seed) = args.replay {
         return match run(seed, &cfg, true) {
             Ok(s) => {
-                println!("seed {seed}: no invariant broken ({} steps, {} faults, {} confirmed)", s.steps, s.faults, s.confirmed);
+                println!(
+                    "seed {seed}: no invariant broken ({} steps, {} faults, {} confirmed)",
+                    s.steps, s.faults, s.confirmed
+                );
                 std::process::ExitCode::SUCCESS
             }
             Err(v) => {
@@ -90,7 +102,10 @@ fn main() -> std::process::ExitCode {
                             stop.store(true, Ordering::Relaxed);
                             // Replayed with its trace for the report.
                             let v = run(seed, &cfg, true).err();
-                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| v.expect("replays"));
+                            failure
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert_with(|| v.expect("replays"));
                         }
                     }
                     let n = done.fetch_add(1, Ordering::Relaxed) + 1;

@@ -195,6 +195,7 @@ impl RoleArbiter {
                 Out::ExpireInSync => self.writer.expire_in_sync(),
                 Out::PrimaryHolds { gen, holds } => self.writer.primary_holds(gen, holds),
                 Out::ReaffirmInSync => self.writer.reaffirm_in_sync(),
+                Out::PeerFailed => self.writer.peer_failed(),
                 Out::Lease { until } => self.writer.set_lease(until),
                 Out::DiskFailed(reason) => {
                     tracing::error!(reason = %reason, "the disk counts as failed: this node confirms nothing more");

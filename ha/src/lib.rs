@@ -127,6 +127,7 @@ impl Pair {
             holding: false,
             holding_gen: 0,
             serviceable: !view.disk_failed && !view.loading,
+            disk_failed: view.disk_failed,
         });
         let (c, w) = (cfg.clone(), writer.clone());
         let arbiter =

@@ -106,6 +106,9 @@ pub enum Out {
     PrimaryHolds { gen: u64, holds: bool },
     /// Active: the in-sync follower thinks it is not: tell it again.
     ReaffirmInSync,
+    /// Active: the peer's disk failed (its store may be hung and silent):
+    /// stop waiting for it.
+    PeerFailed,
     /// The lease: writes and confirms only before this time.
     Lease { until: u64 },
     /// The disk counts as failed (a stalled flush): confirm nothing more.
@@ -290,6 +293,7 @@ impl RoleCore {
             holding_gen: store.holding.0,
             holding: store.holding.1,
             serviceable: !self.disk_failed(store) && !store.loading,
+            disk_failed: self.disk_failed(store),
         }
     }
 
@@ -543,8 +547,12 @@ impl RoleCore {
                 out.push(Out::PeerDown { alone: self.gateway });
             }
             if let PeerView::Up(p) = peer {
+                if self.peer.heartbeat.is_some_and(|hb| hb.disk_failed) && store.holding.1 {
+                    out.push(Out::PeerFailed);
+                }
                 if !p.role.serves_clients()
                     && !p.in_sync
+                    && p.serviceable
                     && store.holding.1
                     && now.saturating_sub(self.last_reaffirm_ms) >= 4 * self.cfg.heartbeat_ms
                 {
@@ -556,10 +564,13 @@ impl RoleCore {
         let in_sync = self.in_sync(store);
         // A switchover from the peer: promote once this node holds everything it had.
         if let Some((epoch, last_seq, deadline)) = self.takeover {
-            let from_that_peer = matches!(peer, PeerView::Up(p) if !p.role.serves_clients() && p.epoch == epoch);
-            if now > deadline || !from_that_peer || self.role.serves_clients() {
+            // The peer's heartbeat may still say active (sent before it
+            // stepped down): wait for one that says it is not, in that epoch.
+            let same_epoch = matches!(peer, PeerView::Up(p) if p.epoch == epoch);
+            let stepped_down = matches!(peer, PeerView::Up(p) if !p.role.serves_clients());
+            if now > deadline || !same_epoch || self.role.serves_clients() {
                 self.takeover = None;
-            } else if store.last_seq >= last_seq && in_sync.is_some() && !self.disk_failed(store) {
+            } else if stepped_down && store.last_seq >= last_seq && in_sync.is_some() && !self.disk_failed(store) {
                 self.takeover = None;
                 self.start(
                     Out::Activate { at_least: epoch.max(store.floor) + 1, in_sync_gen: in_sync, forced: false },

@@ -52,11 +52,19 @@ pub struct SimConfig {
     pub fault_rate: f64,
     /// Durability of the pair (`replicated` checks promotions; `local` only convergence).
     pub durability: Durability,
+    /// How many of the last events a trace keeps.
+    pub trace_lines: usize,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { steps: 2000, settle_steps: 3000, fault_rate: 0.01, durability: Durability::Replicated }
+        SimConfig {
+            steps: 2000,
+            settle_steps: 3000,
+            fault_rate: 0.01,
+            durability: Durability::Replicated,
+            trace_lines: 400,
+        }
     }
 }
 
@@ -69,6 +77,12 @@ pub struct SimStats {
     pub promotions: u64,
     pub splits: u64,
     pub destroyed: u64,
+    /// The longest time without a confirm while clients were publishing
+    /// (simulated ms): how long a fault held producers up.
+    pub max_confirm_gap_ms: u64,
+    /// The pair's timings in this run (they vary with the seed).
+    pub takeover_delay_ms: u64,
+    pub disk_stall_ms: u64,
 }
 
 /// A broken invariant: the seed, the step and what went wrong.
@@ -130,6 +144,8 @@ pub fn run_script(seed: u64, script: &[(u64, Fault)], trace: bool) -> Result<Sim
     let mut w = World::new(seed, cfg, trace);
     let end = script.last().map_or(0, |(t, _)| *t) + 1000;
     let mut next = 0;
+    w.stats.takeover_delay_ms = w.role_cfg[0].takeover_delay_ms;
+    w.stats.disk_stall_ms = w.role_cfg[0].disk_stall_ms;
     while w.now < end {
         w.step += 1;
         while let Some((t, f)) = script.get(next).filter(|(t, _)| *t <= w.now) {
@@ -144,6 +160,8 @@ pub fn run_script(seed: u64, script: &[(u64, Fault)], trace: bool) -> Result<Sim
         }
     }
     w.repair_all();
+    // What the script's faults did to producers is measured; the settling is not.
+    let faults_gap = w.stats.max_confirm_gap_ms;
     for _ in 0..w.cfg.settle_steps {
         w.step += 1;
         w.advance();
@@ -154,6 +172,7 @@ pub fn run_script(seed: u64, script: &[(u64, Fault)], trace: bool) -> Result<Sim
         if w.converged() {
             w.stats.steps = w.step;
             w.stats.confirmed = w.confirmed.len() as u64;
+            w.stats.max_confirm_gap_ms = faults_gap;
             return Ok(w.stats);
         }
     }
@@ -246,7 +265,13 @@ fn apply_write(img: &mut Image, w: Write) {
                 }
             }
         }
-        Write::Replace(records) => img.records = records,
+        Write::Replace(records) => {
+            // As the store's swap of a loaded snapshot: the next sequence
+            // is the snapshot's (set by the `Meta` written with it), not the
+            // one of the records replaced.
+            img.next_seq = records.values().map(|r| r.0 + 1).max().unwrap_or(1);
+            img.records = records;
+        }
     }
 }
 
@@ -323,6 +348,7 @@ enum WReq {
     Attach(ConnId),
     ConnLost(ConnId),
     PeerDown(bool),
+    PeerFailed,
     ExpireInSync,
     PrimaryHolds(u64, u64),
     Reaffirm,
@@ -433,6 +459,7 @@ struct World {
     next_msg: MsgId,
     /// No client publishes for now.
     quiet: bool,
+    last_confirm: Option<u64>,
     /// Confirmed messages: (global time, by node, single-copy since: the
     /// start of the confirming node's time without an in-sync follower).
     confirmed: BTreeMap<MsgId, (u64, usize, Option<u64>)>,
@@ -539,6 +566,7 @@ impl World {
             split_since: None,
             next_msg: 1,
             quiet: false,
+            last_confirm: None,
             confirmed: BTreeMap::new(),
             alone_from: [None; 2],
             served: [Vec::new(), Vec::new()],
@@ -605,7 +633,7 @@ impl World {
 
     fn log(&mut self, f: impl FnOnce() -> String) {
         if let Some(t) = &mut self.trace {
-            if t.len() >= 400 {
+            if t.len() >= self.cfg.trace_lines.max(1) {
                 t.pop_front();
             }
             t.push_back(format!("{:>6} ms  {}", self.now, f()));
@@ -989,7 +1017,21 @@ impl World {
         local_time(self.now, self.nodes[i].ppm, self.nodes[i].offset)
     }
 
+    /// The longest stretch without a confirm while publishing goes on.
+    fn confirm_gap(&mut self, confirmed: bool) {
+        if self.quiet {
+            self.last_confirm = None;
+            return;
+        }
+        let since = *self.last_confirm.get_or_insert(self.now);
+        self.stats.max_confirm_gap_ms = self.stats.max_confirm_gap_ms.max(self.now - since);
+        if confirmed {
+            self.last_confirm = Some(self.now);
+        }
+    }
+
     fn client(&mut self) {
+        self.confirm_gap(false);
         // Traffic comes and goes while faults happen; a quiet pair must
         // converge too (the settle phase keeps its choice).
         if self.step <= self.cfg.steps && self.rng.chance(0.002) {
@@ -1082,8 +1124,15 @@ impl World {
             }
             Msg::Repl(f) => {
                 if !matches!(f, ReplFrame::Batch { .. } | ReplFrame::Ack { .. } | ReplFrame::SnapRecord { .. }) {
-                    let (name, kind) = (self.nodes[i].name, f.kind());
-                    self.log(|| format!("{name}: receives {kind} on {conn}"));
+                    let name = self.nodes[i].name;
+                    // The frames that decide what a follower keeps, in full.
+                    let what = match &f {
+                        ReplFrame::AttachReply { .. } | ReplFrame::Resume { .. } | ReplFrame::Snapshot { .. } => {
+                            format!("{f:?}")
+                        }
+                        _ => f.kind().to_string(),
+                    };
+                    self.log(|| format!("{name}: receives {what} on {conn}"));
                 }
                 self.nodes[i].inbox.push_back(WReq::Frame(conn, f))
             }
@@ -1318,6 +1367,7 @@ impl World {
                     self.nodes[i].inbox.push_back(WReq::PrimaryHolds(gen, u64::from(holds)))
                 }
                 Out::ReaffirmInSync => self.nodes[i].inbox.push_back(WReq::Reaffirm),
+                Out::PeerFailed => self.nodes[i].inbox.push_back(WReq::PeerFailed),
                 Out::Lease { until } => self.nodes[i].replica.set_lease(until),
                 Out::DiskFailed(reason) => {
                     let name = self.nodes[i].name;
@@ -1406,6 +1456,7 @@ impl World {
                 n.replica.connection_lost(conn, &mut out)
             }
             WReq::PeerDown(alone) => n.replica.peer_down(local, alone, &mut out),
+            WReq::PeerFailed => n.replica.peer_failed(local, &mut out),
             WReq::ExpireInSync => n.replica.expire_in_sync(),
             WReq::PrimaryHolds(gen, holds) => n.replica.primary_holds(gen, holds == 1),
             WReq::Reaffirm => n.replica.reaffirm_in_sync(&mut out),
@@ -1647,6 +1698,7 @@ impl World {
                 for m in done {
                     self.confirmed.entry(m).or_insert((self.now, i, alone));
                 }
+                self.confirm_gap(true);
                 for ids in replies {
                     self.send_any(i, Msg::HandoverStored(ids));
                 }

@@ -57,6 +57,10 @@ pub struct Heartbeat {
     pub holding_gen: u64,
     /// Its store works: no failed disk, no half-loaded snapshot.
     pub serviceable: bool,
+    /// Its disk failed: it confirms nothing, and its store may be hung (the
+    /// active stops waiting for it on this alone).
+    #[serde(default)]
+    pub disk_failed: bool,
 }
 
 /// Between the two role cores.

@@ -157,6 +157,7 @@ enum Request {
     Attach(ConnId),
     Frame(ConnId, ReplFrame, Token),
     PeerDown(bool),
+    PeerFailed,
     ExpireInSync,
     PrimaryHolds(u64, bool),
     Reaffirm,
@@ -390,6 +391,11 @@ impl Writer {
         self.send(Request::PeerDown(alone));
     }
 
+    /// Active: the peer's heartbeat says its disk failed: stop waiting for it.
+    pub fn peer_failed(&self) {
+        self.send(Request::PeerFailed);
+    }
+
     /// Passive: in sync expired (this node stood still, or was isolated).
     pub fn expire_in_sync(&self) {
         self.send(Request::ExpireInSync);
@@ -598,6 +604,13 @@ impl WriterState {
                 self.replica.flush_point(&mut out);
             }
             Request::PeerDown(alone) => self.replica.peer_down(now, alone, &mut out),
+            Request::PeerFailed => {
+                let held = self.replica.holding().1;
+                self.replica.peer_failed(now, &mut out);
+                if held && !self.replica.holding().1 {
+                    tracing::warn!("the peer says its disk failed: confirms no longer wait for it");
+                }
+            }
             Request::ExpireInSync => self.replica.expire_in_sync(),
             Request::PrimaryHolds(gen, holds) => self.replica.primary_holds(gen, holds),
             Request::Reaffirm => self.replica.reaffirm_in_sync(&mut out),

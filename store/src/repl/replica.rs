@@ -439,6 +439,12 @@ impl Replica {
             return;
         }
         self.detach_link();
+        if self.failed.is_some() {
+            // A failed store attaches no one: it could not make a follower's
+            // in-sync state durable, and a follower in sync from before keeps
+            // it while no primary says otherwise (to take the role over).
+            return;
+        }
         let last_seq = self.next_seq - 1;
         let history = self.meta.history.clone();
         let State::Primary(p) = &mut self.state else { return };
@@ -535,6 +541,22 @@ impl Replica {
     pub fn snapshot_wanted(&self, attach: &AttachId) -> bool {
         matches!(&self.state, State::Primary(p)
             if p.link.as_ref().is_some_and(|l| l.attach == *attach && matches!(l.phase, LinkPhase::Snapshot { .. })))
+    }
+
+    /// Primary: the peer says its disk failed (a heartbeat that it is not
+    /// serviceable, while its store may be hung and unable to answer):
+    /// stop waiting for it, as if it had sent `Failed`.
+    pub fn peer_failed(&mut self, now: u64, out: &mut Vec<Action>) {
+        let lease_ok = self.lease_valid(now);
+        let State::Primary(p) = &mut self.state else { return };
+        if !p.awaiting && !p.link.as_ref().is_some_and(|l| l.in_sync) {
+            return;
+        }
+        if p.link.take().is_some_and(|l| l.in_sync) {
+            p.gen += 1;
+        }
+        // A failed peer cannot take over.
+        self.release_for_peer_gone(lease_ok, true, out);
     }
 
     /// Primary: the snapshot of `attach` was streamed; the end follows.
@@ -640,6 +662,12 @@ impl Replica {
     /// Primary: the follower acknowledged everything up to where it was
     /// attached: from now on every confirm waits for it (with `replicated`).
     fn caught_up(&mut self, out: &mut Vec<Action>) {
+        if self.failed.is_some() {
+            // The meta below cannot be made durable: a follower told it is in
+            // sync could take over while this store still says it may serve
+            // alone on a cold start.
+            return;
+        }
         let State::Primary(p) = &mut self.state else { return };
         let Some(l) = p.link.as_mut() else { return };
         let LinkPhase::Streaming { synced_at } = l.phase else { return };
@@ -871,6 +899,11 @@ impl Replica {
     /// Primary: the follower says it is not in sync though this node holds
     /// for it (its in-sync expired): tell it again, under a new generation.
     pub fn reaffirm_in_sync(&mut self, out: &mut Vec<Action>) {
+        if self.failed.is_some() {
+            // Its in-sync state may never have been made durable here
+            // (`caught_up` failing at its meta): tell nothing new.
+            return;
+        }
         let State::Primary(p) = &mut self.state else { return };
         if let Some(l) = p.link.as_ref().filter(|l| l.in_sync) {
             p.gen += 1;
@@ -975,11 +1008,12 @@ impl Replica {
         self.failed = Some(reason.clone());
         match &mut self.state {
             State::Primary(p) => {
-                if p.flushed > p.confirmed || p.link.is_some() {
+                // Nothing more is confirmed here. The follower keeps counting
+                // as in sync (it holds everything confirmed so far), so that it
+                // can take the role over at once.
+                if p.flushed > p.confirmed {
                     out.push(Action::FailHeld(Refusal::Failed(reason)));
                 }
-                p.link = None;
-                p.awaiting = false;
             }
             State::Follower(f) => {
                 f.in_sync = None;
@@ -1010,5 +1044,103 @@ impl Primary {
             force_snapshot: false,
             outranked: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONN: ConnId = 1;
+
+    fn node(promotion: u64) -> Replica {
+        let cfg = ReplicaConfig {
+            durability: Durability::Replicated,
+            require_replica: false,
+            pair: true,
+            tail_bytes: 1 << 20,
+        };
+        Replica::new(cfg, ReplMeta::default(), 1, promotion)
+    }
+
+    fn frames(out: Vec<Action>) -> Vec<ReplFrame> {
+        out.into_iter()
+            .filter_map(|a| match a {
+                Action::Send(_, f) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Deliver `out`'s frames to `to`, then its flush point; its answers.
+    fn deliver(to: &mut Replica, out: Vec<Action>) -> Vec<Action> {
+        let mut answers = Vec::new();
+        for f in frames(out) {
+            to.on_frame(CONN, f, 0, &mut answers);
+        }
+        to.flush_point(&mut answers);
+        answers
+    }
+
+    /// a primary with one op committed, b attached and streaming (not yet in sync).
+    fn streaming_pair() -> (Replica, Replica, Vec<Action>) {
+        let (mut a, mut b) = (node(7), node(8));
+        let mut out = Vec::new();
+        a.promote(1, 7, None, false, &mut out).expect("promotes");
+        a.set_lease(u64::MAX);
+        a.admit(0).expect("admitted");
+        a.committed(1, 1, Bytes::from_static(b"op"), &mut out);
+        let mut out = Vec::new();
+        a.attach(CONN, &mut out);
+        let reply = deliver(&mut b, out);
+        let resume = deliver(&mut a, reply);
+        assert!(frames(resume.clone()).iter().any(|f| matches!(f, ReplFrame::Resume { in_sync: None, .. })));
+        (a, b, resume)
+    }
+
+    #[test]
+    fn a_primary_whose_disk_failed_tells_no_follower_it_is_in_sync() {
+        let (mut a, mut b, resume) = streaming_pair();
+        a.disk_failed("EIO".into(), &mut Vec::new());
+        // The follower acknowledges everything: it caught up, but the
+        // primary cannot make that durable (its cold-start state) any more.
+        let ack = deliver(&mut b, resume);
+        let told = deliver(&mut a, ack);
+        assert!(!frames(told).iter().any(|f| matches!(f, ReplFrame::InSync { .. })), "InSync from a failed store");
+        let mut again = Vec::new();
+        a.reaffirm_in_sync(&mut again);
+        assert!(again.is_empty(), "reaffirmed from a failed store: {again:?}");
+        assert_eq!(b.in_sync(), None);
+    }
+
+    #[test]
+    fn a_healthy_primary_tells_the_follower_once_its_meta_is_durable() {
+        let (mut a, mut b, resume) = streaming_pair();
+        let ack = deliver(&mut b, resume);
+        let told = deliver(&mut a, ack);
+        let persist = told.iter().position(|a| matches!(a, Action::PersistMeta { flush: true }));
+        let insync = told.iter().position(|a| matches!(a, Action::Send(_, ReplFrame::InSync { .. })));
+        assert!(persist.is_some() && persist < insync, "{told:?}");
+        deliver(&mut b, told);
+        assert!(b.in_sync().is_some());
+    }
+
+    #[test]
+    fn a_failed_primary_attaches_no_one_and_its_in_sync_follower_can_take_over() {
+        let (mut a, mut b, resume) = streaming_pair();
+        let ack = deliver(&mut b, resume);
+        let told = deliver(&mut a, ack);
+        deliver(&mut b, told);
+        let gen = b.in_sync().expect("in sync");
+        a.disk_failed("EIO".into(), &mut Vec::new());
+        // The connection drops and comes back: the failed store attaches no
+        // one (a Resume from it could not be trusted), and b stays in sync.
+        a.connection_lost(CONN, &mut Vec::new());
+        b.connection_lost(CONN, &mut Vec::new());
+        let mut out = Vec::new();
+        a.attach(CONN + 1, &mut out);
+        assert!(out.is_empty(), "a failed store attached its peer: {out:?}");
+        assert_eq!(b.in_sync(), Some(gen));
+        assert!(b.promote(2, 8, Some(gen), false, &mut Vec::new()).is_ok());
     }
 }
