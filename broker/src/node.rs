@@ -236,6 +236,8 @@ impl Handler<GetNodeStatus> for Node {
         let serving = self.shared.role();
         let connections = self.shared.connections.load(Ordering::Relaxed);
         let store = store_status(stats);
+        // [epoch, first op, forced] per promotion: which epoch wrote which ops.
+        let history: Vec<(u64, u64, bool)> = stats.history().iter().map(|e| (e.epoch, e.start, e.forced)).collect();
         Box::pin(async move {
             let mut status = match router {
                 Some(r) => r.send(router::GetStatus).await.unwrap_or_else(|_| serde_json::json!({})),
@@ -244,6 +246,7 @@ impl Handler<GetNodeStatus> for Node {
             status["node_id"] = node_id.into();
             status["epoch"] = epoch.into();
             status["last_op"] = last_op.into();
+            status["history"] = serde_json::json!(history);
             status["durability"] = durability.into();
             status["connections"] = connections.into();
             // The store's own counters, on every node (a passive writes too).

@@ -228,6 +228,9 @@ pub struct WriterStats {
     /// written or confirmed.
     pub lease_until_ms: AtomicU64,
     failure: Mutex<Option<String>>,
+    /// The store's history (which epoch wrote which ops), for status: what
+    /// a lab checks a promotion against.
+    history: Mutex<Vec<crate::repl::EpochStart>>,
 }
 
 impl WriterStats {
@@ -240,6 +243,12 @@ impl WriterStats {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         f.get_or_insert_with(|| reason.to_string());
         self.disk_failed.store(true, Ordering::SeqCst);
+    }
+
+    /// The store's history as last published: (epoch, start, forced) per
+    /// promotion, oldest first.
+    pub fn history(&self) -> Vec<crate::repl::EpochStart> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -1116,6 +1125,11 @@ impl WriterState {
         s.peer_seen_last.store(pl, Ordering::Relaxed);
         s.outranked.store(r.outranked(), Ordering::Relaxed);
         s.loading.store(r.loading(), Ordering::Relaxed);
+        let entries = r.meta().history.entries();
+        let mut h = s.history.lock().unwrap_or_else(|p| p.into_inner());
+        if h.as_slice() != entries {
+            *h = entries.to_vec();
+        }
     }
 
     /// Stream the next part of a snapshot, while its connection has room.
