@@ -30,6 +30,14 @@ pub struct Sample {
     /// The node's view of its peer: up | silent | dead.
     pub peer: Option<String>,
     pub gateway: Option<bool>,
+    /// The node's store history, `(epoch, first op, forced)` per promotion,
+    /// oldest first; written only in a sample where it changed (or after a
+    /// sample with no answer), so readers carry the last one forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<(u64, u64, bool)>>,
+    /// Why the node's disk counts as failed (its status' `store.disk_failure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_failure: Option<String>,
 }
 
 impl Sample {
@@ -56,6 +64,8 @@ pub async fn run(node: &str, addr: &str, out: &Path, interval: Duration) -> anyh
         .connect_timeout(Duration::from_millis(300))
         .failover_timeout(Duration::from_millis(600));
     let mut admin: Option<AdminClient> = None;
+    // The history last written: repeated only when it changes.
+    let mut last_history: Option<Vec<(u64, u64, bool)>> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -67,6 +77,9 @@ pub async fn run(node: &str, addr: &str, out: &Path, interval: Duration) -> anyh
             admin = None;
         }
         let s = status.unwrap_or(serde_json::Value::Null);
+        let history: Option<Vec<(u64, u64, bool)>> = serde_json::from_value(s["history"].clone()).ok();
+        let changed = history.is_some() && history != last_history;
+        last_history = history.clone();
         let sample = Sample {
             node: node.to_string(),
             t0,
@@ -77,6 +90,8 @@ pub async fn run(node: &str, addr: &str, out: &Path, interval: Duration) -> anyh
             in_sync: s["in_sync"].as_bool(),
             peer: s["peer"]["state"].as_str().map(str::to_string),
             gateway: s["gateway"]["reachable"].as_bool(),
+            history: if changed { history } else { None },
+            disk_failure: s["store"]["disk_failure"].as_str().map(str::to_string),
         };
         lines.write(&serde_json::to_value(&sample)?);
     }

@@ -5,7 +5,8 @@
 //! - `sent` `id`: the producer handed message `id` to the client library;
 //! - `ok` `id` `sent` `node`: its confirm arrived (`sent`: when it was sent;
 //!   `node`: the node the producer was connected to then);
-//! - `recv` `id` `redelivered`: the consumer got it (and acks it);
+//! - `recv` `id` `redelivered` `epoch` `seq`: the consumer got it (and acks
+//!   it); `epoch` and `seq` are the broker's id of the delivered message;
 //! - `client` `who` `text`: a [`twinmq_client::ClientEvent`] of either client;
 //! - `error` `who` `text`: an error reached the application (none should);
 //! - `ready`: the first message went round (the lab waits for this);
@@ -160,7 +161,8 @@ async fn run_inner(args: &WorkloadArgs, rec: &JsonLines) -> anyhow::Result<()> {
                 };
                 let payload = String::from_utf8_lossy(d.payload());
                 let id = payload.split(' ').next().unwrap_or_default().to_string();
-                crec.write(&json!({"ev": "recv", "t": now_us(), "id": id, "redelivered": d.message().redelivered}));
+                let (redelivered, mid) = (d.message().redelivered, d.message().id);
+                crec.write(&json!({"ev": "recv", "t": now_us(), "id": id, "redelivered": redelivered, "epoch": mid.epoch, "seq": mid.seq}));
                 r.lock().expect("received lock").insert(id);
                 *last.lock().expect("delivery time lock") = Instant::now();
                 if let Err(e) = d.ack().await {
