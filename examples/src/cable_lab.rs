@@ -4,9 +4,24 @@
 //! cable-lab demo                 build the lab, run a load, walk through the faults
 //! cable-lab up                   build the lab and keep it, with a command prompt
 //! cable-lab pull a-switch        (another terminal) a command for the running lab
+//! cable-lab nemesis --faults N --seed S [--dir DIR] [--failback manual|auto]
+//!                                N faults in an order the seed chooses, then the checker
 //! cable-lab clean                remove labs left behind by a killed cable-lab
 //! cable-lab check DIR            run the checker on a run's files
 //! ```
+//!
+//! `nemesis` mixes every fault of the lab under a steady load: pulled
+//! cables (any combination), `kill -9` of the active, the passive or both
+//! (restarted in random order, one often alone past the takeover delay),
+//! freezes shorter and longer than `peer_timeout`, the stale passive
+//! (frozen past `peer_timeout`, then the active killed), wiped disks while
+//! the other node serves, and, where faultfs can mount (root, `/dev/fuse`),
+//! failing disks (EIO, ENOSPC, read-only, full, stalled fsyncs), some
+//! overlapping, each repaired after a random hold. It prints one line per
+//! fault and the checker's report (lost, never sent, duplicates, two
+//! actives, promotions lacking confirmed messages, stuck), keeps the run's
+//! files in `--dir` (or, if it fails, in the temporary directory it names)
+//! and exits 1 on any violation. See `twinmq_examples::netlab::nemesis`.
 //!
 //! The same binary is every process of the lab: `broker ARGS` (the daemon),
 //! `gateway-serve`, `monitor` and `workload` are started by the lab itself
@@ -17,7 +32,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use twinmq_examples::netlab::lab::{Lab, LabOptions, Node, Timings};
-use twinmq_examples::netlab::{checker, demo, monitor, net, operator, proc, workload};
+use twinmq_examples::netlab::{checker, demo, lab, monitor, nemesis, net, operator, proc, workload};
 
 #[derive(Parser, Debug)]
 #[command(name = "cable-lab", about = "the twinmq cable-pull lab (network namespaces; needs root)", after_help = operator::HELP)]
@@ -48,6 +63,29 @@ enum Cmd {
         /// Start the producer/consumer load at once.
         #[arg(long)]
         load: bool,
+    },
+    /// Build the lab, start a load, inject N faults in an order the seed chooses, check.
+    Nemesis {
+        /// Faults to inject (a second fault overlapping a first counts as one more).
+        #[arg(long)]
+        faults: usize,
+        /// Seed of the fault order, targets and timings.
+        #[arg(long)]
+        seed: u64,
+        /// Keep the run's files in DIR (default: a temporary directory, kept only if the run fails).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// `auto`: the preferred node (a) takes the role back once caught up.
+        #[arg(long, default_value = "manual", value_parser = ["manual", "auto"])]
+        failback: String,
+        /// The brokers' disk_stall_ms: a flush slower than this counts as a failed disk.
+        #[arg(long, default_value_t = nemesis::DISK_STALL_MS)]
+        disk_stall_ms: u64,
+        /// Fault kinds to leave out, comma-separated: pull-one, pull-several, kill-active,
+        /// kill-passive, kill-both, kill-staggered, freeze-active, freeze-passive,
+        /// stale-passive, wipe-passive, wipe-active, disk-active, disk-passive.
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
     },
     /// Remove the namespaces (and their processes) of labs whose cable-lab is gone.
     Clean {
@@ -155,6 +193,38 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("tearing lab {tag} down");
             Ok(0)
         }
+        Cmd::Nemesis { faults, seed, dir, failback, disk_stall_ms, exclude } => {
+            if let Err(e) = net::preflight() {
+                println!("cable-lab nemesis: {e}");
+                return Ok(1);
+            }
+            let (opts, tmp) = options(dir, failback == "auto")?;
+            let n = nemesis::Options { disk_stall_ms, exclude, ..nemesis::Options::new(faults, seed) };
+            let outcome = nemesis::run(opts, &n)?;
+            print!("{}", outcome.report);
+            println!("fault mix ({} faults in {} rounds):", outcome.faults, outcome.rounds);
+            for (kind, n) in &outcome.mix {
+                println!("  {n:5}  {kind}");
+            }
+            if let Some(why) = &outcome.disks_skipped {
+                println!("SKIPPED: disk faults: {why}");
+            }
+            for (round, what) in &outcome.stuck_rounds {
+                println!("STUCK after round {round}: the nemesis then did as an operator would: {what}");
+            }
+            if let Some(why) = &outcome.aborted {
+                println!("the run stopped early: {why}");
+            }
+            println!(
+                "nemesis | seed | faults | confirmed | lost | never sent | duplicates | double-active | stuck | promotions checked | lacking | wall | verdict"
+            );
+            println!("nemesis | {}", outcome.summary_line(seed));
+            let passed = outcome.passed();
+            if let (false, Some(tmp)) = (passed, tmp) {
+                println!("files kept in {}", tmp.keep().display());
+            }
+            Ok(if passed { 0 } else { 1 })
+        }
         Cmd::Clean { all } => {
             let tags: Vec<String> = if all {
                 let every: std::collections::BTreeSet<String> = net::existing_namespaces()
@@ -174,6 +244,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 let tag = path.file_stem().map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
                 if all || !alive.iter().any(|ns| ns.starts_with(&format!("{}-{tag}-", net::PREFIX))) {
                     let _ = std::fs::remove_file(&path);
+                }
+            }
+            // Data directories left on faultfs by a nemesis that was killed.
+            for mount in lab::stale_disk_mounts() {
+                match twinmq_examples::faultfs::umount(&mount) {
+                    Ok(()) => println!("unmounted the stale faultfs at {}", mount.display()),
+                    Err(e) => println!("could not unmount {}: {e:#}", mount.display()),
                 }
             }
             if tags.is_empty() {

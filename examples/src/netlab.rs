@@ -19,7 +19,8 @@
 //! - [`monitor`]: the role monitor beside each broker;
 //! - [`workload`]: producer and consumer on the client host;
 //! - [`checker`]: lost / phantom / duplicates / two actives / recovery times;
-//! - [`operator`]: `cable-lab up` and its commands; [`demo`]: `cable-lab demo`.
+//! - [`operator`]: `cable-lab up` and its commands; [`demo`]: `cable-lab demo`;
+//! - [`nemesis`]: `cable-lab nemesis`, every fault in a seeded random order.
 //!
 //! Only root can build it (`ip netns`); [`net::preflight`] says why not.
 
@@ -27,6 +28,7 @@ pub mod checker;
 pub mod demo;
 pub mod lab;
 pub mod monitor;
+pub mod nemesis;
 pub mod net;
 pub mod operator;
 pub mod proc;

@@ -9,6 +9,11 @@
 //! (faults and repairs with their time), `roles-a.jsonl`/`roles-b.jsonl`
 //! (monitor samples), `workload.jsonl`, broker logs `a-1.log`, `a-2.log` ...
 //! (one per start), the data directories.
+//!
+//! With [`LabExtras::fault_disks`], each node's data directory is a faultfs
+//! mount (served by this process) of `disks/a` or `disks/b` in the lab
+//! directory, so that a node's disk can fail on command ([`Lab::disk_fault`]);
+//! [`Lab::wipe`] empties a killed node's data directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -22,6 +27,7 @@ use super::monitor::Sample;
 use super::net::{self, Cable, Host, Net};
 use super::proc::{now_us, signal, JsonLines, LineTail};
 use super::workload::{Workload, WorkloadArgs};
+use crate::faultfs::{self, FaultMount, MountOptions};
 
 pub const CLIENT_PORT: u16 = 5570;
 pub const HA_PORT: u16 = 5571;
@@ -102,6 +108,16 @@ impl LabOptions {
     }
 }
 
+/// What a lab may add to the default one (the nemesis uses both).
+#[derive(Debug, Clone, Default)]
+pub struct LabExtras {
+    /// More daemon flags for both brokers (e.g. `--disk-stall-ms 1000`).
+    pub broker_args: Vec<String>,
+    /// Serve each node's data directory through faultfs (root and
+    /// `/dev/fuse`; see [`faultfs::preflight`]).
+    pub fault_disks: bool,
+}
+
 /// A broker process and how many times it was started.
 struct Broker {
     node: Node,
@@ -123,6 +139,12 @@ pub struct Lab {
     pub pulled: Vec<Cable>,
     events: JsonLines,
     pub started: Instant,
+    extras: LabExtras,
+    /// The faultfs mounts under the data directories, if any: dropped (so
+    /// unmounted) after every process is gone.
+    disks: [Option<FaultMount>; 2],
+    /// The fault each disk has now.
+    disk_faults: [faultfs::Fault; 2],
     /// Declared last: dropped after every process is gone.
     pub net: Net,
 }
@@ -131,6 +153,11 @@ impl Lab {
     /// Build the network and start the gateway, both brokers (A preferred)
     /// and their monitors. Returns once both brokers answer their monitors.
     pub fn start(opts: LabOptions) -> anyhow::Result<Lab> {
+        Lab::start_with(opts, LabExtras::default())
+    }
+
+    /// [`Lab::start`] with more: broker flags, data directories on faultfs.
+    pub fn start_with(opts: LabOptions, extras: LabExtras) -> anyhow::Result<Lab> {
         std::fs::create_dir_all(&opts.dir).with_context(|| format!("create {}", opts.dir.display()))?;
         let net = Net::create(&opts.tag)?;
         let events = JsonLines::create(&opts.dir.join("events.jsonl"))?;
@@ -145,9 +172,17 @@ impl Lab {
             pulled: Vec::new(),
             events,
             started: Instant::now(),
+            extras,
+            disks: [None, None],
+            disk_faults: [faultfs::Fault::Ok; 2],
             opts,
             net,
         };
+        if lab.extras.fault_disks {
+            for node in [Node::A, Node::B] {
+                lab.mount_disk(node)?;
+            }
+        }
         let gw = lab
             .spawn(Host::Gateway, &["gateway-serve".into(), GATEWAY_TCP_PORT.to_string()], "gateway.log")
             .context("start the gateway's listener")?;
@@ -186,13 +221,30 @@ impl Lab {
             .with_context(|| format!("start `{}` in {}", args.join(" "), self.net.ns(host)))
     }
 
+    /// The node's data directory (a faultfs mount with `fault_disks`).
+    pub fn data_dir(&self, node: Node) -> PathBuf {
+        self.opts.dir.join(format!("{}-data", node.name()))
+    }
+
+    fn mount_disk(&mut self, node: Node) -> anyhow::Result<()> {
+        let backing = self.opts.dir.join("disks").join(node.name());
+        let mnt = self.data_dir(node);
+        std::fs::create_dir_all(&backing)?;
+        std::fs::create_dir_all(&mnt)?;
+        let mount = faultfs::mount(&MountOptions::new(&backing, &mnt))
+            .with_context(|| format!("faultfs for {}'s data directory", node.name()))?;
+        net::unmount_on_signal(&mnt);
+        self.disks[node.index()] = Some(mount);
+        Ok(())
+    }
+
     fn broker_args(&self, node: Node) -> Vec<String> {
         let t = self.opts.timings;
         let (peer_ha, peer_switch, priority) = match node {
             Node::A => (net::B_HA_IP, net::B_IP, "200"),
             Node::B => (net::A_HA_IP, net::A_IP, "100"),
         };
-        let data = self.opts.dir.join(format!("{}-data", node.name()));
+        let data = self.data_dir(node);
         let mut v = vec![
             "broker".to_string(),
             "--node-id".into(),
@@ -218,6 +270,7 @@ impl Lab {
             (if self.opts.failback_auto { "auto" } else { "manual" }).into(),
         ];
         v.extend(t.args());
+        v.extend(self.extras.broker_args.iter().cloned());
         v
     }
 
@@ -334,6 +387,21 @@ impl Lab {
         Ok(self.event(&format!("restart {}", node.name()), false))
     }
 
+    /// `kill -9` and start again at once: a repair (a node whose disk
+    /// failed is restarted once the disk is fixed), logged as one event.
+    pub fn reboot(&mut self, node: Node) -> anyhow::Result<u64> {
+        let b = &mut self.brokers[node.index()];
+        if let Some(mut c) = b.child.take() {
+            if b.frozen {
+                signal(c.id(), "CONT");
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.start_broker(node)?;
+        Ok(self.event(&format!("reboot {}", node.name()), false))
+    }
+
     /// SIGSTOP: the process stays, silent.
     pub fn freeze(&mut self, node: Node) -> anyhow::Result<u64> {
         signal(self.pid(node)?, "STOP");
@@ -345,6 +413,65 @@ impl Lab {
         signal(self.pid(node)?, "CONT");
         self.brokers[node.index()].frozen = false;
         Ok(self.event(&format!("thaw {}", node.name()), false))
+    }
+
+    /// Whether the node's process runs (frozen or not).
+    pub fn running(&self, node: Node) -> bool {
+        self.brokers[node.index()].child.is_some()
+    }
+
+    pub fn frozen(&self, node: Node) -> bool {
+        self.brokers[node.index()].frozen
+    }
+
+    // ---- faults: disks ----
+
+    /// Whether the data directories are faultfs mounts.
+    pub fn has_fault_disks(&self) -> bool {
+        self.disks.iter().all(Option::is_some)
+    }
+
+    /// Give the node's disk `fault` (`Fault::Ok` repairs it); returns the
+    /// event's time. Only with [`LabExtras::fault_disks`].
+    pub fn disk_fault(&mut self, node: Node, fault: faultfs::Fault) -> anyhow::Result<u64> {
+        let Some(disk) = &self.disks[node.index()] else {
+            bail!("{}'s data directory is not on faultfs", node.name());
+        };
+        disk.set(fault)?;
+        self.disk_faults[node.index()] = fault;
+        Ok(self.event(&format!("disk {} {fault}", node.name()), fault != faultfs::Fault::Ok))
+    }
+
+    /// The fault the node's disk has now (`Ok` without faultfs).
+    pub fn disk(&self, node: Node) -> faultfs::Fault {
+        self.disk_faults[node.index()]
+    }
+
+    /// The faultfs status of the node's disk (requests served, injected, ...).
+    pub fn disk_status(&self, node: Node) -> Option<faultfs::Status> {
+        self.disks[node.index()].as_ref().map(FaultMount::status)
+    }
+
+    /// Empty a killed node's data directory (a new, blank disk).
+    pub fn wipe(&mut self, node: Node) -> anyhow::Result<u64> {
+        if self.running(node) {
+            bail!("{} is running: kill it first", node.name());
+        }
+        let dir = self.data_dir(node);
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+            let path = entry?.path();
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.with_context(|| format!("remove {}", path.display()))?;
+        }
+        Ok(self.event(&format!("wipe {}", node.name()), true))
+    }
+
+    /// Mark the end of a round in the fault log: every fault repaired, from
+    /// here the pair must be back (the checker's `stuck`).
+    pub fn mark_settle(&self, name: &str) -> u64 {
+        let t = now_us();
+        self.events.write(&json!({"t": t, "ev": name, "fault": false, "settle": true}));
+        t
     }
 
     fn pid(&self, node: Node) -> anyhow::Result<u32> {
@@ -519,6 +646,26 @@ impl Drop for Lab {
         self.stop_processes();
         // `net` drops next: it deletes the namespaces.
     }
+}
+
+/// Data directories of labs (`.../a-data`, `.../b-data`) still mounted on a
+/// faultfs whose server is gone (a nemesis killed before it unmounted):
+/// listing them fails with ENOTCONN. Live mounts are left alone.
+pub fn stale_disk_mounts() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let (fields, rest) = l.split_once(" - ")?;
+            let mut tail = rest.split(' ');
+            let (fstype, source) = (tail.next()?, tail.next()?);
+            let mnt = PathBuf::from(fields.split(' ').nth(4)?);
+            let data_dir = mnt.file_name().is_some_and(|n| n == "a-data" || n == "b-data");
+            (fstype.starts_with("fuse") && source == "faultfs" && data_dir).then_some(mnt)
+        })
+        .filter(|mnt| {
+            std::fs::read_dir(mnt).err().and_then(|e| e.raw_os_error()) == Some(nix::errno::Errno::ENOTCONN as i32)
+        })
+        .collect()
 }
 
 /// The daemon colours its log even into a file; drop the escape sequences.

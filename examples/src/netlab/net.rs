@@ -226,12 +226,23 @@ static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// Files and directories the signal handler removes too (control sockets,
 /// temporary lab directories), since it exits without running destructors.
 static PATHS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+/// faultfs mounts (served by this process) the signal handler unmounts
+/// before it removes anything.
+static MOUNTS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
 static HANDLER: Once = Once::new();
 
 /// Have the signal handler remove `path` (a file or a directory) as well.
 pub fn remove_on_signal(path: &std::path::Path) {
     if let Ok(mut p) = PATHS.lock() {
         p.push(path.to_path_buf());
+    }
+}
+
+/// Have the signal handler unmount the faultfs mount at `path` (after the
+/// lab's processes are gone, before any path is removed).
+pub fn unmount_on_signal(path: &std::path::Path) {
+    if let Ok(mut m) = MOUNTS.lock() {
+        m.push(path.to_path_buf());
     }
 }
 
@@ -260,6 +271,9 @@ fn install_signal_handler() {
                 eprintln!("cable-lab: interrupted; tearing down {} lab(s)", tags.len());
                 for tag in tags {
                     destroy(&tag);
+                }
+                for mount in MOUNTS.lock().map(|m| m.clone()).unwrap_or_default() {
+                    let _ = crate::faultfs::umount(&mount);
                 }
                 for path in PATHS.lock().map(|p| p.clone()).unwrap_or_default() {
                     let _ = std::fs::remove_file(&path).or_else(|_| std::fs::remove_dir_all(&path));
