@@ -11,7 +11,8 @@
 //! 30 s, or the checker calls it stuck; sometimes the next round starts at
 //! once, on a pair still recovering.
 //!
-//! The menu (weights in [`MENU`]):
+//! The menu (weights in [`MENU`]; the first rounds take each kind once, in
+//! a seeded order, so that a run of 13 faults or more has them all):
 //! - cables ([`Cable`]): one, or several at once (any combination,
 //!   gateway and client included), plus what overlaps add;
 //! - `kill -9` of the active, of the passive, of both at once, or of one
@@ -121,7 +122,7 @@ impl Outcome {
 }
 
 /// A fault of the menu.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     PullOne,
     PullSeveral,
@@ -244,6 +245,10 @@ struct Nemesis {
     disk_repaired: bool,
     /// Kinds the menu offers (those not excluded, disks only with faultfs).
     menu: Vec<(Kind, u32)>,
+    /// Kinds not picked yet: the first rounds take one of each.
+    first_of_each: Vec<Kind>,
+    /// Kinds injected at least once.
+    done_kinds: std::collections::HashSet<Kind>,
     disk_stall_ms: u64,
     stuck_rounds: Vec<(usize, String)>,
 }
@@ -300,7 +305,12 @@ impl Nemesis {
         }
     }
 
+    /// The next round's fault: every kind of the menu once, in a seeded
+    /// order, then by weight.
     fn pick(&mut self) -> Kind {
+        if let Some(k) = self.first_of_each.pop() {
+            return k;
+        }
         let total: u32 = self.menu.iter().map(|(_, w)| w).sum();
         let mut x = self.rng.gen_range(0..total);
         for &(k, w) in &self.menu {
@@ -396,7 +406,9 @@ impl Nemesis {
                 let long = self.rng.gen_bool(0.5);
                 let hold = if long { secs(&mut self.rng, 1.3, 5.0) } else { secs(&mut self.rng, 0.2, 0.8) };
                 self.lab.freeze(n)?;
-                let number = self.count(if long { "freeze, past peer_timeout" } else { "freeze, under peer_timeout" });
+                let whom = if kind == Kind::FreezeActive { "the active" } else { "the passive" };
+                let how = if long { "past peer_timeout" } else { "under peer_timeout" };
+                let number = self.count(format!("freeze {whom}, {how}"));
                 Injected {
                     number,
                     what: format!("freeze {} ({role})", n.name()),
@@ -407,7 +419,10 @@ impl Nemesis {
             }
             Kind::DiskActive | Kind::DiskPassive => {
                 let n = self.by_role(kind == Kind::DiskActive);
-                if busy_node(n) || !self.lab.running(n) {
+                // Up and answering since its last start: a store that cannot
+                // open at start is a refusal to start, not this fault.
+                let up = self.latest(n).is_some_and(|s| s.role.is_some() && s.t0 > self.started_at[idx(n)]);
+                if busy_node(n) || !self.lab.running(n) || !up {
                     return Ok(None);
                 }
                 let role = self.latest(n).map_or("?", Sample::role).to_string();
@@ -430,11 +445,13 @@ impl Nemesis {
                 };
                 self.lab.disk_fault(n, fault)?;
                 self.disk_faulted[idx(n)] = true;
-                let kind = match fault {
-                    DiskFault::Stall { .. } => "disk: stall".to_string(),
-                    DiskFault::Full { .. } => "disk: full".to_string(),
-                    f => format!("disk: {f}"),
+                let what = match fault {
+                    DiskFault::Stall { .. } => "stall".to_string(),
+                    DiskFault::Full { .. } => "full".to_string(),
+                    f => f.to_string(),
                 };
+                let whom = if kind == Kind::DiskActive { "the active" } else { "the passive" };
+                let kind = format!("disk {what}, {whom}");
                 let number = self.count(kind);
                 Injected {
                     number,
@@ -668,7 +685,12 @@ impl Nemesis {
                 }
             };
             if done {
+                self.done_kinds.insert(kind);
                 return Ok(());
+            }
+            // Not possible in this state: if it never ran, it gets its turn later.
+            if !self.done_kinds.contains(&kind) && !self.first_of_each.contains(&kind) {
+                self.first_of_each.insert(0, kind);
             }
         }
         // Nothing fitted the pair's state (no active?): a cable then.
@@ -861,10 +883,13 @@ pub fn run(lab_opts: LabOptions, opts: &Options) -> anyhow::Result<Outcome> {
     args.max_seconds = 600 + 60 * opts.faults as u64;
     let load = lab.start_workload(&args)?;
     let started = now_us();
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let mut first_of_each: Vec<Kind> = menu.iter().map(|(k, _)| *k).collect();
+    first_of_each.shuffle(&mut rng);
     let mut n = Nemesis {
         lab,
         load,
-        rng: StdRng::seed_from_u64(opts.seed),
+        rng,
         begun,
         injected: 0,
         limit: opts.faults,
@@ -874,6 +899,8 @@ pub fn run(lab_opts: LabOptions, opts: &Options) -> anyhow::Result<Outcome> {
         disk_faulted: [false; 2],
         disk_repaired: false,
         menu,
+        first_of_each,
+        done_kinds: std::collections::HashSet::new(),
         disk_stall_ms: opts.disk_stall_ms,
         stuck_rounds: Vec::new(),
     };
