@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::OwnedSemaphorePermit;
 use twinmq_protocol::{Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, ServerFrame};
-use twinmq_store::{Op, StoredMessage, Writer};
+use twinmq_store::{Op, StoreError, StoredMessage, Writer};
 
 use crate::session::Outbound;
 use crate::{now_ms, transient_seq};
@@ -209,22 +209,28 @@ impl Queue {
                     vec![Op::Enqueue { message: p.message, queues: vec![key.clone()] }],
                     Box::new(move |r| {
                         let _permit = permit;
+                        let enqueued = |ops: Vec<Op>| {
+                            ops.into_iter()
+                                .filter_map(|op| match op {
+                                    Op::Enqueue { message, .. } => Some(Arc::new(message)),
+                                    _ => None,
+                                })
+                                .collect()
+                        };
                         match r {
                             Ok(c) => {
-                                let messages = c
-                                    .ops
-                                    .into_iter()
-                                    .filter_map(|op| match op {
-                                        Op::Enqueue { message, .. } => Some(Arc::new(message)),
-                                        _ => None,
-                                    })
-                                    .collect();
-                                me.do_send(Committed { messages });
+                                me.do_send(Committed { messages: enqueued(c.ops) });
                                 // Durable as promised by the store's crate doc ("What a confirmation promises").
                                 let _ = reply.confirm(pid, pseq, received);
                             }
                             Err(e) => {
-                                me.do_send(Committed { messages: Vec::new() });
+                                // Written but never confirmed: in the store all
+                                // the same (a resend is deduplicated), so here too.
+                                let messages = match &e {
+                                    StoreError::Unconfirmed { written, .. } => enqueued(written.ops.clone()),
+                                    _ => Vec::new(),
+                                };
+                                me.do_send(Committed { messages });
                                 tracing::error!(queue = %label, error = %e, "store failed; publish not confirmed");
                                 let _ = reply.send(publish_error(pid, pseq, store_error_code(&e), e.to_string()));
                             }
@@ -453,10 +459,13 @@ pub struct Publish {
 
 /// The code a client acts on: a publish refused because this node stopped
 /// serving is to be resent to the new active, not reported as a failure.
-pub fn store_error_code(e: &twinmq_store::StoreError) -> ErrorCode {
-    match e {
-        twinmq_store::StoreError::NotActive => ErrorCode::NotActive,
-        _ => ErrorCode::StoreFailed,
+/// `NotActive` sends the client to the peer (this node stepped down, or its
+/// disk failed in a pair); anything else is the store's failure.
+pub fn store_error_code(e: &StoreError) -> ErrorCode {
+    if e.retry_elsewhere() {
+        ErrorCode::NotActive
+    } else {
+        ErrorCode::StoreFailed
     }
 }
 

@@ -151,20 +151,28 @@ impl Topic {
             vec![Op::Enqueue { message: p.message, queues: keys }],
             Box::new(move |r| {
                 let _permit = permit;
+                let stored = |ops: Vec<Op>| {
+                    for op in ops {
+                        if let Op::Enqueue { message, .. } = op {
+                            let m = Arc::new(message);
+                            for t in &targets {
+                                t.do_send(Stored { messages: vec![m.clone()] });
+                            }
+                            me.do_send(FanOut { message: m });
+                        }
+                    }
+                };
                 match r {
                     Ok(c) => {
-                        for op in c.ops {
-                            if let Op::Enqueue { message, .. } = op {
-                                let m = Arc::new(message);
-                                for t in &targets {
-                                    t.do_send(Stored { messages: vec![m.clone()] });
-                                }
-                                me.do_send(FanOut { message: m });
-                            }
-                        }
+                        stored(c.ops);
                         let _ = reply.confirm(pid, pseq, received);
                     }
                     Err(e) => {
+                        // Written but never confirmed: in the store all the
+                        // same (a resend is deduplicated), so in the queues too.
+                        if let twinmq_store::StoreError::Unconfirmed { written, .. } = &e {
+                            stored(written.ops.clone());
+                        }
                         tracing::error!(topic = %name, error = %e, "store failed; publish not confirmed");
                         let _ = reply.send(ServerFrame::Error(ErrorFrame::new(
                             crate::queue::store_error_code(&e),

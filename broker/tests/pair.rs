@@ -550,3 +550,37 @@ async fn a_passive_whose_store_fails_its_checks_sets_it_aside_and_resyncs() {
     let received = consume_all(&pair, "corrupt").await;
     assert_no_loss(&confirmed, &received, "a corrupt passive resynced");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_require_replica_a_publish_refused_after_it_was_written_is_still_delivered() {
+    // require_replica: b is frozen, a holds the publishes it wrote for b's
+    // ack; b is declared down and a refuses them. They are in a's store all
+    // the same (the refusal says "written here, never confirmed"), so a's
+    // queue has them too: a consumer gets them, and nothing is in the store
+    // that the queue does not show.
+    let opts = PairOptions { extra: vec!["--require-replica".into(), "true".into()], ..Default::default() };
+    let pair = Pair::start(opts).await;
+    pair.wait_a_active_b_in_sync().await;
+    let client = Client::connect(pair.client_config()).await.unwrap();
+    let producer = client.producer(Destination::queue("held"));
+    producer.send(Message::persistent("before")).await.unwrap();
+    pair.b.freeze();
+    let mut refused = Vec::new();
+    let mut pending = Vec::new();
+    for i in 0..5 {
+        let body = format!("held-{i}");
+        pending.push((body.clone(), producer.send_nowait(Message::persistent(body)).await.unwrap()));
+    }
+    for (body, confirm) in pending {
+        match tokio::time::timeout(WAIT, confirm).await.expect("answered once b is declared down") {
+            Ok(()) => panic!("{body} was confirmed without the replica require_replica asks for"),
+            Err(e) => refused.push((body, e.to_string())),
+        }
+    }
+    assert!(refused.iter().all(|(_, e)| e.contains("written here, never confirmed")), "{refused:?}");
+    pair.b.thaw();
+    let got = consume_all(&pair, "held").await;
+    for (body, _) in &refused {
+        assert!(got.contains(body), "{body}: written on a, refused, and not in a's queue: {got:?}");
+    }
+}

@@ -138,6 +138,8 @@ pub struct Node {
     /// The admin HTTP endpoint (status page, /status, /metrics); no token on loopback.
     pub http: SocketAddr,
     pub data_dir: PathBuf,
+    /// The executable started as `<exe> broker ARGS` (default: this one).
+    pub exe: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
     starts: u32,
@@ -152,7 +154,7 @@ impl Node {
         self.starts += 1;
         let log_path = self.data_dir.with_file_name(format!("{}-{}.log", self.name, self.starts));
         let log = std::fs::File::create(&log_path)?;
-        let exe = std::env::current_exe().context("own executable")?;
+        let exe = self.exe.clone();
         let mut sockets = std::mem::take(&mut self.sockets);
         if sockets.is_empty() {
             sockets =
@@ -273,6 +275,16 @@ pub struct Pair {
 impl Pair {
     /// Start node-a (priority 200, preferred) and node-b on loopback.
     pub fn start(timings: Timings, extra: &[&str]) -> anyhow::Result<Pair> {
+        let mut pair = Pair::new(timings, extra)?;
+        pair.a.start()?;
+        pair.b.start()?;
+        Ok(pair)
+    }
+
+    /// The pair with its ports bound and nothing started: a test may change
+    /// a node's `data_dir` or `exe` first.
+    pub fn new(timings: Timings, extra: &[&str]) -> anyhow::Result<Pair> {
+        let exe = std::env::current_exe().context("own executable")?;
         let dir = tempfile::tempdir()?;
         let gateway = Gateway::start()?;
         // Every port bound now, before either node starts: each names the other's.
@@ -299,30 +311,30 @@ impl Pair {
             v.extend(extra.iter().map(|s| s.to_string()));
             v
         };
-        let mut a = Node {
+        let a = Node {
             name: "node-a".into(),
             client: a_client,
             ha: a_ha,
             http: a_http,
             data_dir: dir.path().join("a"),
+            exe: exe.clone(),
             args: args(b_ha, b_client, "200"),
             child: None,
             starts: 0,
             sockets: vec![a_client_l, a_ha_l, a_http_l],
         };
-        let mut b = Node {
+        let b = Node {
             name: "node-b".into(),
             client: b_client,
             ha: b_ha,
             http: b_http,
             data_dir: dir.path().join("b"),
+            exe,
             args: args(a_ha, a_client, "100"),
             child: None,
             starts: 0,
             sockets: vec![b_client_l, b_ha_l, b_http_l],
         };
-        a.start()?;
-        b.start()?;
         Ok(Pair { a, b, gateway, dir })
     }
 

@@ -79,9 +79,31 @@ pub enum StoreError {
     Fenced { got: u64, current: u64 },
     #[error("replication: {0}")]
     Replication(String),
+    /// A pair member's disk failed: it confirms nothing more and hands the
+    /// role to its peer if that one is in sync; a client resends there.
+    #[error("this node's disk failed ({0}); its peer takes the role if it is in sync")]
+    FailedOver(String),
+    /// A commit was written to this node's store but its confirm was refused
+    /// (`reason`): it is in the store (kept across restarts, a resend of it
+    /// is deduplicated), it was just never promised.
+    #[error("{reason} (written here, never confirmed)")]
+    Unconfirmed { reason: Box<StoreError>, written: Box<writer::Committed> },
 }
 
 impl StoreError {
+    /// The refusal itself, for a commit written but not confirmed.
+    pub fn cause(&self) -> &StoreError {
+        match self {
+            StoreError::Unconfirmed { reason, .. } => reason.cause(),
+            other => other,
+        }
+    }
+
+    /// Not this node's to serve any more: the client resends to its peer.
+    pub fn retry_elsewhere(&self) -> bool {
+        matches!(self.cause(), StoreError::NotActive | StoreError::FailedOver(_))
+    }
+
     /// The store's contents fail their checks (ours or sled's own).
     pub fn is_corruption(&self) -> bool {
         matches!(

@@ -568,6 +568,7 @@ impl WriterState {
     fn handle(&mut self, r: Request, rx: &Receiver<Request>) {
         self.check_watchdog();
         let now = lease_now_ms();
+        self.refresh_lease();
         let mut out = Vec::new();
         match r {
             Request::Submit(..) | Request::Barrier(_) => {
@@ -752,8 +753,10 @@ impl WriterState {
                 }
             }
             Action::FailHeld(refusal) => {
+                let pair = !self.config.active;
                 for h in self.held.drain(..) {
-                    (h.done)(Err(refusal_error(&refusal)));
+                    let reason = Box::new(refusal_error(&refusal, pair));
+                    (h.done)(Err(StoreError::Unconfirmed { reason, written: Box::new(h.result) }));
                 }
             }
             Action::StreamSnapshot { conn, attach, through } => {
@@ -905,17 +908,25 @@ impl WriterState {
         Ok(())
     }
 
-    fn commit(&mut self, pending: &mut Vec<Request>) {
-        self.check_watchdog();
-        let now = lease_now_ms();
+    /// Pair: the lease the role arbiter renews, as of now. Every decision
+    /// that depends on it (admit, confirm what waited for a peer gone) must
+    /// see the latest, not the one of the last commit: with every publish
+    /// held, no commit renews it.
+    fn refresh_lease(&mut self) {
         if !self.config.active {
             self.replica.set_lease(self.stats.lease_until_ms.load(Ordering::Relaxed));
         }
+    }
+
+    fn commit(&mut self, pending: &mut Vec<Request>) {
+        self.check_watchdog();
+        let now = lease_now_ms();
+        self.refresh_lease();
         let admitted = match self.replica.admit(now) {
             Ok(a) => a,
             Err(refusal) => {
                 for r in pending.drain(..) {
-                    complete(r, Err(refusal_error(&refusal)));
+                    complete(r, Err(refusal_error(&refusal, !self.config.active)));
                 }
                 return;
             }
@@ -975,8 +986,9 @@ impl WriterState {
             Err(e) => {
                 tracing::error!(error = %e, first_seq, "store write failed; refusing further writes");
                 self.fail_disk(&e.to_string());
+                let pair = !self.config.active;
                 for (done, _) in plan {
-                    done(Err(StoreError::Failed(e.to_string())));
+                    done(Err(disk_error(e.to_string(), pair)));
                 }
                 return;
             }
@@ -1234,7 +1246,7 @@ impl WriterState {
             return Ok(());
         }
         let ids: Vec<(u64, u64)> = pending.iter().map(|(_, m)| (m.epoch, m.seq)).collect();
-        let admitted = self.replica.admit(lease_now_ms()).map_err(|r| refusal_error(&r))?;
+        let admitted = self.replica.admit(lease_now_ms()).map_err(|r| refusal_error(&r, !self.config.active))?;
         let mut ops = Vec::new();
         let mut created = std::collections::HashSet::new();
         let mut seq = admitted.first_seq;
@@ -1276,11 +1288,20 @@ fn be_u64(v: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
 }
 
-fn refusal_error(r: &Refusal) -> StoreError {
+/// `pair`: a failed disk sends clients to the peer.
+fn refusal_error(r: &Refusal, pair: bool) -> StoreError {
     match r {
         Refusal::NotActive => StoreError::NotActive,
         Refusal::NoReplica => StoreError::NoReplica,
-        Refusal::Failed(reason) => StoreError::Failed(reason.clone()),
+        Refusal::Failed(reason) => disk_error(reason.clone(), pair),
+    }
+}
+
+fn disk_error(reason: String, pair: bool) -> StoreError {
+    if pair {
+        StoreError::FailedOver(reason)
+    } else {
+        StoreError::Failed(reason)
     }
 }
 

@@ -621,8 +621,83 @@ fn an_active_whose_disk_failed_confirms_nothing_more() {
     let (_sa, a) = open_active(da.path());
     submit(&a, enqueue(1)).unwrap();
     a.disk_failed("test: a sync hung past disk_stall_ms");
-    assert!(matches!(submit(&a, enqueue(2)), Err(StoreError::Failed(_))));
+    // A pair member: the client is sent to the peer (which takes the role).
+    let refused = submit(&a, enqueue(2));
+    assert!(matches!(&refused, Err(e @ StoreError::FailedOver(_)) if e.retry_elsewhere()), "{refused:?}");
     assert!(a.stats().disk_failed.load(Relaxed));
+}
+
+#[test]
+fn a_single_node_whose_disk_failed_says_so_to_the_client() {
+    let da = tempfile::tempdir().unwrap();
+    let (_s, w) = open_with(da.path(), WriterConfig { active: true, ..WriterConfig::default() });
+    w.disk_failed("test: EIO");
+    let refused = submit(&w, vec![Op::DeleteQueue { key: "x".into() }]);
+    assert!(matches!(&refused, Err(e @ StoreError::Failed(_)) if !e.retry_elsewhere()), "{refused:?}");
+}
+
+/// A commit held for the follower, which stops answering (its connection
+/// is cut, the active does not know yet).
+fn held(a: &Writer, p: &Writer, l: &Link, i: u64) -> mpsc::Receiver<Result<Committed, StoreError>> {
+    l.cut(p, p); // only the passive's end: the active still waits for it
+    let (tx, rx) = mpsc::channel();
+    a.submit(enqueue(i), Box::new(move |r| tx.send(r).unwrap()));
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "held for the follower");
+    rx
+}
+
+#[test]
+fn what_waited_for_a_peer_declared_down_is_confirmed_under_the_lease_renewed_meanwhile() {
+    // The lease is renewed by the role arbiter while every publish is held
+    // (no commit renews the writer's copy): the peer declared down, what
+    // waited is confirmed single-copy, not refused as "not active".
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((_sa, a), (_sp, p), l) = in_sync_pair(da.path(), dp.path());
+    a.set_lease(clock::lease_now_ms() + 150);
+    let rx = held(&a, &p, &l, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    a.set_lease(clock::lease_now_ms() + 1000);
+    lose_peer(&a, &p, &l);
+    let r = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(r.is_ok(), "confirmed single-copy: {r:?}");
+}
+
+#[test]
+fn a_commit_written_but_refused_is_kept_and_says_so() {
+    // require_replica: the follower is gone, what waited for it is refused;
+    // it was written here all the same, and the refusal says what.
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = WriterConfig {
+        durability: Durability::Replicated,
+        active: false,
+        require_replica: true,
+        ..WriterConfig::default()
+    };
+    let (sa, a) = open_with(da.path(), cfg);
+    promote(&a, 1);
+    let (_sp, p) = open(dp.path());
+    let l = link(&a, &p);
+    wait_until("the passive is in sync", || in_sync(&p));
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    let rx = held(&a, &p, &l, 2);
+    lose_peer(&a, &p, &l);
+    match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+        Err(StoreError::Unconfirmed { reason, written }) => {
+            assert!(matches!(*reason, StoreError::NoReplica), "{reason:?}");
+            assert!(matches!(&written.ops[..], [Op::Enqueue { message, .. }] if message.payload == b"m2"));
+        }
+        other => panic!("expected a written, unconfirmed commit: {other:?}"),
+    }
+    drop((a, sa, p, l));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let rec = loop {
+        match Store::open(&StoreConfig::new(da.path())) {
+            Ok((_, rec)) => break rec,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "reopen: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(bodies(&rec, "q"), ["m2"], "in the store, as the refusal said");
 }
 
 #[test]
