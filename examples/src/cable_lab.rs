@@ -126,6 +126,8 @@ enum Cmd {
         max_messages: u64,
         #[arg(long)]
         max_seconds: u64,
+        #[arg(long, default_value_t = 30)]
+        failover_timeout_s: u64,
     },
     /// A command for the running lab: pull, replug, kill, restart, freeze, thaw, netem, status, load, report.
     #[command(external_subcommand)]
@@ -159,10 +161,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             rt.block_on(monitor::run(&node, &addr, &out, Duration::from_millis(interval_ms)))?;
             Ok(0)
         }
-        Cmd::Workload { servers, queue, out, rate, window, size, max_messages, max_seconds } => {
+        Cmd::Workload { servers, queue, out, rate, window, size, max_messages, max_seconds, failover_timeout_s } => {
             proc::exit_with_parent();
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            let args = workload::WorkloadArgs { servers, queue, out, rate, window, size, max_messages, max_seconds };
+            let args = workload::WorkloadArgs {
+                servers,
+                queue,
+                out,
+                rate,
+                window,
+                size,
+                max_messages,
+                max_seconds,
+                failover_timeout_s,
+            };
             rt.block_on(workload::run(args))?;
             Ok(0)
         }

@@ -595,7 +595,8 @@ impl Lab {
     // ---- workload and checker ----
 
     /// The workload's flags: both nodes, queue `lab`, 200 messages/s with
-    /// up to 32 in flight, at most 15 minutes and 200,000 messages.
+    /// up to 32 in flight, at most 15 minutes and 200,000 messages, a
+    /// failover of up to 30 s without errors.
     pub fn workload_args(&self) -> WorkloadArgs {
         WorkloadArgs {
             servers: vec![Node::A.client_addr(), Node::B.client_addr()],
@@ -606,6 +607,7 @@ impl Lab {
             size: 128,
             max_messages: 200_000,
             max_seconds: 900,
+            failover_timeout_s: 30,
         }
     }
 

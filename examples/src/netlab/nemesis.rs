@@ -59,6 +59,9 @@ use crate::faultfs::{self, Fault as DiskFault};
 /// stalls of 2-4 s are enough.
 pub const DISK_STALL_MS: u64 = 1000;
 
+/// The workload's `failover_timeout` in a nemesis run (the lab's is 30 s).
+pub const FAILOVER_TIMEOUT_S: u64 = 120;
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -881,6 +884,10 @@ pub fn run(lab_opts: LabOptions, opts: &Options) -> anyhow::Result<Outcome> {
     args.max_messages = 100_000_000;
     // Bounded: a round takes seconds; this is far beyond any run that works.
     args.max_seconds = 600 + 60 * opts.faults as u64;
+    // Longer than a stuck round (30 s) and the operator's restart after it,
+    // so that the run goes on and the checker counts it as stuck; no fault
+    // of the menu keeps the pair from serving for more than ~15 s.
+    args.failover_timeout_s = FAILOVER_TIMEOUT_S;
     let load = lab.start_workload(&args)?;
     let started = now_us();
     let mut rng = StdRng::seed_from_u64(opts.seed);

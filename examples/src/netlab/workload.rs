@@ -42,6 +42,9 @@ pub struct WorkloadArgs {
     pub size: usize,
     pub max_messages: u64,
     pub max_seconds: u64,
+    /// The clients' `failover_timeout`: how long a send or a consumer waits
+    /// for an active node before the application gets an error.
+    pub failover_timeout_s: u64,
 }
 
 impl WorkloadArgs {
@@ -64,17 +67,19 @@ impl WorkloadArgs {
             self.max_messages.to_string(),
             "--max-seconds".into(),
             self.max_seconds.to_string(),
+            "--failover-timeout-s".into(),
+            self.failover_timeout_s.to_string(),
         ]
     }
 }
 
 /// The client configuration of both clients: both nodes, a failover of up
-/// to 30 s without errors, and a heartbeat that notices a silent node
-/// (pulled cable, frozen process) within a second.
-pub fn client_config(servers: &[String], name: &str) -> ClientConfig {
+/// to `failover` without errors (the lab's runs: 30 s), and a heartbeat
+/// that notices a silent node (pulled cable, frozen process) within a second.
+pub fn client_config(servers: &[String], name: &str, failover: Duration) -> ClientConfig {
     ClientConfig::new(servers.iter().cloned())
         .client_name(name)
-        .failover_timeout(Duration::from_secs(30))
+        .failover_timeout(failover)
         .heartbeat_interval(Duration::from_millis(200))
         .heartbeat_timeout(Duration::from_millis(1000))
         .connect_timeout(Duration::from_secs(2))
@@ -108,11 +113,12 @@ async fn run_inner(args: &WorkloadArgs, rec: &JsonLines) -> anyhow::Result<()> {
         s.store(true, Ordering::Relaxed);
     });
 
-    let producer_client = Client::connect(client_config(&args.servers, "lab-producer").window(args.window))
+    let failover = Duration::from_secs(args.failover_timeout_s);
+    let producer_client = Client::connect(client_config(&args.servers, "lab-producer", failover).window(args.window))
         .await
         .context("producer: connect")?;
     let consumer_client =
-        Client::connect(client_config(&args.servers, "lab-consumer")).await.context("consumer: connect")?;
+        Client::connect(client_config(&args.servers, "lab-consumer", failover)).await.context("consumer: connect")?;
     for (client, who) in [(&producer_client, "producer"), (&consumer_client, "consumer")] {
         let mut events = client.events();
         let rec = rec.clone();
