@@ -388,8 +388,10 @@ impl Handler<FromPeer> for RoleArbiter {
 
 impl Handler<GatewayReport> for RoleArbiter {
     type Result = ();
-    fn handle(&mut self, r: GatewayReport, _: &mut Context<Self>) {
-        self.core.gateway(lease_now_ms(), r.reachable, r.answered);
+    fn handle(&mut self, r: GatewayReport, ctx: &mut Context<Self>) {
+        if self.core.gateway(lease_now_ms(), r.reachable, r.answered) {
+            self.tick(ctx);
+        }
     }
 }
 
