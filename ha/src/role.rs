@@ -106,6 +106,10 @@ pub enum Out {
     ExpireInSync,
     /// Passive: the active's heartbeat says how it holds for this node.
     PrimaryHolds { gen: u64, holds: bool },
+    /// Passive: the peer's position (the epoch it serves in or follows, and
+    /// whether it serves): if it may have served after this node did, the
+    /// cold-start rule ("nobody can have taken over since") is off, durably.
+    PeerPosition { epoch: u64, serving: bool },
     /// Active: the in-sync follower thinks it is not: tell it again.
     ReaffirmInSync,
     /// Active: the peer's disk failed (its store may be hung and silent):
@@ -172,6 +176,8 @@ pub struct RoleCore {
     promised: u64,
     raised: u64,
     holds_told: Option<(u64, bool)>,
+    /// The peer's position when this node last said `PeerPosition`.
+    position_told: Option<(u64, bool)>,
     last_reaffirm_ms: u64,
     disk_failed: Option<String>,
 }
@@ -201,6 +207,7 @@ impl RoleCore {
             promised: 0,
             raised: 0,
             holds_told: None,
+            position_told: None,
             last_reaffirm_ms: 0,
             disk_failed: None,
         }
@@ -314,6 +321,13 @@ impl RoleCore {
         if epoch > self.raised {
             self.raised = epoch;
             out.push(Out::RaiseFloor(epoch));
+        }
+        if !self.role.serves_clients() {
+            let position = (hb.epoch, hb.role.serves_clients());
+            if self.position_told != Some(position) {
+                self.position_told = Some(position);
+                out.push(Out::PeerPosition { epoch: position.0, serving: position.1 });
+            }
         }
         if hb.role.serves_clients() && !self.role.serves_clients() {
             let told = (hb.holding_gen, hb.holding);
@@ -434,6 +448,8 @@ impl RoleCore {
         if role != self.role {
             if role.serves_clients() && !self.role.serves_clients() {
                 self.failovers += 1;
+                // Once this node has served again, the peer's position is news.
+                self.position_told = None;
             }
             out.push(Out::RoleChanged { from: self.role, to: role, reason });
             self.role = role;

@@ -368,6 +368,7 @@ enum WReq {
     PeerFailed,
     ExpireInSync,
     PrimaryHolds(u64, u64),
+    PeerPosition(u64, u64),
     Reaffirm,
     /// With `true`: a vote granted, answered once the floor is durable.
     RaiseFloor(u64, bool),
@@ -1395,6 +1396,9 @@ impl World {
                 Out::GrantVote(e) => self.nodes[i].inbox.push_back(WReq::RaiseFloor(e, true)),
                 Out::PeerDown { alone } => self.nodes[i].inbox.push_back(WReq::PeerDown(alone)),
                 Out::ExpireInSync => self.nodes[i].inbox.push_back(WReq::ExpireInSync),
+                Out::PeerPosition { epoch, serving } => {
+                    self.nodes[i].inbox.push_back(WReq::PeerPosition(epoch, u64::from(serving)))
+                }
                 Out::PrimaryHolds { gen, holds } => {
                     self.nodes[i].inbox.push_back(WReq::PrimaryHolds(gen, u64::from(holds)))
                 }
@@ -1491,6 +1495,7 @@ impl World {
             WReq::PeerFailed => n.replica.peer_failed(local, &mut out),
             WReq::ExpireInSync => n.replica.expire_in_sync(),
             WReq::PrimaryHolds(gen, holds) => n.replica.primary_holds(gen, holds == 1),
+            WReq::PeerPosition(epoch, serving) => n.replica.peer_position(epoch, serving == 1, &mut out),
             WReq::Reaffirm => n.replica.reaffirm_in_sync(&mut out),
             WReq::RaiseFloor(e, vote) => {
                 let possible = n.replica.raise_floor(e, vote, &mut out);

@@ -59,7 +59,9 @@ fn seeds_that_once_broke_an_invariant_hold() {
     //   end). 33368: a primary whose disk failed as its follower caught up
     //   told it so without having made "not serving alone" durable; it came
     //   back alone after the follower had taken over.
-    for seed in [26989, 33368] {
+    // 75023: a node that saw its peer serve (forced, never attaching it)
+    //   kept its claim to have served last, took over without being in sync.
+    for seed in [26989, 33368, 75023] {
         if let Err(v) = run(seed, &SimConfig::default(), true) {
             panic!("{v}");
         }
@@ -208,4 +210,31 @@ fn a_failing_disk_on_either_node_holds_confirms_up_no_longer_than_a_takeover() {
             );
         }
     }
+}
+
+#[test]
+fn two_claims_to_have_served_last_in_one_epoch_do_not_both_stand() {
+    // a dies, b takes over (epoch 2) and dies at once: b served last, so b
+    // restarted alone may serve again (the cold-start rule). But a restarts
+    // first and the operator forces it, into epoch 2 as well (it cannot know
+    // b's); its disk stalls, so it never serves nor attaches b, yet its store
+    // now says it served last too. b restarts and hears a in its own epoch:
+    // b's claim may be stale, so when a dies b must wait, not serve alone
+    // and confirm what a (restarted alone on its own claim) would never see.
+    // Seed 75023 of the long run.
+    let _ = script(
+        "forced promotion over a node that served last",
+        &[
+            (1500, Kill(0)),
+            (1620, Kill(1)),
+            (2500, Restart(0)),
+            (2600, DiskStalls(0, 2500)),
+            (2800, ForcePromote(0)),
+            (3000, Restart(1)),
+            (5500, Kill(0)),
+            (7000, Kill(1)),
+            (7200, Restart(0)),
+            (9000, Restart(1)),
+        ],
+    );
 }

@@ -950,6 +950,22 @@ impl Replica {
         true
     }
 
+    /// Passive: the peer's position. A node that claims to have served last
+    /// (the cold-start rule) keeps the claim only over a peer that serves
+    /// nothing and is in an older epoch. A peer that serves took the role
+    /// after this node; a peer in the same epoch may have been promoted by
+    /// force into it without knowing of this node's (seed 75023), or follow
+    /// it: either way the two elect by rank while both are up, and a node
+    /// that then loses its peer waits rather than serve on a claim that may
+    /// be stale. (A newer epoch clears the claim as the floor rises.)
+    pub fn peer_position(&mut self, epoch: u64, serving: bool, out: &mut Vec<Action>) {
+        if self.failed.is_none() && !self.is_primary() && self.meta.serve_alone && (serving || epoch >= self.meta.epoch)
+        {
+            self.meta.serve_alone = false;
+            out.push(Action::PersistMeta { flush: true });
+        }
+    }
+
     /// What the peer's store held when last heard of (kept for operators).
     pub fn note_peer(&mut self, last_op_epoch: u64, last_seq: u64, out: &mut Vec<Action>) {
         if self.meta.peer_seen != Some((last_op_epoch, last_seq)) {
@@ -1151,6 +1167,26 @@ mod tests {
 
     fn confirms(out: &[Action]) -> bool {
         out.iter().any(|a| matches!(a, Action::Confirm { .. }))
+    }
+
+    #[test]
+    fn a_claim_to_have_served_last_stands_only_over_an_older_idle_peer() {
+        // Promoted alone, then stepped down for lack of a majority: it claims.
+        let claimant = || {
+            let mut a = node(7);
+            a.promote(3, 7, None, false, &mut Vec::new()).expect("promotes");
+            a.demote(true, &mut Vec::new());
+            assert!(a.meta().serve_alone);
+            a
+        };
+        for (epoch, serving, stands) in [(2, false, true), (3, false, false), (4, false, false), (2, true, false)] {
+            let mut a = claimant();
+            let mut out = Vec::new();
+            a.peer_position(epoch, serving, &mut out);
+            assert_eq!(a.meta().serve_alone, stands, "peer in epoch {epoch}, serving {serving}");
+            let persisted = out.iter().any(|a| matches!(a, Action::PersistMeta { flush: true }));
+            assert_eq!(persisted, !stands, "{out:?}");
+        }
     }
 
     #[test]
