@@ -194,6 +194,7 @@ impl RoleArbiter {
                 Out::PeerDown { alone } => self.writer.peer_down(alone),
                 Out::ExpireInSync => self.writer.expire_in_sync(),
                 Out::PrimaryHolds { gen, holds } => self.writer.primary_holds(gen, holds),
+                Out::PeerPosition { epoch, serving } => self.writer.peer_position(epoch, serving),
                 Out::ReaffirmInSync => self.writer.reaffirm_in_sync(),
                 Out::PeerFailed => self.writer.peer_failed(),
                 Out::Lease { until } => self.writer.set_lease(until),
@@ -388,8 +389,10 @@ impl Handler<FromPeer> for RoleArbiter {
 
 impl Handler<GatewayReport> for RoleArbiter {
     type Result = ();
-    fn handle(&mut self, r: GatewayReport, _: &mut Context<Self>) {
-        self.core.gateway(lease_now_ms(), r.reachable, r.answered);
+    fn handle(&mut self, r: GatewayReport, ctx: &mut Context<Self>) {
+        if self.core.gateway(lease_now_ms(), r.reachable, r.answered) {
+            self.tick(ctx);
+        }
     }
 }
 

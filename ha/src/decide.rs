@@ -178,8 +178,10 @@ fn decide_active(i: &Inputs) -> Decision {
         PeerView::Silent { .. } | PeerView::Dead if i.gateway => {
             d(Action::Stay, Role::ActiveAlone, "peer down, gateway up: serving alone (confirms are single-copy)")
         }
+        // No majority: passive at once, not at the end of the lease (the
+        // peer, if it sees the gateway, takes over once the lease is over).
         PeerView::Silent { .. } | PeerView::Dead => {
-            d(Action::Stay, Role::ActiveAlone, "neither peer nor gateway: lease still running")
+            d(Action::StepDown, Role::Isolated, "isolated: neither peer nor gateway; stepping down")
         }
     }
 }
@@ -314,10 +316,16 @@ mod tests {
                 Isolated,
             ),
             (
-                "active, neither, lease running: stay",
+                "active, neither, lease still running: passive at once (no majority)",
                 Inputs { peer: silent_short, gateway: false, last_heard_any_ms: NOW - 400, ..base(Active) },
-                Stay,
-                ActiveAlone,
+                StepDown,
+                Isolated,
+            ),
+            (
+                "active, peer process gone, no gateway: passive at once",
+                Inputs { peer: PeerView::Dead, gateway: false, last_heard_any_ms: NOW - 100, ..base(Active) },
+                StepDown,
+                Isolated,
             ),
             // Peer up and active.
             ("passive, peer active: stay passive", Inputs { peer: up(Active, |_| {}), ..base(Passive) }, Stay, Passive),

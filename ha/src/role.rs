@@ -28,6 +28,8 @@ use crate::Role;
 
 /// How long a peer's switchover request stays valid.
 const TAKEOVER_VALIDITY_MS: u64 = 5_000;
+/// Ticks come every 20 ms; a gap this long means the process stood still.
+const RESUME_GAP_MS: u64 = 250;
 
 /// The timings and identity the role depends on.
 #[derive(Debug, Clone)]
@@ -104,6 +106,10 @@ pub enum Out {
     ExpireInSync,
     /// Passive: the active's heartbeat says how it holds for this node.
     PrimaryHolds { gen: u64, holds: bool },
+    /// Passive: the peer's position (the epoch it serves in or follows, and
+    /// whether it serves): if it may have served after this node did, the
+    /// cold-start rule ("nobody can have taken over since") is off, durably.
+    PeerPosition { epoch: u64, serving: bool },
     /// Active: the in-sync follower thinks it is not: tell it again.
     ReaffirmInSync,
     /// Active: the peer's disk failed (its store may be hung and silent):
@@ -146,6 +152,9 @@ pub struct RoleCore {
     last_reason: &'static str,
     started_ms: u64,
     last_tick_ms: u64,
+    /// When this process last resumed after standing still (SIGSTOP, a
+    /// host pause): a flush running across that counts from here.
+    resumed_ms: u64,
     peer: PeerObs,
     gateway: bool,
     last_gateway_ok_ms: Option<u64>,
@@ -167,6 +176,8 @@ pub struct RoleCore {
     promised: u64,
     raised: u64,
     holds_told: Option<(u64, bool)>,
+    /// The peer's position when this node last said `PeerPosition`.
+    position_told: Option<(u64, bool)>,
     last_reaffirm_ms: u64,
     disk_failed: Option<String>,
 }
@@ -179,6 +190,7 @@ impl RoleCore {
             last_reason: "starting: a node starts passive",
             started_ms: now,
             last_tick_ms: now,
+            resumed_ms: 0,
             peer: PeerObs::default(),
             gateway: false,
             last_gateway_ok_ms: None,
@@ -195,6 +207,7 @@ impl RoleCore {
             promised: 0,
             raised: 0,
             holds_told: None,
+            position_told: None,
             last_reaffirm_ms: 0,
             disk_failed: None,
         }
@@ -309,6 +322,13 @@ impl RoleCore {
             self.raised = epoch;
             out.push(Out::RaiseFloor(epoch));
         }
+        if !self.role.serves_clients() {
+            let position = (hb.epoch, hb.role.serves_clients());
+            if self.position_told != Some(position) {
+                self.position_told = Some(position);
+                out.push(Out::PeerPosition { epoch: position.0, serving: position.1 });
+            }
+        }
         if hb.role.serves_clients() && !self.role.serves_clients() {
             let told = (hb.holding_gen, hb.holding);
             if self.holds_told != Some(told) {
@@ -331,11 +351,15 @@ impl RoleCore {
     }
 
     /// The gateway prober's verdict.
-    pub fn gateway(&mut self, now: u64, reachable: bool, answered: bool) {
+    /// Returns true when the gateway was just lost: decide at once (an
+    /// active alone must stop confirming single-copy), not at the next tick.
+    pub fn gateway(&mut self, now: u64, reachable: bool, answered: bool) -> bool {
+        let lost = self.gateway && !reachable;
         self.gateway = reachable;
         if answered {
             self.last_gateway_ok_ms = Some(now);
         }
+        lost
     }
 
     // ----- the peer's role messages -----
@@ -424,6 +448,8 @@ impl RoleCore {
         if role != self.role {
             if role.serves_clients() && !self.role.serves_clients() {
                 self.failovers += 1;
+                // Once this node has served again, the peer's position is news.
+                self.position_told = None;
             }
             out.push(Out::RoleChanged { from: self.role, to: role, reason });
             self.role = role;
@@ -453,6 +479,10 @@ impl RoleCore {
                 Ok(()) => {
                     self.takeover = None;
                     self.force_promote = false;
+                    if to.serves_clients() {
+                        // Serving again: an older hand-over's wait is over.
+                        self.holdoff_until_ms = 0;
+                    }
                     self.set_role(to, reason, out);
                 }
                 Err(_) if to.serves_clients() => self.force_promote = false,
@@ -486,9 +516,16 @@ impl RoleCore {
     pub fn tick(&mut self, now: u64, store: &StoreView, out: &mut Vec<Out>) {
         let gap = now.saturating_sub(self.last_tick_ms);
         self.last_tick_ms = now;
-        if store.flush_running_ms >= self.cfg.disk_stall_ms && self.disk_failed.is_none() {
-            let reason =
-                format!("a flush has taken {} ms (disk_stall_ms {})", store.flush_running_ms, self.cfg.disk_stall_ms);
+        if gap >= RESUME_GAP_MS {
+            self.resumed_ms = now;
+        }
+        // A stalled disk: a flush running for disk_stall_ms while this
+        // process ran (ticks keep coming while only the writer waits). The
+        // time the whole process stood still is not the disk's.
+        let flush_started = now.saturating_sub(store.flush_running_ms);
+        let stalled_ms = now.saturating_sub(flush_started.max(self.resumed_ms));
+        if store.flush_running_ms > 0 && stalled_ms >= self.cfg.disk_stall_ms && self.disk_failed.is_none() {
+            let reason = format!("a flush has taken {stalled_ms} ms (disk_stall_ms {})", self.cfg.disk_stall_ms);
             self.disk_failed = Some(reason.clone());
             out.push(Out::DiskFailed(reason));
         }
@@ -521,6 +558,10 @@ impl RoleCore {
             return;
         }
         let mut peer = self.peer_view(now);
+        if matches!(peer, PeerView::Up(p) if p.role.serves_clients()) {
+            // The peer took the role: a hand-over's wait is over.
+            self.holdoff_until_ms = 0;
+        }
         if let PeerView::Up(p) = &mut peer {
             if self.role.serves_clients() {
                 // What the passive says of itself may be stale (sent before it
@@ -542,8 +583,13 @@ impl RoleCore {
         }
         if self.role.serves_clients() {
             let lease_from = last_heard_any.unwrap_or(self.started_ms).max(self.lease_granted_ms);
-            out.push(Out::Lease { until: lease_from + self.cfg.isolation_timeout_ms });
-            if !matches!(peer, PeerView::Up(_)) {
+            let peer_up = matches!(peer, PeerView::Up(_));
+            // No majority (neither peer nor gateway): the lease is over now,
+            // before the step-down this tick decides reaches the store, so
+            // that nothing queued meanwhile is committed or confirmed.
+            let until = if peer_up || self.gateway { lease_from + self.cfg.isolation_timeout_ms } else { now };
+            out.push(Out::Lease { until });
+            if !peer_up {
                 out.push(Out::PeerDown { alone: self.gateway });
             }
             if let PeerView::Up(p) = peer {
@@ -643,6 +689,10 @@ impl RoleCore {
                 self.start(Out::Deactivate { still_last_active }, d.role, d.reason, now, out);
             }
             Action::HandOver => {
+                // The broker stops serving as the drain starts (what it
+                // accepted is confirmed as the peer acknowledges it): it is
+                // not active any more, and says so at once.
+                self.set_role(Role::Passive, d.reason, out);
                 self.busy = Busy::Drain(d.reason);
                 out.push(Out::Drain);
             }
@@ -655,5 +705,153 @@ impl RoleCore {
                 self.busy = Busy::No;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RoleConfig {
+        RoleConfig {
+            node_id: "a".into(),
+            priority: 200,
+            heartbeat_ms: 100,
+            peer_timeout_ms: 1000,
+            isolation_timeout_ms: 1000,
+            takeover_delay_ms: 1500,
+            failback_auto: false,
+            disk_stall_ms: 2000,
+        }
+    }
+
+    fn store(holding: bool) -> StoreView {
+        StoreView {
+            epoch: 1,
+            floor: 1,
+            last_seq: 10,
+            last_op_epoch: 1,
+            in_sync: None,
+            holding: (1, holding),
+            follower_acked: 10,
+            serve_alone: false,
+            outranked: false,
+            disk_failed: false,
+            flush_running_ms: 0,
+            loading: false,
+        }
+    }
+
+    fn passive_peer() -> Heartbeat {
+        Heartbeat {
+            role: Role::Passive,
+            epoch: 1,
+            floor: 1,
+            last_seq: 10,
+            last_op_epoch: 1,
+            sees_gateway: true,
+            in_sync: true,
+            holding: false,
+            holding_gen: 0,
+            serviceable: true,
+            disk_failed: false,
+        }
+    }
+
+    /// Node a, active in epoch 1 at `t` ms, its peer passive and in sync.
+    fn active_with_peer(t: u64) -> RoleCore {
+        let mut core = RoleCore::new(cfg(), 0);
+        core.peer_identity("b".into(), 100);
+        let mut out = Vec::new();
+        core.gateway(0, true, true);
+        core.heard_peer(0, passive_peer(), &mut out);
+        core.start(Out::Activate { at_least: 1, in_sync_gen: None, forced: false }, Role::Active, "test", 0, &mut out);
+        core.transition_done(0, Ok(()), &store(true), &mut out);
+        assert!(core.role().serves_clients());
+        let mut now = 0;
+        while now < t {
+            now += 100;
+            core.heard_peer(now, passive_peer(), &mut out);
+            core.gateway(now, true, true);
+            core.tick(now, &store(true), &mut out);
+        }
+        core
+    }
+
+    #[test]
+    fn a_node_handing_over_reports_passive_as_the_drain_starts() {
+        // It stops serving then (the broker drains): were the paths cut
+        // meanwhile, the peer could take over while this one still said active.
+        let mut core = active_with_peer(1000);
+        let mut out = Vec::new();
+        let mut now = 1000;
+        while !out.iter().any(|o| matches!(o, Out::Drain)) {
+            assert!(now < 5000, "no hand-over after the gateway was lost: {out:?}");
+            now += 100;
+            core.heard_peer(now, passive_peer(), &mut out);
+            core.gateway(now, false, false);
+            core.tick(now, &store(true), &mut out);
+        }
+        assert_eq!(core.role(), Role::Passive, "draining, it no longer says active");
+    }
+
+    #[test]
+    fn without_peer_or_gateway_the_lease_ends_at_once() {
+        // Declared down, the peer may see the gateway and take over: nothing
+        // queued for the store may be confirmed single-copy meanwhile.
+        let mut core = active_with_peer(1000);
+        let mut out = Vec::new();
+        // The peer falls silent; the gateway goes a little later.
+        let mut now = 1000;
+        let mut leases = Vec::new();
+        while now < 2500 {
+            now += 20;
+            core.gateway(now, now < 1500, now < 1500);
+            out.clear();
+            core.tick(now, &store(false), &mut out);
+            leases.extend(
+                out.iter().filter_map(|o| if let Out::Lease { until } = o { Some((now, *until)) } else { None }),
+            );
+        }
+        let (t, until) = *leases.last().expect("a lease while active");
+        assert!(until <= t, "a lease running on without a majority: until {until} at {t}");
+        assert!(!core.role().serves_clients(), "stepped down: {:?}", core.role());
+    }
+
+    #[test]
+    fn a_flush_across_a_freeze_of_the_whole_process_is_not_a_stalled_disk() {
+        let mut core = active_with_peer(1000);
+        let mut out = Vec::new();
+        let flushing = |ms| StoreView { flush_running_ms: ms, ..store(true) };
+        // SIGSTOP for 4 s in the middle of a flush: the first tick after it
+        // sees the flush running for 4 s.
+        core.heard_peer(5000, passive_peer(), &mut out);
+        core.tick(5000, &flushing(4010), &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Out::DiskFailed(_))), "{out:?}");
+        // The same flush still hanging disk_stall_ms after the process resumed: failed.
+        let mut now = 5000;
+        while now < 5000 + 2000 {
+            now += 20;
+            core.heard_peer(now, passive_peer(), &mut out);
+            core.tick(now, &flushing(4010 + now - 5000), &mut out);
+        }
+        assert!(out.iter().any(|o| matches!(o, Out::DiskFailed(_))), "{out:?}");
+    }
+
+    #[test]
+    fn the_wait_after_a_hand_over_ends_once_the_peer_took_the_role() {
+        let mut core = active_with_peer(1000);
+        let mut out = Vec::new();
+        core.gateway(1000, false, false);
+        core.switchover().expect("active");
+        core.tick(1000, &store(true), &mut out);
+        assert!(out.iter().any(|o| matches!(o, Out::Drain)), "{out:?}");
+        core.transition_done(1010, Ok(()), &store(true), &mut out);
+        assert!(core.holdoff_until_ms > 1010);
+        // The peer takes the role, then (say) dies; the wait is not still running.
+        let active_peer = Heartbeat { role: Role::Active, epoch: 2, floor: 2, ..passive_peer() };
+        core.heard_peer(1100, active_peer, &mut out);
+        core.tick(1100, &store(false), &mut out);
+        assert_eq!(core.holdoff_until_ms, 0);
     }
 }

@@ -30,6 +30,7 @@ use bytes::Bytes;
 use twinmq_store::repl::{Action as RA, ConnId, ReplFrame, ReplMeta, Replica, ReplicaConfig};
 use twinmq_store::Durability;
 
+use crate::decide::PeerView;
 use crate::role::{Out, RoleConfig, RoleCore, StoreView};
 use crate::wire::{Heartbeat, RoleMsg};
 
@@ -275,6 +276,22 @@ fn apply_write(img: &mut Image, w: Write) {
     }
 }
 
+/// One confirmed message.
+#[derive(Debug, Clone, Copy)]
+struct Confirmed {
+    /// Global time.
+    at: u64,
+    by: usize,
+    /// Single-copy since: the start of the confirming node's time without an
+    /// in-sync follower.
+    alone: Option<u64>,
+    /// The confirming node saw a majority at its last decision (the gateway
+    /// reachable, or its peer up): a single-copy confirm may then be one
+    /// side of a split (DESIGN.md section 4). Without either it confirms
+    /// nothing (it cuts its lease at that decision).
+    majority: bool,
+}
+
 /// A disk: what survives a crash (`durable`), what the process sees (`current`).
 #[derive(Debug, Default)]
 struct Disk {
@@ -351,6 +368,7 @@ enum WReq {
     PeerFailed,
     ExpireInSync,
     PrimaryHolds(u64, u64),
+    PeerPosition(u64, u64),
     Reaffirm,
     /// With `true`: a vote granted, answered once the floor is durable.
     RaiseFloor(u64, bool),
@@ -423,6 +441,10 @@ struct Node {
     next_probe: u64,
     gw_failures: u32,
     gw_reachable: bool,
+    /// At its last decision the role saw a majority (the gateway, or its
+    /// peer up): what it acts on until the next (a confirm in between was
+    /// allowed by it).
+    majority: bool,
     attached: Option<(ConnId, u64)>,
     force_pending: bool,
     handover_sent: u64,
@@ -460,9 +482,8 @@ struct World {
     /// No client publishes for now.
     quiet: bool,
     last_confirm: Option<u64>,
-    /// Confirmed messages: (global time, by node, single-copy since: the
-    /// start of the confirming node's time without an in-sync follower).
-    confirmed: BTreeMap<MsgId, (u64, usize, Option<u64>)>,
+    /// Confirmed messages.
+    confirmed: BTreeMap<MsgId, Confirmed>,
     /// Since when each node confirms without an in-sync follower.
     alone_from: [Option<u64>; 2],
     /// When each node served (promotion done to step-down), global times.
@@ -529,7 +550,12 @@ impl World {
         let mut rng = Rng(seed);
         let hb = [10, 20, 30][rng.below(3) as usize];
         let peer_timeout = hb * rng.range(5, 10);
-        let isolation = peer_timeout;
+        // Half the pairs are configured with a longer lease than peer_timeout
+        // (any isolation_timeout below takeover_delay is valid). Drawn from
+        // a dice of its own, so that the other draws of a seed stay as they were.
+        let mut lease_dice = Rng(seed ^ 0x6C65_6173_6520_6469);
+        let isolation =
+            if lease_dice.chance(0.5) { peer_timeout } else { peer_timeout + lease_dice.range(hb, peer_timeout) };
         let takeover = isolation + hb + rng.range(10, 100);
         let base = |id: &str, priority| RoleConfig {
             node_id: id.into(),
@@ -625,6 +651,7 @@ impl World {
             next_probe: local,
             gw_failures: 0,
             gw_reachable: false,
+            majority: false,
             attached: None,
             force_pending: false,
             handover_sent: 0,
@@ -1279,7 +1306,11 @@ impl World {
                 }
             }
             let reachable = n.gw_reachable;
-            n.role.gateway(local, reachable, ok);
+            if n.role.gateway(local, reachable, ok) {
+                // As the arbiter does: decide at once.
+                n.next_tick = local;
+                self.role_tick(i);
+            }
         }
     }
 
@@ -1340,6 +1371,8 @@ impl World {
         }
         let mut out = Vec::new();
         self.nodes[i].role.tick(local, &view, &mut out);
+        let role = &self.nodes[i].role;
+        self.nodes[i].majority = role.gateway_reachable() || matches!(role.peer_view(local), PeerView::Up(_));
         self.do_outs(i, out);
     }
 
@@ -1363,6 +1396,9 @@ impl World {
                 Out::GrantVote(e) => self.nodes[i].inbox.push_back(WReq::RaiseFloor(e, true)),
                 Out::PeerDown { alone } => self.nodes[i].inbox.push_back(WReq::PeerDown(alone)),
                 Out::ExpireInSync => self.nodes[i].inbox.push_back(WReq::ExpireInSync),
+                Out::PeerPosition { epoch, serving } => {
+                    self.nodes[i].inbox.push_back(WReq::PeerPosition(epoch, u64::from(serving)))
+                }
                 Out::PrimaryHolds { gen, holds } => {
                     self.nodes[i].inbox.push_back(WReq::PrimaryHolds(gen, u64::from(holds)))
                 }
@@ -1459,6 +1495,7 @@ impl World {
             WReq::PeerFailed => n.replica.peer_failed(local, &mut out),
             WReq::ExpireInSync => n.replica.expire_in_sync(),
             WReq::PrimaryHolds(gen, holds) => n.replica.primary_holds(gen, holds == 1),
+            WReq::PeerPosition(epoch, serving) => n.replica.peer_position(epoch, serving == 1, &mut out),
             WReq::Reaffirm => n.replica.reaffirm_in_sync(&mut out),
             WReq::RaiseFloor(e, vote) => {
                 let possible = n.replica.raise_floor(e, vote, &mut out);
@@ -1695,8 +1732,9 @@ impl World {
                 } else {
                     Some(*self.alone_from[i].get_or_insert(self.now))
                 };
+                let c = Confirmed { at: self.now, by: i, alone, majority: self.nodes[i].majority };
                 for m in done {
-                    self.confirmed.entry(m).or_insert((self.now, i, alone));
+                    self.confirmed.entry(m).or_insert(c);
                 }
                 self.confirm_gap(true);
                 for ids in replies {
@@ -1841,24 +1879,28 @@ impl World {
         let held = self.nodes[i].disk.current.all();
         let mut missing = Vec::new();
         let mut new_split = false;
-        for (m, (t, by, alone)) in &self.confirmed {
+        for (m, c) in &self.confirmed {
             if held.contains(m) || self.destroyed.contains(m) {
                 continue;
             }
             // Behind a partition (or just after it: the takeover was decided
             // on the silence it caused, before the first heartbeat arrives).
+            let t = c.at;
             let partitioned = takeover
-                && (self.partition_since.is_some_and(|s| s <= *t)
-                    || (*t >= self.partition_began && now < self.partition_ended + grace));
+                && (self.partition_since.is_some_and(|s| s <= t)
+                    || (t >= self.partition_began && now < self.partition_ended + grace));
             let split = peer_serves || partitioned;
-            if *by == other && alone.is_some_and(|a| split || served_during(a)) {
+            // One side of a split: confirmed single-copy by the peer while it
+            // had a majority (never without one).
+            let one_side = c.by == other && c.majority && c.alone.is_some();
+            if one_side && c.alone.is_some_and(|a| split || served_during(a)) {
                 new_split = true;
                 continue;
             }
-            if *by == other && alone.is_some() && self.split_since.is_some_and(|s| s <= *t) {
+            if one_side && self.split_since.is_some_and(|s| s <= t) {
                 continue;
             }
-            missing.push((*m, *t, *by));
+            missing.push((*m, t, c.by));
         }
         if new_split || peer_serves {
             self.split_since.get_or_insert(now);

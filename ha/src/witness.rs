@@ -57,22 +57,27 @@ impl Actor for WitnessProber {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(self.interval, |w, ctx| {
-            if w.probing {
-                return;
-            }
-            w.probing = true;
-            let gateway = w.gateway.clone();
-            let timeout = w.interval.max(Duration::from_millis(50));
-            ctx.spawn(probe(gateway, timeout).into_actor(w).map(|ok, w, _| {
-                w.probing = false;
-                w.record(ok);
-            }));
-        });
+        // The first probe at once: a node that sees no gateway yet has no
+        // majority without its peer (and steps down if the peer goes).
+        self.probe_now(ctx);
+        ctx.run_interval(self.interval, |w, ctx| w.probe_now(ctx));
     }
 }
 
 impl WitnessProber {
+    fn probe_now(&mut self, ctx: &mut Context<Self>) {
+        if self.probing {
+            return;
+        }
+        self.probing = true;
+        let gateway = self.gateway.clone();
+        let timeout = self.interval.max(Duration::from_millis(50));
+        ctx.spawn(probe(gateway, timeout).into_actor(self).map(|ok, w, _| {
+            w.probing = false;
+            w.record(ok);
+        }));
+    }
+
     fn record(&mut self, ok: bool) {
         let before = self.reachable;
         if ok {

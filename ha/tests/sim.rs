@@ -59,7 +59,9 @@ fn seeds_that_once_broke_an_invariant_hold() {
     //   end). 33368: a primary whose disk failed as its follower caught up
     //   told it so without having made "not serving alone" durable; it came
     //   back alone after the follower had taken over.
-    for seed in [26989, 33368] {
+    // 75023: a node that saw its peer serve (forced, never attaching it)
+    //   kept its claim to have served last, took over without being in sync.
+    for seed in [26989, 33368, 75023] {
         if let Err(v) = run(seed, &SimConfig::default(), true) {
             panic!("{v}");
         }
@@ -137,6 +139,58 @@ fn an_active_cut_off_from_everything_does_not_come_back_alone_over_a_takeover() 
 }
 
 #[test]
+fn an_active_that_sees_neither_peer_nor_gateway_confirms_nothing_alone() {
+    // a loses the gateway and every path to b at once, while publishes wait
+    // for b; b, seeing the gateway, takes over after takeover_delay. a must
+    // not confirm what waited for b single-copy meanwhile (it has no
+    // majority): killed before the cables return, it could never hand it over.
+    // The gateway goes a little after the paths: a's lease (from the last
+    // gateway answer) outlasts the moment it declares b down.
+    for gw_later in [20, 50, 80] {
+        let _ = script(
+            "active cut off from everything, then killed",
+            &[
+                (1500, Cut(0)),
+                (1500, Cut(1)),
+                (1500 + gw_later, LoseGateway(0)),
+                (3500, Kill(0)),
+                (5000, Gateway(0)),
+                (5000, Repair(0)),
+                (5000, Repair(1)),
+                (6000, Restart(0)),
+            ],
+        );
+    }
+}
+
+#[test]
+fn a_node_that_handed_the_role_over_and_took_it_back_does_not_wait_on_the_old_hand_over() {
+    // a leaves the client network and hands over to b; b dies, a takes the
+    // role back (epoch 3). a is then cut off from everything and steps down;
+    // b restarts (it must wait for a). Once the cables return, a has the
+    // newest store and is elected at once: the 5 s wait after its hand-over
+    // is long over in spirit (the peer took the role, a served again).
+    let steps = [
+        (1500, LoseGateway(0)),
+        (2500, Gateway(0)),
+        (3000, Kill(1)),
+        (3500, Cut(0)),
+        (3500, Cut(1)),
+        (3500, LoseGateway(0)),
+        (3600, Restart(1)),
+        (4000, Repair(0)),
+        (4000, Repair(1)),
+        (4000, Gateway(0)),
+        (8000, Traffic(true)),
+    ];
+    for s in script("hand-over, then the role back", &steps) {
+        // Cut off 500 ms, then an election: well under the 5 s hold-off.
+        let bound = 500 + 4 * s.takeover_delay_ms;
+        assert!(s.max_confirm_gap_ms <= bound, "no confirm for {} ms (bound {bound})", s.max_confirm_gap_ms);
+    }
+}
+
+#[test]
 fn a_failing_disk_on_either_node_holds_confirms_up_no_longer_than_a_takeover() {
     // Confirms resume on the healthy node within takeover_delay + 1 s of the
     // disk being found failed (at once for an error, after disk_stall_ms for
@@ -156,4 +210,31 @@ fn a_failing_disk_on_either_node_holds_confirms_up_no_longer_than_a_takeover() {
             );
         }
     }
+}
+
+#[test]
+fn two_claims_to_have_served_last_in_one_epoch_do_not_both_stand() {
+    // a dies, b takes over (epoch 2) and dies at once: b served last, so b
+    // restarted alone may serve again (the cold-start rule). But a restarts
+    // first and the operator forces it, into epoch 2 as well (it cannot know
+    // b's); its disk stalls, so it never serves nor attaches b, yet its store
+    // now says it served last too. b restarts and hears a in its own epoch:
+    // b's claim may be stale, so when a dies b must wait, not serve alone
+    // and confirm what a (restarted alone on its own claim) would never see.
+    // Seed 75023 of the long run.
+    let _ = script(
+        "forced promotion over a node that served last",
+        &[
+            (1500, Kill(0)),
+            (1620, Kill(1)),
+            (2500, Restart(0)),
+            (2600, DiskStalls(0, 2500)),
+            (2800, ForcePromote(0)),
+            (3000, Restart(1)),
+            (5500, Kill(0)),
+            (7000, Kill(1)),
+            (7200, Restart(0)),
+            (9000, Restart(1)),
+        ],
+    );
 }

@@ -160,6 +160,7 @@ enum Request {
     PeerFailed,
     ExpireInSync,
     PrimaryHolds(u64, bool),
+    PeerPosition(u64, bool),
     Reaffirm,
     RaiseFloor(u64, Option<Callback<()>>),
     Promote {
@@ -415,6 +416,12 @@ impl Writer {
         self.send(Request::PrimaryHolds(gen, holds));
     }
 
+    /// Passive: the peer's epoch and whether it serves (see
+    /// `Replica::peer_position`).
+    pub fn peer_position(&self, epoch: u64, serving: bool) {
+        self.send(Request::PeerPosition(epoch, serving));
+    }
+
     /// Active: tell the in-sync follower again that it is.
     pub fn reaffirm_in_sync(&self) {
         self.send(Request::Reaffirm);
@@ -623,6 +630,7 @@ impl WriterState {
             }
             Request::ExpireInSync => self.replica.expire_in_sync(),
             Request::PrimaryHolds(gen, holds) => self.replica.primary_holds(gen, holds),
+            Request::PeerPosition(epoch, serving) => self.replica.peer_position(epoch, serving, &mut out),
             Request::Reaffirm => self.replica.reaffirm_in_sync(&mut out),
             Request::RaiseFloor(epoch, done) => {
                 let possible = self.replica.raise_floor(epoch, done.is_some(), &mut out);

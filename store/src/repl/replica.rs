@@ -191,6 +191,9 @@ struct Primary {
     force_snapshot: bool,
     /// A follower answered with a higher epoch: this node must step down.
     outranked: bool,
+    /// Peer declared down and no gateway: no majority, nothing is
+    /// confirmed (until the gateway or the peer returns, or the step-down).
+    no_majority: bool,
 }
 
 #[derive(Debug)]
@@ -417,7 +420,9 @@ impl Replica {
             State::Follower(_) => return,
         };
         let State::Primary(p) = &mut self.state else { return };
-        let horizon = if !holds {
+        let horizon = if p.no_majority {
+            p.confirmed
+        } else if !holds {
             p.flushed
         } else {
             match &p.link {
@@ -448,6 +453,8 @@ impl Replica {
         let last_seq = self.next_seq - 1;
         let history = self.meta.history.clone();
         let State::Primary(p) = &mut self.state else { return };
+        // The peer is back: a majority again.
+        p.no_majority = false;
         p.attaches += 1;
         let attach = AttachId { epoch: p.epoch, promotion: p.promotion, n: p.attaches };
         p.link = Some(Link { conn, attach, phase: LinkPhase::Handshake, acked: 0, in_sync: false });
@@ -486,11 +493,12 @@ impl Replica {
         }
     }
 
-    /// The peer is declared down (not just a connection lost): release what
-    /// waits for it as single-copy confirms, or fail it. `alone`: this node
-    /// sees the gateway (active alone, DESIGN.md section 4), so nobody can
-    /// take over without it knowing, short of a split: a restart may serve
-    /// alone. An isolated node (no gateway) cannot say so: its peer may take over.
+    /// The peer is declared down (not just a connection lost). `alone`:
+    /// this node sees the gateway (active alone, DESIGN.md section 4): what
+    /// waits for the peer is confirmed single-copy (or failed with
+    /// `require_replica`), and a restart may serve alone, as nobody can take
+    /// over without it knowing, short of a split. Without the gateway it has
+    /// no majority: nothing changes, its peer may be taking over.
     pub fn peer_down(&mut self, now: u64, alone: bool, out: &mut Vec<Action>) {
         let lease_ok = self.lease_valid(now);
         let State::Primary(p) = &mut self.state else { return };
@@ -499,7 +507,15 @@ impl Replica {
             // is lost first; the verdict, repeated while the peer is down, applies then.
             return;
         }
-        self.release_for_peer_gone(lease_ok, alone, out);
+        // Neither peer nor gateway: no majority, nothing more is confirmed,
+        // single-copy or not (the peer, which may see the gateway, takes over
+        // once this lease is over). What waits keeps waiting: for the peer's
+        // return, the gateway's (then single-copy), or the step-down that
+        // refuses it.
+        p.no_majority = !alone;
+        if alone {
+            self.release_for_peer_gone(lease_ok, alone, out);
+        }
     }
 
     /// The peer is gone (declared down, or its disk failed): this node is
@@ -934,6 +950,22 @@ impl Replica {
         true
     }
 
+    /// Passive: the peer's position. A node that claims to have served last
+    /// (the cold-start rule) keeps the claim only over a peer that serves
+    /// nothing and is in an older epoch. A peer that serves took the role
+    /// after this node; a peer in the same epoch may have been promoted by
+    /// force into it without knowing of this node's (seed 75023), or follow
+    /// it: either way the two elect by rank while both are up, and a node
+    /// that then loses its peer waits rather than serve on a claim that may
+    /// be stale. (A newer epoch clears the claim as the floor rises.)
+    pub fn peer_position(&mut self, epoch: u64, serving: bool, out: &mut Vec<Action>) {
+        if self.failed.is_none() && !self.is_primary() && self.meta.serve_alone && (serving || epoch >= self.meta.epoch)
+        {
+            self.meta.serve_alone = false;
+            out.push(Action::PersistMeta { flush: true });
+        }
+    }
+
     /// What the peer's store held when last heard of (kept for operators).
     pub fn note_peer(&mut self, last_op_epoch: u64, last_seq: u64, out: &mut Vec<Action>) {
         if self.meta.peer_seen != Some((last_op_epoch, last_seq)) {
@@ -1043,6 +1075,7 @@ impl Primary {
             gen: 0,
             force_snapshot: false,
             outranked: false,
+            no_majority: false,
         }
     }
 }
@@ -1123,6 +1156,62 @@ mod tests {
         assert!(persist.is_some() && persist < insync, "{told:?}");
         deliver(&mut b, told);
         assert!(b.in_sync().is_some());
+    }
+
+    fn commit(a: &mut Replica, now: u64) -> Vec<Action> {
+        let adm = a.admit(now).expect("admitted");
+        let mut out = Vec::new();
+        a.committed(adm.first_seq, adm.first_seq, Bytes::from_static(b"op"), &mut out);
+        out
+    }
+
+    fn confirms(out: &[Action]) -> bool {
+        out.iter().any(|a| matches!(a, Action::Confirm { .. }))
+    }
+
+    #[test]
+    fn a_claim_to_have_served_last_stands_only_over_an_older_idle_peer() {
+        // Promoted alone, then stepped down for lack of a majority: it claims.
+        let claimant = || {
+            let mut a = node(7);
+            a.promote(3, 7, None, false, &mut Vec::new()).expect("promotes");
+            a.demote(true, &mut Vec::new());
+            assert!(a.meta().serve_alone);
+            a
+        };
+        for (epoch, serving, stands) in [(2, false, true), (3, false, false), (4, false, false), (2, true, false)] {
+            let mut a = claimant();
+            let mut out = Vec::new();
+            a.peer_position(epoch, serving, &mut out);
+            assert_eq!(a.meta().serve_alone, stands, "peer in epoch {epoch}, serving {serving}");
+            let persisted = out.iter().any(|a| matches!(a, Action::PersistMeta { flush: true }));
+            assert_eq!(persisted, !stands, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn without_peer_or_gateway_nothing_is_confirmed_single_copy() {
+        let (mut a, mut b, resume) = streaming_pair();
+        let ack = deliver(&mut b, resume);
+        let told = deliver(&mut a, ack);
+        deliver(&mut b, told);
+        // The follower's connection is lost: what comes now waits for it.
+        a.connection_lost(CONN, &mut Vec::new());
+        let held = commit(&mut a, 0);
+        assert!(!confirms(&held), "{held:?}");
+        // Declared down, but the gateway is gone too: no majority, it waits on.
+        let mut out = Vec::new();
+        a.peer_down(0, false, &mut out);
+        assert!(!confirms(&out), "confirmed without a majority: {out:?}");
+        assert!(!confirms(&commit(&mut a, 0)));
+        // The gateway answers again: single-copy, as active-alone.
+        let mut out = Vec::new();
+        a.peer_down(0, true, &mut out);
+        assert!(confirms(&out), "{out:?}");
+        assert!(confirms(&commit(&mut a, 0)));
+        // Alone, then the gateway goes: nothing more is confirmed.
+        a.peer_down(0, false, &mut Vec::new());
+        assert!(!confirms(&commit(&mut a, 0)));
     }
 
     #[test]
