@@ -18,15 +18,6 @@
 //! report) goes straight to the test's stdout and stderr, so CI logs show
 //! it. Files of a failed run stay in `target/tmp/nemesis/<pid>/`.
 //!
-//! One known broker problem is kept out of this run so that it guards
-//! everything else (docs/FAILOVER.md, "Nemesis", has it with its evidence;
-//! drop the flag once it is fixed): `--disk-stall-ms 6000`, longer than any
-//! freeze of the run (5 s at most). With the nemesis' usual 1,000 ms, a
-//! node frozen (SIGSTOP) in the middle of a flush for longer than
-//! `disk_stall_ms` counts its disk as failed when it resumes and waits for
-//! an operator's restart; and while it waits it refuses its peer's vote, so
-//! a peer that restarts meanwhile never serves either: the pair is stuck.
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -45,7 +36,7 @@ fn forty_seeded_faults_lose_nothing_and_never_leave_two_actives_or_a_stuck_pair(
     let _ = std::fs::remove_dir_all(&dir);
     let started = Instant::now();
     let status = Command::new(EXE)
-        .args(["nemesis", "--faults", "40", "--seed", "9", "--disk-stall-ms", "6000"])
+        .args(["nemesis", "--faults", "40", "--seed", "9"])
         .arg("--dir")
         .arg(&dir)
         .status()
