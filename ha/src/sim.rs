@@ -1517,6 +1517,12 @@ impl World {
                         });
                         // Primary from here, even if it never gets to serve.
                         self.served[i].push((self.now, u64::MAX));
+                        if forced {
+                            // The operator's order stands from here: the forced
+                            // meta may reach the disk (and a restart serve on it)
+                            // even if the node dies before it serves (seed 115283).
+                            self.forced_since.get_or_insert(self.now);
+                        }
                         self.alone_from[i] = None;
                         let mut steps: Vec<Step> = out.into_iter().map(Step::Act).collect();
                         steps.push(Step::Promoted { forced, takeover: in_sync_gen.is_some() });
