@@ -14,15 +14,35 @@
 //! - `none`: the op is in sled's in-memory buffers; sled's background flush
 //!   writes it within about 500 ms. A crash may lose confirmed messages. For
 //!   tests and benchmarks that say so.
-//! - `local`: the batch record holding the op was flushed (fsync) on this
-//!   node before the completion ran. A crash of the process or of the host
-//!   loses nothing that was confirmed.
-//! - `replicated` (the pair): as `local`, and the peer has flushed the same
-//!   record before the confirmation (the HA crate adds that wait; the store
-//!   flushes exactly as for `local`).
+//! - `local`: before the completion runs, [`Store::sync`] made the batch
+//!   record durable on this node: sled's flush (which itself ends in
+//!   `sync_file_range`, no metadata and no device cache flush), then an
+//!   `fdatasync` of sled's log file, and an `fsync` of every blob file sled
+//!   wrote since (values over a quarter of its segment size go to files of
+//!   their own under `blobs/`) and of that directory. One sync per group
+//!   commit, however many messages it holds. A crash of the process or a
+//!   power loss of the host loses nothing that was confirmed (checked with
+//!   strace: `docs/BENCHMARKS.md`). In a pair, `local` is asynchronous
+//!   replication: a takeover may serve without the newest confirms the
+//!   peer had not acknowledged; they are kept (never wiped by a snapshot)
+//!   and handed over when the old active returns, lost only with its disk.
+//! - `replicated` (the pair's default): as `local`, and the peer made the
+//!   same record durable the same way before it acknowledged it, before the
+//!   confirmation. Once the peer is declared down, and only while this node
+//!   sees the gateway (a majority), confirms are single-copy (the first such
+//!   op is recorded durably, for the hand-over should the peer's history
+//!   move on without it), or refused with `require_replica`. Without a
+//!   majority nothing is confirmed.
+//!
+//! A sync that fails, or runs longer than `disk_stall_ms`, counts as a
+//! failed disk: nothing is confirmed on this node after it (what waited is
+//! refused with [`StoreError::Unconfirmed`] if it was written, or
+//! [`StoreError::FailedOver`] in a pair, which sends clients to the peer).
 //!
 //! Every record carries a CRC32 of its body; a store whose records fail their
-//! checks refuses to open ([`StoreError::Corrupt`]).
+//! checks refuses to open ([`StoreError::Corrupt`], see
+//! [`StoreError::is_corruption`]); a pair member then sets it aside and
+//! resyncs from its peer (the broker does that).
 //!
 //! # Layout
 //!
