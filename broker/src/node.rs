@@ -168,9 +168,9 @@ impl Handler<RoleCommand> for Node {
 
     fn handle(&mut self, cmd: RoleCommand, _: &mut Context<Self>) -> Self::Result {
         match cmd {
-            RoleCommand::Activate { at_least, in_sync_gen, forced } => {
+            RoleCommand::Activate { at_least, in_sync_gen, how } => {
                 let w = self.writer.clone();
-                let promote = writer_call(move |done| w.promote(at_least, in_sync_gen, forced, done));
+                let promote = writer_call(move |done| w.promote(at_least, in_sync_gen, how, done));
                 Box::pin(promote.into_actor(self).map(|res, act, _| {
                     let recovered = res?;
                     act.serve(recovered);

@@ -15,6 +15,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::watch;
 use twinmq_store::clock::lease_now_ms;
+use twinmq_store::repl::Promotion;
 use twinmq_store::Writer;
 
 use crate::config::{Failback, HaConfig};
@@ -31,7 +32,7 @@ use crate::Role;
 pub enum RoleCommand {
     /// Promote the store (to an epoch of at least `at_least`; with
     /// `in_sync_gen`, only if still in sync under it) and start serving.
-    Activate { at_least: u64, in_sync_gen: Option<u64>, forced: bool },
+    Activate { at_least: u64, in_sync_gen: Option<u64>, how: Promotion },
     /// Stop serving at once (close client connections) and demote the store.
     /// `still_last_active`: stepped down for lack of a majority, with nobody
     /// known to have taken over: the cold-start rule may bring it back.
@@ -168,8 +169,8 @@ impl RoleArbiter {
     fn perform(&mut self, outs: Vec<Out>, ctx: &mut Context<Self>) {
         for o in outs {
             match o {
-                Out::Activate { at_least, in_sync_gen, forced } => {
-                    self.command(RoleCommand::Activate { at_least, in_sync_gen, forced }, ctx)
+                Out::Activate { at_least, in_sync_gen, how } => {
+                    self.command(RoleCommand::Activate { at_least, in_sync_gen, how }, ctx)
                 }
                 Out::Deactivate { still_last_active } => {
                     self.command(RoleCommand::Deactivate { still_last_active }, ctx)

@@ -22,6 +22,8 @@
 //!   jumped past its lease steps down before anything else.
 //! - **A failing disk**: a flush slower than `disk_stall_ms` counts as failed.
 
+use twinmq_store::repl::Promotion;
+
 use crate::decide::{decide, Action, Inputs, PeerStatus, PeerView};
 use crate::wire::{Heartbeat, RoleMsg};
 use crate::Role;
@@ -86,7 +88,7 @@ pub enum Out {
     /// Promote the store (to an epoch of at least `at_least`; with
     /// `in_sync_gen`, only if still in sync under it; `forced` by the
     /// operator) and start serving. Answer with [`RoleCore::transition_done`].
-    Activate { at_least: u64, in_sync_gen: Option<u64>, forced: bool },
+    Activate { at_least: u64, in_sync_gen: Option<u64>, how: Promotion },
     /// Stop serving now and demote the store. Answer with `transition_done`.
     Deactivate { still_last_active: bool },
     /// Stop serving, wait until every commit is confirmed (acknowledged by the
@@ -373,8 +375,11 @@ impl RoleCore {
                 // The same request again (a resend): the same answer.
                 let again = epoch == self.promised && epoch > 0;
                 // A failed disk cannot make the promise durable: no vote.
+                // Not while an operator's forced promotion is pending: it
+                // would serve in the next epoch beside the candidate (seed 122091).
                 let grant = !self.role.serves_clients()
                     && self.busy == Busy::No
+                    && !self.force_promote
                     && !self.disk_failed(store)
                     && (again || epoch > store.floor.max(self.promised))
                     && outranks;
@@ -399,7 +404,7 @@ impl RoleCore {
                 self.vote = None;
                 if granted && !self.role.serves_clients() && self.busy == Busy::No && !self.disk_failed(store) {
                     self.start(
-                        Out::Activate { at_least: epoch, in_sync_gen: None, forced: false },
+                        Out::Activate { at_least: epoch, in_sync_gen: None, how: Promotion::Voted },
                         Role::Active,
                         "both passive: this node has the newest store; the peer granted the vote",
                         now,
@@ -619,7 +624,11 @@ impl RoleCore {
             } else if stepped_down && store.last_seq >= last_seq && in_sync.is_some() && !self.disk_failed(store) {
                 self.takeover = None;
                 self.start(
-                    Out::Activate { at_least: epoch.max(store.floor) + 1, in_sync_gen: in_sync, forced: false },
+                    Out::Activate {
+                        at_least: epoch.max(store.floor) + 1,
+                        in_sync_gen: in_sync,
+                        how: Promotion::Claimed,
+                    },
                     Role::Active,
                     "switchover: the peer handed over the role",
                     now,
@@ -672,7 +681,8 @@ impl RoleCore {
                 // A takeover relies on being in sync; the store checks it again.
                 let forced = self.force_promote;
                 let in_sync_gen = if forced { None } else { in_sync };
-                self.start(Out::Activate { at_least, in_sync_gen, forced }, Role::Active, d.reason, now, out);
+                let how = if forced { Promotion::Forced } else { Promotion::Claimed };
+                self.start(Out::Activate { at_least, in_sync_gen, how }, Role::Active, d.reason, now, out);
             }
             Action::Elect => {
                 let stale = self.vote.is_some_and(|(_, at)| now.saturating_sub(at) >= self.cfg.peer_timeout_ms);
@@ -765,7 +775,13 @@ mod tests {
         let mut out = Vec::new();
         core.gateway(0, true, true);
         core.heard_peer(0, passive_peer(), &mut out);
-        core.start(Out::Activate { at_least: 1, in_sync_gen: None, forced: false }, Role::Active, "test", 0, &mut out);
+        core.start(
+            Out::Activate { at_least: 1, in_sync_gen: None, how: Promotion::Claimed },
+            Role::Active,
+            "test",
+            0,
+            &mut out,
+        );
         core.transition_done(0, Ok(()), &store(true), &mut out);
         assert!(core.role().serves_clients());
         let mut now = 0;

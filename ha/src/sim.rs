@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 
 use bytes::Bytes;
-use twinmq_store::repl::{Action as RA, ConnId, ReplFrame, ReplMeta, Replica, ReplicaConfig};
+use twinmq_store::repl::{Action as RA, ConnId, Promotion, ReplFrame, ReplMeta, Replica, ReplicaConfig};
 use twinmq_store::Durability;
 
 use crate::decide::PeerView;
@@ -375,7 +375,7 @@ enum WReq {
     Promote {
         at_least: u64,
         in_sync_gen: Option<u64>,
-        forced: bool,
+        how: Promotion,
     },
     Demote {
         still: bool,
@@ -1379,8 +1379,8 @@ impl World {
     fn do_outs(&mut self, i: usize, outs: Vec<Out>) {
         for o in outs {
             match o {
-                Out::Activate { at_least, in_sync_gen, forced } => {
-                    self.nodes[i].inbox.push_back(WReq::Promote { at_least, in_sync_gen, forced })
+                Out::Activate { at_least, in_sync_gen, how } => {
+                    self.nodes[i].inbox.push_back(WReq::Promote { at_least, in_sync_gen, how })
                 }
                 Out::Deactivate { still_last_active } => {
                     self.stop_serving(i);
@@ -1506,10 +1506,11 @@ impl World {
                 self.run_steps(i, steps);
                 return;
             }
-            WReq::Promote { at_least, in_sync_gen, forced } => {
+            WReq::Promote { at_least, in_sync_gen, how } => {
                 let id = self.rng.next();
                 let n = &mut self.nodes[i];
-                match n.replica.promote(at_least, id, in_sync_gen, forced, &mut out) {
+                let forced = how == Promotion::Forced;
+                match n.replica.promote(at_least, id, in_sync_gen, how, &mut out) {
                     Ok(epoch) => {
                         let name = n.name;
                         self.log(|| {

@@ -64,7 +64,9 @@ fn seeds_that_once_broke_an_invariant_hold() {
     // 115283: the checker's own: a forced promotion whose meta reached the
     //   disk before the node died counts as the operator's order (what the
     //   wiped node lacked is what `--force` said may be lost).
-    for seed in [26989, 33368, 75023, 115283] {
+    // 122091: a candidate whose floor rose past the voted epoch promoted
+    //   one higher, where the peer (forced meanwhile) served too.
+    for seed in [26989, 33368, 75023, 115283, 122091] {
         if let Err(v) = run(seed, &SimConfig::default(), true) {
             panic!("{v}");
         }

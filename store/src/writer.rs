@@ -35,7 +35,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::clock::lease_now_ms;
 use crate::index::LiveIndex;
 use crate::op::{BatchBody, Op};
-use crate::repl::{Action, ConnId, Refusal, ReplFrame, Replica, ReplicaConfig};
+use crate::repl::{Action, ConnId, Promotion, Refusal, ReplFrame, Replica, ReplicaConfig};
 use crate::store::{Durability, Recovered, Store};
 use crate::{StoreError, StoredMessage};
 
@@ -166,7 +166,7 @@ enum Request {
     Promote {
         at_least: u64,
         in_sync_gen: Option<u64>,
-        forced: bool,
+        how: Promotion,
         done: PromoteDone,
     },
     Demote(bool, Completion),
@@ -456,9 +456,10 @@ impl Writer {
     }
 
     /// Become active in an epoch of at least `at_least` (persisted before
-    /// `done` runs). `in_sync_gen`: only if still in sync under it (a takeover).
-    pub fn promote(&self, at_least: u64, in_sync_gen: Option<u64>, forced: bool, done: PromoteDone) {
-        self.send(Request::Promote { at_least, in_sync_gen, forced, done });
+    /// `done` runs). `in_sync_gen`: only if still in sync under it (a takeover);
+    /// `how`: see [`Promotion`] (a voted one is in exactly `at_least`).
+    pub fn promote(&self, at_least: u64, in_sync_gen: Option<u64>, how: Promotion, done: PromoteDone) {
+        self.send(Request::Promote { at_least, in_sync_gen, how, done });
     }
 
     /// Become passive; `done` runs once no further local op will be written.
@@ -642,9 +643,7 @@ impl WriterState {
                     });
                 }
             }
-            Request::Promote { at_least, in_sync_gen, forced, done } => {
-                done(self.promote(at_least, in_sync_gen, forced))
-            }
+            Request::Promote { at_least, in_sync_gen, how, done } => done(self.promote(at_least, in_sync_gen, how)),
             Request::Demote(still_last_active, done) => {
                 self.snapshot = None;
                 self.replica.demote(still_last_active, &mut out);
@@ -1227,11 +1226,11 @@ impl WriterState {
         }
     }
 
-    fn promote(&mut self, at_least: u64, in_sync_gen: Option<u64>, forced: bool) -> Result<Recovered, StoreError> {
+    fn promote(&mut self, at_least: u64, in_sync_gen: Option<u64>, how: Promotion) -> Result<Recovered, StoreError> {
         let mut out = Vec::new();
         let epoch = self
             .replica
-            .promote(at_least, rand::random(), in_sync_gen, forced, &mut out)
+            .promote(at_least, rand::random(), in_sync_gen, how, &mut out)
             .map_err(StoreError::Replication)?;
         self.perform(out)?;
         self.snapshot = None;

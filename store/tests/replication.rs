@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use twinmq_store::repl::{AttachId, History};
+use twinmq_store::repl::{AttachId, History, Promotion};
 use twinmq_store::*;
 
 fn msg(producer_seq: u64, body: &str) -> StoredMessage {
@@ -58,7 +58,7 @@ fn open_active(dir: &std::path::Path) -> (Store, Writer) {
 
 fn promote(w: &Writer, at_least: u64) -> Recovered {
     let (tx, rx) = mpsc::channel();
-    w.promote(at_least, None, false, Box::new(move |r| tx.send(r).unwrap()));
+    w.promote(at_least, None, Promotion::Claimed, Box::new(move |r| tx.send(r).unwrap()));
     rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap()
 }
 
@@ -611,7 +611,7 @@ fn a_passive_whose_disk_fails_says_so_and_the_active_stops_waiting_for_it() {
     wait_until("neither counts the passive in sync", || !in_sync(&p) && !a.stats().follower_in_sync.load(Relaxed));
     // A failed store serves nothing.
     let (tx, rx) = mpsc::channel();
-    p.promote(9, None, false, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+    p.promote(9, None, Promotion::Claimed, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
     assert!(!rx.recv_timeout(Duration::from_secs(5)).unwrap());
 }
 

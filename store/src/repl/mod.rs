@@ -9,4 +9,4 @@ pub mod replica;
 
 pub use frame::{AttachId, ReplFrame};
 pub use history::{rank, EpochStart, History};
-pub use replica::{Action, Admitted, ConnId, Refusal, ReplMeta, Replica, ReplicaConfig};
+pub use replica::{Action, Admitted, ConnId, Promotion, Refusal, ReplMeta, Replica, ReplicaConfig};

@@ -65,6 +65,19 @@ pub struct ReplMeta {
     pub peer_seen: Option<(u64, u64)>,
 }
 
+/// How a node comes to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    /// A takeover, a cold start, a switchover: in an epoch above every one
+    /// heard of (`at_least` or higher).
+    Claimed,
+    /// The peer granted its vote for exactly `at_least`: in that epoch or
+    /// not at all (a higher one is not covered by the peer's promise).
+    Voted,
+    /// The operator's `promote --force`.
+    Forced,
+}
+
 /// Why a local commit (or a held confirm) is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -985,7 +998,7 @@ impl Replica {
         at_least: u64,
         promotion: u64,
         in_sync_gen: Option<u64>,
-        forced: bool,
+        how: Promotion,
         out: &mut Vec<Action>,
     ) -> Result<u64, String> {
         if let Some(reason) = &self.failed {
@@ -1000,7 +1013,17 @@ impl Replica {
                 return Err("this node is no longer in sync".into());
             }
         }
-        let epoch = at_least.max(self.meta.floor + 1);
+        let epoch = match how {
+            // The granter's heartbeat raises the floor to exactly the voted
+            // epoch; anything past it, or this store in it already, voids
+            // the vote: ask again (seed 122091).
+            Promotion::Voted if self.meta.floor > at_least || self.meta.epoch >= at_least => {
+                return Err(format!("the vote for epoch {at_least} is stale (heard of epoch {})", self.meta.floor));
+            }
+            Promotion::Voted => at_least,
+            Promotion::Claimed | Promotion::Forced => at_least.max(self.meta.floor + 1),
+        };
+        let forced = how == Promotion::Forced;
         self.meta.epoch = epoch;
         self.meta.floor = epoch;
         self.meta.history.begin(EpochStart { epoch, id: promotion, start: self.next_seq, forced });
@@ -1119,7 +1142,7 @@ mod tests {
     fn streaming_pair() -> (Replica, Replica, Vec<Action>) {
         let (mut a, mut b) = (node(7), node(8));
         let mut out = Vec::new();
-        a.promote(1, 7, None, false, &mut out).expect("promotes");
+        a.promote(1, 7, None, Promotion::Claimed, &mut out).expect("promotes");
         a.set_lease(u64::MAX);
         a.admit(0).expect("admitted");
         a.committed(1, 1, Bytes::from_static(b"op"), &mut out);
@@ -1170,11 +1193,26 @@ mod tests {
     }
 
     #[test]
+    fn a_voted_promotion_is_in_the_voted_epoch_or_not_at_all() {
+        let mut a = node(7);
+        // The granter's heartbeat raised the floor to exactly the voted epoch.
+        a.raise_floor(4, false, &mut Vec::new());
+        assert_eq!(a.promote(4, 7, None, Promotion::Voted, &mut Vec::new()), Ok(4));
+        // Heard of epoch 5 before the promotion ran: the vote for 4 is void
+        // (a claimed promotion would have gone to 6, past the peer's promise).
+        let mut b = node(8);
+        b.raise_floor(5, false, &mut Vec::new());
+        assert!(b.promote(4, 8, None, Promotion::Voted, &mut Vec::new()).is_err());
+        assert!(!b.is_primary());
+        assert_eq!(b.promote(4, 8, None, Promotion::Claimed, &mut Vec::new()), Ok(6));
+    }
+
+    #[test]
     fn a_claim_to_have_served_last_stands_only_over_an_older_idle_peer() {
         // Promoted alone, then stepped down for lack of a majority: it claims.
         let claimant = || {
             let mut a = node(7);
-            a.promote(3, 7, None, false, &mut Vec::new()).expect("promotes");
+            a.promote(3, 7, None, Promotion::Claimed, &mut Vec::new()).expect("promotes");
             a.demote(true, &mut Vec::new());
             assert!(a.meta().serve_alone);
             a
@@ -1230,6 +1268,6 @@ mod tests {
         a.attach(CONN + 1, &mut out);
         assert!(out.is_empty(), "a failed store attached its peer: {out:?}");
         assert_eq!(b.in_sync(), Some(gen));
-        assert!(b.promote(2, 8, Some(gen), false, &mut Vec::new()).is_ok());
+        assert!(b.promote(2, 8, Some(gen), Promotion::Claimed, &mut Vec::new()).is_ok());
     }
 }
