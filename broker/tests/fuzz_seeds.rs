@@ -185,6 +185,7 @@ fn link_frames() -> Vec<HaFrame> {
             holding_gen: 3,
             serviceable: true,
             disk_failed: false,
+            confirmed_alone: false,
         }),
         HaFrame::Repl(ReplFrame::Attach { attach, history: history.clone(), last_seq: 9 }),
         HaFrame::Repl(ReplFrame::AttachReply { attach, floor: 2, history: history.clone(), last_seq: 0 }),

@@ -301,6 +301,7 @@ pub fn view_of(writer: &Writer) -> StoreView {
         holding: (s.holding_gen.load(Ordering::Relaxed), s.holding.load(Ordering::Relaxed)),
         follower_acked: s.peer_acked.load(Ordering::Relaxed),
         serve_alone: s.serve_alone.load(Ordering::Relaxed),
+        confirmed_alone: s.confirmed_alone.load(Ordering::Relaxed),
         outranked: s.outranked.load(Ordering::Relaxed),
         disk_failed: s.disk_failed.load(Ordering::SeqCst),
         flush_running_ms: if started == 0 { 0 } else { lease_now_ms().saturating_sub(started) },

@@ -128,6 +128,7 @@ impl Pair {
             holding_gen: 0,
             serviceable: !view.disk_failed && !view.loading,
             disk_failed: view.disk_failed,
+            confirmed_alone: view.confirmed_alone,
         });
         let (c, w) = (cfg.clone(), writer.clone());
         let arbiter =

@@ -72,6 +72,9 @@ pub struct StoreView {
     pub follower_acked: u64,
     /// The cold-start rule (see `ReplMeta::serve_alone`).
     pub serve_alone: bool,
+    /// It confirmed ops without its follower since that one was last in
+    /// sync (`ReplMeta::alone_since`).
+    pub confirmed_alone: bool,
     /// Primary: a follower refused for a higher epoch.
     pub outranked: bool,
     /// A write, flush or fsync failed.
@@ -286,8 +289,12 @@ impl RoleCore {
             return None;
         }
         let g = store.in_sync.filter(|g| *g >= self.gen_floor)?;
-        let stopped =
-            self.peer.heartbeat.is_some_and(|hb| hb.role.serves_clients() && !hb.holding && hb.holding_gen >= g);
+        // The primary stopped holding for this node, or confirmed without it
+        // (and may have stepped down or failed since: seed 150822).
+        let stopped = self.peer.heartbeat.is_some_and(|hb| {
+            (hb.role.serves_clients() && !hb.holding && hb.holding_gen >= g)
+                || (hb.confirmed_alone && hb.epoch == store.epoch)
+        });
         (!stopped).then_some(g)
     }
 
@@ -309,6 +316,7 @@ impl RoleCore {
             holding: store.holding.1,
             serviceable: !self.disk_failed(store) && !store.loading,
             disk_failed: self.disk_failed(store),
+            confirmed_alone: store.confirmed_alone,
         }
     }
 
@@ -745,6 +753,7 @@ mod tests {
             holding: (1, holding),
             follower_acked: 10,
             serve_alone: false,
+            confirmed_alone: false,
             outranked: false,
             disk_failed: false,
             flush_running_ms: 0,
@@ -765,6 +774,7 @@ mod tests {
             holding_gen: 0,
             serviceable: true,
             disk_failed: false,
+            confirmed_alone: false,
         }
     }
 

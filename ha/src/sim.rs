@@ -1351,6 +1351,7 @@ impl World {
             holding: r.holding(),
             follower_acked: r.follower().map_or(0, |f| f.0),
             serve_alone: r.meta().serve_alone,
+            confirmed_alone: r.meta().alone_since.is_some(),
             outranked: r.outranked(),
             disk_failed: r.failed().is_some() || n.watchdog_failed,
             flush_running_ms: n.flush_started.map_or(0, |t| self.local(i).saturating_sub(t)),

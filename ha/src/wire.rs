@@ -61,6 +61,12 @@ pub struct Heartbeat {
     /// active stops waiting for it on this alone).
     #[serde(default)]
     pub disk_failed: bool,
+    /// Its store (in `epoch`) confirmed ops without its follower since the
+    /// follower was last in sync: that follower holds less than every
+    /// confirmed message, whatever it last heard, and whatever role this
+    /// node has now (it may have stepped down, or its disk failed).
+    #[serde(default)]
+    pub confirmed_alone: bool,
 }
 
 /// Between the two role cores.

@@ -66,7 +66,9 @@ fn seeds_that_once_broke_an_invariant_hold() {
     //   wiped node lacked is what `--force` said may be lost).
     // 122091: a candidate whose floor rose past the voted epoch promoted
     //   one higher, where the peer (forced meanwhile) served too.
-    for seed in [26989, 33368, 75023, 115283, 122091] {
+    // 150822: a passive kept counting itself in sync after its active had
+    //   confirmed alone and then failed (its heartbeat said it served nothing).
+    for seed in [26989, 33368, 75023, 115283, 122091, 150822] {
         if let Err(v) = run(seed, &SimConfig::default(), true) {
             panic!("{v}");
         }
@@ -240,6 +242,31 @@ fn two_claims_to_have_served_last_in_one_epoch_do_not_both_stand() {
             (7000, Kill(1)),
             (7200, Restart(0)),
             (9000, Restart(1)),
+        ],
+    );
+}
+
+#[test]
+fn a_passive_whose_active_confirmed_without_it_is_no_candidate_even_after_that_active_failed() {
+    // Both paths cut for 300 ms (past peer_timeout, mostly short of
+    // takeover_delay): b, active, declares a down and confirms alone. Then
+    // b's disk fails: it stops serving. The paths come back, then go again:
+    // a heard only heartbeats from a b that serves nothing, and must still
+    // know it lacks what b confirmed alone: it waits. Seed 150822.
+    let _ = script(
+        "active confirms alone, then its disk fails",
+        &[
+            (1000, Switchover),
+            (1500, Cut(0)),
+            (1500, Cut(1)),
+            (1790, DiskFails(1)),
+            (1800, Repair(0)),
+            (1800, Repair(1)),
+            (2300, Cut(0)),
+            (2300, Cut(1)),
+            (5000, Repair(0)),
+            (5000, Repair(1)),
+            (6000, FixDisk(1)),
         ],
     );
 }

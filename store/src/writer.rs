@@ -213,6 +213,9 @@ pub struct WriterStats {
     pub in_sync_gen: AtomicU64,
     /// The cold-start rule (see `ReplMeta::serve_alone`).
     pub serve_alone: AtomicBool,
+    /// It confirmed ops without its follower since that one was last in
+    /// sync (`ReplMeta::alone_since`).
+    pub confirmed_alone: AtomicBool,
     /// A follower refused for a higher epoch: this (active) node must step down.
     pub outranked: AtomicBool,
     /// A snapshot from the peer is half loaded.
@@ -1139,6 +1142,7 @@ impl WriterState {
         s.in_sync_gen.store(in_sync.unwrap_or(0), Ordering::Relaxed);
         s.in_sync.store(in_sync.is_some(), Ordering::Relaxed);
         s.serve_alone.store(r.meta().serve_alone, Ordering::Relaxed);
+        s.confirmed_alone.store(r.meta().alone_since.is_some(), Ordering::Relaxed);
         let (pe, pl) = r.meta().peer_seen.unwrap_or((0, 0));
         s.peer_seen_epoch.store(pe, Ordering::Relaxed);
         s.peer_seen_last.store(pl, Ordering::Relaxed);
