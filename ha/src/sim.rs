@@ -949,7 +949,14 @@ impl World {
         // What is in flight waits (TCP retransmits once the cable is back),
         // unless a connection is given up meanwhile.
         if !self.paths_up[0] && !self.paths_up[1] {
-            self.partition_since = Some(self.now);
+            // A path repaired and cut again before the nodes reached each
+            // other: the partition that began earlier goes on (seed 171514).
+            // Cut again within the grace of the last partition: the same
+            // split to the nodes (their takeovers may rest on the silence of
+            // both), not a new one.
+            let grace = 2 * self.role_cfg[0].peer_timeout_ms + self.role_cfg[0].takeover_delay_ms;
+            let began = if self.now < self.partition_ended + grace { self.partition_began } else { self.now };
+            self.partition_since.get_or_insert(began);
             self.stats.splits += 1;
         }
     }
@@ -1908,7 +1915,7 @@ impl World {
             if one_side && self.split_since.is_some_and(|s| s <= t) {
                 continue;
             }
-            missing.push((*m, t, c.by));
+            missing.push((*m, t, c.by, c.alone, c.majority));
         }
         if new_split || peer_serves {
             self.split_since.get_or_insert(now);
@@ -1916,12 +1923,18 @@ impl World {
         if !missing.is_empty() && self.cfg.durability == Durability::Replicated {
             let first = missing[0];
             self.violation = Some(format!(
-                "{} started serving without {} confirmed message(s), e.g. {} confirmed by {} at {} ms",
+                "{} started serving without {} confirmed message(s), e.g. {} confirmed by {} at {} ms \
+                 (alone since {:?}, majority {}; partition {:?}, last {}..{})",
                 self.nodes[i].name,
                 missing.len(),
                 first.0,
                 ["a", "b"][first.2],
-                first.1
+                first.1,
+                first.3,
+                first.4,
+                self.partition_since,
+                self.partition_began,
+                self.partition_ended,
             ));
         }
     }
