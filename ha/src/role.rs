@@ -572,8 +572,14 @@ impl RoleCore {
         }
         let mut peer = self.peer_view(now);
         if matches!(peer, PeerView::Up(p) if p.role.serves_clients()) {
-            // The peer took the role: a hand-over's wait is over.
+            // The peer took the role: a hand-over's wait is over. And an
+            // operator's forced promotion not yet carried out (this node's
+            // store was busy) rested on the peer being gone: it lapses
+            // (seed 226793); with the peer back, a switchover moves the role.
             self.holdoff_until_ms = 0;
+            if self.force_promote && self.busy == Busy::No && !self.role.serves_clients() {
+                self.force_promote = false;
+            }
         }
         if let PeerView::Up(p) = &mut peer {
             if self.role.serves_clients() {
@@ -802,6 +808,25 @@ mod tests {
             core.tick(now, &store(true), &mut out);
         }
         core
+    }
+
+    #[test]
+    fn a_forced_promotion_not_yet_carried_out_lapses_when_the_peer_serves_again() {
+        // Ordered while the peer was gone; the store was busy, so the order
+        // waited; the peer is back and active: serving beside it would be two
+        // actives (seed 226793).
+        let mut core = RoleCore::new(cfg(), 0);
+        core.peer_identity("a".into(), 200);
+        let mut out = Vec::new();
+        core.gateway(0, true, true);
+        assert_eq!(core.force_promote(&store(false)), Ok(()));
+        let active_peer = Heartbeat { role: Role::Active, ..passive_peer() };
+        for now in [10, 110, 210] {
+            core.heard_peer(now, active_peer, &mut out);
+            core.tick(now, &store(false), &mut out);
+        }
+        assert!(!out.iter().any(|o| matches!(o, Out::Activate { .. })), "{out:?}");
+        assert!(!core.role().serves_clients());
     }
 
     #[test]

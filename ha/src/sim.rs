@@ -955,7 +955,8 @@ impl World {
             // split to the nodes (their takeovers may rest on the silence of
             // both), not a new one.
             let grace = 2 * self.role_cfg[0].peer_timeout_ms + self.role_cfg[0].takeover_delay_ms;
-            let began = if self.now < self.partition_ended + grace { self.partition_began } else { self.now };
+            let again = self.partition_began != u64::MAX && self.now < self.partition_ended + grace;
+            let began = if again { self.partition_began } else { self.now };
             self.partition_since.get_or_insert(began);
             self.stats.splits += 1;
         }

@@ -70,7 +70,9 @@ fn seeds_that_once_broke_an_invariant_hold() {
     //   confirmed alone and then failed (its heartbeat said it served nothing).
     // 171514: the checker's own: a partition repaired and cut again at once
     //   is one split (the takeover rests on the silence of both).
-    for seed in [26989, 33368, 75023, 115283, 122091, 150822, 171514] {
+    // 226793: a forced promotion ordered while the peer was gone, carried out
+    //   seconds later (the store was busy) beside the peer, active again.
+    for seed in [26989, 33368, 75023, 115283, 122091, 150822, 171514, 226793] {
         if let Err(v) = run(seed, &SimConfig::default(), true) {
             panic!("{v}");
         }
