@@ -256,6 +256,9 @@ pub(crate) struct Connection {
     /// The node we are (or were last) connected to, for [`crate::Client::server`].
     server: watch::Sender<ServerInfo>,
     phase: Phase,
+    /// The current connection did work (a confirm, a delivery, an answer):
+    /// losing it is a failover, not a node that welcomes and then refuses.
+    did_work: bool,
     /// Frames encoded for the current connection and not written yet; the
     /// task stops taking commands above [`HIGH_WATER`]. Emptied when the
     /// connection is lost: its content is replayed from the state instead.
@@ -289,6 +292,7 @@ impl Connection {
             events,
             server,
             phase: Phase::Offline,
+            did_work: false,
             wbuf: BytesMut::with_capacity(64 * 1024),
             framing,
         }
@@ -297,9 +301,12 @@ impl Connection {
     /// Serve `link`, then every connection after it, until closed or given up.
     pub(crate) async fn run(mut self, mut link: Link, server: ServerInfo) {
         self.connected(&link, server, false);
-        // A connection lost soon after it was made (a node that welcomed us
-        // and then refused as not active, say) is retried with a growing
-        // pause, not at once: a client must not spin against such a node.
+        // A connection lost soon after it was made without doing any work (a
+        // node that welcomed us and then refused as not active, say) is
+        // retried with a growing pause, not at once: a client must not spin
+        // against such a node. One that carried confirms or deliveries was a
+        // real connection: its loss is a failover, retried at once however
+        // soon it came (a pair killed twice in a second).
         let mut flapping = Backoff::new();
         let mut since = Instant::now();
         loop {
@@ -312,10 +319,11 @@ impl Connection {
             self.wbuf.clear();
             let addr = self.server.borrow().addr.clone();
             self.events.emit(ClientEvent::Disconnected { addr, reason });
-            let pause = if since.elapsed() < FLAP_WINDOW {
+            let pause = if since.elapsed() < FLAP_WINDOW && !std::mem::take(&mut self.did_work) {
                 flapping.next_pause()
             } else {
                 flapping = Backoff::new();
+                self.did_work = false;
                 Duration::ZERO
             };
             match self.reconnect(pause).await {
@@ -699,6 +707,15 @@ impl Connection {
     /// Handle one frame from the broker; `Err(reason)` when the connection
     /// must be given up (the broker ends it, or this node no longer serves).
     fn on_frame(&mut self, frame: ServerFrame) -> Result<(), String> {
+        self.did_work |= matches!(
+            frame,
+            ServerFrame::Confirm { .. }
+                | ServerFrame::Deliver { .. }
+                | ServerFrame::Subscribed { .. }
+                | ServerFrame::StatusReply { .. }
+                | ServerFrame::Done { .. }
+                | ServerFrame::AdminReply { .. }
+        );
         match frame {
             ServerFrame::Confirm { producer_id, seq } => self.settle_publish(producer_id, seq, Ok(())),
             ServerFrame::Deliver { sub_id, message } => self.on_deliver(sub_id, message),

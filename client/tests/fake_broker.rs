@@ -84,6 +84,26 @@ async fn a_node_that_welcomes_then_refuses_is_retried_with_backoff_not_in_a_spin
 }
 
 #[tokio::test]
+async fn a_connection_that_did_work_is_replaced_at_once_however_soon_it_is_lost() {
+    // Failovers a few hundred ms apart (the failover benchmark, a pair killed
+    // twice) are not a node that refuses: each lost connection had carried
+    // confirms. With the backoff meant for refusing nodes, the fifth loss
+    // within a second waited 250 ms, the sixth 250 ms more, and so on.
+    let broker = FakeBroker::start(active()).await;
+    let client = Client::connect(config(&[&broker.addr])).await.unwrap();
+    let producer = client.producer(Destination::queue("q"));
+    let started = std::time::Instant::now();
+    for i in 0..12 {
+        producer.send(Message::persistent(format!("m{i}"))).await.unwrap();
+        broker.drop_connection();
+    }
+    producer.send(Message::persistent("last")).await.unwrap();
+    // Paced, twelve losses would wait 20 + 40 + 80 + 160 + 8 x 250 ms = 2.3 s.
+    assert!(started.elapsed() < Duration::from_millis(1500), "reconnects paced: {:?}", started.elapsed());
+    assert!(broker.connections() >= 12, "{} connections", broker.connections());
+}
+
+#[tokio::test]
 async fn the_client_offers_its_versions_and_exposes_the_one_the_node_chose() {
     let mut broker = FakeBroker::start(Mode::Speaks(VersionRange::new(1, 3))).await;
     let client = Client::connect(config(&[&broker.addr])).await.unwrap();
