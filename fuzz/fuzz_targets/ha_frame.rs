@@ -18,7 +18,7 @@ use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 use twinmq_ha::wire::{self, HaCodec, HaFrame};
 use twinmq_store::op::RECORD_FORMAT;
-use twinmq_store::repl::{Replica, ReplicaConfig, ReplMeta};
+use twinmq_store::repl::{Promotion, Replica, ReplicaConfig, ReplMeta};
 use twinmq_store::{BatchBody, Durability, QueueEntry, ReplFrame};
 
 /// Authenticated HA frames may be up to `MAX_HA_FRAME` (64 MiB, a snapshot
@@ -32,7 +32,7 @@ fn cores() -> (Replica, Replica) {
     let follower = Replica::new(cfg.clone(), ReplMeta::default(), 1, 1);
     let mut primary = Replica::new(cfg, ReplMeta::default(), 1, 2);
     let mut out = Vec::new();
-    primary.promote(1, 2, None, false, &mut out).expect("an empty store promotes");
+    primary.promote(1, 2, None, Promotion::Claimed, &mut out).expect("an empty store promotes");
     primary.attach(1, &mut out);
     (follower, primary)
 }
