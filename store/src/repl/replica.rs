@@ -237,6 +237,20 @@ struct Follower {
     applied: bool,
 }
 
+impl Follower {
+    /// Following nobody yet: at start, and after a demotion.
+    fn idle() -> Follower {
+        Follower {
+            source: None,
+            primary: None,
+            phase: FollowerPhase::Idle,
+            in_sync: None,
+            gen_floor: 0,
+            applied: false,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum State {
     Primary(Primary),
@@ -269,14 +283,7 @@ impl Replica {
     /// node starts as primary; a pair member starts following nobody.
     pub fn new(cfg: ReplicaConfig, meta: ReplMeta, next_seq: u64, promotion: u64) -> Replica {
         let state = if cfg.pair {
-            State::Follower(Follower {
-                source: None,
-                primary: None,
-                phase: FollowerPhase::Idle,
-                in_sync: None,
-                gen_floor: 0,
-                applied: false,
-            })
+            State::Follower(Follower::idle())
         } else {
             State::Primary(Primary::new(meta.epoch, promotion, next_seq, cfg.tail_bytes))
         };
@@ -1042,14 +1049,7 @@ impl Replica {
                 out.push(Action::FailHeld(Refusal::NotActive));
             }
         }
-        self.state = State::Follower(Follower {
-            source: None,
-            primary: None,
-            phase: FollowerPhase::Idle,
-            in_sync: None,
-            gen_floor: 0,
-            applied: false,
-        });
+        self.state = State::Follower(Follower::idle());
         self.meta.serve_alone = still_last_active && self.meta.serve_alone;
         out.push(Action::PersistMeta { flush: true });
     }
