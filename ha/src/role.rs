@@ -183,6 +183,10 @@ pub struct RoleCore {
     holds_told: Option<(u64, bool)>,
     /// The peer's position when this node last said `PeerPosition`.
     position_told: Option<(u64, bool)>,
+    /// The process stood still past the lease while a promotion was under
+    /// way: the peer may have taken over meanwhile, so the promotion, once
+    /// done, steps down instead of serving.
+    stale_activation: bool,
     last_reaffirm_ms: u64,
     disk_failed: Option<String>,
 }
@@ -213,6 +217,7 @@ impl RoleCore {
             raised: 0,
             holds_told: None,
             position_told: None,
+            stale_activation: false,
             last_reaffirm_ms: 0,
             disk_failed: None,
         }
@@ -473,6 +478,7 @@ impl RoleCore {
     fn start(&mut self, what: Out, to: Role, reason: &'static str, now: u64, out: &mut Vec<Out>) {
         match &what {
             Out::Activate { .. } => {
+                self.stale_activation = false;
                 self.lease_granted_ms = now;
                 out.push(Out::Lease { until: now + self.cfg.isolation_timeout_ms });
             }
@@ -489,6 +495,19 @@ impl RoleCore {
         match std::mem::replace(&mut self.busy, Busy::No) {
             Busy::No => {}
             Busy::Transition(to, reason) => match result {
+                Ok(()) if to.serves_clients() && std::mem::take(&mut self.stale_activation) => {
+                    self.takeover = None;
+                    self.force_promote = false;
+                    // Never serve on it: the lease it started with is long
+                    // over and nothing renewed it (ticks wait while busy).
+                    self.start(
+                        Out::Deactivate { still_last_active: false },
+                        Role::Passive,
+                        "frozen while promoting: the peer may have taken over meanwhile; stepping down",
+                        now,
+                        out,
+                    );
+                }
                 Ok(()) => {
                     self.takeover = None;
                     self.force_promote = false;
@@ -498,7 +517,10 @@ impl RoleCore {
                     }
                     self.set_role(to, reason, out);
                 }
-                Err(_) if to.serves_clients() => self.force_promote = false,
+                Err(_) if to.serves_clients() => {
+                    self.force_promote = false;
+                    self.stale_activation = false;
+                }
                 Err(_) => self.set_role(to, reason, out),
             },
             Busy::Drain(reason) => {
@@ -554,6 +576,11 @@ impl RoleCore {
             self.gateway = false;
             self.takeover = None;
             self.vote = None;
+        }
+        if gap >= self.cfg.isolation_timeout_ms && matches!(self.busy, Busy::Transition(to, _) if to.serves_clients()) {
+            // Frozen while promoting (its store was slow to make the
+            // promotion durable): the peer may have taken over meanwhile.
+            self.stale_activation = true;
         }
         if self.busy != Busy::No {
             return;
@@ -808,6 +835,28 @@ mod tests {
             core.tick(now, &store(true), &mut out);
         }
         core
+    }
+
+    #[test]
+    fn a_node_frozen_while_its_promotion_was_under_way_steps_down_once_it_is_done() {
+        // Forced while the peer was down; the store was slow to make the
+        // promotion durable and the process then stood still past
+        // takeover_delay: the peer, restarted meanwhile, may have taken over
+        // on its own claim, in the same epoch (review of issue 9).
+        let mut core = RoleCore::new(cfg(), 0);
+        core.peer_identity("a".into(), 200);
+        let mut out = Vec::new();
+        core.gateway(0, true, true);
+        assert_eq!(core.force_promote(&store(false)), Ok(()));
+        core.tick(10, &store(false), &mut out);
+        assert!(out.iter().any(|o| matches!(o, Out::Activate { .. })), "{out:?}");
+        let thawed = 10 + cfg().takeover_delay_ms + 500;
+        core.gateway(thawed, true, true);
+        core.tick(thawed, &store(false), &mut out);
+        out.clear();
+        core.transition_done(thawed, Ok(()), &store(true), &mut out);
+        assert!(out.iter().any(|o| matches!(o, Out::Deactivate { .. })), "{out:?}");
+        assert!(!core.role().serves_clients(), "{:?}", core.role());
     }
 
     #[test]
