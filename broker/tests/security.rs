@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::pair::{Pair, PairOptions};
 use common::Broker;
 use twinmq_client::{
-    AclGrant, AdminClient, AdminCommand, Client, ClientConfig, ClientError, Destination, ErrorCode, Message,
-    SubscribeOptions,
+    AclGrant, AdminClient, AdminCommand, Client, ClientConfig, ClientError, ClientEvent, Destination, ErrorCode,
+    Message, SubscribeOptions,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -160,9 +160,22 @@ async fn acl_changes_apply_to_open_connections() {
     producer.send(Message::persistent("m4")).await.unwrap();
     assert_eq!(depth_of(&queue_depths(&root).await, "orders"), Some(1), "m4 waits, nobody may take it");
 
-    // Removing the user closes its connection.
+    // Removing the user closes its connection; the client, refused on
+    // reconnecting, gives up, and every later call says why (not a bare
+    // "disconnected"), however late it comes.
+    let mut events = app.events();
     admin(&root, AdminCommand::UserRm { name: "app".into() }).await.unwrap();
+    let gave_up = async {
+        loop {
+            if let ClientEvent::GaveUp { .. } = events.recv().await.unwrap() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gave_up).await.expect("the client gives up once refused");
     let err = producer.send(Message::persistent("m5")).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");
+    let err = app.status().await.unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");
     let err = Client::connect(as_user(b.config(), "app", "pw")).await.unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");

@@ -7,7 +7,7 @@ use tracing::{info_span, Instrument};
 use twinmq_protocol::Destination;
 
 use crate::admin::AdminClient;
-use crate::connection::{request, Command, Connection, SubscriptionSpec, COMMAND_QUEUE};
+use crate::connection::{request, Command, Commands, Connection, SubscriptionSpec};
 use crate::events::{ClientEvent, Events};
 use crate::link::ServerInfo;
 use crate::{dial, ClientConfig, ClientError, Consumer, Producer, SubscribeOptions};
@@ -18,7 +18,7 @@ use crate::{dial, ClientConfig, ClientError, Consumer, Producer, SubscribeOption
 /// when every handle (clients, producers, consumers, deliveries) is dropped.
 #[derive(Debug, Clone)]
 pub struct Client {
-    commands: mpsc::Sender<Command>,
+    commands: Commands,
     server: watch::Receiver<ServerInfo>,
     events: Events,
     window: usize,
@@ -36,7 +36,7 @@ impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let config = Arc::new(config);
         let (link, server) = dial::find_active(config.clone()).await?;
-        let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+        let (commands, receiver) = Commands::channel();
         let (server_tx, server_rx) = watch::channel(server.clone());
         let events = Events::new();
         // Before the task starts, so that a watcher subscribing after this
@@ -44,7 +44,7 @@ impl Client {
         events.emit(ClientEvent::Connected { addr: server.addr.clone(), node_id: server.node_id.clone() });
         let span = info_span!("twinmq_connection", client = %config.client_name);
         let window = config.window;
-        let connection = Connection::new(receiver, commands.downgrade(), config, events.clone(), server_tx);
+        let connection = Connection::new(receiver, &commands, config, events.clone(), server_tx);
         tokio::spawn(connection.run(link, server).instrument(span));
         Ok(Client { commands, server: server_rx, events, window })
     }

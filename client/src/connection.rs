@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -52,7 +52,7 @@ pub(crate) type DeliverySender = mpsc::UnboundedSender<Inbound>;
 
 /// Room in the command channel. Producers are bounded by their window and
 /// acks by the prefetch, so this only smooths bursts.
-pub(crate) const COMMAND_QUEUE: usize = 1024;
+const COMMAND_QUEUE: usize = 1024;
 
 /// Commands processed per wake-up before looking at the socket again, so that
 /// a burst of publishes becomes one write without starving reads.
@@ -121,14 +121,65 @@ pub(crate) struct SubscriptionSpec {
     pub(crate) prefetch: u32,
 }
 
+/// Why the connection task ended, once it has.
+#[derive(Debug, Clone)]
+enum Ended {
+    /// [`crate::Client::close`], or every handle dropped.
+    Closed,
+    /// No active node within `failover_timeout`, or our credentials refused (`Some`).
+    GaveUp(Option<(ErrorCode, String)>),
+}
+
+/// The handles' way to the connection task: its command channel, and why
+/// the task ended once it has, so that a call made after the end (a send
+/// after the user was removed, say) returns that reason rather than a bare
+/// [`ClientError::Disconnected`].
+#[derive(Debug, Clone)]
+pub(crate) struct Commands {
+    tx: mpsc::Sender<Command>,
+    ended: Arc<OnceLock<Ended>>,
+}
+
+impl Commands {
+    /// A new channel: the handles' end and the task's.
+    pub(crate) fn channel() -> (Commands, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        (Commands { tx, ended: Arc::default() }, rx)
+    }
+
+    /// Queue `command` for the task; the task's end reason if it is gone.
+    pub(crate) async fn send(&self, command: Command) -> Result<(), ClientError> {
+        self.tx.send(command).await.map_err(|_| self.ended())
+    }
+
+    /// Queue `command` if there is room; for best-effort notices from `Drop`.
+    pub(crate) fn try_send(&self, command: Command) {
+        let _ = self.tx.try_send(command);
+    }
+
+    /// What a call gets once the task has ended (or dropped its answer).
+    pub(crate) fn ended(&self) -> ClientError {
+        match self.ended.get() {
+            Some(Ended::Closed) => ClientError::Closed,
+            Some(Ended::GaveUp(Some((code, message)))) => ClientError::Broker { code: *code, message: message.clone() },
+            Some(Ended::GaveUp(None)) | None => ClientError::Disconnected,
+        }
+    }
+
+    /// Wait for the answer to a command already sent.
+    pub(crate) async fn answer<T>(&self, answer: oneshot::Receiver<Result<T, ClientError>>) -> Result<T, ClientError> {
+        answer.await.unwrap_or_else(|_| Err(self.ended()))
+    }
+}
+
 /// Send `command` built around a fresh reply channel and wait for the answer.
 pub(crate) async fn request<T>(
-    commands: &mpsc::Sender<Command>,
+    commands: &Commands,
     command: impl FnOnce(Reply<T>) -> Command,
 ) -> Result<T, ClientError> {
     let (done, answer) = oneshot::channel();
-    commands.send(command(done)).await.map_err(|_| ClientError::Disconnected)?;
-    answer.await.unwrap_or(Err(ClientError::Disconnected))
+    commands.send(command(done)).await?;
+    commands.answer(answer).await
 }
 
 struct ProducerState {
@@ -239,6 +290,8 @@ pub(crate) struct Connection {
     /// itself keeping the channel open: when every handle is gone, `recv`
     /// returns `None` and the task closes the connection.
     command_sender: mpsc::WeakSender<Command>,
+    /// Set once, when the task ends: what the handles' calls return afterwards.
+    ended: Arc<OnceLock<Ended>>,
     /// False once every handle is gone.
     handles_alive: bool,
     producers: HashMap<u64, ProducerState>,
@@ -270,7 +323,7 @@ pub(crate) struct Connection {
 impl Connection {
     pub(crate) fn new(
         commands: mpsc::Receiver<Command>,
-        command_sender: mpsc::WeakSender<Command>,
+        handles: &Commands,
         config: Arc<ClientConfig>,
         events: Events,
         server: watch::Sender<ServerInfo>,
@@ -278,7 +331,8 @@ impl Connection {
         let framing = Framing { max_out: config.max_frame_bytes, version: twinmq_protocol::HANDSHAKE_VERSION };
         Connection {
             commands,
-            command_sender,
+            command_sender: handles.tx.downgrade(),
+            ended: handles.ended.clone(),
             handles_alive: true,
             producers: HashMap::new(),
             subscriptions: BTreeMap::new(),
@@ -334,6 +388,7 @@ impl Connection {
                 }
                 Reconnect::Close => return self.goodbye(None).await,
                 Reconnect::GaveUp { reason, refusal } => {
+                    let _ = self.ended.set(Ended::GaveUp(refusal.clone()));
                     self.events.emit(ClientEvent::GaveUp { reason });
                     match refusal {
                         Some((code, message)) => {
@@ -817,7 +872,7 @@ impl Connection {
             debug!(sub_id, "delivery for a closed consumer dropped");
             return;
         };
-        let commands = self.command_sender.upgrade();
+        let commands = self.command_sender.upgrade().map(|tx| Commands { tx, ended: self.ended.clone() });
         let Some(commands) = commands.filter(|_| !sub.deliveries.is_closed()) else {
             debug!(sub_id, "consumer dropped; unsubscribing");
             self.subscriptions.remove(&sub_id);
@@ -888,6 +943,7 @@ impl Connection {
     /// connected), let the broker read everything (acks included) and close
     /// its side, then answer the callers of `close`.
     async fn goodbye(mut self, link: Option<Link>) {
+        let _ = self.ended.set(Ended::Closed);
         let closing = self.closing.take();
         let abandoned: usize = self.producers.values().map(|p| p.unconfirmed.len()).sum();
         let after = self.config.close_timeout;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use twinmq_protocol::{Delivered, Destination};
 
-use crate::connection::Command;
+use crate::connection::{Command, Commands};
 use crate::ClientError;
 
 /// How to subscribe.
@@ -56,7 +56,7 @@ pub struct Consumer {
     /// prefetch starts; the task bounds what each connection adds (see
     /// [`Inbound`]).
     deliveries: mpsc::UnboundedReceiver<Inbound>,
-    commands: mpsc::Sender<Command>,
+    commands: Commands,
     unsubscribed: bool,
 }
 
@@ -65,7 +65,7 @@ impl Consumer {
         sub_id: u32,
         destination: Destination,
         deliveries: mpsc::UnboundedReceiver<Inbound>,
-        commands: mpsc::Sender<Command>,
+        commands: Commands,
     ) -> Self {
         Consumer { sub_id, destination, deliveries, commands, unsubscribed: false }
     }
@@ -85,7 +85,7 @@ impl Consumer {
     pub async fn unsubscribe(mut self) -> Result<(), ClientError> {
         self.unsubscribed = true;
         let command = Command::Unsubscribe { sub_id: self.sub_id };
-        self.commands.send(command).await.map_err(|_| ClientError::Disconnected)
+        self.commands.send(command).await
     }
 }
 
@@ -93,7 +93,7 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         if !self.unsubscribed {
             // Best effort; otherwise the task unsubscribes at the next delivery.
-            let _ = self.commands.try_send(Command::Unsubscribe { sub_id: self.sub_id });
+            self.commands.try_send(Command::Unsubscribe { sub_id: self.sub_id });
         }
     }
 }
@@ -134,11 +134,11 @@ impl Inbound {
 pub struct Delivery {
     sub_id: u32,
     message: Delivered,
-    commands: mpsc::Sender<Command>,
+    commands: Commands,
 }
 
 impl Delivery {
-    pub(crate) fn new(sub_id: u32, message: Delivered, commands: mpsc::Sender<Command>) -> Self {
+    pub(crate) fn new(sub_id: u32, message: Delivered, commands: Commands) -> Self {
         Delivery { sub_id, message, commands }
     }
 
@@ -159,12 +159,12 @@ impl Delivery {
     /// queued on the connection (the protocol does not answer acks).
     pub async fn ack(self) -> Result<(), ClientError> {
         let command = Command::Ack { sub_id: self.sub_id, id: self.message.id };
-        self.commands.send(command).await.map_err(|_| ClientError::Disconnected)
+        self.commands.send(command).await
     }
 
     /// Give the message back for redelivery (counts as a delivery attempt).
     pub async fn nack(self) -> Result<(), ClientError> {
         let command = Command::Nack { sub_id: self.sub_id, id: self.message.id };
-        self.commands.send(command).await.map_err(|_| ClientError::Disconnected)
+        self.commands.send(command).await
     }
 }

@@ -47,7 +47,9 @@
 //! (the message comes back). If no node accepts within `failover_timeout`,
 //! every pending send, request and `subscribe` fails and every consumer ends
 //! with [`ClientError::Disconnected`]; refused credentials end it at once
-//! with the broker's `NotAuthenticated` error. [`Client::connect`] likewise
+//! with the broker's `NotAuthenticated` error. Every call made after that
+//! end returns the same error (after [`Client::close`]: [`ClientError::Closed`]).
+//! [`Client::connect`] likewise
 //! retries until `failover_timeout` while every node is passive or
 //! unreachable, so an application started during a failover still connects.
 //! Each step is a [`ClientEvent`] on [`Client::events`] and an INFO log line.

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use twinmq_protocol::{Destination, OutMessage};
 
-use crate::connection::Command;
+use crate::connection::{Command, Commands};
 use crate::ClientError;
 
 /// Publishes to one destination. Cheap to clone; clones share the producer id,
@@ -35,18 +35,18 @@ struct ProducerInner {
     /// its publish and is released when the confirm or error arrives.
     window: Arc<Semaphore>,
     window_size: usize,
-    commands: mpsc::Sender<Command>,
+    commands: Commands,
 }
 
 impl Drop for ProducerInner {
     fn drop(&mut self) {
         // Best effort: if the queue is full the task keeps a few bytes of state.
-        let _ = self.commands.try_send(Command::ProducerDropped { producer_id: self.id });
+        self.commands.try_send(Command::ProducerDropped { producer_id: self.id });
     }
 }
 
 impl Producer {
-    pub(crate) fn new(destination: Destination, window: usize, commands: mpsc::Sender<Command>) -> Self {
+    pub(crate) fn new(destination: Destination, window: usize, commands: Commands) -> Self {
         let window_size = window.max(1);
         Producer {
             inner: Arc::new(ProducerInner {
@@ -92,8 +92,8 @@ impl Producer {
             permit,
             done,
         };
-        inner.commands.send(command).await.map_err(|_| ClientError::Disconnected)?;
-        Ok(Confirm { answer })
+        inner.commands.send(command).await?;
+        Ok(Confirm { answer, commands: inner.commands.clone() })
     }
 }
 
@@ -102,13 +102,16 @@ impl Producer {
 #[must_use = "a Confirm does nothing unless awaited; drop it only if you do not care about the outcome"]
 pub struct Confirm {
     answer: oneshot::Receiver<Result<(), ClientError>>,
+    /// For the connection's end reason, should the answer never come.
+    commands: Commands,
 }
 
 impl Future for Confirm {
     type Output = Result<(), ClientError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.answer).poll(cx).map(|answer| answer.unwrap_or(Err(ClientError::Disconnected)))
+        let this = &mut *self;
+        Pin::new(&mut this.answer).poll(cx).map(|answer| answer.unwrap_or_else(|_| Err(this.commands.ended())))
     }
 }
 
