@@ -90,8 +90,13 @@ impl Node {
 
     /// Build the snapshot every connection checks against from `self.users`.
     fn publish_security(&mut self) {
-        let db = SecurityDb::build(&self.statics, &self.users);
+        let db = SecurityDb::build(&self.statics, &self.users, self.users_unknown());
         self.security_tx.send_replace(Arc::new(db));
+    }
+
+    /// A pair member whose store never held a complete copy: it cannot know the users.
+    fn users_unknown(&self) -> bool {
+        self.config.pair.is_some() && !self.writer.stats().held_copy.load(Ordering::Relaxed)
     }
 
     /// The current rules. A node that does not serve learns user changes only
@@ -99,7 +104,13 @@ impl Node {
     fn current_security(&mut self) -> Arc<SecurityDb> {
         // Only from a complete copy: while a snapshot loads, the store holds
         // some or none of the users, and "none" would mean an open broker.
-        let complete = self.writer.stats().in_sync.load(Ordering::Relaxed);
+        let stats = self.writer.stats();
+        let complete = stats.in_sync.load(Ordering::Relaxed)
+            || stats.held_copy.load(Ordering::Relaxed) && !stats.loading.load(Ordering::Relaxed);
+        // A copy completed (or this node began to serve) since the last look.
+        if self.users_unknown() != self.security_tx.borrow().users_unknown() {
+            self.publish_security();
+        }
         if !self.shared.role().serves_clients() && complete {
             match self.writer.users() {
                 Ok(users) if users != self.users => {
@@ -436,8 +447,8 @@ impl Node {
         };
         // Never leave a broker that has users but nobody who may manage them,
         // nor open a closed broker to anyone by removing its last user.
-        let after = SecurityDb::build(&self.statics, &users);
-        let before = SecurityDb::build(&self.statics, &self.users);
+        let after = SecurityDb::build(&self.statics, &users, false);
+        let before = SecurityDb::build(&self.statics, &self.users, false);
         if after.is_open() && !before.is_open() {
             return Err(invalid(
                 "refused: removing the last user would open the broker to anyone without credentials".to_string(),

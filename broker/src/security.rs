@@ -123,7 +123,15 @@ struct Principal {
 #[derive(Debug, Clone, Default)]
 pub struct SecurityDb {
     principals: HashMap<String, Principal>,
+    /// A pair member whose store never held a complete copy (a replaced
+    /// disk, a first start): the pair's users are unknown here, so only the
+    /// configured users may log in, and "no users" does not mean open.
+    users_unknown: bool,
 }
+
+/// Why a node whose store never held a complete copy refuses a login.
+pub const USERS_UNKNOWN: &str = "this node has never held a complete copy of the pair's store, so it cannot \
+     check users (only users from its configuration may log in); connect to its peer, or wait until it copied it";
 
 pub fn to_store_grant(g: &AclGrant) -> Grant {
     let permission = match g.permission {
@@ -159,7 +167,7 @@ fn parse_grants(user: &str, grants: impl Iterator<Item = AclGrant>) -> Vec<(Perm
 impl SecurityDb {
     /// Static users first; a stored user of the same name is ignored (the
     /// admin commands refuse to make one).
-    pub fn build(statics: &[StaticUser], stored: &BTreeMap<String, UserRecord>) -> SecurityDb {
+    pub fn build(statics: &[StaticUser], stored: &BTreeMap<String, UserRecord>, users_unknown: bool) -> SecurityDb {
         let mut principals = HashMap::new();
         for (name, u) in stored {
             principals.insert(
@@ -181,12 +189,17 @@ impl SecurityDb {
                 },
             );
         }
-        SecurityDb { principals }
+        SecurityDb { principals, users_unknown }
     }
 
-    /// No users at all: anyone may connect and do everything.
+    /// No users at all (and their absence is known): anyone may connect and do everything.
     pub fn is_open(&self) -> bool {
-        self.principals.is_empty()
+        self.principals.is_empty() && !self.users_unknown
+    }
+
+    /// See [`USERS_UNKNOWN`].
+    pub fn users_unknown(&self) -> bool {
+        self.users_unknown
     }
 
     pub fn is_static(&self, name: &str) -> bool {
@@ -207,6 +220,9 @@ impl SecurityDb {
     pub fn check_password(&self, user: Option<&str>, password: Option<&str>) -> AuthOutcome {
         if self.is_open() {
             return AuthOutcome::Accepted(user.map(str::to_string));
+        }
+        if self.users_unknown && !user.is_some_and(|u| self.is_static(u)) {
+            return AuthOutcome::Refused(USERS_UNKNOWN);
         }
         let (Some(user), Some(password)) = (user, password) else {
             return AuthOutcome::Refused("this broker requires a user and password");
@@ -322,7 +338,7 @@ mod tests {
             password_hash: crate::auth::hash_password("rootpw").unwrap(),
             grants: vec!["admin:#".parse().unwrap()],
         }];
-        SecurityDb::build(&statics, &stored)
+        SecurityDb::build(&statics, &stored, false)
     }
 
     #[test]

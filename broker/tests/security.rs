@@ -285,3 +285,102 @@ async fn removing_the_last_user_does_not_open_the_broker() {
     assert!(err.to_string().contains("open the broker"), "{err}");
     assert_eq!(code(&Client::connect(b.config()).await.unwrap_err()), Some(ErrorCode::NotAuthenticated));
 }
+
+/// A pair with users, a queue and 50 confirmed messages on both nodes;
+/// then b is stopped, a serves alone and stops, and b's disk is replaced.
+async fn pair_with_b_wiped(opts: PairOptions, admin_user: (&str, &str)) -> Pair {
+    let mut pair = Pair::start(opts).await;
+    let (name, password) = admin_user;
+    for node in [&mut pair.a, &mut pair.b] {
+        node.admin_login = Some((name.into(), password.into()));
+    }
+    if name == "ops" {
+        // An open pair until its first user.
+        pair.a.wait_role("active", WAIT).await;
+        add_user(&pair.client_config(), "ops", "opspw", &["admin:#"]).await;
+    }
+    pair.wait_a_active_b_in_sync().await;
+    let boss = as_user(pair.client_config(), name, password);
+    add_user(&boss, "app", "apppw", &["produce:orders.#", "consume:orders.#"]).await;
+    admin(&boss, AdminCommand::QueueCreate { name: "orders".into() }).await.unwrap();
+    let app = Client::connect(as_user(pair.client_config(), "app", "apppw")).await.unwrap();
+    let producer = app.producer(Destination::queue("orders"));
+    for i in 0..50 {
+        producer.send(Message::persistent(format!("m{i}"))).await.unwrap();
+    }
+    app.close().await.unwrap();
+    pair.b.wait_for("in sync with all 50", WAIT, |s| s["role"] == "passive" && s["in_sync"] == true).await;
+    assert!(pair.b.terminate().success());
+    pair.a.wait_for("active alone", WAIT, |s| s["role"] == "active-alone").await;
+    assert!(pair.a.terminate().success());
+    std::fs::remove_dir_all(&pair.b.data_dir).unwrap();
+    pair.b.start();
+    pair
+}
+
+/// Everything a node holds of the pair's data, as seen by `boss`: users, and the queue's messages.
+async fn drain_orders(config: ClientConfig) -> Vec<String> {
+    let app = Client::connect(config).await.unwrap();
+    let mut c = app.subscribe(Destination::queue("orders"), SubscribeOptions::default()).await.unwrap();
+    let got = common::drain(&mut c, 50, Duration::from_secs(10)).await;
+    app.close().await.unwrap();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_pair_member_refuses_logins_until_it_holds_a_copy() {
+    let mut pair = pair_with_b_wiped(PairOptions::default(), ("ops", "opspw")).await;
+    let b = pair.b.client.to_string();
+    // b has no users now, which would make it an open broker: it must not be.
+    let anonymous = pair.client_config().failover_timeout(Duration::from_secs(2));
+    let err = AdminClient::connect_to(&b, &anonymous).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "anonymous admin on a wiped node: {err}");
+    let ops = as_user(pair.client_config(), "ops", "opspw");
+    let err = AdminClient::connect_to(&b, &ops).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "a wiped node cannot check any user: {err}");
+    assert!(err.to_string().contains("copy"), "the refusal says why: {err}");
+
+    // a comes back (it served last, alone): b copies it and knows the users again.
+    pair.a.start();
+    pair.a.wait_role("active", WAIT).await;
+    pair.b.wait_for("passive and in sync", WAIT, |s| s["role"] == "passive" && s["in_sync"] == true).await;
+    let on_b = AdminClient::connect_to(&b, &ops).await.unwrap();
+    on_b.close().await;
+    let err = AdminClient::connect_to(&b, &anonymous).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");
+    assert_eq!(drain_orders(as_user(pair.client_config(), "app", "apppw")).await.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forcing_a_wiped_member_active_does_not_erase_its_peer() {
+    // root comes from the configuration, so the wiped node knows it and may be forced by it.
+    let root = format!("root={}", hash("rootpw"));
+    let opts = PairOptions { extra: vec!["--user".into(), root], ..PairOptions::default() };
+    let mut pair = pair_with_b_wiped(opts, ("root", "rootpw")).await;
+    let b = pair.b.client.to_string();
+    let root = as_user(pair.client_config(), "root", "rootpw");
+    let mut on_b = AdminClient::connect_to(&b, &root).await.unwrap();
+    on_b.command(AdminCommand::Promote { force: true }, false).await.unwrap();
+    on_b.close().await;
+    pair.b.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
+    // An application the wiped node never heard of cannot use it meanwhile.
+    let err = Client::connect(as_user(pair.client_config(), "app", "apppw")).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");
+
+    // a returns: its users, queue and 50 messages are kept, whoever serves.
+    pair.a.start();
+    let in_sync = |s: &serde_json::Value| s["role"] == "passive" && s["in_sync"] == true;
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    loop {
+        let (sa, sb) = (pair.a.status().await, pair.b.status().await);
+        if sa.as_ref().is_some_and(in_sync) || sb.as_ref().is_some_and(in_sync) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the pair never formed again: a {sa:?}, b {sb:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let users = admin(&root, AdminCommand::UserList).await.unwrap().unwrap();
+    assert!(users.contains("\"app\""), "a's users survive the forced empty node: {users}");
+    let got = drain_orders(as_user(pair.client_config(), "app", "apppw")).await;
+    assert_eq!(got.len(), 50, "a's 50 confirmed messages survive: {got:?}");
+}

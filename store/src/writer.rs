@@ -220,6 +220,9 @@ pub struct WriterStats {
     pub outranked: AtomicBool,
     /// A snapshot from the peer is half loaded.
     pub loading: AtomicBool,
+    /// This store has served or holds a complete copy of a serving node's
+    /// (its history is not empty): it knows the pair's users.
+    pub held_copy: AtomicBool,
     /// The disk failed: nothing more is confirmed here.
     pub disk_failed: AtomicBool,
     /// Messages kept for a hand-over to the peer.
@@ -1148,6 +1151,7 @@ impl WriterState {
         s.peer_seen_last.store(pl, Ordering::Relaxed);
         s.outranked.store(r.outranked(), Ordering::Relaxed);
         s.loading.store(r.loading(), Ordering::Relaxed);
+        s.held_copy.store(!r.meta().history.entries().is_empty(), Ordering::Relaxed);
         let entries = r.meta().history.entries();
         let mut h = s.history.lock().unwrap_or_else(|p| p.into_inner());
         if h.as_slice() != entries {

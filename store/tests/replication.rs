@@ -524,6 +524,8 @@ fn a_hand_over_larger_than_a_frame_goes_in_chunks() {
         submit(&a, vec![Op::Enqueue { message: m, queues: vec!["q".into()] }]).unwrap();
     }
     promote(&b, 2);
+    // b writes in its epoch, so its history outranks a's and a hands over.
+    submit(&b, enqueue(14)).unwrap();
     demote(&a);
     let l = link(&b, &a);
     wait_until("handed over", || l.handed_over().len() >= 3);
@@ -577,6 +579,27 @@ fn an_active_that_crashed_while_confirming_alone_hands_those_records_over_on_its
     wait_until("a is in sync with b", || in_sync(&a));
     wait_until("handed over", || !l.handed_over().is_empty());
     assert_eq!(l.handed_over(), ["divergent: m2,m3"]);
+}
+
+#[test]
+fn a_promotion_that_wrote_nothing_yields_to_a_follower_that_holds_more() {
+    // A wiped or stale store forced active (DESIGN.md section 4): the
+    // history ranked higher, (epoch of the last op written, last op), is kept.
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((sa, a), (_sb, b), l) = in_sync_pair(da.path(), db.path());
+    lose_peer(&a, &b, &l);
+    submit(&a, enqueue(2)).unwrap(); // confirmed with a single copy
+    submit(&a, enqueue(3)).unwrap();
+    promote(&b, 2); // forced, say; it writes nothing
+    demote(&a);
+    let l = link(&b, &a);
+    wait_until("b finds itself outranked", || b.stats().outranked.load(Relaxed));
+    assert!(!l.kinds().iter().any(|k| k.contains("Snapshot")), "a keeps its history: {:?}", l.kinds());
+    assert!(sa.pending_handover().unwrap().is_empty(), "nothing to hand over: a's history is kept");
+    drop(b);
+    let mut got = bodies(&promote(&a, 3), "q");
+    got.sort();
+    assert_eq!(got, ["m1", "m2", "m3"]);
 }
 
 #[test]

@@ -629,6 +629,18 @@ impl Replica {
                     p.link = None;
                     return;
                 }
+                // Histories rank by (epoch of the last op written, last op):
+                // a promotion that wrote nothing yet (a wiped store forced
+                // active, say) never outranks a follower that holds more.
+                // Stepping down loses nothing: this node confirmed nothing
+                // in its epoch. The follower, ranking first, takes over.
+                let theirs = (history.last_op_epoch(last_seq), last_seq);
+                let ours = (self.meta.history.last_op_epoch(next_seq - 1), next_seq - 1);
+                if theirs > ours {
+                    p.outranked = true;
+                    p.link = None;
+                    return;
+                }
                 let fork = self.meta.history.fork(next_seq - 1, &history, last_seq);
                 let resumable = last_seq <= fork && !p.force_snapshot;
                 let tail = if resumable { p.tail.from(last_seq + 1, next_seq) } else { None };
