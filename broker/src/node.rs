@@ -625,9 +625,44 @@ impl Handler<Admin> for Node {
     }
 }
 
+impl Node {
+    /// The peer's users and queues from before its history was replaced:
+    /// create those this node lacks; where both have one, this node's stays
+    /// (it is the history kept). `true` once stored.
+    fn restore_divergent_admin(&mut self, admin: twinmq_store::HandoverAdmin) -> ResponseFuture<bool> {
+        let Some(router) = self.router.clone() else {
+            tracing::warn!("users and queues handed over while this node is not active; they stay with the peer");
+            return Box::pin(async { false });
+        };
+        let mut ops = Vec::new();
+        for (name, user) in admin.users {
+            if self.users.contains_key(&name) || self.statics.iter().any(|s| s.name == name) {
+                continue;
+            }
+            tracing::warn!(user = %name, "re-creating a user the peer held and this node's history lacks");
+            self.users.insert(name.clone(), user.clone());
+            ops.push(Op::PutUser { name, user });
+        }
+        let queues = router.send(router::RestoreQueues(admin.queues));
+        let w = self.writer.clone();
+        let users = (!ops.is_empty()).then(|| writer_call(move |done| w.submit(ops, done)));
+        self.publish_security();
+        Box::pin(async move {
+            let users_ok = match users {
+                Some(commit) => commit.await.is_ok(),
+                None => true,
+            };
+            users_ok && queues.await.unwrap_or(false)
+        })
+    }
+}
+
 impl Handler<twinmq_ha::monitor::DivergentMessages> for Node {
     type Result = ResponseFuture<bool>;
     fn handle(&mut self, m: twinmq_ha::monitor::DivergentMessages, _: &mut Context<Self>) -> Self::Result {
+        if !m.admin.is_empty() {
+            return self.restore_divergent_admin(m.admin);
+        }
         match &self.router {
             Some(r) => {
                 let stored = r.send(router::RestoreDivergent(m.messages));

@@ -483,6 +483,25 @@ impl Handler<StopAll> for Router {
     }
 }
 
+/// Queues the peer held before its history was replaced: create those missing.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct RestoreQueues(pub Vec<String>);
+
+impl Handler<RestoreQueues> for Router {
+    type Result = bool;
+    fn handle(&mut self, m: RestoreQueues, ctx: &mut Context<Self>) -> bool {
+        let me = ctx.address();
+        for name in m.0 {
+            if !self.queues.contains_key(&name) {
+                tracing::warn!(queue = %name, "re-creating a queue the peer held and this node's history lacks");
+                self.create_queue(&name, &me);
+            }
+        }
+        true
+    }
+}
+
 /// Messages the peer stored during a split (see twinmq-ha's `DivergentMessages`).
 /// `true` once every one is stored, or dropped because its subscription was deleted.
 #[derive(Message)]

@@ -204,6 +204,14 @@ fn link_frames() -> Vec<HaFrame> {
         HaFrame::Role(RoleMsg::TakeOver { epoch: 2, last_seq: 13 }),
         HaFrame::Divergent { messages: vec![("q/orders".into(), message)] },
         HaFrame::DivergentStored { ids: vec![(2, 13)] },
+        HaFrame::DivergentAdmin(twinmq_store::HandoverAdmin {
+            users: vec![(
+                "app".into(),
+                twinmq_store::UserRecord { password_hash: "$argon2id$x".into(), grants: vec![] },
+            )],
+            queues: vec!["orders".into()],
+        }),
+        HaFrame::DivergentAdminStored,
     ]
 }
 

@@ -351,8 +351,9 @@ async fn a_wiped_pair_member_refuses_logins_until_it_holds_a_copy() {
     assert_eq!(drain_orders(as_user(pair.client_config(), "app", "apppw")).await.len(), 50);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forcing_a_wiped_member_active_does_not_erase_its_peer() {
+/// Force the wiped b active as the configured `root`; then a returns.
+/// `b_writes`: messages b confirms of its own first.
+async fn force_wiped_b_then_restart_a(b_writes: usize) -> (Pair, ClientConfig) {
     // root comes from the configuration, so the wiped node knows it and may be forced by it.
     let root = format!("root={}", hash("rootpw"));
     let opts = PairOptions { extra: vec!["--user".into(), root], ..PairOptions::default() };
@@ -366,8 +367,16 @@ async fn forcing_a_wiped_member_active_does_not_erase_its_peer() {
     // An application the wiped node never heard of cannot use it meanwhile.
     let err = Client::connect(as_user(pair.client_config(), "app", "apppw")).await.unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");
-
-    // a returns: its users, queue and 50 messages are kept, whoever serves.
+    if b_writes > 0 {
+        let create = AdminCommand::QueueCreate { name: "made-on-b".into() };
+        AdminClient::command_on_active(&root, create, true).await.unwrap(); // split: forced
+        let c = Client::connect(root.clone()).await.unwrap();
+        let p = c.producer(Destination::queue("made-on-b"));
+        for i in 0..b_writes {
+            p.send_nowait(Message::persistent(format!("b{i}"))).await.unwrap().await.unwrap();
+        }
+        c.close().await.unwrap();
+    }
     pair.a.start();
     let in_sync = |s: &serde_json::Value| s["role"] == "passive" && s["in_sync"] == true;
     let deadline = tokio::time::Instant::now() + WAIT * 2;
@@ -379,8 +388,43 @@ async fn forcing_a_wiped_member_active_does_not_erase_its_peer() {
         assert!(tokio::time::Instant::now() < deadline, "the pair never formed again: a {sa:?}, b {sb:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (pair, root)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forcing_a_wiped_member_active_does_not_erase_its_peer() {
+    // b wrote nothing when forced: a's history ranks first and is kept whole.
+    let (pair, root) = force_wiped_b_then_restart_a(0).await;
     let users = admin(&root, AdminCommand::UserList).await.unwrap().unwrap();
     assert!(users.contains("\"app\""), "a's users survive the forced empty node: {users}");
     let got = drain_orders(as_user(pair.client_config(), "app", "apppw")).await;
     assert_eq!(got.len(), 50, "a's 50 confirmed messages survive: {got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_member_that_served_keeps_its_history_and_gets_its_peers_users_queues_and_messages() {
+    // b confirmed messages after it was forced: more ops than a holds, in
+    // the same epoch number (a wiped node knows no epoch to go above), so
+    // its history ranks first, and a hands over what it held: users, queues
+    // and messages.
+    let (pair, root) = force_wiped_b_then_restart_a(200).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let users = loop {
+        let users = admin(&root, AdminCommand::UserList).await.unwrap().unwrap();
+        if users.contains("\"app\"") || tokio::time::Instant::now() > deadline {
+            break users;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(users.contains("\"app\"") && users.contains("produce:orders.#"), "a's users are handed over: {users}");
+    let app = as_user(pair.client_config(), "app", "apppw");
+    let mut got = Vec::new();
+    while got.len() < 50 && tokio::time::Instant::now() < deadline + WAIT {
+        got.extend(drain_orders(app.clone()).await);
+    }
+    assert_eq!(got.len(), 50, "a's 50 confirmed messages are handed over: {got:?}");
+    let c = Client::connect(root.clone()).await.unwrap();
+    let mut on_b = c.subscribe(Destination::queue("made-on-b"), SubscribeOptions::default()).await.unwrap();
+    assert_eq!(common::drain(&mut on_b, 200, Duration::from_secs(5)).await.len(), 200, "b's own messages stay");
+    assert_eq!(pair.b.role().await.as_deref(), Some("active"), "b's history was kept");
 }

@@ -65,6 +65,8 @@ struct PathState {
 #[rtype(result = "bool")]
 pub struct DivergentMessages {
     pub messages: Vec<(String, twinmq_store::StoredMessage)>,
+    /// Users and queues to create where this node lacks them (users first).
+    pub admin: twinmq_store::HandoverAdmin,
 }
 
 pub struct PeerMonitor {
@@ -327,6 +329,7 @@ async fn run_conn(
         let wire = |o: Outbound| match o {
             Outbound::Repl(f) => HaFrame::Repl(f),
             Outbound::Handover(messages) => HaFrame::Divergent { messages },
+            Outbound::HandoverAdmin(admin) => HaFrame::DivergentAdmin(admin),
         };
         loop {
             let first = tokio::select! {
@@ -373,8 +376,14 @@ async fn run_conn(
                     monitor.do_send(Heard(id));
                     arbiter.do_send(FromPeer(m));
                 }
-                HaFrame::Divergent { messages } => monitor.do_send(HandedOver { conn: id, messages, attempt: 0 }),
+                HaFrame::Divergent { messages } => {
+                    monitor.do_send(HandedOver { conn: id, messages, admin: Default::default(), attempt: 0 })
+                }
+                HaFrame::DivergentAdmin(admin) => {
+                    monitor.do_send(HandedOver { conn: id, messages: Vec::new(), admin, attempt: 0 })
+                }
                 HaFrame::DivergentStored { ids } => writer.handover_stored(ids),
+                HaFrame::DivergentAdminStored => writer.handover_admin_stored(),
                 other => break format!("unexpected frame {other:?}"),
             },
         }
@@ -518,6 +527,7 @@ impl Handler<Heard> for PeerMonitor {
 struct HandedOver {
     conn: ConnId,
     messages: Vec<(String, twinmq_store::StoredMessage)>,
+    admin: twinmq_store::HandoverAdmin,
     attempt: u32,
 }
 
@@ -525,10 +535,15 @@ impl Handler<HandedOver> for PeerMonitor {
     type Result = ();
     fn handle(&mut self, m: HandedOver, ctx: &mut Context<Self>) {
         if m.attempt == 0 {
-            tracing::warn!(messages = m.messages.len(), "the peer hands over messages this node's history lacks");
+            tracing::warn!(
+                messages = m.messages.len(),
+                users = m.admin.users.len(),
+                queues = m.admin.queues.len(),
+                "the peer hands over what this node's history may lack"
+            );
         }
         let ids: Vec<(u64, u64)> = m.messages.iter().map(|(_, msg)| (msg.epoch, msg.seq)).collect();
-        let stored = self.divergent_to.send(DivergentMessages { messages: m.messages.clone() });
+        let stored = self.divergent_to.send(DivergentMessages { messages: m.messages.clone(), admin: m.admin.clone() });
         ctx.spawn(stored.into_actor(self).map(move |res, act, ctx| {
             if !matches!(res, Ok(true)) {
                 // Try again here (the peer keeps them meanwhile, and sends them
@@ -544,12 +559,13 @@ impl Handler<HandedOver> for PeerMonitor {
                 if m.attempt == 0 {
                     tracing::warn!(messages = ids.len(), ?delay, "messages handed over were not all stored; retrying");
                 }
-                let again = HandedOver { conn: m.conn, messages: m.messages, attempt: m.attempt + 1 };
+                let again = HandedOver { conn: m.conn, messages: m.messages, admin: m.admin, attempt: m.attempt + 1 };
                 ctx.notify_later(again, delay);
                 return;
             }
             // On the connection they came on, or any other if it is gone.
-            let frame = HaFrame::DivergentStored { ids };
+            let frame =
+                if m.admin.is_empty() { HaFrame::DivergentStored { ids } } else { HaFrame::DivergentAdminStored };
             let sent = act.conns.get(&m.conn).is_some_and(|c| c.tx.send(frame.clone()).is_ok())
                 || act.conns.values().any(|c| c.tx.send(frame.clone()).is_ok());
             if !sent {

@@ -132,6 +132,11 @@ pub enum HaFrame {
     DivergentStored {
         ids: Vec<(u64, u64)>,
     },
+    /// With `Divergent`, first: the users and queues the sender held when
+    /// its history was replaced; the active creates those it lacks.
+    DivergentAdmin(twinmq_store::HandoverAdmin),
+    /// The active created what it lacked of a `DivergentAdmin`.
+    DivergentAdminStored,
 }
 
 /// Most payload bytes of messages in one `Divergent` frame (far below the frame limit).

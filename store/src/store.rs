@@ -132,6 +132,10 @@ pub struct Store {
     /// kept until the active says it stored them (not cleared by a
     /// snapshot). Key: the message's epoch, sequence and queue.
     pub(crate) handover: sled::Tree,
+    /// With `handover`: this node's users (`u/<name>`) and queues
+    /// (`q/<name>`) as they were when its history was replaced, for the
+    /// active to create those it lacks.
+    pub(crate) handover_admin: sled::Tree,
     /// A snapshot from the peer, loaded here until complete.
     pub(crate) staging_log: sled::Tree,
     pub(crate) staging_admin: sled::Tree,
@@ -160,6 +164,22 @@ pub struct Synced {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// Users and queues a node held when its history was replaced by its
+/// peer's, handed to the active with its messages (DESIGN.md section 5):
+/// the active creates those it lacks and keeps its own where both exist.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HandoverAdmin {
+    pub users: Vec<(String, UserRecord)>,
+    /// Queue names (without the `q/` prefix).
+    pub queues: Vec<String>,
+}
+
+impl HandoverAdmin {
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.queues.is_empty()
     }
 }
 
@@ -245,6 +265,7 @@ impl Store {
             producers: db.open_tree("producers")?,
             meta: db.open_tree("meta")?,
             handover: db.open_tree("handover")?,
+            handover_admin: db.open_tree("handover_admin")?,
             staging_log: db.open_tree("staging_log")?,
             staging_admin: db.open_tree("staging_admin")?,
             staging_producers: db.open_tree("staging_producers")?,
@@ -467,6 +488,45 @@ impl Store {
             let raw = rmp_serde::to_vec(&(queue, m)).map_err(|e| StoreError::Encode(e.to_string()))?;
             self.handover.insert(handover_key(m.epoch, m.seq, queue), raw)?;
         }
+        Ok(())
+    }
+
+    /// Keep this store's users and queue names for the hand-over (unflushed).
+    pub(crate) fn keep_admin_for_handover(
+        &self,
+        users: &BTreeMap<String, UserRecord>,
+        queues: &BTreeMap<String, QueueEntry>,
+    ) -> Result<(), StoreError> {
+        for (name, user) in users {
+            let raw = rmp_serde::to_vec(user).map_err(|e| StoreError::Encode(e.to_string()))?;
+            self.handover_admin.insert(format!("{USER_PREFIX}{name}"), raw)?;
+        }
+        for key in queues.keys().filter(|k| k.starts_with("q/")) {
+            self.handover_admin.insert(key.as_bytes(), &[])?;
+        }
+        Ok(())
+    }
+
+    /// The users and queue names kept for the hand-over.
+    pub fn pending_handover_admin(&self) -> Result<HandoverAdmin, StoreError> {
+        let mut out = HandoverAdmin::default();
+        for kv in self.handover_admin.iter() {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k);
+            if let Some(name) = key.strip_prefix(USER_PREFIX) {
+                let user = rmp_serde::from_slice(&v)
+                    .map_err(|e| StoreError::Corrupt { key: 0, reason: format!("handover user {name}: {e}") })?;
+                out.users.push((name.to_string(), user));
+            } else if let Some(name) = key.strip_prefix("q/") {
+                out.queues.push(name.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The peer created what it lacked of the kept users and queues (unflushed).
+    pub(crate) fn handed_over_admin(&self) -> Result<(), StoreError> {
+        self.handover_admin.clear()?;
         Ok(())
     }
 

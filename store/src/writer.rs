@@ -36,7 +36,7 @@ use crate::clock::lease_now_ms;
 use crate::index::LiveIndex;
 use crate::op::{BatchBody, Op};
 use crate::repl::{Action, ConnId, Promotion, Refusal, ReplFrame, Replica, ReplicaConfig};
-use crate::store::{Durability, Recovered, Store};
+use crate::store::{Durability, HandoverAdmin, Recovered, Store};
 use crate::{StoreError, StoredMessage};
 
 /// Called on the writer thread once the submission is durable (or failed).
@@ -73,6 +73,8 @@ pub enum Outbound {
     Repl(ReplFrame),
     /// Messages kept for the hand-over (queue key, message), one chunk.
     Handover(Vec<(String, StoredMessage)>),
+    /// The users and queues kept for the hand-over, sent before the messages.
+    HandoverAdmin(HandoverAdmin),
 }
 
 impl Outbound {
@@ -80,6 +82,7 @@ impl Outbound {
         match self {
             Outbound::Repl(f) => f.weight(),
             Outbound::Handover(ms) => ms.iter().map(|(q, m)| q.len() + m.payload.len() + 128).sum(),
+            Outbound::HandoverAdmin(a) => a.users.len() * 256 + a.queues.len() * 64,
         }
     }
 }
@@ -171,6 +174,7 @@ enum Request {
     },
     Demote(bool, Completion),
     HandoverStored(Vec<(u64, u64)>),
+    HandoverAdminStored,
     ResendHandover,
     ShuttingDown,
     NotePeer(u64, u64),
@@ -221,7 +225,8 @@ pub struct WriterStats {
     /// A snapshot from the peer is half loaded.
     pub loading: AtomicBool,
     /// This store has served or holds a complete copy of a serving node's
-    /// (its history is not empty): it knows the pair's users.
+    /// (its history is not empty, or it is in sync with the active, whose
+    /// store may be as empty as a new pair's): it knows the pair's users.
     pub held_copy: AtomicBool,
     /// The disk failed: nothing more is confirmed here.
     pub disk_failed: AtomicBool,
@@ -441,6 +446,11 @@ impl Writer {
     /// Passive: the active stored these handed-over messages (`(epoch, seq)`); forget them.
     pub fn handover_stored(&self, ids: Vec<(u64, u64)>) {
         self.send(Request::HandoverStored(ids));
+    }
+
+    /// Passive: the active created what it lacked of the users and queues handed over.
+    pub fn handover_admin_stored(&self) {
+        self.send(Request::HandoverAdminStored);
     }
 
     /// Passive: send what is kept for the hand-over again (on the followed connection).
@@ -666,6 +676,12 @@ impl WriterState {
                 }
                 self.count_handover();
             }
+            Request::HandoverAdminStored => match self.store.handed_over_admin().and_then(|_| self.sync()) {
+                Ok(()) => tracing::info!("the new active created the users and queues handed over that it lacked"),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not forget the handed-over users; they will be sent again")
+                }
+            },
             Request::ResendHandover => {
                 if let Some(conn) = self.replica.source() {
                     out.push(Action::SendHandover(conn));
@@ -818,11 +834,20 @@ impl WriterState {
                 self.stats.loading.store(false, Ordering::Relaxed);
             }
             Action::SendHandover(conn) => {
+                let admin = self.store.pending_handover_admin()?;
                 let pending = self.store.pending_handover()?;
+                let Some(tx) = self.conns.get(&conn) else { return Ok(()) };
+                if !admin.is_empty() {
+                    tracing::warn!(
+                        users = admin.users.len(),
+                        queues = admin.queues.len(),
+                        "handing over users and queues for the active to create those it lacks"
+                    );
+                    tx.send(Outbound::HandoverAdmin(admin));
+                }
                 if pending.is_empty() {
                     return Ok(());
                 }
-                let Some(tx) = self.conns.get(&conn) else { return Ok(()) };
                 tracing::warn!(messages = pending.len(), "handing over messages the active's history lacks");
                 let mut chunk = Vec::new();
                 let mut bytes = 0;
@@ -916,6 +941,9 @@ impl WriterState {
             );
         }
         self.store.keep_for_handover(&kept)?;
+        // Users, ACLs and destinations made on this side are not lost with
+        // its history either (DESIGN.md section 5).
+        self.store.keep_admin_for_handover(&recovered.users, &recovered.queues)?;
         self.sync()?;
         self.count_handover();
         Ok(())
@@ -1151,7 +1179,7 @@ impl WriterState {
         s.peer_seen_last.store(pl, Ordering::Relaxed);
         s.outranked.store(r.outranked(), Ordering::Relaxed);
         s.loading.store(r.loading(), Ordering::Relaxed);
-        s.held_copy.store(!r.meta().history.entries().is_empty(), Ordering::Relaxed);
+        s.held_copy.store(!r.meta().history.entries().is_empty() || in_sync.is_some(), Ordering::Relaxed);
         let entries = r.meta().history.entries();
         let mut h = s.history.lock().unwrap_or_else(|p| p.into_inner());
         if h.as_slice() != entries {

@@ -129,6 +129,14 @@ fn connect(active: &Writer, passive: &Writer) -> Link {
                             ms.iter().map(|(_, m)| String::from_utf8_lossy(&m.payload).into()).collect();
                         seen.lock().unwrap().push(format!("divergent: {}", b.join(",")));
                     }
+                    Outbound::HandoverAdmin(a) => {
+                        let users: Vec<&str> = a.users.iter().map(|(n, _)| n.as_str()).collect();
+                        seen.lock().unwrap().push(format!(
+                            "admin: users {}; queues {}",
+                            users.join(","),
+                            a.queues.join(",")
+                        ));
+                    }
                 }
             }
         });
