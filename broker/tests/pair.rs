@@ -142,17 +142,12 @@ async fn a_peer_with_the_wrong_cluster_secret_never_joins() {
     // Neither node can pair; a has no store to be sure of, so the operator
     // promotes it. A node that never held a copy knows only the users of its
     // configuration: anonymous may not force it (issue 10).
-    let root = format!("root={}", twinmq_broker::auth::hash_password("rootpw").unwrap());
-    let extra = vec!["--user".to_string(), root];
-    let mut pair =
-        Pair::start(PairOptions { b_secret: Some("not-the-secret".into()), extra, ..Default::default() }).await;
-    for node in [&mut pair.a, &mut pair.b] {
-        node.admin_login = Some(("root".into(), "rootpw".into()));
-    }
+    let opts = PairOptions { b_secret: Some("not-the-secret".into()), ..Default::default() };
+    let mut pair = Pair::start(opts.with_root()).await;
     let anonymous = pair.client_config().failover_timeout(Duration::from_secs(1));
     let err = AdminClient::connect_to(&pair.a.client.to_string(), &anonymous).await.unwrap_err();
     assert!(err.to_string().contains("never held a complete copy"), "{err}");
-    let cfg = pair.client_config().user("root").password("rootpw");
+    let cfg = pair.as_root();
     let mut admin = AdminClient::connect_to(&pair.a.client.to_string(), &cfg).await.unwrap();
     admin.promote(true).await.unwrap();
     pair.a.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;

@@ -249,9 +249,10 @@ async fn a_peer_with_a_certificate_from_another_ca_never_joins() {
     let a = ca.issue(dir.path(), "node-a", &["127.0.0.1"]);
     // b knows the secret and trusts the right CA, but its own certificate is foreign.
     let b = other.issue(dir.path(), "node-b", &["127.0.0.1"]);
-    let pair =
-        Pair::start(PairOptions { a_extra: ha_flags(&a, &ca), b_extra: ha_flags(&b, &ca), ..Default::default() }).await;
-    let cfg = pair.client_config();
+    let opts = PairOptions { a_extra: ha_flags(&a, &ca), b_extra: ha_flags(&b, &ca), ..Default::default() };
+    let mut pair = Pair::start(opts.with_root()).await;
+    // A node that never held a copy: only a configured user may force it.
+    let cfg = pair.as_root();
     let mut admin = AdminClient::connect_to(&pair.a.client.to_string(), &cfg).await.unwrap();
     admin.promote(true).await.unwrap();
     pair.a.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
@@ -274,14 +275,14 @@ async fn a_peer_with_the_right_certificate_and_the_wrong_secret_never_joins() {
     let ca = Ca::new(dir.path(), "ha-ca");
     let a = ca.issue(dir.path(), "node-a", &["127.0.0.1"]);
     let b = ca.issue(dir.path(), "node-b", &["127.0.0.1"]);
-    let pair = Pair::start(PairOptions {
+    let opts = PairOptions {
         a_extra: ha_flags(&a, &ca),
         b_extra: ha_flags(&b, &ca),
         b_secret: Some("not-the-secret".into()),
         ..Default::default()
-    })
-    .await;
-    let cfg = pair.client_config();
+    };
+    let mut pair = Pair::start(opts.with_root()).await;
+    let cfg = pair.as_root();
     let mut admin = AdminClient::connect_to(&pair.a.client.to_string(), &cfg).await.unwrap();
     admin.promote(true).await.unwrap();
     pair.a.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;

@@ -313,6 +313,17 @@ pub struct Pair {
 
 pub const SECRET: &str = "test-cluster-secret";
 
+impl PairOptions {
+    /// Give both nodes the configured user `root` (password `rootpw`, admin
+    /// on everything): the only login a node that never held a copy of the
+    /// pair's store accepts (see [`Pair::as_root`]).
+    pub fn with_root(mut self) -> PairOptions {
+        let hash = twinmq_broker::auth::hash_password("rootpw").unwrap();
+        self.extra.extend(["--user".to_string(), format!("root={hash}")]);
+        self
+    }
+}
+
 impl Pair {
     /// Start a (preferred, priority 200) and b (priority 100); a becomes active.
     pub async fn start(opts: PairOptions) -> Pair {
@@ -397,6 +408,15 @@ impl Pair {
         a.start();
         b.start();
         Pair { a, b, gateway, cable, _tmp: tmp }
+    }
+
+    /// Log in as the configured `root` (see [`PairOptions::with_root`]),
+    /// status checks included.
+    pub fn as_root(&mut self) -> ClientConfig {
+        for node in [&mut self.a, &mut self.b] {
+            node.admin_login = Some(("root".into(), "rootpw".into()));
+        }
+        self.client_config().user("root").password("rootpw")
     }
 
     /// Client configuration with both nodes, failing over within 20 s.
