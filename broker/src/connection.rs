@@ -36,7 +36,7 @@ use twinmq_protocol::{ClientFrame, ErrorCode, ErrorContext, ErrorFrame, FrameCod
 
 use tracing::Instrument;
 
-use crate::auth::AuthOutcome;
+use crate::auth::{AuthOutcome, GateRefusal};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::{self, Node};
@@ -72,6 +72,8 @@ pub struct ConnectionContext {
     pub ha_status: Option<watch::Receiver<twinmq_ha::HaStatus>>,
     /// Event counters for `/metrics`.
     pub metrics: Metrics,
+    /// Where passwords are checked, and failing logins paused.
+    pub logins: Arc<crate::auth::LoginGate>,
 }
 
 fn connection_error(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
@@ -137,7 +139,7 @@ where
     let mut reader = FramedRead::new(rd, Codec::new(max));
     let mut writer = FramedWrite::new(wr, Codec::new(max));
 
-    let Admitted { user, admin, version } = match handshake(&mut reader, &cx).await {
+    let Admitted { user, admin, version } = match handshake(&mut reader, peer, &cx).await {
         Ok(admitted) => admitted,
         Err(reply) => {
             if let Some(reply) = reply {
@@ -416,6 +418,7 @@ struct Admitted {
 /// `Err(Some(frame))`: send it and close.
 async fn handshake<R: AsyncRead + Unpin>(
     reader: &mut FramedRead<R, Codec>,
+    peer: SocketAddr,
     cx: &ConnectionContext,
 ) -> Result<Admitted, Option<ServerFrame>> {
     let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
@@ -451,9 +454,23 @@ async fn handshake<R: AsyncRead + Unpin>(
         Err(_) => cx.security.borrow().clone(),
     };
     let db = security.clone();
-    let outcome = tokio::task::spawn_blocking(move || db.check_password(user.as_deref(), password.as_deref()))
-        .await
-        .unwrap_or(AuthOutcome::Refused("authentication failed"));
+    let name = user.clone();
+    let check = move || db.check_password(name.as_deref(), password.as_deref());
+    let outcome = match cx.logins.check(user.as_deref(), peer.ip(), check).await {
+        Ok(outcome) => outcome,
+        Err(GateRefusal::Paused(pause)) => {
+            tracing::warn!(client = %client_name, user = ?user, "login refused: too many failures from this address");
+            let message = format!(
+                "too many failed logins for this user from this address; retry in {} ms",
+                pause.as_millis().max(1)
+            );
+            return Err(Some(connection_error(ErrorCode::NotAuthenticated, message)));
+        }
+        Err(GateRefusal::Busy) => {
+            tracing::warn!(client = %client_name, "login refused: too many password checks waiting");
+            return Err(Some(connection_error(ErrorCode::LimitReached, "too many logins at once; retry shortly")));
+        }
+    };
     match outcome {
         AuthOutcome::Accepted(user) if admin && !security.is_some_admin(user.as_deref()) => {
             tracing::warn!(client = %client_name, user = ?user, "admin connection refused: no admin grant");

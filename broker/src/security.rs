@@ -19,8 +19,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use argon2::password_hash::PasswordHash;
-use argon2::{Argon2, PasswordVerifier};
 use twinmq_protocol::{AclGrant, DestKind, Destination, Permission};
 use twinmq_store::{Grant, UserRecord};
 
@@ -227,13 +225,14 @@ impl SecurityDb {
         let (Some(user), Some(password)) = (user, password) else {
             return AuthOutcome::Refused("this broker requires a user and password");
         };
-        let Some(p) = self.principals.get(user) else {
-            return AuthOutcome::Refused("unknown user or wrong password");
+        // An unknown user costs one argon2 check too, against a hash nobody
+        // matches: refusals take as long whether or not the user exists.
+        let (known, hash) = match self.principals.get(user) {
+            Some(p) => (true, p.password_hash.as_str()),
+            None => (false, crate::auth::dummy_hash()),
         };
-        let ok = PasswordHash::new(&p.password_hash)
-            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
-            .unwrap_or(false);
-        if ok {
+        let ok = crate::auth::verify_password(password.as_bytes(), hash);
+        if ok && known {
             AuthOutcome::Accepted(Some(user.to_string()))
         } else {
             AuthOutcome::Refused("unknown user or wrong password")

@@ -169,6 +169,7 @@ pub async fn run(
         shutdown: stop_rx,
         ha_status: pair.as_ref().map(|p: &Pair| p.status.clone()),
         metrics,
+        logins: crate::auth::LoginGate::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
     };
     let listener = Listener::new(tcp, io.iter().map(Arbiter::handle).collect(), cx).start();
     let tls = match &config.tls {

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{drain, Broker};
+use common::{drain, rss_kib, Broker};
 use twinmq_client::{Destination, ErrorCode, Message, SubscribeOptions};
 use twinmq_protocol::{decode_body, ClientFrame, ErrorContext, ServerFrame};
 
@@ -40,12 +40,6 @@ async fn held_unconfirmed(producer: &twinmq_client::Producer, expected: usize) {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(producer.in_flight(), expected, "held, unconfirmed, while the destination is full");
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// Read one frame (blocking, with a timeout).

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::pair::{Pair, PairOptions};
-use common::Broker;
+use common::{rss_kib, Broker};
 use twinmq_client::{
     AclGrant, AdminClient, AdminCommand, Client, ClientConfig, ClientError, ClientEvent, Destination, ErrorCode,
     Message, SubscribeOptions,
@@ -427,4 +427,77 @@ async fn a_forced_member_that_served_keeps_its_history_and_gets_its_peers_users_
     let mut on_b = c.subscribe(Destination::queue("made-on-b"), SubscribeOptions::default()).await.unwrap();
     assert_eq!(common::drain(&mut on_b, 200, Duration::from_secs(5)).await.len(), 200, "b's own messages stay");
     assert_eq!(pair.b.role().await.as_deref(), Some("active"), "b's history was kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_costs_bounded_memory_and_leaves_room_for_real_users() {
+    let b = broker();
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "app", "apppw", &["produce:#"]).await;
+    add_user(&root, "ops", "opspw", &["produce:#"]).await;
+    let wrong = |user: &str| as_user(b.config(), user, "guess").failover_timeout(Duration::from_secs(1));
+
+    // Unknown users are refused no faster than known ones (no enumeration by
+    // timing): both cost one argon2 check. Medians of 3, a factor 3 apart at most.
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for i in 0..3 {
+        let t = std::time::Instant::now();
+        let e = Client::connect(wrong("ops")).await.unwrap_err();
+        known.push(t.elapsed());
+        let t = std::time::Instant::now();
+        let u = Client::connect(wrong(&format!("nobody-{i}"))).await.unwrap_err();
+        unknown.push(t.elapsed());
+        assert_eq!(e.to_string(), u.to_string(), "the same refusal for both");
+    }
+    known.sort();
+    unknown.sort();
+    assert!(unknown[1] * 3 >= known[1], "unknown {unknown:?} vs known {known:?}");
+
+    // 32 concurrent wrong-password logins of a real user for 4 s.
+    let pid = b.pid();
+    let before = rss_kib(pid);
+    let secs = std::env::var("FLOOD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    let stop = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut flood = Vec::new();
+    for _ in 0..32 {
+        let cfg = wrong("app");
+        flood.push(tokio::spawn(async move {
+            let (mut refused, mut paused) = (0u32, 0u32);
+            while tokio::time::Instant::now() < stop {
+                match Client::connect(cfg.clone()).await {
+                    Err(e) if e.to_string().contains("too many failed logins") => paused += 1,
+                    Err(_) => refused += 1,
+                    Ok(_) => panic!("a wrong password was accepted"),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (refused, paused)
+        }));
+    }
+    // Meanwhile the real user logs in, twice a second, and RSS is sampled.
+    let (mut peak, mut logins) = (before, Vec::new());
+    while tokio::time::Instant::now() < stop {
+        let t = std::time::Instant::now();
+        let c = Client::connect(as_user(b.config(), "ops", "opspw")).await.unwrap();
+        logins.push(t.elapsed());
+        c.close().await.unwrap();
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (mut refused, mut paused) = (0, 0);
+    for f in flood {
+        let (r, p) = f.await.unwrap();
+        refused += r;
+        paused += p;
+    }
+    peak = peak.max(rss_kib(pid));
+    let grew_mib = peak.saturating_sub(before) / 1024;
+    println!(
+        "flood: {refused} checked and refused, {paused} paused; RSS {before} -> peak {peak} KiB; ops logins {logins:?}"
+    );
+    assert!(paused > 0, "repeated failures from one address are paused");
+    // Two checker threads here, each holding one argon2 buffer (19 MiB at the default cost).
+    assert!(grew_mib < 64, "a login flood grew the broker by {grew_mib} MiB (bound 64)");
+    assert!(logins.iter().all(|t| *t < Duration::from_secs(3)), "real logins stay possible: {logins:?}");
 }

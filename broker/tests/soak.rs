@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::pair::{Pair, PairOptions};
+use common::rss_kib;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
@@ -43,16 +44,6 @@ const IDLE_TIMEOUT_MS: &str = "10000";
 const RSS_BOUND_MIB: u64 = 256;
 
 type Codec = FrameCodec<ServerFrame, ClientFrame>;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// One idle client: Hello, then only a Ping every few seconds. Returns
 /// whether the connection was still held (answering a Ping) at the end.
