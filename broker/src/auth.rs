@@ -138,6 +138,12 @@ const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
 const MAX_TRACKED: usize = 65_536;
 /// Password checks waiting for a checker; beyond, a login is refused as busy.
 const MAX_WAITING_CHECKS: usize = 1024;
+/// How long a login waits for its check to start and finish; then it is
+/// refused as busy (the client retries), well inside the client's 5 s
+/// connect timeout. A check whose login gave up is skipped, not run: under
+/// a login storm, work for connections already gone would otherwise crowd
+/// out every live one.
+const MAX_CHECK_WAIT: Duration = Duration::from_secs(3);
 
 struct Failures {
     count: u32,
@@ -204,12 +210,17 @@ impl LoginGate {
         }
         let (tx, rx) = oneshot::channel();
         let job: Check = Box::new(move || {
-            let _ = tx.send(check());
+            if !tx.is_closed() {
+                let _ = tx.send(check());
+            }
         });
         if self.checks.try_send(job).is_err() {
             return Err(GateRefusal::Busy);
         }
-        let outcome = rx.await.unwrap_or(AuthOutcome::Refused("authentication failed"));
+        let outcome = match tokio::time::timeout(MAX_CHECK_WAIT, rx).await {
+            Err(_) => return Err(GateRefusal::Busy),
+            Ok(answer) => answer.unwrap_or(AuthOutcome::Refused("authentication failed")),
+        };
         match &outcome {
             AuthOutcome::Accepted(_) => self.forget(&key),
             AuthOutcome::Refused(_) => self.failed(key),

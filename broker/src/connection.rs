@@ -74,6 +74,8 @@ pub struct ConnectionContext {
     pub metrics: Metrics,
     /// Where passwords are checked, and failing logins paused.
     pub logins: Arc<crate::auth::LoginGate>,
+    /// Session-resumption tickets (keyed from the cluster secret in a pair).
+    pub tickets: Arc<crate::ticket::Tickets>,
 }
 
 fn connection_error(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
@@ -139,7 +141,7 @@ where
     let mut reader = FramedRead::new(rd, Codec::new(max));
     let mut writer = FramedWrite::new(wr, Codec::new(max));
 
-    let Admitted { user, admin, version } = match handshake(&mut reader, peer, &cx).await {
+    let Admitted { user, admin, version, ticket } = match handshake(&mut reader, peer, &cx).await {
         Ok(admitted) => admitted,
         Err(reply) => {
             if let Some(reply) = reply {
@@ -155,6 +157,7 @@ where
         server_version: env!("CARGO_PKG_VERSION").to_string(),
         max_frame_bytes: u32::try_from(max).unwrap_or(u32::MAX),
         protocol_version: version,
+        ticket,
     };
     // Welcome goes out at the handshake version; everything after it at the chosen one.
     if writer.send(welcome).await.is_err() {
@@ -412,6 +415,8 @@ struct Admitted {
     admin: bool,
     /// The protocol version negotiated for the rest of the connection.
     version: u8,
+    /// A fresh session ticket for the client's next Hello.
+    ticket: Option<Vec<u8>>,
 }
 
 /// Read Hello, agree on a protocol version, check role and credentials.
@@ -433,7 +438,7 @@ async fn handshake<R: AsyncRead + Unpin>(
         }
         Ok(Some(Ok(f))) => f,
     };
-    let ClientFrame::Hello { user, password, client_name, admin, versions } = first else {
+    let ClientFrame::Hello { user, password, client_name, admin, versions, ticket } = first else {
         tracing::warn!("first frame is not Hello");
         return Err(Some(connection_error(ErrorCode::ProtocolViolation, "the first frame must be Hello")));
     };
@@ -453,10 +458,24 @@ async fn handshake<R: AsyncRead + Unpin>(
         Ok(db) => db,
         Err(_) => cx.security.borrow().clone(),
     };
+    let now = crate::now_ms();
+    // A valid ticket of a user this node knows stands for the password: an
+    // HMAC, not an argon2 check (a reconnect storm after a failover).
+    let resumed = match (&ticket, &user) {
+        (Some(t), Some(u)) if !security.is_open() && security.still_valid(Some(u)) => {
+            cx.tickets.verify(t, u, &security, now)
+        }
+        _ => false,
+    };
     let db = security.clone();
     let name = user.clone();
     let check = move || db.check_password(name.as_deref(), password.as_deref());
-    let outcome = match cx.logins.check(user.as_deref(), peer.ip(), check).await {
+    let checked = if resumed {
+        Ok(AuthOutcome::Accepted(user.clone()))
+    } else {
+        cx.logins.check(user.as_deref(), peer.ip(), check).await
+    };
+    let outcome = match checked {
         Ok(outcome) => outcome,
         Err(GateRefusal::Paused(pause)) => {
             tracing::warn!(client = %client_name, user = ?user, "login refused: too many failures from this address");
@@ -478,7 +497,11 @@ async fn handshake<R: AsyncRead + Unpin>(
         }
         AuthOutcome::Accepted(user) => {
             tracing::debug!(client = %client_name, "authenticated");
-            Ok(Admitted { user, admin, version })
+            let ticket = user
+                .as_deref()
+                .and_then(|u| Some(cx.tickets.issue(u, security.password_hash(u)?, now)))
+                .filter(|_| !security.is_open());
+            Ok(Admitted { user, admin, version, ticket })
         }
         AuthOutcome::Refused(why) => {
             tracing::warn!(client = %client_name, "authentication refused: {why}");

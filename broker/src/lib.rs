@@ -29,6 +29,7 @@ pub mod security;
 pub mod server;
 pub mod session;
 pub mod sockets;
+pub mod ticket;
 pub mod topic;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -195,6 +195,11 @@ impl SecurityDb {
         self.principals.is_empty() && !self.users_unknown
     }
 
+    /// The current password hash of a user this node knows.
+    pub fn password_hash(&self, user: &str) -> Option<&str> {
+        self.principals.get(user).map(|p| p.password_hash.as_str())
+    }
+
     /// See [`USERS_UNKNOWN`].
     pub fn users_unknown(&self) -> bool {
         self.users_unknown

@@ -44,6 +44,7 @@ fn client_frames() -> Vec<ClientFrame> {
             password: Some("pw".into()),
             admin: false,
             versions: VersionRange::new(1, 3),
+            ticket: Some(vec![1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 3, b'a', b'p', b'p']),
         },
         ClientFrame::Publish {
             producer_id: 7,
@@ -89,6 +90,7 @@ fn server_frames() -> Vec<ServerFrame> {
             server_version: "0.1.0".into(),
             max_frame_bytes: 4 << 20,
             protocol_version: 1,
+            ticket: Some(vec![1; 46]),
         },
         ServerFrame::Confirm { producer_id: 7, seq: 1 },
         ServerFrame::Subscribed { sub_id: 1 },

@@ -189,6 +189,7 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout_and_heartbeats_kee
         password: None,
         admin: true,
         versions: twinmq_protocol::SUPPORTED_VERSIONS,
+        ticket: None,
     };
     admin.write_all(&frame(&admin_hello)).unwrap();
     let start = Instant::now();

@@ -501,3 +501,101 @@ async fn a_login_flood_costs_bounded_memory_and_leaves_room_for_real_users() {
     assert!(grew_mib < 64, "a login flood grew the broker by {grew_mib} MiB (bound 64)");
     assert!(logins.iter().all(|t| *t < Duration::from_secs(3)), "real logins stay possible: {logins:?}");
 }
+
+/// A pair with a user `app`, a active and b in sync.
+async fn pair_with_app() -> (Pair, ClientConfig) {
+    let mut pair = Pair::start(PairOptions::default().with_root()).await;
+    let root = pair.as_root();
+    pair.wait_a_active_b_in_sync().await;
+    add_user(&root, "app", "apppw", &["produce:#", "consume:#"]).await;
+    pair.b.wait_for("in sync", WAIT, |s| s["role"] == "passive" && s["in_sync"] == true).await;
+    (pair, as_user(pair_config(&root), "app", "apppw").failover_timeout(WAIT))
+}
+
+fn pair_config(root: &ClientConfig) -> ClientConfig {
+    ClientConfig::new(root.servers.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_clients_log_back_in_with_their_ticket() {
+    let (mut pair, app_cfg) = pair_with_app().await;
+    let app = Client::connect(app_cfg.clone()).await.unwrap();
+    let producer = app.producer(Destination::queue("t"));
+    producer.send(Message::persistent("before")).await.unwrap();
+    // Someone guesses app's password on b from this address until b pauses
+    // (app, this address): a password login there is now refused at once.
+    let b = pair.b.client.to_string();
+    let guess = as_user(pair_config(&app_cfg), "app", "guess");
+    let mut paused = false;
+    for _ in 0..10 {
+        let err = AdminClient::connect_to(&b, &guess).await.unwrap_err();
+        if err.to_string().contains("too many failed logins") {
+            paused = true;
+            break;
+        }
+    }
+    assert!(paused, "b pauses the guesser");
+    let err = AdminClient::connect_to(&b, &as_user(pair_config(&app_cfg), "app", "apppw")).await.unwrap_err();
+    assert!(err.to_string().contains("too many failed logins"), "{err}");
+
+    // a dies: the client comes back on b with the ticket a gave it (keyed
+    // from the cluster secret), which needs no password check.
+    pair.a.kill9();
+    producer.send(Message::persistent("after")).await.unwrap();
+    assert_eq!(app.server().node_id, "node-b");
+    let mut c = app.subscribe(Destination::queue("t"), SubscribeOptions::default()).await.unwrap();
+    let mut got = common::drain(&mut c, 2, Duration::from_secs(5)).await;
+    got.sort();
+    assert_eq!(got, ["after", "before"]);
+}
+
+/// Measures how long 1,000 clients take to be back after a kill -9 of the
+/// active (docs/FAILOVER.md). `cargo test --release -p twinmq-broker --test
+/// security -- --ignored --nocapture thousand`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: 1,000 clients, about a minute"]
+async fn a_thousand_clients_back_after_a_kill() {
+    let (mut pair, app_cfg) = pair_with_app().await;
+    let t = std::time::Instant::now();
+    let mut logins = Vec::new();
+    for _ in 0..1000 {
+        let cfg = app_cfg.clone().failover_timeout(Duration::from_secs(60));
+        logins.push(tokio::spawn(async move { Client::connect(cfg).await.unwrap() }));
+    }
+    let mut clients = Vec::new();
+    for l in logins {
+        clients.push(l.await.unwrap());
+    }
+    let first_login = t.elapsed();
+    let mut watchers = Vec::new();
+    for c in &clients {
+        let mut events = c.events();
+        watchers.push(tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(ClientEvent::Connected { .. }) => return std::time::Instant::now(),
+                    Ok(_) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }));
+    }
+    clients[0].producer(Destination::queue("back")).send(Message::persistent("x")).await.unwrap();
+    let killed = std::time::Instant::now();
+    pair.a.kill9();
+    let mut back = Vec::new();
+    for w in watchers {
+        back.push(w.await.unwrap().duration_since(killed));
+    }
+    back.sort();
+    println!(
+        "1,000 clients: first login (passwords) {first_login:?}; after kill -9 of the active: \
+         first back {:?}, median {:?}, all {:?}",
+        back[0], back[500], back[999]
+    );
+    // Every one of them works on the new active.
+    for c in clients {
+        c.producer(Destination::queue("back")).send(Message::persistent("x")).await.unwrap();
+        assert_eq!(c.server().node_id, "node-b");
+    }
+}

@@ -57,6 +57,7 @@ async fn idle_client(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) -> Resul
             password: None,
             admin: false,
             versions: twinmq_protocol::SUPPORTED_VERSIONS,
+            ticket: None,
         })
         .await
         .map_err(|e| format!("hello: {e}"))?;

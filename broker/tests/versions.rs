@@ -103,6 +103,7 @@ fn a_client_sharing_no_version_gets_a_typed_error_naming_both_ranges_then_is_clo
         password: Some("wrong".into()),
         admin: false,
         versions: wider,
+        ticket: None,
     }))
     .unwrap();
     let (frames, _) = read_some(&mut s, 1);

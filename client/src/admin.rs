@@ -16,7 +16,7 @@ use tracing::debug;
 use twinmq_protocol::{AdminCommand, ClientFrame, ErrorCode, ErrorContext, ServerFrame};
 
 use crate::dial::Dialer;
-use crate::link::{frame_name, is_final, Link, ServerInfo};
+use crate::link::{frame_name, is_final, Link, ServerInfo, TicketSlot};
 use crate::{ClientConfig, ClientError};
 
 /// What `promote --force` on one node would risk (see [`AdminClient::promote_risks`]).
@@ -99,13 +99,13 @@ impl AdminClient {
         if config.servers.is_empty() {
             return Err(ClientError::NoServers);
         }
-        let (link, server) = Dialer::new(Arc::new(config.clone()), true).round().await?;
+        let (link, server) = Dialer::new(Arc::new(config.clone()), true, TicketSlot::default()).round().await?;
         Ok(Self::new(link, server, config))
     }
 
     /// Connect to the node at `addr`.
     pub async fn connect_to(addr: &str, config: &ClientConfig) -> Result<AdminClient, ClientError> {
-        let (link, server) = Link::open(addr, config, true).await?;
+        let (link, server) = Link::open(addr, config, true, &TicketSlot::default()).await?;
         Ok(Self::new(link, server, config))
     }
 

@@ -9,7 +9,7 @@ use twinmq_protocol::Destination;
 use crate::admin::AdminClient;
 use crate::connection::{request, Command, Commands, Connection, SubscriptionSpec};
 use crate::events::{ClientEvent, Events};
-use crate::link::ServerInfo;
+use crate::link::{ServerInfo, TicketSlot};
 use crate::{dial, ClientConfig, ClientError, Consumer, Producer, SubscribeOptions};
 
 /// A connection to the active node of a twinmq pair that follows the
@@ -35,7 +35,8 @@ impl Client {
     /// inside a tokio runtime.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let config = Arc::new(config);
-        let (link, server) = dial::find_active(config.clone()).await?;
+        let ticket = TicketSlot::default();
+        let (link, server) = dial::find_active(config.clone(), ticket.clone()).await?;
         let (commands, receiver) = Commands::channel();
         let (server_tx, server_rx) = watch::channel(server.clone());
         let events = Events::new();
@@ -44,7 +45,7 @@ impl Client {
         events.emit(ClientEvent::Connected { addr: server.addr.clone(), node_id: server.node_id.clone() });
         let span = info_span!("twinmq_connection", client = %config.client_name);
         let window = config.window;
-        let connection = Connection::new(receiver, &commands, config, events.clone(), server_tx);
+        let connection = Connection::new(receiver, &commands, ticket, config, events.clone(), server_tx);
         tokio::spawn(connection.run(link, server).instrument(span));
         Ok(Client { commands, server: server_rx, events, window })
     }

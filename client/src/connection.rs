@@ -41,7 +41,7 @@ use twinmq_protocol::{
 use crate::consumer::{Delivery, Inbound};
 use crate::dial::{Backoff, Dialer};
 use crate::events::{ClientEvent, Events};
-use crate::link::{frame_name, is_final, Framing, Link, ServerInfo};
+use crate::link::{frame_name, is_final, Framing, Link, ServerInfo, TicketSlot};
 use crate::{ClientConfig, ClientError};
 
 /// Where the answer to a command goes.
@@ -318,12 +318,15 @@ pub(crate) struct Connection {
     wbuf: BytesMut,
     /// How frames are made for the current connection: its frame limit and protocol version.
     framing: Framing,
+    /// The session ticket for the next reconnect.
+    ticket: TicketSlot,
 }
 
 impl Connection {
     pub(crate) fn new(
         commands: mpsc::Receiver<Command>,
         handles: &Commands,
+        ticket: TicketSlot,
         config: Arc<ClientConfig>,
         events: Events,
         server: watch::Sender<ServerInfo>,
@@ -349,6 +352,7 @@ impl Connection {
             did_work: false,
             wbuf: BytesMut::with_capacity(64 * 1024),
             framing,
+            ticket,
         }
     }
 
@@ -481,7 +485,7 @@ impl Connection {
     /// `failover_timeout` has passed since the loss.
     async fn reconnect(&mut self, first_pause: Duration) -> Reconnect {
         let give_up_at = Instant::now() + self.config.failover_timeout;
-        let mut dialer = Dialer::new(self.config.clone(), false);
+        let mut dialer = Dialer::new(self.config.clone(), false, self.ticket.clone());
         let mut backoff = Backoff::new();
         let mut last_error: Option<ClientError> = None;
         let mut attempt = 0u32;

@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::link::{is_final, Link, ServerInfo};
+use crate::link::{is_final, Link, ServerInfo, TicketSlot};
 use crate::{ClientConfig, ClientError};
 
 /// How long one address may leave us without an answer before the next one
@@ -65,6 +65,7 @@ pub(crate) struct Dialer {
     config: Arc<ClientConfig>,
     /// Say Hello as an admin connection.
     admin: bool,
+    ticket: TicketSlot,
     /// Attempts in flight, possibly started in an earlier round.
     attempts: FuturesUnordered<Attempt>,
     /// The addresses of `attempts`: never two attempts to one address.
@@ -72,15 +73,15 @@ pub(crate) struct Dialer {
 }
 
 impl Dialer {
-    pub(crate) fn new(config: Arc<ClientConfig>, admin: bool) -> Self {
-        Dialer { config, admin, attempts: FuturesUnordered::new(), dialing: HashSet::new() }
+    pub(crate) fn new(config: Arc<ClientConfig>, admin: bool, ticket: TicketSlot) -> Self {
+        Dialer { config, admin, ticket, attempts: FuturesUnordered::new(), dialing: HashSet::new() }
     }
 
     fn start(&mut self, addr: String) {
-        let (config, admin) = (self.config.clone(), self.admin);
+        let (config, admin, ticket) = (self.config.clone(), self.admin, self.ticket.clone());
         self.dialing.insert(addr.clone());
         self.attempts.push(Box::pin(async move {
-            let opened = Link::open(&addr, &config, admin).await;
+            let opened = Link::open(&addr, &config, admin, &ticket).await;
             (addr, opened)
         }));
     }
@@ -169,12 +170,12 @@ impl Dialer {
 /// since the call: an application started during a failover still connects.
 /// The first round always runs to its end. Wrong credentials fail at once;
 /// otherwise the error of the last attempt.
-pub(crate) async fn find_active(config: Arc<ClientConfig>) -> Opened {
+pub(crate) async fn find_active(config: Arc<ClientConfig>, ticket: TicketSlot) -> Opened {
     if config.servers.is_empty() {
         return Err(ClientError::NoServers);
     }
     let give_up_at = Instant::now() + config.failover_timeout;
-    let mut dialer = Dialer::new(config, false);
+    let mut dialer = Dialer::new(config, false, ticket);
     let mut backoff = Backoff::new();
     let mut result = dialer.round().await;
     loop {

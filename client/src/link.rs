@@ -7,6 +7,7 @@
 //! its outbound queue to us drains cannot deadlock with a client that stops
 //! reading until its publishes are written.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -57,6 +58,12 @@ impl Framing {
 }
 
 /// An open, authenticated connection.
+/// The session-resumption ticket of the last `Welcome`, shown in the next
+/// `Hello` of the same client (a reconnect after a failover): the broker
+/// checks it with an HMAC instead of argon2, so that a thousand clients
+/// coming back at once are not queued behind password checks.
+pub(crate) type TicketSlot = Arc<Mutex<Option<Vec<u8>>>>;
+
 pub(crate) struct Link {
     pub(crate) reader: FramedRead<ReadHalf, FrameCodec<ServerFrame, ClientFrame>>,
     pub(crate) writer: WriteHalf,
@@ -70,15 +77,21 @@ impl Link {
         addr: &str,
         config: &ClientConfig,
         admin: bool,
+        ticket: &TicketSlot,
     ) -> Result<(Link, ServerInfo), ClientError> {
         let after = config.connect_timeout;
-        match tokio::time::timeout(after, Self::open_inner(addr, config, admin)).await {
+        match tokio::time::timeout(after, Self::open_inner(addr, config, admin, ticket)).await {
             Ok(result) => result,
             Err(_) => Err(ClientError::Timeout { what: format!("connecting to {addr}"), after }),
         }
     }
 
-    async fn open_inner(addr: &str, config: &ClientConfig, admin: bool) -> Result<(Link, ServerInfo), ClientError> {
+    async fn open_inner(
+        addr: &str,
+        config: &ClientConfig,
+        admin: bool,
+        ticket: &TicketSlot,
+    ) -> Result<(Link, ServerInfo), ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_owned(), source };
         let stream = TcpStream::connect(addr).await.map_err(connect_err)?;
         // We batch writes ourselves; Nagle would only add latency to confirms and acks.
@@ -113,6 +126,7 @@ impl Link {
             password: config.password.clone(),
             admin,
             versions: SUPPORTED_VERSIONS,
+            ticket: ticket.lock().ok().and_then(|t| t.clone()),
         };
         let mut buf = BytesMut::new();
         link.encode(&hello, &mut buf)?;
@@ -135,7 +149,7 @@ impl Link {
             None => return Err(ClientError::Disconnected),
         };
         match answer {
-            ServerFrame::Welcome { node_id, server_version, max_frame_bytes, protocol_version } => {
+            ServerFrame::Welcome { node_id, server_version, max_frame_bytes, protocol_version, ticket: fresh } => {
                 if !SUPPORTED_VERSIONS.contains(protocol_version) {
                     return Err(ClientError::UnexpectedFrame(format!(
                         "{addr} chose protocol version {protocol_version}, which this client (versions \
@@ -149,6 +163,9 @@ impl Link {
                 debug!(addr, node_id, server_version, protocol_version, admin, "welcomed");
                 let server =
                     ServerInfo { addr: addr.to_owned(), node_id, server_version, max_frame_bytes, protocol_version };
+                if let (Some(fresh), Ok(mut slot)) = (fresh, ticket.lock()) {
+                    *slot = Some(fresh);
+                }
                 Ok((link, server))
             }
             ServerFrame::NotActive { active_hint } => {

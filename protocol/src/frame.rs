@@ -112,6 +112,11 @@ pub enum ClientFrame {
         /// than negotiation): version 1 only.
         #[serde(default)]
         versions: VersionRange,
+        /// A session-resumption ticket from an earlier `Welcome` of either
+        /// node of the pair: accepted in place of the password (checked
+        /// without argon2) while it is valid; else the password is checked.
+        #[serde(default, with = "serde_bytes")]
+        ticket: Option<Vec<u8>>,
     },
     /// Store and route a message. Confirmed with [`ServerFrame::Confirm`]
     /// carrying the same `producer_id`/`seq`, or answered with an error.
@@ -330,6 +335,10 @@ pub enum ServerFrame {
         /// it. Absent (a broker older than negotiation): version 1.
         #[serde(default = "version_1")]
         protocol_version: u8,
+        /// For a client that logged in as a user: a short-lived ticket to
+        /// show in its next `Hello` (a reconnect after a failover).
+        #[serde(default, with = "serde_bytes")]
+        ticket: Option<Vec<u8>>,
     },
     /// This node does not serve clients; try `active_hint` if any.
     NotActive {
@@ -513,8 +522,9 @@ mod tests {
             password: None,
             admin: false,
             versions: VersionRange::new(1, 4),
+            ticket: Some(vec![1, 2, 3]),
         };
-        assert_eq!(across::<_, ClientFrame>(&new), new, "the range travels");
+        assert_eq!(across::<_, ClientFrame>(&new), new, "the range and the ticket travel");
         let seen: OldClientFrame = across(&new);
         assert_eq!(
             seen,
@@ -534,7 +544,9 @@ mod tests {
             server_version: "0.2.0".into(),
             max_frame_bytes: 64,
             protocol_version: 1,
+            ticket: Some(vec![9; 46]),
         };
+        assert_eq!(across::<_, ServerFrame>(&new), new);
         assert!(matches!(across::<_, OldServerFrame>(&new), OldServerFrame::Welcome { .. }));
         // The refusal is a plain error frame to an old client, typed to a new one.
         let refusal = ServerFrame::Error(ErrorFrame::no_common_version(VersionRange::V1, VersionRange::new(2, 3)));

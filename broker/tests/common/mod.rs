@@ -229,6 +229,7 @@ pub fn hello_offering(versions: twinmq_protocol::VersionRange) -> Vec<u8> {
         password: None,
         admin: false,
         versions,
+        ticket: None,
     })
 }
 

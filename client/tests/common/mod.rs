@@ -237,6 +237,7 @@ async fn serve(
             server_version: "0".into(),
             max_frame_bytes: 1 << 20,
             protocol_version: version,
+            ticket: None,
         };
         if framed.send(welcome).await.is_err() {
             continue;
@@ -335,6 +336,7 @@ async fn serve_admin(
         server_version: "0".into(),
         max_frame_bytes: 1 << 20,
         protocol_version: 1,
+        ticket: None,
     };
     if framed.send(welcome).await.is_err() {
         return;
