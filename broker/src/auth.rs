@@ -136,6 +136,10 @@ const MAX_PAUSE: Duration = Duration::from_secs(60);
 const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
 /// Most (user, address) pairs remembered; the oldest go first.
 const MAX_TRACKED: usize = 65_536;
+/// Checks of one (user, address) under way at once; beyond, `Busy` (the
+/// client retries). Guesses sent in parallel must not all run before the
+/// first failure is counted.
+const MAX_INFLIGHT_PER_KEY: u32 = 64;
 /// Password checks waiting for a checker; beyond, a login is refused as busy.
 const MAX_WAITING_CHECKS: usize = 1024;
 /// How long a login waits for its check to start and finish; then it is
@@ -147,8 +151,22 @@ const MAX_CHECK_WAIT: Duration = Duration::from_secs(3);
 
 struct Failures {
     count: u32,
+    /// Checks of this key under way.
+    inflight: u32,
     last: Instant,
     retry_at: Instant,
+}
+
+/// The user name hashed: what an attacker sends as a name (up to a frame)
+/// costs the map 16 bytes.
+type Key = ([u8; 16], IpAddr);
+
+fn key(user: Option<&str>, addr: IpAddr) -> Key {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(user.unwrap_or_default().as_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&digest[..16]);
+    (k, addr)
 }
 
 type Check = Box<dyn FnOnce() + Send>;
@@ -161,7 +179,7 @@ type Check = Box<dyn FnOnce() + Send>;
 /// that an attacker elsewhere cannot lock a user out.
 pub struct LoginGate {
     checks: mpsc::SyncSender<Check>,
-    failures: Mutex<HashMap<(String, IpAddr), Failures>>,
+    failures: Mutex<HashMap<Key, Failures>>,
 }
 
 /// Why the gate refused to check a password.
@@ -204,10 +222,14 @@ impl LoginGate {
         addr: IpAddr,
         check: impl FnOnce() -> AuthOutcome + Send + 'static,
     ) -> Result<AuthOutcome, GateRefusal> {
-        let key = (user.unwrap_or_default().to_string(), addr);
-        if let Some(pause) = self.paused(&key) {
-            return Err(GateRefusal::Paused(pause));
-        }
+        let key = key(user, addr);
+        self.begin(key)?;
+        let outcome = self.run(check).await;
+        self.end(key, outcome.as_ref().ok());
+        outcome
+    }
+
+    async fn run(&self, check: impl FnOnce() -> AuthOutcome + Send + 'static) -> Result<AuthOutcome, GateRefusal> {
         let (tx, rx) = oneshot::channel();
         let job: Check = Box::new(move || {
             if !tx.is_closed() {
@@ -217,50 +239,63 @@ impl LoginGate {
         if self.checks.try_send(job).is_err() {
             return Err(GateRefusal::Busy);
         }
-        let outcome = match tokio::time::timeout(MAX_CHECK_WAIT, rx).await {
-            Err(_) => return Err(GateRefusal::Busy),
-            Ok(answer) => answer.unwrap_or(AuthOutcome::Refused("authentication failed")),
-        };
-        match &outcome {
-            AuthOutcome::Accepted(_) => self.forget(&key),
-            AuthOutcome::Refused(_) => self.failed(key),
-        }
-        Ok(outcome)
-    }
-
-    fn paused(&self, key: &(String, IpAddr)) -> Option<Duration> {
-        let failures = self.failures.lock().ok()?;
-        let f = failures.get(key)?;
-        let now = Instant::now();
-        (f.retry_at > now).then(|| f.retry_at - now)
-    }
-
-    fn forget(&self, key: &(String, IpAddr)) {
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.remove(key);
+        match tokio::time::timeout(MAX_CHECK_WAIT, rx).await {
+            Err(_) => Err(GateRefusal::Busy),
+            Ok(answer) => Ok(answer.unwrap_or(AuthOutcome::Refused("authentication failed"))),
         }
     }
 
-    fn failed(&self, key: (String, IpAddr)) {
-        let Ok(mut failures) = self.failures.lock() else { return };
+    /// Admit a check of `key`, or say why not (paused, too many under way).
+    fn begin(&self, key: Key) -> Result<(), GateRefusal> {
+        let Ok(mut failures) = self.failures.lock() else { return Err(GateRefusal::Busy) };
         let now = Instant::now();
-        if failures.len() >= MAX_TRACKED {
-            failures.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
+        if failures.len() >= MAX_TRACKED && !failures.contains_key(&key) {
+            failures.retain(|_, f| f.inflight > 0 || now.duration_since(f.last) < FORGET_AFTER);
             if failures.len() >= MAX_TRACKED {
-                if let Some(oldest) = failures.iter().min_by_key(|(_, f)| f.last).map(|(k, _)| k.clone()) {
+                if let Some(oldest) = failures.iter().min_by_key(|(_, f)| f.last).map(|(k, _)| *k) {
                     failures.remove(&oldest);
                 }
             }
         }
-        let f = failures.entry(key).or_insert(Failures { count: 0, last: now, retry_at: now });
+        let f = failures.entry(key).or_insert(Failures { count: 0, inflight: 0, last: now, retry_at: now });
         if now.duration_since(f.last) >= FORGET_AFTER {
             f.count = 0;
         }
-        f.count += 1;
-        f.last = now;
-        if f.count >= FREE_FAILURES {
-            let doublings = (f.count - FREE_FAILURES).min(16);
-            f.retry_at = now + FIRST_PAUSE.saturating_mul(1 << doublings).min(MAX_PAUSE);
+        if f.retry_at > now {
+            return Err(GateRefusal::Paused(f.retry_at - now));
+        }
+        // Once it failed, what is under way counts as failing too: no more
+        // than the free failures left in flight (one at a time once paused).
+        if f.count > 0 && f.inflight > 0 && f.count + f.inflight >= FREE_FAILURES {
+            return Err(GateRefusal::Paused(FIRST_PAUSE));
+        }
+        if f.inflight >= MAX_INFLIGHT_PER_KEY {
+            return Err(GateRefusal::Busy);
+        }
+        f.inflight += 1;
+        Ok(())
+    }
+
+    /// A check of `key` ended: `Some` with its outcome, `None` if it never ran.
+    fn end(&self, key: Key, outcome: Option<&AuthOutcome>) {
+        let Ok(mut failures) = self.failures.lock() else { return };
+        let Some(f) = failures.get_mut(&key) else { return };
+        f.inflight = f.inflight.saturating_sub(1);
+        let now = Instant::now();
+        match outcome {
+            Some(AuthOutcome::Accepted(_)) => f.count = 0,
+            Some(AuthOutcome::Refused(_)) => {
+                f.count += 1;
+                f.last = now;
+                if f.count >= FREE_FAILURES {
+                    let doublings = (f.count - FREE_FAILURES).min(16);
+                    f.retry_at = now + FIRST_PAUSE.saturating_mul(1 << doublings).min(MAX_PAUSE);
+                }
+            }
+            None => {}
+        }
+        if f.count == 0 && f.inflight == 0 {
+            failures.remove(&key);
         }
     }
 }
@@ -311,6 +346,35 @@ mod tests {
         assert!(verify_password(b"pw", &other));
         assert!(!verify_password(b"pv", &other));
         assert!(verify_password(b"s3cret", &hash), "a smaller cost before does not spoil a larger one");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guesses_sent_in_parallel_do_not_all_run_before_the_first_failure_counts() {
+        let gate = LoginGate::new(2);
+        let addr: IpAddr = "10.0.0.1".parse().unwrap();
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut guesses = Vec::new();
+        for _ in 0..200 {
+            let (gate, ran) = (gate.clone(), ran.clone());
+            guesses.push(tokio::spawn(async move {
+                gate.check(Some("app"), addr, move || {
+                    ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                    AuthOutcome::Refused("wrong")
+                })
+                .await
+            }));
+        }
+        for g in guesses {
+            let _ = g.await.unwrap();
+        }
+        let ran = ran.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(ran <= MAX_INFLIGHT_PER_KEY as usize, "{ran} guesses ran");
+        // A name as long as a frame costs the map what a short one does.
+        let long = "x".repeat(1 << 20);
+        let _ = gate.check(Some(&long), addr, || AuthOutcome::Refused("wrong")).await;
+        let map = gate.failures.lock().unwrap();
+        assert!(map.len() <= 2);
     }
 
     #[tokio::test]

@@ -483,7 +483,10 @@ async fn handshake<R: AsyncRead + Unpin>(
                 "too many failed logins for this user from this address; retry in {} ms",
                 pause.as_millis().max(1)
             );
-            return Err(Some(connection_error(ErrorCode::NotAuthenticated, message)));
+            // Not NotAuthenticated, which a client takes as final: one whose
+            // address an attacker shares keeps retrying (with its ticket, if
+            // it has one, which is not paused).
+            return Err(Some(connection_error(ErrorCode::LimitReached, message)));
         }
         Err(GateRefusal::Busy) => {
             tracing::warn!(client = %client_name, "login refused: too many password checks waiting");

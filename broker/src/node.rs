@@ -629,36 +629,44 @@ impl Node {
     /// The peer's users and queues from before its history was replaced:
     /// create those this node lacks; where both have one, this node's stays
     /// (it is the history kept). `true` once stored.
-    fn restore_divergent_admin(&mut self, admin: twinmq_store::HandoverAdmin) -> ResponseFuture<bool> {
+    fn restore_divergent_admin(&mut self, admin: twinmq_store::HandoverAdmin) -> ResponseActFuture<Self, bool> {
         let Some(router) = self.router.clone() else {
             tracing::warn!("users and queues handed over while this node is not active; they stay with the peer");
-            return Box::pin(async { false });
+            return Box::pin(fut::ready(false));
         };
-        let mut ops = Vec::new();
+        let mut users = Vec::new();
         for (name, user) in admin.users {
             if self.users.contains_key(&name) || self.statics.iter().any(|s| s.name == name) {
                 continue;
             }
-            tracing::warn!(user = %name, "re-creating a user the peer held and this node's history lacks");
-            self.users.insert(name.clone(), user.clone());
-            ops.push(Op::PutUser { name, user });
+            tracing::warn!(user = %name, "re-creating a user the peer made and this node's history lacks");
+            users.push((name, user));
         }
         let queues = router.send(router::RestoreQueues(admin.queues));
+        let ops: Vec<Op> =
+            users.iter().map(|(name, user)| Op::PutUser { name: name.clone(), user: user.clone() }).collect();
         let w = self.writer.clone();
-        let users = (!ops.is_empty()).then(|| writer_call(move |done| w.submit(ops, done)));
-        self.publish_security();
-        Box::pin(async move {
-            let users_ok = match users {
+        let commit = (!ops.is_empty()).then(|| writer_call(move |done| w.submit(ops, done)));
+        let stored = async move {
+            let users_ok = match commit {
                 Some(commit) => commit.await.is_ok(),
                 None => true,
             };
             users_ok && queues.await.unwrap_or(false)
-        })
+        };
+        // Known to the rules only once stored: a failed write is retried, not taken as done.
+        Box::pin(stored.into_actor(self).map(move |ok, act, _| {
+            if ok {
+                act.users.extend(users);
+                act.publish_security();
+            }
+            ok
+        }))
     }
 }
 
 impl Handler<twinmq_ha::monitor::DivergentMessages> for Node {
-    type Result = ResponseFuture<bool>;
+    type Result = ResponseActFuture<Self, bool>;
     fn handle(&mut self, m: twinmq_ha::monitor::DivergentMessages, _: &mut Context<Self>) -> Self::Result {
         if !m.admin.is_empty() {
             return self.restore_divergent_admin(m.admin);
@@ -666,14 +674,14 @@ impl Handler<twinmq_ha::monitor::DivergentMessages> for Node {
         match &self.router {
             Some(r) => {
                 let stored = r.send(router::RestoreDivergent(m.messages));
-                Box::pin(async move { stored.await.unwrap_or(false) })
+                Box::pin(async move { stored.await.unwrap_or(false) }.into_actor(self))
             }
             None => {
                 tracing::warn!(
                     messages = m.messages.len(),
                     "messages handed over after a split arrived while this node is not active; they stay with the peer"
                 );
-                Box::pin(async { false })
+                Box::pin(fut::ready(false))
             }
         }
     }

@@ -130,6 +130,20 @@ enum Ended {
     GaveUp(Option<(ErrorCode, String)>),
 }
 
+/// Why the connection task ended, once it has; holds no channel open.
+#[derive(Debug, Clone)]
+pub(crate) struct EndReason(Arc<OnceLock<Ended>>);
+
+impl EndReason {
+    pub(crate) fn error(&self) -> ClientError {
+        match self.0.get() {
+            Some(Ended::Closed) => ClientError::Closed,
+            Some(Ended::GaveUp(Some((code, message)))) => ClientError::Broker { code: *code, message: message.clone() },
+            Some(Ended::GaveUp(None)) | None => ClientError::Disconnected,
+        }
+    }
+}
+
 /// The handles' way to the connection task: its command channel, and why
 /// the task ended once it has, so that a call made after the end (a send
 /// after the user was removed, say) returns that reason rather than a bare
@@ -159,11 +173,12 @@ impl Commands {
 
     /// What a call gets once the task has ended (or dropped its answer).
     pub(crate) fn ended(&self) -> ClientError {
-        match self.ended.get() {
-            Some(Ended::Closed) => ClientError::Closed,
-            Some(Ended::GaveUp(Some((code, message)))) => ClientError::Broker { code: *code, message: message.clone() },
-            Some(Ended::GaveUp(None)) | None => ClientError::Disconnected,
-        }
+        self.end_reason().error()
+    }
+
+    /// Why the task ended, without keeping the channel open (for a `Confirm`).
+    pub(crate) fn end_reason(&self) -> EndReason {
+        EndReason(self.ended.clone())
     }
 
     /// Wait for the answer to a command already sent.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Semaphore};
 use twinmq_protocol::{Destination, OutMessage};
 
-use crate::connection::{Command, Commands};
+use crate::connection::{Command, Commands, EndReason};
 use crate::ClientError;
 
 /// Publishes to one destination. Cheap to clone; clones share the producer id,
@@ -93,7 +93,7 @@ impl Producer {
             done,
         };
         inner.commands.send(command).await?;
-        Ok(Confirm { answer, commands: inner.commands.clone() })
+        Ok(Confirm { answer, ended: inner.commands.end_reason() })
     }
 }
 
@@ -103,7 +103,7 @@ impl Producer {
 pub struct Confirm {
     answer: oneshot::Receiver<Result<(), ClientError>>,
     /// For the connection's end reason, should the answer never come.
-    commands: Commands,
+    ended: EndReason,
 }
 
 impl Future for Confirm {
@@ -111,7 +111,7 @@ impl Future for Confirm {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        Pin::new(&mut this.answer).poll(cx).map(|answer| answer.unwrap_or_else(|_| Err(this.commands.ended())))
+        Pin::new(&mut this.answer).poll(cx).map(|answer| answer.unwrap_or_else(|_| Err(this.ended.error())))
     }
 }
 

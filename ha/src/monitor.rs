@@ -324,17 +324,24 @@ async fn run_conn(
     mut rx: mpsc::UnboundedReceiver<HaFrame>,
     mut peer_rx: PeerRx,
 ) {
+    let version = link.version;
     let (mut sink, mut stream) = link.framed.split();
     let writing = actix_rt::spawn(async move {
         let wire = |o: Outbound| match o {
-            Outbound::Repl(f) => HaFrame::Repl(f),
-            Outbound::Handover(messages) => HaFrame::Divergent { messages },
-            Outbound::HandoverAdmin(admin) => HaFrame::DivergentAdmin(admin),
+            Outbound::Repl(f) => Some(HaFrame::Repl(f)),
+            Outbound::Handover(messages) => Some(HaFrame::Divergent { messages }),
+            // A peer at HA 2 would not understand it: kept until one at 3.
+            Outbound::HandoverAdmin(admin) => {
+                (version >= crate::wire::DIVERGENT_ADMIN_VERSION).then_some(HaFrame::DivergentAdmin(admin))
+            }
         };
         loop {
             let first = tokio::select! {
                 f = rx.recv() => match f { Some(f) => f, None => return },
-                o = peer_rx.recv() => match o { Some(o) => wire(o), None => return },
+                o = peer_rx.recv() => match o {
+                    Some(o) => match wire(o) { Some(f) => f, None => continue },
+                    None => return,
+                },
             };
             if sink.feed(first).await.is_err() {
                 return;
@@ -344,7 +351,10 @@ async fn run_conn(
                 let next = match rx.try_recv() {
                     Ok(f) => f,
                     Err(_) => match peer_rx.try_recv() {
-                        Some(o) => wire(o),
+                        Some(o) => match wire(o) {
+                            Some(f) => f,
+                            None => continue,
+                        },
                         None => break,
                     },
                 };

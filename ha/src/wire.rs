@@ -22,8 +22,12 @@ pub type HaCodec = twinmq_protocol::FrameCodec<HaFrame, HaFrame>;
 /// The versions of the HA protocol this node speaks. 2: the replication
 /// protocol of `twinmq_store::repl` (histories, votes); nodes before it
 /// speak 1 and are refused with a clear reason (stop both to upgrade from
-/// them; later changes roll one node at a time within the range).
-pub const HA_VERSIONS: VersionRange = VersionRange::new(2, 2);
+/// them; later changes roll one node at a time within the range). 3: adds
+/// `DivergentAdmin`/`DivergentAdminStored` (users and queues handed over),
+/// never sent on a link at 2: they wait for a peer that speaks 3.
+pub const HA_VERSIONS: VersionRange = VersionRange::new(2, 3);
+/// The first HA version with `DivergentAdmin`.
+pub const DIVERGENT_ADMIN_VERSION: u8 = 3;
 
 pub fn codec() -> HaCodec {
     HaCodec::new(MAX_HA_FRAME)

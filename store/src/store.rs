@@ -241,6 +241,21 @@ impl Store {
         Ok(users)
     }
 
+    /// Users last changed at or after op `since` (their stored entries carry
+    /// the op that made them).
+    pub(crate) fn users_changed_since(&self, since: u64) -> Result<BTreeMap<String, UserRecord>, StoreError> {
+        let mut users = BTreeMap::new();
+        for kv in self.admin.scan_prefix(USER_PREFIX.as_bytes()) {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let entry = decode_user(&key, &v)?;
+            if entry.seq >= since {
+                users.insert(key[USER_PREFIX.len()..].to_string(), entry.user);
+            }
+        }
+        Ok(users)
+    }
+
     /// Open (or create) the store at `config.path` and recover its live state.
     ///
     /// Fails with [`StoreError::Corrupt`] if any record fails its checksum: a

@@ -22,7 +22,7 @@
 //! failed. A snapshot for the peer is streamed from here too, a little at a
 //! time between requests, and only while the connection's queue has room.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,7 +36,7 @@ use crate::clock::lease_now_ms;
 use crate::index::LiveIndex;
 use crate::op::{BatchBody, Op};
 use crate::repl::{Action, ConnId, Promotion, Refusal, ReplFrame, Replica, ReplicaConfig};
-use crate::store::{Durability, HandoverAdmin, Recovered, Store};
+use crate::store::{Durability, HandoverAdmin, QueueEntry, Recovered, Store, USER_PREFIX};
 use crate::{StoreError, StoredMessage};
 
 /// Called on the writer thread once the submission is durable (or failed).
@@ -941,9 +941,23 @@ impl WriterState {
             );
         }
         self.store.keep_for_handover(&kept)?;
-        // Users, ACLs and destinations made on this side are not lost with
-        // its history either (DESIGN.md section 5).
-        self.store.keep_admin_for_handover(&recovered.users, &recovered.queues)?;
+        // Users, ACLs and queues made or changed on this side past the fork
+        // are not lost with its history either (DESIGN.md section 5). Only
+        // those: one made before the fork and deleted on the other side
+        // since must stay deleted.
+        let since = (after + 1).max(from);
+        let users = self.store.users_changed_since(since)?;
+        let queues: BTreeMap<String, QueueEntry> =
+            recovered.queues.into_iter().filter(|(_, q)| q.created_seq >= since).collect();
+        if !users.is_empty() || !queues.is_empty() {
+            tracing::warn!(
+                users = users.len(),
+                queues = queues.len(),
+                after,
+                "this node made users or queues the active's history lacks; handing them over too"
+            );
+        }
+        self.store.keep_admin_for_handover(&users, &queues)?;
         self.sync()?;
         self.count_handover();
         Ok(())
@@ -1285,7 +1299,8 @@ impl WriterState {
     /// in (at-least-once: the peer may have them too).
     fn take_back_handover(&mut self, epoch: u64) -> Result<(), StoreError> {
         let pending = self.store.pending_handover()?;
-        if pending.is_empty() {
+        let admin = self.store.pending_handover_admin()?;
+        if pending.is_empty() && admin.is_empty() {
             return Ok(());
         }
         let ids: Vec<(u64, u64)> = pending.iter().map(|(_, m)| (m.epoch, m.seq)).collect();
@@ -1293,6 +1308,20 @@ impl WriterState {
         let mut ops = Vec::new();
         let mut created = std::collections::HashSet::new();
         let mut seq = admitted.first_seq;
+        // Users and queues it made that the history it followed lacked: its own again.
+        for (name, user) in admin.users {
+            if self.store.admin.get(format!("{USER_PREFIX}{name}").as_bytes())?.is_none() {
+                ops.push(Op::PutUser { name, user });
+                seq += 1;
+            }
+        }
+        for name in admin.queues {
+            let key = format!("q/{name}");
+            if self.store.admin.get(key.as_bytes())?.is_none() && created.insert(key.clone()) {
+                ops.push(Op::PutQueue { key, spec: crate::QueueSpec { kind: crate::QueueKind::Queue } });
+                seq += 1;
+            }
+        }
         for (key, mut message) in pending {
             if self.store.admin.get(key.as_bytes())?.is_none() && !created.contains(&key) {
                 if !key.starts_with("q/") {
@@ -1320,9 +1349,10 @@ impl WriterState {
             self.perform(out)?;
         }
         self.store.handed_over(&ids)?;
+        self.store.handed_over_admin()?;
         self.sync()?;
         self.count_handover();
-        tracing::warn!(messages = ids.len(), "messages kept for a hand-over the peer never stored are stored here");
+        tracing::warn!(messages = ids.len(), "what was kept for a hand-over the peer never stored is stored here");
         Ok(())
     }
 }

@@ -598,7 +598,9 @@ fn a_promotion_that_wrote_nothing_yields_to_a_follower_that_holds_more() {
     lose_peer(&a, &b, &l);
     submit(&a, enqueue(2)).unwrap(); // confirmed with a single copy
     submit(&a, enqueue(3)).unwrap();
-    promote(&b, 2); // forced, say; it writes nothing
+    let (tx, rx) = mpsc::channel();
+    b.promote(2, None, Promotion::Forced, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), "forced; it writes nothing");
     demote(&a);
     let l = link(&b, &a);
     wait_until("b finds itself outranked", || b.stats().outranked.load(Relaxed));
@@ -608,6 +610,56 @@ fn a_promotion_that_wrote_nothing_yields_to_a_follower_that_holds_more() {
     let mut got = bodies(&promote(&a, 3), "q");
     got.sort();
     assert_eq!(got, ["m1", "m2", "m3"]);
+}
+
+#[test]
+fn a_claimed_promotion_that_wrote_nothing_keeps_the_role_over_a_follower_with_unconfirmed_ops() {
+    // The active wrote ops its in-sync passive never got (never confirmed)
+    // and crashed; the passive took over and is idle when it returns: the
+    // role does not move back (review of issue 10: a needless second failover).
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((sa, a), (_sb, b), l) = in_sync_pair(da.path(), db.path());
+    lose_peer(&a, &b, &l);
+    submit(&a, enqueue(2)).unwrap(); // written alone, as if never shipped
+    drop((sa, a));
+    let (_sa, a) = open(da.path());
+    promote(&b, 2);
+    let l = link(&b, &a);
+    wait_until("a follows b", || in_sync(&a));
+    assert!(!b.stats().outranked.load(Relaxed), "{:?}", l.kinds());
+}
+
+fn put_user(name: &str) -> Vec<Op> {
+    let user = twinmq_store::UserRecord { password_hash: format!("$argon2id${name}"), grants: vec![] };
+    vec![Op::PutUser { name: name.into(), user }]
+}
+
+#[test]
+fn only_users_made_past_the_fork_are_handed_over_and_kept_ones_come_back_on_promotion() {
+    // Review of issue 10: every user was handed over, so one deleted on the
+    // other side came back; and a node promoted before the hand-over was
+    // stored lost its own users.
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((sa, a), (_sb, b), l) = in_sync_pair(da.path(), db.path());
+    submit(&a, put_user("old")).unwrap(); // both have it
+    lose_peer(&a, &b, &l);
+    submit(&a, put_user("made-alone")).unwrap();
+    let (tx, rx) = mpsc::channel();
+    b.promote(2, None, Promotion::Forced, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    submit(&b, vec![Op::DeleteUser { name: "old".into() }]).unwrap();
+    submit(&b, enqueue(5)).unwrap(); // b's history ranks first
+    demote(&a);
+    let l = link(&b, &a);
+    wait_until("a hands over", || l.kinds().iter().any(|k| k.starts_with("admin:")));
+    assert!(l.has("admin: users made-alone; queues "), "{:?}", l.kinds());
+    // b dies before it stored them: a, promoted, makes them its own again.
+    l.cut(&b, &a);
+    drop(b);
+    let recovered = promote(&a, 3);
+    assert!(recovered.users.contains_key("made-alone"), "{:?}", recovered.users.keys());
+    assert!(!recovered.users.contains_key("old"), "b's history, where `old` was deleted, was kept");
+    assert!(sa.pending_handover_admin().unwrap().is_empty(), "nothing left to hand over");
 }
 
 #[test]

@@ -630,13 +630,18 @@ impl Replica {
                     return;
                 }
                 // Histories rank by (epoch of the last op written, last op):
-                // a promotion that wrote nothing yet (a wiped store forced
-                // active, say) never outranks a follower that holds more.
-                // Stepping down loses nothing: this node confirmed nothing
-                // in its epoch. The follower, ranking first, takes over.
+                // a forced promotion that wrote nothing yet (a wiped store
+                // forced active, say) never outranks a follower that holds
+                // more. Stepping down loses nothing: this node confirmed
+                // nothing in its epoch; the follower, ranking first, takes
+                // over. Only a forced one: a claimed or voted promotion held
+                // every confirmed op, and a follower's longer tail is ops it
+                // wrote but never had confirmed (no reason to move the role).
                 let theirs = (history.last_op_epoch(last_seq), last_seq);
                 let ours = (self.meta.history.last_op_epoch(next_seq - 1), next_seq - 1);
-                if theirs > ours {
+                let forced_idle = self.meta.history.entries().last().is_some_and(|e| e.epoch == p.epoch && e.forced)
+                    && ours.0 < p.epoch;
+                if forced_idle && theirs > ours {
                     p.outranked = true;
                     p.link = None;
                     return;
