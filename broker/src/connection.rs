@@ -338,11 +338,20 @@ async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     // Held to the same idle limit as a messaging connection (one timer per
     // frame: admin traffic is light).
     let idle = cx.config.idle_timeout_ms.map(Duration::from_millis);
+    // Like a messaging connection, it closes once its user is removed.
+    let mut security = cx.security.clone();
+    security.borrow_and_update();
     loop {
-        let next = match idle {
-            Some(limit) => match tokio::time::timeout(limit, reader.next()).await {
+        let read = async {
+            match idle {
+                Some(limit) => tokio::time::timeout(limit, reader.next()).await.map_err(|_| limit),
+                None => Ok(reader.next().await),
+            }
+        };
+        let next = tokio::select! {
+            next = read => match next {
                 Ok(next) => next,
-                Err(_) => {
+                Err(limit) => {
                     let ms = limit.as_millis();
                     tracing::info!(idle_ms = %ms, user = ?user, "idle admin connection; closing");
                     let message = format!("nothing received for {ms} ms (idle_timeout_ms); closing the connection");
@@ -350,7 +359,17 @@ async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     return;
                 }
             },
-            None => reader.next().await,
+            changed = security.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if !security.borrow_and_update().still_valid(user.as_deref()) {
+                    tracing::warn!(user = ?user, "user removed; closing the admin connection");
+                    let _ = writer.send(connection_error(ErrorCode::NotAuthenticated, "this user was removed")).await;
+                    return;
+                }
+                continue;
+            }
         };
         let Some(frame) = next else { return };
         let reply = match frame {

@@ -135,7 +135,7 @@ impl Metrics {
         let consumers = Family::<Vec<(String, String)>, Gauge>::default();
         let in_flight = Family::<Vec<(String, String)>, Gauge>::default();
         for q in status["queues"].as_array().into_iter().flatten() {
-            let labels = vec![("destination".to_string(), q["name"].as_str().unwrap_or("?").to_string())];
+            let labels = vec![("destination".to_string(), escape_label(q["name"].as_str().unwrap_or("?")))];
             let n = |key: &str| i64::try_from(q[key].as_u64().unwrap_or(0)).unwrap_or(i64::MAX);
             depth.get_or_create(&labels).set(n("depth"));
             consumers.get_or_create(&labels).set(n("consumers"));
@@ -151,9 +151,47 @@ impl Metrics {
     }
 }
 
+/// A label value as the exposition format needs it: `\\`, `\"` and `\n`
+/// escaped. prometheus-client 0.23 writes values as given, so a queue named
+/// `x",node="forged` would forge a label and one ending in `\` would break
+/// the whole scrape (issue 10, finding 8).
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destination_names_cannot_forge_labels_or_break_the_scrape() {
+        let status = serde_json::json!({
+            "role": "active", "peer": null,
+            "queues": [
+                {"name": "queue:orders.x\",node=\"forged", "depth": 1, "consumers": 0, "in_flight": 0},
+                {"name": "queue:orders.y\\", "depth": 2, "consumers": 0, "in_flight": 0},
+                {"name": "queue:a\nb", "depth": 3, "consumers": 0, "in_flight": 0},
+            ],
+        });
+        let text = Metrics::new().encode(&status).unwrap();
+        assert!(!text.contains("node=\"forged\""), "{text}");
+        assert_eq!(value(&text, r#"twinmq_queue_depth{destination="queue:orders.x\",node=\"forged"}"#), 1.0);
+        assert_eq!(value(&text, r#"twinmq_queue_depth{destination="queue:orders.y\\"}"#), 2.0);
+        assert_eq!(value(&text, r#"twinmq_queue_depth{destination="queue:a\nb"}"#), 3.0);
+        // Every sample line is one well-formed line: name{labels} value.
+        for line in text.lines().filter(|l| l.starts_with("twinmq_queue_depth{")) {
+            assert!(line.ends_with("\"} 1") || line.ends_with("\"} 2") || line.ends_with("\"} 3"), "{line}");
+        }
+    }
 
     fn value(text: &str, line_start: &str) -> f64 {
         let line = text.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("no {line_start}"));

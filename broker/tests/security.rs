@@ -599,3 +599,17 @@ async fn a_thousand_clients_back_after_a_kill() {
         assert_eq!(c.server().node_id, "node-b");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_users_admin_connection_is_closed() {
+    let b = broker();
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "ops", "opspw", &["admin:#"]).await;
+    let mut watching = AdminClient::connect(&as_user(b.config(), "ops", "opspw")).await.unwrap();
+    watching.status().await.unwrap();
+    admin(&root, AdminCommand::UserRm { name: "ops".into() }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Closed by the broker with the reason, not kept open answering pings.
+    let err = watching.status().await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");
+}
