@@ -491,6 +491,10 @@ async fn handshake<R: AsyncRead + Unpin>(
     let check = move || db.check_password(name.as_deref(), password.as_deref());
     let checked = if resumed {
         Ok(AuthOutcome::Accepted(user.clone()))
+    } else if security.is_open() {
+        // No users: nothing to check, nothing to queue behind the gate (the
+        // soak's 1,000 idle connections at once timed out behind it).
+        Ok(AuthOutcome::Accepted(user.clone()))
     } else {
         cx.logins.check(user.as_deref(), peer.ip(), check).await
     };
