@@ -29,7 +29,7 @@ trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 a_c=$(port); a_h=$(port); b_c=$(port); b_h=$(port)
-common=(--durability replicated --gateway tcp://127.0.0.1:1 --cluster-secret strace-secret-1)
+common=(--durability replicated --gateway tcp://127.0.0.1:1 --cluster-secret "$(head -c 32 /dev/urandom | base64)")
 start() { # name client ha peer_ha peer_client priority
   strace -f -y -qq -e trace=openat,fdatasync,fsync,sync_file_range -o "$tmp/$1.strace" \
     $bin/twinmqd --node-id "$1" --data-dir "$tmp/$1" --listen "127.0.0.1:$2" --ha-listen "127.0.0.1:$3" \

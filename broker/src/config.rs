@@ -180,9 +180,12 @@ pub struct Settings {
     /// Pair: the witness, tcp://HOST:PORT or icmp://IP.
     #[arg(long, value_name = "URL")]
     pub gateway: Option<String>,
-    /// Pair: the shared secret both nodes prove on the HA link (prefer env TWINMQ_CLUSTER_SECRET).
+    /// Pair: the shared secret both nodes prove on the HA link, as `twinmq gen-secret` writes it (prefer cluster_secret_file).
     #[arg(long, value_name = "SECRET")]
     pub cluster_secret: Option<String>,
+    /// Pair: a file (mode 600) holding the cluster secret, one per line: the first is proved, all are accepted (rotation).
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
     /// Pair: heartbeat interval.
     #[arg(long, value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
@@ -667,6 +670,7 @@ impl Config {
 /// The pair keys: all absent (a single node) or a complete, consistent set.
 fn pair_config(s: &Settings, node_id: &str, listen: SocketAddr) -> Result<Option<twinmq_ha::HaConfig>, ConfigError> {
     use std::time::Duration;
+    use twinmq_ha::secret::ClusterSecret;
     use twinmq_ha::{Failback, Gateway, HaConfig};
     let peer_ha_text = &s.peer_ha;
     let ha_listen_text = s.ha_listen.clone();
@@ -692,10 +696,19 @@ fn pair_config(s: &Settings, node_id: &str, listen: SocketAddr) -> Result<Option
     }
     let gateway_text = s.gateway.clone().ok_or_else(|| invalid("gateway", "required in a pair (the witness)"))?;
     let gateway: Gateway = gateway_text.parse().map_err(|m: String| invalid("gateway", m))?;
-    let cluster_secret = s.cluster_secret.clone().ok_or_else(|| invalid("cluster_secret", "required in a pair"))?;
-    if cluster_secret.len() < 8 {
-        return Err(invalid("cluster_secret", "use at least 8 characters"));
-    }
+    let cluster_secret = match (&s.cluster_secret, &s.cluster_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid("cluster_secret", "set cluster_secret_file or cluster_secret, not both"))
+        }
+        (None, None) => {
+            return Err(invalid(
+                "cluster_secret_file",
+                "required in a pair: `twinmq gen-secret FILE` writes one; copy FILE to the other node",
+            ))
+        }
+        (Some(text), None) => ClusterSecret::inline(text).map_err(|m| invalid("cluster_secret", m))?,
+        (None, Some(path)) => ClusterSecret::from_file(path).map_err(|m| invalid("cluster_secret_file", m))?,
+    };
     let ms = |key: &'static str, v: Option<u64>, def: u64, min: u64| -> Result<Duration, ConfigError> {
         let v = v.unwrap_or(def);
         if v < min || v > 600_000 {
@@ -941,16 +954,43 @@ mod tests {
         assert_eq!(c.http_listen.map(|a| a.port()), Some(8080));
     }
 
+    /// A generated secret (`twinmq gen-secret`).
+    const SECRET: &str = "q3ZCqjFPm9lCbf9PxbC1Bv6mwYJ7sfqKR2yR4yNfn4Q=";
+
+    fn pair_toml() -> String {
+        format!("listen = \"127.0.0.1:7001\"\nha_listen = \"127.0.0.1:7101\"\npeer_ha = [\"127.0.0.1:7102\"]\ngateway = \"tcp://127.0.0.1:7200\"\ncluster_secret = \"{SECRET}\"\n")
+    }
+
+    /// Finding 3 of issue 10: `change-me-please` fell to a word list in 0.28 s.
+    #[test]
+    fn a_weak_cluster_secret_is_refused_and_a_file_is_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let pair = pair_toml();
+        for weak in ["change-me-please", "s3cret-s3cret", "a-long-passphrase-that-is-still-only-words-and-dashes"] {
+            let text = pair.replace(SECRET, weak);
+            assert_eq!(err_key(&text), "cluster_secret", "`{weak}` must be refused");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with_file = pair.replace(&format!("cluster_secret = \"{SECRET}\""), &format!("cluster_secret_file = {:?}", file));
+        assert!(Config::from_toml(&with_file).is_ok());
+        assert_eq!(err_key(&format!("{pair}cluster_secret_file = {file:?}\n")), "cluster_secret", "not both");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(err_key(&with_file), "cluster_secret_file", "a file others can read");
+    }
+
     #[test]
     fn pair_combinations_are_checked() {
-        let pair = "listen = \"127.0.0.1:7001\"\nha_listen = \"127.0.0.1:7101\"\npeer_ha = [\"127.0.0.1:7102\"]\ngateway = \"tcp://127.0.0.1:7200\"\ncluster_secret = \"s3cret-s3cret\"\n";
+        let pair = &pair_toml();
         let c = Config::from_toml(pair).unwrap();
         assert_eq!(c.durability, Durability::Replicated, "a pair defaults to replicated");
         assert!(c.pair.is_some());
         assert_eq!(err_key(&format!("{pair}takeover_delay_ms = 1000\n")), "takeover_delay_ms");
         assert_eq!(err_key(&pair.replace("127.0.0.1:7102", "127.0.0.1:7101")), "peer_ha");
         assert_eq!(err_key(&pair.replace("tcp://127.0.0.1:7200", "udp://x")), "gateway");
-        assert_eq!(err_key(&pair.replace("cluster_secret = \"s3cret-s3cret\"\n", "")), "cluster_secret");
+        assert_eq!(err_key(&pair.replace(&format!("cluster_secret = \"{SECRET}\"\n"), "")), "cluster_secret_file");
         assert_eq!(err_key("durability = \"replicated\""), "durability");
         assert_eq!(err_key("ha_listen = \"127.0.0.1:1\""), "peer_ha");
     }
@@ -962,7 +1002,7 @@ mod tests {
         assert_eq!(err_key("tls_client_ca = \"ca.pem\""), "tls_client_ca");
         assert_eq!(err_key("tls_cert = \"/nonexistent/c.pem\"\ntls_key = \"k.pem\""), "tls_cert");
         assert_eq!(err_key("ha_tls_cert = \"c.pem\""), "peer_ha", "HA TLS without a pair");
-        let pair = "listen = \"127.0.0.1:7001\"\nha_listen = \"127.0.0.1:7101\"\npeer_ha = [\"127.0.0.1:7102\"]\ngateway = \"tcp://127.0.0.1:7200\"\ncluster_secret = \"s3cret-s3cret\"\n";
+        let pair = &pair_toml();
         assert!(Config::from_toml(pair).unwrap().pair.unwrap().tls.is_none(), "TLS is off by default");
         assert_eq!(err_key(&format!("{pair}ha_tls_cert = \"c.pem\"\n")), "ha_tls_key");
         assert_eq!(err_key(&format!("{pair}ha_tls_cert = \"c.pem\"\nha_tls_key = \"k.pem\"\n")), "ha_tls_ca");

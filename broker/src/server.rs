@@ -170,7 +170,7 @@ pub async fn run(
         ha_status: pair.as_ref().map(|p: &Pair| p.status.clone()),
         metrics,
         logins: crate::auth::LoginGate::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
-        tickets: Arc::new(crate::ticket::Tickets::new(config.pair.as_ref().map(|p| p.cluster_secret.as_str()))),
+        tickets: Arc::new(crate::ticket::Tickets::new(config.pair.as_ref().map(|p| &p.cluster_secret))),
     };
     let listener = Listener::new(tcp, io.iter().map(Arbiter::handle).collect(), cx).start();
     let tls = match &config.tls {

@@ -20,9 +20,17 @@ pub const TICKET_LIFETIME_MS: u64 = 10 * 60 * 1000;
 const VERSION: u8 = 1;
 const MAC_LEN: usize = 32;
 
-/// Issues and checks tickets with one key.
+/// Issues tickets with one key and accepts those of every key of the
+/// pair's secrets (a secret being rotated in or out).
 pub struct Tickets {
-    key: [u8; 32],
+    keys: Keys,
+}
+
+enum Keys {
+    /// A single node: random, this process only.
+    Node([u8; 32]),
+    /// A pair: the ticket keys HKDF derives from the cluster secrets.
+    Pair(twinmq_ha::secret::ClusterSecret),
 }
 
 impl std::fmt::Debug for Tickets {
@@ -32,17 +40,13 @@ impl std::fmt::Debug for Tickets {
 }
 
 impl Tickets {
-    /// A pair's nodes pass their cluster secret (same key on both); a single node `None`.
-    pub fn new(cluster_secret: Option<&str>) -> Tickets {
-        let key = match cluster_secret {
-            Some(secret) => {
-                let mut mac = hmac(secret.as_bytes());
-                mac.update(b"twinmq session tickets v1");
-                mac.finalize().into_bytes().into()
-            }
-            None => rand::random(),
+    /// A pair's nodes pass their cluster secret (same keys on both); a single node `None`.
+    pub fn new(cluster_secret: Option<&twinmq_ha::secret::ClusterSecret>) -> Tickets {
+        let keys = match cluster_secret {
+            Some(secret) => Keys::Pair(secret.clone()),
+            None => Keys::Node(rand::random()),
         };
-        Tickets { key }
+        Tickets { keys }
     }
 
     /// A ticket for `user`, whose current password hash is `password_hash`.
@@ -54,7 +58,11 @@ impl Tickets {
         t.extend_from_slice(&expiry.to_be_bytes());
         t.extend_from_slice(&u16::try_from(name.len()).unwrap_or(u16::MAX).to_be_bytes());
         t.extend_from_slice(&name[..name.len().min(usize::from(u16::MAX))]);
-        let tag = self.mac(&t, password_hash).finalize().into_bytes();
+        let key = match &self.keys {
+            Keys::Node(k) => *k,
+            Keys::Pair(s) => s.keys()[0].tickets,
+        };
+        let tag = mac(&key, &t, password_hash).finalize().into_bytes();
         t.extend_from_slice(&tag);
         t
     }
@@ -77,20 +85,19 @@ impl Tickets {
             return false;
         }
         let Some(hash) = security.password_hash(user) else { return false };
-        self.mac(body, hash).verify_slice(tag).is_ok()
-    }
-
-    fn mac(&self, body: &[u8], password_hash: &str) -> Hmac<Sha256> {
-        let mut mac = hmac(&self.key);
-        mac.update(&(password_hash.len() as u64).to_be_bytes());
-        mac.update(password_hash.as_bytes());
-        mac.update(body);
-        mac
+        match &self.keys {
+            Keys::Node(k) => mac(k, body, hash).verify_slice(tag).is_ok(),
+            Keys::Pair(s) => s.keys().iter().any(|k| mac(&k.tickets, body, hash).verify_slice(tag).is_ok()),
+        }
     }
 }
 
-fn hmac(key: &[u8]) -> Hmac<Sha256> {
-    <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length")
+fn mac(key: &[u8; 32], body: &[u8], password_hash: &str) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(&(password_hash.len() as u64).to_be_bytes());
+    mac.update(password_hash.as_bytes());
+    mac.update(body);
+    mac
 }
 
 #[cfg(test)]
@@ -111,14 +118,18 @@ mod tests {
 
     #[test]
     fn a_ticket_stands_for_its_user_until_it_expires_or_the_password_changes() {
-        let (a, b) = (Tickets::new(Some("secret")), Tickets::new(Some("secret")));
+        use twinmq_ha::secret::{generate, ClusterSecret};
+        let secret = generate();
+        let pair = || ClusterSecret::inline(&secret).unwrap();
+        let (a, b) = (Tickets::new(Some(&pair())), Tickets::new(Some(&pair())));
         let users = db(&[("app", "$argon2id$h1"), ("ops", "$argon2id$h2")]);
         let t = a.issue("app", "$argon2id$h1", 1_000);
         assert!(a.verify(&t, "app", &users, 1_000));
         assert!(b.verify(&t, "app", &users, 2_000), "the other node of the pair accepts it");
         assert!(!a.verify(&t, "ops", &users, 1_000), "only for its own user");
         assert!(!a.verify(&t, "app", &users, 1_000 + TICKET_LIFETIME_MS + 1), "expired");
-        assert!(!Tickets::new(Some("other")).verify(&t, "app", &users, 1_000), "another pair's key");
+        let other = ClusterSecret::inline(&generate()).unwrap();
+        assert!(!Tickets::new(Some(&other)).verify(&t, "app", &users, 1_000), "another pair's key");
         assert!(!Tickets::new(None).verify(&t, "app", &users, 1_000), "a single node's random key");
         let changed = db(&[("app", "$argon2id$h3")]);
         assert!(!a.verify(&t, "app", &changed, 1_000), "a new password voids it");

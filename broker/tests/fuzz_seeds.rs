@@ -155,11 +155,10 @@ fn handshake_frames() -> Vec<HaFrame> {
             node_id: "b".into(),
             priority: 50,
             nonce: vec![2; 32],
-            proof: vec![3; 32],
-            version: Some(2),
+            version: Some(4),
         },
         HaFrame::Proof { proof: vec![4; 32] },
-        HaFrame::Accepted,
+        HaFrame::Accepted { proof: vec![3; 32] },
         HaFrame::Refused { reason: "bad proof".into() },
     ]
 }

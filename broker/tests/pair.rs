@@ -142,7 +142,7 @@ async fn a_peer_with_the_wrong_cluster_secret_never_joins() {
     // Neither node can pair; a has no store to be sure of, so the operator
     // promotes it. A node that never held a copy knows only the users of its
     // configuration: anonymous may not force it (issue 10).
-    let opts = PairOptions { b_secret: Some("not-the-secret".into()), ..Default::default() };
+    let opts = PairOptions { b_secret: Some(common::pair::OTHER_SECRET.into()), ..Default::default() };
     let mut pair = Pair::start(opts.with_root()).await;
     let anonymous = pair.client_config().failover_timeout(Duration::from_secs(1));
     let err = AdminClient::connect_to(&pair.a.client.to_string(), &anonymous).await.unwrap_err();

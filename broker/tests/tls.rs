@@ -278,7 +278,7 @@ async fn a_peer_with_the_right_certificate_and_the_wrong_secret_never_joins() {
     let opts = PairOptions {
         a_extra: ha_flags(&a, &ca),
         b_extra: ha_flags(&b, &ca),
-        b_secret: Some("not-the-secret".into()),
+        b_secret: Some(common::pair::OTHER_SECRET.into()),
         ..Default::default()
     };
     let mut pair = Pair::start(opts.with_root()).await;

@@ -294,6 +294,8 @@ impl Pair {
         let (b_client, b_client_l) = bound("client")?;
         let (b_ha, b_ha_l) = bound("ha")?;
         let (b_http, b_http_l) = bound("http")?;
+        // A fresh secret per demo, as `twinmq gen-secret` makes them.
+        let secret = twinmq_ha::secret::generate();
         let args = |peer_ha: SocketAddr, peer_client: SocketAddr, priority: &str| -> Vec<String> {
             let mut v: Vec<String> = vec![
                 "--peer-ha".into(),
@@ -303,7 +305,7 @@ impl Pair {
                 "--gateway".into(),
                 format!("tcp://{}", gateway.addr),
                 "--cluster-secret".into(),
-                "demo-cluster-secret".into(),
+                secret.clone(),
                 "--priority".into(),
                 priority.into(),
             ];

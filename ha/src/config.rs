@@ -59,7 +59,8 @@ pub struct HaConfig {
     /// The peer's client address, given to clients as a redirect hint.
     pub peer_client: Option<String>,
     pub gateway: Gateway,
-    pub cluster_secret: String,
+    /// From `cluster_secret_file` (read again when it changes) or `cluster_secret`.
+    pub cluster_secret: crate::secret::ClusterSecret,
     pub heartbeat: Duration,
     pub peer_timeout: Duration,
     pub isolation_timeout: Duration,

@@ -53,6 +53,7 @@ pub mod arbiter;
 pub mod config;
 pub mod link;
 pub mod monitor;
+pub mod secret;
 pub mod tls;
 pub mod wire;
 pub mod witness;

@@ -1,6 +1,18 @@
 //! Opening an HA connection: TCP with our socket options, then TLS when
 //! configured (`tls.rs`), then the mutual challenge/response on the cluster
-//! secret (see `wire.rs`), which TLS never replaces.
+//! secret (see `wire.rs`), which TLS never replaces:
+//!
+//! ```text
+//! dialer                                   acceptor
+//!   Hello { id, priority, nonce_d, versions } ->
+//!                <- Challenge { id, priority, nonce_a, version }   (no proof)
+//!   Proof { HMAC(k, "dialer", nonce_d, nonce_a, dialer, acceptor) } ->
+//!                <- Accepted { HMAC(k, "acceptor", ...) }  or Refused
+//! ```
+//!
+//! `k` is the handshake key HKDF derives from the cluster secret
+//! (`secret.rs`); the acceptor tries each of its secrets (rotation) and
+//! answers with the one that matched.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -33,7 +45,8 @@ impl std::fmt::Debug for Link {
 pub struct LinkAuth {
     pub node_id: String,
     pub priority: u32,
-    pub secret: String,
+    /// The first key is proved, every one is accepted (rotation).
+    pub secret: crate::secret::ClusterSecret,
     /// TLS on the HA port, if configured.
     pub tls: Option<HaTls>,
 }
@@ -131,10 +144,7 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
         .await
         .map_err(|e| LinkError::Protocol(e.to_string()))?;
     let (peer_id, peer_priority, their_nonce, version) = match next(&mut framed, timeout).await? {
-        HaFrame::Challenge { node_id, priority, nonce, proof, version } => {
-            if !wire::verify(&auth.secret, "acceptor", &nonce, &my_nonce, &node_id, &proof) {
-                return Err(LinkError::Auth(format!("`{node_id}` at {addr} does not know the cluster secret")));
-            }
+        HaFrame::Challenge { node_id, priority, nonce, version } => {
             let version = version.unwrap_or(1);
             if !wire::HA_VERSIONS.contains(version) {
                 return Err(LinkError::Version(format!(
@@ -146,19 +156,41 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
         }
         HaFrame::Refused { reason } if reason.contains("HA protocol") => return Err(LinkError::Version(reason)),
         HaFrame::Refused { reason } => return Err(LinkError::Auth(reason)),
-        other => return Err(LinkError::Protocol(format!("expected Challenge, got {other:?}"))),
+        other => return Err(LinkError::Protocol(format!("expected Challenge, got {}", frame_name(&other)))),
     };
     if peer_id == auth.node_id {
         return Err(LinkError::Auth(format!("{addr} is this node itself (`{peer_id}`)")));
     }
-    let proof = wire::proof(&auth.secret, "dialer", &my_nonce, &their_nonce, &auth.node_id);
+    // The dialer proves first, with its own (first) secret.
+    let keys = auth.secret.keys();
+    let key = &keys[0].handshake;
+    let proof = wire::proof(key, "dialer", &my_nonce, &their_nonce, &auth.node_id, &peer_id);
     framed.send(HaFrame::Proof { proof }).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
     match next(&mut framed, timeout).await? {
-        HaFrame::Accepted => {
+        HaFrame::Accepted { proof } => {
+            if !wire::verify(key, "acceptor", &my_nonce, &their_nonce, &auth.node_id, &peer_id, &proof) {
+                return Err(LinkError::Auth(format!("`{peer_id}` at {addr} does not know the cluster secret")));
+            }
             Ok(Link { framed: framed.map_codec(|_| wire::codec()), peer_id, peer_priority, remote: addr, version })
         }
-        HaFrame::Refused { reason } => Err(LinkError::Auth(reason)),
-        other => Err(LinkError::Protocol(format!("expected Accepted, got {other:?}"))),
+        HaFrame::Refused { reason } if reason == "wrong cluster secret" => Err(LinkError::Auth(format!(
+            "`{peer_id}` at {addr} refused this node's proof: the two nodes do not share the cluster secret"
+        ))),
+        HaFrame::Refused { reason } => Err(LinkError::Auth(format!("`{peer_id}` at {addr} refused: {reason}"))),
+        other => Err(LinkError::Protocol(format!("expected Accepted, got {}", frame_name(&other)))),
+    }
+}
+
+/// A frame's name for an error message (never its content: a stranger's
+/// bytes do not go into our logs).
+fn frame_name(f: &HaFrame) -> &'static str {
+    match f {
+        HaFrame::Hello { .. } => "Hello",
+        HaFrame::Challenge { .. } => "Challenge",
+        HaFrame::Proof { .. } => "Proof",
+        HaFrame::Accepted { .. } => "Accepted",
+        HaFrame::Refused { .. } => "Refused",
+        _ => "a frame of an open link",
     }
 }
 
@@ -178,7 +210,7 @@ pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Re
     let mut framed = Framed::new(stream, wire::handshake_codec());
     let (peer_id, peer_priority, their_nonce, versions) = match next(&mut framed, timeout).await? {
         HaFrame::Hello { node_id, priority, nonce, versions } => (node_id, priority, nonce, versions),
-        other => return Err(LinkError::Protocol(format!("expected Hello, got {other:?}"))),
+        other => return Err(LinkError::Protocol(format!("expected Hello, got {}", frame_name(&other)))),
     };
     let version = match twinmq_protocol::negotiate(wire::HA_VERSIONS, versions) {
         Ok(v) => v,
@@ -188,30 +220,36 @@ pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Re
             return Err(LinkError::Version(format!("`{peer_id}` from {remote}: {reason}")));
         }
     };
+    if peer_id == auth.node_id {
+        let _ = framed.send(HaFrame::Refused { reason: "same node id as this node".into() }).await;
+        return Err(LinkError::Auth(format!("{remote} claims this node's own id `{peer_id}`")));
+    }
     let my_nonce = wire::nonce();
-    let proof = wire::proof(&auth.secret, "acceptor", &my_nonce, &their_nonce, &auth.node_id);
     framed
         .send(HaFrame::Challenge {
             node_id: auth.node_id.clone(),
             priority: auth.priority,
             nonce: my_nonce.clone(),
-            proof,
             version: Some(version),
         })
         .await
         .map_err(|e| LinkError::Protocol(e.to_string()))?;
     let got = match next(&mut framed, timeout).await? {
         HaFrame::Proof { proof } => proof,
-        other => return Err(LinkError::Protocol(format!("expected Proof, got {other:?}"))),
+        other => return Err(LinkError::Protocol(format!("expected Proof, got {}", frame_name(&other)))),
     };
-    if !wire::verify(&auth.secret, "dialer", &their_nonce, &my_nonce, &peer_id, &got) {
+    // Any of this node's secrets (one being rotated in or out); the answer
+    // is proved with the one the dialer used.
+    let keys = auth.secret.keys();
+    let Some(key) = keys
+        .iter()
+        .map(|k| &k.handshake)
+        .find(|k| wire::verify(k, "dialer", &their_nonce, &my_nonce, &peer_id, &auth.node_id, &got))
+    else {
         let _ = framed.send(HaFrame::Refused { reason: "wrong cluster secret".into() }).await;
         return Err(LinkError::Auth(format!("`{peer_id}` from {remote} does not know the cluster secret")));
-    }
-    if peer_id == auth.node_id {
-        let _ = framed.send(HaFrame::Refused { reason: "same node id as this node".into() }).await;
-        return Err(LinkError::Auth(format!("{remote} claims this node's own id `{peer_id}`")));
-    }
-    framed.send(HaFrame::Accepted).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
+    };
+    let proof = wire::proof(key, "acceptor", &their_nonce, &my_nonce, &peer_id, &auth.node_id);
+    framed.send(HaFrame::Accepted { proof }).await.map_err(|e| LinkError::Protocol(e.to_string()))?;
     Ok(Link { framed: framed.map_codec(|_| wire::codec()), peer_id, peer_priority, remote, version })
 }

@@ -2,9 +2,11 @@
 //!
 //! Same framing as the client protocol (`u32 length | u8 version |
 //! MessagePack`), another set of frames. The link opens with a mutual
-//! challenge/response over the cluster secret (HMAC-SHA256 over both
-//! nonces, the direction and the node id), so neither side ever sends the
-//! secret and a peer without it never gets past the handshake.
+//! challenge/response over the cluster secret (HMAC-SHA256, keyed by the
+//! handshake key HKDF derives from the secret, over both nonces, the
+//! direction and both node ids): the dialer proves first, so whoever merely
+//! connects learns nothing computed from the secret; neither side ever
+//! sends the secret, and a peer without it never gets past the handshake.
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -24,8 +26,11 @@ pub type HaCodec = twinmq_protocol::FrameCodec<HaFrame, HaFrame>;
 /// speak 1 and are refused with a clear reason (stop both to upgrade from
 /// them; later changes roll one node at a time within the range). 3: adds
 /// `DivergentAdmin`/`DivergentAdminStored` (users and queues handed over),
-/// never sent on a link at 2: they wait for a peer that speaks 3.
-pub const HA_VERSIONS: VersionRange = VersionRange::new(2, 3);
+/// never sent on a link at 2: they wait for a peer that speaks 3. 4: the
+/// dialer proves first, keys derived by HKDF from a generated secret; the
+/// handshake itself changed, so nodes before it are refused (stop both to
+/// upgrade to it).
+pub const HA_VERSIONS: VersionRange = VersionRange::new(4, 4);
 /// The first HA version with `DivergentAdmin`.
 pub const DIVERGENT_ADMIN_VERSION: u8 = 3;
 
@@ -97,25 +102,28 @@ pub enum HaFrame {
         #[serde(default)]
         versions: VersionRange,
     },
-    /// Acceptor: its answer to my challenge, and its own challenge.
+    /// Acceptor: its own challenge and the version it chose; no proof yet:
+    /// a stranger that dials gets nothing computed from the secret.
     Challenge {
         node_id: String,
         priority: u32,
         #[serde(with = "serde_bytes")]
         nonce: Vec<u8>,
-        #[serde(with = "serde_bytes")]
-        proof: Vec<u8>,
         /// The HA protocol version the acceptor chose (absent: 1).
         #[serde(default)]
         version: Option<u8>,
     },
-    /// Dialer: the answer to the acceptor's challenge.
+    /// Dialer: proves first, over both nonces and both ids.
     Proof {
         #[serde(with = "serde_bytes")]
         proof: Vec<u8>,
     },
-    /// Acceptor: the link is open.
-    Accepted,
+    /// Acceptor, once the dialer proved the secret: its own proof; the link
+    /// is open when the dialer has checked it.
+    Accepted {
+        #[serde(with = "serde_bytes")]
+        proof: Vec<u8>,
+    },
     /// Either side: the handshake failed (then the connection closes).
     Refused {
         reason: String,
@@ -146,26 +154,34 @@ pub enum HaFrame {
 /// Most payload bytes of messages in one `Divergent` frame (far below the frame limit).
 pub const MAX_HANDOVER_CHUNK: usize = 4 * 1024 * 1024;
 
-/// The proof that the sender of `role_tag` knows the secret.
-pub fn proof(secret: &str, role_tag: &str, my_nonce: &[u8], their_nonce: &[u8], node_id: &str) -> Vec<u8> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
-    mac.update(role_tag.as_bytes());
-    mac.update(&(my_nonce.len() as u32).to_be_bytes());
-    mac.update(my_nonce);
-    mac.update(their_nonce);
-    mac.update(node_id.as_bytes());
-    mac.finalize().into_bytes().to_vec()
+/// The proof that `role_tag`'s side knows the secret whose handshake key
+/// is `key`: an HMAC over both nonces (the dialer's first) and both node
+/// ids, so a proof is good for one connection, one direction and one pair
+/// of names only.
+pub fn proof(key: &[u8; 32], role_tag: &str, dialer_nonce: &[u8], acceptor_nonce: &[u8], dialer: &str, acceptor: &str) -> Vec<u8> {
+    mac(key, role_tag, dialer_nonce, acceptor_nonce, dialer, acceptor).finalize().into_bytes().to_vec()
 }
 
 /// Check a proof in constant time.
-pub fn verify(secret: &str, role_tag: &str, their_nonce: &[u8], my_nonce: &[u8], node_id: &str, got: &[u8]) -> bool {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
-    mac.update(role_tag.as_bytes());
-    mac.update(&(their_nonce.len() as u32).to_be_bytes());
-    mac.update(their_nonce);
-    mac.update(my_nonce);
-    mac.update(node_id.as_bytes());
-    mac.verify_slice(got).is_ok()
+pub fn verify(
+    key: &[u8; 32],
+    role_tag: &str,
+    dialer_nonce: &[u8],
+    acceptor_nonce: &[u8],
+    dialer: &str,
+    acceptor: &str,
+    got: &[u8],
+) -> bool {
+    mac(key, role_tag, dialer_nonce, acceptor_nonce, dialer, acceptor).verify_slice(got).is_ok()
+}
+
+fn mac(key: &[u8; 32], role_tag: &str, dialer_nonce: &[u8], acceptor_nonce: &[u8], dialer: &str, acceptor: &str) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    for part in [role_tag.as_bytes(), dialer_nonce, acceptor_nonce, dialer.as_bytes(), acceptor.as_bytes()] {
+        mac.update(&(part.len() as u32).to_be_bytes());
+        mac.update(part);
+    }
+    mac
 }
 
 pub fn nonce() -> Vec<u8> {
@@ -182,11 +198,13 @@ mod tests {
     #[test]
     fn proofs_need_the_secret_and_bind_the_direction() {
         let (a, b) = (nonce(), nonce());
-        let p = proof("s3cret", "acceptor", &a, &b, "node-b");
-        assert!(verify("s3cret", "acceptor", &a, &b, "node-b", &p));
-        assert!(!verify("wrong", "acceptor", &a, &b, "node-b", &p));
-        assert!(!verify("s3cret", "dialer", &a, &b, "node-b", &p), "a reflected proof is refused");
-        assert!(!verify("s3cret", "acceptor", &b, &a, "node-b", &p), "nonces are bound in order");
-        assert!(!verify("s3cret", "acceptor", &a, &b, "node-x", &p), "the node id is bound");
+        let (k, other) = ([7u8; 32], [8u8; 32]);
+        let p = proof(&k, "dialer", &a, &b, "node-a", "node-b");
+        assert!(verify(&k, "dialer", &a, &b, "node-a", "node-b", &p));
+        assert!(!verify(&other, "dialer", &a, &b, "node-a", "node-b", &p));
+        assert!(!verify(&k, "acceptor", &a, &b, "node-a", "node-b", &p), "a reflected proof is refused");
+        assert!(!verify(&k, "dialer", &b, &a, "node-a", "node-b", &p), "nonces are bound in order");
+        assert!(!verify(&k, "dialer", &a, &b, "node-x", "node-b", &p), "the dialer's id is bound");
+        assert!(!verify(&k, "dialer", &a, &b, "node-a", "node-x", &p), "the acceptor's id is bound");
     }
 }

@@ -311,7 +311,9 @@ pub struct Pair {
     _tmp: tempfile::TempDir,
 }
 
-pub const SECRET: &str = "test-cluster-secret";
+/// A generated cluster secret (`twinmq gen-secret`), and another one.
+pub const SECRET: &str = "q3ZCqjFPm9lCbf9PxbC1Bv6mwYJ7sfqKR2yR4yNfn4Q=";
+pub const OTHER_SECRET: &str = "Zk1hQnqB0Yl3Wz8s2d6v9tXcRm4eJp7uLyHg5oTiKaE=";
 
 impl PairOptions {
     /// Give both nodes the configured user `root` (password `rootpw`, admin

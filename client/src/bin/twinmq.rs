@@ -85,6 +85,13 @@ enum Command {
     },
     /// Print an argon2id PHC hash of PASSWORD (read from stdin if omitted) for the broker's config.
     HashPassword { password: Option<String> },
+    /// Write a new cluster secret (32 random bytes, base64) to FILE, readable
+    /// by its owner only; never overwrites. Copy FILE to the other node and
+    /// set `cluster_secret_file = FILE` on both.
+    GenSecret {
+        /// Where to write it (must not exist).
+        file: std::path::PathBuf,
+    },
     /// Measure produce/consume throughput and confirm latency.
     Bench(bench::BenchArgs),
     /// Users: add, passwd, rm, list (changes go to the active node).
@@ -146,6 +153,9 @@ fn main() -> ExitCode {
     if let Command::HashPassword { password } = &cli.command {
         return report(hash_password(password.clone()));
     }
+    if let Command::GenSecret { file } = &cli.command {
+        return report(gen_secret(file));
+    }
     let mut config = match cli.client_config() {
         Ok(config) => config,
         Err(e) => e.exit(),
@@ -195,7 +205,7 @@ async fn run(command: Command, config: ClientConfig) -> anyhow::Result<ExitCode>
         Command::Acl(cmd) => manage::acl(config, cmd).await,
         Command::Queue(cmd) => manage::queue(config, cmd).await,
         Command::Topic(cmd) => manage::topic(config, cmd).await,
-        Command::HashPassword { .. } => unreachable!("handled before connecting"),
+        Command::HashPassword { .. } | Command::GenSecret { .. } => unreachable!("handled before connecting"),
     }
 }
 
@@ -238,6 +248,27 @@ fn hash_password(password: Option<String>) -> anyhow::Result<ExitCode> {
         None => read_stdin_line().context("could not read the password from stdin")?,
     };
     println!("{}", phc_hash(&password)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// 32 bytes from the OS's generator, base64, in a new file of mode 600.
+fn gen_secret(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use base64ct::Encoding;
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("could not create {} (an existing secret is never overwritten)", path.display()))?;
+    writeln!(f, "{}", base64ct::Base64::encode_string(&bytes))?;
+    f.sync_all()?;
+    println!("wrote a new cluster secret to {}", path.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -327,6 +358,25 @@ mod tests {
         let Command::Pub(args) = cli.command else { panic!("expected pub") };
         assert_eq!((args.dest.as_str(), args.count, args.size, args.prefix.as_str()), ("orders", 5, 0, "msg"));
         assert_eq!((args.topic, args.window), (false, 256));
+    }
+
+    #[test]
+    fn gen_secret_writes_32_random_bytes_for_the_owner_only_and_never_overwrites() {
+        use std::os::unix::fs::PermissionsExt;
+
+        use base64ct::Encoding;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.secret");
+        assert!(matches!(parse(&["gen-secret", "x"]).unwrap().command, Command::GenSecret { .. }));
+        gen_secret(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(base64ct::Base64::decode_vec(text.trim()).unwrap().len(), 32);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(gen_secret(&path).is_err(), "an existing secret is kept");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        let other = dir.path().join("other");
+        gen_secret(&other).unwrap();
+        assert_ne!(std::fs::read_to_string(&other).unwrap(), text);
     }
 
     #[test]

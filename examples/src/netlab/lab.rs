@@ -33,7 +33,8 @@ pub const CLIENT_PORT: u16 = 5570;
 pub const HA_PORT: u16 = 5571;
 /// The gateway host's TCP port (for `--gateway tcp://...`; the lab probes by ICMP).
 pub const GATEWAY_TCP_PORT: u16 = 5599;
-pub const CLUSTER_SECRET: &str = "cable-lab-cluster-secret";
+/// A generated secret (`twinmq gen-secret`): the lab's nodes share it.
+pub const CLUSTER_SECRET: &str = "Wc2o0X8Pj3b6T1kqVvN5yR9eLmA4uHsZdGfQx7iKpBw=";
 
 pub use crate::lab::Timings;
 
