@@ -141,6 +141,12 @@ pub struct Settings {
     /// Most messages one queue holds; publishes beyond are refused with LimitReached.
     #[arg(long, value_name = "N")]
     pub max_queue_depth: Option<usize>,
+    /// Most bytes one queue (or subscription) holds: payloads, headers and 128 bytes per message.
+    #[arg(long, value_name = "BYTES")]
+    pub max_queue_bytes: Option<usize>,
+    /// Most subscriptions one connection may hold open.
+    #[arg(long, value_name = "N")]
+    pub max_subscriptions_per_connection: Option<usize>,
     /// Unacked deliveries go back to the queue after this long (0: never).
     #[arg(long, value_name = "MS")]
     pub ack_timeout_ms: Option<u64>,
@@ -397,6 +403,8 @@ pub struct Config {
     pub max_connections: usize,
     pub max_inflight_per_connection: usize,
     pub max_queue_depth: usize,
+    pub max_queue_bytes: usize,
+    pub max_subscriptions_per_connection: usize,
     /// `None`: unacked deliveries wait for their consumer forever.
     pub ack_timeout_ms: Option<u64>,
     pub max_redeliveries: u32,
@@ -454,6 +462,8 @@ impl Default for Config {
             max_connections: 10_000,
             max_inflight_per_connection: 4096,
             max_queue_depth: 1_000_000,
+            max_queue_bytes: 1 << 30,
+            max_subscriptions_per_connection: 100,
             ack_timeout_ms: Some(60_000),
             max_redeliveries: 5,
             auto_create: true,
@@ -572,6 +582,18 @@ impl Config {
             ));
         }
         let max_queue_depth = positive("max_queue_depth", s.max_queue_depth, d.max_queue_depth)?;
+        let max_queue_bytes = positive("max_queue_bytes", s.max_queue_bytes, d.max_queue_bytes)?;
+        if max_queue_bytes < max_message_bytes {
+            return Err(invalid(
+                "max_queue_bytes",
+                format!("{max_queue_bytes} is below max_message_bytes ({max_message_bytes}): no message would fit"),
+            ));
+        }
+        let max_subscriptions_per_connection = positive(
+            "max_subscriptions_per_connection",
+            s.max_subscriptions_per_connection,
+            d.max_subscriptions_per_connection,
+        )?;
         let io_threads = positive("io_threads", s.io_threads, d.io_threads)?;
         if io_threads > 64 {
             return Err(invalid("io_threads", format!("{io_threads} is above 64")));
@@ -645,6 +667,8 @@ impl Config {
             max_connections,
             max_inflight_per_connection,
             max_queue_depth,
+            max_queue_bytes,
+            max_subscriptions_per_connection,
             ack_timeout_ms,
             max_redeliveries,
             auto_create,

@@ -34,10 +34,37 @@ pub enum QueueMode {
     Memory,
 }
 
+/// What a queue holds, published after every change for whoever must
+/// check its limits without asking it (a topic storing into its durable
+/// subscriptions, the metrics).
+#[derive(Debug, Default)]
+pub struct Fill {
+    pub depth: AtomicUsize,
+    pub bytes: AtomicUsize,
+}
+
+/// What one message weighs against `max_queue_bytes`: its payload, its
+/// headers and names, and what the broker keeps beside it (the entry, the
+/// index, the reference), so that ten thousand 10-byte messages count for
+/// what they cost, not for 100 KB.
+pub fn entry_bytes(m: &StoredMessage) -> usize {
+    const ENTRY_OVERHEAD: usize = 128;
+    m.payload.len() + twinmq_protocol::headers_bytes(&m.headers) + m.origin.len() + ENTRY_OVERHEAD
+}
+
+/// Subtract what was added: a miscount is a bug (tests panic on it), and
+/// in production it must not wrap into a queue that is full for ever.
+fn take(total: &mut usize, bytes: usize) {
+    debug_assert!(*total >= bytes, "queue byte count below zero");
+    *total = total.saturating_sub(bytes);
+}
+
 /// Settings every queue shares.
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
     pub max_depth: usize,
+    /// Most bytes (`max_queue_bytes`), counted by [`entry_bytes`].
+    pub max_bytes: usize,
     pub ack_timeout: Option<Duration>,
     /// `None`: never dead-letter (dead-letter queues themselves, memory subscriptions).
     pub max_redeliveries: Option<u32>,
@@ -113,7 +140,11 @@ pub struct Queue {
     me: Option<Addr<Queue>>,
     /// The depth, published for the topic of a durable subscription, which
     /// stores messages into this queue without asking it (see `Topic`).
-    depth_gauge: Arc<AtomicUsize>,
+    fill: Arc<Fill>,
+    /// Bytes of `ready`, of `in_flight`, and of publishes at the store writer.
+    ready_bytes: usize,
+    in_flight_bytes: usize,
+    pending_bytes: usize,
 }
 
 impl Queue {
@@ -139,7 +170,8 @@ impl Queue {
             })
             .collect();
         let with_ttl = ready.iter().filter(|e| e.msg.expires_at_ms.is_some()).count();
-        let depth_gauge = Arc::new(AtomicUsize::new(ready.len()));
+        let ready_bytes = ready.iter().map(|e| entry_bytes(&e.msg)).sum();
+        let fill = Arc::new(Fill { depth: AtomicUsize::new(ready.len()), bytes: AtomicUsize::new(ready_bytes) });
         Queue {
             label,
             destination,
@@ -158,13 +190,16 @@ impl Queue {
             pending: 0,
             held: VecDeque::new(),
             me: None,
-            depth_gauge,
+            fill,
+            ready_bytes,
+            in_flight_bytes: 0,
+            pending_bytes: 0,
         }
     }
 
     /// The depth as last published (after every change of it).
-    pub fn depth_gauge(&self) -> Arc<AtomicUsize> {
-        self.depth_gauge.clone()
+    pub fn fill(&self) -> Arc<Fill> {
+        self.fill.clone()
     }
 
     fn store_key(&self) -> Option<&str> {
@@ -178,13 +213,29 @@ impl Queue {
         self.ready.len() + self.in_flight.len() + self.pending
     }
 
+    fn bytes(&self) -> usize {
+        self.ready_bytes + self.in_flight_bytes + self.pending_bytes
+    }
+
+    /// At `max_queue_depth` or `max_queue_bytes`: why, for the refusal.
+    fn full(&self) -> Option<String> {
+        let s = &self.settings;
+        if self.depth() >= s.max_depth {
+            Some(format!("{} is full ({} messages, max_queue_depth)", self.label, s.max_depth))
+        } else if self.bytes() >= s.max_bytes {
+            Some(format!("{} is full ({} bytes, max_queue_bytes)", self.label, s.max_bytes))
+        } else {
+            None
+        }
+    }
+
     /// Admit held publishes while there is room (`queue_full = "block"`).
     fn release_held(&mut self) {
         if self.settings.drop_held() && !self.held.is_empty() {
             tracing::info!(queue = %self.label, held = self.held.len(), "shutting down; held publishes left unconfirmed");
             self.held.clear();
         }
-        while self.depth() < self.settings.max_depth {
+        while self.full().is_none() {
             let Some(p) = self.held.pop_front() else { return };
             if p.reply.is_closed() {
                 // Its connection is gone: the client resends it elsewhere.
@@ -204,7 +255,9 @@ impl Queue {
                 let permit = p.permit;
                 let received = p.received;
                 let label = self.label.clone();
+                let bytes = p.message.payload.len() + twinmq_protocol::headers_bytes(&p.message.headers) + p.message.origin.len() + 128;
                 self.pending += 1;
+                self.pending_bytes += bytes;
                 self.writer.submit(
                     vec![Op::Enqueue { message: p.message, queues: vec![key.clone()] }],
                     Box::new(move |r| {
@@ -219,7 +272,7 @@ impl Queue {
                         };
                         match r {
                             Ok(c) => {
-                                me.do_send(Committed { messages: enqueued(c.ops) });
+                                me.do_send(Committed { messages: enqueued(c.ops), bytes });
                                 // Durable as promised by the store's crate doc ("What a confirmation promises").
                                 let _ = reply.confirm(pid, pseq, received);
                             }
@@ -230,7 +283,7 @@ impl Queue {
                                     StoreError::Unconfirmed { written, .. } => enqueued(written.ops.clone()),
                                     _ => Vec::new(),
                                 };
-                                me.do_send(Committed { messages });
+                                me.do_send(Committed { messages, bytes });
                                 tracing::error!(queue = %label, error = %e, "store failed; publish not confirmed");
                                 let _ = reply.send(publish_error(pid, pseq, store_error_code(&e), e.to_string()));
                             }
@@ -277,6 +330,7 @@ impl Queue {
         if entry.msg.expires_at_ms.is_some() {
             self.with_ttl += 1;
         }
+        self.ready_bytes += entry_bytes(&entry.msg);
         if front {
             self.ready.push_front(entry);
         } else {
@@ -284,11 +338,18 @@ impl Queue {
         }
     }
 
+    fn take_in_flight(&mut self, seq: u64) -> Option<InFlight> {
+        let f = self.in_flight.remove(&seq)?;
+        take(&mut self.in_flight_bytes, entry_bytes(&f.entry.msg));
+        Some(f)
+    }
+
     fn pop_ready(&mut self) -> Option<Entry> {
         let e = self.ready.pop_front()?;
         if e.msg.expires_at_ms.is_some() {
             self.with_ttl -= 1;
         }
+        take(&mut self.ready_bytes, entry_bytes(&e.msg));
         Some(e)
     }
 
@@ -299,7 +360,8 @@ impl Queue {
     /// Hand ready messages to consumers with credit, round robin.
     fn dispatch(&mut self) {
         self.dispatch_to_consumers();
-        self.depth_gauge.store(self.depth(), Ordering::Relaxed);
+        self.fill.depth.store(self.depth(), Ordering::Relaxed);
+        self.fill.bytes.store(self.bytes(), Ordering::Relaxed);
     }
 
     fn dispatch_to_consumers(&mut self) {
@@ -348,6 +410,7 @@ impl Queue {
             consumer.credit -= 1;
             entry.deliveries += 1;
             let key = consumer.key;
+            self.in_flight_bytes += entry_bytes(&entry.msg);
             self.in_flight.insert(entry.msg.seq, InFlight { entry, consumer: key, since: Instant::now() });
         }
     }
@@ -393,7 +456,7 @@ impl Queue {
         let mut back: Vec<u64> = self.in_flight.iter().filter(|(_, f)| f.consumer == key).map(|(s, _)| *s).collect();
         back.sort_unstable_by(|a, b| b.cmp(a));
         for seq in back {
-            if let Some(f) = self.in_flight.remove(&seq) {
+            if let Some(f) = self.take_in_flight(seq) {
                 self.requeue(f.entry);
             }
         }
@@ -408,7 +471,7 @@ impl Queue {
                 .map(|(s, f)| (*s, f.consumer))
                 .collect();
             for (seq, consumer) in expired {
-                if let Some(f) = self.in_flight.remove(&seq) {
+                if let Some(f) = self.take_in_flight(seq) {
                     tracing::info!(queue = %self.label, seq, "ack timeout; redelivering");
                     // No credit back: the consumer still holds the delivery and
                     // would be over its prefetch if it got another.
@@ -423,6 +486,7 @@ impl Queue {
                 std::mem::take(&mut self.ready).into_iter().partition(|e| !Self::is_expired(e, now));
             self.ready = keep.into();
             self.with_ttl -= gone.len();
+            take(&mut self.ready_bytes, gone.iter().map(|e| entry_bytes(&e.msg)).sum());
             for e in &gone {
                 self.finish(e);
             }
@@ -487,20 +551,17 @@ impl Handler<Publish> for Queue {
             ));
             return;
         }
-        if self.depth() >= self.settings.max_depth || !self.held.is_empty() {
+        let full = self.full();
+        if full.is_some() || !self.held.is_empty() {
             if self.settings.block_when_full {
                 if self.held.is_empty() {
-                    tracing::info!(queue = %self.label, max_depth = self.settings.max_depth, "queue full; holding publishes");
+                    tracing::info!(queue = %self.label, why = ?full, "queue full; holding publishes");
                 }
                 self.held.push_back(p);
                 return;
             }
-            let _ = p.reply.send(publish_error(
-                pid,
-                pseq,
-                ErrorCode::LimitReached,
-                format!("{} is full ({} messages, max_queue_depth)", self.label, self.settings.max_depth),
-            ));
+            let why = full.unwrap_or_else(|| format!("{} is full (publishes are waiting for room)", self.label));
+            let _ = p.reply.send(publish_error(pid, pseq, ErrorCode::LimitReached, why));
             return;
         }
         self.accept(p);
@@ -513,12 +574,15 @@ impl Handler<Publish> for Queue {
 #[rtype(result = "()")]
 struct Committed {
     messages: Vec<Arc<StoredMessage>>,
+    /// What the submission counted in `pending_bytes`.
+    bytes: usize,
 }
 
 impl Handler<Committed> for Queue {
     type Result = ();
     fn handle(&mut self, c: Committed, _: &mut Context<Self>) {
         self.pending = self.pending.saturating_sub(1);
+        self.pending_bytes = self.pending_bytes.saturating_sub(c.bytes);
         for m in c.messages {
             self.push_ready(Entry { msg: m, persistent: true, deliveries: 0, count_stored: false }, false);
         }
@@ -555,7 +619,7 @@ pub struct Push {
 impl Handler<Push> for Queue {
     type Result = ();
     fn handle(&mut self, p: Push, _: &mut Context<Self>) {
-        if self.depth() >= self.settings.max_depth {
+        if self.full().is_some() {
             // A subscriber that does not keep up loses messages past the limit
             // instead of growing the broker without bound.
             self.dropped_full += 1;
@@ -663,7 +727,7 @@ impl Handler<Settle> for Queue {
                 return;
             }
         }
-        let Some(f) = self.in_flight.remove(&seq) else { return };
+        let Some(f) = self.take_in_flight(seq) else { return };
         if let Some(c) = self.consumers.iter_mut().find(|c| c.key == s.key) {
             c.credit += 1;
         }
@@ -783,6 +847,7 @@ impl Handler<Close> for Queue {
         // The store forgets its messages with the DeleteQueue op; so do we.
         self.ready.clear();
         self.in_flight.clear();
+        (self.ready_bytes, self.in_flight_bytes) = (0, 0);
         self.timed_out.clear();
         self.deleted = true;
         // Publishes held for room (`queue_full = "block"`) will never get it.
@@ -803,6 +868,7 @@ impl Handler<Purge> for Queue {
     type Result = usize;
     fn handle(&mut self, _: Purge, _: &mut Context<Self>) -> usize {
         let purged: Vec<Entry> = self.ready.drain(..).collect();
+        self.ready_bytes = 0;
         for e in &purged {
             self.finish(e);
         }

@@ -63,6 +63,7 @@ impl Router {
         Router::create(move |ctx| {
             let settings = QueueSettings {
                 max_depth: config.max_queue_depth,
+                max_bytes: config.max_queue_bytes,
                 ack_timeout: config.ack_timeout_ms.map(Duration::from_millis),
                 max_redeliveries: Some(config.max_redeliveries),
                 max_consumers: config.max_consumers_per_destination,
@@ -151,7 +152,7 @@ impl Router {
             Some(me.clone().recipient()),
             recovered,
         );
-        let depth = queue.depth_gauge();
+        let depth = queue.fill();
         let addr = queue.start();
         self.topic(topic).do_send(topic::SetDurable { key, queue: Some((addr.clone(), depth)) });
         self.durables.insert((topic.to_string(), name.to_string()), addr.clone());

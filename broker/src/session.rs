@@ -121,6 +121,9 @@ pub struct Session {
     config: Arc<Config>,
     targets: HashMap<Destination, Target>,
     subs: HashMap<u32, Subscription>,
+    /// Subscribes asked for and not answered yet: they count towards
+    /// `max_subscriptions_per_connection` too (a client may pipeline them).
+    subscribing: usize,
     /// The users and ACLs of the moment; every operation is checked against them.
     security: watch::Receiver<Arc<SecurityDb>>,
     /// Decisions already taken for this session's user, per destination
@@ -161,6 +164,7 @@ impl Session {
             config,
             targets: HashMap::new(),
             subs: HashMap::new(),
+            subscribing: 0,
             security,
             allowed: HashMap::new(),
             refused_logged: Default::default(),
@@ -240,14 +244,18 @@ impl Session {
             self.error(ErrorCode::NotAuthorized, ctx_err, why);
             return Box::pin(fut::ready(()));
         }
-        if message.payload.len() > self.config.max_message_bytes {
+        // Headers count: a small payload with megabytes of headers is no small message.
+        if message.size() > self.config.max_message_bytes || message.headers.len() > twinmq_protocol::MAX_HEADERS {
             self.error(
                 ErrorCode::TooLarge,
                 ctx_err,
                 format!(
-                    "message of {} bytes exceeds max_message_bytes {}",
+                    "message of {} bytes ({} of payload, {} headers) exceeds max_message_bytes {} (headers count, at most {} of them)",
+                    message.size(),
                     message.payload.len(),
-                    self.config.max_message_bytes
+                    message.headers.len(),
+                    self.config.max_message_bytes,
+                    twinmq_protocol::MAX_HEADERS
                 ),
             );
             return Box::pin(fut::ready(()));
@@ -309,6 +317,27 @@ impl Session {
             self.error(ErrorCode::InvalidRequest, ctx_err, format!("subscription id {sub_id} is already in use"));
             return Box::pin(fut::ready(()));
         }
+        let limit = self.config.max_subscriptions_per_connection;
+        if self.subs.len() + self.subscribing >= limit {
+            self.error(
+                ErrorCode::LimitReached,
+                ctx_err,
+                format!("this connection holds {limit} subscriptions (max_subscriptions_per_connection)"),
+            );
+            return Box::pin(fut::ready(()));
+        }
+        self.subscribing += 1;
+        Box::pin(self.subscribe(sub_id, destination, durable, prefetch).map(|(), act, _| act.subscribing -= 1))
+    }
+
+    fn subscribe(
+        &mut self,
+        sub_id: u32,
+        destination: Destination,
+        durable: Option<String>,
+        prefetch: u32,
+    ) -> ResponseActFuture<Self, ()> {
+        let ctx_err = ErrorContext::Subscribe { sub_id };
         if !self.permitted(Permission::Consume, &destination) {
             let why = self.not_authorized(Permission::Consume, &destination);
             self.error(ErrorCode::NotAuthorized, ctx_err, why);

@@ -16,7 +16,7 @@
 //! flight, so a subscription may end up a few messages over the limit.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ pub struct Topic {
     /// Durable subscriptions by store key.
     durables: BTreeMap<String, Addr<Queue>>,
     /// Their depths (see the module doc).
-    durable_depths: BTreeMap<String, Arc<AtomicUsize>>,
+    durable_depths: BTreeMap<String, Arc<queue::Fill>>,
     /// Persistent publishes waiting for room in a durable subscription
     /// (`queue_full = "block"`); each holds its connection's publish permit.
     held: VecDeque<queue::Publish>,
@@ -62,12 +62,18 @@ impl Actor for Topic {
 }
 
 impl Topic {
-    /// The first durable subscription at `max_queue_depth`, if any.
-    fn full_durable(&self) -> Option<&str> {
-        self.durable_depths
-            .iter()
-            .find(|(_, d)| d.load(Ordering::Relaxed) >= self.settings.max_depth)
-            .map(|(k, _)| k.as_str())
+    /// The first durable subscription at `max_queue_depth` or
+    /// `max_queue_bytes`, if any, and which limit.
+    fn full_durable(&self) -> Option<(&str, &'static str)> {
+        self.durable_depths.iter().find_map(|(k, f)| {
+            if f.depth.load(Ordering::Relaxed) >= self.settings.max_depth {
+                Some((k.as_str(), "max_queue_depth"))
+            } else if f.bytes.load(Ordering::Relaxed) >= self.settings.max_bytes {
+                Some((k.as_str(), "max_queue_bytes"))
+            } else {
+                None
+            }
+        })
     }
 
     /// Store the held publishes there is room for now; look again shortly if some remain.
@@ -95,7 +101,7 @@ impl Handler<queue::Publish> for Topic {
     fn handle(&mut self, p: queue::Publish, ctx: &mut Context<Self>) {
         let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
         if p.persistent && !self.durables.is_empty() {
-            if let Some(full) = self.full_durable().map(str::to_string) {
+            if let Some((full, limit)) = self.full_durable().map(|(k, l)| (k.to_string(), l)) {
                 if self.settings.block_when_full {
                     let first = self.held.is_empty();
                     self.held.push_back(p);
@@ -108,10 +114,7 @@ impl Handler<queue::Publish> for Topic {
                     let _ = p.reply.send(ServerFrame::Error(ErrorFrame::new(
                         twinmq_protocol::ErrorCode::LimitReached,
                         ErrorContext::Publish { producer_id: pid, seq: pseq },
-                        format!(
-                            "durable subscription {name} on topic:{} is full ({} messages, max_queue_depth)",
-                            self.name, self.settings.max_depth
-                        ),
+                        format!("durable subscription {name} on topic:{} is full ({limit})", self.name),
                     )));
                 }
                 return;
@@ -273,7 +276,7 @@ impl Handler<Unsubscribe> for Topic {
 #[rtype(result = "()")]
 pub struct SetDurable {
     pub key: String,
-    pub queue: Option<(Addr<Queue>, Arc<AtomicUsize>)>,
+    pub queue: Option<(Addr<Queue>, Arc<queue::Fill>)>,
 }
 
 impl Handler<SetDurable> for Topic {

@@ -1,0 +1,149 @@
+//! What one client may cost, on a real broker process (issue 10, finding 4):
+//! headers count towards a message's size and their number is bounded
+//! before they are built, a connection holds a bounded number of
+//! subscriptions, and a queue is bounded in bytes as well as messages.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::io::Write;
+
+use std::time::Duration;
+
+use common::{frame, hello, read_frames, rss_kib, Broker};
+use twinmq_client::{Client, Destination, ErrorCode, Message, SubscribeOptions};
+use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame, MAX_HEADERS};
+
+async fn depth(c: &Client, queue: &str) -> u64 {
+    let status: serde_json::Value = serde_json::from_str(&c.status().await.unwrap()).unwrap();
+    status["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == format!("queue:{queue}"))
+        .map_or(0, |q| q["depth"].as_u64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_count_towards_the_message_size_and_their_number_is_bounded() {
+    let b = Broker::start(&["--auto-create", "true"]);
+    let c = b.client().await;
+    let p = c.producer(Destination::queue("h"));
+
+    // A 1 KiB payload with 2 MiB of headers is a 2 MiB message (the probe's
+    // 1 MiB payload + 2 MiB headers was accepted).
+    let mut m = Message::persistent(vec![b'x'; 1024]);
+    for i in 0..MAX_HEADERS {
+        m = m.header(format!("h{i}"), "v".repeat(32 * 1024));
+    }
+    let err = p.send(m).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+    assert!(err.to_string().contains("max_message_bytes"), "{err}");
+    p.send(Message::persistent("small").header("k", "v")).await.unwrap();
+
+    // 200,000 tiny headers in one 2 MiB frame (the probe: 52.8 MiB of RAM per
+    // such message): refused while decoding, the connection told why and
+    // closed, nothing stored; forty of them leave the broker's memory alone.
+    let many = frame(&ClientFrame::Publish {
+        producer_id: 7,
+        seq: 1,
+        destination: Destination::queue("h"),
+        message: OutMessage {
+            headers: (0..200_000).map(|i| (format!("{i}"), String::new())).collect(),
+            payload: b"x".to_vec(),
+            persistent: true,
+            ttl_ms: None,
+        },
+    });
+    let before = rss_kib(b.pid());
+    let mut peak = before;
+    for i in 0..40 {
+        let mut s = std::net::TcpStream::connect(b.addr).unwrap();
+        s.write_all(&hello()).unwrap();
+        s.write_all(&many).unwrap();
+        let frames = read_frames(&mut s, Duration::from_secs(5));
+        if i == 0 {
+            let said = frames.iter().any(|f| matches!(f, ServerFrame::Error(e) if e.message.contains("headers")));
+            assert!(said, "the client is told why: {frames:?}");
+        }
+        peak = peak.max(rss_kib(b.pid()));
+    }
+    let grew_mib = peak.saturating_sub(before) / 1024;
+    println!("40 frames of 200,000 headers: RSS {before} -> peak {peak} KiB");
+    assert!(grew_mib < 64, "frames full of headers grew the broker by {grew_mib} MiB (bound 64)");
+    assert_eq!(depth(&c, "h").await, 1, "only the small message is stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_a_bounded_number_of_subscriptions() {
+    let b = Broker::start(&["--auto-create", "true", "--max-subscriptions-per-connection", "5"]);
+    let c = b.client().await;
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(c.subscribe(Destination::topic(format!("t{i}")), SubscribeOptions::default()).await.unwrap());
+    }
+    let err = c.subscribe(Destination::topic("t5"), SubscribeOptions::default()).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::LimitReached), "{err}");
+    assert!(err.to_string().contains("max_subscriptions_per_connection"), "{err}");
+    // Another connection has its own allowance; closing one frees a place.
+    let other = b.client().await;
+    other.subscribe(Destination::topic("t5"), SubscribeOptions::default()).await.unwrap();
+    drop(held.pop());
+    let mut ok = false;
+    for _ in 0..50 {
+        if c.subscribe(Destination::topic("t6"), SubscribeOptions::default()).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "an unsubscribed place is free again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_is_bounded_in_bytes_and_a_subscription_too() {
+    // 64 KiB per queue: about seven 8 KiB messages (each counts its payload,
+    // its headers and names, and 128 bytes of bookkeeping).
+    let b = Broker::start(&["--auto-create", "true", "--max-queue-bytes", "65536", "--max-message-bytes", "16384"]);
+    let c = b.client().await;
+    let p = c.producer(Destination::queue("bytes"));
+    let mut stored = 0;
+    let err = loop {
+        match p.send(Message::persistent(vec![b'x'; 8192])).await {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 100, "the byte limit never refused");
+    };
+    assert_eq!(err.code(), Some(ErrorCode::LimitReached), "{err}");
+    assert!(err.to_string().contains("max_queue_bytes"), "{err}");
+    assert!((7..=8).contains(&stored), "{stored} messages of 8 KiB in 64 KiB");
+    assert_eq!(depth(&c, "bytes").await, stored);
+    // Consuming makes room again.
+    let mut sub = c.subscribe(Destination::queue("bytes"), SubscribeOptions::default()).await.unwrap();
+    assert_eq!(common::drain(&mut sub, stored as usize, Duration::from_secs(5)).await.len(), stored as usize);
+    let mut sent = false;
+    for _ in 0..50 {
+        if p.send(Message::persistent(vec![b'y'; 8192])).await.is_ok() {
+            sent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sent, "acks make room");
+
+    // A subscriber that does not read holds at most max_queue_bytes too (the
+    // probe: 1,000 subscriptions and 10,000 messages of 10 bytes took 772
+    // MiB): of 10,000 messages it keeps what fits in 64 KiB at 138 bytes each.
+    let mut slow =
+        c.subscribe(Destination::topic("fan"), SubscribeOptions { prefetch: 1, ..Default::default() }).await.unwrap();
+    let t = c.producer(Destination::topic("fan"));
+    for _ in 0..10_000 {
+        t.send(Message::transient(vec![b'z'; 10])).await.unwrap();
+    }
+    let got = common::drain(&mut slow, 10_000, Duration::from_secs(1)).await.len();
+    println!("a subscriber that did not read kept {got} of 10,000 messages");
+    assert!(got <= 65_536 / 138 + 1, "a subscription held {got} messages past max_queue_bytes");
+    assert!(got > 100, "it keeps what fits: {got}");
+}
