@@ -998,7 +998,8 @@ mod tests {
         let file = dir.path().join("secret");
         std::fs::write(&file, format!("{SECRET}\n")).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let with_file = pair.replace(&format!("cluster_secret = \"{SECRET}\""), &format!("cluster_secret_file = {:?}", file));
+        let with_file =
+            pair.replace(&format!("cluster_secret = \"{SECRET}\""), &format!("cluster_secret_file = {:?}", file));
         assert!(Config::from_toml(&with_file).is_ok());
         assert_eq!(err_key(&format!("{pair}cluster_secret_file = {file:?}\n")), "cluster_secret", "not both");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();

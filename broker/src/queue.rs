@@ -247,7 +247,7 @@ impl Queue {
 
     /// Store (or, for a transient message, queue) a publish there is room for.
     fn accept(&mut self, p: Publish) {
-        let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+        let (pid, pseq) = p.ids();
         match (&self.mode, p.persistent, &self.me) {
             (QueueMode::Stored { key }, true, Some(me)) => {
                 let me = me.clone();
@@ -255,7 +255,7 @@ impl Queue {
                 let permit = p.permit;
                 let received = p.received;
                 let label = self.label.clone();
-                let bytes = p.message.payload.len() + twinmq_protocol::headers_bytes(&p.message.headers) + p.message.origin.len() + 128;
+                let bytes = entry_bytes(&p.message);
                 self.pending += 1;
                 self.pending_bytes += bytes;
                 self.writer.submit(
@@ -272,9 +272,10 @@ impl Queue {
                         };
                         match r {
                             Ok(c) => {
+                                let duplicate = c.duplicate;
                                 me.do_send(Committed { messages: enqueued(c.ops), bytes });
                                 // Durable as promised by the store's crate doc ("What a confirmation promises").
-                                let _ = reply.confirm(pid, pseq, received);
+                                let _ = reply.confirm_as(pid, pseq, received, duplicate);
                             }
                             Err(e) => {
                                 // Written but never confirmed: in the store all
@@ -512,13 +513,24 @@ impl Actor for Queue {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Publish {
+    /// `producer_id` is the one the store keys idempotence by: the client's,
+    /// scoped to its user (see `Session::scoped_producer`).
     pub message: StoredMessage,
+    /// The producer id as the client sent it, for the confirm.
+    pub client_producer: u64,
     pub persistent: bool,
     pub reply: Outbound,
     /// Released when the confirm (or error) is sent: bounds a connection's unconfirmed publishes.
     pub permit: Option<OwnedSemaphorePermit>,
     /// When the session received it: the confirm latency metric starts here.
     pub received: Instant,
+}
+
+impl Publish {
+    /// The client's (producer id, sequence), as its confirm or error names them.
+    pub fn ids(&self) -> (u64, u64) {
+        (self.client_producer, self.message.producer_seq)
+    }
 }
 
 /// The code a client acts on: a publish refused because this node stopped
@@ -541,7 +553,7 @@ impl Handler<Publish> for Queue {
     type Result = ();
 
     fn handle(&mut self, p: Publish, _: &mut Context<Self>) {
-        let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+        let (pid, pseq) = p.ids();
         if self.deleted {
             let _ = p.reply.send(publish_error(
                 pid,
@@ -852,7 +864,7 @@ impl Handler<Close> for Queue {
         self.deleted = true;
         // Publishes held for room (`queue_full = "block"`) will never get it.
         for p in self.held.drain(..) {
-            let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+            let (pid, pseq) = p.ids();
             let _ = p.reply.send(publish_error(pid, pseq, ErrorCode::UnknownDestination, reason.clone()));
         }
         ctx.run_later(DELETED_GRACE, |_, ctx| ctx.stop());

@@ -87,8 +87,14 @@ impl Outbound {
 
     /// Queue the confirm of a publish received at `received` (counted, with its latency).
     pub fn confirm(&self, producer_id: u64, seq: u64, received: Instant) -> Result<(), Closed> {
+        self.confirm_as(producer_id, seq, received, false)
+    }
+
+    /// A confirm; `duplicate`: nothing was stored now, the producer id and
+    /// sequence were stored before (the client is told so, never misled).
+    pub fn confirm_as(&self, producer_id: u64, seq: u64, received: Instant, duplicate: bool) -> Result<(), Closed> {
         self.metrics.confirmed(received);
-        self.send(ServerFrame::Confirm { producer_id, seq })
+        self.send(ServerFrame::Confirm { producer_id, seq, duplicate })
     }
 
     /// More than [`MAX_OUTBOUND_BYTES`] wait for this client: deliver no more for now.
@@ -100,6 +106,30 @@ impl Outbound {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+}
+
+/// The producer id the store keys idempotence by: the client's, scoped to
+/// its user, so that one user's publishes can never be taken for another
+/// user's resends (issue 10, finding 5: user `dyn` reusing user `app`'s
+/// producer id got confirms for messages that were never stored). The
+/// mapping is an XOR with a hash of the user name: the same on both nodes
+/// and across restarts (resends after a failover still match), and the
+/// confirm names the client's id again. 0 (no idempotence) stays 0.
+pub fn scoped_producer(user: Option<&str>, producer_id: u64) -> u64 {
+    use sha2::Digest;
+    if producer_id == 0 {
+        return 0;
+    }
+    let mut h = sha2::Sha256::new();
+    h.update(b"twinmq producer scope\0");
+    match user {
+        Some(u) => h.update(u.as_bytes()),
+        None => h.update([0xff]),
+    }
+    let d = h.finalize();
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&d[..8]);
+    producer_id ^ u64::from_be_bytes(k)
 }
 
 struct Subscription {
@@ -265,7 +295,7 @@ impl Session {
             epoch: 0,
             seq: 0,
             origin: destination.to_string(),
-            producer_id,
+            producer_id: scoped_producer(self.user.as_deref(), producer_id),
             producer_seq: seq,
             headers: message.headers,
             payload: message.payload,
@@ -274,6 +304,7 @@ impl Session {
         };
         let p = queue::Publish {
             message: stored,
+            client_producer: producer_id,
             persistent: message.persistent,
             reply: self.out.clone(),
             permit,

@@ -99,7 +99,7 @@ impl Handler<queue::Publish> for Topic {
     type Result = ();
 
     fn handle(&mut self, p: queue::Publish, ctx: &mut Context<Self>) {
-        let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+        let (pid, pseq) = p.ids();
         if p.persistent && !self.durables.is_empty() {
             if let Some((full, limit)) = self.full_durable().map(|(k, l)| (k.to_string(), l)) {
                 if self.settings.block_when_full {
@@ -131,7 +131,7 @@ impl Handler<queue::Publish> for Topic {
 
 impl Topic {
     fn publish(&mut self, p: queue::Publish, ctx: &mut Context<Self>) {
-        let (pid, pseq) = (p.message.producer_id, p.message.producer_seq);
+        let (pid, pseq) = p.ids();
         if !p.persistent || self.durables.is_empty() {
             let mut m = p.message;
             m.seq = transient_seq();
@@ -167,8 +167,9 @@ impl Topic {
                 };
                 match r {
                     Ok(c) => {
+                        let duplicate = c.duplicate;
                         stored(c.ops);
-                        let _ = reply.confirm(pid, pseq, received);
+                        let _ = reply.confirm_as(pid, pseq, received, duplicate);
                     }
                     Err(e) => {
                         // Written but never confirmed: in the store all the

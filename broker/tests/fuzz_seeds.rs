@@ -92,7 +92,7 @@ fn server_frames() -> Vec<ServerFrame> {
             protocol_version: 1,
             ticket: Some(vec![1; 46]),
         },
-        ServerFrame::Confirm { producer_id: 7, seq: 1 },
+        ServerFrame::Confirm { producer_id: 7, seq: 1, duplicate: false },
         ServerFrame::Subscribed { sub_id: 1 },
         ServerFrame::Deliver {
             sub_id: 1,
@@ -151,12 +151,7 @@ fn batch() -> BatchBody {
 fn handshake_frames() -> Vec<HaFrame> {
     vec![
         HaFrame::Hello { node_id: "a".into(), priority: 100, nonce: vec![1; 32], versions: wire::HA_VERSIONS },
-        HaFrame::Challenge {
-            node_id: "b".into(),
-            priority: 50,
-            nonce: vec![2; 32],
-            version: Some(4),
-        },
+        HaFrame::Challenge { node_id: "b".into(), priority: 50, nonce: vec![2; 32], version: Some(4) },
         HaFrame::Proof { proof: vec![4; 32] },
         HaFrame::Accepted { proof: vec![3; 32] },
         HaFrame::Refused { reason: "bad proof".into() },

@@ -613,3 +613,65 @@ async fn a_removed_users_admin_connection_is_closed() {
     let err = watching.status().await.unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::NotAuthenticated), "{err}");
 }
+
+/// Issue 10, finding 5: idempotence was keyed by a global producer id, so
+/// user `dyn`, reusing the producer id user `app` had pushed to 2^63, got
+/// confirms for three messages that were never stored. Ids are now scoped
+/// to their user; a publish not stored because it was stored before is
+/// confirmed as a duplicate, never as a plain confirm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_producer_id_cannot_swallow_publishes_and_duplicates_say_so() {
+    use std::io::Write;
+
+    use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame};
+    let b = broker();
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "app", "apppw", &["produce:app.#"]).await;
+    add_user(&root, "dyn", "dynpw", &["produce:dyn.#"]).await;
+    let p: u64 = 0x5eed;
+    let publish = |seq: u64, queue: &str| {
+        common::frame(&ClientFrame::Publish {
+            producer_id: p,
+            seq,
+            destination: Destination::queue(queue),
+            message: OutMessage { payload: b"m".to_vec(), persistent: true, ..Default::default() },
+        })
+    };
+    let login = |user: &str, password: &str| {
+        let mut s = std::net::TcpStream::connect(b.addr).unwrap();
+        s.write_all(&common::frame(&ClientFrame::Hello {
+            client_name: "raw".into(),
+            user: Some(user.into()),
+            password: Some(password.into()),
+            admin: false,
+            versions: twinmq_protocol::SUPPORTED_VERSIONS,
+            ticket: None,
+        }))
+        .unwrap();
+        s
+    };
+    let confirms = |s: &mut std::net::TcpStream| -> Vec<(u64, bool)> {
+        common::read_frames(s, Duration::from_secs(2))
+            .into_iter()
+            .filter_map(|f| match f {
+                ServerFrame::Confirm { seq, duplicate, .. } => Some((seq, duplicate)),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut app = login("app", "apppw");
+    app.write_all(&publish(1 << 63, "app.own")).unwrap();
+    assert_eq!(confirms(&mut app), vec![(1 << 63, false)]);
+    let mut dy = login("dyn", "dynpw");
+    for seq in 1..=3 {
+        dy.write_all(&publish(seq, "dyn.q")).unwrap();
+    }
+    assert_eq!(confirms(&mut dy), vec![(1, false), (2, false), (3, false)]);
+    assert_eq!(depth_of(&queue_depths(&root).await, "dyn.q"), Some(3), "all three stored");
+    // The same user sending the same id and sequence again: stored once,
+    // and the confirm says it was a duplicate.
+    let mut dy = login("dyn", "dynpw");
+    dy.write_all(&publish(2, "dyn.q")).unwrap();
+    assert_eq!(confirms(&mut dy), vec![(2, true)]);
+    assert_eq!(depth_of(&queue_depths(&root).await, "dyn.q"), Some(3));
+}

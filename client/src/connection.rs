@@ -791,7 +791,15 @@ impl Connection {
                 | ServerFrame::AdminReply { .. }
         );
         match frame {
-            ServerFrame::Confirm { producer_id, seq } => self.settle_publish(producer_id, seq, Ok(())),
+            ServerFrame::Confirm { producer_id, seq, duplicate } => {
+                if duplicate {
+                    // Stored before under this id and sequence: a resend after a
+                    // failover. (Producer ids are random per producer, so it is
+                    // not another message's.)
+                    debug!(producer_id, seq, "confirm of a resend: stored once, before");
+                }
+                self.settle_publish(producer_id, seq, Ok(()))
+            }
             ServerFrame::Deliver { sub_id, message } => self.on_deliver(sub_id, message),
             ServerFrame::Subscribed { sub_id } => self.on_subscribed(sub_id),
             ServerFrame::ConsumerClosed { sub_id, reason } => {

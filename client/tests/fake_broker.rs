@@ -192,12 +192,12 @@ async fn the_window_bounds_unconfirmed_publishes() {
     assert!(blocked.await.is_err(), "a fifth publish must wait for a window slot");
     broker.next(|f| matches!(f, ClientFrame::Publish { seq: 4, .. }).then_some(())).await;
 
-    broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq: 1 });
+    broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq: 1, duplicate: false });
     within(confirms.remove(0)).await.unwrap();
     let fifth = within(producer.send_nowait(Message::persistent("m"))).await.unwrap();
     assert_eq!(producer.in_flight(), 4);
     for seq in 2..=5 {
-        broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq });
+        broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq, duplicate: false });
     }
     for confirm in confirms {
         within(confirm).await.unwrap();
@@ -264,7 +264,7 @@ async fn close_waits_for_confirms_then_says_bye() {
     // Closing refuses new work while it waits.
     assert!(matches!(producer.send(Message::persistent("b")).await, Err(ClientError::Closed)));
     assert!(!closing.is_finished());
-    broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq: 1 });
+    broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq: 1, duplicate: false });
     within(confirm).await.unwrap();
     within(closing).await.unwrap().unwrap();
     broker.next(|f| matches!(f, ClientFrame::Bye).then_some(())).await;

@@ -158,7 +158,14 @@ pub const MAX_HANDOVER_CHUNK: usize = 4 * 1024 * 1024;
 /// is `key`: an HMAC over both nonces (the dialer's first) and both node
 /// ids, so a proof is good for one connection, one direction and one pair
 /// of names only.
-pub fn proof(key: &[u8; 32], role_tag: &str, dialer_nonce: &[u8], acceptor_nonce: &[u8], dialer: &str, acceptor: &str) -> Vec<u8> {
+pub fn proof(
+    key: &[u8; 32],
+    role_tag: &str,
+    dialer_nonce: &[u8],
+    acceptor_nonce: &[u8],
+    dialer: &str,
+    acceptor: &str,
+) -> Vec<u8> {
     mac(key, role_tag, dialer_nonce, acceptor_nonce, dialer, acceptor).finalize().into_bytes().to_vec()
 }
 
@@ -175,7 +182,14 @@ pub fn verify(
     mac(key, role_tag, dialer_nonce, acceptor_nonce, dialer, acceptor).verify_slice(got).is_ok()
 }
 
-fn mac(key: &[u8; 32], role_tag: &str, dialer_nonce: &[u8], acceptor_nonce: &[u8], dialer: &str, acceptor: &str) -> Hmac<Sha256> {
+fn mac(
+    key: &[u8; 32],
+    role_tag: &str,
+    dialer_nonce: &[u8],
+    acceptor_nonce: &[u8],
+    dialer: &str,
+    acceptor: &str,
+) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
     for part in [role_tag.as_bytes(), dialer_nonce, acceptor_nonce, dialer.as_bytes(), acceptor.as_bytes()] {
         mac.update(&(part.len() as u32).to_be_bytes());

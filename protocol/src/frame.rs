@@ -83,6 +83,10 @@ pub fn bounded_headers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMa
     d.deserialize_map(Bounded)
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// The bytes of a header map: every name and value.
 pub fn headers_bytes(h: &BTreeMap<String, String>) -> usize {
     h.iter().map(|(k, v)| k.len() + v.len()).sum()
@@ -394,6 +398,11 @@ pub enum ServerFrame {
     Confirm {
         producer_id: u64,
         seq: u64,
+        /// Not stored now: this producer id and sequence were stored before
+        /// (a resend after a failover, or a producer id used again, which
+        /// loses the new message: use a fresh random id per producer).
+        #[serde(default, skip_serializing_if = "is_false")]
+        duplicate: bool,
     },
     /// The consumer `sub_id` is registered.
     Subscribed {
@@ -571,7 +580,8 @@ mod tests {
         encode_frame(&publish(200_000), DEFAULT_MAX_FRAME_BYTES, &mut wire).unwrap();
         let err = decode_body::<ClientFrame>(&wire[4..]).unwrap_err();
         assert!(err.to_string().contains("more than 64 headers"), "{err}");
-        let m = OutMessage { headers: [("ab".into(), "cde".into())].into(), payload: vec![0; 10], ..Default::default() };
+        let m =
+            OutMessage { headers: [("ab".into(), "cde".into())].into(), payload: vec![0; 10], ..Default::default() };
         assert_eq!(m.size(), 15, "headers count towards the size");
     }
 

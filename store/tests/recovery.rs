@@ -87,6 +87,36 @@ fn a_resend_with_the_same_producer_sequence_is_stored_once() {
     drop(w);
 }
 
+/// Issue 10, finding 5: the table of producer ids only grew (200,000 ids:
+/// 45 MB on disk). An id unused for `producer_expiry` is forgotten, on disk
+/// too; one in use is kept.
+#[test]
+fn idle_producer_ids_are_forgotten_after_the_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut rec) = open(dir.path());
+    let cfg = WriterConfig { producer_expiry: std::time::Duration::from_millis(300), ..WriterConfig::default() };
+    let (w, h) = Writer::start(store.clone(), &mut rec, cfg).unwrap();
+    submit(&w, vec![Op::PutQueue { key: "q".into(), spec: queue() }]);
+    let enqueue = |p: u64, s: u64| vec![Op::Enqueue { message: msg(p, s, "m"), queues: vec!["q".into()] }];
+    let first = submit(&w, enqueue(9, 1));
+    submit(&w, enqueue(5, 1));
+    submit(&w, vec![Op::Ack { queue: "q".into(), seq: first.first_seq }]);
+    assert!(submit(&w, enqueue(9, 1)).duplicate, "within the expiry: a resend");
+    for i in 2..8 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!submit(&w, enqueue(5, i)).duplicate, "producer 5 keeps publishing");
+    }
+    // Producer 9 was idle for 600 ms: forgotten, so the same id and sequence
+    // is a new message now (at-least-once past the window), while 5 is kept.
+    assert!(!submit(&w, enqueue(9, 1)).duplicate, "an idle id was forgotten");
+    assert!(submit(&w, enqueue(5, 7)).duplicate, "a live id is kept");
+    drop(w);
+    h.join().unwrap();
+    store.close().unwrap();
+    let (_store, rec) = open(dir.path());
+    assert_eq!(rec.dedup.get(&5), Some(&7));
+}
+
 #[test]
 fn fully_acked_records_are_deleted_and_sequence_numbers_never_reused() {
     let dir = tempfile::tempdir().unwrap();

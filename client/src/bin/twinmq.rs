@@ -260,12 +260,10 @@ fn gen_secret(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     use rand::RngCore;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("could not create {} (an existing secret is never overwritten)", path.display()))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| {
+            format!("could not create {} (an existing secret is never overwritten)", path.display())
+        })?;
     writeln!(f, "{}", base64ct::Base64::encode_string(&bytes))?;
     f.sync_all()?;
     println!("wrote a new cluster secret to {}", path.display());
