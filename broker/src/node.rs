@@ -602,7 +602,7 @@ impl Handler<Admin> for Node {
                         }
                         AdminCommand::TopicRmDurable { topic, name } => {
                             router
-                                .send(router::DeleteDurable { topic, name, force })
+                                .send(router::DeleteDurable { topic, name, force, by_client: None })
                                 .await
                                 .map_err(gone)?
                                 .map_err(frame_err)?;

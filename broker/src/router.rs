@@ -43,6 +43,8 @@ pub struct Router {
     settings: QueueSettings,
     queues: HashMap<String, Addr<Queue>>,
     durables: HashMap<(String, String), Addr<Queue>>,
+    /// Who owns each durable subscription (see `QueueKind::Durable`).
+    durable_owners: HashMap<(String, String), Option<String>>,
     topics: HashMap<String, Addr<Topic>>,
     started: Instant,
     /// The pair's view (None for a single node): admin changes wait out a split.
@@ -77,6 +79,7 @@ impl Router {
                 settings,
                 queues: HashMap::new(),
                 durables: HashMap::new(),
+                durable_owners: HashMap::new(),
                 topics: HashMap::new(),
                 started: Instant::now(),
                 ha,
@@ -98,7 +101,8 @@ impl Router {
                         let name = key.strip_prefix("q/").unwrap_or(&key).to_string();
                         r.spawn_queue(&name, recovered, &me);
                     }
-                    QueueKind::Durable { topic, name } => {
+                    QueueKind::Durable { topic, name, owner } => {
+                        r.durable_owners.insert((topic.clone(), name.clone()), owner);
                         r.spawn_durable(&topic, &name, recovered, &me);
                     }
                 }
@@ -113,6 +117,21 @@ impl Router {
             }
             r
         })
+    }
+
+    /// A durable subscription with an owner is that user's alone.
+    fn check_owner(&self, id: &(String, String), user: Option<&str>) -> Result<(), ErrorFrame> {
+        match self.durable_owners.get(id) {
+            Some(Some(owner)) if Some(owner.as_str()) != user => {
+                tracing::warn!(topic = %id.0, name = %id.1, owner = %owner, user = ?user, "refused: durable subscription of another user");
+                Err(ErrorFrame::new(
+                    ErrorCode::NotAuthorized,
+                    ErrorContext::Connection,
+                    format!("durable subscription `{}` on topic:{} belongs to another user", id.1, id.0),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn spawn_queue(&mut self, name: &str, recovered: Vec<(StoredMessage, u32)>, me: &Addr<Router>) -> Addr<Queue> {
@@ -236,12 +255,14 @@ impl Handler<Resolve> for Router {
     type Result = Result<Target, ErrorFrame>;
     fn handle(&mut self, r: Resolve, ctx: &mut Context<Self>) -> Self::Result {
         let name = &r.destination.name;
+        // An existing queue first: the dead-letter queues of durable
+        // subscriptions (`topic/name.dlq`) have a name no client may make.
+        if let (DestKind::Queue, Some(q)) = (r.destination.kind, self.queues.get(name)) {
+            return Ok(Target::Queue(q.clone()));
+        }
         validate_name(name).map_err(|m| ErrorFrame::new(ErrorCode::InvalidRequest, ErrorContext::Connection, m))?;
         match r.destination.kind {
             DestKind::Queue => {
-                if let Some(q) = self.queues.get(name) {
-                    return Ok(Target::Queue(q.clone()));
-                }
                 if !self.config.auto_create {
                     return Err(unknown(&r.destination));
                 }
@@ -257,6 +278,8 @@ impl Handler<Resolve> for Router {
 #[derive(Message)]
 #[rtype(result = "Result<Addr<Queue>, ErrorFrame>")]
 pub struct OpenDurable {
+    /// Who asks: a new subscription is theirs; an existing one must be.
+    pub user: Option<String>,
     pub topic: String,
     pub name: String,
 }
@@ -267,15 +290,20 @@ impl Handler<OpenDurable> for Router {
         let bad = |m| ErrorFrame::new(ErrorCode::InvalidRequest, ErrorContext::Connection, m);
         validate_name(&d.topic).map_err(bad)?;
         validate_name(&d.name).map_err(bad)?;
-        if let Some(q) = self.durables.get(&(d.topic.clone(), d.name.clone())) {
+        let id = (d.topic.clone(), d.name.clone());
+        if let Some(q) = self.durables.get(&id) {
+            self.check_owner(&id, d.user.as_deref())?;
             return Ok(q.clone());
         }
         self.admin_change(&format!("creating durable subscription {} on topic:{}", d.name, d.topic), false)?;
-        tracing::info!(topic = %d.topic, name = %d.name, "creating durable subscription");
+        tracing::info!(topic = %d.topic, name = %d.name, owner = ?d.user, "creating durable subscription");
         self.submit_admin(Op::PutQueue {
             key: durable_key(&d.topic, &d.name),
-            spec: QueueSpec { kind: QueueKind::Durable { topic: d.topic.clone(), name: d.name.clone() } },
+            spec: QueueSpec {
+                kind: QueueKind::Durable { topic: d.topic.clone(), name: d.name.clone(), owner: d.user.clone() },
+            },
         });
+        self.durable_owners.insert(id, d.user);
         Ok(self.spawn_durable(&d.topic, &d.name, Vec::new(), &ctx.address()))
     }
 }
@@ -287,13 +315,20 @@ pub struct DeleteDurable {
     pub topic: String,
     pub name: String,
     pub force: bool,
+    /// `Some(user)`: a client deleting it, who must own it; `None`: an operator.
+    pub by_client: Option<Option<String>>,
 }
 
 impl Handler<DeleteDurable> for Router {
     type Result = Result<(), ErrorFrame>;
     fn handle(&mut self, d: DeleteDurable, _: &mut Context<Self>) -> Self::Result {
         self.admin_change(&format!("deleting durable subscription {} on topic:{}", d.name, d.topic), d.force)?;
-        let Some(q) = self.durables.remove(&(d.topic.clone(), d.name.clone())) else {
+        let id = (d.topic.clone(), d.name.clone());
+        if let (Some(user), true) = (&d.by_client, self.durables.contains_key(&id)) {
+            self.check_owner(&id, user.as_deref())?;
+        }
+        self.durable_owners.remove(&id);
+        let Some(q) = self.durables.remove(&id) else {
             return Err(ErrorFrame::new(
                 ErrorCode::UnknownDestination,
                 ErrorContext::Connection,
@@ -314,8 +349,11 @@ impl Handler<DeadLetter> for Router {
     fn handle(&mut self, d: DeadLetter, ctx: &mut Context<Self>) {
         let base = match d.from_key.as_deref().and_then(|k| k.strip_prefix("q/")) {
             Some(name) => name.to_string(),
-            // Durable subscription `d/topic/name` -> `topic.name`.
-            None => d.from_key.as_deref().and_then(|k| k.strip_prefix("d/")).unwrap_or("orphan").replace('/', "."),
+            // Durable subscription `d/topic/name` -> `topic/name`: a name no
+            // client can give a queue, so it never mixes with the dead letters
+            // of a queue `topic.name`, and its ACL is the topic's
+            // (`SecurityDb::allows`).
+            None => d.from_key.as_deref().and_then(|k| k.strip_prefix("d/")).unwrap_or("orphan").to_string(),
         };
         let dlq_name = format!("{base}.dlq");
         let dlq = match self.queues.get(&dlq_name) {

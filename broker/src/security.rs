@@ -245,6 +245,12 @@ impl SecurityDb {
     }
 
     /// May `user` do `permission` on `dest`?
+    ///
+    /// A dead-letter queue carries the ACL of its source, not of its own
+    /// name (issue 10, finding 7): `orders.dlq` is allowed exactly when
+    /// queue `orders` is, whatever a grant on `orders.*` says, and
+    /// `orders.payroll/audit.dlq` (the dead letters of durable subscription
+    /// `audit` on topic `orders.payroll`) exactly when that topic is.
     pub fn allows(&self, user: Option<&str>, permission: Permission, dest: &Destination) -> bool {
         if self.is_open() {
             return true;
@@ -252,7 +258,8 @@ impl SecurityDb {
         let Some(p) = user.and_then(|u| self.principals.get(u)) else {
             return false;
         };
-        p.grants.iter().any(|(perm, pat)| *perm == permission && pat.matches(dest))
+        let dest = dead_letter_source(dest);
+        p.grants.iter().any(|(perm, pat)| *perm == permission && pat.matches(&dest))
     }
 
     /// Admin on `#`: may manage the pair, users and ACLs.
@@ -277,6 +284,21 @@ impl SecurityDb {
         user.and_then(|u| self.principals.get(u))
             .is_some_and(|p| p.grants.iter().any(|(perm, _)| *perm == Permission::Admin))
     }
+}
+
+/// The destination whose ACL governs `dest`: the source of a dead-letter
+/// queue (`X.dlq` -> queue `X`; `T/N.dlq` -> topic `T`, through any number
+/// of `.dlq`), else `dest` itself.
+pub fn dead_letter_source(dest: &Destination) -> Destination {
+    let mut d = dest.clone();
+    while d.kind == DestKind::Queue {
+        let Some(base) = d.name.strip_suffix(".dlq") else { break };
+        d = match base.split_once('/') {
+            Some((topic, _name)) => Destination::topic(topic),
+            None => Destination::queue(base),
+        };
+    }
+    d
 }
 
 #[cfg(test)]
@@ -343,6 +365,35 @@ mod tests {
             grants: vec!["admin:#".parse().unwrap()],
         }];
         SecurityDb::build(&statics, &stored, false)
+    }
+
+    /// Issue 10, finding 7: a durable subscription's dead letters were
+    /// readable with a queue-only grant and not by the topic's consumer, and
+    /// `orders.*` covered `orders.dlq`.
+    #[test]
+    fn dead_letter_queues_carry_the_acl_of_their_source() {
+        let user = |grants: &[&str]| {
+            let stored = BTreeMap::from([(
+                "u".to_string(),
+                UserRecord {
+                    password_hash: "$argon2id$x".into(),
+                    grants: grants.iter().map(|g| to_store_grant(&g.parse().unwrap())).collect(),
+                },
+            )]);
+            SecurityDb::build(&[], &stored, false)
+        };
+        let consume = |db: &SecurityDb, d: Destination| db.allows(Some("u"), Permission::Consume, &d);
+        let q = Destination::queue;
+        // A grant on orders.* covers orders.eu, not the dead letters of queue `orders`.
+        let wide = user(&["consume:orders.*"]);
+        assert!(consume(&wide, q("orders.eu")));
+        assert!(!consume(&wide, q("orders.dlq")));
+        assert!(consume(&user(&["consume:queue:orders"]), q("orders.dlq")), "the source queue's consumer reads them");
+        // A durable subscription's dead letters: the topic's ACL.
+        let dlq = q("orders.payroll/audit.dlq");
+        assert!(!consume(&user(&["consume:queue:orders.payroll.audit", "consume:queue:#"]), dlq.clone()));
+        assert!(consume(&user(&["consume:topic:orders.payroll"]), dlq.clone()), "the topic's consumer reads them");
+        assert_eq!(dead_letter_source(&q("a.dlq.dlq")), q("a"));
     }
 
     #[test]

@@ -384,7 +384,11 @@ impl Session {
                 Box::pin(fut::ready(()))
             }
             (DestKind::Topic, Some(name)) => {
-                let open = self.router.send(router::OpenDurable { topic: destination.name.clone(), name });
+                let open = self.router.send(router::OpenDurable {
+                    topic: destination.name.clone(),
+                    name,
+                    user: self.user.clone(),
+                });
                 Box::pin(open.into_actor(self).then(move |res, act, _| match res {
                     Ok(Ok(q)) => act.attach(sub_id, subscribed_to, q, key, out, prefetch),
                     Ok(Err(mut e)) => {
@@ -533,7 +537,12 @@ impl Handler<Incoming> for Session {
                     self.error(ErrorCode::NotAuthorized, ErrorContext::Request { req }, why);
                     return done();
                 }
-                let del = self.router.send(router::DeleteDurable { topic, name, force: false });
+                let del = self.router.send(router::DeleteDurable {
+                    topic,
+                    name,
+                    force: false,
+                    by_client: Some(self.user.clone()),
+                });
                 Box::pin(del.into_actor(self).map(move |res, act, _| match res {
                     Ok(Ok(())) => act.send(ServerFrame::Done { req }),
                     Ok(Err(mut e)) => {

@@ -141,7 +141,9 @@ fn batch() -> BatchBody {
             Op::Ack { queue: "q/orders".into(), seq: 3 },
             Op::PutQueue {
                 key: "d/news/d1".into(),
-                spec: QueueSpec { kind: QueueKind::Durable { topic: "news".into(), name: "d1".into() } },
+                spec: QueueSpec {
+                    kind: QueueKind::Durable { topic: "news".into(), name: "d1".into(), owner: Some("app".into()) },
+                },
             },
             Op::DeleteQueue { key: "q/old".into() },
         ],

@@ -675,3 +675,85 @@ async fn another_users_producer_id_cannot_swallow_publishes_and_duplicates_say_s
     assert_eq!(confirms(&mut dy), vec![(2, true)]);
     assert_eq!(depth_of(&queue_depths(&root).await, "dyn.q"), Some(3));
 }
+
+/// Issue 10, finding 6: another user with consume rights on the topic
+/// attached to `billing`, read its messages and deleted it. A durable
+/// subscription now belongs to the user who made it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_belongs_to_the_user_who_made_it() {
+    let b = broker();
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "alice", "alicepw", &["consume:news", "produce:news"]).await;
+    add_user(&root, "mallory", "mallorypw", &["consume:news", "produce:news"]).await;
+    let alice = Client::connect(as_user(b.config(), "alice", "alicepw")).await.unwrap();
+    let durable = || SubscribeOptions { durable: Some("billing".into()), ..Default::default() };
+    let sub = alice.subscribe(Destination::topic("news"), durable()).await.unwrap();
+    drop(sub);
+    let p = alice.producer(Destination::topic("news"));
+    for i in 0..3 {
+        p.send(Message::persistent(format!("invoice {i}"))).await.unwrap();
+    }
+    let mallory = Client::connect(as_user(b.config(), "mallory", "mallorypw")).await.unwrap();
+    let err = mallory.subscribe(Destination::topic("news"), durable()).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+    assert!(err.to_string().contains("belongs to another user"), "{err}");
+    let err = mallory.delete_durable("news", "billing").await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
+    // Mallory's own durable subscription works; alice's kept every message.
+    mallory
+        .subscribe(Destination::topic("news"), SubscribeOptions { durable: Some("mine".into()), ..Default::default() })
+        .await
+        .unwrap();
+    let mut sub = alice.subscribe(Destination::topic("news"), durable()).await.unwrap();
+    assert_eq!(common::drain(&mut sub, 3, Duration::from_secs(5)).await, ["invoice 0", "invoice 1", "invoice 2"]);
+    // The owner survives a restart (it is stored), and an operator may delete it.
+    drop((sub, alice, mallory));
+    let mut b = b;
+    b.terminate();
+    b.restart();
+    let mallory = Client::connect(as_user(b.config(), "mallory", "mallorypw")).await.unwrap();
+    let err = mallory.subscribe(Destination::topic("news"), durable()).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "after a restart too: {err}");
+    admin(&root, AdminCommand::TopicRmDurable { topic: "news".into(), name: "billing".into() }).await.unwrap();
+}
+
+/// Issue 10, finding 7, end to end: the dead letters of durable subscription
+/// `audit` on topic `orders.payroll` go to `orders.payroll/audit.dlq`, which
+/// its owner (a topic-only grant) reads and a queue-only grant does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscriptions_dead_letters_follow_the_topics_acl() {
+    let root = format!("root={}", hash("rootpw"));
+    let b = Broker::start(&["--user", &root, "--auto-create", "true", "--max-redeliveries", "1"]);
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "owner", "pw", &["consume:topic:orders.payroll", "produce:topic:orders.payroll"]).await;
+    add_user(&root, "clerk", "pw", &["consume:queue:#"]).await;
+    let owner = Client::connect(as_user(b.config(), "owner", "pw")).await.unwrap();
+    let opts = SubscribeOptions { durable: Some("audit".into()), ..Default::default() }.prefetch(1);
+    let mut sub = owner.subscribe(Destination::topic("orders.payroll"), opts).await.unwrap();
+    owner.producer(Destination::topic("orders.payroll")).send(Message::persistent("salary: 123456")).await.unwrap();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(WAIT, sub.recv()).await.unwrap().unwrap().unwrap();
+        d.nack().await.unwrap();
+    }
+    let dlq = Destination::queue("orders.payroll/audit.dlq");
+    let clerk = Client::connect(as_user(b.config(), "clerk", "pw")).await.unwrap();
+    let err = clerk.subscribe(dlq.clone(), SubscribeOptions::default()).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "a queue-only grant: {err}");
+    let mut dead = None;
+    for _ in 0..50 {
+        let mut c = owner.subscribe(dlq.clone(), SubscribeOptions::default()).await.unwrap();
+        if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), c.recv()).await {
+            dead = Some(d);
+            break;
+        }
+    }
+    let d = dead.expect("the owner reads its dead letters");
+    assert_eq!(d.payload(), b"salary: 123456");
+    // Nobody can make a queue with such a name (no mix with queue `orders.payroll.audit`).
+    let err = root_queue_create(&root, "orders.payroll/audit.x").await;
+    assert!(err.is_err(), "a `/` in a queue name is refused");
+}
+
+async fn root_queue_create(root: &ClientConfig, name: &str) -> Result<Option<String>, ClientError> {
+    admin(root, AdminCommand::QueueCreate { name: name.into() }).await
+}

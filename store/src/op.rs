@@ -36,7 +36,15 @@ pub enum QueueKind {
     /// A plain queue named by applications.
     Queue,
     /// The durable subscription `name` on `topic`.
-    Durable { topic: String, name: String },
+    Durable {
+        topic: String,
+        name: String,
+        /// The user who made it: only that user attaches to it or deletes it
+        /// (an operator may delete it). `None`: made anonymously on an open
+        /// broker, or before owners were kept: anyone with consume rights.
+        #[serde(default)]
+        owner: Option<String>,
+    },
 }
 
 /// An admin object: a stored queue (plain or durable subscription).
