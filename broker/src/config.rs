@@ -228,6 +228,9 @@ pub struct Settings {
     /// Serve the admin HTTP endpoint over HTTPS, with the client port's tls_cert and tls_key.
     #[arg(long, value_name = "BOOL")]
     pub http_tls: Option<bool>,
+    /// Host names the admin HTTP endpoint answers to, besides IP addresses and localhost (comma-separated).
+    #[arg(long, value_name = "NAME[,NAME]", value_delimiter = ',')]
+    pub http_hosts: Vec<String>,
     /// TLS on the client port: this node's certificate chain (PEM); needs tls_key.
     #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -425,6 +428,9 @@ pub struct Config {
     /// HTTPS on the admin HTTP endpoint (`http_tls = true`): the client port's
     /// certificate, no client certificates.
     pub http_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Host names (lowercase) the HTTP endpoint answers to besides IP
+    /// addresses and `localhost`: anything else is refused (DNS rebinding).
+    pub http_hosts: Vec<String>,
     /// TLS on the client port (`tls_cert` and `tls_key` set), loaded and checked at start.
     pub tls: Option<ClientPortTls>,
     pub max_consumers_per_destination: usize,
@@ -477,6 +483,7 @@ impl Default for Config {
             http_listen: None,
             http_token: None,
             http_tls: None,
+            http_hosts: Vec::new(),
             tls: None,
             max_consumers_per_destination: 10_000,
             queue_full: QueueFull::Reject,
@@ -682,6 +689,7 @@ impl Config {
             http_listen,
             http_token,
             http_tls,
+            http_hosts: s.http_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),
             tls,
             max_consumers_per_destination,
             queue_full,

@@ -18,6 +18,16 @@
 //! routes are open (bind them to a trusted address) and `POST /switchover`
 //! is refused with 403: changing roles always needs the credential.
 //!
+//! **Browsers** (issue 10, finding 9). `POST /switchover` takes the token
+//! as `Authorization: Bearer` only: a browser adds a cached Basic credential
+//! to any request, a cross-site form's included (CSRF), while a Bearer
+//! header is set by a script, which a browser lets another site do only
+//! after a CORS preflight this endpoint never grants. A POST whose `Origin`
+//! is not this endpoint, or with `Sec-Fetch-Site: cross-site`, is refused.
+//! Every route checks `Host`: an IP address, `localhost`, or a name in
+//! `http_hosts`; otherwise a page at a rebinding domain could read
+//! `/status` (421).
+//!
 //! Every node answers, passive ones included: it is the operator's view of
 //! the pair. The server runs on the broker's actix System with one worker
 //! thread of its own, so a busy client port does not slow the status page.
@@ -50,6 +60,8 @@ struct HttpState {
     metrics: Metrics,
     /// `None`: GET routes are open and switchover is refused.
     token: Option<String>,
+    /// Names `Host` may carry besides IP addresses and `localhost`.
+    hosts: Vec<String>,
 }
 
 /// The running endpoint; `stop` it during shutdown.
@@ -74,9 +86,10 @@ pub fn start(
     metrics: Metrics,
     token: Option<String>,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    hosts: Vec<String>,
 ) -> Result<HttpEndpoint, BrokerError> {
     let local = crate::sockets::local_addr(&listener);
-    let state = HttpState { node, metrics, token };
+    let state = HttpState { node, metrics, token, hosts };
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
@@ -151,7 +164,57 @@ fn refusal(req: &HttpRequest, token: &str) -> Option<HttpResponse> {
 
 /// GET routes: open without a token, else the token is required.
 fn read_refusal(req: &HttpRequest, state: &HttpState) -> Option<HttpResponse> {
+    if let Some(resp) = host_refusal(req, state) {
+        return Some(resp);
+    }
     refusal(req, state.token.as_deref()?)
+}
+
+/// The host part of a `Host` header value (`name`, `name:port`, `[v6]:port`).
+fn host_name(value: &str) -> &str {
+    if let Some(rest) = value.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match value.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => value,
+    }
+}
+
+/// `Host` must name this endpoint: an IP address, `localhost`, or one of
+/// `http_hosts`. A name that rebinds to our address is refused with 421.
+fn host_refusal(req: &HttpRequest, state: &HttpState) -> Option<HttpResponse> {
+    let value = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let host = host_name(value.trim()).trim_end_matches('.').to_ascii_lowercase();
+    let ok = host.parse::<std::net::IpAddr>().is_ok()
+        || host == "localhost"
+        || state.hosts.contains(&host)
+        // HTTP/1.0 without Host: nothing for a browser to rebind.
+        || value.is_empty();
+    if ok {
+        return None;
+    }
+    tracing::info!(peer = ?req.peer_addr(), host = ?value, "admin HTTP request refused: Host not listed in http_hosts");
+    Some(json_error(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!("this endpoint does not answer to host {value:?}: add it to http_hosts, or use the IP address"),
+    ))
+}
+
+/// A state-changing request from a browser page of another site, by its
+/// `Origin` or `Sec-Fetch-Site`.
+fn cross_site(req: &HttpRequest) -> bool {
+    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
+    if h("sec-fetch-site").is_some_and(|v| v == "cross-site" || v == "same-site") {
+        return true;
+    }
+    match (h("origin"), h("host")) {
+        (None, _) => false,
+        (Some(origin), host) => {
+            let origin_host = origin.split("://").nth(1).unwrap_or("");
+            origin == "null" || host.is_none_or(|host| origin_host != host)
+        }
+    }
 }
 
 async fn page(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
@@ -205,6 +268,24 @@ async fn switchover(req: HttpRequest, state: web::Data<HttpState>) -> HttpRespon
             "switchover over HTTP is disabled: no http_token is configured on this node",
         );
     };
+    if let Some(resp) = host_refusal(&req, &state) {
+        return resp;
+    }
+    if cross_site(&req) {
+        tracing::warn!(peer = ?req.peer_addr(), "admin HTTP switchover refused: a request from another site");
+        return json_error(StatusCode::FORBIDDEN, "switchover refused: the request comes from another site's page");
+    }
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().get(..7).is_some_and(|s| s.eq_ignore_ascii_case("bearer ")));
+    if !bearer {
+        return json_error(
+            StatusCode::UNAUTHORIZED,
+            "switchover needs `Authorization: Bearer <http_token>` (Basic is for reading only: browsers send it to any site's form)",
+        );
+    }
     if let Some(resp) = refusal(&req, token) {
         return resp;
     }
@@ -250,6 +331,32 @@ mod tests {
         assert_eq!(token_of("Basic !!!notbase64"), None);
         assert_eq!(token_of("Digest abc"), None);
         assert_eq!(token_of("Bearer"), None);
+    }
+
+    #[test]
+    fn host_names_are_parsed() {
+        assert_eq!(host_name("127.0.0.1:8080"), "127.0.0.1");
+        assert_eq!(host_name("[::1]:8080"), "::1");
+        assert_eq!(host_name("evil.example"), "evil.example");
+        assert_eq!(host_name("evil.example:80"), "evil.example");
+    }
+
+    /// Issue 10, finding 9: a form on evil.example posted to /switchover with
+    /// the browser's cached Basic credential and swapped the roles.
+    #[test]
+    fn requests_from_another_sites_page_are_told_apart() {
+        let req = |headers: &[(&str, &str)]| {
+            let mut r = TestRequest::post().uri("/switchover");
+            for (k, v) in headers {
+                r = r.insert_header((*k, *v));
+            }
+            r.to_http_request()
+        };
+        assert!(cross_site(&req(&[("origin", "http://evil.example"), ("host", "10.0.0.1:8080")])));
+        assert!(cross_site(&req(&[("origin", "null"), ("host", "10.0.0.1:8080")])));
+        assert!(cross_site(&req(&[("sec-fetch-site", "cross-site")])));
+        assert!(!cross_site(&req(&[("origin", "http://10.0.0.1:8080"), ("host", "10.0.0.1:8080")])));
+        assert!(!cross_site(&req(&[("host", "10.0.0.1:8080")])), "curl sends no Origin");
     }
 
     #[test]

@@ -149,9 +149,14 @@ pub async fn run(
     let metrics = Metrics::new();
     // Bound before the client port, so a node that accepts clients answers HTTP too.
     let http = match http_listener {
-        Some(l) => {
-            Some(http::start(l, node.clone(), metrics.clone(), config.http_token.clone(), config.http_tls.clone())?)
-        }
+        Some(l) => Some(http::start(
+            l,
+            node.clone(),
+            metrics.clone(),
+            config.http_token.clone(),
+            config.http_tls.clone(),
+            config.http_hosts.clone(),
+        )?),
         None => None,
     };
 

@@ -50,6 +50,11 @@ enum Auth<'a> {
 
 /// A plain HTTP request over a fresh connection (`Connection: close`).
 fn request(addr: SocketAddr, method: &str, path: &str, auth: Auth) -> Response {
+    request_with(addr, method, path, auth, &format!("Host: {addr}\r\n"))
+}
+
+/// The same with the given header lines (`Host` among them, or not).
+fn request_with(addr: SocketAddr, method: &str, path: &str, auth: Auth, headers: &str) -> Response {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let auth = match auth {
@@ -57,8 +62,7 @@ fn request(addr: SocketAddr, method: &str, path: &str, auth: Auth) -> Response {
         Auth::Bearer(t) => format!("Authorization: Bearer {t}\r\n"),
         Auth::Basic(u, p) => format!("Authorization: Basic {}\r\n", base64(format!("{u}:{p}").as_bytes())),
     };
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\n{headers}{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8(raw).unwrap();
@@ -352,7 +356,22 @@ async fn http_endpoint_shows_both_nodes_counts_traffic_and_switches_over() {
     assert_eq!(r.status, 409, "{r:?}");
     assert!(r.json()["error"].as_str().unwrap().contains("not active"), "{r:?}");
     let failovers_b = sample(&metrics(b).await, "twinmq_failovers_total");
+    // Issue 10, finding 9: a form on another site, posted with the browser's
+    // cached Basic credential, swapped the roles. Refused now (another
+    // site's Origin; Basic is for reads), and the roles stay.
+    let csrf = format!(
+        "Host: {a}\r\nOrigin: http://evil.example\r\nContent-Type: application/x-www-form-urlencoded\r\nSec-Fetch-Site: cross-site\r\n"
+    );
+    let r = tokio::task::spawn_blocking(move || {
+        request_with(a, "POST", "/switchover", Auth::Basic("operator", TOKEN), &csrf)
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403, "a cross-site form: {r:?}");
     let r = call(a, "POST", "/switchover", Auth::Basic("operator", TOKEN)).await;
+    assert_eq!(r.status, 401, "Basic does not switch over: {r:?}");
+    assert_eq!(status(a).await["role"], "active", "the roles did not move");
+    let r = call(a, "POST", "/switchover", Auth::Bearer(TOKEN)).await;
     assert_eq!(r.status, 200, "{r:?}\nA:\n{}", pair.a.log());
     wait_status(b, "active after the switchover", |s| s["role"] == "active").await;
     wait_status(a, "passive and in sync after the switchover", |s| s["role"] == "passive" && s["in_sync"] == true)
@@ -388,5 +407,15 @@ async fn without_a_token_reads_are_open_and_switchover_is_refused() {
     let r = call(http, "POST", "/switchover", Auth::Bearer(TOKEN)).await;
     assert_eq!(r.status, 403, "{r:?}");
     assert!(r.json()["error"].as_str().unwrap().contains("no http_token"), "{r:?}");
+    // DNS rebinding (finding 9): a page at a name that resolves to this
+    // address cannot read the open /status; IP addresses and localhost can.
+    for (host, want) in [("evil.example", 421), ("evil.example:80", 421), ("localhost", 200), ("127.0.0.1", 200)] {
+        let r = tokio::task::spawn_blocking(move || {
+            request_with(http, "GET", "/status", Auth::None, &format!("Host: {host}\r\n"))
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.status, want, "Host {host}: {r:?}");
+    }
     drop(broker);
 }
