@@ -147,6 +147,9 @@ pub struct Settings {
     /// Most subscriptions one connection may hold open.
     #[arg(long, value_name = "N")]
     pub max_subscriptions_per_connection: Option<usize>,
+    /// Most destinations (queues, topics, durable subscriptions) a node holds.
+    #[arg(long, value_name = "N")]
+    pub max_destinations: Option<usize>,
     /// Unacked deliveries go back to the queue after this long (0: never).
     #[arg(long, value_name = "MS")]
     pub ack_timeout_ms: Option<u64>,
@@ -408,6 +411,7 @@ pub struct Config {
     pub max_queue_depth: usize,
     pub max_queue_bytes: usize,
     pub max_subscriptions_per_connection: usize,
+    pub max_destinations: usize,
     /// `None`: unacked deliveries wait for their consumer forever.
     pub ack_timeout_ms: Option<u64>,
     pub max_redeliveries: u32,
@@ -470,6 +474,7 @@ impl Default for Config {
             max_queue_depth: 1_000_000,
             max_queue_bytes: 1 << 30,
             max_subscriptions_per_connection: 100,
+            max_destinations: 10_000,
             ack_timeout_ms: Some(60_000),
             max_redeliveries: 5,
             auto_create: true,
@@ -596,6 +601,7 @@ impl Config {
                 format!("{max_queue_bytes} is below max_message_bytes ({max_message_bytes}): no message would fit"),
             ));
         }
+        let max_destinations = positive("max_destinations", s.max_destinations, d.max_destinations)?;
         let max_subscriptions_per_connection = positive(
             "max_subscriptions_per_connection",
             s.max_subscriptions_per_connection,
@@ -676,6 +682,7 @@ impl Config {
             max_queue_depth,
             max_queue_bytes,
             max_subscriptions_per_connection,
+            max_destinations,
             ack_timeout_ms,
             max_redeliveries,
             auto_create,
@@ -1177,6 +1184,6 @@ mod tests {
             assert!(arg.get_help().is_some(), "`{id}` has help text");
         }
         let lists: Vec<String> = keys().into_iter().filter(|k| k.list).map(|k| k.name).collect();
-        assert_eq!(lists, ["queues", "users", "peer_ha"]);
+        assert_eq!(lists, ["queues", "users", "peer_ha", "http_hosts"]);
     }
 }

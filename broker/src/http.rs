@@ -24,9 +24,10 @@
 //! header is set by a script, which a browser lets another site do only
 //! after a CORS preflight this endpoint never grants. A POST whose `Origin`
 //! is not this endpoint, or with `Sec-Fetch-Site: cross-site`, is refused.
-//! Every route checks `Host`: an IP address, `localhost`, or a name in
-//! `http_hosts`; otherwise a page at a rebinding domain could read
-//! `/status` (421).
+//! Without a token, the open reads check `Host`: an IP address,
+//! `localhost`, or a name in `http_hosts`; otherwise a page at a rebinding
+//! domain could read `/status` (421). With a token there is nothing to
+//! rebind for: a page of another origin never holds the credential.
 //!
 //! Every node answers, passive ones included: it is the operator's view of
 //! the pair. The server runs on the broker's actix System with one worker
@@ -164,10 +165,11 @@ fn refusal(req: &HttpRequest, token: &str) -> Option<HttpResponse> {
 
 /// GET routes: open without a token, else the token is required.
 fn read_refusal(req: &HttpRequest, state: &HttpState) -> Option<HttpResponse> {
-    if let Some(resp) = host_refusal(req, state) {
-        return Some(resp);
+    match state.token.as_deref() {
+        Some(token) => refusal(req, token),
+        // Open reads: only to a Host that names this endpoint.
+        None => host_refusal(req, state),
     }
-    refusal(req, state.token.as_deref()?)
 }
 
 /// The host part of a `Host` header value (`name`, `name:port`, `[v6]:port`).
@@ -268,9 +270,6 @@ async fn switchover(req: HttpRequest, state: web::Data<HttpState>) -> HttpRespon
             "switchover over HTTP is disabled: no http_token is configured on this node",
         );
     };
-    if let Some(resp) = host_refusal(&req, &state) {
-        return resp;
-    }
     if cross_site(&req) {
         tracing::warn!(peer = ?req.peer_addr(), "admin HTTP switchover refused: a request from another site");
         return json_error(StatusCode::FORBIDDEN, "switchover refused: the request comes from another site's page");

@@ -577,7 +577,9 @@ impl Handler<Admin> for Node {
             AdminCommand::TopicRmDurable { topic, .. } if !on(&Destination::topic(topic.clone())) => {
                 refuse(format!("administer topic:{topic}"))
             }
-            AdminCommand::QueueList | AdminCommand::TopicList if !token && !sec.is_some_admin(user) => {
+            AdminCommand::QueueList | AdminCommand::TopicList | AdminCommand::ListPage { .. }
+                if !token && !sec.is_some_admin(user) =>
+            {
                 refuse("list destinations (needs an admin grant)".into())
             }
             command => {
@@ -609,12 +611,18 @@ impl Handler<Admin> for Node {
                             Ok(AdminReply::Done)
                         }
                         AdminCommand::QueueList => {
-                            let all = router.send(router::ListDestinations).await.map_err(gone)?;
+                            let first = router::ListDestinations { after: None, limit: router::LIST_PAGE };
+                            let all = router.send(first).await.map_err(gone)?;
                             Ok(AdminReply::Json(serde_json::json!({ "queues": all["queues"] })))
                         }
                         AdminCommand::TopicList => {
-                            let all = router.send(router::ListDestinations).await.map_err(gone)?;
+                            let first = router::ListDestinations { after: None, limit: router::LIST_PAGE };
+                            let all = router.send(first).await.map_err(gone)?;
                             Ok(AdminReply::Json(serde_json::json!({ "topics": all["topics"] })))
+                        }
+                        AdminCommand::ListPage { after, limit } => {
+                            let page = router::ListDestinations { after, limit: limit as usize };
+                            Ok(AdminReply::Json(router.send(page).await.map_err(gone)?))
                         }
                         other => Err((ErrorCode::InvalidRequest, format!("unexpected command {other:?}"))),
                     }

@@ -203,8 +203,30 @@ impl Router {
         admin_change_allowed(self.ha.as_ref(), &self.config, what, force)
     }
 
+    /// `max_destinations` (queues, topics, durable subscriptions) leaves
+    /// room for one more. Dead-letter queues and queues restored after a
+    /// split are made past it: dead letters and confirmed messages are never
+    /// dropped for want of a name.
+    fn room_for_another(&mut self) -> Result<(), ErrorFrame> {
+        let max = self.config.max_destinations;
+        if self.queues.len() + self.durables.len() + self.topics.len() < max {
+            return Ok(());
+        }
+        // Topics that stopped when idle do not count.
+        self.topics.retain(|_, t| t.connected());
+        if self.queues.len() + self.durables.len() + self.topics.len() < max {
+            return Ok(());
+        }
+        tracing::warn!(max_destinations = max, "destination limit reached; refusing to create another");
+        Err(ErrorFrame::new(
+            ErrorCode::LimitReached,
+            ErrorContext::Connection,
+            format!("this node holds {max} destinations (max_destinations)"),
+        ))
+    }
+
     fn topic(&mut self, name: &str) -> Addr<Topic> {
-        if let Some(t) = self.topics.get(name) {
+        if let Some(t) = self.topics.get(name).filter(|t| t.connected()) {
             return t.clone();
         }
         let t = Topic::new(name.to_string(), self.writer.clone(), self.settings.clone()).start();
@@ -266,10 +288,16 @@ impl Handler<Resolve> for Router {
                 if !self.config.auto_create {
                     return Err(unknown(&r.destination));
                 }
+                self.room_for_another()?;
                 self.admin_change(&format!("creating queue:{name}"), false)?;
                 Ok(Target::Queue(self.create_queue(name, &ctx.address())))
             }
-            DestKind::Topic => Ok(Target::Topic(self.topic(name))),
+            DestKind::Topic => {
+                if !self.topics.get(name).is_some_and(Addr::connected) {
+                    self.room_for_another()?;
+                }
+                Ok(Target::Topic(self.topic(name)))
+            }
         }
     }
 }
@@ -295,6 +323,7 @@ impl Handler<OpenDurable> for Router {
             self.check_owner(&id, d.user.as_deref())?;
             return Ok(q.clone());
         }
+        self.room_for_another()?;
         self.admin_change(&format!("creating durable subscription {} on topic:{}", d.name, d.topic), false)?;
         tracing::info!(topic = %d.topic, name = %d.name, owner = ?d.user, "creating durable subscription");
         self.submit_admin(Op::PutQueue {
@@ -383,6 +412,7 @@ impl Handler<CreateQueue> for Router {
                 format!("queue:{} already exists", c.name),
             ));
         }
+        self.room_for_another()?;
         self.admin_change(&format!("creating queue:{}", c.name), c.force)?;
         self.create_queue(&c.name, &ctx.address());
         Ok(())
@@ -432,19 +462,51 @@ impl Handler<PurgeQueue> for Router {
     }
 }
 
+/// Most destinations of each kind in one listing or status report: a
+/// listing of more goes page by page (`after`), so that no reply outgrows a
+/// frame (issue 10, finding 10: 100,000 queues made a 36 MB `/status`).
+pub const LIST_PAGE: usize = 1000;
+
 /// Queues (durable subscriptions included) with depth and consumers, and
-/// topics with their subscribers, for listings.
+/// topics with their subscribers, for listings: by name, those after
+/// `after`, at most `limit` of each kind. The reply says how many there
+/// are in all (`queues_total`, `topics_total`) and where the next page
+/// starts (`queues_next`, `topics_next`: the last name of this page, when
+/// more follow).
 #[derive(Message)]
 #[rtype(result = "serde_json::Value")]
-pub struct ListDestinations;
+pub struct ListDestinations {
+    pub after: Option<String>,
+    pub limit: usize,
+}
 
 impl Handler<ListDestinations> for Router {
     type Result = ResponseFuture<serde_json::Value>;
-    fn handle(&mut self, _: ListDestinations, _: &mut Context<Self>) -> Self::Result {
-        let status = self.status_parts();
-        Box::pin(async move {
-            let (queues, topics) = status.await;
-            serde_json::json!({"queues": queues, "topics": topics})
+    fn handle(&mut self, l: ListDestinations, _: &mut Context<Self>) -> Self::Result {
+        let status = self.status_parts(l.after, l.limit.clamp(1, LIST_PAGE));
+        Box::pin(async move { status.await.to_json() })
+    }
+}
+
+/// One page of destinations.
+struct Page {
+    queues: Vec<QueueStats>,
+    topics: Vec<serde_json::Value>,
+    queues_total: usize,
+    topics_total: usize,
+    queues_next: Option<String>,
+    topics_next: Option<String>,
+}
+
+impl Page {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "queues": self.queues,
+            "topics": self.topics,
+            "queues_total": self.queues_total,
+            "topics_total": self.topics_total,
+            "queues_next": self.queues_next,
+            "topics_next": self.topics_next,
         })
     }
 }
@@ -455,12 +517,35 @@ impl Handler<ListDestinations> for Router {
 pub struct GetStatus;
 
 impl Router {
-    /// Queue and topic statistics, gathered from their actors.
-    fn status_parts(&self) -> impl std::future::Future<Output = (Vec<QueueStats>, Vec<serde_json::Value>)> + 'static {
-        let queues: Vec<Addr<Queue>> = self.queues.values().chain(self.durables.values()).cloned().collect();
-        let topics: Vec<(String, Addr<Topic>)> = self.topics.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    /// One page of queue and topic statistics (see [`ListDestinations`]),
+    /// gathered from their actors.
+    fn status_parts(&self, after: Option<String>, limit: usize) -> impl std::future::Future<Output = Page> + 'static {
+        fn page<T>(
+            mut all: Vec<(String, T)>,
+            after: &Option<String>,
+            limit: usize,
+        ) -> (Vec<(String, T)>, usize, Option<String>) {
+            let total = all.len();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            let rest: Vec<(String, T)> =
+                all.into_iter().filter(|(k, _)| after.as_ref().is_none_or(|a| k > a)).collect();
+            let more = rest.len() > limit;
+            let page: Vec<(String, T)> = rest.into_iter().take(limit).collect();
+            let next = if more { page.last().map(|(k, _)| k.clone()) } else { None };
+            (page, total, next)
+        }
+        let queues: Vec<(String, Addr<Queue>)> = self
+            .queues
+            .iter()
+            .map(|(k, v)| (format!("queue:{k}"), v.clone()))
+            .chain(self.durables.iter().map(|((t, n), v)| (format!("topic:{t} (durable {n})"), v.clone())))
+            .collect();
+        let topics: Vec<(String, Addr<Topic>)> =
+            self.topics.iter().filter(|(_, v)| v.connected()).map(|(k, v)| (format!("topic:{k}"), v.clone())).collect();
+        let (queues, queues_total, queues_next) = page(queues, &after, limit);
+        let (topics, topics_total, topics_next) = page(topics, &after, limit);
         async move {
-            let mut q_stats: Vec<QueueStats> = join_all(queues.iter().map(|q| q.send(queue::GetStats)))
+            let mut q_stats: Vec<QueueStats> = join_all(queues.iter().map(|(_, q)| q.send(queue::GetStats)))
                 .await
                 .into_iter()
                 .filter_map(Result::ok)
@@ -469,10 +554,12 @@ impl Router {
             let mut t_stats = Vec::new();
             for (name, t) in topics {
                 if let Ok((subs, durables)) = t.send(topic::TopicStats).await {
-                    t_stats.push(serde_json::json!({"name": format!("topic:{name}"), "subscribers": subs, "durable_subscriptions": durables}));
+                    t_stats.push(
+                        serde_json::json!({"name": name, "subscribers": subs, "durable_subscriptions": durables}),
+                    );
                 }
             }
-            (q_stats, t_stats)
+            Page { queues: q_stats, topics: t_stats, queues_total, topics_total, queues_next, topics_next }
         }
     }
 }
@@ -480,14 +567,14 @@ impl Router {
 impl Handler<GetStatus> for Router {
     type Result = ResponseFuture<serde_json::Value>;
     fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
-        let parts = self.status_parts();
+        let parts = self.status_parts(None, LIST_PAGE);
         let stats = self.writer.stats();
         let last_op = stats.last_seq.load(Ordering::Relaxed);
         let shared = self.shared.clone();
         let node_id = self.config.node_id.clone();
         let uptime = self.started.elapsed().as_secs();
         Box::pin(async move {
-            let (q_stats, t_stats) = parts.await;
+            let page = parts.await;
             serde_json::json!({
                 "node_id": node_id,
                 "role": shared.role().to_string(),
@@ -497,8 +584,11 @@ impl Handler<GetStatus> for Router {
                 "gateway": serde_json::Value::Null,
                 "uptime_s": uptime,
                 "connections": shared.connections.load(Ordering::Relaxed),
-                "queues": q_stats,
-                "topics": t_stats,
+                "queues": page.queues,
+                "topics": page.topics,
+                // The first LIST_PAGE of each, by name; `twinmq queue list` pages through all.
+                "queues_total": page.queues_total,
+                "topics_total": page.topics_total,
             })
         })
     }

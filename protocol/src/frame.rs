@@ -283,6 +283,14 @@ pub enum AdminCommand {
     },
     /// Topics with subscribers and durable subscriptions (JSON in `AdminReply`).
     TopicList,
+    /// One page of queues and topics, by name, after `after` (at most
+    /// `limit` of each, capped by the broker): JSON with `queues`, `topics`,
+    /// their totals and `queues_next`/`topics_next` when more follow.
+    /// `QueueList` and `TopicList` give the first page only.
+    ListPage {
+        after: Option<String>,
+        limit: u32,
+    },
     /// Delete the durable subscription `name` on `topic` and what it holds.
     TopicRmDurable {
         topic: String,
@@ -308,6 +316,7 @@ impl AdminCommand {
             AdminCommand::QueueList => "queue list",
             AdminCommand::QueuePurge { .. } => "queue purge",
             AdminCommand::TopicList => "topic list",
+            AdminCommand::ListPage { .. } => "list page",
             AdminCommand::TopicRmDurable { .. } => "topic rm-durable",
         }
     }

@@ -130,6 +130,21 @@ async fn listing(config: &ClientConfig, command: AdminCommand) -> anyhow::Result
     serde_json::from_str(&json).with_context(|| format!("{name}: unreadable listing"))
 }
 
+/// Every queue (`kind` "queues") or topic ("topics"), page by page: the
+/// broker answers at most a thousand of each per request.
+async fn pages(config: &ClientConfig, kind: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let v = listing(config, AdminCommand::ListPage { after: after.take(), limit: 1000 }).await?;
+        all.extend(v[kind].as_array().into_iter().flatten().cloned());
+        match v[format!("{kind}_next")].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => return Ok(all),
+        }
+    }
+}
+
 fn print_users(v: &serde_json::Value) {
     println!("NAME\tSOURCE\tGRANTS");
     for u in v["users"].as_array().into_iter().flatten() {
@@ -199,9 +214,8 @@ pub async fn queue(config: ClientConfig, cmd: QueueCmd) -> anyhow::Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
         QueueCmd::List => {
-            let v = listing(&config, AdminCommand::QueueList).await?;
             println!("NAME\tDEPTH\tIN_FLIGHT\tCONSUMERS");
-            for q in v["queues"].as_array().into_iter().flatten() {
+            for q in pages(&config, "queues").await? {
                 println!(
                     "{}\t{}\t{}\t{}",
                     q["name"].as_str().unwrap_or("?"),
@@ -222,9 +236,8 @@ pub async fn topic(config: ClientConfig, cmd: TopicCmd) -> anyhow::Result<ExitCo
             change(&config, AdminCommand::TopicRmDurable { topic, name }, force.force, done).await
         }
         TopicCmd::List => {
-            let v = listing(&config, AdminCommand::TopicList).await?;
             println!("NAME\tSUBSCRIBERS\tDURABLE_SUBSCRIPTIONS");
-            for t in v["topics"].as_array().into_iter().flatten() {
+            for t in pages(&config, "topics").await? {
                 println!("{}\t{}\t{}", t["name"].as_str().unwrap_or("?"), t["subscribers"], t["durable_subscriptions"]);
             }
             Ok(ExitCode::SUCCESS)
