@@ -358,6 +358,23 @@ mod tests {
         assert_eq!((args.topic, args.window), (false, 256));
     }
 
+    /// Issue 10, finding 12: `twinmq acl grant bob ... --user root` logged
+    /// in as bob (the positional shared the global `--user`'s id).
+    #[test]
+    fn acl_commands_name_their_target_apart_from_the_login() {
+        let cli = parse(&["acl", "grant", "bob", "consume:x", "--user", "root", "--servers", "h:1"]).unwrap();
+        assert_eq!(cli.user.as_deref(), Some("root"));
+        assert!(matches!(&cli.command, Command::Acl(manage::AclCmd::Grant { user, .. }) if user == "bob"));
+        let cli = parse(&["acl", "revoke", "bob", "consume:x"]).unwrap();
+        assert_eq!(cli.user, None, "no login user unless --user");
+        assert!(matches!(&cli.command, Command::Acl(manage::AclCmd::Revoke { user, .. }) if user == "bob"));
+        let cli = parse(&["--user", "root", "acl", "list", "bob"]).unwrap();
+        assert_eq!(cli.user.as_deref(), Some("root"));
+        assert!(matches!(&cli.command, Command::Acl(manage::AclCmd::List { user: Some(u) }) if u == "bob"));
+        let cli = parse(&["--user", "root", "acl", "list"]).unwrap();
+        assert!(matches!(&cli.command, Command::Acl(manage::AclCmd::List { user: None })));
+    }
+
     #[test]
     fn gen_secret_writes_32_random_bytes_for_the_owner_only_and_never_overwrites() {
         use std::os::unix::fs::PermissionsExt;

@@ -47,6 +47,9 @@ pub enum UserCmd {
 pub enum AclCmd {
     /// Allow USER PERMISSION:PATTERN (e.g. `consume:orders.#`); applies to open connections at once.
     Grant {
+        // Its own id: sharing `user` with the global `--user` made the tool
+        // log in as the target user (issue 10, finding 12).
+        #[arg(id = "target_user", value_name = "USER")]
         user: String,
         #[arg(value_parser = parse_grant)]
         grant: AclGrant,
@@ -55,6 +58,7 @@ pub enum AclCmd {
     },
     /// Remove exactly that grant; applies to open connections at once.
     Revoke {
+        #[arg(id = "target_user", value_name = "USER")]
         user: String,
         #[arg(value_parser = parse_grant)]
         grant: AclGrant,
@@ -62,7 +66,10 @@ pub enum AclCmd {
         force: Force,
     },
     /// List the grants of USER, or of every user.
-    List { user: Option<String> },
+    List {
+        #[arg(id = "target_user", value_name = "USER")]
+        user: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
