@@ -941,15 +941,42 @@ fn parse_addr(text: &str) -> Option<SocketAddr> {
     text.to_socket_addrs().ok()?.next()
 }
 
-/// Destination names: 1-200 characters, no control characters, no `/`.
+/// The destination-name alphabet (issue 10, finding 15): 1-200 bytes of
+/// dot-separated words, each word one or more of `A-Z a-z 0-9 _ -`. So no
+/// empty word (`orders.` would match `orders.*`), no `*` or `#` (pattern
+/// syntax), no spaces, control, zero-width or look-alike characters: two
+/// names that look the same are the same name. Durable subscription names
+/// follow it too. The error says which rule a name breaks, never echoing
+/// bytes that could upset a terminal or a log.
 pub fn validate_name(name: &str) -> Result<(), String> {
+    let shown = name.escape_debug().take(80).collect::<String>();
     if name.is_empty() || name.len() > 200 {
-        return Err(format!("destination name `{name}` must be 1-200 bytes"));
+        return Err(format!("destination name \"{shown}\" must be 1-200 bytes"));
     }
-    if name.chars().any(|c| c.is_control() || c == '/') {
-        return Err(format!("destination name `{name}` contains a control character or `/`"));
+    for word in name.split('.') {
+        if word.is_empty() {
+            return Err(format!("destination name \"{shown}\" has an empty word (a leading, trailing or double `.`)"));
+        }
+        if let Some(c) = word.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
+            return Err(format!(
+                "destination name \"{shown}\" contains {:?}: use words of A-Z a-z 0-9 _ - separated by `.`",
+                c
+            ));
+        }
     }
     Ok(())
+}
+
+/// A destination a client may name: a valid name, or for a queue also a
+/// durable subscription's dead-letter queue `topic/name.dlq` (made by the
+/// broker only).
+pub fn validate_destination(d: &twinmq_protocol::Destination) -> Result<(), String> {
+    if d.kind == twinmq_protocol::DestKind::Queue {
+        if let Some((topic, rest)) = d.name.strip_suffix(".dlq").and_then(|b| b.split_once('/')) {
+            return validate_name(topic).and_then(|()| validate_name(rest));
+        }
+    }
+    validate_name(&d.name)
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ use tracing::Instrument;
 
 use crate::auth::{AuthOutcome, GateRefusal};
 use crate::config::Config;
+use crate::listener::PendingSlot;
 use crate::metrics::Metrics;
 use crate::node::{self, Node};
 use crate::router::Router;
@@ -49,8 +50,9 @@ type Codec = FrameCodec<ClientFrame, ServerFrame>;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
-/// How long a new connection has to send its Hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection has to finish TLS and send its Hello: short,
+/// since it holds a pending place until then (`listener.rs`).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for its in-flight publishes to be confirmed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting for a slow reader before the broker stops reading its requests.
@@ -83,13 +85,28 @@ fn connection_error(code: ErrorCode, message: impl Into<String>) -> ServerFrame 
 }
 
 /// Serve one accepted connection to its end. Runs on an I/O arbiter.
-pub async fn serve(stream: std::net::TcpStream, peer: SocketAddr, cx: ConnectionContext) {
+pub async fn serve(stream: std::net::TcpStream, peer: SocketAddr, cx: ConnectionContext, pending: PendingSlot) {
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("conn", id, %peer);
-    serve_in_span(stream, peer, cx, id).instrument(span).await
+    serve_in_span(stream, peer, cx, id, pending).instrument(span).await
 }
 
-async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: ConnectionContext, id: u64) {
+/// A logged-in connection's place under `max_connections`, given back when dropped.
+struct SessionSlot(Arc<AtomicUsize>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn serve_in_span(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    cx: ConnectionContext,
+    id: u64,
+    pending: PendingSlot,
+) {
     let stream = match TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {
@@ -101,7 +118,7 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
         // Plain TCP keeps tokio's lock-free owned halves.
         None => {
             let (rd, wr) = stream.into_split();
-            serve_io(rd, wr, peer, cx, id).await
+            serve_io(rd, wr, peer, cx, id, pending).await
         }
         Some(tls) => {
             // Bounded like Hello: a client that never finishes the handshake must not hold a slot.
@@ -126,13 +143,13 @@ async fn serve_in_span(stream: std::net::TcpStream, peer: SocketAddr, cx: Connec
                 tracing::debug!("client certificate verified");
             }
             let (rd, wr) = tokio::io::split(stream);
-            serve_io(rd, wr, peer, cx, id).await
+            serve_io(rd, wr, peer, cx, id, pending).await
         }
     }
 }
 
 /// The connection after TCP (and TLS): the same for both.
-async fn serve_io<R, W>(rd: R, wr: W, peer: SocketAddr, cx: ConnectionContext, id: u64)
+async fn serve_io<R, W>(rd: R, wr: W, peer: SocketAddr, cx: ConnectionContext, id: u64, pending: PendingSlot)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -141,7 +158,20 @@ where
     let mut reader = FramedRead::new(rd, Codec::new(max));
     let mut writer = FramedWrite::new(wr, Codec::new(max));
 
-    let Admitted { user, admin, version, ticket } = match handshake(&mut reader, peer, &cx).await {
+    let admitted = handshake(&mut reader, peer, &cx).await;
+    drop(pending);
+    // Logged in: now it takes a place under max_connections.
+    let sessions = cx.shared.sessions.clone();
+    let admitted = match admitted {
+        Ok(_) if sessions.fetch_add(1, Ordering::SeqCst) >= cx.config.max_connections => {
+            sessions.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(limit = cx.config.max_connections, "connection limit reached; refusing");
+            Err(Some(connection_error(ErrorCode::LimitReached, "too many connections (max_connections)")))
+        }
+        Ok(admitted) => Ok((admitted, SessionSlot(sessions))),
+        Err(reply) => Err(reply),
+    };
+    let (Admitted { user, admin, version, ticket }, _session_slot) = match admitted {
         Ok(admitted) => admitted,
         Err(reply) => {
             if let Some(reply) = reply {
@@ -167,7 +197,7 @@ where
     reader.decoder_mut().set_version(version);
     if admin {
         tracing::info!(user = ?user, protocol_version = version, "admin connection");
-        serve_admin(reader, writer, &cx, user).await;
+        serve_admin(reader, writer, &cx, user, peer).await;
         return;
     }
     // The router of the moment; the connection ends when this node stops serving.
@@ -334,6 +364,7 @@ async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut writer: FramedWrite<W, Codec>,
     cx: &ConnectionContext,
     user: Option<String>,
+    peer: SocketAddr,
 ) {
     // Held to the same idle limit as a messaging connection (one timer per
     // frame: admin traffic is light).
@@ -397,11 +428,19 @@ async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
             }
             Ok(ClientFrame::Admin { req, command, force }) => {
-                tracing::info!(user = ?user, command = command.name(), force, "operator command");
+                tracing::debug!(user = ?user, command = command.name(), force, "operator command");
+                let what = command.clone();
+                let who = user.as_deref().unwrap_or("anonymous");
                 match cx.node.send(node::Admin { command, caller: node::Caller::User(user.clone()), force }).await {
-                    Ok(Ok(node::AdminReply::Done)) => ServerFrame::Done { req },
-                    Ok(Ok(node::AdminReply::Json(json))) => ServerFrame::AdminReply { req, json: json.to_string() },
+                    Ok(Ok(reply)) => {
+                        crate::audit::command(who, peer, &what, force, Ok(()));
+                        match reply {
+                            node::AdminReply::Done => ServerFrame::Done { req },
+                            node::AdminReply::Json(json) => ServerFrame::AdminReply { req, json: json.to_string() },
+                        }
+                    }
                     Ok(Err((code, message))) => {
+                        crate::audit::command(who, peer, &what, force, Err(&message));
                         ServerFrame::Error(ErrorFrame::new(code, ErrorContext::Request { req }, message))
                     }
                     Err(_) => return,
@@ -461,6 +500,9 @@ async fn handshake<R: AsyncRead + Unpin>(
         tracing::warn!("first frame is not Hello");
         return Err(Some(connection_error(ErrorCode::ProtocolViolation, "the first frame must be Hello")));
     };
+    // Logged with every line about this login: never as sent (a newline or an
+    // escape sequence in it forged log lines: issue 10, finding 13).
+    let client_name = crate::log_safe(&client_name, 64);
     // First: without a common version nothing else we could say would be understood.
     let version = match twinmq_protocol::negotiate(SUPPORTED_VERSIONS, versions) {
         Ok(v) => v,

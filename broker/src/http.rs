@@ -290,7 +290,12 @@ async fn switchover(req: HttpRequest, state: web::Data<HttpState>) -> HttpRespon
     }
     tracing::info!(peer = ?req.peer_addr(), "operator command over HTTP: switchover");
     let command = node::Admin { command: AdminCommand::Switchover, caller: node::Caller::HttpToken, force: false };
-    match state.node.send(command).await {
+    let answer = state.node.send(command).await;
+    if let (Ok(result), Some(from)) = (&answer, req.peer_addr()) {
+        let result = result.as_ref().map(|_| ()).map_err(|(_, m)| m.as_str());
+        crate::audit::command("http-token", from, &AdminCommand::Switchover, false, result);
+    }
+    match answer {
         Ok(Ok(_)) => HttpResponse::Ok().json(serde_json::json!({
             "result": "switched over: this node is passive now and its peer takes the active role",
         })),

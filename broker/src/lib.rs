@@ -15,6 +15,7 @@
 //! `io_threads` arbiters run connections and sessions; the store writer has
 //! a thread of its own for group commit and fsync.
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod connection;
@@ -67,8 +68,11 @@ pub enum BrokerError {
 /// Small read-mostly facts every part of the broker may look at.
 #[derive(Clone)]
 pub struct Shared {
-    /// Open client connections (the listener enforces `max_connections`).
+    /// Open client connections, logged in or not.
     pub connections: Arc<AtomicUsize>,
+    /// Logged-in client connections (`max_connections` bounds these, at the
+    /// Hello: sockets that never log in cannot take their places).
+    pub sessions: Arc<AtomicUsize>,
     pub epoch: Arc<AtomicU64>,
     /// Set when the broker starts shutting down: destinations let go of
     /// publishes they hold for room (`queue_full = "block"`), unconfirmed,
@@ -81,6 +85,7 @@ impl Shared {
     pub fn new(role: watch::Receiver<Role>, epoch: u64) -> Shared {
         Shared {
             connections: Arc::new(AtomicUsize::new(0)),
+            sessions: Arc::new(AtomicUsize::new(0)),
             epoch: Arc::new(AtomicU64::new(epoch)),
             shutting_down: Arc::default(),
             role,
@@ -107,4 +112,26 @@ pub fn now_ms() -> u64 {
 pub fn transient_seq() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1 << 62);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// An untrusted string as it may appear in a log line: at most `max`
+/// characters, every control, format (zero-width, bidirectional) or other
+/// non-printing character escaped (`\n`, `\u{1b}`), so that no client can
+/// forge a line or send escape sequences to an operator's terminal.
+pub fn log_safe(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        let invisible = c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}');
+        if invisible {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -1,11 +1,21 @@
 //! `Listener`: the client port.
 //!
 //! Owns the listening socket (options set here, through socket2, in one
-//! place), the accept loop, and the connection limit. Each accepted
-//! connection is served on one of the I/O arbiters, round robin.
+//! place), the accept loop, and the limits on connections that have not
+//! logged in yet. Each accepted connection is served on one of the I/O
+//! arbiters, round robin.
+//!
+//! A connection is *pending* until its Hello is accepted (5 s at most,
+//! TLS handshake included): at most [`MAX_PENDING`] of them, and
+//! [`MAX_PENDING_PER_ADDRESS`] from one address, wait at once; beyond,
+//! they are refused at once. `max_connections` counts logged-in ones, at
+//! the Hello (`connection.rs`), so idle sockets re-opened by someone who
+//! cannot log in take no place from those who can (issue 10, finding 11).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use futures_util::SinkExt;
@@ -44,11 +54,15 @@ pub struct Listener {
     io: Vec<ArbiterHandle>,
     next_io: usize,
     cx: ConnectionContext,
+    /// Connections waiting to log in (see the module doc).
+    pending: Arc<Mutex<Pending>>,
+    /// Refused for want of a pending place (logged at powers of two).
+    refusals: u64,
 }
 
 impl Listener {
     pub fn new(listener: tokio::net::TcpListener, io: Vec<ArbiterHandle>, cx: ConnectionContext) -> Listener {
-        Listener { listener: Some(listener), io, next_io: 0, cx }
+        Listener { listener: Some(listener), io, next_io: 0, cx, pending: Arc::default(), refusals: 0 }
     }
 }
 
@@ -79,6 +93,53 @@ impl Actor for Listener {
     }
 }
 
+/// Most connections waiting to log in, from everywhere.
+pub const MAX_PENDING: usize = 2048;
+/// Most connections waiting to log in from one address.
+pub const MAX_PENDING_PER_ADDRESS: u32 = 512;
+
+#[derive(Default)]
+struct Pending {
+    total: usize,
+    by_address: HashMap<IpAddr, u32>,
+}
+
+/// A place among the pending connections, given back when dropped (the
+/// connection logged in, or ended).
+pub struct PendingSlot {
+    pending: Arc<Mutex<Pending>>,
+    ip: IpAddr,
+}
+
+impl PendingSlot {
+    fn take(pending: &Arc<Mutex<Pending>>, ip: IpAddr) -> Result<PendingSlot, &'static str> {
+        let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if p.total >= MAX_PENDING {
+            return Err("too many connections waiting to log in");
+        }
+        let n = p.by_address.entry(ip).or_insert(0);
+        if *n >= MAX_PENDING_PER_ADDRESS {
+            return Err("too many connections waiting to log in from this address");
+        }
+        *n += 1;
+        p.total += 1;
+        Ok(PendingSlot { pending: pending.clone(), ip })
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut p = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        p.total = p.total.saturating_sub(1);
+        if let Some(n) = p.by_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                p.by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Accepted(std::net::TcpStream, SocketAddr);
@@ -91,21 +152,27 @@ impl Handler<Accepted> for Listener {
             return;
         }
         let shared = self.cx.shared.clone();
-        let count = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.connections.fetch_add(1, Ordering::SeqCst);
         let arbiter = &self.io[self.next_io % self.io.len()];
         self.next_io += 1;
-        if count > self.cx.config.max_connections {
-            tracing::warn!(%peer, limit = self.cx.config.max_connections, "connection limit reached; refusing");
-            let tls = self.cx.config.tls.clone();
-            arbiter.spawn(async move {
-                refuse(stream, tls).await;
-                shared.connections.fetch_sub(1, Ordering::SeqCst);
-            });
-            return;
-        }
+        let slot = match PendingSlot::take(&self.pending, peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                self.refusals += 1;
+                if self.refusals.is_power_of_two() {
+                    tracing::warn!(%peer, refused = self.refusals, "{why}; refusing");
+                }
+                let tls = self.cx.config.tls.clone();
+                arbiter.spawn(async move {
+                    refuse(stream, tls, why).await;
+                    shared.connections.fetch_sub(1, Ordering::SeqCst);
+                });
+                return;
+            }
+        };
         let cx = self.cx.clone();
         arbiter.spawn(async move {
-            connection::serve(stream, peer, cx).await;
+            connection::serve(stream, peer, cx, slot).await;
             shared.connections.fetch_sub(1, Ordering::SeqCst);
         });
     }
@@ -113,13 +180,13 @@ impl Handler<Accepted> for Listener {
 
 /// Tell a connection over the limit why it is closed: in TLS when the port
 /// speaks TLS (bounded), or the client would take the refusal for a TLS failure.
-async fn refuse(stream: std::net::TcpStream, tls: Option<ClientPortTls>) {
+async fn refuse(stream: std::net::TcpStream, tls: Option<ClientPortTls>, why: &'static str) {
     let Ok(s) = tokio::net::TcpStream::from_std(stream) else { return };
     match tls {
-        None => send_refusal(s).await,
+        None => send_refusal(s, why).await,
         Some(tls) => {
             if let Ok(Ok(s)) = tokio::time::timeout(REFUSAL_HANDSHAKE_TIMEOUT, tls.acceptor.accept(s)).await {
-                send_refusal(s).await;
+                send_refusal(s, why).await;
             }
         }
     }
@@ -128,15 +195,9 @@ async fn refuse(stream: std::net::TcpStream, tls: Option<ClientPortTls>) {
 /// A refused connection gets this long for its TLS handshake.
 const REFUSAL_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn send_refusal<S: tokio::io::AsyncWrite + Unpin>(s: S) {
+async fn send_refusal<S: tokio::io::AsyncWrite + Unpin>(s: S, why: &'static str) {
     let mut w = FramedWrite::new(s, FrameCodec::<ClientFrame, ServerFrame>::new(64 * 1024));
-    let _ = w
-        .send(ServerFrame::Error(ErrorFrame::new(
-            ErrorCode::LimitReached,
-            ErrorContext::Connection,
-            "too many connections",
-        )))
-        .await;
+    let _ = w.send(ServerFrame::Error(ErrorFrame::new(ErrorCode::LimitReached, ErrorContext::Connection, why))).await;
 }
 
 /// Stop accepting connections (shutdown).

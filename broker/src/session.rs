@@ -269,6 +269,11 @@ impl Session {
         permit: Option<OwnedSemaphorePermit>,
     ) -> ResponseActFuture<Self, ()> {
         let ctx_err = ErrorContext::Publish { producer_id, seq };
+        // The name first: nothing below (ACLs, logs) sees a name outside the alphabet.
+        if let Err(why) = crate::config::validate_destination(&destination) {
+            self.error(ErrorCode::InvalidRequest, ctx_err, why);
+            return Box::pin(fut::ready(()));
+        }
         if !self.permitted(Permission::Produce, &destination) {
             let why = self.not_authorized(Permission::Produce, &destination);
             self.error(ErrorCode::NotAuthorized, ctx_err, why);
@@ -344,6 +349,12 @@ impl Session {
         prefetch: u32,
     ) -> ResponseActFuture<Self, ()> {
         let ctx_err = ErrorContext::Subscribe { sub_id };
+        let names = crate::config::validate_destination(&destination)
+            .and_then(|()| durable.as_deref().map_or(Ok(()), crate::config::validate_name));
+        if let Err(why) = names {
+            self.error(ErrorCode::InvalidRequest, ctx_err, why);
+            return Box::pin(fut::ready(()));
+        }
         if self.subs.contains_key(&sub_id) {
             self.error(ErrorCode::InvalidRequest, ctx_err, format!("subscription id {sub_id} is already in use"));
             return Box::pin(fut::ready(()));
@@ -531,6 +542,12 @@ impl Handler<Incoming> for Session {
                 done()
             }
             ClientFrame::DeleteDurable { req, topic, name } => {
+                if let Err(why) =
+                    crate::config::validate_name(&topic).and_then(|()| crate::config::validate_name(&name))
+                {
+                    self.error(ErrorCode::InvalidRequest, ErrorContext::Request { req }, why);
+                    return done();
+                }
                 let dest = Destination::topic(topic.clone());
                 if !self.permitted(Permission::Consume, &dest) {
                     let why = self.not_authorized(Permission::Consume, &dest);

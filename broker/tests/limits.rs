@@ -72,7 +72,9 @@ fn welcomed(broker: &Broker) -> TcpStream {
 fn connections_past_max_connections_get_limit_reached() {
     let broker = Broker::start(&["--max-connections", "2"]);
     let mut held = vec![welcomed(&broker), welcomed(&broker)];
+    // The limit counts logged-in connections: the third is refused at its Hello.
     let mut third = TcpStream::connect(broker.addr).unwrap();
+    third.write_all(&hello()).unwrap();
     match read_frames(&mut third, Duration::from_secs(5)).last() {
         Some(ServerFrame::Error(e)) => {
             assert_eq!(e.code, ErrorCode::LimitReached);
@@ -362,4 +364,73 @@ async fn publishes_held_by_a_full_queue_survive_a_restart_because_the_client_res
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted, (0..8).map(|i| format!("r-{i}")).collect::<Vec<_>>(), "none lost: {got:?}");
+}
+
+/// A connection from `source` (a loopback address) to `to`.
+fn connect_from(source: &str, to: std::net::SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&format!("{source}:0").parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+/// Issue 10, finding 11: 300 idle sockets, re-opened every 10 s, made 10 of
+/// 13 legitimate logins fail: unauthenticated sockets counted against
+/// max_connections. Now they wait in places of their own (at most 512 from
+/// one address, 5 s each), and max_connections counts logged-in ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_log_in_take_no_place_from_those_that_do() {
+    let broker = Broker::start(&["--max-connections", "20"]);
+    let addr = broker.addr;
+    let (idle, refused) = tokio::task::spawn_blocking(move || {
+        let all: Vec<TcpStream> = (0..600).map(|_| connect_from("127.0.0.2", addr)).collect();
+        std::thread::sleep(Duration::from_millis(1000));
+        let (mut idle, mut refused) = (Vec::new(), 0);
+        for s in all {
+            if still_open(&s) {
+                idle.push(s);
+            } else {
+                refused += 1;
+            }
+        }
+        (idle, refused)
+    })
+    .await
+    .unwrap();
+    let cap = twinmq_broker::listener::MAX_PENDING_PER_ADDRESS as usize;
+    assert!(idle.len() <= cap, "{} sockets waiting from one address", idle.len());
+    assert!(refused >= 600 - cap, "the rest are refused at once: {refused}");
+    // Meanwhile every one of 13 real clients logs in.
+    let mut clients = Vec::new();
+    for _ in 0..13 {
+        clients.push(twinmq_client::Client::connect(broker.config()).await.expect("a real login succeeds"));
+    }
+    // Logged-in connections are what max_connections counts.
+    for _ in 13..20 {
+        clients.push(twinmq_client::Client::connect(broker.config()).await.unwrap());
+    }
+    let mut over = TcpStream::connect(addr).unwrap();
+    over.write_all(&hello()).unwrap();
+    match read_frames(&mut over, Duration::from_secs(5)).last() {
+        Some(ServerFrame::Error(e)) => assert!(e.message.contains("max_connections"), "{}", e.message),
+        other => panic!("expected LimitReached, got {other:?}"),
+    }
+    // The idle ones are closed within the 5 s Hello deadline.
+    let open = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(6));
+        idle.iter().filter(|s| still_open(s)).count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(open, 0, "sockets still open past the Hello deadline");
+}
+
+/// Whether the broker has neither closed `s` nor written to it (a refusal
+/// is an error frame and then the end).
+fn still_open(mut s: &TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    let mut b = [0u8; 256];
+    // Anything read (a refusal) or the end means it is not waiting any more.
+    let read = s.read(&mut b).map(|n| n.min(1));
+    matches!(read, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
 }

@@ -260,6 +260,18 @@ async fn admin_objects_made_on_the_active_exist_on_the_passive_after_failover() 
     let mut on_b = AdminClient::connect_to(&pair.b.client.to_string(), &ops).await.unwrap();
     assert!(on_b.status().await.unwrap().contains("passive"));
     on_b.close().await;
+    // Both nodes keep the audit trail (finding 13): the active who did what,
+    // the passive what it applied.
+    let a_log = pair.a.log();
+    assert!(
+        a_log.contains("audit: operator command who=ops") && a_log.contains("what=queue create orders.made-by-admin")
+    );
+    let b_log = pair.b.log();
+    assert!(
+        b_log.contains("audit: admin change replicated from the active")
+            && b_log.contains("\"q/orders.made-by-admin\" created"),
+        "{b_log}"
+    );
 
     pair.a.kill9();
     // "active", then "active-alone" moments later (its peer is gone): either will do.
@@ -756,4 +768,78 @@ async fn a_durable_subscriptions_dead_letters_follow_the_topics_acl() {
 
 async fn root_queue_create(root: &ClientConfig, name: &str) -> Result<Option<String>, ClientError> {
     admin(root, AdminCommand::QueueCreate { name: name.into() }).await
+}
+
+/// Issue 10, finding 13: a `client_name` with a newline and escape
+/// sequences forged a log line. Untrusted strings are escaped in logs; and
+/// every operator command leaves an audit line (who, from, what, result).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_strings_cannot_forge_log_lines_and_admin_actions_are_audited() {
+    use std::io::Write;
+
+    use twinmq_protocol::ClientFrame;
+    let b = broker();
+    let mut s = std::net::TcpStream::connect(b.addr).unwrap();
+    s.write_all(&common::frame(&ClientFrame::Hello {
+        client_name: "probe\n2026-12-03T00:00:00Z  INFO FORGED: admin logged in\u{1b}[2J".into(),
+        user: Some("nobody".into()),
+        password: Some("x".into()),
+        admin: false,
+        versions: twinmq_protocol::SUPPORTED_VERSIONS,
+        ticket: None,
+    }))
+    .unwrap();
+    let _ = common::read_frames(&mut s, Duration::from_secs(3));
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "app", "apppw", &["produce:#", "admin:other.*"]).await;
+    admin(&root, AdminCommand::QueueCreate { name: "audited".into() }).await.unwrap();
+    let app = as_user(b.config(), "app", "apppw");
+    admin(&app, AdminCommand::QueueRm { name: "audited".into() }).await.unwrap_err();
+    let log = b.log();
+    assert!(log.contains("probe\\n2026"), "the name is logged escaped:\n{log}");
+    assert!(!log.lines().any(|l| l.starts_with("2026-12-03T00:00:00Z")), "no forged line:\n{log}");
+    let esc: Vec<String> = log.lines().filter(|l| l.contains('\u{1b}')).map(|l| l.escape_debug().to_string()).collect();
+    assert!(esc.is_empty(), "no escape sequence reaches the log: {esc:#?}");
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains("audit: ")).collect();
+    let has = |what: &str, result: &str| {
+        audit.iter().any(|l| l.contains(what) && l.contains(result) && l.contains("from=127.0.0.1"))
+    };
+    assert!(has("who=root", "what=user add app [produce:# admin:other.*]"), "{audit:#?}");
+    assert!(has("what=queue create audited", "result=done"), "{audit:#?}");
+    assert!(has("who=app", "result=refused"), "a refused command is audited too: {audit:#?}");
+    assert!(!log.contains("$argon2"), "no password hash in the log");
+}
+
+/// Issue 10, finding 15: `*` matched an empty word (`orders.` under
+/// `orders.*`), and names with `#`, `*`, trailing spaces, zero-width or
+/// look-alike characters were distinct destinations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_names_outside_the_alphabet_are_refused_with_a_clear_error() {
+    let b = broker();
+    let root = as_user(b.config(), "root", "rootpw");
+    add_user(&root, "app", "apppw", &["produce:orders.*", "consume:orders.*"]).await;
+    let app = Client::connect(as_user(b.config(), "app", "apppw")).await.unwrap();
+    for bad in [
+        "orders.",
+        "orders..eu",
+        ".orders",
+        "orders.*",
+        "orders.#",
+        "orders.eu ",
+        "orders.e\u{200b}u",
+        "оrders.eu",
+        "orders/eu",
+    ] {
+        let err = app.producer(Destination::queue(bad)).send(Message::persistent("x")).await.unwrap_err();
+        assert_eq!(code(&err), Some(ErrorCode::InvalidRequest), "{bad:?}: {err}");
+        assert!(err.to_string().contains("destination name"), "{bad:?}: {err}");
+        let err = app.subscribe(Destination::topic(bad), SubscribeOptions::default()).await.unwrap_err();
+        assert_eq!(code(&err), Some(ErrorCode::InvalidRequest), "{bad:?}: {err}");
+    }
+    let durable = SubscribeOptions { durable: Some("a*b".into()), ..Default::default() };
+    let err = app.subscribe(Destination::topic("orders.eu"), durable).await.unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::InvalidRequest), "{err}");
+    app.producer(Destination::queue("orders.eu-1_x")).send(Message::persistent("x")).await.unwrap();
+    assert_eq!(depth_of(&queue_depths(&root).await, "orders.eu-1_x"), Some(1));
+    assert!(!b.log().contains('\u{200b}'), "refused names are not logged raw");
 }

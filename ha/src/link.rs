@@ -145,6 +145,9 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
         .map_err(|e| LinkError::Protocol(e.to_string()))?;
     let (peer_id, peer_priority, their_nonce, version) = match next(&mut framed, timeout).await? {
         HaFrame::Challenge { node_id, priority, nonce, version } => {
+            if !valid_node_id(&node_id) {
+                return Err(LinkError::Protocol(format!("{addr} sent an invalid node id {:?}", short(&node_id))));
+            }
             let version = version.unwrap_or(1);
             if !wire::HA_VERSIONS.contains(version) {
                 return Err(LinkError::Version(format!(
@@ -154,8 +157,12 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
             }
             (node_id, priority, nonce, version)
         }
-        HaFrame::Refused { reason } if reason.contains("HA protocol") => return Err(LinkError::Version(reason)),
-        HaFrame::Refused { reason } => return Err(LinkError::Auth(reason)),
+        HaFrame::Refused { reason } if reason.contains("HA protocol") => {
+            return Err(LinkError::Version(format!("{addr} refused: {}", reason.escape_debug())))
+        }
+        HaFrame::Refused { reason } => {
+            return Err(LinkError::Auth(format!("{addr} refused: {}", reason.escape_debug())))
+        }
         other => return Err(LinkError::Protocol(format!("expected Challenge, got {}", frame_name(&other)))),
     };
     if peer_id == auth.node_id {
@@ -176,9 +183,22 @@ pub async fn dial(addr: SocketAddr, auth: &LinkAuth, timeout: Duration) -> Resul
         HaFrame::Refused { reason } if reason == "wrong cluster secret" => Err(LinkError::Auth(format!(
             "`{peer_id}` at {addr} refused this node's proof: the two nodes do not share the cluster secret"
         ))),
-        HaFrame::Refused { reason } => Err(LinkError::Auth(format!("`{peer_id}` at {addr} refused: {reason}"))),
+        HaFrame::Refused { reason } => {
+            Err(LinkError::Auth(format!("`{peer_id}` at {addr} refused: {}", reason.escape_debug())))
+        }
         other => Err(LinkError::Protocol(format!("expected Accepted, got {}", frame_name(&other)))),
     }
+}
+
+/// A node id as configuration allows it (1-64 of `A-Z a-z 0-9 - _ .`):
+/// anything else from the wire is refused before it reaches a log line.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// At most 64 characters of `s`, for a debug-escaped error message.
+fn short(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 /// A frame's name for an error message (never its content: a stranger's
@@ -212,6 +232,11 @@ pub async fn accept(stream: TcpStream, auth: &LinkAuth, timeout: Duration) -> Re
         HaFrame::Hello { node_id, priority, nonce, versions } => (node_id, priority, nonce, versions),
         other => return Err(LinkError::Protocol(format!("expected Hello, got {}", frame_name(&other)))),
     };
+    // Before it goes into any message: a node id comes from a stranger here.
+    if !valid_node_id(&peer_id) {
+        let _ = framed.send(HaFrame::Refused { reason: "invalid node id".into() }).await;
+        return Err(LinkError::Protocol(format!("{remote} sent an invalid node id {:?}", short(&peer_id))));
+    }
     let version = match twinmq_protocol::negotiate(wire::HA_VERSIONS, versions) {
         Ok(v) => v,
         Err(e) => {

@@ -154,3 +154,27 @@ async fn a_secret_rotates_with_an_overlap() {
     let (dialed, _) = handshake(auth_file("a", &d, &[&old]), auth_file("b", &d, &[&new])).await;
     assert!(matches!(dialed, Err(LinkError::Auth(_))), "the removed secret opens nothing: {dialed:?}");
 }
+
+/// Issue 10, finding 13: a node id comes from a stranger before the secret
+/// is proved; one that is not a configurable id (a newline, an escape
+/// sequence) is refused before it reaches a log line.
+#[tokio::test]
+async fn a_hello_with_an_invalid_node_id_is_refused_before_it_is_logged() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        link::accept(stream, &auth("b"), T).await
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stranger = Framed::new(stream, wire::handshake_codec());
+    let id = "a\n2026-12-03 INFO forged\u{1b}[2J";
+    let hello = HaFrame::Hello { node_id: id.into(), priority: 1, nonce: vec![0; 32], versions: wire::HA_VERSIONS };
+    stranger.send(hello).await.unwrap();
+    match stranger.next().await {
+        Some(Ok(HaFrame::Refused { reason })) => assert_eq!(reason, "invalid node id"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let err = acceptor.await.unwrap().unwrap_err().to_string();
+    assert!(!err.contains('\n') && !err.contains('\u{1b}'), "escaped in the error: {err}");
+}

@@ -297,6 +297,22 @@ pub struct WriterConfig {
     pub producer_expiry: std::time::Duration,
 }
 
+/// The audit log of a follower (target `twinmq::audit`, as the active's
+/// operator commands in the broker): each admin change it applies. Names
+/// were validated by the active; `{:?}` escapes whatever else.
+fn audit_replicated(body: &BatchBody) {
+    for op in &body.ops {
+        let what = match op {
+            Op::PutQueue { key, .. } => format!("queue or durable subscription {key:?} created"),
+            Op::DeleteQueue { key } => format!("queue or durable subscription {key:?} deleted"),
+            Op::PutUser { name, user } => format!("user {name:?} set ({} grants)", user.grants.len()),
+            Op::DeleteUser { name } => format!("user {name:?} removed"),
+            _ => continue,
+        };
+        tracing::info!(target: "twinmq::audit", seq = body.first_seq, %what, "audit: admin change replicated from the active");
+    }
+}
+
 /// How long a producer id's idempotence mark outlives its last publish.
 pub const PRODUCER_EXPIRY: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -818,6 +834,7 @@ impl WriterState {
                 };
                 Store::materialise(&self.store.admin, &body)?;
                 self.store.log.insert(first_seq.to_be_bytes(), raw.as_ref())?;
+                audit_replicated(&body);
                 self.note_producers(&body);
                 self.count(&body, raw.len() as u64);
                 let dead = self.index.apply(&body, raw.len() as u64);
