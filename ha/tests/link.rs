@@ -48,6 +48,20 @@ async fn handshake(a: LinkAuth, b: LinkAuth) -> (Result<link::Link, LinkError>, 
 
 const T: Duration = Duration::from_secs(5);
 
+/// An acceptor `b` on a fresh port, and a raw connection to it that speaks
+/// the handshake by hand (an old node, a stranger).
+async fn raw_to_acceptor(
+) -> (Framed<tokio::net::TcpStream, wire::HaCodec>, tokio::task::JoinHandle<Result<link::Link, LinkError>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        link::accept(stream, &auth("b"), T).await
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    (Framed::new(stream, wire::handshake_codec()), acceptor)
+}
+
 #[tokio::test]
 async fn two_nodes_of_this_release_agree_on_the_ha_protocol() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -64,15 +78,8 @@ async fn two_nodes_of_this_release_agree_on_the_ha_protocol() {
 
 #[tokio::test]
 async fn a_node_of_an_older_release_is_refused_with_the_reason() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        link::accept(stream, &auth("b"), T).await
-    });
     // An old node's Hello states no versions: it speaks 1 only.
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut old = Framed::new(stream, wire::handshake_codec());
+    let (mut old, acceptor) = raw_to_acceptor().await;
     let hello = HaFrame::Hello { node_id: "a".into(), priority: 100, nonce: wire::nonce(), versions: VersionRange::V1 };
     old.send(hello).await.unwrap();
     match old.next().await {
@@ -89,14 +96,7 @@ async fn a_node_of_an_older_release_is_refused_with_the_reason() {
 /// could test guesses offline. Now a stranger gets a nonce and nothing else.
 #[tokio::test]
 async fn a_stranger_that_dials_gets_nothing_computed_from_the_secret() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        link::accept(stream, &auth("b"), T).await
-    });
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut stranger = Framed::new(stream, wire::handshake_codec());
+    let (mut stranger, acceptor) = raw_to_acceptor().await;
     let hello = HaFrame::Hello { node_id: "x".into(), priority: 1, nonce: vec![0; 32], versions: wire::HA_VERSIONS };
     stranger.send(hello).await.unwrap();
     let nonce = match stranger.next().await {
@@ -160,14 +160,7 @@ async fn a_secret_rotates_with_an_overlap() {
 /// sequence) is refused before it reaches a log line.
 #[tokio::test]
 async fn a_hello_with_an_invalid_node_id_is_refused_before_it_is_logged() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        link::accept(stream, &auth("b"), T).await
-    });
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut stranger = Framed::new(stream, wire::handshake_codec());
+    let (mut stranger, acceptor) = raw_to_acceptor().await;
     let id = "a\n2026-12-03 INFO forged\u{1b}[2J";
     let hello = HaFrame::Hello { node_id: id.into(), priority: 1, nonce: vec![0; 32], versions: wire::HA_VERSIONS };
     stranger.send(hello).await.unwrap();
