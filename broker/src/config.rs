@@ -967,16 +967,34 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A destination a client may name: a valid name, or for a queue also a
-/// durable subscription's dead-letter queue `topic/name.dlq` (made by the
-/// broker only).
+/// A destination a client may name, checked before ACLs and logs see it:
+/// 1-200 bytes without control or invisible (zero-width, bidirectional)
+/// characters and without `/`, except in a durable subscription's
+/// dead-letter queue `topic/name.dlq`. Looser than [`validate_name`], which
+/// every *new* destination must pass (the router checks it when creating):
+/// a queue or durable subscription made before the alphabet existed, under
+/// another name, keeps its messages reachable.
 pub fn validate_destination(d: &twinmq_protocol::Destination) -> Result<(), String> {
-    if d.kind == twinmq_protocol::DestKind::Queue {
-        if let Some((topic, rest)) = d.name.strip_suffix(".dlq").and_then(|b| b.split_once('/')) {
-            return validate_name(topic).and_then(|()| validate_name(rest));
-        }
+    let shown = d.name.escape_debug().take(80).collect::<String>();
+    let invisible = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
+    };
+    if d.name.is_empty() || d.name.len() > 200 {
+        return Err(format!("destination name \"{shown}\" must be 1-200 bytes"));
     }
-    validate_name(&d.name)
+    if d.name.chars().any(invisible) {
+        return Err(format!("destination name \"{shown}\" contains a control or invisible character"));
+    }
+    let dlq = d.kind == twinmq_protocol::DestKind::Queue
+        && d.name
+            .strip_suffix(".dlq")
+            .and_then(|b| b.split_once('/'))
+            .is_some_and(|(t, n)| !t.is_empty() && !n.contains('/'));
+    if d.name.contains('/') && !dlq {
+        return Err(format!("destination name \"{shown}\" contains `/`"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

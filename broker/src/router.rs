@@ -316,13 +316,14 @@ impl Handler<OpenDurable> for Router {
     type Result = Result<Addr<Queue>, ErrorFrame>;
     fn handle(&mut self, d: OpenDurable, ctx: &mut Context<Self>) -> Self::Result {
         let bad = |m| ErrorFrame::new(ErrorCode::InvalidRequest, ErrorContext::Connection, m);
-        validate_name(&d.topic).map_err(bad)?;
-        validate_name(&d.name).map_err(bad)?;
         let id = (d.topic.clone(), d.name.clone());
+        // An existing one first: made before the name alphabet, it keeps working.
         if let Some(q) = self.durables.get(&id) {
             self.check_owner(&id, d.user.as_deref())?;
             return Ok(q.clone());
         }
+        validate_name(&d.topic).map_err(bad)?;
+        validate_name(&d.name).map_err(bad)?;
         self.room_for_another()?;
         self.admin_change(&format!("creating durable subscription {} on topic:{}", d.name, d.topic), false)?;
         tracing::info!(topic = %d.topic, name = %d.name, owner = ?d.user, "creating durable subscription");

@@ -349,8 +349,9 @@ impl Session {
         prefetch: u32,
     ) -> ResponseActFuture<Self, ()> {
         let ctx_err = ErrorContext::Subscribe { sub_id };
-        let names = crate::config::validate_destination(&destination)
-            .and_then(|()| durable.as_deref().map_or(Ok(()), crate::config::validate_name));
+        let names = crate::config::validate_destination(&destination).and_then(|()| {
+            durable.as_deref().map_or(Ok(()), |n| crate::config::validate_destination(&Destination::topic(n)))
+        });
         if let Err(why) = names {
             self.error(ErrorCode::InvalidRequest, ctx_err, why);
             return Box::pin(fut::ready(()));
