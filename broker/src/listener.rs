@@ -95,8 +95,24 @@ impl Actor for Listener {
 
 /// Most connections waiting to log in, from everywhere.
 pub const MAX_PENDING: usize = 2048;
-/// Most connections waiting to log in from one address.
+/// Most connections waiting to log in from one address (IPv6: one /64).
 pub const MAX_PENDING_PER_ADDRESS: u32 = 512;
+
+/// Whom the per-address bound counts together: an IPv4 address, or an IPv6
+/// /64 (one host usually holds the whole /64, so single addresses would
+/// give it endless places).
+fn address_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
 
 #[derive(Default)]
 struct Pending {
@@ -155,7 +171,7 @@ impl Handler<Accepted> for Listener {
         shared.connections.fetch_add(1, Ordering::SeqCst);
         let arbiter = &self.io[self.next_io % self.io.len()];
         self.next_io += 1;
-        let slot = match PendingSlot::take(&self.pending, peer.ip()) {
+        let slot = match PendingSlot::take(&self.pending, address_group(peer.ip())) {
             Ok(slot) => slot,
             Err(why) => {
                 self.refusals += 1;
@@ -209,5 +225,23 @@ impl Handler<StopAccepting> for Listener {
     type Result = ();
     fn handle(&mut self, _: StopAccepting, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_prefix() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        assert_eq!(address_group(a), address_group(b));
+        assert_ne!(address_group(a), address_group(c));
+        let v4: IpAddr = "10.0.0.1".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        assert_eq!(address_group(mapped), v4);
+        assert_ne!(address_group("10.0.0.2".parse().unwrap_or(v4)), address_group(v4));
     }
 }

@@ -474,11 +474,15 @@ impl Queue {
     }
 
     /// Whether the tick has work: deliveries that may time out, messages
-    /// that may expire, publishes held for room (let go when the node stops).
+    /// that may expire, publishes held for room (let go when the node stops),
+    /// messages ready for a consumer with credit (its connection is backed
+    /// up, and only the tick looks again: without it the message waited for
+    /// the next publish; review of issue 10).
     fn needs_tick(&self) -> bool {
         (self.settings.ack_timeout.is_some() && !self.in_flight.is_empty())
             || self.with_ttl > 0
             || !self.held.is_empty()
+            || (!self.ready.is_empty() && self.consumers.iter().any(|c| c.credit > 0))
     }
 
     /// Ask for the tick if it has work and is not running (from code that

@@ -282,6 +282,10 @@ impl Handler<Resolve> for Router {
         if let (DestKind::Queue, Some(q)) = (r.destination.kind, self.queues.get(name)) {
             return Ok(Target::Queue(q.clone()));
         }
+        // So does a topic of an older name (its durable subscriptions are stored).
+        if let (DestKind::Topic, Some(t)) = (r.destination.kind, self.topics.get(name).filter(|t| t.connected())) {
+            return Ok(Target::Topic(t.clone()));
+        }
         validate_name(name).map_err(|m| ErrorFrame::new(ErrorCode::InvalidRequest, ErrorContext::Connection, m))?;
         match r.destination.kind {
             DestKind::Queue => {

@@ -362,6 +362,11 @@ impl Session {
         }
         let limit = self.config.max_subscriptions_per_connection;
         if self.subs.len() + self.subscribing >= limit {
+            // Subscriptions whose queue was deleted (the client was told
+            // `ConsumerClosed`) hold no place.
+            self.subs.retain(|_, s| s.queue.connected());
+        }
+        if self.subs.len() + self.subscribing >= limit {
             self.error(
                 ErrorCode::LimitReached,
                 ctx_err,

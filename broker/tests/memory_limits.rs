@@ -220,3 +220,85 @@ async fn destinations_are_limited_listed_by_pages_and_idle_ones_cost_nothing() {
     println!("4,990 idle queues: {used_ms} ms of CPU in 3 s");
     assert!(used_ms < 75, "idle queues used {used_ms} ms of CPU in 3 s (bound 75 ms; before: 210)");
 }
+
+/// Review of issue 10: once idle queues stopped ticking, a message left
+/// ready because its consumer's connection was backed up (more than the
+/// outbound limit waiting to be written) waited for the next publish. The
+/// queue now ticks while it holds messages for a consumer with credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_held_back_by_a_busy_connection_is_delivered_when_it_drains() {
+    use std::io::Read;
+
+    use twinmq_protocol::{decode_body, ClientFrame};
+    let b = Broker::start(&["--auto-create", "true", "--durability", "none"]);
+    let c = b.client().await;
+    // Both queues exist before the raw consumer subscribes.
+    c.producer(Destination::queue("big")).send(Message::persistent("first")).await.unwrap();
+    c.producer(Destination::queue("small")).send(Message::persistent("warm-up")).await.unwrap();
+    let mut sub = c.subscribe(Destination::queue("small"), SubscribeOptions::default()).await.unwrap();
+    assert_eq!(common::drain(&mut sub, 1, Duration::from_secs(5)).await.len(), 1);
+    drop(sub);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // A raw consumer of both that does not read its socket for now.
+    let mut raw = std::net::TcpStream::connect(b.addr).unwrap();
+    raw.write_all(&hello()).unwrap();
+    for (sub_id, q) in [(1, "big"), (2, "small")] {
+        let f = ClientFrame::Subscribe { sub_id, destination: Destination::queue(q), durable: None, prefetch: 1000 };
+        raw.write_all(&frame(&f)).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 24 MB for it on `big`: far more than the socket buffers and the 8 MiB
+    // the broker lets wait, so the connection is backed up.
+    let big = c.producer(Destination::queue("big"));
+    for _ in 0..24 {
+        big.send(Message::persistent(vec![b'x'; 1_000_000])).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.producer(Destination::queue("small")).send(Message::persistent("wanted")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Now read everything: the small message must come, without any other publish.
+    let got = tokio::task::spawn_blocking(move || {
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut len = [0u8; 4];
+        loop {
+            if raw.read_exact(&mut len).is_err() {
+                return false;
+            }
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            if raw.read_exact(&mut body).is_err() {
+                return false;
+            }
+            if let Ok(ServerFrame::Deliver { sub_id: 2, .. }) = decode_body::<ServerFrame>(&body) {
+                return true;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(got, "the message waiting for the busy connection was never delivered");
+}
+
+/// Review of issue 10: dead-lettering adds two headers, so a message with
+/// the 64 a publish may carry has 66 in its dead-letter queue; the client
+/// must read it (it dropped the connection and looped on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_with_more_headers_than_a_publish_may_carry_is_delivered() {
+    let b = Broker::start(&["--auto-create", "true", "--max-redeliveries", "1"]);
+    let c = b.client().await;
+    let mut m = Message::persistent("poison");
+    for i in 0..MAX_HEADERS {
+        m = m.header(format!("h{i}"), "v");
+    }
+    c.producer(Destination::queue("hq")).send(m).await.unwrap();
+    let mut sub = c.subscribe(Destination::queue("hq"), SubscribeOptions::default().prefetch(1)).await.unwrap();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.unwrap().unwrap().unwrap();
+        d.nack().await.unwrap();
+    }
+    let mut dlq = c.subscribe(Destination::queue("hq.dlq"), SubscribeOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), dlq.recv()).await.expect("the dead letter").unwrap().unwrap();
+    assert_eq!(d.payload(), b"poison");
+    assert_eq!(d.message().headers.len(), MAX_HEADERS + 2);
+}

@@ -139,8 +139,14 @@ enum Source {
 struct Loaded {
     keys: Arc<Vec<SecretKeys>>,
     checked: Instant,
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Option<Stamp>,
+    /// The stamp of a version refused (said once).
+    refused: Option<Stamp>,
 }
+
+/// What tells a changed file: modification time, length and mode (a
+/// `chmod` alone makes a refused file usable).
+type Stamp = (SystemTime, u64, u32);
 
 /// The pair's secrets: the first is proved, all are accepted. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -162,8 +168,8 @@ impl ClusterSecret {
         Ok(ClusterSecret::with(Source::File(path.to_path_buf()), keys, stamp(path)))
     }
 
-    fn with(source: Source, keys: Vec<SecretKeys>, stamp: Option<(SystemTime, u64)>) -> ClusterSecret {
-        let loaded = Loaded { keys: Arc::new(keys), checked: Instant::now(), stamp };
+    fn with(source: Source, keys: Vec<SecretKeys>, stamp: Option<Stamp>) -> ClusterSecret {
+        let loaded = Loaded { keys: Arc::new(keys), checked: Instant::now(), stamp, refused: None };
         ClusterSecret { source, loaded: Arc::new(Mutex::new(loaded)) }
     }
 
@@ -177,13 +183,19 @@ impl ClusterSecret {
                 l.checked = Instant::now();
                 let now = stamp(path);
                 if now != l.stamp {
-                    l.stamp = now;
                     match read_file(path) {
                         Ok(m) => {
                             tracing::info!(file = %path.display(), secrets = m.len(), "cluster secret file read again");
                             l.keys = Arc::new(m.iter().map(|m| SecretKeys::derive(m)).collect());
+                            l.stamp = now;
                         }
-                        Err(e) => tracing::warn!("cluster secret file not used, the previous secrets stay: {e}"),
+                        // Looked at again at the next check: a `chmod 600`
+                        // changes neither the time nor the length.
+                        Err(e) if l.refused != now => {
+                            tracing::warn!("cluster secret file not used, the previous secrets stay: {e}");
+                            l.refused = now;
+                        }
+                        Err(_) => {}
                     }
                 }
             }
@@ -192,9 +204,10 @@ impl ClusterSecret {
     }
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::PermissionsExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    Some((m.modified().ok()?, m.len(), m.permissions().mode()))
 }
 
 #[cfg(test)]
@@ -258,5 +271,15 @@ mod tests {
         std::fs::write(&path, "change-me-please\n").unwrap();
         s.loaded.lock().unwrap().checked = Instant::now() - RELOAD_CHECK;
         assert_eq!(s.keys().len(), 2);
+        // A new file readable by others is refused; the `chmod 600` that
+        // fixes it (same time, same length) is noticed.
+        let c = generate();
+        std::fs::write(&path, format!("{c}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        s.loaded.lock().unwrap().checked = Instant::now() - RELOAD_CHECK;
+        assert_eq!(s.keys().len(), 2, "refused: readable by others");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        s.loaded.lock().unwrap().checked = Instant::now() - RELOAD_CHECK;
+        assert_eq!(s.keys().len(), 1, "read once it is private");
     }
 }

@@ -118,7 +118,9 @@ pub struct Delivered {
     /// Broker-assigned id, unique across the pair and its epochs.
     pub id: MessageId,
     pub destination: Destination,
-    #[serde(deserialize_with = "bounded_headers")]
+    /// Not bounded when decoded (unlike a publish's): the broker adds
+    /// headers (dead letters: two more) and keeps messages of releases
+    /// before the bound; a client must read them all.
     pub headers: BTreeMap<String, String>,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
