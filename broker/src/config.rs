@@ -976,14 +976,10 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 /// another name, keeps its messages reachable.
 pub fn validate_destination(d: &twinmq_protocol::Destination) -> Result<(), String> {
     let shown = d.name.escape_debug().take(80).collect::<String>();
-    let invisible = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
-    };
     if d.name.is_empty() || d.name.len() > 200 {
         return Err(format!("destination name \"{shown}\" must be 1-200 bytes"));
     }
-    if d.name.chars().any(invisible) {
+    if d.name.chars().any(crate::invisible) {
         return Err(format!("destination name \"{shown}\" contains a control or invisible character"));
     }
     let dlq = d.kind == twinmq_protocol::DestKind::Queue

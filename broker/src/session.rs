@@ -115,11 +115,17 @@ impl Outbound {
 /// mapping is an XOR with a hash of the user name: the same on both nodes
 /// and across restarts (resends after a failover still match), and the
 /// confirm names the client's id again. 0 (no idempotence) stays 0.
-pub fn scoped_producer(user: Option<&str>, producer_id: u64) -> u64 {
-    use sha2::Digest;
+pub fn scoped_producer(scope: u64, producer_id: u64) -> u64 {
     if producer_id == 0 {
         return 0;
     }
+    producer_id ^ scope
+}
+
+/// The key [`scoped_producer`] XORs with: a hash of the user name, made once
+/// per session (not per publish).
+pub fn producer_scope(user: Option<&str>) -> u64 {
+    use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(b"twinmq producer scope\0");
     match user {
@@ -129,7 +135,7 @@ pub fn scoped_producer(user: Option<&str>, producer_id: u64) -> u64 {
     let d = h.finalize();
     let mut k = [0u8; 8];
     k.copy_from_slice(&d[..8]);
-    producer_id ^ u64::from_be_bytes(k)
+    u64::from_be_bytes(k)
 }
 
 struct Subscription {
@@ -145,6 +151,8 @@ pub struct Session {
     pub id: u64,
     peer: SocketAddr,
     user: Option<String>,
+    /// See [`producer_scope`].
+    producer_scope: u64,
     out: Outbound,
     router: Addr<Router>,
     node: Addr<Node>,
@@ -187,6 +195,7 @@ impl Session {
         Session {
             id,
             peer,
+            producer_scope: producer_scope(user.as_deref()),
             user,
             out,
             router,
@@ -269,10 +278,13 @@ impl Session {
         permit: Option<OwnedSemaphorePermit>,
     ) -> ResponseActFuture<Self, ()> {
         let ctx_err = ErrorContext::Publish { producer_id, seq };
-        // The name first: nothing below (ACLs, logs) sees a name outside the alphabet.
-        if let Err(why) = crate::config::validate_destination(&destination) {
-            self.error(ErrorCode::InvalidRequest, ctx_err, why);
-            return Box::pin(fut::ready(()));
+        // The name first: nothing below (ACLs, logs) sees a name outside the
+        // alphabet. A destination already resolved was checked then.
+        if !self.targets.contains_key(&destination) {
+            if let Err(why) = crate::config::validate_destination(&destination) {
+                self.error(ErrorCode::InvalidRequest, ctx_err, why);
+                return Box::pin(fut::ready(()));
+            }
         }
         if !self.permitted(Permission::Produce, &destination) {
             let why = self.not_authorized(Permission::Produce, &destination);
@@ -300,7 +312,7 @@ impl Session {
             epoch: 0,
             seq: 0,
             origin: destination.to_string(),
-            producer_id: scoped_producer(self.user.as_deref(), producer_id),
+            producer_id: scoped_producer(self.producer_scope, producer_id),
             producer_seq: seq,
             headers: message.headers,
             payload: message.payload,
