@@ -147,6 +147,12 @@ pub struct Settings {
     /// Most subscriptions one connection may hold open.
     #[arg(long, value_name = "N")]
     pub max_subscriptions_per_connection: Option<usize>,
+    /// sled's page cache, bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub cache_bytes: Option<usize>,
+    /// Message bodies kept in memory (half for the newest messages of each queue, half read back from disk), bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub body_cache_bytes: Option<usize>,
     /// Most destinations (queues, topics, durable subscriptions) a node holds.
     #[arg(long, value_name = "N")]
     pub max_destinations: Option<usize>,
@@ -411,6 +417,10 @@ pub struct Config {
     pub max_queue_depth: usize,
     pub max_queue_bytes: usize,
     pub max_subscriptions_per_connection: usize,
+    /// sled's page cache.
+    pub cache_bytes: usize,
+    /// Bodies in memory: half kept by queues, half the store's read cache.
+    pub body_cache_bytes: usize,
     pub max_destinations: usize,
     /// `None`: unacked deliveries wait for their consumer forever.
     pub ack_timeout_ms: Option<u64>,
@@ -474,6 +484,8 @@ impl Default for Config {
             max_queue_depth: 1_000_000,
             max_queue_bytes: 1 << 30,
             max_subscriptions_per_connection: 100,
+            cache_bytes: 64 << 20,
+            body_cache_bytes: 64 << 20,
             max_destinations: 10_000,
             ack_timeout_ms: Some(60_000),
             max_redeliveries: 5,
@@ -594,6 +606,8 @@ impl Config {
             ));
         }
         let max_queue_depth = positive("max_queue_depth", s.max_queue_depth, d.max_queue_depth)?;
+        let cache_bytes = positive("cache_bytes", s.cache_bytes, d.cache_bytes)?;
+        let body_cache_bytes = s.body_cache_bytes.unwrap_or(d.body_cache_bytes);
         let max_queue_bytes = positive("max_queue_bytes", s.max_queue_bytes, d.max_queue_bytes)?;
         if max_queue_bytes < max_message_bytes {
             return Err(invalid(
@@ -682,6 +696,8 @@ impl Config {
             max_queue_depth,
             max_queue_bytes,
             max_subscriptions_per_connection,
+            cache_bytes,
+            body_cache_bytes,
             max_destinations,
             ack_timeout_ms,
             max_redeliveries,

@@ -10,6 +10,7 @@
 //! recovered messages are flagged `redelivered`, count unknown = 1).
 
 use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::OwnedSemaphorePermit;
 use twinmq_protocol::{Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, ServerFrame};
-use twinmq_store::{Op, StoreError, StoredMessage, Writer};
+use twinmq_store::{MessageRef, Op, StoreError, StoredMessage, Writer};
 
 use crate::session::Outbound;
 use crate::{now_ms, transient_seq};
@@ -43,13 +44,42 @@ pub struct Fill {
     pub bytes: AtomicUsize,
 }
 
-/// What one message weighs against `max_queue_bytes`: its payload, its
-/// headers and names, and what the broker keeps beside it (the entry, the
-/// index, the reference), so that ten thousand 10-byte messages count for
-/// what they cost, not for 100 KB.
+/// What one message weighs against `max_queue_bytes` ([`StoredMessage::weight`]).
 pub fn entry_bytes(m: &StoredMessage) -> usize {
-    const ENTRY_OVERHEAD: usize = 128;
-    m.payload.len() + twinmq_protocol::headers_bytes(&m.headers) + m.origin.len() + ENTRY_OVERHEAD
+    m.weight()
+}
+
+/// The bodies of stored messages that queues keep in memory for delivery
+/// (half of `body_cache_bytes`; the store's read cache has the other half).
+/// A stored message keeps its body while there is room, so that a consumer
+/// that keeps up never waits for a read; past it, only its reference stays
+/// and the body is read back from its record when it is delivered. What a
+/// backlog costs in memory is then its index, not its bodies (DESIGN.md
+/// section 5).
+#[derive(Debug, Default)]
+pub struct BodyBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> BodyBudget {
+        BodyBudget { limit, used: AtomicUsize::new(0) }
+    }
+
+    /// Room for `n` more bytes: taken.
+    fn take(&self, n: usize) -> bool {
+        self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| (u + n <= self.limit).then_some(u + n)).is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
+    }
+
+    /// Bytes of bodies held by queues now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
 }
 
 /// Subtract what was added: a miscount is a bug (tests panic on it), and
@@ -74,6 +104,8 @@ pub struct QueueSettings {
     pub block_when_full: bool,
     /// The broker is stopping: let held publishes go (see [`crate::Shared`]).
     pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Room for bodies in memory, shared by every queue.
+    pub bodies: Arc<BodyBudget>,
 }
 
 impl QueueSettings {
@@ -83,14 +115,64 @@ impl QueueSettings {
     }
 }
 
+/// A message in a queue: its reference, and its body while that is in memory.
 #[derive(Debug, Clone)]
 struct Entry {
-    msg: Arc<StoredMessage>,
-    persistent: bool,
+    seq: u64,
+    expires_at_ms: Option<NonZeroU64>,
+    /// Weight against `max_queue_bytes` ([`entry_bytes`]).
+    bytes: u32,
     /// Deliveries so far.
     deliveries: u32,
+    /// Always there for a transient message; for a stored one, while it is
+    /// out for delivery or while the body budget has room for it (`charged`).
+    body: Option<Arc<StoredMessage>>,
+    persistent: bool,
     /// Its delivery count is in the store (to be forgotten with its ack).
     count_stored: bool,
+    /// Its body counts in [`BodyBudget`].
+    charged: bool,
+}
+
+impl Entry {
+    fn new(m: Arc<StoredMessage>, persistent: bool) -> Entry {
+        let r = MessageRef::of(&m);
+        Entry {
+            seq: m.seq,
+            expires_at_ms: r.expires_at_ms,
+            bytes: r.bytes,
+            deliveries: 0,
+            body: Some(m),
+            persistent,
+            count_stored: false,
+            charged: false,
+        }
+    }
+
+    /// A stored message as the index knows it (its body stays on disk), its
+    /// delivery count kept in the store (0: none kept).
+    fn recovered(r: MessageRef, count: u32) -> Entry {
+        Entry {
+            seq: r.seq,
+            expires_at_ms: r.expires_at_ms,
+            bytes: r.bytes,
+            // Recovered messages may have been delivered before the restart
+            // (count unknown: 1), or came back that many times (count stored).
+            deliveries: count.max(1),
+            body: None,
+            persistent: true,
+            count_stored: count > 0,
+            charged: false,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes as usize
+    }
+
+    fn expires_at_ms(&self) -> Option<u64> {
+        self.expires_at_ms.map(NonZeroU64::get)
+    }
 }
 
 struct Consumer {
@@ -124,6 +206,9 @@ pub struct Queue {
     timed_out: HashMap<u64, ConsumerKey>,
     /// Messages in `ready` with an expiry, so the sweep can skip queues without TTLs.
     with_ttl: usize,
+    /// No message in `ready` expires before this (ms since the epoch): the
+    /// sweep waits for it.
+    next_expiry: u64,
     dropped_full: u64,
     /// Deleted by an operator: answers publishes with an error until it stops
     /// (sessions that cached its address then resolve the name again).
@@ -162,21 +247,12 @@ impl Queue {
         settings: QueueSettings,
         writer: Writer,
         dead_letters: Option<Recipient<DeadLetter>>,
-        recovered: Vec<(StoredMessage, u32)>,
+        recovered: Vec<(MessageRef, u32)>,
     ) -> Queue {
-        let ready: VecDeque<Entry> = recovered
-            .into_iter()
-            // Recovered messages may have been delivered before the restart
-            // (count unknown: 1), or came back that many times (count stored).
-            .map(|(m, count)| Entry {
-                msg: Arc::new(m),
-                persistent: true,
-                deliveries: count.max(1),
-                count_stored: count > 0,
-            })
-            .collect();
-        let with_ttl = ready.iter().filter(|e| e.msg.expires_at_ms.is_some()).count();
-        let ready_bytes = ready.iter().map(|e| entry_bytes(&e.msg)).sum();
+        let ready: VecDeque<Entry> = recovered.into_iter().map(|(r, count)| Entry::recovered(r, count)).collect();
+        let with_ttl = ready.iter().filter(|e| e.expires_at_ms.is_some()).count();
+        let next_expiry = ready.iter().filter_map(Entry::expires_at_ms).min().unwrap_or(u64::MAX);
+        let ready_bytes = ready.iter().map(Entry::bytes).sum();
         let fill = Arc::new(Fill { depth: AtomicUsize::new(ready.len()), bytes: AtomicUsize::new(ready_bytes) });
         Queue {
             label,
@@ -191,6 +267,7 @@ impl Queue {
             next_consumer: 0,
             timed_out: HashMap::new(),
             with_ttl,
+            next_expiry,
             dropped_full: 0,
             deleted: false,
             pending: 0,
@@ -303,10 +380,7 @@ impl Queue {
             _ => {
                 let mut m = p.message;
                 m.seq = transient_seq();
-                self.push_ready(
-                    Entry { msg: Arc::new(m), persistent: false, deliveries: 0, count_stored: false },
-                    false,
-                );
+                self.push_ready(Entry::new(Arc::new(m), false), false);
                 let _ = p.reply.confirm(pid, pseq, p.received);
                 self.dispatch();
             }
@@ -320,9 +394,9 @@ impl Queue {
         }
         if let Some(key) = self.store_key() {
             let label = self.label.clone();
-            let mut ops = vec![Op::Ack { queue: key.to_string(), seq: entry.msg.seq }];
+            let mut ops = vec![Op::Ack { queue: key.to_string(), seq: entry.seq }];
             if entry.count_stored {
-                ops.push(Op::Redelivered { queue: key.to_string(), seq: entry.msg.seq, count: 0 });
+                ops.push(Op::Redelivered { queue: key.to_string(), seq: entry.seq, count: 0 });
             }
             self.writer.submit(
                 ops,
@@ -335,12 +409,21 @@ impl Queue {
         }
     }
 
-    fn push_ready(&mut self, entry: Entry, front: bool) {
-        if entry.msg.expires_at_ms.is_some() {
+    fn push_ready(&mut self, mut entry: Entry, front: bool) {
+        if let Some(t) = entry.expires_at_ms() {
             self.with_ttl += 1;
+            self.next_expiry = self.next_expiry.min(t);
             self.want_tick();
         }
-        self.ready_bytes += entry_bytes(&entry.msg);
+        // A stored message keeps its body only while the budget has room.
+        if entry.persistent && entry.body.is_some() && !entry.charged {
+            if self.settings.bodies.take(entry.bytes()) {
+                entry.charged = true;
+            } else {
+                entry.body = None;
+            }
+        }
+        self.ready_bytes += entry.bytes();
         if front {
             self.ready.push_front(entry);
         } else {
@@ -350,21 +433,54 @@ impl Queue {
 
     fn take_in_flight(&mut self, seq: u64) -> Option<InFlight> {
         let f = self.in_flight.remove(&seq)?;
-        take(&mut self.in_flight_bytes, entry_bytes(&f.entry.msg));
+        take(&mut self.in_flight_bytes, f.entry.bytes());
         Some(f)
     }
 
     fn pop_ready(&mut self) -> Option<Entry> {
-        let e = self.ready.pop_front()?;
-        if e.msg.expires_at_ms.is_some() {
+        let mut e = self.ready.pop_front()?;
+        if e.expires_at_ms.is_some() {
             self.with_ttl -= 1;
         }
-        take(&mut self.ready_bytes, entry_bytes(&e.msg));
+        take(&mut self.ready_bytes, e.bytes());
+        self.uncharge(&mut e);
         Some(e)
     }
 
+    /// The entry's body no longer counts in the budget (it leaves `ready`;
+    /// a body out for delivery is bounded by the consumers' prefetch).
+    fn uncharge(&self, e: &mut Entry) {
+        if e.charged {
+            self.settings.bodies.give(e.bytes());
+            e.charged = false;
+        }
+    }
+
+    /// The entry's body: in memory, or read back from its record. `None`
+    /// (logged): the store could not produce it; the message stays stored
+    /// and comes back at the next start.
+    fn load_body(&self, e: &mut Entry) -> Option<Arc<StoredMessage>> {
+        if let Some(m) = &e.body {
+            return Some(m.clone());
+        }
+        match self.writer.read_message(e.seq) {
+            Ok(Some(m)) => {
+                e.body = Some(m.clone());
+                Some(m)
+            }
+            Ok(None) => {
+                tracing::error!(queue = %self.label, seq = e.seq, "a queued message has no record in the store; skipped");
+                None
+            }
+            Err(err) => {
+                tracing::error!(queue = %self.label, seq = e.seq, error = %err, "cannot read a queued message; skipped until the next start");
+                None
+            }
+        }
+    }
+
     fn is_expired(entry: &Entry, now: u64) -> bool {
-        entry.msg.expires_at_ms.is_some_and(|t| t <= now)
+        entry.expires_at_ms().is_some_and(|t| t <= now)
     }
 
     /// Hand ready messages to consumers with credit, round robin.
@@ -393,20 +509,21 @@ impl Queue {
             self.next_consumer = (idx + 1) % n;
             let Some(mut entry) = self.pop_ready() else { return };
             if Self::is_expired(&entry, now) {
-                tracing::debug!(queue = %self.label, seq = entry.msg.seq, "message expired");
+                tracing::debug!(queue = %self.label, seq = entry.seq, "message expired");
                 self.finish(&entry);
                 continue;
             }
+            let Some(msg) = self.load_body(&mut entry) else { continue };
             let consumer = &mut self.consumers[idx];
             let frame = ServerFrame::Deliver {
                 sub_id: consumer.key.1,
                 message: Delivered {
-                    id: MessageId { epoch: entry.msg.epoch, seq: entry.msg.seq },
+                    id: MessageId { epoch: msg.epoch, seq: msg.seq },
                     destination: self.destination.clone(),
-                    headers: entry.msg.headers.clone(),
-                    payload: entry.msg.payload.clone(),
-                    timestamp_ms: entry.msg.timestamp_ms,
-                    expires_at_ms: entry.msg.expires_at_ms,
+                    headers: msg.headers.clone(),
+                    payload: msg.payload.clone(),
+                    timestamp_ms: msg.timestamp_ms,
+                    expires_at_ms: msg.expires_at_ms,
                     persistent: entry.persistent,
                     redelivered: entry.deliveries > 0,
                     delivery_count: entry.deliveries,
@@ -421,8 +538,8 @@ impl Queue {
             consumer.credit -= 1;
             entry.deliveries += 1;
             let key = consumer.key;
-            self.in_flight_bytes += entry_bytes(&entry.msg);
-            self.in_flight.insert(entry.msg.seq, InFlight { entry, consumer: key, since: Instant::now() });
+            self.in_flight_bytes += entry.bytes();
+            self.in_flight.insert(entry.seq, InFlight { entry, consumer: key, since: Instant::now() });
         }
     }
 
@@ -433,7 +550,7 @@ impl Queue {
                 // Kept in the store, so that the count survives a failover.
                 if let Some(key) = self.store_key() {
                     let label = self.label.clone();
-                    let op = Op::Redelivered { queue: key.to_string(), seq: entry.msg.seq, count: entry.deliveries };
+                    let op = Op::Redelivered { queue: key.to_string(), seq: entry.seq, count: entry.deliveries };
                     self.writer.submit(
                         vec![op],
                         Box::new(move |r| {
@@ -449,11 +566,13 @@ impl Queue {
         }
         match (self.settings.max_redeliveries, &self.dead_letters) {
             (Some(max), Some(dlq)) if entry.deliveries > max => {
-                tracing::info!(queue = %self.label, seq = entry.msg.seq, deliveries = entry.deliveries, "dead-lettering");
+                tracing::info!(queue = %self.label, seq = entry.seq, deliveries = entry.deliveries, "dead-lettering");
+                let Some(message) = self.load_body(&mut entry) else { return };
+                let dlq = dlq.clone();
                 dlq.do_send(DeadLetter {
                     from_key: self.store_key().map(str::to_string),
                     from_label: self.label.clone(),
-                    message: entry.msg.clone(),
+                    message,
                     persistent: entry.persistent,
                     deliveries: entry.deliveries,
                 });
@@ -529,18 +648,22 @@ impl Queue {
                 }
             }
         }
-        if self.with_ttl > 0 {
-            let now = now_ms();
+        // The sweep walks the whole queue: only once something may have expired.
+        let now = now_ms();
+        if self.with_ttl > 0 && self.next_expiry <= now {
             let (keep, gone): (Vec<Entry>, Vec<Entry>) =
                 std::mem::take(&mut self.ready).into_iter().partition(|e| !Self::is_expired(e, now));
             self.ready = keep.into();
+            self.next_expiry = self.ready.iter().filter_map(Entry::expires_at_ms).min().unwrap_or(u64::MAX);
             self.with_ttl -= gone.len();
-            take(&mut self.ready_bytes, gone.iter().map(|e| entry_bytes(&e.msg)).sum());
-            for e in &gone {
-                self.finish(e);
+            take(&mut self.ready_bytes, gone.iter().map(Entry::bytes).sum());
+            let expired = gone.len();
+            for mut e in gone {
+                self.uncharge(&mut e);
+                self.finish(&e);
             }
-            if !gone.is_empty() {
-                tracing::debug!(queue = %self.label, expired = gone.len(), "expired messages removed");
+            if expired > 0 {
+                tracing::debug!(queue = %self.label, expired, "expired messages removed");
             }
         }
         self.release_held();
@@ -554,6 +677,21 @@ impl Actor for Queue {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.me = Some(ctx.address());
         self.wake(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.release_bodies();
+    }
+}
+
+impl Queue {
+    /// Give the budget back for every body `ready` holds (the queue stops or is emptied).
+    fn release_bodies(&mut self) {
+        let charged: usize = self.ready.iter().filter(|e| e.charged).map(Entry::bytes).sum();
+        self.settings.bodies.give(charged);
+        for e in self.ready.iter_mut() {
+            e.charged = false;
+        }
     }
 }
 
@@ -657,7 +795,7 @@ impl Handler<Committed> for Queue {
         self.pending = self.pending.saturating_sub(1);
         self.pending_bytes = self.pending_bytes.saturating_sub(c.bytes);
         for m in c.messages {
-            self.push_ready(Entry { msg: m, persistent: true, deliveries: 0, count_stored: false }, false);
+            self.push_ready(Entry::new(m, true), false);
         }
         self.release_held();
         self.dispatch();
@@ -675,7 +813,7 @@ impl Handler<Stored> for Queue {
     type Result = ();
     fn handle(&mut self, s: Stored, _: &mut Context<Self>) {
         for m in s.messages {
-            self.push_ready(Entry { msg: m, persistent: true, deliveries: 0, count_stored: false }, false);
+            self.push_ready(Entry::new(m, true), false);
         }
         self.dispatch();
     }
@@ -701,7 +839,7 @@ impl Handler<Push> for Queue {
             }
             return;
         }
-        self.push_ready(Entry { msg: p.message, persistent: false, deliveries: 0, count_stored: false }, false);
+        self.push_ready(Entry::new(p.message, false), false);
         self.dispatch();
     }
 }
@@ -787,7 +925,7 @@ impl Handler<Settle> for Queue {
         // Only the consumer it was delivered to may settle it (a late ack after
         // an ack timeout refers to a delivery that is no longer its own).
         match self.in_flight.get(&seq) {
-            Some(f) if f.consumer == s.key && f.entry.msg.epoch == s.id.epoch => {}
+            Some(f) if f.consumer == s.key && f.entry.body.as_ref().is_some_and(|m| m.epoch == s.id.epoch) => {}
             _ => {
                 // A late settle of a timed-out delivery gives its credit back.
                 if self.timed_out.get(&seq) == Some(&s.key) {
@@ -859,10 +997,7 @@ impl Handler<DeadLetter> for Queue {
             }
             _ => {
                 copy.seq = transient_seq();
-                self.push_ready(
-                    Entry { msg: Arc::new(copy), persistent: false, deliveries: 0, count_stored: false },
-                    false,
-                );
+                self.push_ready(Entry::new(Arc::new(copy), false), false);
                 self.dispatch();
             }
         }
@@ -918,6 +1053,7 @@ impl Handler<Close> for Queue {
             let _ = consumer.out.send(ServerFrame::ConsumerClosed { sub_id: consumer.key.1, reason: reason.clone() });
         }
         // The store forgets its messages with the DeleteQueue op; so do we.
+        self.release_bodies();
         self.ready.clear();
         self.in_flight.clear();
         (self.ready_bytes, self.in_flight_bytes) = (0, 0);
@@ -940,6 +1076,7 @@ pub struct Purge;
 impl Handler<Purge> for Queue {
     type Result = usize;
     fn handle(&mut self, _: Purge, _: &mut Context<Self>) -> usize {
+        self.release_bodies();
         let purged: Vec<Entry> = self.ready.drain(..).collect();
         self.ready_bytes = 0;
         for e in &purged {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use futures_util::future::join_all;
 use twinmq_protocol::{DestKind, Destination, ErrorCode, ErrorContext, ErrorFrame};
-use twinmq_store::{Op, QueueEntry, QueueKind, QueueSpec, StoredMessage, Writer};
+use twinmq_store::{MessageRef, Op, QueueEntry, QueueKind, QueueSpec, StoredMessage, Writer};
 
 use crate::config::{validate_name, Config};
 use crate::queue::{self, DeadLetter, Queue, QueueMode, QueueSettings, QueueStats};
@@ -58,7 +58,7 @@ impl Router {
         shared: Shared,
         writer: Writer,
         queues: BTreeMap<String, QueueEntry>,
-        mut messages: HashMap<String, Vec<StoredMessage>>,
+        mut messages: HashMap<String, Vec<MessageRef>>,
         deliveries: HashMap<(String, u64), u32>,
         ha: Option<tokio::sync::watch::Receiver<twinmq_ha::HaStatus>>,
     ) -> Addr<Router> {
@@ -71,6 +71,7 @@ impl Router {
                 max_consumers: config.max_consumers_per_destination,
                 block_when_full: config.queue_full == crate::config::QueueFull::Block,
                 shutting_down: shared.shutting_down.clone(),
+                bodies: Arc::new(crate::queue::BodyBudget::new(config.body_cache_bytes / 2)),
             };
             let mut r = Router {
                 config: config.clone(),
@@ -86,7 +87,7 @@ impl Router {
             };
             let me = ctx.address();
             for (key, entry) in queues {
-                let recovered: Vec<(StoredMessage, u32)> = messages
+                let recovered: Vec<(MessageRef, u32)> = messages
                     .remove(&key)
                     .unwrap_or_default()
                     .into_iter()
@@ -134,7 +135,7 @@ impl Router {
         }
     }
 
-    fn spawn_queue(&mut self, name: &str, recovered: Vec<(StoredMessage, u32)>, me: &Addr<Router>) -> Addr<Queue> {
+    fn spawn_queue(&mut self, name: &str, recovered: Vec<(MessageRef, u32)>, me: &Addr<Router>) -> Addr<Queue> {
         let is_dlq = name.ends_with(".dlq");
         let settings = QueueSettings {
             max_redeliveries: if is_dlq { None } else { self.settings.max_redeliveries },
@@ -158,7 +159,7 @@ impl Router {
         &mut self,
         topic: &str,
         name: &str,
-        recovered: Vec<(StoredMessage, u32)>,
+        recovered: Vec<(MessageRef, u32)>,
         me: &Addr<Router>,
     ) -> Addr<Queue> {
         let key = durable_key(topic, name);

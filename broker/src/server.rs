@@ -72,7 +72,11 @@ pub async fn run(
     let config = Arc::new(config);
     let statics = Arc::new(crate::auth::static_users(&config.users)?);
 
-    let store_config = StoreConfig::new(&config.data_dir);
+    let store_config = StoreConfig {
+        cache_bytes: config.cache_bytes as u64,
+        read_cache_bytes: config.body_cache_bytes / 2,
+        ..StoreConfig::new(&config.data_dir)
+    };
     let pair_member = config.pair.is_some();
     let (store, mut recovered) = {
         let sc = store_config.clone();

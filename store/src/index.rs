@@ -8,9 +8,32 @@
 //! a batch alive: they are materialised in the admin tree before the record
 //! is written (see `writer.rs`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU64;
 
-use crate::op::{BatchBody, Op};
+use crate::op::{BatchBody, Op, StoredMessage};
+
+/// What memory keeps of a live message: enough to count it against a
+/// queue's limits, to order it and to expire it, never its body (DESIGN.md
+/// section 5, "Memory holds indexes, not bodies"). The body is read from
+/// its batch record when it is delivered ([`crate::Store::read_message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRef {
+    pub seq: u64,
+    /// What the message weighs against `max_queue_bytes` ([`StoredMessage::weight`]).
+    pub bytes: u32,
+    pub expires_at_ms: Option<NonZeroU64>,
+}
+
+impl MessageRef {
+    pub fn of(m: &StoredMessage) -> MessageRef {
+        MessageRef {
+            seq: m.seq,
+            bytes: u32::try_from(m.weight()).unwrap_or(u32::MAX),
+            expires_at_ms: m.expires_at_ms.and_then(NonZeroU64::new),
+        }
+    }
+}
 
 #[derive(Debug)]
 struct BatchLive {
@@ -25,8 +48,11 @@ pub struct LiveIndex {
     batches: BTreeMap<u64, BatchLive>,
     /// Batches holding acks that point at the key batch.
     referrers: HashMap<u64, Vec<u64>>,
-    /// Live message sequence numbers per queue key.
-    live: HashMap<String, HashSet<u64>>,
+    /// Live messages per queue key: sequence number -> weight. Ordered, so
+    /// that a promotion hands each queue its messages without sorting.
+    live: HashMap<String, BTreeMap<u64, u32>>,
+    /// Expiry of the live messages that have one (few do), by sequence.
+    expiring: BTreeMap<u64, NonZeroU64>,
     live_bytes: u64,
 }
 
@@ -34,21 +60,29 @@ impl LiveIndex {
     /// Account for a newly written batch; returns the batches (possibly this
     /// one) that are now dead and should be deleted.
     pub fn apply(&mut self, body: &BatchBody, record_bytes: u64) -> Vec<u64> {
-        let key = body.first_seq;
+        self.apply_ops(body.first_seq, &body.ops, record_bytes)
+    }
+
+    /// [`Self::apply`] for the record of `ops` keyed `key` (its first sequence).
+    pub fn apply_ops(&mut self, key: u64, ops: &[Op], record_bytes: u64) -> Vec<u64> {
         let mut own_pending: u64 = 0;
         let mut dead = Vec::new();
-        for (i, op) in body.ops.iter().enumerate() {
-            let seq = body.first_seq + i as u64;
+        for (i, op) in ops.iter().enumerate() {
+            let seq = key + i as u64;
             match op {
-                Op::Enqueue { queues, .. } => {
+                Op::Enqueue { queues, message } => {
+                    let r = MessageRef::of(message);
                     for q in queues {
-                        if self.live.entry(q.clone()).or_default().insert(seq) {
+                        if self.live.entry(q.clone()).or_default().insert(seq, r.bytes).is_none() {
                             own_pending += 1;
                         }
                     }
+                    if let Some(t) = r.expires_at_ms {
+                        self.expiring.insert(seq, t);
+                    }
                 }
                 Op::Ack { queue, seq: target } => {
-                    let was_live = self.live.get_mut(queue).is_some_and(|set| set.remove(target));
+                    let was_live = self.live.get_mut(queue).is_some_and(|set| set.remove(target).is_some());
                     if !was_live {
                         continue;
                     }
@@ -72,7 +106,7 @@ impl LiveIndex {
                 Op::PutUser { .. } | Op::DeleteUser { .. } | Op::Redelivered { .. } | Op::HandedIn { .. } => {}
                 Op::DeleteQueue { key: q } => {
                     let seqs = self.live.remove(q).unwrap_or_default();
-                    for s in seqs {
+                    for s in seqs.into_keys() {
                         match self.batch_of(s) {
                             _ if s >= key => own_pending -= 1,
                             Some(t) if self.release(t) => dead.push(t),
@@ -95,7 +129,7 @@ impl LiveIndex {
     pub fn drop_messages(&mut self, queue: &str, keep: impl Fn(u64) -> bool) -> Vec<u64> {
         let mut dead = Vec::new();
         let Some(set) = self.live.get_mut(queue) else { return dead };
-        let gone: Vec<u64> = set.iter().copied().filter(|s| !keep(*s)).collect();
+        let gone: Vec<u64> = set.keys().copied().filter(|s| !keep(*s)).collect();
         for s in &gone {
             set.remove(s);
         }
@@ -128,6 +162,13 @@ impl LiveIndex {
         let mut dead = Vec::new();
         while let Some(d) = work.pop() {
             let Some(b) = self.batches.remove(&d) else { continue };
+            if !self.expiring.is_empty() {
+                let end = self.batches.range(d..).next().map_or(u64::MAX, |(k, _)| *k);
+                let gone: Vec<u64> = self.expiring.range(d..end).map(|(s, _)| *s).collect();
+                for s in gone {
+                    self.expiring.remove(&s);
+                }
+            }
             self.live_bytes -= b.bytes;
             dead.push(d);
             for r in self.referrers.remove(&d).unwrap_or_default() {
@@ -141,11 +182,31 @@ impl LiveIndex {
     }
 
     pub fn queue_depth(&self, queue: &str) -> usize {
-        self.live.get(queue).map_or(0, HashSet::len)
+        self.live.get(queue).map_or(0, BTreeMap::len)
+    }
+
+    /// A queue's live messages in sequence order.
+    pub fn live_refs(&self, queue: &str) -> impl Iterator<Item = MessageRef> + '_ {
+        self.live.get(queue).into_iter().flat_map(move |s| {
+            s.iter().map(move |(seq, bytes)| MessageRef {
+                seq: *seq,
+                bytes: *bytes,
+                expires_at_ms: self.expiring.get(seq).copied(),
+            })
+        })
+    }
+
+    pub fn is_live(&self, queue: &str, seq: u64) -> bool {
+        self.live.get(queue).is_some_and(|s| s.contains_key(&seq))
     }
 
     pub fn live_seqs(&self, queue: &str) -> impl Iterator<Item = u64> + '_ {
-        self.live.get(queue).into_iter().flat_map(|s| s.iter().copied())
+        self.live.get(queue).into_iter().flat_map(|s| s.keys().copied())
+    }
+
+    /// Live (queue, message) pairs in all queues.
+    pub fn live_messages(&self) -> usize {
+        self.live.values().map(BTreeMap::len).sum()
     }
 
     pub fn queues(&self) -> impl Iterator<Item = &String> {

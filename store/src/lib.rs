@@ -53,6 +53,7 @@
 //! out of old records, so a queue nobody consumes pins the records it shares
 //! with busy queues.
 
+pub mod bodies;
 pub mod clock;
 pub mod index;
 pub mod op;
@@ -60,6 +61,7 @@ pub mod repl;
 pub mod store;
 pub mod writer;
 
+pub use index::MessageRef;
 pub use op::{BatchBody, Grant, Op, Permission, QueueKind, QueueSpec, StoredMessage, UserRecord};
 pub use repl::ReplFrame;
 pub use store::{Durability, HandoverAdmin, QueueEntry, Recovered, Store, StoreConfig, Synced, UserEntry};

@@ -12,6 +12,24 @@ use crate::StoreError;
 /// Version of the batch record layout.
 pub const RECORD_FORMAT: u8 = 1;
 
+/// What one batch record holds at most, roughly (a single larger message
+/// gets a record of its own). A group commit larger than this is written as
+/// several records in one flush. Small records keep sled's pages small,
+/// and sled's cache can only evict pages of many records: with records of
+/// a whole group commit (~128 KiB), a leaf of 16 of them was a 2 MiB page
+/// that its cache (256 shards, never evicting a shard's last page, and
+/// counting such pages, stored as blobs, as a few bytes) kept in memory for
+/// good, so that memory grew with the backlog (issue 11).
+pub const RECORD_TARGET_BYTES: usize = 8 * 1024;
+
+/// A batch record's body, borrowed: encodes exactly as [`BatchBody`].
+#[derive(Serialize)]
+struct BatchRef<'a> {
+    epoch: u64,
+    first_seq: u64,
+    ops: &'a [Op],
+}
+
 /// A message as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredMessage {
@@ -28,6 +46,20 @@ pub struct StoredMessage {
     pub payload: Vec<u8>,
     pub timestamp_ms: u64,
     pub expires_at_ms: Option<u64>,
+}
+
+impl StoredMessage {
+    /// Bytes kept beside a message wherever it is queued (its entry, its
+    /// index, the reference), so that ten thousand 10-byte messages count
+    /// for what they cost.
+    pub const OVERHEAD: usize = 128;
+
+    /// What one message weighs against a queue's `max_queue_bytes`: its
+    /// payload, headers and names, and [`Self::OVERHEAD`].
+    pub fn weight(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.payload.len() + headers + self.origin.len() + Self::OVERHEAD
+    }
 }
 
 /// What kind of stored queue a queue key is.
@@ -137,11 +169,36 @@ impl BatchBody {
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        BatchBody::encode_ops(self.epoch, self.first_seq, &self.ops)
+    }
+
+    /// The record of `ops`, the first of which has sequence `first_seq`.
+    pub fn encode_ops(epoch: u64, first_seq: u64, ops: &[Op]) -> Result<Vec<u8>, StoreError> {
         let mut out = vec![RECORD_FORMAT, 0, 0, 0, 0];
-        rmp_serde::encode::write(&mut out, self).map_err(|e| StoreError::Encode(e.to_string()))?;
+        rmp_serde::encode::write(&mut out, &BatchRef { epoch, first_seq, ops })
+            .map_err(|e| StoreError::Encode(e.to_string()))?;
         let crc = crc32fast::hash(&out[5..]);
         out[1..5].copy_from_slice(&crc.to_be_bytes());
         Ok(out)
+    }
+
+    /// The ops split into runs of about [`RECORD_TARGET_BYTES`] each, one record per run.
+    pub fn records(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (i, op) in self.ops.iter().enumerate() {
+            let size = match op {
+                Op::Enqueue { message, queues } => message.weight() + queues.iter().map(String::len).sum::<usize>(),
+                _ => 64,
+            };
+            if bytes > 0 && bytes + size > RECORD_TARGET_BYTES {
+                out.push(start..i);
+                (start, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        out.push(start..self.ops.len());
+        out
     }
 
     /// Decode and verify a record read from `key`.
@@ -169,6 +226,42 @@ impl BatchBody {
 mod tests {
     use super::*;
 
+    fn enqueue(bytes: usize) -> Op {
+        Op::Enqueue {
+            message: StoredMessage {
+                epoch: 1,
+                seq: 0,
+                origin: String::new(),
+                producer_id: 0,
+                producer_seq: 0,
+                headers: BTreeMap::new(),
+                payload: vec![0; bytes],
+                timestamp_ms: 0,
+                expires_at_ms: None,
+            },
+            queues: vec!["q".into()],
+        }
+    }
+
+    #[test]
+    fn a_large_group_commit_is_split_into_records_of_about_the_target_size() {
+        let body = BatchBody { epoch: 1, first_seq: 1, ops: (0..100).map(|_| enqueue(1024)).collect() };
+        let runs = body.records();
+        assert!(runs.len() >= 12, "{runs:?}");
+        assert_eq!(runs.first().unwrap().start, 0);
+        assert_eq!(runs.last().unwrap().end, 100);
+        for w in runs.windows(2) {
+            assert_eq!(w[0].end, w[1].start, "contiguous");
+        }
+        for r in &runs {
+            let raw = BatchBody::encode_ops(1, 1 + r.start as u64, &body.ops[r.clone()]).unwrap();
+            assert!(raw.len() <= RECORD_TARGET_BYTES + 1024, "{} bytes", raw.len());
+        }
+        // One message larger than the target is a record of its own, never an empty one.
+        let big = BatchBody { epoch: 1, first_seq: 1, ops: vec![enqueue(10), enqueue(50_000), enqueue(10)] };
+        assert_eq!(big.records(), vec![0..1, 1..2, 2..3]);
+    }
+
     #[test]
     fn record_round_trip_and_checksum() {
         let body = BatchBody {
@@ -178,6 +271,7 @@ mod tests {
         };
         let mut raw = body.encode().unwrap();
         assert_eq!(BatchBody::decode(10, &raw).unwrap(), body);
+        assert_eq!(BatchBody::encode_ops(2, 10, &body.ops).unwrap(), raw);
         assert!(BatchBody::decode(11, &raw).is_err(), "key mismatch is corruption");
         let last = raw.len() - 1;
         raw[last] ^= 0x40;

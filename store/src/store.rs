@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Mutex};
 
-use crate::index::LiveIndex;
+use crate::bodies::BodyCache;
+use crate::index::{LiveIndex, MessageRef};
 use crate::op::{BatchBody, Op, QueueSpec, StoredMessage, UserRecord};
 use crate::repl::{EpochStart, History, ReplMeta};
 use crate::StoreError;
@@ -76,11 +77,40 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// sled page cache, bytes.
     pub cache_bytes: u64,
+    /// Message bodies read back from their records and kept for the
+    /// deliveries that follow (see `bodies.rs`), bytes.
+    pub read_cache_bytes: usize,
 }
 
 impl StoreConfig {
     pub fn new(path: impl AsRef<Path>) -> Self {
-        StoreConfig { path: path.as_ref().to_path_buf(), cache_bytes: 256 * 1024 * 1024 }
+        StoreConfig { path: path.as_ref().to_path_buf(), cache_bytes: 64 << 20, read_cache_bytes: 32 << 20 }
+    }
+}
+
+/// sled's segment size for stores this version makes: 1 MiB, so that a
+/// page of 16 records of [`crate::op::RECORD_TARGET_BYTES`] stays below
+/// its blob threshold (a quarter of a segment) and counts in its cache.
+pub const SEGMENT_BYTES: usize = 1 << 20;
+
+/// The segment size of the store at `path`: the one it was made with (sled
+/// refuses another), or [`SEGMENT_BYTES`] for a new store.
+fn segment_size(path: &Path) -> usize {
+    let made_with = std::fs::read(path.join("conf")).ok().and_then(|raw| {
+        String::from_utf8_lossy(&raw)
+            .lines()
+            .find_map(|l| l.strip_prefix("segment_size: ").and_then(|v| v.trim().parse::<usize>().ok()))
+    });
+    match made_with {
+        Some(n) if n != SEGMENT_BYTES => {
+            tracing::warn!(
+                path = %path.display(),
+                segment_size = n,
+                "this store was made by an earlier version with another sled segment size; it is kept, but its memory use may grow with its backlog"
+            );
+            n
+        }
+        _ => SEGMENT_BYTES,
     }
 }
 
@@ -143,6 +173,8 @@ pub struct Store {
     /// sled's log file, fdatasync'd after each flush.
     db_file: Arc<std::fs::File>,
     blobs: Arc<Mutex<BlobSync>>,
+    /// Bodies read back for delivery.
+    pub(crate) bodies: Arc<BodyCache>,
     path: PathBuf,
 }
 
@@ -183,7 +215,17 @@ impl HandoverAdmin {
     }
 }
 
-/// Everything the broker needs after [`Store::open`].
+/// What the admin tree holds (see [`Store::recover_admin`]).
+#[derive(Debug)]
+pub(crate) struct AdminState {
+    pub queues: BTreeMap<String, QueueEntry>,
+    pub users: BTreeMap<String, UserRecord>,
+    pub deliveries: HashMap<(String, u64), u32>,
+    /// No op may get a sequence number below this.
+    pub floor: u64,
+}
+
+/// Everything the broker needs after [`Store::open`] or a promotion.
 #[derive(Debug)]
 pub struct Recovered {
     pub epoch: u64,
@@ -192,8 +234,9 @@ pub struct Recovered {
     pub queues: BTreeMap<String, QueueEntry>,
     /// Users by name.
     pub users: BTreeMap<String, UserRecord>,
-    /// Live messages per queue key, in sequence order.
-    pub messages: HashMap<String, Vec<StoredMessage>>,
+    /// Live messages per queue key, in sequence order: references, not
+    /// bodies (read on delivery with [`Store::read_message`]).
+    pub messages: HashMap<String, Vec<MessageRef>>,
     /// Delivery counts kept for messages that came back (queue key, seq).
     pub deliveries: HashMap<(String, u64), u32>,
     /// Producer id -> highest producer sequence stored.
@@ -201,6 +244,37 @@ pub struct Recovered {
     pub(crate) index: LiveIndex,
     /// Batch records read.
     pub batches: usize,
+}
+
+impl Recovered {
+    /// The live state the index describes: each stored queue's messages
+    /// (only those of queues that exist), their kept delivery counts.
+    pub(crate) fn from_index(
+        epoch: u64,
+        next_seq: u64,
+        admin: AdminState,
+        dedup: HashMap<u64, u64>,
+        index: &LiveIndex,
+        batches: usize,
+    ) -> Recovered {
+        let mut messages: HashMap<String, Vec<MessageRef>> = HashMap::new();
+        for q in admin.queues.keys() {
+            messages.insert(q.clone(), index.live_refs(q).collect());
+        }
+        let mut deliveries = admin.deliveries;
+        deliveries.retain(|(q, s), _| index.is_live(q, *s));
+        Recovered {
+            epoch,
+            next_seq,
+            queues: admin.queues,
+            users: admin.users,
+            messages,
+            deliveries,
+            dedup,
+            index: LiveIndex::default(),
+            batches,
+        }
+    }
 }
 
 /// A message's epoch and sequence, the prefix of its hand-over entries.
@@ -217,6 +291,14 @@ fn handover_key(epoch: u64, seq: u64, queue: &str) -> Vec<u8> {
     let mut k = handover_prefix(epoch, seq).to_vec();
     k.extend_from_slice(queue.as_bytes());
     k
+}
+
+/// This process's resident memory, KiB (0 where /proc is not there).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4)
 }
 
 fn be_u64(v: &[u8]) -> Option<u64> {
@@ -262,9 +344,15 @@ impl Store {
     /// node must not serve from a store it cannot trust (a pair member sets
     /// it aside and resyncs from its peer: see the broker).
     pub fn open(config: &StoreConfig) -> Result<(Store, Recovered), StoreError> {
+        let started = std::time::Instant::now();
         let db = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_bytes)
+            .segment_size(segment_size(&config.path))
+            // sled replays its log from its last snapshot at open: take one
+            // every 20,000 ops (a few hundred records' worth of log), not
+            // every million, so that open time does not grow with the store.
+            .snapshot_after_ops(20_000)
             // We flush explicitly after each group commit; the background
             // flusher only bounds the loss window of `durability = none`.
             .flush_every_ms(Some(500))
@@ -287,6 +375,7 @@ impl Store {
             db,
             db_file: Arc::new(db_file),
             blobs: Arc::default(),
+            bodies: Arc::new(BodyCache::new(config.read_cache_bytes)),
             path: config.path.clone(),
         };
         if let Some(next_seq) = store.meta_u64(META_STAGED)? {
@@ -296,7 +385,9 @@ impl Store {
             );
             store.swap_in_staging(next_seq)?;
         }
+        tracing::info!(ms = started.elapsed().as_millis() as u64, rss_kib = rss_kib(), "sled store opened");
         let recovered = store.recover()?;
+        tracing::info!(rss_kib = rss_kib(), "store recovered");
         Ok((store, recovered))
     }
 
@@ -374,10 +465,9 @@ impl Store {
         Ok(fsyncs)
     }
 
-    pub(crate) fn recover(&self) -> Result<Recovered, StoreError> {
-        let epoch = self.repl_meta()?.epoch;
-        let mut next_seq = self.meta.get(META_NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1).max(1);
-
+    /// Queues, users and kept delivery counts, from the admin tree (small:
+    /// no message is read), and the sequence floor they imply.
+    pub(crate) fn recover_admin(&self) -> Result<AdminState, StoreError> {
         let mut queues = BTreeMap::new();
         let mut user_seq = 0;
         let mut deliveries = HashMap::new();
@@ -406,11 +496,17 @@ impl Store {
             queues.insert(key, entry);
         }
         let users = self.users()?;
-
         // An admin entry is written before its batch record; if the record was
         // lost in a crash, its sequence number must still never be reused.
-        next_seq = next_seq.max(queues.values().map(|e: &QueueEntry| e.created_seq + 1).max().unwrap_or(1));
-        next_seq = next_seq.max(user_seq + 1);
+        let floor = queues.values().map(|e: &QueueEntry| e.created_seq + 1).max().unwrap_or(1).max(user_seq + 1);
+        Ok(AdminState { queues, users, deliveries, floor })
+    }
+
+    pub(crate) fn recover(&self) -> Result<Recovered, StoreError> {
+        let started = std::time::Instant::now();
+        let epoch = self.repl_meta()?.epoch;
+        let admin = self.recover_admin()?;
+        let mut next_seq = self.meta.get(META_NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1).max(admin.floor);
 
         let mut dedup: HashMap<u64, u64> = HashMap::new();
         for kv in self.producers.iter() {
@@ -421,7 +517,6 @@ impl Store {
         }
 
         let mut index = LiveIndex::default();
-        let mut bodies: HashMap<u64, StoredMessage> = HashMap::new();
         let mut batches = 0;
         let mut dead_at_open = Vec::new();
         for kv in self.log.iter() {
@@ -431,14 +526,12 @@ impl Store {
             batches += 1;
             next_seq = next_seq.max(body.last_seq() + 1);
             dead_at_open.extend(index.apply(&body, v.len() as u64));
-            for (i, op) in body.ops.into_iter().enumerate() {
+            for op in &body.ops {
                 if let Op::Enqueue { message, .. } = op {
-                    let seq = key + i as u64;
                     if message.producer_id != 0 {
                         let e = dedup.entry(message.producer_id).or_insert(0);
                         *e = (*e).max(message.producer_seq);
                     }
-                    bodies.insert(seq, message);
                 }
             }
         }
@@ -446,16 +539,8 @@ impl Store {
         // Messages of queues deleted (or deleted and re-created) after they were stored.
         let known: Vec<String> = index.queues().cloned().collect();
         for q in known {
-            let created = queues.get(&q).map(|e: &QueueEntry| e.created_seq);
+            let created = admin.queues.get(&q).map(|e: &QueueEntry| e.created_seq);
             dead_at_open.extend(index.drop_messages(&q, |s| created.is_some_and(|c| s > c)));
-        }
-
-        let mut messages: HashMap<String, Vec<StoredMessage>> = HashMap::new();
-        for q in queues.keys() {
-            let mut seqs: Vec<u64> = index.live_seqs(q).collect();
-            seqs.sort_unstable();
-            let list = seqs.into_iter().filter_map(|s| bodies.get(&s).cloned()).collect();
-            messages.insert(q.clone(), list);
         }
 
         if !dead_at_open.is_empty() {
@@ -467,9 +552,10 @@ impl Store {
             }
             self.log.apply_batch(b)?;
         }
-
-        deliveries.retain(|(q, s), _| messages.get(q).is_some_and(|ms| ms.iter().any(|m| m.seq == *s)));
-        Ok(Recovered { epoch, next_seq, queues, users, messages, deliveries, dedup, index, batches })
+        tracing::info!(batches, ms = started.elapsed().as_millis() as u64, "store log read");
+        let mut recovered = Recovered::from_index(epoch, next_seq, admin, dedup, &index, batches);
+        recovered.index = index;
+        Ok(recovered)
     }
 
     /// Write what must survive the deletion of batch records: the next
@@ -570,6 +656,7 @@ impl Store {
 
     /// Start loading a snapshot beside the store: empty staging trees.
     pub(crate) fn begin_staging(&self) -> Result<(), StoreError> {
+        self.bodies.clear();
         self.staging_log.clear()?;
         self.staging_admin.clear()?;
         self.staging_producers.clear()?;
@@ -586,6 +673,7 @@ impl Store {
     }
 
     fn swap_in_staging(&self, next_seq: u64) -> Result<(), StoreError> {
+        self.bodies.clear();
         for (from, to) in [
             (&self.staging_log, &self.log),
             (&self.staging_admin, &self.admin),
@@ -619,6 +707,43 @@ impl Store {
                 Ok(())
             }
         }
+    }
+
+    /// The body of the live message `seq`, from the read cache or from its
+    /// batch record (`None`: no record holds it). A miss keeps the messages
+    /// after it in the same record too, for the deliveries that follow.
+    pub fn read_message(&self, seq: u64) -> Result<Option<Arc<StoredMessage>>, StoreError> {
+        if let Some(m) = self.bodies.get(seq) {
+            return Ok(Some(m));
+        }
+        let Some(kv) = self.log.range(..=seq.to_be_bytes()).next_back() else { return Ok(None) };
+        let (k, v) = kv?;
+        let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
+        let body = BatchBody::decode(key, &v)?;
+        let mut found = None;
+        let mut keep = Vec::new();
+        for (i, op) in body.ops.into_iter().enumerate() {
+            let s = key + i as u64;
+            if s < seq {
+                continue;
+            }
+            if let Op::Enqueue { message, .. } = op {
+                let m = Arc::new(message);
+                if s == seq {
+                    found = Some(m.clone());
+                }
+                keep.push(m);
+            }
+        }
+        if found.is_some() {
+            self.bodies.insert(keep);
+        }
+        Ok(found)
+    }
+
+    /// The read cache (for metrics).
+    pub fn read_cache(&self) -> &BodyCache {
+        &self.bodies
     }
 
     /// Raw batch records with first sequence >= `from`, in order (for replication catch-up).

@@ -394,6 +394,16 @@ impl Writer {
     }
 
     /// The users as stored now (committed here, or applied from the active).
+    /// The body of the live message `seq` (see [`Store::read_message`]); safe from any thread.
+    pub fn read_message(&self, seq: u64) -> Result<Option<std::sync::Arc<StoredMessage>>, StoreError> {
+        self.store.read_message(seq)
+    }
+
+    /// The store's read cache: bytes held, hits, misses (for metrics).
+    pub fn read_cache(&self) -> &crate::bodies::BodyCache {
+        self.store.read_cache()
+    }
+
     pub fn users(&self) -> Result<std::collections::BTreeMap<String, crate::UserRecord>, StoreError> {
         self.store.users()
     }
@@ -963,8 +973,13 @@ impl WriterState {
         };
         let recovered = self.store.recover()?;
         let mut kept = Vec::new();
-        for (queue, messages) in recovered.messages {
-            kept.extend(messages.into_iter().filter(|m| m.seq > after && m.seq >= from).map(|m| (queue.clone(), m)));
+        for (queue, messages) in &recovered.messages {
+            for r in messages.iter().filter(|m| m.seq > after && m.seq >= from) {
+                match self.store.read_message(r.seq)? {
+                    Some(m) => kept.push((queue.clone(), (*m).clone())),
+                    None => tracing::error!(queue, seq = r.seq, "a live message has no record; not handed over"),
+                }
+            }
         }
         kept.sort_by_key(|(_, m)| m.seq);
         if !kept.is_empty() {
@@ -1071,8 +1086,8 @@ impl WriterState {
             }
             self.write(&body)
         })();
-        let raw = match written {
-            Ok(raw) => raw,
+        let records = match written {
+            Ok(records) => records,
             Err(e) => {
                 tracing::error!(error = %e, first_seq, "store write failed; refusing further writes");
                 self.fail_disk(&e.to_string());
@@ -1094,7 +1109,9 @@ impl WriterState {
             self.held.push_back(Held { seq: last_seq, done, result: c });
         }
         let mut out = Vec::new();
-        self.replica.committed(first_seq, last_seq, raw, &mut out);
+        for (first, last, raw) in records {
+            self.replica.committed(first, last, raw, &mut out);
+        }
         // Counters are current before anyone hears of the confirm.
         self.publish_stats();
         let _ = self.perform(out);
@@ -1122,19 +1139,32 @@ impl WriterState {
         Committed { epoch: self.replica.epoch(), first_seq: 0, ops: Vec::new(), duplicate: false }
     }
 
-    /// Admin entries, the record, one sync, dead records deleted. Returns the raw record.
-    fn write(&mut self, body: &BatchBody) -> Result<Bytes, StoreError> {
+    /// Admin entries, the records (see [`BatchBody::records`]), one sync,
+    /// dead records deleted. Returns each record: first and last sequence, bytes.
+    fn write(&mut self, body: &BatchBody) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
         Store::materialise(&self.store.admin, body)?;
-        let raw = Bytes::from(body.encode()?);
-        let len = raw.len() as u64;
-        self.store.log.insert(body.first_seq.to_be_bytes(), raw.as_ref())?;
+        let mut records = Vec::new();
+        for run in body.records() {
+            let first = body.first_seq + run.start as u64;
+            let raw = Bytes::from(BatchBody::encode_ops(body.epoch, first, &body.ops[run.clone()])?);
+            self.store.log.insert(first.to_be_bytes(), raw.as_ref())?;
+            records.push((run, first, raw));
+        }
         if self.config.durability != Durability::None {
             self.sync()?;
         }
-        self.count(body, len);
-        let dead = self.index.apply(body, len);
+        let mut dead = Vec::new();
+        let mut out = Vec::with_capacity(records.len());
+        for (run, first, raw) in records {
+            let len = raw.len() as u64;
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            self.stats.bytes.fetch_add(len, Ordering::Relaxed);
+            dead.extend(self.index.apply_ops(first, &body.ops[run.clone()], len));
+            out.push((first, first + run.len() as u64 - 1, raw));
+        }
+        self.stats.ops.fetch_add(body.ops.len() as u64, Ordering::Relaxed);
         self.delete(&dead, body.last_seq() + 1);
-        Ok(raw)
+        Ok(out)
     }
 
     /// The store's sync, timed (a watchdog reads how long it has run), and
@@ -1352,13 +1382,18 @@ impl WriterState {
         self.perform(out)?;
         self.snapshot = None;
         self.take_back_handover(epoch)?;
-        let mut recovered = self.store.recover()?;
-        recovered.epoch = epoch;
-        self.index = std::mem::take(&mut recovered.index);
-        self.dedup = recovered.dedup.clone();
-        self.dirty_dedup.clear();
-        self.dedup_used.clear();
-        self.dedup_since = std::time::Instant::now();
+        // Hot standby (DESIGN.md section 5): the index was kept up to date
+        // as records arrived; nothing is read per message here.
+        let started = Instant::now();
+        let admin = self.store.recover_admin()?;
+        let next_seq = self.replica.next_seq();
+        let recovered =
+            Recovered::from_index(epoch, next_seq, admin, self.dedup.clone(), &self.index, self.index.live_batches());
+        tracing::info!(
+            messages = self.index.live_messages(),
+            ms = started.elapsed().as_millis() as u64,
+            "live state taken from the index kept while passive"
+        );
         self.publish_stats();
         Ok(recovered)
     }
@@ -1412,9 +1447,11 @@ impl WriterState {
                 self.store.set_repl_meta(self.replica.meta())?;
             }
             let body = BatchBody { epoch, first_seq: admitted.first_seq, ops };
-            let raw = self.write(&body)?;
+            let records = self.write(&body)?;
             let mut out = Vec::new();
-            self.replica.committed(body.first_seq, body.last_seq(), raw, &mut out);
+            for (first, last, raw) in records {
+                self.replica.committed(first, last, raw, &mut out);
+            }
             self.perform(out)?;
         }
         self.store.handed_over(&ids)?;

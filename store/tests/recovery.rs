@@ -67,8 +67,11 @@ fn acked_messages_stay_gone_and_unacked_come_back_in_order() {
     h.join().unwrap();
     store.close().unwrap();
 
-    let (_store, rec) = open(dir.path());
-    let bodies: Vec<String> = rec.messages["q"].iter().map(|m| String::from_utf8(m.payload.clone()).unwrap()).collect();
+    let (store, rec) = open(dir.path());
+    let bodies: Vec<String> = rec.messages["q"]
+        .iter()
+        .map(|m| String::from_utf8(store.read_message(m.seq).unwrap().unwrap().payload.clone()).unwrap())
+        .collect();
     assert_eq!(bodies, (4..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
     assert_eq!(rec.dedup.get(&7), Some(&10));
     assert!(rec.next_seq > *seqs.last().unwrap());

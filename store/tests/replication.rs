@@ -90,10 +90,27 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
     }
 }
 
-fn bodies(rec: &Recovered, queue: &str) -> Vec<String> {
+/// Reads a message's body back from its record (the recovered state holds references).
+trait ReadBody {
+    fn body(&self, seq: u64) -> Vec<u8>;
+}
+
+impl ReadBody for Writer {
+    fn body(&self, seq: u64) -> Vec<u8> {
+        self.read_message(seq).unwrap().expect("a live message has a record").payload.clone()
+    }
+}
+
+impl ReadBody for Store {
+    fn body(&self, seq: u64) -> Vec<u8> {
+        self.read_message(seq).unwrap().expect("a live message has a record").payload.clone()
+    }
+}
+
+fn bodies(r: &impl ReadBody, rec: &Recovered, queue: &str) -> Vec<String> {
     rec.messages
         .get(queue)
-        .map_or(Vec::new(), |ms| ms.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect())
+        .map_or(Vec::new(), |ms| ms.iter().map(|m| String::from_utf8_lossy(&r.body(m.seq)).into_owned()).collect())
 }
 
 static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
@@ -202,7 +219,7 @@ fn passive_gets_snapshot_then_stream_and_can_take_over_with_everything() {
     assert!(matches!(submit(&p, vec![Op::DeleteQueue { key: "q".into() }]), Err(StoreError::NotActive)));
     l.cut(&a, &p);
     let rec = promote(&p, 2);
-    assert_eq!(bodies(&rec, "q"), (2..=50).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(bodies(&p, &rec, "q"), (2..=50).map(|i| format!("m{i}")).collect::<Vec<_>>());
     assert_eq!(rec.epoch, 2);
     // The idempotence marks came along: a resend of producer seq 50 is a duplicate.
     assert!(submit(&p, enqueue(50)).unwrap().duplicate);
@@ -346,7 +363,7 @@ fn a_follower_whose_connection_moves_resumes_the_tail_and_stays_in_sync() {
     assert!(!kinds.iter().any(|k| k.starts_with("Snap") || k.contains("Refused")), "{kinds:?}");
     assert!(in_sync(&p), "the passive stayed in sync");
     second.cut(&a, &p);
-    assert_eq!(bodies(&promote(&p, 2), "q"), (1..=30).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(bodies(&p, &promote(&p, 2), "q"), (1..=30).map(|i| format!("m{i}")).collect::<Vec<_>>());
 }
 
 #[test]
@@ -363,7 +380,7 @@ fn a_passive_declared_down_resumes_out_of_sync_until_it_has_caught_up() {
     assert_eq!(kinds[2], "Resume", "{kinds:?}");
     assert!(!kinds.iter().any(|k| k.starts_with("Snap")), "{kinds:?}");
     l.cut(&a, &p);
-    assert_eq!(bodies(&promote(&p, 2), "q"), (1..=10).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(bodies(&p, &promote(&p, 2), "q"), (1..=10).map(|i| format!("m{i}")).collect::<Vec<_>>());
 }
 
 #[test]
@@ -397,7 +414,7 @@ fn a_follower_away_longer_than_the_kept_tail_gets_a_snapshot() {
     l.cut(&a, &p);
     let rec = promote(&p, 2);
     assert_eq!(rec.messages["q"].len(), 8);
-    assert!(rec.messages["q"][7].payload.iter().all(|b| *b == 8));
+    assert!(p.body(rec.messages["q"][7].seq).iter().all(|b| *b == 8));
 }
 
 #[test]
@@ -426,7 +443,7 @@ fn a_restarted_passive_resumes_from_its_own_store() {
     assert!(!kinds.iter().any(|k| k.starts_with("Snap") || k.contains("Refused")), "{kinds:?}");
     l.cut(&a, &p);
     drop((sa, a));
-    assert_eq!(bodies(&promote(&p, 2), "q"), (1..=20).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(bodies(&p, &promote(&p, 2), "q"), (1..=20).map(|i| format!("m{i}")).collect::<Vec<_>>());
 }
 
 #[test]
@@ -456,7 +473,7 @@ fn a_passive_stopped_in_the_middle_of_a_snapshot_keeps_its_old_copy() {
     wait_until("in sync", || in_sync(&p));
     assert_eq!(l.kinds()[2], "Resume", "{:?}", l.kinds());
     l.cut(&a, &p);
-    assert_eq!(bodies(&promote(&p, 10), "q"), (1..=5).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(bodies(&p, &promote(&p, 10), "q"), (1..=5).map(|i| format!("m{i}")).collect::<Vec<_>>());
 }
 
 /// A (active) and B (its in-sync passive) split; both confirm alone; B is the
@@ -514,10 +531,10 @@ fn a_node_that_becomes_active_again_before_its_hand_over_was_stored_keeps_those_
     // B dies before storing them; A takes over.
     l.cut(&b, &a);
     let rec = promote(&a, 3);
-    let mut got = bodies(&rec, "q");
+    let mut got = bodies(&a, &rec, "q");
     got.sort();
     assert_eq!(got, ["both", "m1", "m2", "m3", "m5"]);
-    assert_eq!(bodies(&rec, "r"), ["both"], "every queue the message was in");
+    assert_eq!(bodies(&a, &rec, "r"), ["both"], "every queue the message was in");
     assert!(sa.pending_handover().unwrap().is_empty());
 }
 
@@ -569,7 +586,7 @@ fn frames_an_old_connection_delivers_late_are_ignored() {
     assert!(in_sync(&p));
     assert!(!l.kinds().iter().any(|k| k.contains("Refused")), "{:?}", l.kinds());
     l.cut(&a, &p);
-    assert_eq!(bodies(&promote(&p, 2), "q"), ["m1", "m2", "m3", "m4", "m5"]);
+    assert_eq!(bodies(&p, &promote(&p, 2), "q"), ["m1", "m2", "m3", "m4", "m5"]);
 }
 
 #[test]
@@ -607,7 +624,7 @@ fn a_promotion_that_wrote_nothing_yields_to_a_follower_that_holds_more() {
     assert!(!l.kinds().iter().any(|k| k.contains("Snapshot")), "a keeps its history: {:?}", l.kinds());
     assert!(sa.pending_handover().unwrap().is_empty(), "nothing to hand over: a's history is kept");
     drop(b);
-    let mut got = bodies(&promote(&a, 3), "q");
+    let mut got = bodies(&a, &promote(&a, 3), "q");
     got.sort();
     assert_eq!(got, ["m1", "m2", "m3"]);
 }
@@ -676,7 +693,7 @@ fn an_in_sync_active_that_crashed_hands_nothing_over() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(l.handed_over().is_empty(), "{:?}", l.kinds());
     l.cut(&b, &a);
-    let mut got = bodies(&promote(&a, 3), "q");
+    let mut got = bodies(&a, &promote(&a, 3), "q");
     got.sort();
     assert_eq!(got, ["m1", "m2"]);
 }
@@ -773,14 +790,14 @@ fn a_commit_written_but_refused_is_kept_and_says_so() {
     }
     drop((a, sa, p, l));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let rec = loop {
+    let (store, rec) = loop {
         match Store::open(&StoreConfig::new(da.path())) {
-            Ok((_, rec)) => break rec,
+            Ok(opened) => break opened,
             Err(e) => assert!(std::time::Instant::now() < deadline, "reopen: {e}"),
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(bodies(&rec, "q"), ["m2"], "in the store, as the refusal said");
+    assert_eq!(bodies(&store, &rec, "q"), ["m2"], "in the store, as the refusal said");
 }
 
 #[test]
