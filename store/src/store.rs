@@ -349,10 +349,6 @@ impl Store {
             .path(&config.path)
             .cache_capacity(config.cache_bytes)
             .segment_size(segment_size(&config.path))
-            // sled replays its log from its last snapshot at open: take one
-            // every 20,000 ops (a few hundred records' worth of log), not
-            // every million, so that open time does not grow with the store.
-            .snapshot_after_ops(20_000)
             // We flush explicitly after each group commit; the background
             // flusher only bounds the loss window of `durability = none`.
             .flush_every_ms(Some(500))
