@@ -35,15 +35,16 @@ impl MessageRef {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct BatchLive {
     /// Live (message, queue) pairs in this batch plus acks in it that point at other live batches.
     pending: u64,
     bytes: u64,
 }
 
-/// Liveness of batches and of (queue, message) pairs. Owned by the writer thread.
-#[derive(Debug, Default)]
+/// Liveness of batches and of (queue, message) pairs. Owned by the writer
+/// thread; checkpointed (see `checkpoint.rs`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LiveIndex {
     batches: BTreeMap<u64, BatchLive>,
     /// Batches holding acks that point at the key batch.
@@ -139,6 +140,31 @@ impl LiveIndex {
                     dead.push(t);
                 }
             }
+        }
+        self.cascade(dead)
+    }
+
+    /// The records `keys` are gone from the log (a restart from an index
+    /// checkpoint learns of records that died after it): their messages are
+    /// no longer live, and they no longer pin the records holding acks of
+    /// them. Returns the records that die with them.
+    pub fn forget_records(&mut self, keys: &[u64]) -> Vec<u64> {
+        let mut dead = Vec::new();
+        for &k in keys {
+            if !self.batches.contains_key(&k) {
+                continue;
+            }
+            let end = self.batches.range(k + 1..).next().map_or(u64::MAX, |(n, _)| *n);
+            for set in self.live.values_mut() {
+                let gone: Vec<u64> = set.range(k..end).map(|(s, _)| *s).collect();
+                for s in gone {
+                    set.remove(&s);
+                }
+            }
+            if let Some(b) = self.batches.get_mut(&k) {
+                b.pending = 0;
+            }
+            dead.push(k);
         }
         self.cascade(dead)
     }

@@ -54,6 +54,7 @@
 //! with busy queues.
 
 pub mod bodies;
+pub(crate) mod checkpoint;
 pub mod clock;
 pub mod index;
 pub mod op;

@@ -114,6 +114,12 @@ fn segment_size(path: &Path) -> usize {
     }
 }
 
+/// What one read of a body from disk reads ahead (see [`Store::read_message`]).
+const READ_AHEAD_BYTES: usize = 64 * 1024;
+
+/// How long [`Store::open`] waits for a store locked by another process.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A stored queue as recovered: its definition and the sequence of the op that created it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueEntry {
@@ -166,6 +172,10 @@ pub struct Store {
     /// (`q/<name>`) as they were when its history was replaced, for the
     /// active to create those it lacks.
     pub(crate) handover_admin: sled::Tree,
+    /// Keys of records deleted since the index checkpoint that holds them.
+    pub(crate) dead: sled::Tree,
+    /// The index checkpoint covers the records up to this key (0: none).
+    ckpt_through: Arc<std::sync::atomic::AtomicU64>,
     /// A snapshot from the peer, loaded here until complete.
     pub(crate) staging_log: sled::Tree,
     pub(crate) staging_admin: sled::Tree,
@@ -345,15 +355,31 @@ impl Store {
     /// it aside and resyncs from its peer: see the broker).
     pub fn open(config: &StoreConfig) -> Result<(Store, Recovered), StoreError> {
         let started = std::time::Instant::now();
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_bytes)
             .segment_size(segment_size(&config.path))
             // We flush explicitly after each group commit; the background
             // flusher only bounds the loss window of `durability = none`.
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| StoreError::Open { path: config.path.clone(), source: e })?;
+            .flush_every_ms(Some(500));
+        // A process killed a moment ago holds the lock until its threads are
+        // gone: wait for it a bounded time rather than fail the restart.
+        let mut warned = false;
+        let db = loop {
+            match sled_config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && started.elapsed() < LOCK_WAIT =>
+                {
+                    if !warned {
+                        tracing::warn!(path = %config.path.display(), "the store is locked (a process that just stopped still holds it?); waiting up to {} s", LOCK_WAIT.as_secs());
+                        warned = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(StoreError::Open { path: config.path.clone(), source: e }),
+            }
+        };
         let open_err = |e: std::io::Error| StoreError::Open { path: config.path.clone(), source: sled::Error::Io(e) };
         let db_file = std::fs::File::open(config.path.join("db")).map_err(open_err)?;
         // The directory entries of sled's files themselves.
@@ -365,6 +391,8 @@ impl Store {
             meta: db.open_tree("meta")?,
             handover: db.open_tree("handover")?,
             handover_admin: db.open_tree("handover_admin")?,
+            dead: db.open_tree("dead")?,
+            ckpt_through: Arc::default(),
             staging_log: db.open_tree("staging_log")?,
             staging_admin: db.open_tree("staging_admin")?,
             staging_producers: db.open_tree("staging_producers")?,
@@ -512,10 +540,35 @@ impl Store {
             }
         }
 
-        let mut index = LiveIndex::default();
-        let mut batches = 0;
+        // The index as of the last checkpoint, then the records after it.
         let mut dead_at_open = Vec::new();
-        for kv in self.log.iter() {
+        let (mut index, from) = match crate::checkpoint::read(&self.path) {
+            Some(c) => {
+                next_seq = next_seq.max(c.next_seq);
+                for (p, s) in c.dedup {
+                    let e = dedup.entry(p).or_insert(0);
+                    *e = (*e).max(s);
+                }
+                let mut index = c.index;
+                // Records the checkpoint holds that died (and were deleted) since.
+                let mut gone = Vec::new();
+                for kv in self.dead.iter() {
+                    let (k, _) = kv?;
+                    gone.extend(be_u64(&k));
+                }
+                dead_at_open.extend(index.forget_records(&gone));
+                self.ckpt_through.store(c.through, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!(through = c.through, died_since = gone.len(), "index checkpoint loaded");
+                (index, c.through + 1)
+            }
+            None => {
+                self.ckpt_through.store(0, std::sync::atomic::Ordering::SeqCst);
+                self.dead.clear()?;
+                (LiveIndex::default(), 0)
+            }
+        };
+        let mut batches = 0;
+        for kv in self.log.range(from.to_be_bytes()..) {
             let (k, v) = kv?;
             let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
             let body = BatchBody::decode(key, &v)?;
@@ -542,16 +595,64 @@ impl Store {
         if !dead_at_open.is_empty() {
             // Possible when a crash came between an ack and the deletion it allowed.
             self.persist_floor(next_seq, dedup.iter())?;
-            let mut b = sled::Batch::default();
-            for d in &dead_at_open {
-                b.remove(&d.to_be_bytes());
-            }
-            self.log.apply_batch(b)?;
+            self.delete_records(&dead_at_open)?;
         }
-        tracing::info!(batches, ms = started.elapsed().as_millis() as u64, "store log read");
+        tracing::info!(records = batches, from, ms = started.elapsed().as_millis() as u64, "store log read");
         let mut recovered = Recovered::from_index(epoch, next_seq, admin, dedup, &index, batches);
         recovered.index = index;
         Ok(recovered)
+    }
+
+    /// Checkpoint `index` and `dedup` as of the record ending at `through`
+    /// (after making the store durable, so that the checkpoint never
+    /// describes records a crash could take back). Returns its size, bytes.
+    pub(crate) fn checkpoint(
+        &self,
+        through: u64,
+        next_seq: u64,
+        index: &LiveIndex,
+        dedup: &HashMap<u64, u64>,
+    ) -> Result<u64, StoreError> {
+        self.sync()?;
+        // Written borrowed: the index of a large backlog is not copied.
+        #[derive(serde::Serialize)]
+        struct Borrowed<'a> {
+            format: u8,
+            through: u64,
+            next_seq: u64,
+            dedup: &'a HashMap<u64, u64>,
+            index: &'a LiveIndex,
+        }
+        let bytes = crate::checkpoint::write_with(
+            &self.path,
+            &Borrowed { format: crate::checkpoint::FORMAT, through, next_seq, dedup, index },
+        )?;
+        // Deaths the new checkpoint already knows.
+        self.ckpt_through.store(through, std::sync::atomic::Ordering::SeqCst);
+        self.dead.clear()?;
+        Ok(bytes)
+    }
+
+    /// Delete dead records. Those the index checkpoint holds are noted in
+    /// the `dead` tree first: a restart from that checkpoint must not
+    /// bring their messages back (the acks that killed them may be gone too).
+    pub(crate) fn delete_records(&self, keys: &[u64]) -> Result<(), StoreError> {
+        let through = self.ckpt_through.load(std::sync::atomic::Ordering::SeqCst);
+        let mut noted = sled::Batch::default();
+        let mut any = false;
+        for k in keys.iter().filter(|k| **k <= through) {
+            noted.insert(&k.to_be_bytes(), &[]);
+            any = true;
+        }
+        if any {
+            self.dead.apply_batch(noted)?;
+        }
+        let mut b = sled::Batch::default();
+        for d in keys {
+            b.remove(&d.to_be_bytes());
+        }
+        self.log.apply_batch(b)?;
+        Ok(())
     }
 
     /// Write what must survive the deletion of batch records: the next
@@ -670,6 +771,10 @@ impl Store {
 
     fn swap_in_staging(&self, next_seq: u64) -> Result<(), StoreError> {
         self.bodies.clear();
+        // The index checkpoint describes the log being replaced.
+        crate::checkpoint::remove(&self.path)?;
+        self.ckpt_through.store(0, std::sync::atomic::Ordering::SeqCst);
+        self.dead.clear()?;
         for (from, to) in [
             (&self.staging_log, &self.log),
             (&self.staging_admin, &self.admin),
@@ -713,22 +818,34 @@ impl Store {
             return Ok(Some(m));
         }
         let Some(kv) = self.log.range(..=seq.to_be_bytes()).next_back() else { return Ok(None) };
-        let (k, v) = kv?;
+        let (k, _) = kv?;
         let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
-        let body = BatchBody::decode(key, &v)?;
+        // Read ahead: this record from `seq` on and the records after it, up
+        // to READ_AHEAD_BYTES (a queue drains in order; one lookup backwards
+        // in sled costs more than reading forwards).
         let mut found = None;
         let mut keep = Vec::new();
-        for (i, op) in body.ops.into_iter().enumerate() {
-            let s = key + i as u64;
-            if s < seq {
-                continue;
-            }
-            if let Op::Enqueue { message, .. } = op {
-                let m = Arc::new(message);
-                if s == seq {
-                    found = Some(m.clone());
+        let mut read = 0;
+        for kv in self.log.range(key.to_be_bytes()..) {
+            let (k, v) = kv?;
+            let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
+            let body = BatchBody::decode(key, &v)?;
+            read += v.len();
+            for (i, op) in body.ops.into_iter().enumerate() {
+                let s = key + i as u64;
+                if s < seq {
+                    continue;
                 }
-                keep.push(m);
+                if let Op::Enqueue { message, .. } = op {
+                    let m = Arc::new(message);
+                    if s == seq {
+                        found = Some(m.clone());
+                    }
+                    keep.push(m);
+                }
+            }
+            if found.is_none() || read >= READ_AHEAD_BYTES {
+                break;
             }
         }
         if found.is_some() {

@@ -295,6 +295,8 @@ pub struct WriterConfig {
     /// A producer id unused this long is forgotten: a resend of it later is
     /// stored again (DESIGN.md: at-least-once beyond the window).
     pub producer_expiry: std::time::Duration,
+    /// How often the index is checkpointed while records arrive (see `checkpoint.rs`).
+    pub checkpoint_every: std::time::Duration,
 }
 
 /// The audit log of a follower (target `twinmq::audit`, as the active's
@@ -313,6 +315,14 @@ fn audit_replicated(body: &BatchBody) {
     }
 }
 
+/// A writer idle this long with records not in the index checkpoint writes one.
+const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_secs(1);
+/// Records (of ~8 KiB) after which a checkpoint is written before
+/// `checkpoint_every`, at most once per [`CHECKPOINT_MIN_GAP`]: bounds what
+/// a restart after a crash reads to a few hundred MB of log.
+const CHECKPOINT_RECORDS: u64 = 20_000;
+const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(2);
+
 /// How long a producer id's idempotence mark outlives its last publish.
 pub const PRODUCER_EXPIRY: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -325,6 +335,7 @@ impl Default for WriterConfig {
             require_replica: false,
             tail_bytes: 32 * 1024 * 1024,
             producer_expiry: PRODUCER_EXPIRY,
+            checkpoint_every: crate::checkpoint::CHECKPOINT_EVERY,
         }
     }
 }
@@ -360,6 +371,10 @@ impl Writer {
             dedup_used: HashMap::new(),
             dedup_since: std::time::Instant::now(),
             last_prune: std::time::Instant::now(),
+            applied_through: recovered.next_seq.saturating_sub(1),
+            checkpointed_through: recovered.next_seq.saturating_sub(1),
+            last_checkpoint: std::time::Instant::now(),
+            records_since_checkpoint: 0,
             stats: stats.clone(),
             held: VecDeque::new(),
             conns: HashMap::new(),
@@ -569,6 +584,12 @@ struct WriterState {
     dedup_used: HashMap<u64, std::time::Instant>,
     dedup_since: std::time::Instant,
     last_prune: std::time::Instant,
+    /// Every record up to this sequence is in `index`.
+    applied_through: u64,
+    /// ... and in the last index checkpoint, written at `last_checkpoint`.
+    checkpointed_through: u64,
+    last_checkpoint: std::time::Instant,
+    records_since_checkpoint: u64,
     stats: Arc<WriterStats>,
     held: VecDeque<Held>,
     conns: HashMap<ConnId, PeerTx>,
@@ -583,6 +604,16 @@ impl WriterState {
                 match rx.recv_timeout(Duration::from_millis(2)) {
                     Ok(r) => Some(r),
                     Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else if self.applied_through != self.checkpointed_through {
+                // Idle with records not in the checkpoint: write one soon.
+                match rx.recv_timeout(CHECKPOINT_WHEN_IDLE) {
+                    Ok(r) => Some(r),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.checkpoint();
+                        None
+                    }
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             } else {
@@ -623,10 +654,17 @@ impl WriterState {
             }
             self.stream_snapshot();
             self.publish_stats();
+            let since = self.last_checkpoint.elapsed();
+            if since >= self.config.checkpoint_every
+                || (since >= CHECKPOINT_MIN_GAP && self.records_since_checkpoint >= CHECKPOINT_RECORDS)
+            {
+                self.checkpoint();
+            }
         }
         if let Err(e) = self.store.sync() {
             tracing::error!(error = %e, "final store sync failed");
         }
+        self.checkpoint();
         tracing::debug!("store writer stopped");
     }
 
@@ -848,6 +886,8 @@ impl WriterState {
                 self.note_producers(&body);
                 self.count(&body, raw.len() as u64);
                 let dead = self.index.apply(&body, raw.len() as u64);
+                self.applied_through = self.applied_through.max(last_seq);
+                self.records_since_checkpoint += 1;
                 self.delete(&dead, last_seq + 1);
             }
             Action::Flush => {
@@ -871,6 +911,9 @@ impl WriterState {
                 self.dedup_since = std::time::Instant::now();
                 self.stats.loading.store(false, Ordering::Relaxed);
                 self.stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
+                // A new history: the next checkpoint describes it (the old one is gone).
+                self.applied_through = next_seq - 1;
+                self.checkpointed_through = 0;
                 tracing::info!(next_seq, batches = recovered.batches, "snapshot from the peer loaded");
             }
             Action::DiscardStaging => {
@@ -1139,6 +1182,33 @@ impl WriterState {
         Committed { epoch: self.replica.epoch(), first_seq: 0, ops: Vec::new(), duplicate: false }
     }
 
+    /// Write the index checkpoint if records arrived since the last one
+    /// (never while a snapshot is loading or after the disk failed).
+    fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        self.records_since_checkpoint = 0;
+        if self.applied_through == self.checkpointed_through
+            || self.stats.loading.load(Ordering::Relaxed)
+            || self.stats.disk_failed.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        let started = Instant::now();
+        let next_seq = self.applied_through + 1;
+        match self.store.checkpoint(self.applied_through, next_seq, &self.index, &self.dedup) {
+            Ok(bytes) => {
+                self.checkpointed_through = self.applied_through;
+                tracing::debug!(
+                    through = self.applied_through,
+                    bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "index checkpoint written"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "could not write the index checkpoint; a restart reads more of the log"),
+        }
+    }
+
     /// Admin entries, the records (see [`BatchBody::records`]), one sync,
     /// dead records deleted. Returns each record: first and last sequence, bytes.
     fn write(&mut self, body: &BatchBody) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
@@ -1160,9 +1230,11 @@ impl WriterState {
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes.fetch_add(len, Ordering::Relaxed);
             dead.extend(self.index.apply_ops(first, &body.ops[run.clone()], len));
+            self.records_since_checkpoint += 1;
             out.push((first, first + run.len() as u64 - 1, raw));
         }
         self.stats.ops.fetch_add(body.ops.len() as u64, Ordering::Relaxed);
+        self.applied_through = self.applied_through.max(body.last_seq());
         self.delete(&dead, body.last_seq() + 1);
         Ok(out)
     }
@@ -1249,12 +1321,7 @@ impl WriterState {
     fn try_delete(&mut self, dead: &[u64], next_seq: u64) -> Result<(), StoreError> {
         self.store.persist_floor(next_seq, self.dirty_dedup.iter())?;
         self.dirty_dedup.clear();
-        let mut b = sled::Batch::default();
-        for d in dead {
-            b.remove(&d.to_be_bytes());
-        }
-        self.store.log.apply_batch(b)?;
-        Ok(())
+        self.store.delete_records(dead)
     }
 
     /// How many messages wait for a hand-over (read after each change of the tree).

@@ -184,7 +184,7 @@ fn a_corrupted_record_refuses_to_open() {
         // the last handle is gone: retry for a bounded time.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let db = loop {
-            match sled::open(dir.path()) {
+            match sled::Config::new().path(dir.path()).segment_size(twinmq_store::store::SEGMENT_BYTES).open() {
                 Ok(db) => break db,
                 Err(e) if std::time::Instant::now() < deadline => {
                     eprintln!("sled not yet released ({e}); retrying");
@@ -200,6 +200,17 @@ fn a_corrupted_record_refuses_to_open() {
         log.insert(key.to_be_bytes(), raw).unwrap();
         db.flush().unwrap();
     }
+    // The index checkpoint covers the record: it is checked when it is read.
+    {
+        let (store, rec) = open(dir.path());
+        assert_eq!(rec.messages["q"].len(), 1);
+        match store.read_message(key) {
+            Err(StoreError::Corrupt { key: k, .. }) => assert_eq!(k, key),
+            other => panic!("expected Corrupt on read, got {other:?}"),
+        }
+    }
+    // Without a checkpoint every record is read, and checked, at open.
+    std::fs::remove_file(dir.path().join("index.ckpt")).unwrap();
     match try_open(dir.path()) {
         Err(StoreError::Corrupt { key: k, .. }) => assert_eq!(k, key),
         other => panic!("expected Corrupt, got {other:?}"),
@@ -227,4 +238,93 @@ fn users_survive_reopen_and_their_sequence_is_never_reused() {
     assert_eq!(rec.users["app"], u);
     assert!(rec.next_seq > c.first_seq);
     assert!(rec.queues.is_empty(), "user entries are not mistaken for queues");
+}
+
+/// What a reopen recovers, comparable across the two ways of reading it.
+fn state(rec: &Recovered) -> (Vec<(String, Vec<MessageRef>)>, Vec<(u64, u64)>, u64) {
+    let mut messages: Vec<_> = rec.messages.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    messages.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut dedup: Vec<_> = rec.dedup.iter().map(|(k, v)| (*k, *v)).collect();
+    dedup.sort();
+    (messages, dedup, rec.next_seq)
+}
+
+#[test]
+fn a_restart_from_an_index_checkpoint_and_the_log_after_it_recovers_what_a_full_read_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = |mut m: StoredMessage| {
+        m.expires_at_ms = Some(4_000_000_000_000);
+        m
+    };
+    // First run: stopped cleanly, so it leaves a checkpoint.
+    let (store, mut rec) = open(dir.path());
+    let (w, h) = Writer::start(store.clone(), &mut rec, WriterConfig::default()).unwrap();
+    submit(&w, vec![Op::PutQueue { key: "q".into(), spec: queue() }, Op::PutQueue { key: "r".into(), spec: queue() }]);
+    let mut seqs = Vec::new();
+    for i in 0..40u64 {
+        let m = if i % 7 == 0 { ttl(msg(3, i + 1, &format!("m{i}"))) } else { msg(3, i + 1, &format!("m{i}")) };
+        let queues = if i % 5 == 0 { vec!["q".into(), "r".into()] } else { vec!["q".into()] };
+        seqs.push(submit(&w, vec![Op::Enqueue { message: m, queues }]).first_seq);
+    }
+    for s in &seqs[..10] {
+        submit(&w, vec![Op::Ack { queue: "q".into(), seq: *s }]);
+    }
+    drop(w);
+    h.join().unwrap();
+    store.close().unwrap();
+    let ckpt = dir.path().join("index.ckpt");
+    assert!(ckpt.exists(), "a clean stop leaves an index checkpoint");
+
+    // Second run: more records (enqueues, acks of messages the checkpoint
+    // holds, a deleted queue, a new producer); its files copied while it
+    // runs are what a crash before its next checkpoint leaves.
+    let crashed = tempfile::tempdir().unwrap();
+    let (store, mut rec) = open(dir.path());
+    assert_eq!(rec.batches, 0, "nothing after the checkpoint to read");
+    assert_eq!(rec.messages["q"].len(), 30);
+    let (w, h) = Writer::start(store.clone(), &mut rec, WriterConfig::default()).unwrap();
+    for s in &seqs[10..20] {
+        submit(&w, vec![Op::Ack { queue: "q".into(), seq: *s }]);
+    }
+    submit(&w, vec![Op::DeleteQueue { key: "r".into() }]);
+    for i in 0..5u64 {
+        submit(&w, vec![Op::Enqueue { message: ttl(msg(9, i + 1, &format!("n{i}"))), queues: vec!["q".into()] }]);
+    }
+    store.sync().unwrap();
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_file() {
+            std::fs::copy(f.path(), crashed.path().join(f.file_name())).unwrap();
+        }
+    }
+    assert!(crashed.path().join("index.ckpt").exists());
+    drop(w);
+    h.join().unwrap();
+    store.close().unwrap();
+    let ckpt = crashed.path().join("index.ckpt");
+    let (store, from_ckpt) = open(crashed.path());
+    assert!(from_ckpt.batches > 0, "the records after the old checkpoint were read");
+    let with_ckpt = state(&from_ckpt);
+    drop((store, from_ckpt));
+
+    std::fs::remove_file(&ckpt).unwrap();
+    let (store, full) = open(crashed.path());
+    assert_eq!(with_ckpt, state(&full), "checkpoint + tail == the whole log");
+    assert_eq!(full.messages["q"].len(), 25);
+    assert!(!full.messages.contains_key("r"));
+    assert_eq!(full.dedup.get(&9), Some(&5));
+    assert!(full.messages["q"].iter().filter(|m| m.expires_at_ms.is_some()).count() >= 5, "expiries kept");
+    // Bodies are read from their records, not kept.
+    let first = full.messages["q"][0];
+    assert_eq!(store.read_message(first.seq).unwrap().unwrap().payload, b"m20");
+
+    // A checkpoint that cannot be read is ignored: the whole log is read.
+    drop(store);
+    std::fs::write(&ckpt, b"garbage").unwrap();
+    let (_store, again) = open(crashed.path());
+    assert_eq!(state(&again), state(&full));
+    // The cleanly stopped copy, from its own checkpoint, agrees too.
+    let (_s, clean) = open(dir.path());
+    assert_eq!(clean.batches, 0);
+    assert_eq!(state(&clean), state(&full));
 }
