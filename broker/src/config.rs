@@ -150,6 +150,12 @@ pub struct Settings {
     /// sled's page cache, bytes.
     #[arg(long, value_name = "BYTES")]
     pub cache_bytes: Option<usize>,
+    /// Most bytes the data directory may take before new messages are refused (0: no limit of its own).
+    #[arg(long, value_name = "BYTES")]
+    pub max_disk_bytes: Option<u64>,
+    /// New messages are refused while the data directory's file system has less free than this.
+    #[arg(long, value_name = "BYTES")]
+    pub min_free_disk_bytes: Option<u64>,
     /// Message bodies kept in memory (half for the newest messages of each queue, half read back from disk), bytes.
     #[arg(long, value_name = "BYTES")]
     pub body_cache_bytes: Option<usize>,
@@ -419,6 +425,9 @@ pub struct Config {
     pub max_subscriptions_per_connection: usize,
     /// sled's page cache.
     pub cache_bytes: usize,
+    /// 0: no limit of its own (see `disk.rs`).
+    pub max_disk_bytes: u64,
+    pub min_free_disk_bytes: u64,
     /// Bodies in memory: half kept by queues, half the store's read cache.
     pub body_cache_bytes: usize,
     pub max_destinations: usize,
@@ -485,6 +494,8 @@ impl Default for Config {
             max_queue_bytes: 1 << 30,
             max_subscriptions_per_connection: 100,
             cache_bytes: 64 << 20,
+            max_disk_bytes: 0,
+            min_free_disk_bytes: 256 << 20,
             body_cache_bytes: 64 << 20,
             max_destinations: 10_000,
             ack_timeout_ms: Some(60_000),
@@ -608,6 +619,8 @@ impl Config {
         let max_queue_depth = positive("max_queue_depth", s.max_queue_depth, d.max_queue_depth)?;
         let cache_bytes = positive("cache_bytes", s.cache_bytes, d.cache_bytes)?;
         let body_cache_bytes = s.body_cache_bytes.unwrap_or(d.body_cache_bytes);
+        let max_disk_bytes = s.max_disk_bytes.unwrap_or(d.max_disk_bytes);
+        let min_free_disk_bytes = s.min_free_disk_bytes.unwrap_or(d.min_free_disk_bytes);
         let max_queue_bytes = positive("max_queue_bytes", s.max_queue_bytes, d.max_queue_bytes)?;
         if max_queue_bytes < max_message_bytes {
             return Err(invalid(
@@ -698,6 +711,8 @@ impl Config {
             max_subscriptions_per_connection,
             cache_bytes,
             body_cache_bytes,
+            max_disk_bytes,
+            min_free_disk_bytes,
             max_destinations,
             ack_timeout_ms,
             max_redeliveries,

@@ -20,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod disk;
 pub mod http;
 pub mod listener;
 pub mod metrics;
@@ -78,6 +79,8 @@ pub struct Shared {
     /// publishes they hold for room (`queue_full = "block"`), unconfirmed,
     /// so that connections need not wait for them.
     pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    /// The data directory's disk use and limits (see `disk.rs`).
+    pub disk: Arc<disk::DiskUse>,
     role: watch::Receiver<Role>,
 }
 
@@ -88,6 +91,7 @@ impl Shared {
             sessions: Arc::new(AtomicUsize::new(0)),
             epoch: Arc::new(AtomicU64::new(epoch)),
             shutting_down: Arc::default(),
+            disk: disk::DiskUse::unlimited(),
             role,
         }
     }

@@ -105,6 +105,33 @@ impl Metrics {
         r.register("epoch", "The store's epoch (+1 on every promotion)", gauge(u("epoch")));
         r.register("last_op", "Sequence number of the last op in this node's store", gauge(u("last_op")));
         r.register("connections", "Open client connections", gauge(u("connections")));
+        let store = |key: &str| status["store"][key].as_u64().unwrap_or(0);
+        r.register("disk_bytes", "Bytes the data directory takes on disk", gauge(store("disk_bytes")));
+        r.register(
+            "disk_headroom_bytes",
+            "Bytes that may still be written before new messages are refused (max_disk_bytes, min_free_disk_bytes)",
+            gauge(store("disk_headroom_bytes")),
+        );
+        r.register(
+            "disk_full",
+            "1 while new messages are refused for the disk limits",
+            gauge(u64::from(status["store"]["disk_full"] == true)),
+        );
+        r.register(
+            "live_record_bytes",
+            "Bytes of batch records still holding live messages",
+            gauge(store("live_bytes")),
+        );
+        r.register(
+            "read_cache_bytes",
+            "Bytes of message bodies read back from disk and cached",
+            gauge(store("read_cache_bytes")),
+        );
+        r.register(
+            "read_cache_misses",
+            "Reads of bodies from disk (one per record read ahead)",
+            gauge(store("read_cache_misses")),
+        );
         // A lone node (no pair) has neither peer nor gateway; those gauges are omitted.
         if status["peer"].is_object() {
             let peer = &status["peer"];

@@ -246,7 +246,16 @@ impl Handler<GetNodeStatus> for Node {
         let epoch = stats.epoch.load(Ordering::Relaxed);
         let serving = self.shared.role();
         let connections = self.shared.connections.load(Ordering::Relaxed);
-        let store = store_status(stats);
+        let mut store = store_status(stats);
+        let disk = &self.shared.disk;
+        store["disk_bytes"] = disk.used().into();
+        store["disk_free_bytes"] = disk.free().into();
+        store["disk_headroom_bytes"] = disk.headroom().into();
+        store["disk_full"] = disk.full().is_some().into();
+        let cache = self.writer.read_cache();
+        store["read_cache_bytes"] = (cache.bytes() as u64).into();
+        store["read_cache_hits"] = cache.hits.load(Ordering::Relaxed).into();
+        store["read_cache_misses"] = cache.misses.load(Ordering::Relaxed).into();
         // [epoch, first op, forced] per promotion: which epoch wrote which ops.
         let history: Vec<(u64, u64, bool)> = stats.history().iter().map(|e| (e.epoch, e.start, e.forced)).collect();
         Box::pin(async move {

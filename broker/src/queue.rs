@@ -106,6 +106,8 @@ pub struct QueueSettings {
     pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
     /// Room for bodies in memory, shared by every queue.
     pub bodies: Arc<BodyBudget>,
+    /// The disk limits: persistent messages wait or are refused past them.
+    pub disk: Arc<crate::disk::DiskUse>,
 }
 
 impl QueueSettings {
@@ -309,6 +311,8 @@ impl Queue {
             Some(format!("{} is full ({} messages, max_queue_depth)", self.label, s.max_depth))
         } else if self.bytes() >= s.max_bytes {
             Some(format!("{} is full ({} bytes, max_queue_bytes)", self.label, s.max_bytes))
+        } else if self.store_key().is_some() {
+            s.disk.full()
         } else {
             None
         }

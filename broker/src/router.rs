@@ -72,6 +72,7 @@ impl Router {
                 block_when_full: config.queue_full == crate::config::QueueFull::Block,
                 shutting_down: shared.shutting_down.clone(),
                 bodies: Arc::new(crate::queue::BodyBudget::new(config.body_cache_bytes / 2)),
+                disk: shared.disk.clone(),
             };
             let mut r = Router {
                 config: config.clone(),

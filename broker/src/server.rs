@@ -75,6 +75,9 @@ pub async fn run(
     let store_config = StoreConfig {
         cache_bytes: config.cache_bytes as u64,
         read_cache_bytes: config.body_cache_bytes / 2,
+        // A pair member checks every record at open: a copy that fails its
+        // checks is set aside and resynced from the peer (DESIGN.md section 5).
+        checkpoints: config.pair.is_none(),
         ..StoreConfig::new(&config.data_dir)
     };
     let pair_member = config.pair.is_some();
@@ -109,7 +112,8 @@ pub async fn run(
     )?;
 
     let (role_tx, role_rx) = watch::channel(Role::Passive);
-    let shared = Shared::new(role_rx, recovered.epoch);
+    let mut shared = Shared::new(role_rx, recovered.epoch);
+    shared.disk = crate::disk::DiskUse::start(&config.data_dir, config.max_disk_bytes, config.min_free_disk_bytes);
     let (router_tx, router_rx) = watch::channel(None);
     let (security_tx, security_rx) = watch::channel(Default::default());
     let mut node = Node::new(

@@ -65,6 +65,9 @@ impl Topic {
     /// The first durable subscription at `max_queue_depth` or
     /// `max_queue_bytes`, if any, and which limit.
     fn full_durable(&self) -> Option<(&str, &'static str)> {
+        if let (Some((k, _)), Some(_)) = (self.durable_depths.iter().next(), self.settings.disk.full()) {
+            return Some((k.as_str(), "the node's disk limit: max_disk_bytes or min_free_disk_bytes"));
+        }
         self.durable_depths.iter().find_map(|(k, f)| {
             if f.depth.load(Ordering::Relaxed) >= self.settings.max_depth {
                 Some((k.as_str(), "max_queue_depth"))

@@ -520,7 +520,7 @@ async fn after_a_failover_the_new_active_serves_at_once_and_clients_do_not_spin(
 fn corrupt_a_record(data_dir: &std::path::Path) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let db = loop {
-        match sled::open(data_dir) {
+        match sled::Config::new().path(data_dir).segment_size(twinmq_store::store::SEGMENT_BYTES).open() {
             Ok(db) => break db,
             Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => panic!("cannot open {}: {e}", data_dir.display()),

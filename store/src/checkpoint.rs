@@ -89,9 +89,7 @@ pub(crate) fn read(dir: &Path) -> Option<Checkpoint> {
 /// Forget the checkpoint (the log is about to be replaced).
 pub(crate) fn remove(dir: &Path) -> Result<(), StoreError> {
     match std::fs::remove_file(path(dir)) {
-        Ok(()) => std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| StoreError::Sled(sled::Error::Io(e))),
+        Ok(()) => std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::Sled(sled::Error::Io(e))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(StoreError::Sled(sled::Error::Io(e))),
     }

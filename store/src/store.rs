@@ -80,11 +80,20 @@ pub struct StoreConfig {
     /// Message bodies read back from their records and kept for the
     /// deliveries that follow (see `bodies.rs`), bytes.
     pub read_cache_bytes: usize,
+    /// Start from the index checkpoint (fast; records it covers are checked
+    /// when read), or read and check every record at open (a pair member: a
+    /// copy that fails its checks is set aside and resynced from the peer).
+    pub checkpoints: bool,
 }
 
 impl StoreConfig {
     pub fn new(path: impl AsRef<Path>) -> Self {
-        StoreConfig { path: path.as_ref().to_path_buf(), cache_bytes: 64 << 20, read_cache_bytes: 32 << 20 }
+        StoreConfig {
+            path: path.as_ref().to_path_buf(),
+            cache_bytes: 64 << 20,
+            read_cache_bytes: 32 << 20,
+            checkpoints: true,
+        }
     }
 }
 
@@ -183,6 +192,7 @@ pub struct Store {
     /// sled's log file, fdatasync'd after each flush.
     db_file: Arc<std::fs::File>,
     blobs: Arc<Mutex<BlobSync>>,
+    checkpoints: bool,
     /// Bodies read back for delivery.
     pub(crate) bodies: Arc<BodyCache>,
     path: PathBuf,
@@ -400,6 +410,7 @@ impl Store {
             db_file: Arc::new(db_file),
             blobs: Arc::default(),
             bodies: Arc::new(BodyCache::new(config.read_cache_bytes)),
+            checkpoints: config.checkpoints,
             path: config.path.clone(),
         };
         if let Some(next_seq) = store.meta_u64(META_STAGED)? {
@@ -542,7 +553,13 @@ impl Store {
 
         // The index as of the last checkpoint, then the records after it.
         let mut dead_at_open = Vec::new();
-        let (mut index, from) = match crate::checkpoint::read(&self.path) {
+        let ckpt = if self.checkpoints {
+            crate::checkpoint::read(&self.path)
+        } else {
+            crate::checkpoint::remove(&self.path)?;
+            None
+        };
+        let (mut index, from) = match ckpt {
             Some(c) => {
                 next_seq = next_seq.max(c.next_seq);
                 for (p, s) in c.dedup {
@@ -606,6 +623,11 @@ impl Store {
     /// Checkpoint `index` and `dedup` as of the record ending at `through`
     /// (after making the store durable, so that the checkpoint never
     /// describes records a crash could take back). Returns its size, bytes.
+    /// Whether this store keeps index checkpoints (see [`StoreConfig::checkpoints`]).
+    pub fn checkpoints(&self) -> bool {
+        self.checkpoints
+    }
+
     pub(crate) fn checkpoint(
         &self,
         through: u64,

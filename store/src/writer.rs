@@ -606,7 +606,7 @@ impl WriterState {
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
-            } else if self.applied_through != self.checkpointed_through {
+            } else if self.applied_through != self.checkpointed_through && self.store.checkpoints() {
                 // Idle with records not in the checkpoint: write one soon.
                 match rx.recv_timeout(CHECKPOINT_WHEN_IDLE) {
                     Ok(r) => Some(r),
@@ -1187,7 +1187,8 @@ impl WriterState {
     fn checkpoint(&mut self) {
         self.last_checkpoint = Instant::now();
         self.records_since_checkpoint = 0;
-        if self.applied_through == self.checkpointed_through
+        if !self.store.checkpoints()
+            || self.applied_through == self.checkpointed_through
             || self.stats.loading.load(Ordering::Relaxed)
             || self.stats.disk_failed.load(Ordering::SeqCst)
         {
@@ -1205,7 +1206,9 @@ impl WriterState {
                     "index checkpoint written"
                 );
             }
-            Err(e) => tracing::warn!(error = %e, "could not write the index checkpoint; a restart reads more of the log"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write the index checkpoint; a restart reads more of the log")
+            }
         }
     }
 

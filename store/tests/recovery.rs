@@ -240,8 +240,11 @@ fn users_survive_reopen_and_their_sequence_is_never_reused() {
     assert!(rec.queues.is_empty(), "user entries are not mistaken for queues");
 }
 
-/// What a reopen recovers, comparable across the two ways of reading it.
-fn state(rec: &Recovered) -> (Vec<(String, Vec<MessageRef>)>, Vec<(u64, u64)>, u64) {
+/// What a reopen recovers (messages per queue, idempotence marks, next
+/// sequence), comparable across the two ways of reading it.
+type State = (Vec<(String, Vec<MessageRef>)>, Vec<(u64, u64)>, u64);
+
+fn state(rec: &Recovered) -> State {
     let mut messages: Vec<_> = rec.messages.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     messages.sort_by(|a, b| a.0.cmp(&b.0));
     let mut dedup: Vec<_> = rec.dedup.iter().map(|(k, v)| (*k, *v)).collect();

@@ -1,0 +1,123 @@
+//! The data directory's disk use and its limits (issue 11): a queue is
+//! bounded by disk, not memory, so the broker refuses new messages (a clear
+//! `LimitReached`, or holds them with `queue_full = "block"`) before the
+//! disk is full: once the data directory (store, blobs, index checkpoint,
+//! snapshot staging: everything in it) reaches `max_disk_bytes`, or the
+//! file system has less than `min_free_disk_bytes` left. Acks, deletes and
+//! admin changes still go through (they are what frees the disk). Measured
+//! once a second by a thread of its own; shown in `/status` and `/metrics`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the disk use is measured.
+const EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+pub struct DiskUse {
+    dir: PathBuf,
+    /// 0: no limit of our own.
+    max_bytes: u64,
+    min_free: u64,
+    used: AtomicU64,
+    free: AtomicU64,
+    full: AtomicBool,
+}
+
+/// Bytes the files under `dir` take on disk (blocks, not apparent size).
+fn du(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => du(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+impl DiskUse {
+    /// No limits, nothing measured (tests, and until the broker starts).
+    pub fn unlimited() -> Arc<DiskUse> {
+        Arc::default()
+    }
+
+    /// Measure `dir` now and then once a second, on a thread of its own.
+    pub fn start(dir: &Path, max_bytes: u64, min_free: u64) -> Arc<DiskUse> {
+        let d = Arc::new(DiskUse { dir: dir.to_path_buf(), max_bytes, min_free, ..DiskUse::default() });
+        d.refresh();
+        let weak = Arc::downgrade(&d);
+        let spawned = std::thread::Builder::new().name("twinmq-disk".into()).spawn(move || loop {
+            std::thread::sleep(EVERY);
+            match weak.upgrade() {
+                Some(d) => d.refresh(),
+                None => return,
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the disk-use thread; disk limits are checked at start only");
+        }
+        d
+    }
+
+    pub fn refresh(&self) {
+        let used = du(&self.dir);
+        let free = rustix::fs::statvfs(&self.dir).map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize));
+        self.used.store(used, Ordering::Relaxed);
+        self.free.store(free, Ordering::Relaxed);
+        let full = (self.max_bytes > 0 && used >= self.max_bytes) || free < self.min_free;
+        if full != self.full.swap(full, Ordering::Relaxed) {
+            if full {
+                tracing::warn!(
+                    used,
+                    free,
+                    max_disk_bytes = self.max_bytes,
+                    min_free_disk_bytes = self.min_free,
+                    "disk limit reached: new messages are refused until space is freed"
+                );
+            } else {
+                tracing::info!(used, free, "below the disk limit again: new messages are accepted");
+            }
+        }
+    }
+
+    /// Why new messages are refused, if they are.
+    pub fn full(&self) -> Option<String> {
+        if !self.full.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (used, free) = (self.used(), self.free());
+        Some(if self.max_bytes > 0 && used >= self.max_bytes {
+            format!(
+                "the node's disk limit is reached ({used} bytes in its data directory, max_disk_bytes {})",
+                self.max_bytes
+            )
+        } else {
+            format!("the node's disk is nearly full ({free} bytes free, min_free_disk_bytes {})", self.min_free)
+        })
+    }
+
+    /// Bytes the data directory takes.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes free on its file system (for this user).
+    pub fn free(&self) -> u64 {
+        self.free.load(Ordering::Relaxed)
+    }
+
+    /// Bytes that may still be written before new messages are refused.
+    pub fn headroom(&self) -> u64 {
+        let by_free = self.free().saturating_sub(self.min_free);
+        if self.max_bytes > 0 {
+            by_free.min(self.max_bytes.saturating_sub(self.used()))
+        } else {
+            by_free
+        }
+    }
+}

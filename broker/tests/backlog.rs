@@ -1,0 +1,113 @@
+//! Backlogs deeper than the memory kept for bodies (issue 11): with a body
+//! budget of 256 KiB and a sled cache of 1 MiB, a queue of 4,000 messages
+//! of 1 KiB (four times the budget and cache together) is delivered whole,
+//! once and in order, after a `kill -9` and restart of a single node and
+//! after a `kill -9` of the active of a pair (the passive's index, kept as
+//! records arrived, is what it serves from).
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::pair::{Pair, PairOptions};
+use common::Broker;
+use twinmq_client::{Client, ClientConfig, Destination, Message, SubscribeOptions};
+
+const N: usize = 4_000;
+const SMALL_MEMORY: [&str; 4] = ["--body-cache-bytes", "262144", "--cache-bytes", "1048576"];
+
+fn body(i: usize) -> String {
+    format!("{i:06}-{}", "x".repeat(1017))
+}
+
+async fn fill(config: ClientConfig, queue: &str) {
+    let client = Client::connect(config).await.unwrap();
+    let producer = client.producer(Destination::queue(queue));
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..N {
+        pending.push_back(producer.send_nowait(Message::persistent(body(i))).await.unwrap());
+        while pending.len() > 128 {
+            pending.pop_front().unwrap().await.unwrap();
+        }
+    }
+    for c in pending {
+        c.await.unwrap();
+    }
+}
+
+/// Consume and ack everything; the bodies in delivery order.
+async fn drain_in_order(config: ClientConfig, queue: &str) -> Vec<String> {
+    let client = Client::connect(config).await.unwrap();
+    let mut c = client.subscribe(Destination::queue(queue), SubscribeOptions::default().prefetch(256)).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), c.recv()).await {
+        got.push(String::from_utf8_lossy(d.payload()).into_owned());
+        d.ack().await.unwrap();
+    }
+    got
+}
+
+fn assert_whole_and_in_order(got: &[String], what: &str) {
+    assert_eq!(got.len(), N, "{what}: every message once");
+    for (i, b) in got.iter().enumerate() {
+        assert!(*b == body(i), "{what}: message {i} out of order or altered: {}", &b[..12.min(b.len())]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_deeper_than_memory_is_delivered_whole_and_in_order_after_a_restart() {
+    let mut args = vec!["--durability", "local", "--auto-create", "true"];
+    args.extend(SMALL_MEMORY);
+    let mut b = Broker::start(&args);
+    fill(b.config(), "deep").await;
+    b.kill9();
+    b.restart();
+    let got = drain_in_order(b.config(), "deep").await;
+    assert_whole_and_in_order(&got, "after kill -9 and restart");
+    assert!(b.log().contains("store recovered"), "{}", b.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_deeper_than_memory_is_delivered_whole_and_in_order_after_a_failover() {
+    let extra: Vec<String> = SMALL_MEMORY.iter().map(|s| s.to_string()).collect();
+    let mut pair = Pair::start(PairOptions { extra, ..Default::default() }).await;
+    pair.wait_a_active_b_in_sync().await;
+    fill(pair.client_config(), "deep").await;
+    pair.a.kill9();
+    pair.b
+        .wait_for("active", Duration::from_secs(15), |s| s["role"].as_str().is_some_and(|r| r.starts_with("active")))
+        .await;
+    assert!(
+        pair.b.log().contains("live state taken from the index kept while passive"),
+        "the promotion read no records:\n{}",
+        pair.b.log()
+    );
+    let got = drain_in_order(pair.client_config(), "deep").await;
+    assert_whole_and_in_order(&got, "after kill -9 of the active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_limit_refuses_new_messages_clearly_and_loses_none_it_confirmed() {
+    let b = Broker::start(&["--durability", "local", "--auto-create", "true", "--max-disk-bytes", "8000000"]);
+    let client = b.client().await;
+    let producer = client.producer(Destination::queue("disk"));
+    let mut confirmed = Vec::new();
+    let refusal = loop {
+        assert!(confirmed.len() < 100_000, "the disk limit never refused anything");
+        let i = confirmed.len();
+        match producer.send(Message::persistent(body(i))).await {
+            Ok(_) => confirmed.push(body(i)),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(refusal.code(), Some(twinmq_client::ErrorCode::LimitReached), "{refusal}");
+    assert!(refusal.to_string().contains("max_disk_bytes"), "the refusal names the limit: {refusal}");
+    let status: serde_json::Value = serde_json::from_str(&client.status().await.unwrap()).unwrap();
+    assert_eq!(status["store"]["disk_full"], true, "{status}");
+    assert!(status["store"]["disk_bytes"].as_u64().unwrap() >= 8_000_000, "{status}");
+    // Everything confirmed before the limit is there, in order.
+    let got = drain_in_order(b.config(), "disk").await;
+    assert_eq!(got, confirmed, "every confirmed message, once, in order");
+}
