@@ -41,6 +41,13 @@ struct Args {
     timings: Speed,
     #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// Messages of 1 KiB stored (queue `backlog`, no consumer) before the
+    /// first fault: failover time with a backlog (issue 11).
+    #[arg(long, default_value_t = 0)]
+    backlog: u64,
+    /// How long to wait for the killed node to rejoin in sync, seconds.
+    #[arg(long, default_value_t = 20)]
+    rejoin_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +66,29 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let mut pair = lab::Pair::start(timings, &[])?;
     pair.a.wait_active(Duration::from_secs(10)).await?;
     pair.b.wait_in_sync_passive(Duration::from_secs(10)).await?;
+
+    if args.backlog > 0 {
+        let started = Instant::now();
+        let filler = Client::connect(pair.client_config().window(256)).await?;
+        let producer = filler.producer(Destination::queue("backlog"));
+        let body = vec![b'b'; 1024];
+        let mut pending = std::collections::VecDeque::new();
+        for _ in 0..args.backlog {
+            pending.push_back(producer.send_nowait(Message::persistent(body.clone())).await?);
+            while pending.len() >= 256 {
+                pending.pop_front().expect("non-empty").await?;
+            }
+        }
+        for c in pending {
+            c.await?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!("backlog: {} x 1 KiB stored in {secs:.1} s ({:.0} msgs/s)", args.backlog, args.backlog as f64 / secs);
+        for n in [&pair.a, &pair.b] {
+            println!("  {}: RSS {} MiB", n.name, n.rss_kib() / 1024);
+        }
+        pair.b.wait_in_sync_passive(Duration::from_secs(60)).await?;
+    }
 
     // The client notices a silent broker by its own heartbeat; scale it with the pair's.
     let (hb, hb_timeout) = match args.timings {
@@ -154,7 +184,20 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             Kind::Freeze => victim.signal("CONT"),
         }
         let victim = if victim_name == pair.a.name { &pair.a } else { &pair.b };
-        victim.wait_in_sync_passive(Duration::from_secs(20)).await.with_context(|| format!("run {run}: rejoin"))?;
+        let rejoin = Instant::now();
+        victim
+            .wait_in_sync_passive(Duration::from_secs(args.rejoin_secs))
+            .await
+            .with_context(|| format!("run {run}: rejoin"))?;
+        if args.backlog > 0 {
+            println!(
+                "        {victim_name} restarted -> in sync in {:.1} s; RSS {} MiB, {} {} MiB",
+                rejoin.elapsed().as_secs_f64(),
+                victim.rss_kib() / 1024,
+                survivor.name,
+                survivor.rss_kib() / 1024
+            );
+        }
     }
 
     stop.store(true, Ordering::Relaxed);
