@@ -97,10 +97,10 @@ impl StoreConfig {
     }
 }
 
-/// sled's segment size for stores this version makes: 1 MiB, so that a
+/// sled's segment size for stores this version makes: 2 MiB, so that a
 /// page of 16 records of [`crate::op::RECORD_TARGET_BYTES`] stays below
 /// its blob threshold (a quarter of a segment) and counts in its cache.
-pub const SEGMENT_BYTES: usize = 1 << 20;
+pub const SEGMENT_BYTES: usize = 2 << 20;
 
 /// The segment size of the store at `path`: the one it was made with (sled
 /// refuses another), or [`SEGMENT_BYTES`] for a new store.

@@ -317,11 +317,13 @@ fn audit_replicated(body: &BatchBody) {
 
 /// A writer idle this long with records not in the index checkpoint writes one.
 const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_secs(1);
-/// Records (of ~8 KiB) after which a checkpoint is written before
-/// `checkpoint_every`, at most once per [`CHECKPOINT_MIN_GAP`]: bounds what
-/// a restart after a crash reads to a few hundred MB of log.
-const CHECKPOINT_RECORDS: u64 = 20_000;
-const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(2);
+/// Bytes of records after which a checkpoint is written before
+/// `checkpoint_every` (at most once per [`CHECKPOINT_MIN_GAP`]): what a
+/// restart after a crash reads is about this much log, or twice the last
+/// checkpoint's size when that is larger (so that checkpoints cost at most
+/// half as much writing as the log itself).
+const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
+const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(1);
 
 /// How long a producer id's idempotence mark outlives its last publish.
 pub const PRODUCER_EXPIRY: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -375,6 +377,7 @@ impl Writer {
             checkpointed_through: recovered.next_seq.saturating_sub(1),
             last_checkpoint: std::time::Instant::now(),
             records_since_checkpoint: 0,
+            last_checkpoint_bytes: 0,
             stats: stats.clone(),
             held: VecDeque::new(),
             conns: HashMap::new(),
@@ -589,7 +592,9 @@ struct WriterState {
     /// ... and in the last index checkpoint, written at `last_checkpoint`.
     checkpointed_through: u64,
     last_checkpoint: std::time::Instant,
+    /// Bytes of records written since the last checkpoint.
     records_since_checkpoint: u64,
+    last_checkpoint_bytes: u64,
     stats: Arc<WriterStats>,
     held: VecDeque<Held>,
     conns: HashMap<ConnId, PeerTx>,
@@ -656,7 +661,8 @@ impl WriterState {
             self.publish_stats();
             let since = self.last_checkpoint.elapsed();
             if since >= self.config.checkpoint_every
-                || (since >= CHECKPOINT_MIN_GAP && self.records_since_checkpoint >= CHECKPOINT_RECORDS)
+                || (since >= CHECKPOINT_MIN_GAP
+                    && self.records_since_checkpoint >= CHECKPOINT_LOG_BYTES.max(2 * self.last_checkpoint_bytes))
             {
                 self.checkpoint();
             }
@@ -887,7 +893,7 @@ impl WriterState {
                 self.count(&body, raw.len() as u64);
                 let dead = self.index.apply(&body, raw.len() as u64);
                 self.applied_through = self.applied_through.max(last_seq);
-                self.records_since_checkpoint += 1;
+                self.records_since_checkpoint += raw.len() as u64;
                 self.delete(&dead, last_seq + 1);
             }
             Action::Flush => {
@@ -1199,6 +1205,7 @@ impl WriterState {
         match self.store.checkpoint(self.applied_through, next_seq, &self.index, &self.dedup) {
             Ok(bytes) => {
                 self.checkpointed_through = self.applied_through;
+                self.last_checkpoint_bytes = bytes;
                 tracing::debug!(
                     through = self.applied_through,
                     bytes,
@@ -1233,7 +1240,7 @@ impl WriterState {
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes.fetch_add(len, Ordering::Relaxed);
             dead.extend(self.index.apply_ops(first, &body.ops[run.clone()], len));
-            self.records_since_checkpoint += 1;
+            self.records_since_checkpoint += len;
             out.push((first, first + run.len() as u64 - 1, raw));
         }
         self.stats.ops.fetch_add(body.ops.len() as u64, Ordering::Relaxed);
