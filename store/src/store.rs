@@ -102,25 +102,72 @@ impl StoreConfig {
 /// its blob threshold (a quarter of a segment) and counts in its cache.
 pub const SEGMENT_BYTES: usize = 2 << 20;
 
-/// The segment size of the store at `path`: the one it was made with (sled
-/// refuses another), or [`SEGMENT_BYTES`] for a new store.
-fn segment_size(path: &Path) -> usize {
-    let made_with = std::fs::read(path.join("conf")).ok().and_then(|raw| {
+/// The segment size the store at `path` was made with (`None`: no store yet).
+fn made_with_segment_size(path: &Path) -> Option<usize> {
+    std::fs::read(path.join("conf")).ok().and_then(|raw| {
         String::from_utf8_lossy(&raw)
             .lines()
             .find_map(|l| l.strip_prefix("segment_size: ").and_then(|v| v.trim().parse::<usize>().ok()))
-    });
-    match made_with {
-        Some(n) if n != SEGMENT_BYTES => {
-            tracing::warn!(
-                path = %path.display(),
-                segment_size = n,
-                "this store was made by an earlier version with another sled segment size; it is kept, but its memory use may grow with its backlog"
-            );
-            n
-        }
-        _ => SEGMENT_BYTES,
+    })
+}
+
+/// A store made by an earlier version (sled segments of another size: sled
+/// refuses to open it with ours) is copied, tree by tree, into a new store
+/// beside it (`<dir>.migrating`), which then takes its place; the old one
+/// is kept as `<dir>.pre-migration` until the operator removes it. A crash
+/// at any point leaves either the old store in place (the copy is made
+/// again) or the complete copy ready to be moved in (done at the next open).
+fn migrate_if_needed(path: &Path) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| StoreError::Open { path: path.to_path_buf(), source: sled::Error::Io(e) };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let new = path.with_file_name(format!("{name}.migrating"));
+    let old = path.with_file_name(format!("{name}.pre-migration"));
+    let complete = new.join("twinmq-migration-complete");
+    if !path.exists() && complete.exists() {
+        std::fs::rename(&new, path).map_err(io)?;
+        std::fs::remove_file(path.join("twinmq-migration-complete")).map_err(io)?;
+        tracing::warn!(path = %path.display(), "finished moving a migrated store into place");
+        return Ok(());
     }
+    let Some(from) = made_with_segment_size(path).filter(|n| *n != SEGMENT_BYTES) else { return Ok(()) };
+    if old.exists() {
+        return Err(io(std::io::Error::other(format!(
+            "{} needs migrating but {} is in the way: move it elsewhere",
+            path.display(),
+            old.display()
+        ))));
+    }
+    let started = std::time::Instant::now();
+    tracing::warn!(path = %path.display(), segment_size = from, "migrating a store made by an earlier version (sled segments of {from} bytes, now {SEGMENT_BYTES}); the old copy is kept as {}", old.display());
+    let _ = std::fs::remove_dir_all(&new);
+    let open = |p: &Path, segment: usize| {
+        sled::Config::new()
+            .path(p)
+            .segment_size(segment)
+            .open()
+            .map_err(|e| StoreError::Open { path: p.to_path_buf(), source: e })
+    };
+    let (src, dst) = (open(path, from)?, open(&new, SEGMENT_BYTES)?);
+    let mut items = 0u64;
+    for tree_name in src.tree_names() {
+        let (a, b) = (src.open_tree(&tree_name)?, dst.open_tree(&tree_name)?);
+        for kv in a.iter() {
+            let (k, v) = kv?;
+            b.insert(k, v)?;
+            items += 1;
+        }
+    }
+    dst.flush()?;
+    drop((src, dst));
+    std::fs::File::create(&complete).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(path, &old).map_err(io)?;
+    std::fs::rename(&new, path).map_err(io)?;
+    std::fs::remove_file(path.join("twinmq-migration-complete")).map_err(io)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    tracing::warn!(items, ms = started.elapsed().as_millis() as u64, old = %old.display(), "store migrated; remove the old copy once the node runs well");
+    Ok(())
 }
 
 /// What one read of a body from disk reads ahead (see [`Store::read_message`]).
@@ -365,10 +412,11 @@ impl Store {
     /// it aside and resyncs from its peer: see the broker).
     pub fn open(config: &StoreConfig) -> Result<(Store, Recovered), StoreError> {
         let started = std::time::Instant::now();
+        migrate_if_needed(&config.path)?;
         let sled_config = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_bytes)
-            .segment_size(segment_size(&config.path))
+            .segment_size(SEGMENT_BYTES)
             // We flush explicitly after each group commit; the background
             // flusher only bounds the loss window of `durability = none`.
             .flush_every_ms(Some(500));

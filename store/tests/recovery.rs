@@ -331,3 +331,53 @@ fn a_restart_from_an_index_checkpoint_and_the_log_after_it_recovers_what_a_full_
     assert_eq!(clean.batches, 0);
     assert_eq!(state(&clean), state(&full));
 }
+
+#[test]
+fn a_store_made_with_the_earlier_segment_size_is_migrated_at_open_and_the_old_copy_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = dir.path().join("made");
+    let (store, mut rec) = open(&made);
+    let (w, h) = Writer::start(store.clone(), &mut rec, WriterConfig::default()).unwrap();
+    submit(&w, vec![Op::PutQueue { key: "q".into(), spec: queue() }]);
+    for i in 0..20u64 {
+        submit(&w, vec![Op::Enqueue { message: msg(5, i + 1, &format!("m{i}")), queues: vec!["q".into()] }]);
+    }
+    drop(w);
+    h.join().unwrap();
+    store.close().unwrap();
+
+    // The same trees in a store with the earlier version's 512 KiB segments.
+    let old = dir.path().join("data");
+    {
+        let open_sled = |p: &std::path::Path, segment: usize| loop {
+            match sled::Config::new().path(p).segment_size(segment).open() {
+                Ok(db) => break db,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        let src = open_sled(&made, twinmq_store::store::SEGMENT_BYTES);
+        let dst = open_sled(&old, 512 * 1024);
+        for name in src.tree_names() {
+            let (a, b) = (src.open_tree(&name).unwrap(), dst.open_tree(&name).unwrap());
+            for kv in a.iter() {
+                let (k, v) = kv.unwrap();
+                b.insert(k, v).unwrap();
+            }
+        }
+        dst.flush().unwrap();
+    }
+    let conf = String::from_utf8_lossy(&std::fs::read(old.join("conf")).unwrap()).into_owned();
+    assert!(conf.contains("segment_size: 524288"), "{conf}");
+
+    let (store, rec) = open(&old);
+    let bodies: Vec<String> = rec.messages["q"]
+        .iter()
+        .map(|m| String::from_utf8(store.read_message(m.seq).unwrap().unwrap().payload.clone()).unwrap())
+        .collect();
+    assert_eq!(bodies, (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    assert_eq!(rec.dedup.get(&5), Some(&20));
+    let conf = String::from_utf8_lossy(&std::fs::read(old.join("conf")).unwrap()).into_owned();
+    assert!(conf.contains(&format!("segment_size: {}", twinmq_store::store::SEGMENT_BYTES)), "{conf}");
+    assert!(dir.path().join("data.pre-migration").join("conf").exists(), "the old copy is kept");
+    assert!(!dir.path().join("data.migrating").exists());
+}
