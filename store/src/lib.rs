@@ -47,11 +47,18 @@
 //! # Layout
 //!
 //! The op log is the store: messages live inside the batch record that first
-//! stored them, keyed by that record's first sequence number. Live state is
-//! rebuilt in memory at open. Records die once nothing in them is live (see
-//! `index.rs`). Not done yet: a compactor that copies the few live messages
-//! out of old records, so a queue nobody consumes pins the records it shares
-//! with busy queues.
+//! stored them (a group commit is written as records of about 16 KiB, see
+//! `op.rs`), keyed by that record's first sequence number. Memory holds the
+//! live index (`index.rs`: per queue, each message's sequence, weight and
+//! expiry), never the bodies: those are read back from their records on
+//! delivery through a bounded cache (`bodies.rs`). The index is kept up to
+//! date as records are written or applied, on the active and the passive
+//! alike (a promotion reads no record), and checkpointed
+//! (`checkpoint.rs`): a single node's restart reads the checkpoint and the
+//! records after it; a pair member reads and checks every record. Records
+//! die once nothing in them is live. Not done yet: a compactor that copies
+//! the few live messages out of old records, so a queue nobody consumes
+//! pins the records it shares with busy queues.
 
 pub mod bodies;
 pub(crate) mod checkpoint;
