@@ -23,6 +23,8 @@ pub struct DiskUse {
     min_free: u64,
     used: AtomicU64,
     free: AtomicU64,
+    /// Over a limit at the last measurement.
+    over: AtomicBool,
     full: AtomicBool,
 }
 
@@ -50,6 +52,7 @@ impl DiskUse {
     pub fn start(dir: &Path, max_bytes: u64, min_free: u64) -> Arc<DiskUse> {
         let d = Arc::new(DiskUse { dir: dir.to_path_buf(), max_bytes, min_free, ..DiskUse::default() });
         d.refresh();
+        d.refresh();
         let weak = Arc::downgrade(&d);
         let spawned = std::thread::Builder::new().name("twinmq-disk".into()).spawn(move || loop {
             std::thread::sleep(EVERY);
@@ -69,7 +72,14 @@ impl DiskUse {
         let free = rustix::fs::statvfs(&self.dir).map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize));
         self.used.store(used, Ordering::Relaxed);
         self.free.store(free, Ordering::Relaxed);
-        let full = (self.max_bytes > 0 && used >= self.max_bytes) || free < self.min_free;
+        let over = (self.max_bytes > 0 && used >= self.max_bytes) || free < self.min_free;
+        // Full after two measurements in a row: a disk that fails at once
+        // (a write gets ENOSPC) fails the store first, and in a pair the
+        // role moves to the peer, whose disk may have room.
+        let full = over && self.over.swap(true, Ordering::Relaxed) || (over && self.full.load(Ordering::Relaxed));
+        if !over {
+            self.over.store(false, Ordering::Relaxed);
+        }
         if full != self.full.swap(full, Ordering::Relaxed) {
             if full {
                 tracing::warn!(

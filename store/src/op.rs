@@ -261,7 +261,8 @@ mod tests {
             assert!(raw.len() <= RECORD_TARGET_BYTES + 1024, "{} bytes", raw.len());
         }
         // One message larger than the target is a record of its own, never an empty one.
-        let big = BatchBody { epoch: 1, first_seq: 1, ops: vec![enqueue(10), enqueue(RECORD_TARGET_BYTES * 3), enqueue(10)] };
+        let big =
+            BatchBody { epoch: 1, first_seq: 1, ops: vec![enqueue(10), enqueue(RECORD_TARGET_BYTES * 3), enqueue(10)] };
         assert_eq!(big.records(), vec![0..1, 1..2, 2..3]);
     }
 
