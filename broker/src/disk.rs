@@ -76,10 +76,8 @@ impl DiskUse {
         // Full after two measurements in a row: a disk that fails at once
         // (a write gets ENOSPC) fails the store first, and in a pair the
         // role moves to the peer, whose disk may have room.
-        let full = over && self.over.swap(true, Ordering::Relaxed) || (over && self.full.load(Ordering::Relaxed));
-        if !over {
-            self.over.store(false, Ordering::Relaxed);
-        }
+        let was_over = self.over.swap(over, Ordering::Relaxed);
+        let full = over && (was_over || self.full.load(Ordering::Relaxed));
         if full != self.full.swap(full, Ordering::Relaxed) {
             if full {
                 tracing::warn!(
