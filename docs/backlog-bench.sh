@@ -53,5 +53,5 @@ t0=$(date +%s%N)
 echo "drain: $(( N * 1000 / $(ms_since "$t0") )) msgs/s"
 sleep 2; echo "RSS after drain: $(rss "$P")"
 kill "$P"; wait "$P" 2>/dev/null
-grep -E "sled store opened|index checkpoint loaded|store log read" "$LOG" | tail -3 | cut -c1-160
+grep -E "sled database open|index checkpoint loaded|store log read" "$LOG" | tail -3 | cut -c1-160
 rm -rf "$DIR"

@@ -66,7 +66,7 @@ async fn a_queue_deeper_than_memory_is_delivered_whole_and_in_order_after_a_rest
     b.restart();
     let got = drain_in_order(b.config(), "deep").await;
     assert_whole_and_in_order(&got, "after kill -9 and restart");
-    assert!(b.log().contains("store recovered"), "{}", b.log());
+    assert!(b.log().contains("live state recovered"), "{}", b.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

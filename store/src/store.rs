@@ -468,9 +468,9 @@ impl Store {
             );
             store.swap_in_staging(next_seq)?;
         }
-        tracing::info!(ms = started.elapsed().as_millis() as u64, rss_kib = rss_kib(), "sled store opened");
+        tracing::info!(ms = started.elapsed().as_millis() as u64, rss_kib = rss_kib(), "sled database open");
         let recovered = store.recover()?;
-        tracing::info!(rss_kib = rss_kib(), "store recovered");
+        tracing::info!(rss_kib = rss_kib(), "live state recovered");
         Ok((store, recovered))
     }
 
