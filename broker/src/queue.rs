@@ -44,11 +44,6 @@ pub struct Fill {
     pub bytes: AtomicUsize,
 }
 
-/// What one message weighs against `max_queue_bytes` ([`StoredMessage::weight`]).
-pub fn entry_bytes(m: &StoredMessage) -> usize {
-    m.weight()
-}
-
 /// The bodies of stored messages that queues keep in memory for delivery
 /// (half of `body_cache_bytes`; the store's read cache has the other half).
 /// A stored message keeps its body while there is room, so that a consumer
@@ -93,7 +88,7 @@ fn take(total: &mut usize, bytes: usize) {
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
     pub max_depth: usize,
-    /// Most bytes (`max_queue_bytes`), counted by [`entry_bytes`].
+    /// Most bytes (`max_queue_bytes`), counted by [`StoredMessage::weight`].
     pub max_bytes: usize,
     pub ack_timeout: Option<Duration>,
     /// `None`: never dead-letter (dead-letter queues themselves, memory subscriptions).
@@ -122,7 +117,7 @@ impl QueueSettings {
 struct Entry {
     seq: u64,
     expires_at_ms: Option<NonZeroU64>,
-    /// Weight against `max_queue_bytes` ([`entry_bytes`]).
+    /// Weight against `max_queue_bytes` ([`StoredMessage::weight`]).
     bytes: u32,
     /// Deliveries so far.
     deliveries: u32,
@@ -344,7 +339,7 @@ impl Queue {
                 let permit = p.permit;
                 let received = p.received;
                 let label = self.label.clone();
-                let bytes = entry_bytes(&p.message);
+                let bytes = p.message.weight();
                 self.pending += 1;
                 self.pending_bytes += bytes;
                 self.writer.submit(

@@ -887,16 +887,15 @@ impl Store {
         if let Some(m) = self.bodies.get(seq) {
             return Ok(Some(m));
         }
-        let Some(kv) = self.log.range(..=seq.to_be_bytes()).next_back() else { return Ok(None) };
-        let (k, _) = kv?;
-        let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
+        let Some(first) = self.log.range(..=seq.to_be_bytes()).next_back() else { return Ok(None) };
         // Read ahead: this record from `seq` on and the records after it, up
         // to READ_AHEAD_BYTES (a queue drains in order; one lookup backwards
         // in sled costs more than reading forwards).
         let mut found = None;
         let mut keep = Vec::new();
         let mut read = 0;
-        for kv in self.log.range(key.to_be_bytes()..) {
+        let start = first.as_ref().ok().and_then(|(k, _)| be_u64(k)).map_or(u64::MAX, |k| k.saturating_add(1));
+        for kv in std::iter::once(first).chain(self.log.range(start.to_be_bytes()..)) {
             let (k, v) = kv?;
             let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
             let body = BatchBody::decode(key, &v)?;

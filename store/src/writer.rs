@@ -890,7 +890,7 @@ impl WriterState {
                 self.store.log.insert(first_seq.to_be_bytes(), raw.as_ref())?;
                 audit_replicated(&body);
                 self.note_producers(&body);
-                self.count(&body, raw.len() as u64);
+                self.count(body.ops.len(), &[raw.len() as u64]);
                 let dead = self.index.apply(&body, raw.len() as u64);
                 self.applied_through = self.applied_through.max(last_seq);
                 self.records_since_checkpoint += raw.len() as u64;
@@ -1235,15 +1235,14 @@ impl WriterState {
         }
         let mut dead = Vec::new();
         let mut out = Vec::with_capacity(records.len());
+        let lens: Vec<u64> = records.iter().map(|(_, _, raw)| raw.len() as u64).collect();
+        self.count(body.ops.len(), &lens);
         for (run, first, raw) in records {
             let len = raw.len() as u64;
-            self.stats.batches.fetch_add(1, Ordering::Relaxed);
-            self.stats.bytes.fetch_add(len, Ordering::Relaxed);
             dead.extend(self.index.apply_ops(first, &body.ops[run.clone()], len));
             self.records_since_checkpoint += len;
             out.push((first, first + run.len() as u64 - 1, raw));
         }
-        self.stats.ops.fetch_add(body.ops.len() as u64, Ordering::Relaxed);
         self.applied_through = self.applied_through.max(body.last_seq());
         self.delete(&dead, body.last_seq() + 1);
         Ok(out)
@@ -1279,10 +1278,11 @@ impl WriterState {
         }
     }
 
-    fn count(&self, body: &BatchBody, len: u64) {
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats.ops.fetch_add(body.ops.len() as u64, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(len, Ordering::Relaxed);
+    /// `ops` written in records of `lens` bytes.
+    fn count(&self, ops: usize, lens: &[u64]) {
+        self.stats.batches.fetch_add(lens.len() as u64, Ordering::Relaxed);
+        self.stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(lens.iter().sum(), Ordering::Relaxed);
     }
 
     /// Delete dead records (not a failure of what was confirmed if it fails:
