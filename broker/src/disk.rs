@@ -6,11 +6,19 @@
 //! file system has less than `min_free_disk_bytes` left. Acks, deletes and
 //! admin changes still go through (they are what frees the disk). Measured
 //! once a second by a thread of its own; shown in `/status` and `/metrics`.
+//!
+//! In a pair the role arbiter judges first (DESIGN.md section 4): an active
+//! whose disk is nearly full hands the role to an in-sync passive whose disk
+//! has room, and refuses new messages only when there is none (the measure
+//! reaches it through the store writer's `disk_full`, its verdict comes back
+//! through `refuse_full`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use twinmq_store::WriterStats;
 
 /// How often the disk use is measured.
 const EVERY: Duration = Duration::from_secs(1);
@@ -26,6 +34,9 @@ pub struct DiskUse {
     /// Over a limit at the last measurement.
     over: AtomicBool,
     full: AtomicBool,
+    /// The store writer's counters: `disk_full` is told there; in a pair
+    /// `refuse_full` (the role arbiter's verdict) decides the refusals.
+    store: Option<(Arc<WriterStats>, bool)>,
 }
 
 /// Bytes the files under `dir` take on disk (blocks, not apparent size).
@@ -48,9 +59,17 @@ impl DiskUse {
         Arc::default()
     }
 
-    /// Measure `dir` now and then once a second, on a thread of its own.
-    pub fn start(dir: &Path, max_bytes: u64, min_free: u64) -> Arc<DiskUse> {
-        let d = Arc::new(DiskUse { dir: dir.to_path_buf(), max_bytes, min_free, ..DiskUse::default() });
+    /// Measure `dir` now and then once a second, on a thread of its own,
+    /// telling the store writer's counters (`pair`: the role arbiter decides
+    /// whether a full disk refuses new messages).
+    pub fn start(dir: &Path, max_bytes: u64, min_free: u64, stats: Arc<WriterStats>, pair: bool) -> Arc<DiskUse> {
+        let d = Arc::new(DiskUse {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            min_free,
+            store: Some((stats, pair)),
+            ..DiskUse::default()
+        });
         d.refresh();
         d.refresh();
         let weak = Arc::downgrade(&d);
@@ -78,6 +97,9 @@ impl DiskUse {
         // role moves to the peer, whose disk may have room.
         let was_over = self.over.swap(over, Ordering::Relaxed);
         let full = over && (was_over || self.full.load(Ordering::Relaxed));
+        if let Some((stats, _)) = &self.store {
+            stats.disk_full.store(full, Ordering::Relaxed);
+        }
         if full != self.full.swap(full, Ordering::Relaxed) {
             if full {
                 tracing::warn!(
@@ -85,7 +107,7 @@ impl DiskUse {
                     free,
                     max_disk_bytes = self.max_bytes,
                     min_free_disk_bytes = self.min_free,
-                    "disk limit reached: new messages are refused until space is freed"
+                    "disk limit reached: new messages are refused until space is freed (in a pair: unless the role moves to a peer with room)"
                 );
             } else {
                 tracing::info!(used, free, "below the disk limit again: new messages are accepted");
@@ -93,9 +115,18 @@ impl DiskUse {
         }
     }
 
+    /// Over a limit (two measurements in a row).
+    pub fn over_limit(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
     /// Why new messages are refused, if they are.
     pub fn full(&self) -> Option<String> {
-        if !self.full.load(Ordering::Relaxed) {
+        let judged = match &self.store {
+            Some((stats, true)) => stats.refuse_full.load(Ordering::Relaxed),
+            _ => true,
+        };
+        if !self.over_limit() || !judged {
             return None;
         }
         let (used, free) = (self.used(), self.free());

@@ -251,7 +251,8 @@ impl Handler<GetNodeStatus> for Node {
         store["disk_bytes"] = disk.used().into();
         store["disk_free_bytes"] = disk.free().into();
         store["disk_headroom_bytes"] = disk.headroom().into();
-        store["disk_full"] = disk.full().is_some().into();
+        store["disk_full"] = disk.over_limit().into();
+        store["refusing_new_messages"] = disk.full().is_some().into();
         let cache = self.writer.read_cache();
         store["read_cache_bytes"] = (cache.bytes() as u64).into();
         store["read_cache_hits"] = cache.hits.load(Ordering::Relaxed).into();

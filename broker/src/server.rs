@@ -113,7 +113,13 @@ pub async fn run(
 
     let (role_tx, role_rx) = watch::channel(Role::Passive);
     let mut shared = Shared::new(role_rx, recovered.epoch);
-    shared.disk = crate::disk::DiskUse::start(&config.data_dir, config.max_disk_bytes, config.min_free_disk_bytes);
+    shared.disk = crate::disk::DiskUse::start(
+        &config.data_dir,
+        config.max_disk_bytes,
+        config.min_free_disk_bytes,
+        writer.stats_handle(),
+        config.pair.is_some(),
+    );
     let (router_tx, router_rx) = watch::channel(None);
     let (security_tx, security_rx) = watch::channel(Default::default());
     let mut node = Node::new(

@@ -184,6 +184,7 @@ fn link_frames() -> Vec<HaFrame> {
             serviceable: true,
             disk_failed: false,
             confirmed_alone: false,
+            disk_full: false,
         }),
         HaFrame::Repl(ReplFrame::Attach { attach, history: history.clone(), last_seq: 9 }),
         HaFrame::Repl(ReplFrame::AttachReply { attach, floor: 2, history: history.clone(), last_seq: 0 }),

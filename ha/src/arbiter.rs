@@ -283,6 +283,7 @@ impl RoleArbiter {
         let store = self.view();
         let mut out = Vec::new();
         self.core.tick(now, &store, &mut out);
+        self.writer.stats().refuse_full.store(self.core.refuses_for_full_disk(&store), Ordering::Relaxed);
         self.perform(out, ctx);
         self.publish(now);
     }
@@ -304,6 +305,7 @@ pub fn view_of(writer: &Writer) -> StoreView {
         confirmed_alone: s.confirmed_alone.load(Ordering::Relaxed),
         outranked: s.outranked.load(Ordering::Relaxed),
         disk_failed: s.disk_failed.load(Ordering::SeqCst),
+        disk_full: s.disk_full.load(Ordering::Relaxed),
         flush_running_ms: if started == 0 { 0 } else { lease_now_ms().saturating_sub(started) },
         loading: s.loading.load(Ordering::Relaxed),
     }

@@ -130,6 +130,7 @@ impl Pair {
             serviceable: !view.disk_failed && !view.loading,
             disk_failed: view.disk_failed,
             confirmed_alone: view.confirmed_alone,
+            disk_full: view.disk_full,
         });
         let (c, w) = (cfg.clone(), writer.clone());
         let arbiter =

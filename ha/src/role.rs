@@ -79,6 +79,8 @@ pub struct StoreView {
     pub outranked: bool,
     /// A write, flush or fsync failed.
     pub disk_failed: bool,
+    /// Over `max_disk_bytes` or under `min_free_disk_bytes` (writes still succeed).
+    pub disk_full: bool,
     /// How long the flush now running has taken (0: none running).
     pub flush_running_ms: u64,
     /// A snapshot is half loaded.
@@ -189,6 +191,9 @@ pub struct RoleCore {
     stale_activation: bool,
     last_reaffirm_ms: u64,
     disk_failed: Option<String>,
+    /// The last decision handed the role over while the disk was nearly full
+    /// (see [`RoleCore::refuses_for_full_disk`]).
+    hands_over_for_disk: bool,
 }
 
 impl RoleCore {
@@ -220,6 +225,7 @@ impl RoleCore {
             stale_activation: false,
             last_reaffirm_ms: 0,
             disk_failed: None,
+            hands_over_for_disk: false,
         }
     }
 
@@ -267,6 +273,7 @@ impl RoleCore {
                     sees_gateway: hb.sees_gateway,
                     in_sync: hb.in_sync,
                     serviceable: hb.serviceable,
+                    disk_full: hb.disk_full,
                 })
             }
             (Some(t), _) => PeerView::Silent { since_ms: t.max(self.silence_floor_ms) },
@@ -303,6 +310,12 @@ impl RoleCore {
         (!stopped).then_some(g)
     }
 
+    /// New messages are refused for a nearly full disk: it is, and the
+    /// role is not moving to a peer whose disk has room.
+    pub fn refuses_for_full_disk(&self, store: &StoreView) -> bool {
+        store.disk_full && !self.hands_over_for_disk
+    }
+
     fn disk_failed(&self, store: &StoreView) -> bool {
         store.disk_failed || self.disk_failed.is_some()
     }
@@ -322,6 +335,7 @@ impl RoleCore {
             serviceable: !self.disk_failed(store) && !store.loading,
             disk_failed: self.disk_failed(store),
             confirmed_alone: store.confirmed_alone,
+            disk_full: store.disk_full,
         }
     }
 
@@ -690,6 +704,7 @@ impl RoleCore {
             in_sync: in_sync.is_some(),
             serve_alone: store.serve_alone,
             disk_failed: self.disk_failed(store),
+            disk_full: store.disk_full,
             loading: store.loading,
             outranked: store.outranked || (self.role.serves_clients() && store.floor > store.epoch),
             preferred: self.preferred(),
@@ -709,6 +724,7 @@ impl RoleCore {
             switchover_requested: self.switchover,
         };
         let d = decide(&inputs);
+        self.hands_over_for_disk = inputs.disk_full && d.action == Action::HandOver;
         match d.action {
             Action::Stay => {
                 if self.switchover && !matches!(peer, PeerView::Up(p) if p.in_sync) {
@@ -789,6 +805,7 @@ mod tests {
             confirmed_alone: false,
             outranked: false,
             disk_failed: false,
+            disk_full: false,
             flush_running_ms: 0,
             loading: false,
         }
@@ -808,6 +825,7 @@ mod tests {
             serviceable: true,
             disk_failed: false,
             confirmed_alone: false,
+            disk_full: false,
         }
     }
 

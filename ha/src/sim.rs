@@ -1362,6 +1362,7 @@ impl World {
             confirmed_alone: r.meta().alone_since.is_some(),
             outranked: r.outranked(),
             disk_failed: r.failed().is_some() || n.watchdog_failed,
+            disk_full: false,
             flush_running_ms: n.flush_started.map_or(0, |t| self.local(i).saturating_sub(t)),
             loading: r.loading(),
         }

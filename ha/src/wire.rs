@@ -76,6 +76,10 @@ pub struct Heartbeat {
     /// node has now (it may have stepped down, or its disk failed).
     #[serde(default)]
     pub confirmed_alone: bool,
+    /// Its disk is over `max_disk_bytes` or under `min_free_disk_bytes`:
+    /// not a failure, but no node to hand the role to for room.
+    #[serde(default)]
+    pub disk_full: bool,
 }
 
 /// Between the two role cores.

@@ -230,6 +230,14 @@ pub struct WriterStats {
     pub held_copy: AtomicBool,
     /// The disk failed: nothing more is confirmed here.
     pub disk_failed: AtomicBool,
+    /// The data directory is over `max_disk_bytes`, or its file system has
+    /// less than `min_free_disk_bytes` left (measured by the broker). Not a
+    /// failure: every write still succeeds.
+    pub disk_full: AtomicBool,
+    /// Pair: new messages are refused for the full disk. Set by the role
+    /// arbiter: not while this node can hand the role to an in-sync peer
+    /// whose disk has room (it does so instead).
+    pub refuse_full: AtomicBool,
     /// Messages kept for a hand-over to the peer.
     pub handover_pending: AtomicU64,
     /// The peer's store when last heard of (also across restarts): the epoch
@@ -539,6 +547,11 @@ impl Writer {
 
     pub fn stats(&self) -> &WriterStats {
         &self.stats
+    }
+
+    /// The counters, to keep beyond this handle (the disk-use thread).
+    pub fn stats_handle(&self) -> Arc<WriterStats> {
+        self.stats.clone()
     }
 
     /// Pair: this node may write and confirm until `until_ms` (lease clock:
