@@ -62,20 +62,25 @@ impl Actor for Topic {
 }
 
 impl Topic {
-    /// The first durable subscription at `max_queue_depth` or
-    /// `max_queue_bytes`, if any, and which limit.
-    fn full_durable(&self) -> Option<(&str, &'static str)> {
-        if let (Some((k, _)), Some(_)) = (self.durable_depths.iter().next(), self.settings.disk.full()) {
-            return Some((k.as_str(), "the node's disk limit: max_disk_bytes or min_free_disk_bytes"));
+    /// Why a persistent publish has no room: the node's disk limit, or the
+    /// first durable subscription at `max_queue_depth` or `max_queue_bytes`.
+    fn full_durable(&self) -> Option<String> {
+        if self.durable_depths.is_empty() {
+            return None;
+        }
+        if let Some(disk) = self.settings.disk.full() {
+            return Some(format!("topic:{}: {disk}", self.name));
         }
         self.durable_depths.iter().find_map(|(k, f)| {
-            if f.depth.load(Ordering::Relaxed) >= self.settings.max_depth {
-                Some((k.as_str(), "max_queue_depth"))
+            let limit = if f.depth.load(Ordering::Relaxed) >= self.settings.max_depth {
+                "max_queue_depth"
             } else if f.bytes.load(Ordering::Relaxed) >= self.settings.max_bytes {
-                Some((k.as_str(), "max_queue_bytes"))
+                "max_queue_bytes"
             } else {
-                None
-            }
+                return None;
+            };
+            let name = k.rsplit('/').next().unwrap_or(k);
+            Some(format!("durable subscription {name} on topic:{} is full ({limit})", self.name))
         })
     }
 
@@ -104,20 +109,19 @@ impl Handler<queue::Publish> for Topic {
     fn handle(&mut self, p: queue::Publish, ctx: &mut Context<Self>) {
         let (pid, pseq) = p.ids();
         if p.persistent && !self.durables.is_empty() {
-            if let Some((full, limit)) = self.full_durable().map(|(k, l)| (k.to_string(), l)) {
+            if let Some(why) = self.full_durable() {
                 if self.settings.block_when_full {
                     let first = self.held.is_empty();
                     self.held.push_back(p);
                     if first {
-                        tracing::info!(topic = %self.name, subscription = %full, "durable subscription full; holding publishes");
+                        tracing::info!(topic = %self.name, why = %why, "no room for persistent publishes; holding them");
                         self.release_held(ctx);
                     }
                 } else {
-                    let name = full.rsplit('/').next().unwrap_or(&full);
                     let _ = p.reply.send(ServerFrame::Error(ErrorFrame::new(
                         twinmq_protocol::ErrorCode::LimitReached,
                         ErrorContext::Publish { producer_id: pid, seq: pseq },
-                        format!("durable subscription {name} on topic:{} is full ({limit})", self.name),
+                        why,
                     )));
                 }
                 return;

@@ -151,13 +151,7 @@ pub struct Node {
 impl Node {
     /// The running process's resident memory, KiB (0 when it is not running).
     pub fn rss_kib(&self) -> u64 {
-        let Some(pid) = self.child.as_ref().map(Child::id) else { return 0 };
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
-            })
-            .unwrap_or(0)
+        self.child.as_ref().map_or(0, |c| twinmq_store::rss_kib_of(&c.id().to_string()))
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {

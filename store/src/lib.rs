@@ -72,7 +72,7 @@ pub mod writer;
 pub use index::MessageRef;
 pub use op::{BatchBody, Grant, Op, Permission, QueueKind, QueueSpec, StoredMessage, UserRecord};
 pub use repl::ReplFrame;
-pub use store::{Durability, HandoverAdmin, QueueEntry, Recovered, Store, StoreConfig, Synced, UserEntry};
+pub use store::{rss_kib_of, Durability, HandoverAdmin, QueueEntry, Recovered, Store, StoreConfig, Synced, UserEntry};
 pub use writer::{
     Callback, Committed, Completion, Outbound, PeerRx, PeerTx, PromoteDone, Token, Writer, WriterConfig, WriterStats,
     HANDOVER_CHUNK,

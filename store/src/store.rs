@@ -362,10 +362,17 @@ fn handover_key(epoch: u64, seq: u64, queue: &str) -> Vec<u8> {
 
 /// This process's resident memory, KiB (0 where /proc is not there).
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
+    rss_kib_of("self")
+}
+
+/// Resident memory of process `pid` ("self", or a number), KiB (0 once it
+/// is gone or where /proc is not there). Tests and benchmarks read their
+/// brokers' with it.
+pub fn rss_kib_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
-        .map_or(0, |pages| pages * 4)
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
 }
 
 fn be_u64(v: &[u8]) -> Option<u64> {

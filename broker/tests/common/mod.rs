@@ -277,11 +277,5 @@ pub async fn drain(consumer: &mut twinmq_client::Consumer, n: usize, idle: Durat
 
 /// Resident memory of process `pid` in KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    twinmq_store::rss_kib_of(&pid.to_string())
 }
