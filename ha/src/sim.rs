@@ -125,6 +125,9 @@ pub enum Fault {
     DiskFails(usize),
     /// Syncs hang for this many milliseconds.
     DiskStalls(usize, u64),
+    /// The disk is nearly full (under `min_free_disk_bytes`) until `FixDisk`;
+    /// every write still succeeds.
+    DiskNearlyFull(usize),
     FixDisk(usize),
     /// One connection between the nodes is reset (what it carried may still arrive).
     Reset,
@@ -301,6 +304,9 @@ struct Disk {
     staging: Option<BTreeMap<u64, Rec>>,
     /// Every write and flush fails from now on (EIO, ENOSPC, read-only).
     broken: bool,
+    /// Under `min_free_disk_bytes`: writes still succeed, but the node
+    /// would refuse new messages (its role core hands over if it can).
+    nearly_full: bool,
     /// Flushes block until this global time.
     stall_until: u64,
 }
@@ -767,7 +773,8 @@ impl World {
                 self.repairs.push((t, Repair::Gateway(n)));
             }
             9 => {
-                self.apply(Fault::DiskFails(n));
+                let fault = if self.rng.chance(0.3) { Fault::DiskNearlyFull(n) } else { Fault::DiskFails(n) };
+                self.apply(fault);
                 let t = later(self, 100, 3000);
                 self.repairs.push((t, Repair::Disk(n)));
             }
@@ -829,6 +836,10 @@ impl World {
                 // A disk that fails (EIO, ENOSPC, read-only) until the node restarts.
                 self.nodes[n].disk.broken = true;
                 self.log(|| format!("FAULT disk of {} fails", name(n)));
+            }
+            Fault::DiskNearlyFull(n) => {
+                self.nodes[n].disk.nearly_full = true;
+                self.log(|| format!("FAULT disk of {} nearly full", name(n)));
             }
             Fault::DiskStalls(n, ms) => {
                 let until = self.now + ms;
@@ -893,6 +904,7 @@ impl World {
             Repair::Disk(i) => {
                 let n = &mut self.nodes[i];
                 n.disk.stall_until = 0;
+                n.disk.nearly_full = false;
                 if n.disk.broken {
                     // A failed disk is a failed node: the operator fixes it and restarts.
                     n.disk.broken = false;
@@ -1362,7 +1374,7 @@ impl World {
             confirmed_alone: r.meta().alone_since.is_some(),
             outranked: r.outranked(),
             disk_failed: r.failed().is_some() || n.watchdog_failed,
-            disk_full: false,
+            disk_full: n.disk.nearly_full,
             flush_running_ms: n.flush_started.map_or(0, |t| self.local(i).saturating_sub(t)),
             loading: r.loading(),
         }
