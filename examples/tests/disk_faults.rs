@@ -309,20 +309,6 @@ async fn a_stalled_fsync_on_the_passive_stops_the_active_waiting_for_it() {
     disk_fault(1, Fault::Stall { ms: 6000, writes: false }, stall_bound()).await;
 }
 
-/// Bytes of the files under `dir`.
-fn tree_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .flatten()
-            .map(|e| match e.metadata() {
-                Ok(m) if m.is_dir() => tree_bytes(&e.path()),
-                Ok(m) => m.len(),
-                Err(_) => 0,
-            })
-            .sum()
-    })
-}
-
 /// The active's file system drops under `min_free_disk_bytes` (256 MiB by
 /// default) while every write still succeeds: the disk has not failed, but
 /// the node would refuse new messages. With an in-sync passive whose disk has
@@ -344,7 +330,7 @@ async fn a_nearly_full_disk_on_the_active_hands_the_role_to_the_passive() {
     assert!(load.confirmed() > 0, "the load confirms before the fault");
 
     // 64 MiB of room left: every write of this test still fits.
-    let used = tree_bytes(&fp.pair.dir.path().join("a-backing"));
+    let used = twinmq_examples::netlab::nemesis::dir_size(&fp.pair.dir.path().join("a-backing"));
     fp.mounts[0].set(Fault::Full { bytes: used + (64 << 20) }).unwrap();
     let at = Instant::now();
     fp.pair

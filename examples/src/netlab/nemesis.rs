@@ -831,8 +831,8 @@ impl Nemesis {
     }
 }
 
-/// Total size of the files under `dir`.
-fn dir_size(dir: &std::path::Path) -> u64 {
+/// Total size of the files under `dir` (apparent, in bytes).
+pub fn dir_size(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     entries
         .flatten()
