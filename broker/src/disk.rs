@@ -7,11 +7,12 @@
 //! admin changes still go through (they are what frees the disk). Measured
 //! once a second by a thread of its own; shown in `/status` and `/metrics`.
 //!
-//! In a pair the role arbiter judges first (DESIGN.md section 4): an active
-//! whose disk is nearly full hands the role to an in-sync passive whose disk
-//! has room, and refuses new messages only when there is none (the measure
-//! reaches it through the store writer's `disk_full`, its verdict comes back
-//! through `refuse_full`).
+//! In a pair the limit is the pair's: the passive writes every record too,
+//! so the active refuses while its own disk or its in-sync passive's is
+//! nearly full (the measure goes to the role arbiter through the store
+//! writer's `disk_full` and the heartbeats; its verdict comes back through
+//! `refuse_full`). A nearly full disk moves no role; a disk whose writes
+//! fail is a failed node (DESIGN.md section 4).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -107,7 +108,7 @@ impl DiskUse {
                     free,
                     max_disk_bytes = self.max_bytes,
                     min_free_disk_bytes = self.min_free,
-                    "disk limit reached: new messages are refused until space is freed (in a pair: unless the role moves to a peer with room)"
+                    "disk limit reached: new messages are refused until space is freed (in a pair, by the active)"
                 );
             } else {
                 tracing::info!(used, free, "below the disk limit again: new messages are accepted");
@@ -124,10 +125,18 @@ impl DiskUse {
     pub fn full(&self) -> Option<String> {
         let judged = match &self.store {
             Some((stats, true)) => stats.refuse_full.load(Ordering::Relaxed),
-            _ => true,
+            _ => self.over_limit(),
         };
-        if !self.over_limit() || !judged {
+        if !judged {
             return None;
+        }
+        if !self.over_limit() {
+            // The in-sync passive's disk (the role arbiter's verdict).
+            return Some(
+                "the passive's disk is nearly full (its max_disk_bytes or min_free_disk_bytes); \
+                 the pair accepts new messages again once it has room"
+                    .to_string(),
+            );
         }
         let (used, free) = (self.used(), self.free());
         Some(if self.max_bytes > 0 && used >= self.max_bytes {

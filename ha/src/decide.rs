@@ -33,8 +33,6 @@ pub struct PeerStatus {
     pub in_sync: bool,
     /// Its store works (no failed disk, no half-loaded snapshot).
     pub serviceable: bool,
-    /// Its disk is nearly full (`max_disk_bytes`, `min_free_disk_bytes`).
-    pub disk_full: bool,
 }
 
 /// Everything the decision depends on.
@@ -54,9 +52,6 @@ pub struct Inputs {
     pub serve_alone: bool,
     /// This node's disk failed (an error, or a flush slower than `disk_stall_ms`).
     pub disk_failed: bool,
-    /// This node's disk is over `max_disk_bytes` or under
-    /// `min_free_disk_bytes`: writes still succeed, new messages would be refused.
-    pub disk_full: bool,
     /// A snapshot is half loaded: this store cannot serve.
     pub loading: bool,
     /// Active: the peer's store knows a higher epoch (it refused to follow).
@@ -168,14 +163,7 @@ fn decide_active(i: &Inputs) -> Decision {
                     Role::Active,
                     "lost the gateway while the peer sees it: this node left the client network",
                 )
-            } else if i.disk_full && p.in_sync && p.serviceable && !p.disk_full {
-                // Refusing new messages helps nobody while the peer has room.
-                d(
-                    Action::HandOver,
-                    Role::Active,
-                    "disk nearly full (max_disk_bytes or min_free_disk_bytes): handing the role to the in-sync peer, whose disk has room",
-                )
-            } else if i.failback_auto && !i.preferred && p.in_sync && !p.disk_full && (p.sees_gateway || !i.gateway) {
+            } else if i.failback_auto && !i.preferred && p.in_sync && (p.sees_gateway || !i.gateway) {
                 // Not to a peer that lost the gateway: it would hand straight back.
                 d(Action::HandOver, Role::Active, "failback: the preferred peer has caught up")
             } else {
@@ -270,7 +258,6 @@ mod tests {
             in_sync: true,
             serve_alone: false,
             disk_failed: false,
-            disk_full: false,
             loading: false,
             outranked: false,
             preferred: true,
@@ -288,16 +275,7 @@ mod tests {
     }
 
     fn peer(role: Role) -> PeerStatus {
-        PeerStatus {
-            role,
-            epoch: 5,
-            floor: 5,
-            rank: (5, 1000),
-            sees_gateway: true,
-            in_sync: true,
-            serviceable: true,
-            disk_full: false,
-        }
+        PeerStatus { role, epoch: 5, floor: 5, rank: (5, 1000), sees_gateway: true, in_sync: true, serviceable: true }
     }
 
     fn up(role: Role, f: impl FnOnce(&mut PeerStatus)) -> PeerView {
@@ -526,48 +504,6 @@ mod tests {
                     ..base(Active)
                 },
                 Stay,
-                Active,
-            ),
-            (
-                "failback auto, peer preferred but its disk nearly full: stay",
-                Inputs {
-                    failback_auto: true,
-                    preferred: false,
-                    peer: up(Passive, |p| p.disk_full = true),
-                    ..base(Active)
-                },
-                Stay,
-                Active,
-            ),
-            // A nearly full disk: the role goes where there is room.
-            (
-                "active, disk nearly full, in-sync peer with room: hand over",
-                Inputs { disk_full: true, ..base(Active) },
-                HandOver,
-                Active,
-            ),
-            (
-                "active, disk nearly full, peer syncing: stay (and refuse new messages)",
-                Inputs { disk_full: true, peer: up(Passive, |p| p.in_sync = false), ..base(Active) },
-                Stay,
-                Active,
-            ),
-            (
-                "active, disk nearly full, peer's too: stay (and refuse new messages)",
-                Inputs { disk_full: true, peer: up(Passive, |p| p.disk_full = true), ..base(Active) },
-                Stay,
-                Active,
-            ),
-            (
-                "active alone, disk nearly full: stay",
-                Inputs { disk_full: true, peer: silent_long, ..base(Active) },
-                Stay,
-                ActiveAlone,
-            ),
-            (
-                "passive in sync, disk nearly full, peer silent past takeover_delay: still promote",
-                Inputs { disk_full: true, peer: silent_long, ..base(Passive) },
-                Promote,
                 Active,
             ),
             // A failing disk is a failed node.

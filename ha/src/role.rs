@@ -191,9 +191,6 @@ pub struct RoleCore {
     stale_activation: bool,
     last_reaffirm_ms: u64,
     disk_failed: Option<String>,
-    /// The last decision handed the role over while the disk was nearly full
-    /// (see [`RoleCore::refuses_for_full_disk`]).
-    hands_over_for_disk: bool,
 }
 
 impl RoleCore {
@@ -225,7 +222,6 @@ impl RoleCore {
             stale_activation: false,
             last_reaffirm_ms: 0,
             disk_failed: None,
-            hands_over_for_disk: false,
         }
     }
 
@@ -273,7 +269,6 @@ impl RoleCore {
                     sees_gateway: hb.sees_gateway,
                     in_sync: hb.in_sync,
                     serviceable: hb.serviceable,
-                    disk_full: hb.disk_full,
                 })
             }
             (Some(t), _) => PeerView::Silent { since_ms: t.max(self.silence_floor_ms) },
@@ -310,10 +305,13 @@ impl RoleCore {
         (!stopped).then_some(g)
     }
 
-    /// New messages are refused for a nearly full disk: it is, and the
-    /// role is not moving to a peer whose disk has room.
+    /// This active refuses new messages for a nearly full disk: its own, or
+    /// that of the passive it counts in sync (which writes every record too:
+    /// the limit is the pair's). A nearly full disk moves no role; a disk
+    /// whose writes fail is a failed node (and no longer counted in sync).
     pub fn refuses_for_full_disk(&self, store: &StoreView) -> bool {
-        store.disk_full && !self.hands_over_for_disk
+        let peer_full = store.holding.1 && self.peer.heartbeat.is_some_and(|hb| hb.disk_full);
+        self.role.serves_clients() && (store.disk_full || peer_full)
     }
 
     fn disk_failed(&self, store: &StoreView) -> bool {
@@ -704,7 +702,6 @@ impl RoleCore {
             in_sync: in_sync.is_some(),
             serve_alone: store.serve_alone,
             disk_failed: self.disk_failed(store),
-            disk_full: store.disk_full,
             loading: store.loading,
             outranked: store.outranked || (self.role.serves_clients() && store.floor > store.epoch),
             preferred: self.preferred(),
@@ -724,7 +721,6 @@ impl RoleCore {
             switchover_requested: self.switchover,
         };
         let d = decide(&inputs);
-        self.hands_over_for_disk = inputs.disk_full && d.action == Action::HandOver;
         match d.action {
             Action::Stay => {
                 if self.switchover && !matches!(peer, PeerView::Up(p) if p.in_sync) {
@@ -853,6 +849,26 @@ mod tests {
             core.tick(now, &store(true), &mut out);
         }
         core
+    }
+
+    #[test]
+    fn a_nearly_full_disk_on_either_node_makes_the_active_refuse_and_moves_no_role() {
+        let mut core = active_with_peer(1000);
+        let mut out = Vec::new();
+        assert!(!core.refuses_for_full_disk(&store(true)));
+        // Its own disk.
+        let full = StoreView { disk_full: true, ..store(true) };
+        core.tick(1100, &full, &mut out);
+        assert!(core.role().serves_clients(), "a nearly full disk moves no role: {out:?}");
+        assert!(core.refuses_for_full_disk(&full));
+        // The in-sync passive's disk: it writes every record too.
+        let peer_full = Heartbeat { disk_full: true, ..passive_peer() };
+        core.heard_peer(1200, peer_full, &mut out);
+        core.tick(1200, &store(true), &mut out);
+        assert!(core.role().serves_clients(), "{out:?}");
+        assert!(core.refuses_for_full_disk(&store(true)));
+        // Not once the passive no longer counts (declared down, failed): single-copy.
+        assert!(!core.refuses_for_full_disk(&store(false)));
     }
 
     #[test]

@@ -304,8 +304,8 @@ struct Disk {
     staging: Option<BTreeMap<u64, Rec>>,
     /// Every write and flush fails from now on (EIO, ENOSPC, read-only).
     broken: bool,
-    /// Under `min_free_disk_bytes`: writes still succeed, but the node
-    /// would refuse new messages (its role core hands over if it can).
+    /// Under `min_free_disk_bytes`: writes still succeed; the active
+    /// refuses new messages (not modelled here) and no role moves.
     nearly_full: bool,
     /// Flushes block until this global time.
     stall_until: u64,

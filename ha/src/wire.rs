@@ -76,8 +76,9 @@ pub struct Heartbeat {
     /// node has now (it may have stepped down, or its disk failed).
     #[serde(default)]
     pub confirmed_alone: bool,
-    /// Its disk is over `max_disk_bytes` or under `min_free_disk_bytes`:
-    /// not a failure, but no node to hand the role to for room.
+    /// Its disk is over `max_disk_bytes` or under `min_free_disk_bytes`
+    /// (writes still succeed): while it is in sync its active refuses new
+    /// messages, as for its own disk.
     #[serde(default)]
     pub disk_full: bool,
 }

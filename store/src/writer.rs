@@ -234,9 +234,8 @@ pub struct WriterStats {
     /// less than `min_free_disk_bytes` left (measured by the broker). Not a
     /// failure: every write still succeeds.
     pub disk_full: AtomicBool,
-    /// Pair: new messages are refused for the full disk. Set by the role
-    /// arbiter: not while this node can hand the role to an in-sync peer
-    /// whose disk has room (it does so instead).
+    /// Pair: new messages are refused for a nearly full disk, this node's
+    /// or its in-sync passive's. Set by the role arbiter.
     pub refuse_full: AtomicBool,
     /// Messages kept for a hand-over to the peer.
     pub handover_pending: AtomicU64,
