@@ -159,6 +159,15 @@ pub struct Settings {
     /// Message bodies kept in memory (half for the newest messages of each queue, half read back from disk), bytes.
     #[arg(long, value_name = "BYTES")]
     pub body_cache_bytes: Option<usize>,
+    /// Bytes a second the compactor may read and write, rewriting records pinned by a few live messages (0: none).
+    #[arg(long, value_name = "BYTES")]
+    pub compaction_bytes_per_sec: Option<u64>,
+    /// No compaction while the store's records take less than this, bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub compaction_min_bytes: Option<u64>,
+    /// Records younger than this are not compacted (their messages may still be consumed), ms.
+    #[arg(long, value_name = "MS")]
+    pub compaction_min_age_ms: Option<u64>,
     /// Most destinations (queues, topics, durable subscriptions) a node holds.
     #[arg(long, value_name = "N")]
     pub max_destinations: Option<usize>,
@@ -430,6 +439,8 @@ pub struct Config {
     pub min_free_disk_bytes: u64,
     /// Bodies in memory: half kept by queues, half the store's read cache.
     pub body_cache_bytes: usize,
+    /// The compactor's bounds (see `twinmq_store::compactor`).
+    pub compaction: twinmq_store::compactor::CompactionConfig,
     pub max_destinations: usize,
     /// `None`: unacked deliveries wait for their consumer forever.
     pub ack_timeout_ms: Option<u64>,
@@ -497,6 +508,7 @@ impl Default for Config {
             max_disk_bytes: 0,
             min_free_disk_bytes: 256 << 20,
             body_cache_bytes: 64 << 20,
+            compaction: twinmq_store::compactor::CompactionConfig::default(),
             max_destinations: 10_000,
             ack_timeout_ms: Some(60_000),
             max_redeliveries: 5,
@@ -621,6 +633,11 @@ impl Config {
         let body_cache_bytes = s.body_cache_bytes.unwrap_or(d.body_cache_bytes);
         let max_disk_bytes = s.max_disk_bytes.unwrap_or(d.max_disk_bytes);
         let min_free_disk_bytes = s.min_free_disk_bytes.unwrap_or(d.min_free_disk_bytes);
+        let compaction = twinmq_store::compactor::CompactionConfig {
+            bytes_per_sec: s.compaction_bytes_per_sec.unwrap_or(d.compaction.bytes_per_sec),
+            min_bytes: s.compaction_min_bytes.unwrap_or(d.compaction.min_bytes),
+            min_age: s.compaction_min_age_ms.map_or(d.compaction.min_age, std::time::Duration::from_millis),
+        };
         let max_queue_bytes = positive("max_queue_bytes", s.max_queue_bytes, d.max_queue_bytes)?;
         if max_queue_bytes < max_message_bytes {
             return Err(invalid(
@@ -713,6 +730,7 @@ impl Config {
             body_cache_bytes,
             max_disk_bytes,
             min_free_disk_bytes,
+            compaction,
             max_destinations,
             ack_timeout_ms,
             max_redeliveries,

@@ -123,6 +123,21 @@ impl Metrics {
             gauge(store("live_bytes")),
         );
         r.register(
+            "live_message_bytes",
+            "What the live messages weigh, each queue holding one counted (payload, headers, 128 bytes)",
+            gauge(store("live_message_bytes")),
+        );
+        r.register(
+            "compacted_records",
+            "Records the compactor rewrote without their dead messages",
+            ConstCounter::new(store("compacted_records")),
+        );
+        r.register(
+            "compacted_bytes",
+            "Bytes the records the compactor rewrote take less",
+            ConstCounter::new(store("compacted_bytes")),
+        );
+        r.register(
             "read_cache_bytes",
             "Bytes of message bodies read back from disk and cached",
             gauge(store("read_cache_bytes")),
@@ -238,8 +253,13 @@ mod tests {
             "sync_lag": null, "failovers": 2,
             "peer": {"state": "up", "last_op": 100}, "gateway": {"reachable": true},
             "queues": [{"name": "queue:orders", "depth": 4, "consumers": 1, "in_flight": 2}],
+            "store": {"live_bytes": 300, "live_message_bytes": 200, "compacted_records": 5, "compacted_bytes": 4096},
         });
         let text = m.encode(&status).unwrap();
+        assert_eq!(value(&text, "twinmq_live_record_bytes"), 300.0);
+        assert_eq!(value(&text, "twinmq_live_message_bytes"), 200.0);
+        assert_eq!(value(&text, "twinmq_compacted_records_total"), 5.0);
+        assert_eq!(value(&text, "twinmq_compacted_bytes_total"), 4096.0);
         assert_eq!(value(&text, "twinmq_messages_in_total"), 3.0);
         assert_eq!(value(&text, "twinmq_messages_out_total"), 1.0);
         assert_eq!(value(&text, "twinmq_confirms_total"), 1.0);

@@ -310,6 +310,9 @@ fn store_status(s: &twinmq_store::WriterStats) -> serde_json::Value {
     serde_json::json!({
         "live_batches": s.live_batches.load(Ordering::Relaxed),
         "live_bytes": s.live_bytes.load(Ordering::Relaxed),
+        "live_message_bytes": s.live_weight.load(Ordering::Relaxed),
+        "compacted_records": s.compacted_records.load(Ordering::Relaxed),
+        "compacted_bytes": s.compacted_bytes.load(Ordering::Relaxed),
         "batches_written": s.batches.load(Ordering::Relaxed),
         "ops_written": s.ops.load(Ordering::Relaxed),
         "flushes": s.flushes.load(Ordering::Relaxed),

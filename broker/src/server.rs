@@ -107,6 +107,7 @@ pub async fn run(
             // A pair member starts passive (DESIGN.md section 4, cold start).
             active: config.pair.is_none(),
             require_replica: config.require_replica,
+            compaction: config.compaction.clone(),
             ..WriterConfig::default()
         },
     )?;

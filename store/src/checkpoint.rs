@@ -26,7 +26,7 @@ use crate::index::LiveIndex;
 use crate::StoreError;
 
 /// Layout of the checkpoint file.
-pub(crate) const FORMAT: u8 = 1;
+pub(crate) const FORMAT: u8 = 2;
 const FILE: &str = "index.ckpt";
 
 /// How often the writer checkpoints while records arrive. A restart after

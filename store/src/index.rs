@@ -40,6 +40,12 @@ struct BatchLive {
     /// Live (message, queue) pairs in this batch plus acks in it that point at other live batches.
     pending: u64,
     bytes: u64,
+    /// What its live (message, queue) pairs weigh: the compactor rewrites
+    /// a record that is mostly dead (see `writer.rs`).
+    live: u64,
+    /// `pending` when the compactor last looked at it (`u64::MAX`: never):
+    /// it looks again only once something more in it died.
+    checked: u64,
 }
 
 /// Liveness of batches and of (queue, message) pairs. Owned by the writer
@@ -55,6 +61,8 @@ pub struct LiveIndex {
     /// Expiry of the live messages that have one (few do), by sequence.
     expiring: BTreeMap<u64, NonZeroU64>,
     live_bytes: u64,
+    /// What the live (message, queue) pairs weigh, all queues together.
+    live_weight: u64,
 }
 
 impl LiveIndex {
@@ -67,6 +75,7 @@ impl LiveIndex {
     /// [`Self::apply`] for the record of `ops` keyed `key` (its first sequence).
     pub fn apply_ops(&mut self, key: u64, ops: &[Op], record_bytes: u64) -> Vec<u64> {
         let mut own_pending: u64 = 0;
+        let mut own_live: u64 = 0;
         let mut dead = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             let seq = key + i as u64;
@@ -76,6 +85,7 @@ impl LiveIndex {
                     for q in queues {
                         if self.live.entry(q.clone()).or_default().insert(seq, r.bytes).is_none() {
                             own_pending += 1;
+                            own_live += u64::from(r.bytes);
                         }
                     }
                     if let Some(t) = r.expires_at_ms {
@@ -83,13 +93,16 @@ impl LiveIndex {
                     }
                 }
                 Op::Ack { queue, seq: target } => {
-                    let was_live = self.live.get_mut(queue).is_some_and(|set| set.remove(target).is_some());
-                    if !was_live {
+                    let Some(weight) = self.live.get_mut(queue).and_then(|set| set.remove(target)) else {
                         continue;
-                    }
+                    };
                     match self.batch_of(*target) {
-                        _ if *target >= key => own_pending -= 1,
+                        _ if *target >= key => {
+                            own_pending -= 1;
+                            own_live -= u64::from(weight);
+                        }
                         Some(t) => {
+                            self.unlive(t, weight);
                             if self.release(t) {
                                 dead.push(t);
                             } else {
@@ -104,21 +117,35 @@ impl LiveIndex {
                 Op::PutQueue { key: q, .. } => {
                     self.live.entry(q.clone()).or_default();
                 }
-                Op::PutUser { .. } | Op::DeleteUser { .. } | Op::Redelivered { .. } | Op::HandedIn { .. } => {}
+                Op::PutUser { .. }
+                | Op::DeleteUser { .. }
+                | Op::Redelivered { .. }
+                | Op::HandedIn { .. }
+                | Op::Nothing => {}
                 Op::DeleteQueue { key: q } => {
                     let seqs = self.live.remove(q).unwrap_or_default();
-                    for s in seqs.into_keys() {
+                    for (s, weight) in seqs {
                         match self.batch_of(s) {
-                            _ if s >= key => own_pending -= 1,
-                            Some(t) if self.release(t) => dead.push(t),
-                            _ => {}
+                            _ if s >= key => {
+                                own_pending -= 1;
+                                own_live -= u64::from(weight);
+                            }
+                            Some(t) => {
+                                self.unlive(t, weight);
+                                if self.release(t) {
+                                    dead.push(t);
+                                }
+                            }
+                            None => {}
                         }
                     }
                 }
             }
         }
         self.live_bytes += record_bytes;
-        self.batches.insert(key, BatchLive { pending: own_pending, bytes: record_bytes });
+        self.live_weight += own_live;
+        self.batches
+            .insert(key, BatchLive { pending: own_pending, bytes: record_bytes, live: own_live, checked: u64::MAX });
         if own_pending == 0 {
             dead.push(key);
         }
@@ -130,12 +157,13 @@ impl LiveIndex {
     pub fn drop_messages(&mut self, queue: &str, keep: impl Fn(u64) -> bool) -> Vec<u64> {
         let mut dead = Vec::new();
         let Some(set) = self.live.get_mut(queue) else { return dead };
-        let gone: Vec<u64> = set.keys().copied().filter(|s| !keep(*s)).collect();
-        for s in &gone {
+        let gone: Vec<(u64, u32)> = set.iter().map(|(s, w)| (*s, *w)).filter(|(s, _)| !keep(*s)).collect();
+        for (s, _) in &gone {
             set.remove(s);
         }
-        for s in gone {
+        for (s, weight) in gone {
             if let Some(t) = self.batch_of(s) {
+                self.unlive(t, weight);
                 if self.release(t) {
                     dead.push(t);
                 }
@@ -163,6 +191,7 @@ impl LiveIndex {
             }
             if let Some(b) = self.batches.get_mut(&k) {
                 b.pending = 0;
+                self.live_weight -= std::mem::take(&mut b.live);
             }
             dead.push(k);
         }
@@ -171,6 +200,14 @@ impl LiveIndex {
 
     fn batch_of(&self, seq: u64) -> Option<u64> {
         self.batches.range(..=seq).next_back().map(|(k, _)| *k)
+    }
+
+    /// A live pair of batch `t` weighing `weight` is gone.
+    fn unlive(&mut self, t: u64, weight: u32) {
+        if let Some(b) = self.batches.get_mut(&t) {
+            b.live -= u64::from(weight).min(b.live);
+        }
+        self.live_weight -= u64::from(weight).min(self.live_weight);
     }
 
     /// One reason fewer to keep batch `t`; true when it just died.
@@ -196,6 +233,7 @@ impl LiveIndex {
                 }
             }
             self.live_bytes -= b.bytes;
+            self.live_weight -= b.live.min(self.live_weight);
             dead.push(d);
             for r in self.referrers.remove(&d).unwrap_or_default() {
                 if self.release(r) {
@@ -247,6 +285,58 @@ impl LiveIndex {
     /// Bytes of batch records still in the log.
     pub fn live_bytes(&self) -> u64 {
         self.live_bytes
+    }
+
+    /// What the live (message, queue) pairs weigh, all queues together.
+    pub fn live_weight(&self) -> u64 {
+        self.live_weight
+    }
+
+    /// Records worth rewriting without their dead ops (less than half of
+    /// their bytes are live messages) among at most `scan` records from
+    /// `from` on that are older than `before`; and where the next look
+    /// starts (0: from the oldest again).
+    pub fn compactable(&self, from: u64, before: u64, scan: usize) -> (Vec<u64>, u64) {
+        let mut found = Vec::new();
+        let mut seen = 0;
+        let mut next = 0;
+        for (k, b) in self.batches.range(from..) {
+            if *k >= before {
+                break;
+            }
+            if seen == scan {
+                next = *k;
+                break;
+            }
+            seen += 1;
+            if b.live * 2 < b.bytes && b.pending < b.checked {
+                found.push(*k);
+            }
+        }
+        (found, next)
+    }
+
+    /// Whether an ack of `target` written in record `key` still keeps
+    /// `key` alive (or might: an ack is dropped only once no record it
+    /// could point at is left before it).
+    pub fn ack_pins(&self, key: u64, target: u64) -> bool {
+        target < key && self.batch_of(target).is_some()
+    }
+
+    /// The compactor looked at record `key` and left it `bytes` long.
+    pub fn compacted(&mut self, key: u64, bytes: u64) {
+        if let Some(b) = self.batches.get_mut(&key) {
+            self.live_bytes = self.live_bytes - b.bytes + bytes;
+            b.bytes = bytes;
+            b.checked = b.pending;
+        }
+    }
+
+    /// The compactor looked at record `key` and found nothing to drop.
+    pub fn looked_at(&mut self, key: u64) {
+        if let Some(b) = self.batches.get_mut(&key) {
+            b.checked = b.pending;
+        }
     }
 }
 

@@ -63,6 +63,7 @@
 pub mod bodies;
 pub(crate) mod checkpoint;
 pub mod clock;
+pub mod compactor;
 pub mod index;
 pub mod op;
 pub mod repl;

@@ -138,6 +138,10 @@ pub enum Op {
     /// A message another node handed over (its `(epoch, seq)` there) was
     /// stored into `queue`: a hand-over sent again stores only what is not.
     HandedIn { epoch: u64, seq: u64, queue: String },
+    /// What the compactor leaves where it dropped an op that no longer
+    /// matters (a message acked everywhere, an ack of a record gone): the
+    /// record keeps its key and the sequence numbers of the ops it keeps.
+    Nothing,
 }
 
 impl Op {

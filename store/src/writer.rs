@@ -33,6 +33,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::clock::lease_now_ms;
+use crate::compactor::{CompactionConfig, Compactor};
 use crate::index::LiveIndex;
 use crate::op::{BatchBody, Op};
 use crate::repl::{Action, ConnId, Promotion, Refusal, ReplFrame, Replica, ReplicaConfig};
@@ -194,6 +195,11 @@ pub struct WriterStats {
     pub flush_started_ms: AtomicU64,
     pub live_batches: AtomicU64,
     pub live_bytes: AtomicU64,
+    /// What the live messages weigh (all queues together): what `live_bytes` would be with no dead op.
+    pub live_weight: AtomicU64,
+    /// Records the compactor rewrote, and the bytes they took less.
+    pub compacted_records: AtomicU64,
+    pub compacted_bytes: AtomicU64,
     pub last_seq: AtomicU64,
     /// The epoch this node serves in (active) or follows.
     pub epoch: AtomicU64,
@@ -304,6 +310,8 @@ pub struct WriterConfig {
     pub producer_expiry: std::time::Duration,
     /// How often the index is checkpointed while records arrive (see `checkpoint.rs`).
     pub checkpoint_every: std::time::Duration,
+    /// The compactor's bounds (see `compactor.rs`).
+    pub compaction: CompactionConfig,
 }
 
 /// The audit log of a follower (target `twinmq::audit`, as the active's
@@ -331,6 +339,8 @@ const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_secs(1);
 /// half as much writing as the log itself).
 const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
 const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(1);
+/// How often an idle writer wakes up for the compactor while it has work.
+const COMPACT_WHEN_IDLE: Duration = Duration::from_millis(50);
 
 /// How long a producer id's idempotence mark outlives its last publish.
 pub const PRODUCER_EXPIRY: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -345,6 +355,7 @@ impl Default for WriterConfig {
             tail_bytes: 32 * 1024 * 1024,
             producer_expiry: PRODUCER_EXPIRY,
             checkpoint_every: crate::checkpoint::CHECKPOINT_EVERY,
+            compaction: CompactionConfig::default(),
         }
     }
 }
@@ -370,9 +381,14 @@ impl Writer {
             recovered.next_seq,
             rand::random(),
         );
+        let compactor = Compactor::new(config.compaction.clone());
         let state = WriterState {
             store: store.clone(),
             config,
+            compactor,
+            compacted_since_checkpoint: false,
+            delete_failed: false,
+            last_request: Instant::now(),
             replica,
             index: std::mem::take(&mut recovered.index),
             dedup: recovered.dedup.clone(),
@@ -611,34 +627,46 @@ struct WriterState {
     held: VecDeque<Held>,
     conns: HashMap<ConnId, PeerTx>,
     snapshot: Option<SnapshotCursor>,
+    compactor: Compactor,
+    /// Records rewritten since the last index checkpoint (their sizes there are stale).
+    compacted_since_checkpoint: bool,
+    /// A delete of dead records failed since the store was opened (see [`Compactor::pass`]).
+    delete_failed: bool,
+    /// When the last request came (a writer idle for [`CHECKPOINT_WHEN_IDLE`] checkpoints).
+    last_request: Instant,
 }
 
 impl WriterState {
     fn run(mut self, rx: Receiver<Request>) {
         let mut pending: Vec<Request> = Vec::new();
         loop {
-            let first = if self.snapshot.is_some() {
-                match rx.recv_timeout(Duration::from_millis(2)) {
+            // Idle: wake up for a snapshot being sent, for the compactor,
+            // and to checkpoint records once nothing came for a while.
+            let wait = if self.snapshot.is_some() {
+                Some(Duration::from_millis(2))
+            } else if self.compactor.wanted(&self.index) {
+                Some(COMPACT_WHEN_IDLE)
+            } else if self.checkpoint_due() {
+                Some(CHECKPOINT_WHEN_IDLE)
+            } else {
+                None
+            };
+            let first = match wait {
+                Some(wait) => match rx.recv_timeout(wait) {
                     Ok(r) => Some(r),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else if self.applied_through != self.checkpointed_through && self.store.checkpoints() {
-                // Idle with records not in the checkpoint: write one soon.
-                match rx.recv_timeout(CHECKPOINT_WHEN_IDLE) {
-                    Ok(r) => Some(r),
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.checkpoint();
-                        None
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
+                },
+                None => match rx.recv() {
                     Ok(r) => Some(r),
                     Err(_) => break,
-                }
+                },
             };
+            if first.is_some() {
+                self.last_request = Instant::now();
+            } else if self.checkpoint_due() && self.last_request.elapsed() >= CHECKPOINT_WHEN_IDLE {
+                self.checkpoint();
+            }
             match first {
                 Some(r @ (Request::Submit(..) | Request::Barrier(_))) => {
                     pending.push(r);
@@ -670,6 +698,7 @@ impl WriterState {
                 None => {}
             }
             self.stream_snapshot();
+            self.compact();
             self.publish_stats();
             let since = self.last_checkpoint.elapsed();
             if since >= self.config.checkpoint_every
@@ -1205,8 +1234,7 @@ impl WriterState {
     fn checkpoint(&mut self) {
         self.last_checkpoint = Instant::now();
         self.records_since_checkpoint = 0;
-        if !self.store.checkpoints()
-            || self.applied_through == self.checkpointed_through
+        if !(self.checkpoint_due() || self.store.checkpoints() && self.compacted_since_checkpoint)
             || self.stats.loading.load(Ordering::Relaxed)
             || self.stats.disk_failed.load(Ordering::SeqCst)
         {
@@ -1217,6 +1245,7 @@ impl WriterState {
         match self.store.checkpoint(self.applied_through, next_seq, &self.index, &self.dedup) {
             Ok(bytes) => {
                 self.checkpointed_through = self.applied_through;
+                self.compacted_since_checkpoint = false;
                 self.last_checkpoint_bytes = bytes;
                 tracing::debug!(
                     through = self.applied_through,
@@ -1228,6 +1257,31 @@ impl WriterState {
             Err(e) => {
                 tracing::warn!(error = %e, "could not write the index checkpoint; a restart reads more of the log")
             }
+        }
+    }
+
+    /// Records were written since the last index checkpoint. (Records the
+    /// compactor rewrote wait for the next checkpoint that is due anyway,
+    /// or the one at stop: a checkpoint with their old sizes only makes the
+    /// compactor read them once more after a restart.)
+    fn checkpoint_due(&self) -> bool {
+        self.store.checkpoints() && self.applied_through != self.checkpointed_through
+    }
+
+    /// A bounded pass of the compactor (not while a snapshot is sent or
+    /// loaded, or after the disk failed).
+    fn compact(&mut self) {
+        if self.snapshot.is_some()
+            || self.stats.loading.load(Ordering::Relaxed)
+            || self.stats.disk_failed.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        let pass = self.compactor.pass(&self.store, &mut self.index, self.applied_through + 1, self.delete_failed);
+        if pass.rewritten > 0 {
+            self.compacted_since_checkpoint = true;
+            self.stats.compacted_records.fetch_add(pass.rewritten, Ordering::Relaxed);
+            self.stats.compacted_bytes.fetch_add(pass.freed, Ordering::Relaxed);
         }
     }
 
@@ -1305,6 +1359,7 @@ impl WriterState {
         self.prune_producers();
         if !dead.is_empty() {
             if let Err(e) = self.try_delete(dead, next_seq) {
+                self.delete_failed = true;
                 tracing::error!(error = %e, "could not delete dead batch records");
             }
         }
@@ -1357,6 +1412,7 @@ impl WriterState {
         let last_seq = r.next_seq() - 1;
         s.live_batches.store(self.index.live_batches() as u64, Ordering::Relaxed);
         s.live_bytes.store(self.index.live_bytes(), Ordering::Relaxed);
+        s.live_weight.store(self.index.live_weight(), Ordering::Relaxed);
         s.last_seq.store(last_seq, Ordering::Relaxed);
         s.epoch.store(r.epoch(), Ordering::Relaxed);
         s.floor.store(r.meta().floor, Ordering::Relaxed);

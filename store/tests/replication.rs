@@ -818,3 +818,61 @@ fn what_was_handed_in_is_known_on_both_nodes_so_a_hand_over_sent_again_is_not_st
     assert!(!a.handed_in(1, 78, "q").unwrap() && !a.handed_in(1, 77, "r").unwrap());
     assert!(p.handed_in(1, 77, "q").unwrap(), "replicated with the message");
 }
+
+#[test]
+fn records_the_compactor_rewrote_on_both_nodes_reach_a_new_passive_and_every_promotion_finds_the_same_messages() {
+    let eager =
+        twinmq_store::compactor::CompactionConfig { bytes_per_sec: 256 << 20, min_bytes: 0, min_age: Duration::ZERO };
+    let cfg = WriterConfig {
+        durability: Durability::Replicated,
+        active: false,
+        compaction: eager,
+        ..WriterConfig::default()
+    };
+    let (da, dp, dn) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The active keeps little of its log in memory: a new passive gets a snapshot.
+    let (_sa, a) = open_with(da.path(), WriterConfig { tail_bytes: 64 << 10, ..cfg.clone() });
+    promote(&a, 1);
+    for q in ["q", "busy"] {
+        submit(&a, vec![Op::PutQueue { key: q.into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    }
+    let (_sp, p) = open_with(dp.path(), cfg.clone());
+    let l = link(&a, &p);
+    // Each record: 10 busy messages, acked, and one in q, never consumed.
+    let mut kept = Vec::new();
+    for r in 0..60u64 {
+        let mut ops = Vec::new();
+        for i in 0..11 {
+            let mut m = msg(r * 11 + i + 1, &format!("{}-{r}-{i}", if i == 3 { "kept" } else { "busy" }));
+            m.payload.extend_from_slice(&[b'.'; 1000]);
+            ops.push(Op::Enqueue { message: m, queues: vec![if i == 3 { "q" } else { "busy" }.into()] });
+        }
+        let c = submit(&a, ops).unwrap();
+        kept.push(format!("kept-{r}-3{}", ".".repeat(1000)));
+        let acks =
+            (0..11).filter(|i| *i != 3).map(|i| Op::Ack { queue: "busy".into(), seq: c.first_seq + i }).collect();
+        submit(&a, acks).unwrap();
+    }
+    wait_until("the passive is in sync", || in_sync(&p));
+    for (who, w) in [("active", &a), ("passive", &p)] {
+        let s = w.stats_handle();
+        // It compacts until the records take at most 1.5x what their live messages weigh.
+        wait_until(&format!("the {who}'s records are small"), || {
+            s.live_bytes.load(Relaxed) * 2 <= s.live_weight.load(Relaxed) * 3
+        });
+        assert!(s.compacted_records.load(Relaxed) >= 50, "{who}: {}", s.compacted_records.load(Relaxed));
+    }
+    // A new passive gets the active's rewritten records by snapshot.
+    l.cut(&a, &p);
+    a.peer_down(true);
+    let (_sn, n) = open_with(dn.path(), cfg);
+    let ln = link(&a, &n);
+    wait_until("the new passive is in sync", || in_sync(&n) && ln.has("InSync"));
+    assert!(ln.has("Snapshot"), "{:?}", ln.kinds());
+    ln.cut(&a, &n);
+    for (who, w, epoch) in [("the old passive", &p, 2), ("the new passive", &n, 3)] {
+        let rec = promote(w, epoch);
+        assert_eq!(bodies(w, &rec, "q"), kept, "{who}");
+        assert!(rec.messages.get("busy").is_none_or(Vec::is_empty), "{who}: an acked message came back");
+    }
+}
