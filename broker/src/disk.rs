@@ -35,9 +35,11 @@ pub struct DiskUse {
     /// Over a limit at the last measurement.
     over: AtomicBool,
     full: AtomicBool,
-    /// The store writer's counters: `disk_full` is told there; in a pair
-    /// `refuse_full` (the role arbiter's verdict) decides the refusals.
-    store: Option<(Arc<WriterStats>, bool)>,
+    /// The store writer's counters: `disk_full` is told there.
+    stats: Option<Arc<WriterStats>>,
+    /// A pair member: the role arbiter's verdict (`refuse_full` in `stats`)
+    /// decides the refusals, not this node's measure alone.
+    pair: bool,
 }
 
 /// Bytes the files under `dir` take on disk (blocks, not apparent size).
@@ -68,7 +70,8 @@ impl DiskUse {
             dir: dir.to_path_buf(),
             max_bytes,
             min_free,
-            store: Some((stats, pair)),
+            stats: Some(stats),
+            pair,
             ..DiskUse::default()
         });
         d.refresh();
@@ -98,7 +101,7 @@ impl DiskUse {
         // role moves to the peer, whose disk may have room.
         let was_over = self.over.swap(over, Ordering::Relaxed);
         let full = over && (was_over || self.full.load(Ordering::Relaxed));
-        if let Some((stats, _)) = &self.store {
+        if let Some(stats) = &self.stats {
             stats.disk_full.store(full, Ordering::Relaxed);
         }
         if full != self.full.swap(full, Ordering::Relaxed) {
@@ -123,8 +126,8 @@ impl DiskUse {
 
     /// Why new messages are refused, if they are.
     pub fn full(&self) -> Option<String> {
-        let judged = match &self.store {
-            Some((stats, true)) => stats.refuse_full.load(Ordering::Relaxed),
+        let judged = match &self.stats {
+            Some(stats) if self.pair => stats.refuse_full.load(Ordering::Relaxed),
             _ => self.over_limit(),
         };
         if !judged {

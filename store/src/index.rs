@@ -298,9 +298,8 @@ impl LiveIndex {
     /// starts (0: from the oldest again).
     pub fn compactable(&self, from: u64, before: u64, scan: usize) -> (Vec<u64>, u64) {
         let mut found = Vec::new();
-        let mut seen = 0;
         let mut next = 0;
-        for (k, b) in self.batches.range(from..) {
+        for (seen, (k, b)) in self.batches.range(from..).enumerate() {
             if *k >= before {
                 break;
             }
@@ -308,7 +307,6 @@ impl LiveIndex {
                 next = *k;
                 break;
             }
-            seen += 1;
             if b.live * 2 < b.bytes && b.pending < b.checked {
                 found.push(*k);
             }

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::clock::lease_now_ms;
-use crate::compactor::{CompactionConfig, Compactor};
+use crate::compactor::{CompactionConfig, Compactor, Pass};
 use crate::index::LiveIndex;
 use crate::op::{BatchBody, Op};
 use crate::repl::{Action, ConnId, Promotion, Refusal, ReplFrame, Replica, ReplicaConfig};
@@ -339,6 +339,8 @@ const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_secs(1);
 /// half as much writing as the log itself).
 const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
 const CHECKPOINT_MIN_GAP: Duration = Duration::from_secs(1);
+/// The compactor's log line comes at most this often (when it did something).
+const COMPACTION_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often an idle writer wakes up for the compactor while it has work.
 const COMPACT_WHEN_IDLE: Duration = Duration::from_millis(50);
 
@@ -389,6 +391,9 @@ impl Writer {
             compacted_since_checkpoint: false,
             delete_failed: false,
             last_request: Instant::now(),
+            compaction_unlogged: Pass::default(),
+            compaction_logged: Instant::now(),
+            staging: None,
             replica,
             index: std::mem::take(&mut recovered.index),
             dedup: recovered.dedup.clone(),
@@ -593,6 +598,16 @@ struct SnapshotCursor {
     through: u64,
     stage: u8,
     after: Option<Vec<u8>>,
+    /// For the rate in the log line at its end.
+    started: Instant,
+    bytes: u64,
+}
+
+/// "N MB in S s (R MB/s)" for a snapshot's log lines.
+fn rate(bytes: u64, since: Instant) -> String {
+    let secs = since.elapsed().as_secs_f64();
+    let mb = bytes as f64 / 1e6;
+    format!("{mb:.1} MB in {secs:.2} s ({:.1} MB/s)", mb / secs.max(1e-3))
 }
 
 /// A completion waiting for the confirm horizon to pass `seq`.
@@ -634,6 +649,11 @@ struct WriterState {
     delete_failed: bool,
     /// When the last request came (a writer idle for [`CHECKPOINT_WHEN_IDLE`] checkpoints).
     last_request: Instant,
+    /// What the compactor did since its last log line, at `compaction_logged`.
+    compaction_unlogged: Pass,
+    compaction_logged: Instant,
+    /// A snapshot from the peer being staged: since when, bytes so far.
+    staging: Option<(Instant, u64)>,
 }
 
 impl WriterState {
@@ -916,7 +936,15 @@ impl WriterState {
             }
             Action::StreamSnapshot { conn, attach, through } => {
                 tracing::info!(through, live_batches = self.index.live_batches(), "sending the peer a snapshot");
-                self.snapshot = Some(SnapshotCursor { conn, attach, through, stage: 0, after: None });
+                self.snapshot = Some(SnapshotCursor {
+                    conn,
+                    attach,
+                    through,
+                    stage: 0,
+                    after: None,
+                    started: Instant::now(),
+                    bytes: 0,
+                });
             }
             Action::ApplyBatch { first_seq, last_seq, epoch, raw } => {
                 let body = match BatchBody::decode(first_seq, &raw) {
@@ -931,7 +959,7 @@ impl WriterState {
                 self.store.log.insert(first_seq.to_be_bytes(), raw.as_ref())?;
                 audit_replicated(&body);
                 self.note_producers(&body);
-                self.count(body.ops.len(), &[raw.len() as u64]);
+                self.count(body.ops.len(), 1, raw.len() as u64);
                 let dead = self.index.apply(&body, raw.len() as u64);
                 self.applied_through = self.applied_through.max(last_seq);
                 self.records_since_checkpoint += raw.len() as u64;
@@ -946,6 +974,7 @@ impl WriterState {
             Action::BeginStaging => {
                 self.store.begin_staging()?;
                 self.stats.loading.store(true, Ordering::Relaxed);
+                self.staging = Some((Instant::now(), 0));
             }
             Action::Stage(frame) => self.stage(frame)?,
             Action::CommitStaging { next_seq } => {
@@ -961,7 +990,9 @@ impl WriterState {
                 // A new history: the next checkpoint describes it (the old one is gone).
                 self.applied_through = next_seq - 1;
                 self.checkpointed_through = 0;
-                tracing::info!(next_seq, batches = recovered.batches, "snapshot from the peer loaded");
+                let (started, bytes) = self.staging.take().unwrap_or((Instant::now(), 0));
+                let received = rate(bytes, started);
+                tracing::info!(next_seq, batches = recovered.batches, received, "snapshot from the peer loaded");
             }
             Action::DiscardStaging => {
                 self.store.begin_staging()?;
@@ -1010,6 +1041,9 @@ impl WriterState {
 
     /// One snapshot frame (or a record interleaved with it) into staging.
     fn stage(&mut self, frame: ReplFrame) -> Result<(), StoreError> {
+        if let Some((_, bytes)) = &mut self.staging {
+            *bytes += frame.weight() as u64;
+        }
         match frame {
             ReplFrame::SnapRecord { key, raw } => {
                 // Verify before storing: a corrupt copy must not become our store.
@@ -1282,6 +1316,21 @@ impl WriterState {
             self.compacted_since_checkpoint = true;
             self.stats.compacted_records.fetch_add(pass.rewritten, Ordering::Relaxed);
             self.stats.compacted_bytes.fetch_add(pass.freed, Ordering::Relaxed);
+            self.compaction_unlogged.rewritten += pass.rewritten;
+            self.compaction_unlogged.freed += pass.freed;
+        }
+        let (done, since) = (self.compaction_unlogged, self.compaction_logged.elapsed());
+        if done.rewritten > 0 && since >= COMPACTION_LOG_EVERY {
+            tracing::info!(
+                records = done.rewritten,
+                freed_bytes = done.freed,
+                secs = since.as_secs(),
+                live_record_bytes = self.index.live_bytes(),
+                live_message_bytes = self.index.live_weight(),
+                "compacted records pinned by a few live messages"
+            );
+            self.compaction_unlogged = Pass::default();
+            self.compaction_logged = Instant::now();
         }
     }
 
@@ -1301,8 +1350,7 @@ impl WriterState {
         }
         let mut dead = Vec::new();
         let mut out = Vec::with_capacity(records.len());
-        let lens: Vec<u64> = records.iter().map(|(_, _, raw)| raw.len() as u64).collect();
-        self.count(body.ops.len(), &lens);
+        self.count(body.ops.len(), records.len(), records.iter().map(|(_, _, raw)| raw.len() as u64).sum());
         for (run, first, raw) in records {
             let len = raw.len() as u64;
             dead.extend(self.index.apply_ops(first, &body.ops[run.clone()], len));
@@ -1344,11 +1392,11 @@ impl WriterState {
         }
     }
 
-    /// `ops` written in records of `lens` bytes.
-    fn count(&self, ops: usize, lens: &[u64]) {
-        self.stats.batches.fetch_add(lens.len() as u64, Ordering::Relaxed);
+    /// `ops` written in `records` records of `bytes` bytes in all.
+    fn count(&self, ops: usize, records: usize, bytes: u64) {
+        self.stats.batches.fetch_add(records as u64, Ordering::Relaxed);
         self.stats.ops.fetch_add(ops as u64, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(lens.iter().sum(), Ordering::Relaxed);
+        self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Delete dead records (not a failure of what was confirmed if it fails:
@@ -1463,8 +1511,9 @@ impl WriterState {
                 2 => &self.store.log,
                 _ => {
                     let (attach, through) = (cursor.attach, cursor.through);
+                    let sent = rate(cursor.bytes, cursor.started);
                     self.snapshot = None;
-                    tracing::info!(through, "snapshot sent to the peer");
+                    tracing::info!(through, sent, "snapshot sent to the peer");
                     let mut out = Vec::new();
                     self.replica.snapshot_streamed(attach, &mut out);
                     let _ = self.perform(out);
@@ -1507,6 +1556,7 @@ impl WriterState {
             };
             match frame {
                 Some(f) => {
+                    cursor.bytes += f.weight() as u64;
                     budget = budget.saturating_sub(f.weight());
                     tx.send(Outbound::Repl(f));
                 }

@@ -135,10 +135,11 @@ fn is_disk_refusal(text: &str) -> bool {
 }
 
 /// When the lab held a node's disk full or at ENOSPC (`disk N full BYTES`
-/// or `disk N enospc` .. `disk N ok` in the event log), as (node, from, to)
-/// in microseconds; `to` runs on for the broker's measure (once a second)
-/// and the refusal's way back to the client.
-fn disk_full_windows(events: &[serde_json::Value]) -> Vec<(String, u64, u64)> {
+/// or `disk N enospc` .. `disk N ok` in the event log), as (from, to) in
+/// microseconds, whichever the node (the limit is the pair's); `to` runs on
+/// for the broker's measure (once a second) and the refusal's way back to
+/// the client.
+fn disk_full_windows(events: &[serde_json::Value]) -> Vec<(u64, u64)> {
     const AFTER_US: u64 = 2_500_000;
     let mut open: HashMap<String, u64> = HashMap::new();
     let mut windows = Vec::new();
@@ -151,13 +152,13 @@ fn disk_full_windows(events: &[serde_json::Value]) -> Vec<(String, u64, u64)> {
             }
             ["disk", node, ..] => {
                 if let Some(from) = open.remove(*node) {
-                    windows.push(((*node).to_string(), from, t + AFTER_US));
+                    windows.push((from, t + AFTER_US));
                 }
             }
             _ => {}
         }
     }
-    windows.extend(open.into_iter().map(|(node, from)| (node, from, u64::MAX)));
+    windows.extend(open.into_values().map(|from| (from, u64::MAX)));
     windows
 }
 
@@ -196,7 +197,7 @@ pub fn check(dir: &Path, title: &str) -> Report {
     r.lost = sorted(confirmed.difference(&received));
     r.phantom = sorted(received.difference(&sent));
     let full = disk_full_windows(&events);
-    let refusal_ok = |t: u64| full.iter().any(|(_, from, to)| (*from..=*to).contains(&t));
+    let refusal_ok = |t: u64| full.iter().any(|(from, to)| (*from..=*to).contains(&t));
     for w in workload.iter().filter(|w| w["ev"] == "error") {
         let text = w["text"].as_str().unwrap_or("?");
         let t = w["t"].as_u64().unwrap_or(0);

@@ -858,7 +858,19 @@ pub fn run(lab_opts: LabOptions, opts: &Options) -> anyhow::Result<Outcome> {
             ),
         }
     }
-    let broker_args = vec!["--disk-stall-ms".to_string(), opts.disk_stall_ms.to_string()];
+    // The compactor rewrites every record as soon as less than half of it
+    // is live (not after 10 s and 64 MiB): its rewrites meet every fault.
+    let broker_args: Vec<String> = [
+        "--disk-stall-ms",
+        &opts.disk_stall_ms.to_string(),
+        "--compaction-min-bytes",
+        "0",
+        "--compaction-min-age-ms",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let mut disks_skipped = faultfs::preflight().err().map(|e| format!("{e:#}"));
     let mut lab = None;
     if disks_skipped.is_none() {
