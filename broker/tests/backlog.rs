@@ -119,6 +119,8 @@ async fn the_compactor_frees_records_pinned_by_a_slow_queue_while_a_busy_one_run
         "local",
         "--auto-create",
         "true",
+        "--compaction-bytes-per-sec",
+        "33554432",
         "--compaction-min-bytes",
         "0",
         "--compaction-min-age-ms",
