@@ -48,6 +48,11 @@ struct Args {
     /// How long to wait for the killed node to rejoin in sync, seconds.
     #[arg(long, default_value_t = 20)]
     rejoin_secs: u64,
+    /// After the backlog: kill -9 the passive, wipe its data directory,
+    /// restart it, and report its catch-up (time to in sync, the snapshot's
+    /// MB/s, peak RSS of both nodes meanwhile).
+    #[arg(long)]
+    fresh_passive: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +61,40 @@ fn main() -> anyhow::Result<()> {
     lab::init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(bench(args))
+}
+
+/// A wiped passive catches up: kill -9 of b, its data directory removed, b
+/// started again; peak RSS of both sampled every 50 ms until b is in sync.
+async fn fresh_passive(pair: &mut lab::Pair, timeout: Duration) -> anyhow::Result<()> {
+    pair.b.kill9();
+    std::fs::remove_dir_all(&pair.b.data_dir).context("wipe b's data directory")?;
+    let started = Instant::now();
+    pair.b.start()?;
+    let (mut peak_a, mut peak_b) = (0, 0);
+    loop {
+        peak_a = peak_a.max(pair.a.rss_kib());
+        peak_b = peak_b.max(pair.b.rss_kib());
+        if pair.b.wait_in_sync_passive(Duration::from_millis(50)).await.is_ok() {
+            break;
+        }
+        if started.elapsed() > timeout {
+            bail!("the wiped passive was not in sync within {timeout:?}");
+        }
+    }
+    println!(
+        "fresh passive: wiped b in sync {:.1} s after its restart; peak RSS a {} MiB, b {} MiB",
+        started.elapsed().as_secs_f64(),
+        peak_a / 1024,
+        peak_b / 1024
+    );
+    for (node, what) in [(&pair.a, "snapshot sent to the peer"), (&pair.b, "snapshot from the peer loaded")] {
+        let log = node.data_dir.with_file_name(format!("{}-{}.log", node.name, node.starts()));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().rev().find(|l| l.contains(what)) {
+            println!("  {}: {}", node.name, line.split_once("Z ").map_or(line, |(_, rest)| rest).trim());
+        }
+    }
+    Ok(())
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
@@ -88,6 +127,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             println!("  {}: RSS {} MiB", n.name, n.rss_kib() / 1024);
         }
         pair.b.wait_in_sync_passive(Duration::from_secs(60)).await?;
+    }
+    if args.fresh_passive {
+        fresh_passive(&mut pair, Duration::from_secs(args.rejoin_secs)).await?;
     }
 
     // The client notices a silent broker by its own heartbeat; scale it with the pair's.

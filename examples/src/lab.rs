@@ -150,6 +150,11 @@ pub struct Node {
 
 impl Node {
     /// The running process's resident memory, KiB (0 when it is not running).
+    /// How many times it was started (its log is `<name>-<starts>.log` beside its data directory).
+    pub fn starts(&self) -> u32 {
+        self.starts
+    }
+
     pub fn rss_kib(&self) -> u64 {
         self.child.as_ref().map_or(0, |c| twinmq_store::rss_kib_of(&c.id().to_string()))
     }

@@ -158,7 +158,7 @@ impl Compactor {
 /// Rewrite record `key` without what no longer matters; returns its size
 /// before and after (the same when nothing could go, and then it is not written).
 pub fn rewrite(store: &Store, index: &mut LiveIndex, key: u64, keep_acks: bool) -> Result<(u64, u64), StoreError> {
-    let Some(raw) = store.log.get(key.to_be_bytes())? else {
+    let Some(raw) = store.log().get(key.to_be_bytes())? else {
         index.looked_at(key);
         return Ok((0, 0));
     };
@@ -197,7 +197,7 @@ pub fn rewrite(store: &Store, index: &mut LiveIndex, key: u64, keep_acks: bool) 
         return Ok((old, old));
     }
     let raw = BatchBody::encode_ops(body.epoch, key, &ops)?;
-    store.log.insert(key.to_be_bytes(), raw.as_slice())?;
+    store.log().insert(key.to_be_bytes(), raw.as_slice())?;
     let new = raw.len() as u64;
     index.compacted(key, new);
     Ok((old, new))

@@ -35,6 +35,17 @@ const META_REPL: &[u8] = b"repl";
 /// A complete staged snapshot is being swapped in (its next sequence):
 /// redone at open if a crash interrupted it.
 const META_STAGED: &[u8] = b"staged";
+/// Which of the trees `log` and `staging_log` holds the log (absent: `log`):
+/// a snapshot from the peer is staged in the other and swapped in by
+/// flipping this, not by copying it.
+const META_LOG_TREE: &[u8] = b"log_tree";
+const LOG_TREES: [&str; 2] = ["log", "staging_log"];
+
+/// The log and the tree a snapshot is staged in (they trade places when one is swapped in).
+struct Logs {
+    log: sled::Tree,
+    staging: sled::Tree,
+}
 
 /// When a write counts as done. The promise each mode makes is written once,
 /// in the crate documentation (see `lib.rs`).
@@ -216,7 +227,7 @@ pub struct UserEntry {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) db: sled::Db,
-    pub(crate) log: sled::Tree,
+    logs: Arc<std::sync::RwLock<Logs>>,
     pub(crate) admin: sled::Tree,
     pub(crate) producers: sled::Tree,
     pub(crate) meta: sled::Tree,
@@ -232,8 +243,7 @@ pub struct Store {
     pub(crate) dead: sled::Tree,
     /// The index checkpoint covers the records up to this key (0: none).
     ckpt_through: Arc<std::sync::atomic::AtomicU64>,
-    /// A snapshot from the peer, loaded here until complete.
-    pub(crate) staging_log: sled::Tree,
+    /// A snapshot from the peer, loaded here until complete (its log in `logs`).
     pub(crate) staging_admin: sled::Tree,
     pub(crate) staging_producers: sled::Tree,
     /// sled's log file, fdatasync'd after each flush.
@@ -449,16 +459,18 @@ impl Store {
         let db_file = std::fs::File::open(config.path.join("db")).map_err(open_err)?;
         // The directory entries of sled's files themselves.
         std::fs::File::open(&config.path).and_then(|d| d.sync_all()).map_err(open_err)?;
+        let meta = db.open_tree("meta")?;
+        let current = usize::from(meta.get(META_LOG_TREE)?.is_some_and(|v| v.as_ref() == LOG_TREES[1].as_bytes()));
+        let logs = Logs { log: db.open_tree(LOG_TREES[current])?, staging: db.open_tree(LOG_TREES[1 - current])? };
         let store = Store {
-            log: db.open_tree("log")?,
+            logs: Arc::new(std::sync::RwLock::new(logs)),
             admin: db.open_tree("admin")?,
             producers: db.open_tree("producers")?,
-            meta: db.open_tree("meta")?,
+            meta,
             handover: db.open_tree("handover")?,
             handover_admin: db.open_tree("handover_admin")?,
             dead: db.open_tree("dead")?,
             ckpt_through: Arc::default(),
-            staging_log: db.open_tree("staging_log")?,
             staging_admin: db.open_tree("staging_admin")?,
             staging_producers: db.open_tree("staging_producers")?,
             db,
@@ -640,7 +652,7 @@ impl Store {
             }
         };
         let mut batches = 0;
-        for kv in self.log.range(from.to_be_bytes()..) {
+        for kv in self.log().range(from.to_be_bytes()..) {
             let (k, v) = kv?;
             let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
             let body = BatchBody::decode(key, &v)?;
@@ -728,7 +740,7 @@ impl Store {
         for d in keys {
             b.remove(&d.to_be_bytes());
         }
-        self.log.apply_batch(b)?;
+        self.log().apply_batch(b)?;
         Ok(())
     }
 
@@ -744,11 +756,6 @@ impl Store {
             b.insert(&p.to_be_bytes(), &s.to_be_bytes());
         }
         self.producers.apply_batch(b)?;
-        self.meta.insert(META_NEXT_SEQ, &next_seq.to_be_bytes())?;
-        Ok(())
-    }
-
-    pub(crate) fn set_next_seq(&self, next_seq: u64) -> Result<(), StoreError> {
         self.meta.insert(META_NEXT_SEQ, &next_seq.to_be_bytes())?;
         Ok(())
     }
@@ -829,9 +836,19 @@ impl Store {
     }
 
     /// Start loading a snapshot beside the store: empty staging trees.
+    /// The op log (a handle: after a snapshot is swapped in, ask again).
+    pub(crate) fn log(&self) -> sled::Tree {
+        self.logs.read().unwrap_or_else(|p| p.into_inner()).log.clone()
+    }
+
+    /// Where a snapshot from the peer is staged.
+    pub(crate) fn staging_log(&self) -> sled::Tree {
+        self.logs.read().unwrap_or_else(|p| p.into_inner()).staging.clone()
+    }
+
     pub(crate) fn begin_staging(&self) -> Result<(), StoreError> {
         self.bodies.clear();
-        self.staging_log.clear()?;
+        self.staging_log().clear()?;
         self.staging_admin.clear()?;
         self.staging_producers.clear()?;
         Ok(())
@@ -852,20 +869,29 @@ impl Store {
         crate::checkpoint::remove(&self.path)?;
         self.ckpt_through.store(0, std::sync::atomic::Ordering::SeqCst);
         self.dead.clear()?;
-        for (from, to) in [
-            (&self.staging_log, &self.log),
-            (&self.staging_admin, &self.admin),
-            (&self.staging_producers, &self.producers),
-        ] {
+        // The admin and producer trees are small: copied.
+        for (from, to) in [(&self.staging_admin, &self.admin), (&self.staging_producers, &self.producers)] {
             to.clear()?;
             for kv in from.iter() {
                 let (k, v) = kv?;
                 to.insert(k, v)?;
             }
         }
-        self.set_next_seq(next_seq)?;
-        self.meta.remove(META_STAGED)?;
+        // The log is not: the staging tree becomes the log, in one atomic
+        // change of `meta` (with the end of the swap), and the old log is
+        // cleared as the next staging tree.
+        let mut logs = self.logs.write().unwrap_or_else(|p| p.into_inner());
+        let staged =
+            LOG_TREES.iter().find(|n| n.as_bytes() == logs.staging.name().as_ref()).copied().unwrap_or(LOG_TREES[1]);
+        let mut b = sled::Batch::default();
+        b.insert(META_LOG_TREE, staged.as_bytes());
+        b.insert(META_NEXT_SEQ, &next_seq.to_be_bytes());
+        b.remove(META_STAGED);
+        self.meta.apply_batch(b)?;
         self.sync()?;
+        let Logs { log, staging } = &mut *logs;
+        std::mem::swap(log, staging);
+        drop(logs);
         self.begin_staging()?;
         Ok(())
     }
@@ -894,7 +920,7 @@ impl Store {
         if let Some(m) = self.bodies.get(seq) {
             return Ok(Some(m));
         }
-        let Some(first) = self.log.range(..=seq.to_be_bytes()).next_back() else { return Ok(None) };
+        let Some(first) = self.log().range(..=seq.to_be_bytes()).next_back() else { return Ok(None) };
         // Read ahead: this record from `seq` on and the records after it, up
         // to READ_AHEAD_BYTES (a queue drains in order; one lookup backwards
         // in sled costs more than reading forwards).
@@ -902,7 +928,7 @@ impl Store {
         let mut keep = Vec::new();
         let mut read = 0;
         let start = first.as_ref().ok().and_then(|(k, _)| be_u64(k)).map_or(u64::MAX, |k| k.saturating_add(1));
-        for kv in std::iter::once(first).chain(self.log.range(start.to_be_bytes()..)) {
+        for kv in std::iter::once(first).chain(self.log().range(start.to_be_bytes()..)) {
             let (k, v) = kv?;
             let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
             let body = BatchBody::decode(key, &v)?;
@@ -937,7 +963,7 @@ impl Store {
 
     /// Raw batch records with first sequence >= `from`, in order (for replication catch-up).
     pub fn raw_batches_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> {
-        self.log.range(from.to_be_bytes()..).map(|kv| {
+        self.log().range(from.to_be_bytes()..).map(|kv| {
             let (k, v) = kv?;
             let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
             Ok((key, v.to_vec()))

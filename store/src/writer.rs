@@ -956,7 +956,7 @@ impl WriterState {
                     Err(e) => return self.apply_failed(first_seq, e.to_string()),
                 };
                 Store::materialise(&self.store.admin, &body)?;
-                self.store.log.insert(first_seq.to_be_bytes(), raw.as_ref())?;
+                self.store.log().insert(first_seq.to_be_bytes(), raw.as_ref())?;
                 audit_replicated(&body);
                 self.note_producers(&body);
                 self.count(body.ops.len(), 1, raw.len() as u64);
@@ -1050,7 +1050,7 @@ impl WriterState {
                 if let Err(e) = BatchBody::decode(key, &raw) {
                     return self.apply_failed(key, e.to_string());
                 }
-                self.store.staging_log.insert(key.to_be_bytes(), raw.as_ref())?;
+                self.store.staging_log().insert(key.to_be_bytes(), raw.as_ref())?;
             }
             ReplFrame::SnapAdmin { key, value } => {
                 self.store.staging_admin.insert(key.as_ref(), value.as_ref())?;
@@ -1064,7 +1064,7 @@ impl WriterState {
                     Err(e) => return self.apply_failed(first_seq, e.to_string()),
                 };
                 Store::materialise(&self.store.staging_admin, &body)?;
-                self.store.staging_log.insert(first_seq.to_be_bytes(), raw.as_ref())?;
+                self.store.staging_log().insert(first_seq.to_be_bytes(), raw.as_ref())?;
                 for op in &body.ops {
                     if let Op::Enqueue { message, .. } = op {
                         if message.producer_id != 0 {
@@ -1342,7 +1342,7 @@ impl WriterState {
         for run in body.records() {
             let first = body.first_seq + run.start as u64;
             let raw = Bytes::from(BatchBody::encode_ops(body.epoch, first, &body.ops[run.clone()])?);
-            self.store.log.insert(first.to_be_bytes(), raw.as_ref())?;
+            self.store.log().insert(first.to_be_bytes(), raw.as_ref())?;
             records.push((run, first, raw));
         }
         if self.config.durability != Durability::None {
@@ -1506,9 +1506,9 @@ impl WriterState {
         while tx.queued() < SNAPSHOT_QUEUE && budget > 0 {
             let cursor = self.snapshot.as_mut().expect("streaming");
             let tree = match cursor.stage {
-                0 => &self.store.admin,
-                1 => &self.store.producers,
-                2 => &self.store.log,
+                0 => self.store.admin.clone(),
+                1 => self.store.producers.clone(),
+                2 => self.store.log(),
                 _ => {
                     let (attach, through) = (cursor.attach, cursor.through);
                     let sent = rate(cursor.bytes, cursor.started);

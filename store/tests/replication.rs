@@ -876,3 +876,45 @@ fn records_the_compactor_rewrote_on_both_nodes_reach_a_new_passive_and_every_pro
         assert!(rec.messages.get("busy").is_none_or(Vec::is_empty), "{who}: an acked message came back");
     }
 }
+
+#[test]
+fn a_snapshot_is_swapped_in_by_trading_trees_and_a_reopened_passive_finds_it_each_time() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = WriterConfig {
+        durability: Durability::Replicated,
+        active: false,
+        tail_bytes: 64 << 10,
+        ..WriterConfig::default()
+    };
+    let (_sa, a) = open_with(da.path(), cfg);
+    promote(&a, 1);
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    let mut want = Vec::new();
+    // Three times: the active writes more than its tail while the passive
+    // is away, the passive gets a snapshot (the log and the staging tree
+    // trade places), then stops.
+    for round in 0..3u64 {
+        for i in 0..20 {
+            let mut m = msg(round * 100 + i + 1, &format!("r{round}-{i}"));
+            m.payload.extend_from_slice(&[b'.'; 8 << 10]);
+            want.push(String::from_utf8(m.payload.clone()).unwrap());
+            submit(&a, vec![Op::Enqueue { message: m, queues: vec!["q".into()] }]).unwrap();
+        }
+        let (sp, p) = open(dp.path());
+        let l = link(&a, &p);
+        wait_until("the passive is in sync", || in_sync(&p) && l.has("InSync"));
+        assert!(l.has("Snapshot"), "round {round}: {:?}", l.kinds());
+        lose_peer(&a, &p, &l);
+        drop((sp, p));
+    }
+    // Reopened cold after its third snapshot: the log it swapped in last.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (store, rec) = loop {
+        match Store::open(&StoreConfig::new(dp.path())) {
+            Ok(opened) => break opened,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "reopen: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(bodies(&store, &rec, "q"), want);
+}
