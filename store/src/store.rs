@@ -41,6 +41,36 @@ const META_STAGED: &[u8] = b"staged";
 const META_LOG_TREE: &[u8] = b"log_tree";
 const LOG_TREES: [&str; 2] = ["log", "staging_log"];
 
+/// What the records of a staged snapshot said, gathered as they arrived
+/// (see [`Store::recover_staged`]).
+#[derive(Debug, Default)]
+pub(crate) struct StagedRecords {
+    /// The highest producer sequence of each producer id in them.
+    pub dedup: HashMap<u64, u64>,
+    /// The sequence after the last of them.
+    pub next_seq: u64,
+    pub count: usize,
+    /// Records found dead as they were applied (deleted once swapped in).
+    pub dead: Vec<u64>,
+}
+
+impl StagedRecords {
+    /// Note a record applied to the staged index (`dead`: what that made dead).
+    pub fn note(&mut self, body: &BatchBody, dead: Vec<u64>) {
+        self.count += 1;
+        self.next_seq = self.next_seq.max(body.last_seq() + 1);
+        self.dead.extend(dead);
+        for op in &body.ops {
+            if let Op::Enqueue { message, .. } = op {
+                if message.producer_id != 0 {
+                    let e = self.dedup.entry(message.producer_id).or_insert(0);
+                    *e = (*e).max(message.producer_seq);
+                }
+            }
+        }
+    }
+}
+
 /// The log and the tree a snapshot is staged in (they trade places when one is swapped in).
 struct Logs {
     log: sled::Tree,
@@ -669,6 +699,41 @@ impl Store {
             }
         }
 
+        tracing::info!(records = batches, from, ms = started.elapsed().as_millis() as u64, "store log read");
+        self.recovered(epoch, admin, dedup, index, next_seq, batches, dead_at_open)
+    }
+
+    /// [`Self::recover`] for a snapshot just swapped in whose index was
+    /// built while its records were staged (see `writer.rs`): nothing is
+    /// read from the log. `records`: what the staged records say of
+    /// producers, the next sequence, how many there are, which died.
+    pub(crate) fn recover_staged(&self, index: LiveIndex, records: StagedRecords) -> Result<Recovered, StoreError> {
+        let epoch = self.repl_meta()?.epoch;
+        let admin = self.recover_admin()?;
+        let next_seq = self.meta_u64(META_NEXT_SEQ)?.unwrap_or(1).max(admin.floor).max(records.next_seq);
+        let mut dedup = records.dedup;
+        for kv in self.producers.iter() {
+            let (k, v) = kv?;
+            if let (Some(p), Some(s)) = (be_u64(&k), be_u64(&v)) {
+                let e = dedup.entry(p).or_insert(0);
+                *e = (*e).max(s);
+            }
+        }
+        self.recovered(epoch, admin, dedup, index, next_seq, records.count, records.dead)
+    }
+
+    /// The end of a recovery: messages of queues that are gone dropped, dead records deleted.
+    #[allow(clippy::too_many_arguments)]
+    fn recovered(
+        &self,
+        epoch: u64,
+        admin: AdminState,
+        dedup: HashMap<u64, u64>,
+        mut index: LiveIndex,
+        next_seq: u64,
+        batches: usize,
+        mut dead_at_open: Vec<u64>,
+    ) -> Result<Recovered, StoreError> {
         // Messages of queues deleted (or deleted and re-created) after they were stored.
         let known: Vec<String> = index.queues().cloned().collect();
         for q in known {
@@ -681,7 +746,6 @@ impl Store {
             self.persist_floor(next_seq, dedup.iter())?;
             self.delete_records(&dead_at_open)?;
         }
-        tracing::info!(records = batches, from, ms = started.elapsed().as_millis() as u64, "store log read");
         let mut recovered = Recovered::from_index(epoch, next_seq, admin, dedup, &index, batches);
         recovered.index = index;
         Ok(recovered)

@@ -610,6 +610,20 @@ fn rate(bytes: u64, since: Instant) -> String {
     format!("{mb:.1} MB in {secs:.2} s ({:.1} MB/s)", mb / secs.max(1e-3))
 }
 
+/// A snapshot from the peer being staged: its index is built as its records
+/// arrive, so that swapping it in reads nothing back.
+struct Staging {
+    started: Instant,
+    bytes: u64,
+    index: LiveIndex,
+    records: crate::store::StagedRecords,
+    /// Records streamed while the snapshot was sent (after every snapshot
+    /// record in the log): applied to the index after them, in order.
+    late: Vec<u64>,
+    /// Something could not be applied as it came: read the log once swapped in.
+    broken: bool,
+}
+
 /// A completion waiting for the confirm horizon to pass `seq`.
 struct Held {
     seq: u64,
@@ -652,8 +666,8 @@ struct WriterState {
     /// What the compactor did since its last log line, at `compaction_logged`.
     compaction_unlogged: Pass,
     compaction_logged: Instant,
-    /// A snapshot from the peer being staged: since when, bytes so far.
-    staging: Option<(Instant, u64)>,
+    /// A snapshot from the peer being staged.
+    staging: Option<Staging>,
 }
 
 impl WriterState {
@@ -974,12 +988,43 @@ impl WriterState {
             Action::BeginStaging => {
                 self.store.begin_staging()?;
                 self.stats.loading.store(true, Ordering::Relaxed);
-                self.staging = Some((Instant::now(), 0));
+                self.staging = Some(Staging {
+                    started: Instant::now(),
+                    bytes: 0,
+                    index: LiveIndex::default(),
+                    records: Default::default(),
+                    late: Vec::new(),
+                    broken: false,
+                });
             }
             Action::Stage(frame) => self.stage(frame)?,
             Action::CommitStaging { next_seq } => {
+                let mut staged = self.staging.take();
+                if let Some(st) = &mut staged {
+                    for key in std::mem::take(&mut st.late) {
+                        let body = match self.store.staging_log().get(key.to_be_bytes())? {
+                            Some(raw) => BatchBody::decode(key, &raw).map(|b| (b, raw.len() as u64)),
+                            None => Err(StoreError::Corrupt { key, reason: "a staged record is missing".into() }),
+                        };
+                        match body {
+                            Ok((body, len)) => {
+                                let dead = st.index.apply(&body, len);
+                                st.records.note(&body, dead);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the staged index is incomplete; reading the log instead");
+                                st.broken = true;
+                                break;
+                            }
+                        }
+                    }
+                }
                 self.store.commit_staging(next_seq, self.replica.meta())?;
-                let mut recovered = self.store.recover()?;
+                let (started, bytes) = staged.as_ref().map_or((Instant::now(), 0), |st| (st.started, st.bytes));
+                let mut recovered = match staged {
+                    Some(st) if !st.broken => self.store.recover_staged(st.index, st.records)?,
+                    _ => self.store.recover()?,
+                };
                 self.index = std::mem::take(&mut recovered.index);
                 self.dedup = recovered.dedup;
                 self.dirty_dedup.clear();
@@ -990,11 +1035,11 @@ impl WriterState {
                 // A new history: the next checkpoint describes it (the old one is gone).
                 self.applied_through = next_seq - 1;
                 self.checkpointed_through = 0;
-                let (started, bytes) = self.staging.take().unwrap_or((Instant::now(), 0));
                 let received = rate(bytes, started);
                 tracing::info!(next_seq, batches = recovered.batches, received, "snapshot from the peer loaded");
             }
             Action::DiscardStaging => {
+                self.staging = None;
                 self.store.begin_staging()?;
                 self.stats.loading.store(false, Ordering::Relaxed);
             }
@@ -1041,16 +1086,21 @@ impl WriterState {
 
     /// One snapshot frame (or a record interleaved with it) into staging.
     fn stage(&mut self, frame: ReplFrame) -> Result<(), StoreError> {
-        if let Some((_, bytes)) = &mut self.staging {
-            *bytes += frame.weight() as u64;
+        if let Some(st) = &mut self.staging {
+            st.bytes += frame.weight() as u64;
         }
         match frame {
             ReplFrame::SnapRecord { key, raw } => {
                 // Verify before storing: a corrupt copy must not become our store.
-                if let Err(e) = BatchBody::decode(key, &raw) {
-                    return self.apply_failed(key, e.to_string());
-                }
+                let body = match BatchBody::decode(key, &raw) {
+                    Ok(b) => b,
+                    Err(e) => return self.apply_failed(key, e.to_string()),
+                };
                 self.store.staging_log().insert(key.to_be_bytes(), raw.as_ref())?;
+                if let Some(st) = &mut self.staging {
+                    let dead = st.index.apply(&body, raw.len() as u64);
+                    st.records.note(&body, dead);
+                }
             }
             ReplFrame::SnapAdmin { key, value } => {
                 self.store.staging_admin.insert(key.as_ref(), value.as_ref())?;
@@ -1065,6 +1115,9 @@ impl WriterState {
                 };
                 Store::materialise(&self.store.staging_admin, &body)?;
                 self.store.staging_log().insert(first_seq.to_be_bytes(), raw.as_ref())?;
+                if let Some(st) = &mut self.staging {
+                    st.late.push(first_seq);
+                }
                 for op in &body.ops {
                     if let Op::Enqueue { message, .. } = op {
                         if message.producer_id != 0 {

@@ -918,3 +918,48 @@ fn a_snapshot_is_swapped_in_by_trading_trees_and_a_reopened_passive_finds_it_eac
     };
     assert_eq!(bodies(&store, &rec, "q"), want);
 }
+
+#[test]
+fn records_written_while_a_snapshot_streams_reach_the_index_built_as_it_is_staged() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = WriterConfig {
+        durability: Durability::Replicated,
+        active: false,
+        tail_bytes: 64 << 10,
+        ..WriterConfig::default()
+    };
+    let (_sa, a) = open_with(da.path(), cfg);
+    promote(&a, 1);
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    let big = |i: u64| {
+        let mut m = msg(i, &format!("m{i}"));
+        m.payload.extend_from_slice(&[b'.'; 8 << 10]);
+        m
+    };
+    // A snapshot of ~6 MB: sent over many turns of the active's writer.
+    let mut seqs = Vec::new();
+    for i in 1..=800 {
+        seqs.push(submit(&a, vec![Op::Enqueue { message: big(i), queues: vec!["q".into()] }]).unwrap().first_seq);
+    }
+    let (_sp, p) = open(dp.path());
+    let l = link(&a, &p);
+    // Meanwhile: acks of messages in the snapshot's records, and new messages.
+    for (n, s) in seqs[..400].iter().enumerate() {
+        let mut ops = vec![Op::Ack { queue: "q".into(), seq: *s }];
+        if n % 4 == 0 {
+            ops.push(Op::Enqueue { message: big(1000 + n as u64), queues: vec!["q".into()] });
+        }
+        submit(&a, ops).unwrap();
+    }
+    wait_until("the passive is in sync", || in_sync(&p) && l.has("InSync"));
+    let kinds = l.kinds();
+    let end = kinds.iter().position(|k| k == "SnapEnd").expect("a snapshot was sent");
+    assert!(kinds[..end].iter().any(|k| k == "Batch"), "no record streamed during the snapshot: {kinds:?}");
+    l.cut(&a, &p);
+    let want: Vec<String> = (401..=800)
+        .chain((0..400).filter(|n| n % 4 == 0).map(|n| 1000 + n))
+        .map(|i| String::from_utf8(big(i).payload).unwrap())
+        .collect();
+    let rec = promote(&p, 2);
+    assert_eq!(bodies(&p, &rec, "q"), want, "the index built while staging");
+}
