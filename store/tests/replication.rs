@@ -56,6 +56,21 @@ fn open_active(dir: &std::path::Path) -> (Store, Writer) {
     (s, w)
 }
 
+/// [`open_active`], keeping only 64 KiB of its log in memory: a passive
+/// that is behind by more gets a snapshot.
+fn open_active_keeping_little(dir: &std::path::Path) -> (Store, Writer) {
+    let cfg = WriterConfig {
+        durability: Durability::Replicated,
+        active: false,
+        tail_bytes: 64 << 10,
+        ..WriterConfig::default()
+    };
+    let (s, w) = open_with(dir, cfg);
+    promote(&w, 1);
+    submit(&w, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    (s, w)
+}
+
 fn promote(w: &Writer, at_least: u64) -> Recovered {
     let (tx, rx) = mpsc::channel();
     w.promote(at_least, None, Promotion::Claimed, Box::new(move |r| tx.send(r).unwrap()));
@@ -880,15 +895,7 @@ fn records_the_compactor_rewrote_on_both_nodes_reach_a_new_passive_and_every_pro
 #[test]
 fn a_snapshot_is_swapped_in_by_trading_trees_and_a_reopened_passive_finds_it_each_time() {
     let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let cfg = WriterConfig {
-        durability: Durability::Replicated,
-        active: false,
-        tail_bytes: 64 << 10,
-        ..WriterConfig::default()
-    };
-    let (_sa, a) = open_with(da.path(), cfg);
-    promote(&a, 1);
-    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    let (_sa, a) = open_active_keeping_little(da.path());
     let mut want = Vec::new();
     // Three times: the active writes more than its tail while the passive
     // is away, the passive gets a snapshot (the log and the staging tree
@@ -922,15 +929,7 @@ fn a_snapshot_is_swapped_in_by_trading_trees_and_a_reopened_passive_finds_it_eac
 #[test]
 fn records_written_while_a_snapshot_streams_reach_the_index_built_as_it_is_staged() {
     let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let cfg = WriterConfig {
-        durability: Durability::Replicated,
-        active: false,
-        tail_bytes: 64 << 10,
-        ..WriterConfig::default()
-    };
-    let (_sa, a) = open_with(da.path(), cfg);
-    promote(&a, 1);
-    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    let (_sa, a) = open_active_keeping_little(da.path());
     let big = |i: u64| {
         let mut m = msg(i, &format!("m{i}"));
         m.payload.extend_from_slice(&[b'.'; 8 << 10]);
