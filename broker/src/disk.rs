@@ -96,11 +96,15 @@ impl DiskUse {
         self.used.store(used, Ordering::Relaxed);
         self.free.store(free, Ordering::Relaxed);
         let over = (self.max_bytes > 0 && used >= self.max_bytes) || free < self.min_free;
+        // Clear again only a margin (1/32 of each limit) below it: a node
+        // hovering at its limit does not accept and refuse by turns.
+        let under_margin = (self.max_bytes == 0 || used < self.max_bytes - self.max_bytes / 32)
+            && free > self.min_free + self.min_free / 32;
         // Full after two measurements in a row: a disk that fails at once
         // (a write gets ENOSPC) fails the store first, and in a pair the
         // role moves to the peer, whose disk may have room.
         let was_over = self.over.swap(over, Ordering::Relaxed);
-        let full = over && (was_over || self.full.load(Ordering::Relaxed));
+        let full = if self.full.load(Ordering::Relaxed) { !under_margin } else { over && was_over };
         if let Some(stats) = &self.stats {
             stats.disk_full.store(full, Ordering::Relaxed);
         }
@@ -170,5 +174,36 @@ impl DiskUse {
         } else {
             by_free
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(dir: &Path, bytes: usize) {
+        std::fs::write(dir.join("data"), vec![1u8; bytes]).expect("write");
+    }
+
+    #[test]
+    fn full_after_two_measurements_and_clear_only_a_margin_below_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limit = 1 << 20;
+        let d = DiskUse { dir: dir.path().to_path_buf(), max_bytes: limit, ..DiskUse::default() };
+        fill(dir.path(), limit as usize + 4096);
+        d.refresh();
+        assert!(!d.over_limit(), "one measurement is not enough");
+        d.refresh();
+        assert!(d.over_limit());
+        assert!(d.full().is_some_and(|why| why.contains("max_disk_bytes")), "{:?}", d.full());
+        // Just under the limit, within 1/32 of it: still full.
+        fill(dir.path(), limit as usize - 8192);
+        d.refresh();
+        assert!(d.over_limit(), "hovering at the limit does not clear it");
+        // Well under: clear at once.
+        fill(dir.path(), limit as usize / 2);
+        d.refresh();
+        assert!(!d.over_limit());
+        assert_eq!(d.full(), None);
     }
 }

@@ -118,6 +118,11 @@ impl Metrics {
             gauge(u64::from(status["store"]["disk_full"] == true)),
         );
         r.register(
+            "refusing_new_messages",
+            "1 while new messages are refused for a nearly full disk (in a pair: the active, for its own disk or its in-sync passive's)",
+            gauge(u64::from(status["store"]["refusing_new_messages"] == true)),
+        );
+        r.register(
             "live_record_bytes",
             "Bytes of batch records still holding live messages",
             gauge(store("live_bytes")),
@@ -253,13 +258,16 @@ mod tests {
             "sync_lag": null, "failovers": 2,
             "peer": {"state": "up", "last_op": 100}, "gateway": {"reachable": true},
             "queues": [{"name": "queue:orders", "depth": 4, "consumers": 1, "in_flight": 2}],
-            "store": {"live_bytes": 300, "live_message_bytes": 200, "compacted_records": 5, "compacted_bytes": 4096},
+            "store": {"live_bytes": 300, "live_message_bytes": 200, "compacted_records": 5, "compacted_bytes": 4096,
+                      "disk_full": false, "refusing_new_messages": true},
         });
         let text = m.encode(&status).unwrap();
         assert_eq!(value(&text, "twinmq_live_record_bytes"), 300.0);
         assert_eq!(value(&text, "twinmq_live_message_bytes"), 200.0);
         assert_eq!(value(&text, "twinmq_compacted_records_total"), 5.0);
         assert_eq!(value(&text, "twinmq_compacted_bytes_total"), 4096.0);
+        assert_eq!(value(&text, "twinmq_disk_full"), 0.0, "this node's own disk");
+        assert_eq!(value(&text, "twinmq_refusing_new_messages"), 1.0, "the verdict: its passive's disk");
         assert_eq!(value(&text, "twinmq_messages_in_total"), 3.0);
         assert_eq!(value(&text, "twinmq_messages_out_total"), 1.0);
         assert_eq!(value(&text, "twinmq_confirms_total"), 1.0);
