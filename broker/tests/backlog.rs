@@ -112,21 +112,19 @@ async fn the_disk_limit_refuses_new_messages_clearly_and_loses_none_it_confirmed
     assert_eq!(got, confirmed, "every confirmed message, once, in order");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_compactor_frees_records_pinned_by_a_slow_queue_while_a_busy_one_runs() {
-    let mut b = Broker::start(&[
-        "--durability",
-        "local",
-        "--auto-create",
-        "true",
-        "--compaction-bytes-per-sec",
-        "33554432",
-        "--compaction-min-bytes",
-        "0",
-        "--compaction-min-age-ms",
-        "0",
-    ]);
-    let client = b.client().await;
+const EAGER_COMPACTION: [&str; 6] =
+    ["--compaction-bytes-per-sec", "33554432", "--compaction-min-bytes", "0", "--compaction-min-age-ms", "0"];
+
+/// 3,000 messages to a busy queue consumed as they come, 300 to a slow one
+/// sent among them and never consumed; then wait until every ack is stored
+/// and the records take at most 1.5x what their live messages weigh.
+/// Returns the store's status then.
+async fn slow_beside_busy<F, Fut>(config: ClientConfig, status: F) -> serde_json::Value
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = serde_json::Value>,
+{
+    let client = Client::connect(config).await.unwrap();
     // A consumer keeps the busy queue empty; nobody consumes the slow one.
     let mut busy =
         client.subscribe(Destination::queue("busy"), SubscribeOptions::default().prefetch(256)).await.unwrap();
@@ -152,20 +150,29 @@ async fn the_compactor_frees_records_pinned_by_a_slow_queue_while_a_busy_one_run
     }
     tokio::time::timeout(Duration::from_secs(30), consumed).await.unwrap().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let store = loop {
-        let status: serde_json::Value = serde_json::from_str(&client.status().await.unwrap()).unwrap();
-        let store = status["store"].clone();
+    loop {
+        let store = status().await["store"].clone();
         let (records, live) = (store["live_bytes"].as_u64().unwrap(), store["live_message_bytes"].as_u64().unwrap());
         // Every ack is stored (only the 300 slow messages are live, 1 KiB
         // + "queue:slow" + 128 each: an ack is answered before it is
         // stored), and the records take at most 1.5x what they hold.
         if live == 300 * (1024 + 10 + 128) && records * 2 <= live * 3 {
-            break store;
+            assert!(store["compacted_records"].as_u64().unwrap() > 0, "{store}");
+            return store;
         }
         assert!(std::time::Instant::now() < deadline, "records still take {records} bytes for {live}: {store}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(store["compacted_records"].as_u64().unwrap() > 0, "{store}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compactor_frees_records_pinned_by_a_slow_queue_while_a_busy_one_runs() {
+    let mut args = vec!["--durability", "local", "--auto-create", "true"];
+    args.extend(EAGER_COMPACTION);
+    let mut b = Broker::start(&args);
+    let client = b.client().await;
+    let status = || async { serde_json::from_str(&client.status().await.unwrap()).unwrap() };
+    slow_beside_busy(b.config(), status).await;
     drop(client);
     // What was rewritten reads back after a kill -9: the slow queue whole, in order.
     b.kill9();
@@ -173,4 +180,23 @@ async fn the_compactor_frees_records_pinned_by_a_slow_queue_while_a_busy_one_run
     let got = drain_in_order(b.config(), "slow").await;
     assert_eq!(got, (0..300).map(body).collect::<Vec<_>>(), "every slow message once, in order");
     assert!(drain_in_order(b.config(), "busy").await.is_empty(), "a consumed message came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_pair_both_nodes_compact_and_the_passive_serves_the_slow_queue_after_a_kill() {
+    let extra: Vec<String> = EAGER_COMPACTION.iter().map(|s| s.to_string()).collect();
+    let mut pair = Pair::start(PairOptions { extra, ..Default::default() }).await;
+    pair.wait_a_active_b_in_sync().await;
+    let a_status = || async { pair.a.status().await.unwrap() };
+    slow_beside_busy(pair.client_config(), a_status).await;
+    // The passive compacts its own copy.
+    pair.b
+        .wait_for("b compacted", Duration::from_secs(20), |s| s["store"]["compacted_records"].as_u64() > Some(0))
+        .await;
+    pair.a.kill9();
+    pair.b
+        .wait_for("active", Duration::from_secs(15), |s| s["role"].as_str().is_some_and(|r| r.starts_with("active")))
+        .await;
+    let got = drain_in_order(pair.client_config(), "slow").await;
+    assert_eq!(got, (0..300).map(body).collect::<Vec<_>>(), "every slow message once, in order");
 }

@@ -128,6 +128,9 @@ enum Cmd {
         max_seconds: u64,
         #[arg(long, default_value_t = 30)]
         failover_timeout_s: u64,
+        /// Every this many messages one goes to `<queue>.slow`, consumed only at the end (0: none).
+        #[arg(long, default_value_t = 0)]
+        slow_every: u64,
     },
     /// A command for the running lab: pull, replug, kill, restart, freeze, thaw, netem, status, load, report.
     #[command(external_subcommand)]
@@ -161,7 +164,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             rt.block_on(monitor::run(&node, &addr, &out, Duration::from_millis(interval_ms)))?;
             Ok(0)
         }
-        Cmd::Workload { servers, queue, out, rate, window, size, max_messages, max_seconds, failover_timeout_s } => {
+        Cmd::Workload {
+            servers,
+            queue,
+            out,
+            rate,
+            window,
+            size,
+            max_messages,
+            max_seconds,
+            failover_timeout_s,
+            slow_every,
+        } => {
             proc::exit_with_parent();
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let args = workload::WorkloadArgs {
@@ -174,6 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 max_messages,
                 max_seconds,
                 failover_timeout_s,
+                slow_every,
             };
             rt.block_on(workload::run(args))?;
             Ok(0)

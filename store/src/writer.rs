@@ -392,7 +392,8 @@ impl Writer {
             delete_failed: false,
             last_request: Instant::now(),
             compaction_unlogged: Pass::default(),
-            compaction_logged: Instant::now(),
+            // The first pass that rewrites something logs at once.
+            compaction_logged: Instant::now().checked_sub(COMPACTION_LOG_EVERY).unwrap_or_else(Instant::now),
             staging: None,
             replica,
             index: std::mem::take(&mut recovered.index),

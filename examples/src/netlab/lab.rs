@@ -609,6 +609,7 @@ impl Lab {
             max_messages: 200_000,
             max_seconds: 900,
             failover_timeout_s: 30,
+            slow_every: 0,
         }
     }
 

@@ -45,6 +45,11 @@ pub struct WorkloadArgs {
     /// The clients' `failover_timeout`: how long a send or a consumer waits
     /// for an active node before the application gets an error.
     pub failover_timeout_s: u64,
+    /// Every this many messages one goes to `<queue>.slow` instead, which is
+    /// consumed only when the run drains (0: none), sent with the seven
+    /// before it at once: records pinned by a few live messages for the
+    /// whole run, for the compactor.
+    pub slow_every: u64,
 }
 
 impl WorkloadArgs {
@@ -69,6 +74,8 @@ impl WorkloadArgs {
             self.max_seconds.to_string(),
             "--failover-timeout-s".into(),
             self.failover_timeout_s.to_string(),
+            "--slow-every".into(),
+            self.slow_every.to_string(),
         ]
     }
 }
@@ -143,18 +150,125 @@ async fn run_inner(args: &WorkloadArgs, rec: &JsonLines) -> anyhow::Result<()> {
         });
     }
 
-    // Consumer: ack everything, record every delivery. If the broker ends the
-    // subscription with an error (it should not during a failover), the error
-    // is recorded (the checker fails the run on it) and the consumer
-    // subscribes again, so that the loss count stays a true one.
+    // Consumer: ack everything, record every delivery.
     let dest = Destination::queue(args.queue.clone());
-    let options = SubscribeOptions::default().prefetch(64);
-    let mut consumer = consumer_client.subscribe(dest.clone(), options.clone()).await.context("consumer: subscribe")?;
     let received: Arc<Mutex<HashSet<String>>> = Arc::default();
     let last_delivery = Arc::new(Mutex::new(Instant::now()));
-    let (r, last, crec, cclient, cdest) =
-        (received.clone(), last_delivery.clone(), rec.clone(), consumer_client.clone(), dest.clone());
-    let consuming = tokio::spawn(async move {
+    let consuming = consume(&consumer_client, dest.clone(), &received, &last_delivery, rec).await?;
+
+    // Confirms resolve in send order: one task awaits them in that order.
+    let confirmed: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (confirm_tx, mut confirm_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u64, twinmq_client::Confirm)>();
+    let (c, pc, crec) = (confirmed.clone(), producer_client.clone(), rec.clone());
+    let confirming = tokio::spawn(async move {
+        let mut first = true;
+        while let Some((id, sent, confirm)) = confirm_rx.recv().await {
+            match confirm.await {
+                Ok(()) => {
+                    let node = pc.server().node_id;
+                    crec.write(&json!({"ev": "ok", "t": now_us(), "id": id, "sent": sent, "node": node}));
+                    c.lock().expect("confirmed lock").insert(id);
+                    if first {
+                        crec.write(&json!({"ev": "ready", "t": now_us()}));
+                        first = false;
+                    }
+                }
+                Err(e) => {
+                    crec.write(&json!({"ev": "error", "t": now_us(), "who": "producer", "text": format!("confirm of {id}: {e}")}));
+                }
+            }
+        }
+    });
+
+    // Producer: a steady pace of numbered messages.
+    let producer = producer_client.producer(dest);
+    let slow_dest = Destination::queue(format!("{}.slow", args.queue));
+    let slow = (args.slow_every > 0).then(|| producer_client.producer(slow_dest.clone()));
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let limit = Duration::from_secs(args.max_seconds);
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) && sent < args.max_messages && started.elapsed() < limit {
+        // A slow message goes out right after seven busy ones, so that it
+        // shares a record with some (which their acks leave mostly dead).
+        let burst = args.slow_every > 7 && sent % args.slow_every > args.slow_every - 8;
+        if !burst {
+            pace.tick().await;
+        }
+        let id = format!("m{sent}");
+        let mut body = format!("{id} ").into_bytes();
+        body.resize(args.size.max(body.len()), b'.');
+        let t = now_us();
+        rec.write(&json!({"ev": "sent", "t": t, "id": id}));
+        let to = match &slow {
+            Some(slow) if sent % args.slow_every == args.slow_every - 1 => slow,
+            _ => &producer,
+        };
+        match to.send_nowait(Message::persistent(body)).await {
+            Ok(confirm) => {
+                let _ = confirm_tx.send((id, t, confirm));
+            }
+            Err(e) => {
+                rec.write(
+                    &json!({"ev": "error", "t": now_us(), "who": "producer", "text": format!("send of {id}: {e}")}),
+                );
+                break;
+            }
+        }
+        sent += 1;
+    }
+    drop(confirm_tx);
+    // Every confirm resolves or fails within failover_timeout.
+    tokio::time::timeout(Duration::from_secs(60), confirming).await.context("confirms outstanding after 60 s")??;
+
+    // The slow queue is consumed now.
+    let slow_consuming = match slow {
+        Some(_) => Some(consume(&consumer_client, slow_dest, &received, &last_delivery, rec).await?),
+        None => None,
+    };
+    // Drain: until every confirmed message arrived and deliveries went quiet,
+    // or nothing arrived for 10 s (a lost message never arrives), at most 60 s.
+    let drain_start = Instant::now();
+    loop {
+        let all_in = {
+            let got = received.lock().expect("received lock");
+            confirmed.lock().expect("confirmed lock").iter().all(|id| got.contains(id))
+        };
+        let quiet = last_delivery.lock().expect("delivery time lock").elapsed();
+        if (all_in && quiet > Duration::from_millis(500))
+            || quiet > Duration::from_secs(10)
+            || drain_start.elapsed() > Duration::from_secs(60)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consuming.abort();
+    if let Some(c) = slow_consuming {
+        c.abort();
+    }
+    let (nc, nr) = (confirmed.lock().expect("lock").len(), received.lock().expect("lock").len());
+    rec.write(&json!({"ev": "done", "t": now_us(), "sent": sent, "confirmed": nc, "received": nr}));
+    let _ = tokio::time::timeout(Duration::from_secs(5), producer_client.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), consumer_client.close()).await;
+    Ok(())
+}
+
+/// Consume `dest`, acking everything and recording every delivery. If the
+/// broker ends the subscription with an error (it should not during a
+/// failover), the error is recorded (the checker fails the run on it) and
+/// the consumer subscribes again, so that the loss count stays a true one.
+async fn consume(
+    client: &Client,
+    dest: Destination,
+    received: &Arc<Mutex<HashSet<String>>>,
+    last_delivery: &Arc<Mutex<Instant>>,
+    rec: &JsonLines,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let options = SubscribeOptions::default().prefetch(64);
+    let mut consumer = client.subscribe(dest.clone(), options.clone()).await.context("consumer: subscribe")?;
+    let (r, last, crec, cclient, cdest) = (received.clone(), last_delivery.clone(), rec.clone(), client.clone(), dest);
+    Ok(tokio::spawn(async move {
         let mut resubscribes = 0;
         loop {
             while let Some(d) = consumer.recv().await {
@@ -187,85 +301,7 @@ async fn run_inner(args: &WorkloadArgs, rec: &JsonLines) -> anyhow::Result<()> {
                 }
             };
         }
-    });
-
-    // Confirms resolve in send order: one task awaits them in that order.
-    let confirmed: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let (confirm_tx, mut confirm_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u64, twinmq_client::Confirm)>();
-    let (c, pc, crec) = (confirmed.clone(), producer_client.clone(), rec.clone());
-    let confirming = tokio::spawn(async move {
-        let mut first = true;
-        while let Some((id, sent, confirm)) = confirm_rx.recv().await {
-            match confirm.await {
-                Ok(()) => {
-                    let node = pc.server().node_id;
-                    crec.write(&json!({"ev": "ok", "t": now_us(), "id": id, "sent": sent, "node": node}));
-                    c.lock().expect("confirmed lock").insert(id);
-                    if first {
-                        crec.write(&json!({"ev": "ready", "t": now_us()}));
-                        first = false;
-                    }
-                }
-                Err(e) => {
-                    crec.write(&json!({"ev": "error", "t": now_us(), "who": "producer", "text": format!("confirm of {id}: {e}")}));
-                }
-            }
-        }
-    });
-
-    // Producer: a steady pace of numbered messages.
-    let producer = producer_client.producer(dest);
-    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
-    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let limit = Duration::from_secs(args.max_seconds);
-    let mut sent = 0u64;
-    while !stop.load(Ordering::Relaxed) && sent < args.max_messages && started.elapsed() < limit {
-        pace.tick().await;
-        let id = format!("m{sent}");
-        let mut body = format!("{id} ").into_bytes();
-        body.resize(args.size.max(body.len()), b'.');
-        let t = now_us();
-        rec.write(&json!({"ev": "sent", "t": t, "id": id}));
-        match producer.send_nowait(Message::persistent(body)).await {
-            Ok(confirm) => {
-                let _ = confirm_tx.send((id, t, confirm));
-            }
-            Err(e) => {
-                rec.write(
-                    &json!({"ev": "error", "t": now_us(), "who": "producer", "text": format!("send of {id}: {e}")}),
-                );
-                break;
-            }
-        }
-        sent += 1;
-    }
-    drop(confirm_tx);
-    // Every confirm resolves or fails within failover_timeout.
-    tokio::time::timeout(Duration::from_secs(60), confirming).await.context("confirms outstanding after 60 s")??;
-
-    // Drain: until every confirmed message arrived and deliveries went quiet,
-    // or nothing arrived for 10 s (a lost message never arrives), at most 60 s.
-    let drain_start = Instant::now();
-    loop {
-        let all_in = {
-            let got = received.lock().expect("received lock");
-            confirmed.lock().expect("confirmed lock").iter().all(|id| got.contains(id))
-        };
-        let quiet = last_delivery.lock().expect("delivery time lock").elapsed();
-        if (all_in && quiet > Duration::from_millis(500))
-            || quiet > Duration::from_secs(10)
-            || drain_start.elapsed() > Duration::from_secs(60)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    consuming.abort();
-    let (nc, nr) = (confirmed.lock().expect("lock").len(), received.lock().expect("lock").len());
-    rec.write(&json!({"ev": "done", "t": now_us(), "sent": sent, "confirmed": nc, "received": nr}));
-    let _ = tokio::time::timeout(Duration::from_secs(5), producer_client.close()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), consumer_client.close()).await;
-    Ok(())
+    }))
 }
 
 /// The lab's handle on a running workload process.
