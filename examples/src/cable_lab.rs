@@ -109,29 +109,7 @@ enum Cmd {
         interval_ms: u64,
     },
     #[command(hide = true)]
-    Workload {
-        #[arg(long, value_delimiter = ',')]
-        servers: Vec<String>,
-        #[arg(long)]
-        queue: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        rate: u32,
-        #[arg(long)]
-        window: usize,
-        #[arg(long)]
-        size: usize,
-        #[arg(long)]
-        max_messages: u64,
-        #[arg(long)]
-        max_seconds: u64,
-        #[arg(long, default_value_t = 30)]
-        failover_timeout_s: u64,
-        /// Every this many messages one goes to `<queue>.slow`, consumed only at the end (0: none).
-        #[arg(long, default_value_t = 0)]
-        slow_every: u64,
-    },
+    Workload(workload::WorkloadArgs),
     /// A command for the running lab: pull, replug, kill, restart, freeze, thaw, netem, status, load, report.
     #[command(external_subcommand)]
     Lab(Vec<String>),
@@ -164,32 +142,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             rt.block_on(monitor::run(&node, &addr, &out, Duration::from_millis(interval_ms)))?;
             Ok(0)
         }
-        Cmd::Workload {
-            servers,
-            queue,
-            out,
-            rate,
-            window,
-            size,
-            max_messages,
-            max_seconds,
-            failover_timeout_s,
-            slow_every,
-        } => {
+        Cmd::Workload(args) => {
             proc::exit_with_parent();
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            let args = workload::WorkloadArgs {
-                servers,
-                queue,
-                out,
-                rate,
-                window,
-                size,
-                max_messages,
-                max_seconds,
-                failover_timeout_s,
-                slow_every,
-            };
             rt.block_on(workload::run(args))?;
             Ok(0)
         }

@@ -99,6 +99,9 @@ impl Compactor {
     /// the sequence after everything applied; `keep_acks`: drop no ack
     /// (a delete of dead records failed: one of them may still be on disk).
     pub fn pass(&mut self, store: &Store, index: &mut LiveIndex, next_seq: u64, keep_acks: bool) -> Pass {
+        if self.config.bytes_per_sec == 0 {
+            return Pass::default();
+        }
         let now = Instant::now();
         let elapsed = now.duration_since(self.last_pass);
         self.last_pass = now;

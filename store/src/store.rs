@@ -41,8 +41,8 @@ const META_STAGED: &[u8] = b"staged";
 const META_LOG_TREE: &[u8] = b"log_tree";
 const LOG_TREES: [&str; 2] = ["log", "staging_log"];
 
-/// What the records of a staged snapshot said, gathered as they arrived
-/// (see [`Store::recover_staged`]).
+/// What records said as they were applied to an index, read at open or
+/// staged from a snapshot (see [`Store::recover_staged`]).
 #[derive(Debug, Default)]
 pub(crate) struct StagedRecords {
     /// The highest producer sequence of each producer id in them.
@@ -681,26 +681,22 @@ impl Store {
                 (LiveIndex::default(), 0)
             }
         };
-        let mut batches = 0;
+        let mut read = StagedRecords::default();
         for kv in self.log().range(from.to_be_bytes()..) {
             let (k, v) = kv?;
             let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
             let body = BatchBody::decode(key, &v)?;
-            batches += 1;
-            next_seq = next_seq.max(body.last_seq() + 1);
-            dead_at_open.extend(index.apply(&body, v.len() as u64));
-            for op in &body.ops {
-                if let Op::Enqueue { message, .. } = op {
-                    if message.producer_id != 0 {
-                        let e = dedup.entry(message.producer_id).or_insert(0);
-                        *e = (*e).max(message.producer_seq);
-                    }
-                }
-            }
+            let dead = index.apply(&body, v.len() as u64);
+            read.note(&body, dead);
         }
-
-        tracing::info!(records = batches, from, ms = started.elapsed().as_millis() as u64, "store log read");
-        self.recovered(epoch, admin, dedup, index, next_seq, batches, dead_at_open)
+        tracing::info!(records = read.count, from, ms = started.elapsed().as_millis() as u64, "store log read");
+        for (p, s) in read.dedup {
+            let e = dedup.entry(p).or_insert(0);
+            *e = (*e).max(s);
+        }
+        dead_at_open.extend(read.dead);
+        let next_seq = next_seq.max(read.next_seq);
+        self.recovered(epoch, admin, dedup, index, next_seq, read.count, dead_at_open)
     }
 
     /// [`Self::recover`] for a snapshot just swapped in whose index was
@@ -945,10 +941,8 @@ impl Store {
         // change of `meta` (with the end of the swap), and the old log is
         // cleared as the next staging tree.
         let mut logs = self.logs.write().unwrap_or_else(|p| p.into_inner());
-        let staged =
-            LOG_TREES.iter().find(|n| n.as_bytes() == logs.staging.name().as_ref()).copied().unwrap_or(LOG_TREES[1]);
         let mut b = sled::Batch::default();
-        b.insert(META_LOG_TREE, staged.as_bytes());
+        b.insert(META_LOG_TREE, logs.staging.name());
         b.insert(META_NEXT_SEQ, &next_seq.to_be_bytes());
         b.remove(META_STAGED);
         self.meta.apply_batch(b)?;

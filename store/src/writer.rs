@@ -1373,8 +1373,10 @@ impl WriterState {
             self.compaction_unlogged.rewritten += pass.rewritten;
             self.compaction_unlogged.freed += pass.freed;
         }
-        let (done, since) = (self.compaction_unlogged, self.compaction_logged.elapsed());
-        if done.rewritten > 0 && since >= COMPACTION_LOG_EVERY {
+        // (The clock is read only once something was rewritten.)
+        let done = self.compaction_unlogged;
+        if done.rewritten > 0 && self.compaction_logged.elapsed() >= COMPACTION_LOG_EVERY {
+            let since = self.compaction_logged.elapsed();
             tracing::info!(
                 records = done.rewritten,
                 freed_bytes = done.freed,

@@ -29,26 +29,36 @@ use twinmq_client::{Client, ClientConfig, ClientEvent, Destination, Message, Sub
 
 use super::proc::{now_us, JsonLines, LineTail};
 
-/// What `cable-lab workload` is told (flags of the helper process).
-#[derive(Debug, Clone)]
+/// What `cable-lab workload` is told (flags of the helper process, written by [`Self::to_args`]).
+#[derive(Debug, Clone, clap::Args)]
 pub struct WorkloadArgs {
+    #[arg(long, value_delimiter = ',')]
     pub servers: Vec<String>,
+    #[arg(long)]
     pub queue: String,
+    #[arg(long)]
     pub out: PathBuf,
     /// Messages per second (the producer's pace; it waits while its window is full).
+    #[arg(long)]
     pub rate: u32,
     /// Unconfirmed messages in flight at most.
+    #[arg(long)]
     pub window: usize,
+    #[arg(long)]
     pub size: usize,
+    #[arg(long)]
     pub max_messages: u64,
+    #[arg(long)]
     pub max_seconds: u64,
     /// The clients' `failover_timeout`: how long a send or a consumer waits
     /// for an active node before the application gets an error.
+    #[arg(long, default_value_t = 30)]
     pub failover_timeout_s: u64,
     /// Every this many messages one goes to `<queue>.slow` instead, which is
     /// consumed only when the run drains (0: none), sent with the seven
     /// before it at once: records pinned by a few live messages for the
     /// whole run, for the compactor.
+    #[arg(long, default_value_t = 0)]
     pub slow_every: u64,
 }
 
