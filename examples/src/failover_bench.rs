@@ -87,7 +87,12 @@ async fn fresh_passive(pair: &mut lab::Pair, timeout: Duration) -> anyhow::Resul
         peak_a / 1024,
         peak_b / 1024
     );
-    for (node, what) in [(&pair.a, "snapshot sent to the peer"), (&pair.b, "snapshot from the peer loaded")] {
+    for (node, what) in [
+        (&pair.a, "snapshot sent to the peer"),
+        (&pair.b, "snapshot from the peer loaded"),
+        (&pair.a, "the peer's catch-up from the log sent"),
+        (&pair.b, "caught up from the active's log"),
+    ] {
         let log = node.data_dir.with_file_name(format!("{}-{}.log", node.name, node.starts()));
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if let Some(line) = text.lines().rev().find(|l| l.contains(what)) {

@@ -97,6 +97,8 @@ fn main() -> std::process::ExitCode {
                             t.promotions += s.promotions;
                             t.splits += s.splits;
                             t.destroyed += s.destroyed;
+                            t.catchups += s.catchups;
+                            t.snapshots += s.snapshots;
                         }
                         Err(_) => {
                             stop.store(true, Ordering::Relaxed);
@@ -126,7 +128,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     println!(
-        "{} seeds ({}..{}), durability {}: {} steps ({} simulated s), {} faults, {} confirmed messages, {} promotions, {} splits, {} messages only on a wiped disk; every invariant held ({:.1?}, {threads} threads)",
+        "{} seeds ({}..{}), durability {}: {} steps ({} simulated s), {} faults, {} confirmed messages, {} promotions, {} splits, {} messages only on a wiped disk, {} catch-ups from the log, {} snapshots; every invariant held ({:.1?}, {threads} threads)",
         args.seeds,
         args.first,
         end - 1,
@@ -138,6 +140,8 @@ fn main() -> std::process::ExitCode {
         t.promotions,
         t.splits,
         t.destroyed,
+        t.catchups,
+        t.snapshots,
         started.elapsed()
     );
     std::process::ExitCode::SUCCESS

@@ -142,7 +142,10 @@ impl PeerMonitor {
         self.identity = Some((link.peer_id.clone(), link.peer_priority));
         tracing::info!(conn = id, peer = %link.peer_id, remote = %link.remote, path = ?path, "HA connection up");
         // The writer may send on it before the first frame is read from it.
-        let (peer_tx, peer_rx) = PeerTx::new();
+        let (mut peer_tx, peer_rx) = PeerTx::new();
+        if link.version < crate::wire::LOG_CATCHUP_VERSION {
+            peer_tx = peer_tx.without_log_catchup();
+        }
         self.writer.connected(id, peer_tx);
         let task =
             actix_rt::spawn(run_conn(link, id, ctx.address(), self.arbiter.clone(), self.writer.clone(), rx, peer_rx));

@@ -78,6 +78,9 @@ pub struct SimStats {
     pub promotions: u64,
     pub splits: u64,
     pub destroyed: u64,
+    /// Followers caught up from the log, and snapshots sent.
+    pub catchups: u64,
+    pub snapshots: u64,
     /// The longest time without a confirm while clients were publishing
     /// (simulated ms): how long a fault held producers up.
     pub max_confirm_gap_ms: u64,
@@ -248,6 +251,8 @@ enum Write {
     Meta(ReplMeta, u64),
     Handover(Vec<MsgId>, bool),
     Replace(BTreeMap<u64, Rec>),
+    /// Records dropped by a catch-up's live lists.
+    Drop(Vec<u64>),
 }
 
 fn apply_write(img: &mut Image, w: Write) {
@@ -275,6 +280,11 @@ fn apply_write(img: &mut Image, w: Write) {
             // one of the records replaced.
             img.next_seq = records.values().map(|r| r.0 + 1).max().unwrap_or(1);
             img.records = records;
+        }
+        Write::Drop(keys) => {
+            for k in keys {
+                img.records.remove(&k);
+            }
         }
     }
 }
@@ -433,6 +443,8 @@ struct Node {
     flush_started: Option<u64>,
     watchdog_failed: bool,
     snap: Option<(ConnId, twinmq_store::repl::AttachId, VecDeque<ReplFrame>)>,
+    /// A catch-up from the log being sent: the next key to look at.
+    catchup: Option<(ConnId, twinmq_store::repl::AttachId, u64)>,
     serving: bool,
     /// A drain waits for every held confirm.
     draining: Option<u64>,
@@ -463,6 +475,8 @@ struct World {
     role_cfg: [RoleConfig; 2],
     probe_ms: u64,
     tail_bytes: usize,
+    /// Followers further back than the tail catch up from the log (else a snapshot).
+    log_catchup: bool,
     now: u64,
     step: u64,
     nodes: Vec<Node>,
@@ -584,6 +598,8 @@ impl World {
             role_cfg,
             probe_ms: 2 * hb,
             tail_bytes: 0,
+            // From the seed, not the generator: the schedules of earlier seeds stay as they were.
+            log_catchup: !seed.is_multiple_of(4),
             now: 0,
             step: 0,
             nodes: Vec::new(),
@@ -645,6 +661,7 @@ impl World {
             flush_started: None,
             watchdog_failed: false,
             snap: None,
+            catchup: None,
             serving: false,
             draining: None,
             handover_replies: Vec::new(),
@@ -1506,10 +1523,13 @@ impl World {
                 }
                 return;
             }
-            WReq::Attach(conn) => n.replica.attach(conn, &mut out),
+            WReq::Attach(conn) => n.replica.attach(conn, self.log_catchup, &mut out),
             WReq::ConnLost(conn) => {
                 if n.snap.as_ref().is_some_and(|(c, _, _)| *c == conn) {
                     n.snap = None;
+                }
+                if n.catchup.as_ref().is_some_and(|(c, _, _)| *c == conn) {
+                    n.catchup = None;
                 }
                 n.replica.connection_lost(conn, &mut out)
             }
@@ -1775,6 +1795,7 @@ impl World {
                 self.nodes[i].handover_replies.clear();
             }
             RA::StreamSnapshot { conn, attach, through } => {
+                self.stats.snapshots += 1;
                 let frames: VecDeque<ReplFrame> = self.nodes[i]
                     .disk
                     .current
@@ -1783,6 +1804,25 @@ impl World {
                     .map(|(first, (_, epoch, ms))| ReplFrame::SnapRecord { key: *first, raw: encode(*epoch, ms) })
                     .collect();
                 self.nodes[i].snap = Some((conn, attach, frames));
+            }
+            RA::StreamLog { conn, attach, from } => {
+                self.stats.catchups += 1;
+                self.nodes[i].catchup = Some((conn, attach, from));
+            }
+            RA::BeginCatchup => {}
+            RA::Catchup(ReplFrame::Live { from, to, keys }) => {
+                let n = &mut self.nodes[i];
+                let gone: Vec<u64> =
+                    n.disk.current.records.range(from..=to).map(|(k, _)| *k).filter(|k| !keys.contains(k)).collect();
+                if !gone.is_empty() {
+                    n.disk.write(Write::Drop(gone))?;
+                }
+            }
+            RA::Catchup(_) => {}
+            RA::EndCatchup { next_seq } => {
+                let n = &mut self.nodes[i];
+                n.disk.write(Write::Meta(n.replica.meta().clone(), next_seq))?;
+                self.flush(i)?;
             }
             RA::ApplyBatch { first_seq, last_seq, epoch, raw } => {
                 let (rec_epoch, ms) = decode(&raw);
@@ -1864,6 +1904,7 @@ impl World {
         if self.nodes[i].blocked.is_some() {
             return; // the streamer is the writer's work too
         }
+        self.stream_catchup(i);
         // Back-pressure: a few frames per step.
         for _ in 0..8 {
             let Some((conn, attach, _)) = &self.nodes[i].snap else { return };
@@ -1879,6 +1920,37 @@ impl World {
                     self.nodes[i].snap = None;
                     let mut out = Vec::new();
                     self.nodes[i].replica.snapshot_streamed(attach, &mut out);
+                    self.run_steps(i, out.into_iter().map(Step::Act).collect());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A catch-up from the log, a few records per step, to the end of the
+    /// log as it is then (records written meanwhile included); then the
+    /// live list and the end, in one go.
+    fn stream_catchup(&mut self, i: usize) {
+        for _ in 0..8 {
+            let Some((conn, attach, next)) = self.nodes[i].catchup else { return };
+            if !self.nodes[i].replica.snapshot_wanted(&attach) {
+                self.nodes[i].catchup = None;
+                return;
+            }
+            let n = &mut self.nodes[i];
+            match n.disk.current.records.range(next..).next().map(|(k, r)| (*k, r.clone())) {
+                Some((first, (last, epoch, ms))) => {
+                    n.catchup = Some((conn, attach, last + 1));
+                    let f = ReplFrame::Batch { first_seq: first, last_seq: last, raw: encode(epoch, &ms) };
+                    self.send(i, conn, Msg::Repl(f));
+                }
+                None => {
+                    n.catchup = None;
+                    let end = n.replica.next_seq() - 1;
+                    let keys: Vec<u64> = n.disk.current.records.range(..=end).map(|(k, _)| *k).collect();
+                    self.send(i, conn, Msg::Repl(ReplFrame::Live { from: 1, to: end, keys }));
+                    let mut out = Vec::new();
+                    self.nodes[i].replica.catchup_streamed(attach, &mut out);
                     self.run_steps(i, out.into_iter().map(Step::Act).collect());
                     return;
                 }

@@ -29,8 +29,12 @@ pub type HaCodec = twinmq_protocol::FrameCodec<HaFrame, HaFrame>;
 /// never sent on a link at 2: they wait for a peer that speaks 3. 4: the
 /// dialer proves first, keys derived by HKDF from a generated secret; the
 /// handshake itself changed, so nodes before it are refused (stop both to
-/// upgrade to it).
-pub const HA_VERSIONS: VersionRange = VersionRange::new(4, 4);
+/// upgrade to it). 5: adds the catch-up from the log (`ReplFrame::Catchup`,
+/// `Live`, `CatchupEnd`), sent only on a link at 5: a peer at 4 gets a
+/// snapshot instead.
+pub const HA_VERSIONS: VersionRange = VersionRange::new(4, 5);
+/// The first HA version with the catch-up from the log.
+pub const LOG_CATCHUP_VERSION: u8 = 5;
 /// The first HA version with `DivergentAdmin`.
 pub const DIVERGENT_ADMIN_VERSION: u8 = 3;
 

@@ -91,6 +91,20 @@ async fn a_node_of_an_older_release_is_refused_with_the_reason() {
     assert!(matches!(acceptor.await.unwrap(), Err(LinkError::Version(_))));
 }
 
+#[tokio::test]
+async fn a_node_of_the_previous_release_links_at_its_version() {
+    // HA 4 has no catch-up from the log: a link at 4 gets snapshots instead
+    // (twinmq-store's replication tests), so the two roll one at a time.
+    let (mut old, _acceptor) = raw_to_acceptor().await;
+    let versions = VersionRange::new(4, 4);
+    old.send(HaFrame::Hello { node_id: "a".into(), priority: 100, nonce: wire::nonce(), versions }).await.unwrap();
+    match old.next().await {
+        Some(Ok(HaFrame::Challenge { version, .. })) => assert_eq!(version, Some(4)),
+        other => panic!("expected a challenge at 4, got {other:?}"),
+    }
+    assert!(wire::LOG_CATCHUP_VERSION > 4 && wire::HA_VERSIONS.contains(4));
+}
+
 /// Finding 3 of issue 10: the acceptor used to prove first, so anyone who
 /// could connect got an HMAC of the secret over a nonce of their choice and
 /// could test guesses offline. Now a stranger gets a nonce and nothing else.

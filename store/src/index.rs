@@ -278,6 +278,11 @@ impl LiveIndex {
     }
 
     /// Number of batch records still in the log.
+    /// The keys of the records still needed, in order.
+    pub fn record_keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.batches.keys().copied()
+    }
+
     pub fn live_batches(&self) -> usize {
         self.batches.len()
     }

@@ -207,6 +207,25 @@ impl BatchBody {
         out
     }
 
+    /// The last sequence number of the record `raw` read from `key`, from its
+    /// header alone (its op count), without decoding its ops or checking its
+    /// checksum (whoever applies it decodes and verifies it).
+    pub fn last_seq_of(key: u64, raw: &[u8]) -> Result<u64, StoreError> {
+        let corrupt = |reason: &str| StoreError::Corrupt { key, reason: reason.into() };
+        if raw.len() < 5 || raw[0] != RECORD_FORMAT {
+            return Err(corrupt("not a record of this format"));
+        }
+        let mut rd = &raw[5..];
+        let fields = rmp::decode::read_array_len(&mut rd).map_err(|_| corrupt("unreadable header"))?;
+        let _epoch: u64 = rmp::decode::read_int(&mut rd).map_err(|_| corrupt("unreadable epoch"))?;
+        let first: u64 = rmp::decode::read_int(&mut rd).map_err(|_| corrupt("unreadable first sequence"))?;
+        let ops = rmp::decode::read_array_len(&mut rd).map_err(|_| corrupt("unreadable op count"))?;
+        if fields != 3 || first != key || ops == 0 {
+            return Err(corrupt("record does not match its key"));
+        }
+        key.checked_add(u64::from(ops) - 1).ok_or_else(|| corrupt("sequence overflow"))
+    }
+
     /// Decode and verify a record read from `key`.
     pub fn decode(key: u64, raw: &[u8]) -> Result<BatchBody, StoreError> {
         if raw.len() < 5 {

@@ -95,6 +95,8 @@ impl Outbound {
 pub struct PeerTx {
     tx: tokio::sync::mpsc::UnboundedSender<(Outbound, usize)>,
     queued: Arc<AtomicUsize>,
+    /// The peer understands a catch-up from the log (`ReplFrame::Catchup`).
+    log_catchup: bool,
 }
 
 /// The connection's end of a [`PeerTx`].
@@ -108,7 +110,14 @@ impl PeerTx {
     pub fn new() -> (PeerTx, PeerRx) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        (PeerTx { tx, queued: queued.clone() }, PeerRx { rx, queued })
+        (PeerTx { tx, queued: queued.clone(), log_catchup: true }, PeerRx { rx, queued })
+    }
+
+    /// A peer of an earlier version: it gets a snapshot where a catch-up
+    /// from the log would do.
+    pub fn without_log_catchup(mut self) -> PeerTx {
+        self.log_catchup = false;
+        self
     }
 
     fn send(&self, o: Outbound) -> bool {
@@ -395,6 +404,7 @@ impl Writer {
             // The first pass that rewrites something logs at once.
             compaction_logged: Instant::now().checked_sub(COMPACTION_LOG_EVERY).unwrap_or_else(Instant::now),
             staging: None,
+            catchup: None,
             replica,
             index: std::mem::take(&mut recovered.index),
             dedup: recovered.dedup.clone(),
@@ -592,11 +602,14 @@ impl Writer {
     }
 }
 
-/// A snapshot being streamed to the follower.
+/// A snapshot (or a catch-up from the log) being streamed to the follower.
 struct SnapshotCursor {
     conn: ConnId,
     attach: crate::repl::AttachId,
     through: u64,
+    /// A catch-up: only the log, as `Batch`, to its end; then the admin
+    /// entries, idempotence marks and live lists in one go.
+    catchup: bool,
     stage: u8,
     after: Option<Vec<u8>>,
     /// For the rate in the log line at its end.
@@ -624,6 +637,20 @@ struct Staging {
     /// Something could not be applied as it came: read the log once swapped in.
     broken: bool,
 }
+
+/// A catch-up from the peer's log being applied (see `ReplFrame::Catchup`).
+struct Catchup {
+    started: Instant,
+    /// Admin entries the peer sent: the others are dropped at its end.
+    admin: std::collections::HashSet<Vec<u8>>,
+    records: u64,
+    bytes: u64,
+    /// Records held here that the peer no longer holds.
+    dropped: u64,
+}
+
+/// How many record keys one `Live` frame lists.
+const LIVE_KEYS_PER_FRAME: usize = 8192;
 
 /// A completion waiting for the confirm horizon to pass `seq`.
 struct Held {
@@ -669,6 +696,8 @@ struct WriterState {
     compaction_logged: Instant,
     /// A snapshot from the peer being staged.
     staging: Option<Staging>,
+    /// A catch-up from the peer's log being applied.
+    catchup: Option<Catchup>,
 }
 
 impl WriterState {
@@ -772,7 +801,8 @@ impl WriterState {
             }
             Request::Attach(conn) => {
                 self.snapshot = None;
-                self.replica.attach(conn, &mut out);
+                let log_catchup = self.conns.get(&conn).is_some_and(|t| t.log_catchup);
+                self.replica.attach(conn, log_catchup, &mut out);
             }
             Request::Frame(conn, frame, token) => {
                 // One frame at a time (what it writes is done before the next
@@ -955,12 +985,38 @@ impl WriterState {
                     conn,
                     attach,
                     through,
+                    catchup: false,
                     stage: 0,
                     after: None,
                     started: Instant::now(),
                     bytes: 0,
                 });
             }
+            Action::StreamLog { conn, attach, from } => {
+                tracing::info!(from, live_batches = self.index.live_batches(), "the peer catches up from the log");
+                self.snapshot = Some(SnapshotCursor {
+                    conn,
+                    attach,
+                    through: u64::MAX,
+                    catchup: true,
+                    stage: 2,
+                    after: Some(from.saturating_sub(1).to_be_bytes().to_vec()),
+                    started: Instant::now(),
+                    bytes: 0,
+                });
+            }
+            Action::BeginCatchup => {
+                tracing::info!(from = self.replica.next_seq(), "catching up from the active's log");
+                self.catchup = Some(Catchup {
+                    started: Instant::now(),
+                    admin: Default::default(),
+                    records: 0,
+                    bytes: 0,
+                    dropped: 0,
+                });
+            }
+            Action::Catchup(frame) => self.catch_up(frame)?,
+            Action::EndCatchup { next_seq } => self.end_catchup(next_seq)?,
             Action::ApplyBatch { first_seq, last_seq, epoch, raw } => {
                 let body = match BatchBody::decode(first_seq, &raw) {
                     Ok(b) if b.epoch == epoch && b.last_seq() == last_seq => b,
@@ -972,6 +1028,10 @@ impl WriterState {
                 };
                 Store::materialise(&self.store.admin, &body)?;
                 self.store.log().insert(first_seq.to_be_bytes(), raw.as_ref())?;
+                if let Some(c) = &mut self.catchup {
+                    c.records += 1;
+                    c.bytes += raw.len() as u64;
+                }
                 audit_replicated(&body);
                 self.note_producers(&body);
                 self.count(body.ops.len(), 1, raw.len() as u64);
@@ -1083,6 +1143,90 @@ impl WriterState {
         let mut out = Vec::new();
         self.replica.apply_failed(first_seq, reason, &mut out);
         self.perform(out)
+    }
+
+    /// An admin entry, idempotence mark or live list of a catch-up from the
+    /// peer's log.
+    fn catch_up(&mut self, frame: ReplFrame) -> Result<(), StoreError> {
+        match frame {
+            ReplFrame::SnapAdmin { key, value } => {
+                self.store.admin.insert(key.as_ref(), value.as_ref())?;
+                if let Some(c) = &mut self.catchup {
+                    c.admin.insert(key.to_vec());
+                }
+            }
+            ReplFrame::SnapProducer { key, value } => {
+                let (Some(p), Some(seq)) = (be_u64(&key), be_u64(&value)) else { return Ok(()) };
+                if self.dedup.get(&p).is_none_or(|s| *s < seq) {
+                    self.dedup.insert(p, seq);
+                    self.dirty_dedup.insert(p, seq);
+                }
+            }
+            ReplFrame::Live { from, to, keys } => {
+                // Records held here that the peer no longer holds: their
+                // messages died by ops in records that died too (never
+                // sent). (One of the peer's may be missing here: an ack
+                // record whose targets its compactor had already dropped
+                // from the records sent is dead here at once.)
+                let held: Vec<u64> = self
+                    .store
+                    .log()
+                    .range(from.to_be_bytes()..=to.to_be_bytes())
+                    .keys()
+                    .map(|k| k.map(|k| be_u64(&k).unwrap_or(u64::MAX)))
+                    .collect::<Result<_, _>>()?;
+                let wanted: std::collections::HashSet<u64> = keys.into_iter().collect();
+                let gone: Vec<u64> = held.into_iter().filter(|k| !wanted.contains(k)).collect();
+                if gone.is_empty() {
+                    return Ok(());
+                }
+                let mut dead = self.index.forget_records(&gone);
+                dead.extend(&gone);
+                dead.sort_unstable();
+                dead.dedup();
+                if let Some(c) = &mut self.catchup {
+                    c.dropped += dead.len() as u64;
+                }
+                self.delete(&dead, self.replica.next_seq());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A catch-up from the peer's log is complete: this store is the peer's
+    /// through `next_seq - 1`.
+    fn end_catchup(&mut self, next_seq: u64) -> Result<(), StoreError> {
+        let c = self.catchup.take();
+        if let Some(c) = &c {
+            let mut b = sled::Batch::default();
+            for k in self.store.admin.iter().keys() {
+                let k = k?;
+                if !c.admin.contains(k.as_ref()) {
+                    b.remove(k);
+                }
+            }
+            self.store.admin.apply_batch(b)?;
+        }
+        self.store.persist_floor(next_seq, self.dirty_dedup.iter())?;
+        self.dirty_dedup.clear();
+        self.store.set_repl_meta(self.replica.meta())?;
+        self.applied_through = self.applied_through.max(next_seq - 1);
+        self.stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
+        if self.config.durability != Durability::None {
+            self.sync()?;
+        }
+        if let Some(c) = c {
+            let received = rate(c.bytes, c.started);
+            tracing::info!(
+                next_seq,
+                records = c.records,
+                dropped = c.dropped,
+                received,
+                "caught up from the active's log"
+            );
+        }
+        Ok(())
     }
 
     /// One snapshot frame (or a record interleaved with it) into staging.
@@ -1561,6 +1705,9 @@ impl WriterState {
         let mut budget: usize = 1024 * 1024;
         while tx.queued() < SNAPSHOT_QUEUE && budget > 0 {
             let cursor = self.snapshot.as_mut().expect("streaming");
+            if cursor.catchup && cursor.stage != 2 {
+                return self.end_log_stream();
+            }
             let tree = match cursor.stage {
                 0 => self.store.admin.clone(),
                 1 => self.store.producers.clone(),
@@ -1590,6 +1737,20 @@ impl WriterState {
                 Some(Ok((k, v))) => Some((k, v)),
             };
             let frame = match next {
+                Some((k, v)) if cursor.catchup => {
+                    let key = be_u64(&k).unwrap_or(u64::MAX);
+                    cursor.after = Some(k.to_vec());
+                    match BatchBody::last_seq_of(key, &v) {
+                        Ok(last_seq) => {
+                            Some(ReplFrame::Batch { first_seq: key, last_seq, raw: Bytes::copy_from_slice(&v) })
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the log for the peer's catch-up");
+                            self.fail_disk(&e.to_string());
+                            return;
+                        }
+                    }
+                }
                 Some((k, v)) if cursor.stage == 2 => {
                     let key = be_u64(&k).unwrap_or(u64::MAX);
                     if key > cursor.through {
@@ -1622,6 +1783,59 @@ impl WriterState {
                 }
             }
         }
+    }
+
+    /// A catch-up reached the end of the log: in one go, nothing written
+    /// between, every admin entry and idempotence mark, the live records,
+    /// and its end. The trees are small next to the log (users, queues,
+    /// producer ids); the live lists are 8 bytes a record.
+    fn end_log_stream(&mut self) {
+        let Some(cursor) = self.snapshot.take() else { return };
+        let Some(tx) = self.conns.get(&cursor.conn).cloned() else { return };
+        let mut bytes = cursor.bytes;
+        let mut send = |f: ReplFrame| {
+            bytes += f.weight() as u64;
+            tx.send(Outbound::Repl(f));
+        };
+        let entries = |tree: &sled::Tree| -> Result<Vec<(Bytes, Bytes)>, sled::Error> {
+            tree.iter().map(|e| e.map(|(k, v)| (Bytes::copy_from_slice(&k), Bytes::copy_from_slice(&v)))).collect()
+        };
+        let (admin, producers) = match (entries(&self.store.admin), entries(&self.store.producers)) {
+            (Ok(a), Ok(p)) => (a, p),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot read the store for the peer's catch-up");
+                self.fail_disk(&e.to_string());
+                return;
+            }
+        };
+        for (key, value) in admin {
+            send(ReplFrame::SnapAdmin { key, value });
+        }
+        for (key, value) in producers {
+            send(ReplFrame::SnapProducer { key, value });
+        }
+        // Marks not yet written to the producers tree.
+        for (p, s) in &self.dirty_dedup {
+            send(ReplFrame::SnapProducer {
+                key: Bytes::copy_from_slice(&p.to_be_bytes()),
+                value: Bytes::copy_from_slice(&s.to_be_bytes()),
+            });
+        }
+        let end = self.replica.next_seq() - 1;
+        let keys: Vec<u64> = self.index.record_keys().collect();
+        let mut from = 1;
+        for chunk in keys.chunks(LIVE_KEYS_PER_FRAME) {
+            let to = if chunk.len() == LIVE_KEYS_PER_FRAME { chunk[chunk.len() - 1] } else { end };
+            send(ReplFrame::Live { from, to, keys: chunk.to_vec() });
+            from = to + 1;
+        }
+        if from <= end {
+            send(ReplFrame::Live { from, to: end, keys: Vec::new() });
+        }
+        tracing::info!(through = end, sent = rate(bytes, cursor.started), "the peer's catch-up from the log sent");
+        let mut out = Vec::new();
+        self.replica.catchup_streamed(cursor.attach, &mut out);
+        let _ = self.perform(out);
     }
 
     fn promote(&mut self, at_least: u64, in_sync_gen: Option<u64>, how: Promotion) -> Result<Recovered, StoreError> {

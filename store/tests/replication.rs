@@ -139,10 +139,19 @@ struct Link {
 }
 
 fn connect(active: &Writer, passive: &Writer) -> Link {
+    connect_at(active, passive, true)
+}
+
+/// [`connect`]; `log_catchup`: the passive speaks a protocol version with
+/// the catch-up from the log (else it is of an earlier release).
+fn connect_at(active: &Writer, passive: &Writer, log_catchup: bool) -> Link {
     let conn = CONNECTIONS.fetch_add(1, Relaxed);
     let seen = Arc::new(Mutex::new(Vec::new()));
     for (from, to, arrow) in [(active, passive, ""), (passive, active, "<-")] {
-        let (tx, mut rx) = PeerTx::new();
+        let (mut tx, mut rx) = PeerTx::new();
+        if !log_catchup {
+            tx = tx.without_log_catchup();
+        }
         from.connected(conn, tx);
         let (to, seen) = (to.clone(), seen.clone());
         std::thread::spawn(move || {
@@ -399,7 +408,7 @@ fn a_passive_declared_down_resumes_out_of_sync_until_it_has_caught_up() {
 }
 
 #[test]
-fn a_follower_away_longer_than_the_kept_tail_gets_a_snapshot() {
+fn a_follower_of_an_earlier_release_away_longer_than_the_kept_tail_gets_a_snapshot() {
     let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let cfg = WriterConfig {
         durability: Durability::Replicated,
@@ -421,7 +430,8 @@ fn a_follower_away_longer_than_the_kept_tail_gets_a_snapshot() {
         m.payload = vec![i as u8; 512 * 1024];
         submit(&a, vec![Op::Enqueue { message: m, queues: vec!["q".into()] }]).unwrap();
     }
-    let l = link(&a, &p);
+    let l = connect_at(&a, &p, false);
+    a.attach(l.conn);
     wait_until("the passive is in sync again", || in_sync(&p) && l.has("InSync"));
     let kinds = l.kinds();
     assert_eq!(kinds[2], "Snapshot", "{:?}", &kinds[..kinds.len().min(5)]);
@@ -430,6 +440,177 @@ fn a_follower_away_longer_than_the_kept_tail_gets_a_snapshot() {
     let rec = promote(&p, 2);
     assert_eq!(rec.messages["q"].len(), 8);
     assert!(p.body(rec.messages["q"][7].seq).iter().all(|b| *b == 8));
+}
+
+/// The keys of a store's log records.
+fn record_keys(s: &Store) -> Vec<u64> {
+    s.raw_batches_from(0).map(|r| r.unwrap().0).collect()
+}
+
+fn enqueue_sized(queue: &str, i: u64, bytes: usize) -> Vec<Op> {
+    let mut m = msg(i, &format!("m{i}"));
+    m.payload.resize(bytes, b'.');
+    vec![Op::Enqueue { message: m, queues: vec![queue.into()] }]
+}
+
+fn ack(queue: &str, seqs: &[u64]) -> Vec<Op> {
+    seqs.iter().map(|s| Op::Ack { queue: queue.into(), seq: *s }).collect()
+}
+
+/// The first bytes of each live message's body in `queue`, in order.
+fn names(r: &impl ReadBody, rec: &Recovered, queue: &str) -> Vec<String> {
+    bodies(r, rec, queue).into_iter().map(|b| b.trim_end_matches('.').to_string()).collect()
+}
+
+/// An active keeping 64 KiB of its log in memory and its in-sync passive
+/// with m1..=m10 in `q` (one record each); then the passive is lost, and
+/// the active acks m1..=m5 (their records die), writes m11..=m60 of 4 KiB
+/// in `q` (past what memory keeps), acks m11..=m20 (records the passive
+/// never got die before it returns), creates queue `r` with one message
+/// and a user (admin-only records: never in the log). m15 is of another
+/// producer (77). Returns the seqs of m1..=m60.
+fn behind_by_more_than_the_tail(a: &Writer, p: &Writer) -> Vec<u64> {
+    let l = link(a, p);
+    let mut seqs = vec![0];
+    for i in 1..=10 {
+        seqs.push(submit(a, enqueue_sized("q", i, 100)).unwrap().first_seq);
+    }
+    wait_until("in sync", || in_sync(p));
+    lose_peer(a, p, &l);
+    submit(a, ack("q", &seqs[1..=5])).unwrap();
+    for i in 11..=60 {
+        let mut ops = enqueue_sized("q", i, 4096);
+        if i == 15 {
+            // Another producer: its only message's record dies before the passive returns.
+            let Op::Enqueue { message, .. } = &mut ops[0] else { unreachable!() };
+            message.producer_id = 77;
+        }
+        seqs.push(submit(a, ops).unwrap().first_seq);
+    }
+    submit(a, ack("q", &seqs[11..=20])).unwrap();
+    submit(a, vec![Op::PutQueue { key: "r".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    submit(a, enqueue_sized("r", 1000, 10)).unwrap();
+    submit(a, put_user("carol")).unwrap();
+    seqs
+}
+
+#[test]
+fn a_follower_further_back_than_the_tail_catches_up_from_the_log_without_what_died_meanwhile() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (sa, a) = open_active_keeping_little(da.path());
+    let (sp, p) = open(dp.path());
+    behind_by_more_than_the_tail(&a, &p);
+    let l = link(&a, &p);
+    wait_until("the passive is in sync again", || in_sync(&p) && l.has("InSync"));
+    let kinds = l.kinds();
+    assert_eq!(kinds[2], "Catchup", "{:?}", &kinds[..kinds.len().min(5)]);
+    for k in ["Live", "CatchupEnd", "SnapAdmin"] {
+        assert!(l.has(k), "no {k}: {kinds:?}");
+    }
+    assert!(
+        !kinds.iter().any(|k| k.starts_with("Snapshot") || k == "SnapRecord" || k.contains("Refused")),
+        "{kinds:?}"
+    );
+    // Only what the active lacked came: 40 records of m21..=m60, m1000 and
+    // the acks of m11..=m20 (which pin nothing: not sent), not the 5 live
+    // ones the passive held.
+    let batches = kinds.iter().filter(|k| *k == "Batch").count();
+    assert!((41..=43).contains(&batches), "{batches} records sent: {kinds:?}");
+    // The records of m1..=m5, dead on the active, are gone here too.
+    wait_until("the passive's log is the active's", || record_keys(&sp) == record_keys(&sa));
+    l.cut(&a, &p);
+    let rec = promote(&p, 2);
+    let want: Vec<String> = (6..=10).chain(21..=60).map(|i| format!("m{i}")).collect();
+    assert_eq!(names(&p, &rec, "q"), want);
+    assert_eq!(names(&p, &rec, "r"), ["m1000"]);
+    assert!(rec.users.contains_key("carol"), "{:?}", rec.users.keys().collect::<Vec<_>>());
+    // The idempotence mark of producer 77, whose only record died before
+    // the passive returned, came along: a resend is a duplicate.
+    let mut ops = enqueue_sized("q", 15, 10);
+    let Op::Enqueue { message, .. } = &mut ops[0] else { unreachable!() };
+    message.producer_id = 77;
+    assert!(submit(&p, ops).unwrap().duplicate);
+    // And a restart of the promoted node reads the same store.
+    drop((sp, p));
+    let (_sp, p) = open(dp.path());
+    let rec = promote(&p, 3);
+    assert_eq!(names(&p, &rec, "q"), want);
+}
+
+#[test]
+fn a_catch_up_cut_off_and_restarted_half_way_completes_at_the_next_attach() {
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (sa, a) = open_active_keeping_little(da.path());
+    let (sp, p) = open(dp.path());
+    let seqs = behind_by_more_than_the_tail(&a, &p);
+    // Half a catch-up: the frames up to the 10th record, then the
+    // connection is gone and the passive stops.
+    let conn = CONNECTIONS.fetch_add(1, Relaxed);
+    let (tx, mut to_p) = PeerTx::new();
+    a.connected(conn, tx);
+    let (tx, mut from_p) = PeerTx::new();
+    p.connected(conn, tx);
+    let back = a.clone();
+    std::thread::spawn(move || {
+        while let Some(o) = from_p.blocking_recv() {
+            if let Outbound::Repl(f) = o {
+                back.frame(conn, f, Box::new(()));
+            }
+        }
+    });
+    a.attach(conn);
+    let mut records = 0;
+    while records < 10 {
+        let Outbound::Repl(f) = to_p.blocking_recv().unwrap() else { continue };
+        records += usize::from(matches!(f, ReplFrame::Batch { .. }));
+        p.frame(conn, f, Box::new(()));
+    }
+    a.connection_lost(conn);
+    p.connection_lost(conn);
+    wait_until("the passive applied 10 records", || p.stats().last_seq.load(Relaxed) >= seqs[30]);
+    drop((sp, p));
+    let (sp, p) = open(dp.path());
+    assert!(!in_sync(&p));
+    let l = link(&a, &p);
+    wait_until("in sync", || in_sync(&p) && l.has("InSync"));
+    assert_eq!(l.kinds()[2], "Catchup", "{:?}", l.kinds());
+    wait_until("the passive's log is the active's", || record_keys(&sp) == record_keys(&sa));
+    l.cut(&a, &p);
+    let rec = promote(&p, 2);
+    let want: Vec<String> = (6..=10).chain(21..=60).map(|i| format!("m{i}")).collect();
+    assert_eq!(names(&p, &rec, "q"), want);
+}
+
+#[test]
+fn a_catch_up_carries_records_of_earlier_epochs_each_of_its_own_epoch() {
+    // Found by the pair simulator (seed 666 of its first version): the
+    // records a catch-up reads from the log may be of an epoch before the
+    // active's current one; applied as of the current epoch they were
+    // refused, and the passive's history had already moved past them.
+    let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (sa, a) = open_active_keeping_little(da.path());
+    let (sp, p) = open(dp.path());
+    behind_by_more_than_the_tail(&a, &p);
+    // The active steps down and is promoted again: epoch 2, and the records
+    // of epoch 1 the passive lacks are no longer in memory at all.
+    demote(&a);
+    promote(&a, 2);
+    submit(&a, enqueue_sized("q", 1001, 10)).unwrap();
+    let l = link(&a, &p);
+    wait_until("in sync", || in_sync(&p) && l.has("InSync"));
+    let kinds = l.kinds();
+    assert_eq!(kinds[2], "Catchup", "{kinds:?}");
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| k.contains("Refused") || k.starts_with("Snap") && k != "SnapAdmin" && k != "SnapProducer"),
+        "{kinds:?}"
+    );
+    wait_until("the passive's log is the active's", || record_keys(&sp) == record_keys(&sa));
+    l.cut(&a, &p);
+    let rec = promote(&p, 3);
+    let want: Vec<String> = (6..=10).chain(21..=60).chain([1001]).map(|i| format!("m{i}")).collect();
+    assert_eq!(names(&p, &rec, "q"), want);
 }
 
 #[test]
@@ -845,7 +1026,7 @@ fn records_the_compactor_rewrote_on_both_nodes_reach_a_new_passive_and_every_pro
         ..WriterConfig::default()
     };
     let (da, dp, dn) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    // The active keeps little of its log in memory: a new passive gets a snapshot.
+    // The active keeps little of its log in memory: a new passive catches up from the log.
     let (_sa, a) = open_with(da.path(), WriterConfig { tail_bytes: 64 << 10, ..cfg.clone() });
     promote(&a, 1);
     for q in ["q", "busy"] {
@@ -877,15 +1058,23 @@ fn records_the_compactor_rewrote_on_both_nodes_reach_a_new_passive_and_every_pro
         });
         assert!(s.compacted_records.load(Relaxed) >= 50, "{who}: {}", s.compacted_records.load(Relaxed));
     }
-    // A new passive gets the active's rewritten records by snapshot.
+    // A new passive gets the active's rewritten records from its log.
     l.cut(&a, &p);
     a.peer_down(true);
-    let (_sn, n) = open_with(dn.path(), cfg);
+    let (_sn, n) = open_with(dn.path(), cfg.clone());
     let ln = link(&a, &n);
     wait_until("the new passive is in sync", || in_sync(&n) && ln.has("InSync"));
-    assert!(ln.has("Snapshot"), "{:?}", ln.kinds());
+    assert!(ln.has("Catchup"), "{:?}", ln.kinds());
     ln.cut(&a, &n);
-    for (who, w, epoch) in [("the old passive", &p, 2), ("the new passive", &n, 3)] {
+    // One of an earlier release gets them by snapshot.
+    let dm = tempfile::tempdir().unwrap();
+    let (_sm, m) = open_with(dm.path(), cfg);
+    let lm = connect_at(&a, &m, false);
+    a.attach(lm.conn);
+    wait_until("the passive of an earlier release is in sync", || in_sync(&m) && lm.has("InSync"));
+    assert!(lm.has("Snapshot"), "{:?}", lm.kinds());
+    lm.cut(&a, &m);
+    for (who, w, epoch) in [("the old passive", &p, 2), ("the new passive", &n, 3), ("the snapshot's", &m, 4)] {
         let rec = promote(w, epoch);
         assert_eq!(bodies(w, &rec, "q"), kept, "{who}");
         assert!(rec.messages.get("busy").is_none_or(Vec::is_empty), "{who}: an acked message came back");
@@ -908,7 +1097,9 @@ fn a_snapshot_is_swapped_in_by_trading_trees_and_a_reopened_passive_finds_it_eac
             submit(&a, vec![Op::Enqueue { message: m, queues: vec!["q".into()] }]).unwrap();
         }
         let (sp, p) = open(dp.path());
-        let l = link(&a, &p);
+        // Of an earlier release (a catch-up from the log would do otherwise).
+        let l = connect_at(&a, &p, false);
+        a.attach(l.conn);
         wait_until("the passive is in sync", || in_sync(&p) && l.has("InSync"));
         assert!(l.has("Snapshot"), "round {round}: {:?}", l.kinds());
         lose_peer(&a, &p, &l);
@@ -928,6 +1119,17 @@ fn a_snapshot_is_swapped_in_by_trading_trees_and_a_reopened_passive_finds_it_eac
 
 #[test]
 fn records_written_while_a_snapshot_streams_reach_the_index_built_as_it_is_staged() {
+    records_written_while_the_passive_catches_up(false);
+}
+
+#[test]
+fn records_written_while_a_catch_up_from_the_log_streams_reach_the_passive_after_it() {
+    records_written_while_the_passive_catches_up(true);
+}
+
+/// A new passive gets ~6 MB (a snapshot, or a catch-up from the log) while
+/// the active acks messages in it and writes new ones.
+fn records_written_while_the_passive_catches_up(log_catchup: bool) {
     let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (_sa, a) = open_active_keeping_little(da.path());
     let big = |i: u64| {
@@ -941,7 +1143,8 @@ fn records_written_while_a_snapshot_streams_reach_the_index_built_as_it_is_stage
         seqs.push(submit(&a, vec![Op::Enqueue { message: big(i), queues: vec!["q".into()] }]).unwrap().first_seq);
     }
     let (_sp, p) = open(dp.path());
-    let l = link(&a, &p);
+    let l = connect_at(&a, &p, log_catchup);
+    a.attach(l.conn);
     // Meanwhile: acks of messages in the snapshot's records, and new messages.
     for (n, s) in seqs[..400].iter().enumerate() {
         let mut ops = vec![Op::Ack { queue: "q".into(), seq: *s }];
@@ -952,8 +1155,17 @@ fn records_written_while_a_snapshot_streams_reach_the_index_built_as_it_is_stage
     }
     wait_until("the passive is in sync", || in_sync(&p) && l.has("InSync"));
     let kinds = l.kinds();
-    let end = kinds.iter().position(|k| k == "SnapEnd").expect("a snapshot was sent");
-    assert!(kinds[..end].iter().any(|k| k == "Batch"), "no record streamed during the snapshot: {kinds:?}");
+    if log_catchup {
+        // Records written meanwhile are read from the log by the catch-up:
+        // more records than the 800 there were when it began.
+        let end = kinds.iter().position(|k| k == "CatchupEnd").expect("a catch-up was sent");
+        assert!(!kinds.iter().any(|k| k.starts_with("Snapshot") || k.contains("Refused")), "{kinds:?}");
+        let during = kinds[..end].iter().filter(|k| *k == "Batch").count();
+        assert!(during > 800, "no record written during the catch-up came with it: {during}");
+    } else {
+        let end = kinds.iter().position(|k| k == "SnapEnd").expect("a snapshot was sent");
+        assert!(kinds[..end].iter().any(|k| k == "Batch"), "no record streamed during the snapshot: {kinds:?}");
+    }
     l.cut(&a, &p);
     let want: Vec<String> = (401..=800)
         .chain((0..400).filter(|n| n % 4 == 0).map(|n| 1000 + n))

@@ -8,6 +8,10 @@
 //!                                     <---- AttachReply{attach, floor, history, last_seq}
 //!   Resume{from_seq, in_sync} + Batch...  (the follower holds a prefix of this history
 //!                                          and the records it lacks are still in memory)
+//!   or Catchup{from_seq}, Batch... (the follower holds a prefix of this
+//!      history, further back than memory: the live records it lacks are read
+//!      from the log, with gaps where records died), then SnapAdmin*,
+//!      SnapProducer*, Live*, CatchupEnd{next_seq}
 //!   or Snapshot{fork, synced_at}, Snap* and Batch interleaved, SnapEnd{next_seq, history}
 //!                                     <---- Ack{seq} (after its flush), ...
 //!   InSync{gen}                            (from now on every confirm waits for it)
@@ -84,6 +88,23 @@ pub enum ReplFrame {
     Refused { attach: Option<AttachId>, reason: String },
     /// This node's disk failed: it confirms nothing; do not wait for it.
     Failed { reason: String },
+
+    // ----- primary to follower, a catch-up from the log (appended last:
+    // the variants above keep their wire numbers) -----
+    /// The follower holds a prefix of the primary's history through
+    /// `from_seq - 1`, but the records after it are no longer in memory: the
+    /// live ones are read from the log and follow as `Batch`, in order, with
+    /// gaps where records died; then the admin and idempotence entries
+    /// (`SnapAdmin`, `SnapProducer`: the primary's whole trees), `Live`, and
+    /// `CatchupEnd`. Nothing else is sent meanwhile.
+    Catchup { attach: AttachId, from_seq: u64 },
+    /// Of the records keyed `from..=to`, the primary holds exactly `keys`:
+    /// the follower drops the others (their messages died in records it
+    /// never got).
+    Live { from: u64, to: u64, keys: Vec<u64> },
+    /// The catch-up is complete: the follower's copy is the primary's store
+    /// through `next_seq - 1`; records follow as they are written.
+    CatchupEnd { next_seq: u64 },
 }
 
 impl ReplFrame {
@@ -93,6 +114,9 @@ impl ReplFrame {
             ReplFrame::Attach { .. } => "Attach",
             ReplFrame::Resume { .. } => "Resume",
             ReplFrame::Snapshot { .. } => "Snapshot",
+            ReplFrame::Catchup { .. } => "Catchup",
+            ReplFrame::Live { .. } => "Live",
+            ReplFrame::CatchupEnd { .. } => "CatchupEnd",
             ReplFrame::SnapRecord { .. } => "SnapRecord",
             ReplFrame::SnapAdmin { .. } => "SnapAdmin",
             ReplFrame::SnapProducer { .. } => "SnapProducer",
@@ -114,6 +138,7 @@ impl ReplFrame {
             ReplFrame::Attach { history, .. }
             | ReplFrame::AttachReply { history, .. }
             | ReplFrame::SnapEnd { history, .. } => history.entries().len() * 24,
+            ReplFrame::Live { keys, .. } => keys.len() * 8,
             _ => 0,
         }
     }

@@ -19,8 +19,10 @@
 //!   clears it, and the primary's heartbeats say when it stopped holding.
 //! - On attach the primary compares histories ([`History::fork`]): a
 //!   follower holding a prefix of the primary's history resumes from its
-//!   last op when the primary still has the records in memory; otherwise it
-//!   gets a snapshot, staged beside its old copy until complete. Ops the
+//!   last op when the primary still has the records in memory, or else
+//!   catches up from the primary's log (the live records after its last op,
+//!   then the admin and idempotence entries and the list of live records);
+//!   any other gets a snapshot, staged beside its old copy until complete. Ops the
 //!   follower holds past the fork are its own: those it may have confirmed
 //!   alone are kept for the hand-over before its copy is replaced.
 //! - A node never follows a primary below the highest epoch it has heard of
@@ -114,6 +116,13 @@ pub enum Action {
     /// entries, idempotence marks) on `conn`, then call
     /// [`Replica::snapshot_streamed`]. New records are interleaved meanwhile.
     StreamSnapshot { conn: ConnId, attach: AttachId, through: u64 },
+    /// Primary: send the live records of the log from `from` on as `Batch`,
+    /// in order, on `conn`, up to the end of the log, including records
+    /// written meanwhile (none are sent otherwise until it ends). At the
+    /// end, in one go with nothing written between: every admin entry
+    /// (`SnapAdmin`) and idempotence mark (`SnapProducer`), `Live` lists of
+    /// the live records through the end, then [`Replica::catchup_streamed`].
+    StreamLog { conn: ConnId, attach: AttachId, from: u64 },
     /// Follower: write this record (of `epoch`) to the store (unflushed).
     ApplyBatch { first_seq: u64, last_seq: u64, epoch: u64, raw: Bytes },
     /// Follower: flush what was applied (an `Ack` follows).
@@ -123,6 +132,14 @@ pub enum Action {
     /// replaced: with `all`, or a durability other than `replicated`, every
     /// one; otherwise those from [`ReplMeta::alone_since`] on.
     KeepHandover { after: u64, all: bool },
+    /// Follower: a catch-up from the primary's log begins.
+    BeginCatchup,
+    /// Follower: an admin entry, idempotence mark or `Live` list of a catch-up.
+    Catchup(ReplFrame),
+    /// Follower: the catch-up is complete (the store is the primary's
+    /// through `next_seq - 1`): drop the admin entries the primary did not
+    /// send, keep `next_seq` as a floor, write [`Replica::meta`], flush.
+    EndCatchup { next_seq: u64 },
     /// Follower: start a staged copy beside the current store.
     BeginStaging,
     /// Follower: one snapshot frame (or interleaved record) into staging.
@@ -171,6 +188,8 @@ enum LinkPhase {
     Handshake,
     /// The snapshot (through `synced_at`) is being streamed.
     Snapshot { synced_at: u64 },
+    /// The live records the follower lacks are read from the log.
+    Log,
     /// Records flow; in sync once the follower acknowledged `synced_at`.
     Streaming { synced_at: u64 },
 }
@@ -182,6 +201,8 @@ struct Link {
     phase: LinkPhase,
     acked: u64,
     in_sync: bool,
+    /// The follower understands a catch-up from the log.
+    log_catchup: bool,
 }
 
 #[derive(Debug)]
@@ -217,6 +238,9 @@ enum FollowerPhase {
     Handshake { history: History },
     /// Loading a snapshot into staging; the next interleaved record is `next`.
     Loading { next: u64 },
+    /// Catching up from the primary's log: records with gaps, then its admin
+    /// entries and live lists.
+    CatchingUp { history: History },
     /// Applying records of the primary's history.
     Streaming { history: History },
     /// A frame was refused: nothing more until a new attach.
@@ -459,7 +483,8 @@ impl Replica {
     // ----- primary: the follower -----
 
     /// Attach the peer as follower on `conn` (a new attach replaces the old).
-    pub fn attach(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+    /// `log_catchup`: the peer understands a catch-up from the log.
+    pub fn attach(&mut self, conn: ConnId, log_catchup: bool, out: &mut Vec<Action>) {
         if !self.cfg.pair {
             return;
         }
@@ -477,7 +502,7 @@ impl Replica {
         p.no_majority = false;
         p.attaches += 1;
         let attach = AttachId { epoch: p.epoch, promotion: p.promotion, n: p.attaches };
-        p.link = Some(Link { conn, attach, phase: LinkPhase::Handshake, acked: 0, in_sync: false });
+        p.link = Some(Link { conn, attach, phase: LinkPhase::Handshake, acked: 0, in_sync: false, log_catchup });
         out.push(Action::Send(conn, ReplFrame::Attach { attach, history, last_seq }));
     }
 
@@ -572,11 +597,13 @@ impl Replica {
         self.confirm(out);
     }
 
-    /// Primary: whether the snapshot of `attach` is still wanted (its link
-    /// stands and is at that stage); the caller stops streaming otherwise.
+    /// Primary: whether the snapshot or catch-up of `attach` is still
+    /// wanted (its link stands and is at that stage); the caller stops
+    /// streaming otherwise.
     pub fn snapshot_wanted(&self, attach: &AttachId) -> bool {
         matches!(&self.state, State::Primary(p)
-            if p.link.as_ref().is_some_and(|l| l.attach == *attach && matches!(l.phase, LinkPhase::Snapshot { .. })))
+            if p.link.as_ref().is_some_and(|l| l.attach == *attach
+                && matches!(l.phase, LinkPhase::Snapshot { .. } | LinkPhase::Log)))
     }
 
     /// Primary: the peer says its disk failed (a heartbeat that it is not
@@ -604,6 +631,19 @@ impl Replica {
         if let LinkPhase::Snapshot { .. } = l.phase {
             l.phase = LinkPhase::Streaming { synced_at: next_seq - 1 };
             out.push(Action::Send(l.conn, ReplFrame::SnapEnd { next_seq, history }));
+        }
+    }
+
+    /// Primary: the catch-up of `attach` was streamed through the end of the
+    /// log (nothing was written since): its end follows, and from now on
+    /// records are sent as they are written.
+    pub fn catchup_streamed(&mut self, attach: AttachId, out: &mut Vec<Action>) {
+        let next_seq = self.next_seq;
+        let State::Primary(p) = &mut self.state else { return };
+        let Some(l) = p.link.as_mut().filter(|l| l.attach == attach) else { return };
+        if l.phase == LinkPhase::Log {
+            l.phase = LinkPhase::Streaming { synced_at: next_seq - 1 };
+            out.push(Action::Send(l.conn, ReplFrame::CatchupEnd { next_seq }));
         }
     }
 
@@ -669,6 +709,16 @@ impl Replica {
                             // It may hold everything already (nothing to send).
                             self.caught_up(out);
                         }
+                    }
+                    None if resumable && l.log_catchup => {
+                        // Further back than memory: the live records it
+                        // lacks come from the log. Not in sync until it
+                        // holds everything (every confirm still waits for
+                        // it if it was, as for a snapshot).
+                        out.push(Action::Send(conn, ReplFrame::Catchup { attach, from_seq: last_seq + 1 }));
+                        out.push(Action::StreamLog { conn, attach, from: last_seq + 1 });
+                        l.phase = LinkPhase::Log;
+                        l.acked = last_seq;
                     }
                     None => {
                         let synced_at = next_seq - 1;
@@ -812,6 +862,66 @@ impl Replica {
                 let history = std::mem::take(history);
                 f.phase = FollowerPhase::Streaming { history };
             }
+            (FollowerPhase::Handshake { history }, ReplFrame::Catchup { attach: a, from_seq }) if a == attach => {
+                if from_seq != self.next_seq {
+                    let reason =
+                        format!("cannot catch up from {from_seq}: this store holds through {}", self.next_seq - 1);
+                    refuse(f, out, reason);
+                    return;
+                }
+                // Not a takeover candidate until the catch-up is complete:
+                // its live lists and admin entries come last.
+                f.in_sync = None;
+                let history = std::mem::take(history);
+                f.phase = FollowerPhase::CatchingUp { history };
+                out.push(Action::BeginCatchup);
+            }
+            (FollowerPhase::CatchingUp { history }, ReplFrame::Batch { first_seq, last_seq, raw }) => {
+                if last_seq < self.next_seq {
+                    return; // already held
+                }
+                if first_seq < self.next_seq || last_seq < first_seq {
+                    let reason =
+                        format!("record {first_seq} overlaps what this store holds (through {})", self.next_seq - 1);
+                    refuse(f, out, reason);
+                    return;
+                }
+                // A gap is a record that died on the primary. Records of
+                // earlier epochs come too: each is of its history's epoch.
+                let Some(epoch) = history.epoch_of(first_seq).map(|e| e.epoch) else {
+                    refuse(f, out, format!("record {first_seq} is before the primary's history"));
+                    return;
+                };
+                self.next_seq = last_seq + 1;
+                let prefix = history.prefix(last_seq);
+                if prefix != self.meta.history {
+                    self.meta.history = prefix;
+                    out.push(Action::PersistMeta { flush: false });
+                }
+                f.applied = true;
+                out.push(Action::ApplyBatch { first_seq, last_seq, epoch, raw });
+            }
+            (
+                FollowerPhase::CatchingUp { .. },
+                frame @ (ReplFrame::SnapAdmin { .. } | ReplFrame::SnapProducer { .. } | ReplFrame::Live { .. }),
+            ) => {
+                out.push(Action::Catchup(frame));
+            }
+            (FollowerPhase::CatchingUp { history }, ReplFrame::CatchupEnd { next_seq }) => {
+                if next_seq < self.next_seq {
+                    let reason =
+                        format!("the catch-up ends at {next_seq} but records arrived through {}", self.next_seq - 1);
+                    refuse(f, out, reason);
+                    return;
+                }
+                self.next_seq = next_seq;
+                self.meta.history = history.prefix(next_seq - 1);
+                let history = std::mem::take(history);
+                f.phase = FollowerPhase::Streaming { history };
+                f.applied = false;
+                out.push(Action::EndCatchup { next_seq });
+                out.push(Action::Send(conn, ReplFrame::Ack { attach, seq: next_seq - 1 }));
+            }
             (FollowerPhase::Handshake { .. }, ReplFrame::Snapshot { attach: a, fork, handover_all, synced_at })
                 if a == attach =>
             {
@@ -893,9 +1003,14 @@ impl Replica {
         if !std::mem::take(&mut f.applied) {
             return;
         }
-        if let (Some((conn, attach)), FollowerPhase::Streaming { .. }) = (f.source, &f.phase) {
-            out.push(Action::Flush);
-            out.push(Action::Send(conn, ReplFrame::Ack { attach, seq: next_seq - 1 }));
+        match (f.source, &f.phase) {
+            (Some((conn, attach)), FollowerPhase::Streaming { .. }) => {
+                out.push(Action::Flush);
+                out.push(Action::Send(conn, ReplFrame::Ack { attach, seq: next_seq - 1 }));
+            }
+            // Durable as it goes; acknowledged at its end.
+            (Some(_), FollowerPhase::CatchingUp { .. }) => out.push(Action::Flush),
+            _ => {}
         }
     }
 
@@ -912,7 +1027,7 @@ impl Replica {
     /// store; refuse the stream.
     pub fn apply_failed(&mut self, first_seq: u64, reason: String, out: &mut Vec<Action>) {
         let State::Follower(f) = &mut self.state else { return };
-        if let FollowerPhase::Streaming { history } = &f.phase {
+        if let FollowerPhase::Streaming { history } | FollowerPhase::CatchingUp { history } = &f.phase {
             if first_seq < self.next_seq {
                 self.next_seq = first_seq;
                 self.meta.history = history.prefix(first_seq - 1);
@@ -1164,7 +1279,7 @@ mod tests {
         a.admit(0).expect("admitted");
         a.committed(1, 1, Bytes::from_static(b"op"), &mut out);
         let mut out = Vec::new();
-        a.attach(CONN, &mut out);
+        a.attach(CONN, true, &mut out);
         let reply = deliver(&mut b, out);
         let resume = deliver(&mut a, reply);
         assert!(frames(resume.clone()).iter().any(|f| matches!(f, ReplFrame::Resume { in_sync: None, .. })));
@@ -1282,7 +1397,7 @@ mod tests {
         a.connection_lost(CONN, &mut Vec::new());
         b.connection_lost(CONN, &mut Vec::new());
         let mut out = Vec::new();
-        a.attach(CONN + 1, &mut out);
+        a.attach(CONN + 1, true, &mut out);
         assert!(out.is_empty(), "a failed store attached its peer: {out:?}");
         assert_eq!(b.in_sync(), Some(gen));
         assert!(b.promote(2, 8, Some(gen), Promotion::Claimed, &mut Vec::new()).is_ok());
