@@ -87,11 +87,19 @@ async fn fresh_passive(pair: &mut lab::Pair, timeout: Duration) -> anyhow::Resul
         peak_a / 1024,
         peak_b / 1024
     );
+    print_catch_up(&pair.a, &pair.b);
+    Ok(())
+}
+
+/// The log lines that tell how `passive` caught up from `active` (a
+/// snapshot or a catch-up from the log: sizes and rates), and its store's opening.
+fn print_catch_up(active: &lab::Node, passive: &lab::Node) {
     for (node, what) in [
-        (&pair.a, "snapshot sent to the peer"),
-        (&pair.b, "snapshot from the peer loaded"),
-        (&pair.a, "the peer's catch-up from the log sent"),
-        (&pair.b, "caught up from the active's log"),
+        (passive, "store opened"),
+        (active, "snapshot sent to the peer"),
+        (passive, "snapshot from the peer loaded"),
+        (active, "the peer's catch-up from the log sent"),
+        (passive, "caught up from the active's log"),
     ] {
         let log = node.data_dir.with_file_name(format!("{}-{}.log", node.name, node.starts()));
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -99,7 +107,6 @@ async fn fresh_passive(pair: &mut lab::Pair, timeout: Duration) -> anyhow::Resul
             println!("  {}: {}", node.name, line.split_once("Z ").map_or(line, |(_, rest)| rest).trim());
         }
     }
-    Ok(())
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
@@ -244,6 +251,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 survivor.name,
                 survivor.rss_kib() / 1024
             );
+            print_catch_up(survivor, victim);
         }
     }
 

@@ -253,6 +253,8 @@ enum Write {
     Replace(BTreeMap<u64, Rec>),
     /// Records dropped by a catch-up's live lists.
     Drop(Vec<u64>),
+    /// A follower's own ops past the fork dropped: the next sequence is `after + 1`.
+    Truncate(u64),
 }
 
 fn apply_write(img: &mut Image, w: Write) {
@@ -285,6 +287,10 @@ fn apply_write(img: &mut Image, w: Write) {
             for k in keys {
                 img.records.remove(&k);
             }
+        }
+        Write::Truncate(after) => {
+            img.records.retain(|k, _| *k <= after);
+            img.next_seq = after + 1;
         }
     }
 }
@@ -445,6 +451,8 @@ struct Node {
     snap: Option<(ConnId, twinmq_store::repl::AttachId, VecDeque<ReplFrame>)>,
     /// A catch-up from the log being sent: the next key to look at.
     catchup: Option<(ConnId, twinmq_store::repl::AttachId, u64)>,
+    /// Its own ops dropped past the fork: `Want` goes after the `Live` list through it.
+    wanting: Option<(ConnId, twinmq_store::repl::AttachId, u64)>,
     serving: bool,
     /// A drain waits for every held confirm.
     draining: Option<u64>,
@@ -662,6 +670,7 @@ impl World {
             watchdog_failed: false,
             snap: None,
             catchup: None,
+            wanting: None,
             serving: false,
             draining: None,
             handover_replies: Vec::new(),
@@ -1805,11 +1814,29 @@ impl World {
                     .collect();
                 self.nodes[i].snap = Some((conn, attach, frames));
             }
-            RA::StreamLog { conn, attach, from } => {
+            RA::StreamLog { conn, attach, from, wanted } => {
                 self.stats.catchups += 1;
+                for key in wanted {
+                    if let Some((_, (last, epoch, ms))) = self.nodes[i].disk.current.records.range(key..=key).next() {
+                        let f = ReplFrame::SnapRecord { key, raw: encode(*epoch, ms) };
+                        debug_assert!(*last >= key);
+                        self.send(i, conn, Msg::Repl(f));
+                    }
+                }
                 self.nodes[i].catchup = Some((conn, attach, from));
             }
-            RA::BeginCatchup => {}
+            RA::ListLive { conn, through } => {
+                let keys: Vec<u64> = self.nodes[i].disk.current.records.range(..=through).map(|(k, _)| *k).collect();
+                self.send(i, conn, Msg::Repl(ReplFrame::Live { from: 1, to: through, keys }));
+            }
+            RA::BeginCatchup => self.nodes[i].wanting = None,
+            RA::Truncate { conn, attach, after } => {
+                let name = self.nodes[i].name;
+                self.log(|| format!("{name}: drops its own ops past {after}"));
+                self.nodes[i].disk.write(Write::Truncate(after))?;
+                self.flush(i)?;
+                self.nodes[i].wanting = Some((conn, attach, after));
+            }
             RA::Catchup(ReplFrame::Live { from, to, keys }) => {
                 let n = &mut self.nodes[i];
                 let gone: Vec<u64> =
@@ -1817,6 +1844,21 @@ impl World {
                 if !gone.is_empty() {
                     n.disk.write(Write::Drop(gone))?;
                 }
+                if let Some((conn, attach, after)) = n.wanting.filter(|w| w.2 == to) {
+                    // The model's own ops only enqueue: it lacks a record
+                    // through the fork only if it never had it.
+                    let want: Vec<u64> =
+                        keys.iter().copied().filter(|k| !n.disk.current.records.contains_key(k)).collect();
+                    n.wanting = None;
+                    let name = n.name;
+                    self.log(|| format!("{name}: wants {} records through {after}", want.len()));
+                    self.send(i, conn, Msg::Repl(ReplFrame::Want { attach, keys: want }));
+                }
+            }
+            RA::Catchup(ReplFrame::SnapRecord { key, raw }) => {
+                let (epoch, ms) = decode(&raw);
+                let last = key + ms.len() as u64 - 1;
+                self.nodes[i].disk.write(Write::Record(key, (last, epoch, ms)))?;
             }
             RA::Catchup(_) => {}
             RA::EndCatchup { next_seq } => {

@@ -923,12 +923,19 @@ impl Store {
         self.swap_in_staging(next_seq)
     }
 
-    fn swap_in_staging(&self, next_seq: u64) -> Result<(), StoreError> {
+    /// The log is about to change under the index (a snapshot swapped in,
+    /// this store's own ops past a fork truncated): the index checkpoint and
+    /// the cached bodies describe the old one.
+    pub(crate) fn forget_checkpoint(&self) -> Result<(), StoreError> {
         self.bodies.clear();
-        // The index checkpoint describes the log being replaced.
         crate::checkpoint::remove(&self.path)?;
         self.ckpt_through.store(0, std::sync::atomic::Ordering::SeqCst);
         self.dead.clear()?;
+        Ok(())
+    }
+
+    fn swap_in_staging(&self, next_seq: u64) -> Result<(), StoreError> {
+        self.forget_checkpoint()?;
         // The admin and producer trees are small: copied.
         for (from, to) in [(&self.staging_admin, &self.admin), (&self.staging_producers, &self.producers)] {
             to.clear()?;

@@ -647,10 +647,45 @@ struct Catchup {
     bytes: u64,
     /// Records held here that the peer no longer holds.
     dropped: u64,
+    /// This store's own ops past the fork were dropped: its index is read
+    /// from the log again before the first record of the catch-up is applied
+    /// (after the records it wanted arrived).
+    reread: bool,
+    /// ... and until the `Live` lists through the fork are in, the records
+    /// it wants (see `ReplFrame::Want`).
+    wanting: Option<Wanting>,
+}
+
+struct Wanting {
+    conn: ConnId,
+    attach: crate::repl::AttachId,
+    after: u64,
+    keys: Vec<u64>,
 }
 
 /// How many record keys one `Live` frame lists.
 const LIVE_KEYS_PER_FRAME: usize = 8192;
+
+/// Send `keys` (the live records, in order, none past `through`) as `Live`
+/// lists covering `1..=through`; returns the bytes sent.
+fn send_live(tx: &PeerTx, keys: impl Iterator<Item = u64>, through: u64) -> u64 {
+    let mut bytes = 0;
+    let mut from = 1;
+    let mut chunk = Vec::with_capacity(LIVE_KEYS_PER_FRAME);
+    let mut keys = keys.peekable();
+    while keys.peek().is_some() || from <= through {
+        chunk.extend(keys.by_ref().take(LIVE_KEYS_PER_FRAME));
+        let to = if keys.peek().is_some() { chunk.last().copied().unwrap_or(through) } else { through };
+        let f = ReplFrame::Live { from, to, keys: std::mem::take(&mut chunk) };
+        bytes += f.weight() as u64;
+        tx.send(Outbound::Repl(f));
+        from = to + 1;
+        if to == through {
+            break;
+        }
+    }
+    bytes
+}
 
 /// A completion waiting for the confirm horizon to pass `seq`.
 struct Held {
@@ -992,8 +1027,9 @@ impl WriterState {
                     bytes: 0,
                 });
             }
-            Action::StreamLog { conn, attach, from } => {
+            Action::StreamLog { conn, attach, from, wanted } => {
                 tracing::info!(from, live_batches = self.index.live_batches(), "the peer catches up from the log");
+                self.send_wanted(conn, &wanted)?;
                 self.snapshot = Some(SnapshotCursor {
                     conn,
                     attach,
@@ -1005,6 +1041,20 @@ impl WriterState {
                     bytes: 0,
                 });
             }
+            Action::ListLive { conn, through } => {
+                // The admin entries first: the follower reads its index
+                // again after these, and it keeps only the messages of
+                // queues that exist.
+                if let Some(tx) = self.conns.get(&conn) {
+                    for kv in self.store.admin.iter() {
+                        let (k, v) = kv?;
+                        let (key, value) = (Bytes::copy_from_slice(&k), Bytes::copy_from_slice(&v));
+                        tx.send(Outbound::Repl(ReplFrame::SnapAdmin { key, value }));
+                    }
+                    send_live(tx, self.index.record_keys().take_while(|k| *k <= through), through);
+                }
+            }
+            Action::Truncate { conn, attach, after } => self.truncate(conn, attach, after)?,
             Action::BeginCatchup => {
                 tracing::info!(from = self.replica.next_seq(), "catching up from the active's log");
                 self.catchup = Some(Catchup {
@@ -1013,11 +1063,14 @@ impl WriterState {
                     records: 0,
                     bytes: 0,
                     dropped: 0,
+                    reread: false,
+                    wanting: None,
                 });
             }
             Action::Catchup(frame) => self.catch_up(frame)?,
             Action::EndCatchup { next_seq } => self.end_catchup(next_seq)?,
             Action::ApplyBatch { first_seq, last_seq, epoch, raw } => {
+                self.reread_after_truncation()?;
                 let body = match BatchBody::decode(first_seq, &raw) {
                     Ok(b) if b.epoch == epoch && b.last_seq() == last_seq => b,
                     Ok(b) => {
@@ -1148,6 +1201,24 @@ impl WriterState {
     /// An admin entry, idempotence mark or live list of a catch-up from the
     /// peer's log.
     fn catch_up(&mut self, frame: ReplFrame) -> Result<(), StoreError> {
+        if let ReplFrame::SnapRecord { key, raw } = frame {
+            // A record it wanted (dropped or rewritten here by its own ops
+            // past the fork): the primary's copy replaces it.
+            if let Err(e) = BatchBody::decode(key, &raw) {
+                return self.apply_failed(self.replica.next_seq(), e.to_string());
+            }
+            self.store.log().insert(key.to_be_bytes(), raw.as_ref())?;
+            return Ok(());
+        }
+        if let Some(after) = self.catchup.as_ref().and_then(|c| c.wanting.as_ref()).map(|w| w.after) {
+            match &frame {
+                ReplFrame::Live { from, to, keys } if *to <= after => return self.want(*from, *to, keys),
+                ReplFrame::SnapAdmin { .. } => {}
+                _ => return self.apply_failed(self.replica.next_seq(), format!("a {} before `Live`", frame.kind())),
+            }
+        } else {
+            self.reread_after_truncation()?;
+        }
         match frame {
             ReplFrame::SnapAdmin { key, value } => {
                 self.store.admin.insert(key.as_ref(), value.as_ref())?;
@@ -1197,16 +1268,10 @@ impl WriterState {
     /// A catch-up from the peer's log is complete: this store is the peer's
     /// through `next_seq - 1`.
     fn end_catchup(&mut self, next_seq: u64) -> Result<(), StoreError> {
+        self.reread_after_truncation()?;
         let c = self.catchup.take();
         if let Some(c) = &c {
-            let mut b = sled::Batch::default();
-            for k in self.store.admin.iter().keys() {
-                let k = k?;
-                if !c.admin.contains(k.as_ref()) {
-                    b.remove(k);
-                }
-            }
-            self.store.admin.apply_batch(b)?;
+            self.replace_admin(&c.admin)?;
         }
         self.store.persist_floor(next_seq, self.dirty_dedup.iter())?;
         self.dirty_dedup.clear();
@@ -1226,6 +1291,130 @@ impl WriterState {
                 "caught up from the active's log"
             );
         }
+        Ok(())
+    }
+
+    /// Follower dropping its own ops past the fork: one `Live` list of the
+    /// primary's records through it. Its own ops may have made records die
+    /// here (gone) or rewritten them (the compactor's `Nothing`): it wants
+    /// those the primary holds as they are there. Records the primary no
+    /// longer holds go. After the last list, `Want`.
+    fn want(&mut self, from: u64, to: u64, keys: &[u64]) -> Result<(), StoreError> {
+        let mut gone = Vec::new();
+        let mut held = std::collections::HashSet::new();
+        let wanted: std::collections::HashSet<u64> = keys.iter().copied().collect();
+        for kv in self.store.log().range(from.to_be_bytes()..=to.to_be_bytes()) {
+            let (k, v) = kv?;
+            let key = be_u64(&k).unwrap_or(u64::MAX);
+            if !wanted.contains(&key) {
+                gone.push(key);
+                continue;
+            }
+            // A record that does not read here is wanted too.
+            let whole = BatchBody::decode(key, &v).is_ok_and(|b| !b.ops.iter().any(|o| matches!(o, Op::Nothing)));
+            if whole {
+                held.insert(key);
+            }
+        }
+        self.store.delete_records(&gone)?;
+        let Some(c) = self.catchup.as_mut() else { return Ok(()) };
+        c.dropped += gone.len() as u64;
+        let Some(w) = c.wanting.as_mut() else { return Ok(()) };
+        w.keys.extend(keys.iter().filter(|k| !held.contains(k)));
+        if to == w.after {
+            let w = c.wanting.take().expect("wanting");
+            // The admin entries came first: the index read again keeps the
+            // messages of the queues the active has. They come again at the end.
+            let seen = std::mem::take(&mut c.admin);
+            self.replace_admin(&seen)?;
+            tracing::info!(records = w.keys.len(), "asking the active for the records this store's own ops changed");
+            if let Some(tx) = self.conns.get(&w.conn) {
+                tx.send(Outbound::Repl(ReplFrame::Want { attach: w.attach, keys: w.keys }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop the admin entries the active did not send (`seen` are those it did).
+    fn replace_admin(&self, seen: &std::collections::HashSet<Vec<u8>>) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for k in self.store.admin.iter().keys() {
+            let k = k?;
+            if !seen.contains(k.as_ref()) {
+                b.remove(k);
+            }
+        }
+        self.store.admin.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// Primary: the records keyed `wanted` still in the log, as `SnapRecord`.
+    fn send_wanted(&self, conn: ConnId, wanted: &[u64]) -> Result<(), StoreError> {
+        let Some(tx) = self.conns.get(&conn) else { return Ok(()) };
+        let mut sent = 0;
+        for key in wanted {
+            if let Some(raw) = self.store.log().get(key.to_be_bytes())? {
+                tx.send(Outbound::Repl(ReplFrame::SnapRecord { key: *key, raw: Bytes::copy_from_slice(&raw) }));
+                sent += 1;
+            }
+        }
+        if !wanted.is_empty() {
+            tracing::info!(wanted = wanted.len(), sent, "sent the peer the records its own ops had changed");
+        }
+        Ok(())
+    }
+
+    /// Follower: drop this store's ops past `after` (what may have been
+    /// confirmed was kept for the hand-over just before). Its idempotence
+    /// marks go too (those of the primary come with the catch-up), and its
+    /// index is read from the log again before anything is applied.
+    fn truncate(&mut self, conn: ConnId, attach: crate::repl::AttachId, after: u64) -> Result<(), StoreError> {
+        let keys: Vec<u64> = self
+            .store
+            .log()
+            .range((after + 1).to_be_bytes()..)
+            .keys()
+            .map(|k| k.map(|k| be_u64(&k).unwrap_or(u64::MAX)))
+            .collect::<Result<_, _>>()?;
+        self.store.forget_checkpoint()?;
+        self.store.delete_records(&keys)?;
+        self.store.producers.clear()?;
+        self.dedup.clear();
+        self.dirty_dedup.clear();
+        self.dedup_used.clear();
+        self.store.persist_floor(after + 1, std::iter::empty())?;
+        self.sync()?;
+        if let Some(c) = &mut self.catchup {
+            c.reread = true;
+            c.wanting = Some(Wanting { conn, attach, after, keys: Vec::new() });
+        }
+        tracing::warn!(
+            after,
+            records = keys.len(),
+            "dropped this store's own ops past the fork with the active's history"
+        );
+        Ok(())
+    }
+
+    /// After a truncation, once: the index as the log now has it.
+    fn reread_after_truncation(&mut self) -> Result<(), StoreError> {
+        if !self.catchup.as_ref().is_some_and(|c| c.reread) {
+            return Ok(());
+        }
+        if let Some(c) = &mut self.catchup {
+            c.reread = false;
+        }
+        let started = Instant::now();
+        let recovered = self.store.recover()?;
+        self.index = recovered.index;
+        self.dedup = recovered.dedup;
+        self.applied_through = self.replica.next_seq() - 1;
+        self.checkpointed_through = 0;
+        tracing::info!(
+            batches = recovered.batches,
+            ms = started.elapsed().as_millis() as u64,
+            "index read again after dropping this store's own ops"
+        );
         Ok(())
     }
 
@@ -1822,16 +2011,7 @@ impl WriterState {
             });
         }
         let end = self.replica.next_seq() - 1;
-        let keys: Vec<u64> = self.index.record_keys().collect();
-        let mut from = 1;
-        for chunk in keys.chunks(LIVE_KEYS_PER_FRAME) {
-            let to = if chunk.len() == LIVE_KEYS_PER_FRAME { chunk[chunk.len() - 1] } else { end };
-            send(ReplFrame::Live { from, to, keys: chunk.to_vec() });
-            from = to + 1;
-        }
-        if from <= end {
-            send(ReplFrame::Live { from, to: end, keys: Vec::new() });
-        }
+        bytes += send_live(&tx, self.index.record_keys(), end);
         tracing::info!(through = end, sent = rate(bytes, cursor.started), "the peer's catch-up from the log sent");
         let mut out = Vec::new();
         self.replica.catchup_streamed(cursor.attach, &mut out);

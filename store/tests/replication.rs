@@ -145,6 +145,11 @@ fn connect(active: &Writer, passive: &Writer) -> Link {
 /// [`connect`]; `log_catchup`: the passive speaks a protocol version with
 /// the catch-up from the log (else it is of an earlier release).
 fn connect_at(active: &Writer, passive: &Writer, log_catchup: bool) -> Link {
+    connect_slow(active, passive, log_catchup, Duration::ZERO)
+}
+
+/// [`connect_at`], each frame to the passive taking `delay` on the way.
+fn connect_slow(active: &Writer, passive: &Writer, log_catchup: bool, delay: Duration) -> Link {
     let conn = CONNECTIONS.fetch_add(1, Relaxed);
     let seen = Arc::new(Mutex::new(Vec::new()));
     for (from, to, arrow) in [(active, passive, ""), (passive, active, "<-")] {
@@ -156,6 +161,9 @@ fn connect_at(active: &Writer, passive: &Writer, log_catchup: bool) -> Link {
         let (to, seen) = (to.clone(), seen.clone());
         std::thread::spawn(move || {
             while let Some(o) = rx.blocking_recv() {
+                if arrow.is_empty() && !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
                 match o {
                     Outbound::Repl(f) => {
                         let kind = match &f {
@@ -800,6 +808,9 @@ fn an_active_that_crashed_while_confirming_alone_hands_those_records_over_on_its
     wait_until("a is in sync with b", || in_sync(&a));
     wait_until("handed over", || !l.handed_over().is_empty());
     assert_eq!(l.handed_over(), ["divergent: m2,m3"]);
+    // Dropped from a's store after they were kept for the hand-over: its
+    // catch-up is from b's log, not a snapshot.
+    assert!(l.has("Catchup") && !l.has("Snapshot"), "{:?}", l.kinds());
 }
 
 #[test]
@@ -866,6 +877,7 @@ fn only_users_made_past_the_fork_are_handed_over_and_kept_ones_come_back_on_prom
     let l = link(&b, &a);
     wait_until("a hands over", || l.kinds().iter().any(|k| k.starts_with("admin:")));
     assert!(l.has("admin: users made-alone; queues "), "{:?}", l.kinds());
+    wait_until("a follows b's history", || in_sync(&a));
     // b dies before it stored them: a, promoted, makes them its own again.
     l.cut(&b, &a);
     drop(b);
@@ -892,6 +904,83 @@ fn an_in_sync_active_that_crashed_hands_nothing_over() {
     let mut got = bodies(&a, &promote(&a, 3), "q");
     got.sort();
     assert_eq!(got, ["m1", "m2"]);
+}
+
+/// A (active) and B in sync with m1..=m10 in `q`, m1..=m3 acked; the link
+/// is cut and A writes `ops` B never gets (never confirmed: held for B),
+/// then dies. B takes over and writes m12..=m40 of 4 KiB; A restarts on its
+/// store. Returns A's dir's store and writer, B, and m1..=m10's seqs.
+fn returning_active_with_its_own_ops(
+    da: &std::path::Path,
+    db: &std::path::Path,
+    ops: impl Fn(&[u64]) -> Vec<Op>,
+) -> ((Store, Writer), (Store, Writer)) {
+    let ((sa, a), (sb, b), l) = in_sync_pair(da, db);
+    let mut seqs = vec![0, 0];
+    for i in 2..=10 {
+        seqs.push(submit(&a, enqueue_sized("q", i, 100)).unwrap().first_seq);
+    }
+    submit(&a, ack("q", &[seqs[2], seqs[3]])).unwrap();
+    wait_until("b has everything", || b.stats().last_seq.load(Relaxed) == a.stats().last_seq.load(Relaxed));
+    l.cut(&a, &b);
+    let before = a.stats().last_seq.load(Relaxed);
+    a.submit(ops(&seqs), Box::new(|_| {}));
+    wait_until("a wrote its own ops", || a.stats().last_seq.load(Relaxed) > before);
+    drop((sa, a)); // a crash: no step-down
+    promote(&b, 2);
+    for i in 12..=40 {
+        submit(&b, enqueue_sized("q", i, 4096)).unwrap();
+    }
+    (open(da), (sb, b))
+}
+
+#[test]
+fn a_killed_active_returning_with_ops_the_new_active_lacks_drops_them_and_catches_up_from_the_log() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Its own ops: m11, and acks of m4 and m5 (their records die on a).
+    let own = |seqs: &[u64]| {
+        let mut ops = enqueue_sized("q", 11, 100);
+        ops.extend(ack("q", &[seqs[4], seqs[5]]));
+        ops
+    };
+    let ((sa, a), (sb, b)) = returning_active_with_its_own_ops(da.path(), db.path(), own);
+    let l = link(&b, &a);
+    wait_until("a is in sync with b", || in_sync(&a) && l.has("InSync"));
+    let kinds = l.kinds();
+    assert_eq!(&kinds[..6], ["Attach", "<-AttachReply", "Catchup", "SnapAdmin", "Live", "<-Want"], "{kinds:?}");
+    // The records of m4 and m5, which its own acks had dropped, came back.
+    assert_eq!(kinds.iter().filter(|k| *k == "SnapRecord").count(), 2, "{kinds:?}");
+    assert!(!kinds.iter().any(|k| k == "Snapshot" || k.contains("Refused")), "{kinds:?}");
+    // Never confirmed (held for b): nothing to hand over.
+    assert!(l.handed_over().is_empty(), "{kinds:?}");
+    wait_until("a's log is b's", || record_keys(&sa) == record_keys(&sb));
+    l.cut(&b, &a);
+    let want: Vec<String> = [1].into_iter().chain(4..=10).chain(12..=40).map(|i| format!("m{i}")).collect();
+    assert_eq!(names(&a, &promote(&a, 3), "q"), want);
+    // And from its store alone, after a restart.
+    drop((sa, a));
+    let (_sa, a) = open(da.path());
+    assert_eq!(names(&a, &promote(&a, 4), "q"), want);
+}
+
+#[test]
+fn a_returning_active_that_deleted_a_queue_past_the_fork_gets_its_records_back() {
+    // Its own op deleted `q` (every record of q's messages died and went,
+    // and so did the record of the delete itself: nothing past the fork
+    // tells what it did). The live lists through the fork do.
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let own = |_: &[u64]| vec![Op::DeleteQueue { key: "q".into() }];
+    let ((sa, a), (sb, b)) = returning_active_with_its_own_ops(da.path(), db.path(), own);
+    let l = link(&b, &a);
+    wait_until("a is in sync with b", || in_sync(&a) && l.has("InSync"));
+    let kinds = l.kinds();
+    assert_eq!(&kinds[..6], ["Attach", "<-AttachReply", "Catchup", "SnapAdmin", "Live", "<-Want"], "{kinds:?}");
+    assert!(kinds.iter().filter(|k| *k == "SnapRecord").count() >= 8, "{kinds:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(record_keys(&sa), record_keys(&sb), "{kinds:?}");
+    l.cut(&b, &a);
+    let want: Vec<String> = [1].into_iter().chain(4..=10).chain(12..=40).map(|i| format!("m{i}")).collect();
+    assert_eq!(names(&a, &promote(&a, 3), "q"), want);
 }
 
 #[test]
@@ -1127,23 +1216,25 @@ fn records_written_while_a_catch_up_from_the_log_streams_reach_the_passive_after
     records_written_while_the_passive_catches_up(true);
 }
 
-/// A new passive gets ~6 MB (a snapshot, or a catch-up from the log) while
+/// A new passive gets ~13 MB (a snapshot, or a catch-up from the log) while
 /// the active acks messages in it and writes new ones.
 fn records_written_while_the_passive_catches_up(log_catchup: bool) {
     let (da, dp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (_sa, a) = open_active_keeping_little(da.path());
     let big = |i: u64| {
         let mut m = msg(i, &format!("m{i}"));
-        m.payload.extend_from_slice(&[b'.'; 8 << 10]);
+        m.payload.extend_from_slice(&[b'.'; 16 << 10]);
         m
     };
-    // A snapshot of ~6 MB: sent over many turns of the active's writer.
+    // A snapshot of ~13 MB: more than the active queues for the link, sent
+    // over many turns of its writer.
     let mut seqs = Vec::new();
     for i in 1..=800 {
         seqs.push(submit(&a, vec![Op::Enqueue { message: big(i), queues: vec!["q".into()] }]).unwrap().first_seq);
     }
     let (_sp, p) = open(dp.path());
-    let l = connect_at(&a, &p, log_catchup);
+    // A slow link: the active reads ahead of it only so far.
+    let l = connect_slow(&a, &p, log_catchup, Duration::from_micros(500));
     a.attach(l.conn);
     // Meanwhile: acks of messages in the snapshot's records, and new messages.
     for (n, s) in seqs[..400].iter().enumerate() {

@@ -91,13 +91,19 @@ pub enum ReplFrame {
 
     // ----- primary to follower, a catch-up from the log (appended last:
     // the variants above keep their wire numbers) -----
-    /// The follower holds a prefix of the primary's history through
-    /// `from_seq - 1`, but the records after it are no longer in memory: the
-    /// live ones are read from the log and follow as `Batch`, in order, with
-    /// gaps where records died; then the admin and idempotence entries
-    /// (`SnapAdmin`, `SnapProducer`: the primary's whole trees), `Live`, and
-    /// `CatchupEnd`. Nothing else is sent meanwhile.
-    Catchup { attach: AttachId, from_seq: u64 },
+    /// The follower holds the primary's history through `from_seq - 1`, but
+    /// the records after it are no longer in memory: the live ones are read
+    /// from the log and follow as `Batch`, in order, with gaps where records
+    /// died; then the admin and idempotence entries (`SnapAdmin`,
+    /// `SnapProducer`: the primary's whole trees), `Live`, and `CatchupEnd`.
+    /// Nothing else is sent meanwhile. A follower holding ops past
+    /// `from_seq - 1` (its own, after the fork) keeps those that may have
+    /// been confirmed for the hand-over (`handover_all`: as for `Snapshot`)
+    /// and drops them; its own ops may have dropped or rewritten records
+    /// before the fork too, so first come `Live` lists through the fork, it
+    /// answers `Want` with the records it lacks or holds rewritten, and those
+    /// come as `SnapRecord` before the rest.
+    Catchup { attach: AttachId, from_seq: u64, handover_all: bool },
     /// Of the records keyed `from..=to`, the primary holds exactly `keys`:
     /// the follower drops the others (their messages died in records it
     /// never got).
@@ -105,6 +111,11 @@ pub enum ReplFrame {
     /// The catch-up is complete: the follower's copy is the primary's store
     /// through `next_seq - 1`; records follow as they are written.
     CatchupEnd { next_seq: u64 },
+
+    // ----- follower to primary, appended last too -----
+    /// A follower that dropped its own ops past the fork, after the `Live`
+    /// lists through it: the records (keys) it lacks or holds rewritten.
+    Want { attach: AttachId, keys: Vec<u64> },
 }
 
 impl ReplFrame {
@@ -117,6 +128,7 @@ impl ReplFrame {
             ReplFrame::Catchup { .. } => "Catchup",
             ReplFrame::Live { .. } => "Live",
             ReplFrame::CatchupEnd { .. } => "CatchupEnd",
+            ReplFrame::Want { .. } => "Want",
             ReplFrame::SnapRecord { .. } => "SnapRecord",
             ReplFrame::SnapAdmin { .. } => "SnapAdmin",
             ReplFrame::SnapProducer { .. } => "SnapProducer",
@@ -139,6 +151,7 @@ impl ReplFrame {
             | ReplFrame::AttachReply { history, .. }
             | ReplFrame::SnapEnd { history, .. } => history.entries().len() * 24,
             ReplFrame::Live { keys, .. } => keys.len() * 8,
+            ReplFrame::Want { keys, .. } => keys.len() * 8,
             _ => 0,
         }
     }

@@ -122,7 +122,12 @@ pub enum Action {
     /// end, in one go with nothing written between: every admin entry
     /// (`SnapAdmin`) and idempotence mark (`SnapProducer`), `Live` lists of
     /// the live records through the end, then [`Replica::catchup_streamed`].
-    StreamLog { conn: ConnId, attach: AttachId, from: u64 },
+    /// First, as `SnapRecord`, the records keyed `wanted` that are still
+    /// live (a follower that dropped its own ops past the fork asked for them).
+    StreamLog { conn: ConnId, attach: AttachId, from: u64, wanted: Vec<u64> },
+    /// Primary: send `Live` lists of the live records through `through` on
+    /// `conn` (to a follower dropping its own ops past it).
+    ListLive { conn: ConnId, through: u64 },
     /// Follower: write this record (of `epoch`) to the store (unflushed).
     ApplyBatch { first_seq: u64, last_seq: u64, epoch: u64, raw: Bytes },
     /// Follower: flush what was applied (an `Ack` follows).
@@ -134,6 +139,11 @@ pub enum Action {
     KeepHandover { after: u64, all: bool },
     /// Follower: a catch-up from the primary's log begins.
     BeginCatchup,
+    /// Follower: drop this store's ops past `after` (kept for the hand-over
+    /// first); then, with the `Live` lists through `after`, answer `Want` on
+    /// `conn` (records it lacks or holds rewritten), and read its index again
+    /// once those arrived. Its next sequence is `after + 1`.
+    Truncate { conn: ConnId, attach: AttachId, after: u64 },
     /// Follower: an admin entry, idempotence mark or `Live` list of a catch-up.
     Catchup(ReplFrame),
     /// Follower: the catch-up is complete (the store is the primary's
@@ -190,6 +200,10 @@ enum LinkPhase {
     Snapshot { synced_at: u64 },
     /// The live records the follower lacks are read from the log.
     Log,
+    /// The follower holds ops past `fork` (its own): it drops them, checks
+    /// its records through `fork` against the `Live` lists sent, and says
+    /// which it wants.
+    Want { fork: u64 },
     /// Records flow; in sync once the follower acknowledged `synced_at`.
     Streaming { synced_at: u64 },
 }
@@ -239,7 +253,8 @@ enum FollowerPhase {
     /// Loading a snapshot into staging; the next interleaved record is `next`.
     Loading { next: u64 },
     /// Catching up from the primary's log: records with gaps, then its admin
-    /// entries and live lists.
+    /// entries and live lists (first, the records it wanted, if it dropped
+    /// its own ops).
     CatchingUp { history: History },
     /// Applying records of the primary's history.
     Streaming { history: History },
@@ -710,13 +725,25 @@ impl Replica {
                             self.caught_up(out);
                         }
                     }
+                    None if last_seq > fork && fork > 0 && !p.force_snapshot && l.log_catchup => {
+                        // Its own ops past the fork: dropped after the
+                        // hand-over; then it says which records it wants.
+                        let handover_all = self.meta.history.forced_since(&history);
+                        out.push(Action::Send(conn, ReplFrame::Catchup { attach, from_seq: fork + 1, handover_all }));
+                        out.push(Action::ListLive { conn, through: fork });
+                        l.phase = LinkPhase::Want { fork };
+                    }
                     None if resumable && l.log_catchup => {
                         // Further back than memory: the live records it
                         // lacks come from the log. Not in sync until it
                         // holds everything (every confirm still waits for
                         // it if it was, as for a snapshot).
-                        out.push(Action::Send(conn, ReplFrame::Catchup { attach, from_seq: last_seq + 1 }));
-                        out.push(Action::StreamLog { conn, attach, from: last_seq + 1 });
+                        let from = last_seq + 1;
+                        out.push(Action::Send(
+                            conn,
+                            ReplFrame::Catchup { attach, from_seq: from, handover_all: false },
+                        ));
+                        out.push(Action::StreamLog { conn, attach, from, wanted: Vec::new() });
                         l.phase = LinkPhase::Log;
                         l.acked = last_seq;
                     }
@@ -730,6 +757,13 @@ impl Replica {
                         p.force_snapshot = false;
                     }
                 }
+            }
+            ReplFrame::Want { attach, keys } => {
+                let Some(l) = p.link.as_mut().filter(|l| ours(l, &attach)) else { return };
+                let LinkPhase::Want { fork } = l.phase else { return };
+                out.push(Action::StreamLog { conn, attach, from: fork + 1, wanted: keys });
+                l.phase = LinkPhase::Log;
+                l.acked = fork;
             }
             ReplFrame::Ack { attach, seq } => {
                 let Some(l) = p.link.as_mut().filter(|l| ours(l, &attach)) else { return };
@@ -862,8 +896,10 @@ impl Replica {
                 let history = std::mem::take(history);
                 f.phase = FollowerPhase::Streaming { history };
             }
-            (FollowerPhase::Handshake { history }, ReplFrame::Catchup { attach: a, from_seq }) if a == attach => {
-                if from_seq != self.next_seq {
+            (FollowerPhase::Handshake { history }, ReplFrame::Catchup { attach: a, from_seq, handover_all })
+                if a == attach =>
+            {
+                if from_seq > self.next_seq || from_seq < self.next_seq && from_seq < 2 {
                     let reason =
                         format!("cannot catch up from {from_seq}: this store holds through {}", self.next_seq - 1);
                     refuse(f, out, reason);
@@ -873,8 +909,21 @@ impl Replica {
                 // its live lists and admin entries come last.
                 f.in_sync = None;
                 let history = std::mem::take(history);
-                f.phase = FollowerPhase::CatchingUp { history };
                 out.push(Action::BeginCatchup);
+                if from_seq < self.next_seq {
+                    // Its own ops past the fork: what may have been
+                    // confirmed is kept for the hand-over, then they go.
+                    let after = from_seq - 1;
+                    out.push(Action::KeepHandover { after, all: handover_all });
+                    out.push(Action::SendHandover(conn));
+                    out.push(Action::Truncate { conn, attach, after });
+                    // (`alone_since` stays until the end: the hand-over
+                    // above reads it, and so would one after a restart.)
+                    self.next_seq = from_seq;
+                    self.meta.history = history.prefix(after);
+                    out.push(Action::PersistMeta { flush: true });
+                }
+                f.phase = FollowerPhase::CatchingUp { history };
             }
             (FollowerPhase::CatchingUp { history }, ReplFrame::Batch { first_seq, last_seq, raw }) => {
                 if last_seq < self.next_seq {
@@ -903,7 +952,10 @@ impl Replica {
             }
             (
                 FollowerPhase::CatchingUp { .. },
-                frame @ (ReplFrame::SnapAdmin { .. } | ReplFrame::SnapProducer { .. } | ReplFrame::Live { .. }),
+                frame @ (ReplFrame::SnapAdmin { .. }
+                | ReplFrame::SnapProducer { .. }
+                | ReplFrame::SnapRecord { .. }
+                | ReplFrame::Live { .. }),
             ) => {
                 out.push(Action::Catchup(frame));
             }
@@ -916,6 +968,8 @@ impl Replica {
                 }
                 self.next_seq = next_seq;
                 self.meta.history = history.prefix(next_seq - 1);
+                self.meta.alone_since = None;
+                self.meta.serve_alone = false;
                 let history = std::mem::take(history);
                 f.phase = FollowerPhase::Streaming { history };
                 f.applied = false;
