@@ -98,6 +98,9 @@ fn print_catch_up(active: &lab::Node, passive: &lab::Node) {
         (passive, "store opened"),
         (active, "snapshot sent to the peer"),
         (passive, "snapshot from the peer loaded"),
+        (passive, "dropped this store's own ops past the fork"),
+        (passive, "asking the active for the records this store's own ops changed"),
+        (passive, "index read again after dropping this store's own ops"),
         (active, "the peer's catch-up from the log sent"),
         (passive, "caught up from the active's log"),
     ] {

@@ -39,6 +39,8 @@ const META_STAGED: &[u8] = b"staged";
 /// a snapshot from the peer is staged in the other and swapped in by
 /// flipping this, not by copying it.
 const META_LOG_TREE: &[u8] = b"log_tree";
+/// This node's compactor rewrote a record once (see [`Store::note_compacted`]).
+const META_COMPACTED: &[u8] = b"compacted";
 const LOG_TREES: [&str; 2] = ["log", "staging_log"];
 
 /// What records said as they were applied to an index, read at open or
@@ -273,6 +275,8 @@ pub struct Store {
     pub(crate) dead: sled::Tree,
     /// The index checkpoint covers the records up to this key (0: none).
     ckpt_through: Arc<std::sync::atomic::AtomicU64>,
+    /// This node's compactor ever rewrote a record here.
+    compacted: Arc<std::sync::atomic::AtomicBool>,
     /// A snapshot from the peer, loaded here until complete (its log in `logs`).
     pub(crate) staging_admin: sled::Tree,
     pub(crate) staging_producers: sled::Tree,
@@ -492,6 +496,7 @@ impl Store {
         let meta = db.open_tree("meta")?;
         let current = usize::from(meta.get(META_LOG_TREE)?.is_some_and(|v| v.as_ref() == LOG_TREES[1].as_bytes()));
         let logs = Logs { log: db.open_tree(LOG_TREES[current])?, staging: db.open_tree(LOG_TREES[1 - current])? };
+        let compacted = meta.contains_key(META_COMPACTED)?;
         let store = Store {
             logs: Arc::new(std::sync::RwLock::new(logs)),
             admin: db.open_tree("admin")?,
@@ -501,6 +506,7 @@ impl Store {
             handover_admin: db.open_tree("handover_admin")?,
             dead: db.open_tree("dead")?,
             ckpt_through: Arc::default(),
+            compacted: Arc::new(std::sync::atomic::AtomicBool::new(compacted)),
             staging_admin: db.open_tree("staging_admin")?,
             staging_producers: db.open_tree("staging_producers")?,
             db,
@@ -921,6 +927,20 @@ impl Store {
         self.meta.insert(META_STAGED, &next_seq.to_be_bytes())?;
         self.sync()?;
         self.swap_in_staging(next_seq)
+    }
+
+    /// This node's compactor rewrote a record: from now on its records may
+    /// lack messages its own ops made dead (kept durably, once).
+    pub(crate) fn note_compacted(&self) -> Result<(), StoreError> {
+        if !self.compacted.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.meta.insert(META_COMPACTED, &[1])?;
+        }
+        Ok(())
+    }
+
+    /// Whether this node's compactor ever rewrote a record here.
+    pub(crate) fn ever_compacted(&self) -> bool {
+        self.compacted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The log is about to change under the index (a snapshot swapped in,

@@ -1300,6 +1300,7 @@ impl WriterState {
     /// those the primary holds as they are there. Records the primary no
     /// longer holds go. After the last list, `Want`.
     fn want(&mut self, from: u64, to: u64, keys: &[u64]) -> Result<(), StoreError> {
+        let compacted = self.store.ever_compacted();
         let mut gone = Vec::new();
         let mut held = std::collections::HashSet::new();
         let wanted: std::collections::HashSet<u64> = keys.iter().copied().collect();
@@ -1310,8 +1311,10 @@ impl WriterState {
                 gone.push(key);
                 continue;
             }
-            // A record that does not read here is wanted too.
-            let whole = BatchBody::decode(key, &v).is_ok_and(|b| !b.ops.iter().any(|o| matches!(o, Op::Nothing)));
+            // One its own compactor may have rewritten (by an index that
+            // held its own ops) is wanted, and one that does not read.
+            let whole =
+                !compacted || BatchBody::decode(key, &v).is_ok_and(|b| !b.ops.iter().any(|o| matches!(o, Op::Nothing)));
             if whole {
                 held.insert(key);
             }
@@ -1482,7 +1485,18 @@ impl WriterState {
             tracing::info!(after, "this store's ops past the fork were never confirmed: nothing to hand over");
             return Ok(());
         };
-        let recovered = self.store.recover()?;
+        // Only the records past the fork: a message enqueued past it can
+        // only be acked past it too, so they tell which of them are live.
+        let mut own = LiveIndex::default();
+        let mut records = 0;
+        for kv in self.store.log().range((after + 1).to_be_bytes()..) {
+            let (k, v) = kv?;
+            let key = be_u64(&k).ok_or(StoreError::Corrupt { key: 0, reason: "log key is not 8 bytes".into() })?;
+            own.apply(&BatchBody::decode(key, &v)?, v.len() as u64);
+            records += 1;
+        }
+        let admin = self.store.recover_admin()?;
+        let recovered = Recovered::from_index(0, 0, admin, HashMap::new(), &own, records);
         let mut kept = Vec::new();
         for (queue, messages) in &recovered.messages {
             for r in messages.iter().filter(|m| m.seq > after && m.seq >= from) {
@@ -1692,7 +1706,11 @@ impl WriterState {
     /// A bounded pass of the compactor (not while a snapshot is sent or
     /// loaded, or after the disk failed).
     fn compact(&mut self) {
+        // (Not during a catch-up either: a follower that dropped its own ops
+        // reads its index again, and rewrites by the index before it would
+        // drop messages its own ops had made dead.)
         if self.snapshot.is_some()
+            || self.catchup.is_some()
             || self.stats.loading.load(Ordering::Relaxed)
             || self.stats.disk_failed.load(Ordering::SeqCst)
         {
@@ -1700,6 +1718,9 @@ impl WriterState {
         }
         let pass = self.compactor.pass(&self.store, &mut self.index, self.applied_through + 1, self.delete_failed);
         if pass.rewritten > 0 {
+            if let Err(e) = self.store.note_compacted() {
+                tracing::warn!(error = %e, "could not note that the compactor ran");
+            }
             self.compacted_since_checkpoint = true;
             self.stats.compacted_records.fetch_add(pass.rewritten, Ordering::Relaxed);
             self.stats.compacted_bytes.fetch_add(pass.freed, Ordering::Relaxed);

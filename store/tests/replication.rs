@@ -964,6 +964,50 @@ fn a_killed_active_returning_with_ops_the_new_active_lacks_drops_them_and_catche
 }
 
 #[test]
+fn a_returning_active_whose_compactor_dropped_a_message_its_own_ack_made_dead_gets_that_record_back() {
+    let eager =
+        twinmq_store::compactor::CompactionConfig { bytes_per_sec: 256 << 20, min_bytes: 0, min_age: Duration::ZERO };
+    let cfg = WriterConfig {
+        durability: Durability::Replicated,
+        active: false,
+        compaction: eager,
+        ..WriterConfig::default()
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (sa, a) = open_with(da.path(), cfg.clone());
+    promote(&a, 1);
+    submit(&a, vec![Op::PutQueue { key: "q".into(), spec: QueueSpec { kind: QueueKind::Queue } }]).unwrap();
+    let (sb, b) = open_with(db.path(), cfg.clone());
+    let l = link(&a, &b);
+    // One record of m100..=m109; m100..=m106 acked on both (both compact it).
+    let ops: Vec<Op> = (0..10).flat_map(|i| enqueue_sized("q", 100 + i, 1000)).collect();
+    let first = submit(&a, ops).unwrap().first_seq;
+    submit(&a, ack("q", &(first..first + 7).collect::<Vec<_>>())).unwrap();
+    wait_until("both compacted it", || [&a, &b].iter().all(|w| w.stats_handle().compacted_records.load(Relaxed) >= 1));
+    // Cut off, a acks m107 and m108 on its own (never confirmed) and
+    // compacts again: its record no longer holds them.
+    l.cut(&a, &b);
+    let compacted = a.stats_handle().compacted_records.load(Relaxed);
+    a.submit(ack("q", &[first + 7, first + 8]), Box::new(|_| {}));
+    wait_until("a compacted them away", || a.stats_handle().compacted_records.load(Relaxed) > compacted);
+    drop((sa, a));
+    promote(&b, 2);
+    submit(&b, enqueue_sized("q", 200, 10)).unwrap();
+    let (sa, a) = open_with(da.path(), cfg);
+    let l = link(&b, &a);
+    wait_until("a is in sync with b", || in_sync(&a) && l.has("InSync"));
+    let kinds = l.kinds();
+    assert!(kinds.contains(&"SnapRecord".to_string()) && !l.has("Snapshot"), "{kinds:?}");
+    // (b keeps the record of the acks of m100..=m106: its index had them
+    // pinned by the record it compacted since; a, reading the compacted
+    // copy, holds it dead.)
+    let (ka, kb) = (record_keys(&sa), record_keys(&sb));
+    assert!(ka.iter().all(|k| kb.contains(k)), "{ka:?} {kb:?}");
+    l.cut(&b, &a);
+    assert_eq!(names(&a, &promote(&a, 3), "q"), ["m107", "m108", "m109", "m200"]);
+}
+
+#[test]
 fn a_returning_active_that_deleted_a_queue_past_the_fork_gets_its_records_back() {
     // Its own op deleted `q` (every record of q's messages died and went,
     // and so did the record of the delete itself: nothing past the fork
