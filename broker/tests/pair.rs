@@ -161,7 +161,7 @@ async fn a_peer_with_the_wrong_cluster_secret_never_joins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_with_an_empty_data_dir_catches_up_from_the_log_and_can_take_over() {
+async fn a_node_with_an_empty_data_dir_catches_up_from_a_snapshot_and_can_take_over() {
     let mut pair = Pair::start(PairOptions::default()).await;
     pair.wait_a_active_b_in_sync().await;
     let client = Client::connect(pair.client_config()).await.unwrap();
@@ -177,10 +177,9 @@ async fn a_node_with_an_empty_data_dir_catches_up_from_the_log_and_can_take_over
     pair.b.start();
     let b = pair.b.wait_for("in sync", WAIT, |s| s["role"] == "passive" && s["in_sync"] == true).await;
     assert!(b["last_op"].as_u64().unwrap() >= 2000, "b caught up: {b}");
-    // From the active's log (an empty store holds a prefix of every
-    // history), or from the records the active still holds in memory.
+    // From a snapshot, or from the records the active still holds in memory.
     assert!(
-        pair.b.log().contains("caught up from the active's log")
+        pair.b.log().contains("snapshot from the peer loaded")
             || pair.a.log().contains("peer resumes the replication stream"),
         "{}",
         pair.b.log()
@@ -188,7 +187,7 @@ async fn a_node_with_an_empty_data_dir_catches_up_from_the_log_and_can_take_over
     pair.a.kill9();
     pair.b.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
     let received = consume_all(&pair, "snap").await;
-    assert_no_loss(&confirmed, &received, "catch-up then takeover");
+    assert_no_loss(&confirmed, &received, "snapshot catch-up then takeover");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

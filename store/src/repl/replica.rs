@@ -733,11 +733,13 @@ impl Replica {
                         out.push(Action::ListLive { conn, through: fork });
                         l.phase = LinkPhase::Want { fork };
                     }
-                    None if resumable && l.log_catchup => {
+                    None if resumable && l.log_catchup && last_seq > 0 => {
                         // Further back than memory: the live records it
                         // lacks come from the log. Not in sync until it
                         // holds everything (every confirm still waits for
-                        // it if it was, as for a snapshot).
+                        // it if it was, as for a snapshot). (An empty store
+                        // gets a snapshot: staged with its index built as
+                        // it comes, it loads faster, in less memory.)
                         let from = last_seq + 1;
                         out.push(Action::Send(
                             conn,
@@ -1062,8 +1064,9 @@ impl Replica {
                 out.push(Action::Flush);
                 out.push(Action::Send(conn, ReplFrame::Ack { attach, seq: next_seq - 1 }));
             }
-            // Durable as it goes; acknowledged at its end.
-            (Some(_), FollowerPhase::CatchingUp { .. }) => out.push(Action::Flush),
+            // Made durable and acknowledged at its end (sled keeps what it
+            // writes in order: a crash before takes back a suffix, and the
+            // next attach resumes from what is left).
             _ => {}
         }
     }
