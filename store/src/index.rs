@@ -278,6 +278,11 @@ impl LiveIndex {
     }
 
     /// Number of batch records still in the log.
+    /// The keys of the records still needed in `from..=to`, in order.
+    pub fn record_keys_in(&self, from: u64, to: u64) -> impl Iterator<Item = u64> + '_ {
+        self.batches.range(from..=to.max(from)).map(|(k, _)| *k).filter(move |k| *k <= to)
+    }
+
     /// The keys of the records still needed, in order.
     pub fn record_keys(&self) -> impl Iterator<Item = u64> + '_ {
         self.batches.keys().copied()

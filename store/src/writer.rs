@@ -1238,14 +1238,10 @@ impl WriterState {
                 // messages died by ops in records that died too (never
                 // sent). (One of the peer's may be missing here: an ack
                 // record whose targets its compactor had already dropped
-                // from the records sent is dead here at once.)
-                let held: Vec<u64> = self
-                    .store
-                    .log()
-                    .range(from.to_be_bytes()..=to.to_be_bytes())
-                    .keys()
-                    .map(|k| k.map(|k| be_u64(&k).unwrap_or(u64::MAX)))
-                    .collect::<Result<_, _>>()?;
+                // from the records sent is dead here at once.) Those held
+                // are the index's: nothing is read (a record dead here
+                // whose delete failed is found dead again at the next open).
+                let held: Vec<u64> = self.index.record_keys_in(from, to).collect();
                 let wanted: std::collections::HashSet<u64> = keys.into_iter().collect();
                 let gone: Vec<u64> = held.into_iter().filter(|k| !wanted.contains(k)).collect();
                 if gone.is_empty() {
@@ -1300,23 +1296,32 @@ impl WriterState {
     /// those the primary holds as they are there. Records the primary no
     /// longer holds go. After the last list, `Want`.
     fn want(&mut self, from: u64, to: u64, keys: &[u64]) -> Result<(), StoreError> {
-        let compacted = self.store.ever_compacted();
         let mut gone = Vec::new();
         let mut held = std::collections::HashSet::new();
         let wanted: std::collections::HashSet<u64> = keys.iter().copied().collect();
-        for kv in self.store.log().range(from.to_be_bytes()..=to.to_be_bytes()) {
-            let (k, v) = kv?;
-            let key = be_u64(&k).unwrap_or(u64::MAX);
-            if !wanted.contains(&key) {
-                gone.push(key);
-                continue;
+        if self.store.ever_compacted() {
+            for kv in self.store.log().range(from.to_be_bytes()..=to.to_be_bytes()) {
+                let (k, v) = kv?;
+                let key = be_u64(&k).unwrap_or(u64::MAX);
+                if !wanted.contains(&key) {
+                    gone.push(key);
+                    continue;
+                }
+                // One its own compactor may have rewritten (by an index
+                // that held its own ops) is wanted, and one that does not read.
+                if BatchBody::decode(key, &v).is_ok_and(|b| !b.ops.iter().any(|o| matches!(o, Op::Nothing))) {
+                    held.insert(key);
+                }
             }
-            // One its own compactor may have rewritten (by an index that
-            // held its own ops) is wanted, and one that does not read.
-            let whole =
-                !compacted || BatchBody::decode(key, &v).is_ok_and(|b| !b.ops.iter().any(|o| matches!(o, Op::Nothing)));
-            if whole {
-                held.insert(key);
+        } else {
+            // Never rewritten here: what it holds is what its index holds
+            // (a record dead here whose delete failed is wanted: harmless).
+            for key in self.index.record_keys_in(from, to) {
+                if wanted.contains(&key) {
+                    held.insert(key);
+                } else {
+                    gone.push(key);
+                }
             }
         }
         self.store.delete_records(&gone)?;
@@ -1408,6 +1413,7 @@ impl WriterState {
             c.reread = false;
         }
         let started = Instant::now();
+        self.index = LiveIndex::default(); // (not two at once)
         let recovered = self.store.recover()?;
         self.index = recovered.index;
         self.dedup = recovered.dedup;
