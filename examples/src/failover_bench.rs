@@ -53,6 +53,11 @@ struct Args {
     /// MB/s, peak RSS of both nodes meanwhile).
     #[arg(long)]
     fresh_passive: bool,
+    /// After the backlog: kill -9 the passive (its data kept), store this
+    /// many more 1 KiB messages, restart it, and report its catch-up (time
+    /// to in sync, peak RSS of both nodes meanwhile).
+    #[arg(long, default_value_t = 0)]
+    returning_passive: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +68,39 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(bench(args))
 }
 
+/// Store `n` messages of 1 KiB in queue `backlog` (256 in flight).
+async fn fill(pair: &lab::Pair, n: u64) -> anyhow::Result<()> {
+    let filler = Client::connect(pair.client_config().window(256)).await?;
+    let producer = filler.producer(Destination::queue("backlog"));
+    let body = vec![b'b'; 1024];
+    let mut pending = std::collections::VecDeque::new();
+    for _ in 0..n {
+        pending.push_back(producer.send_nowait(Message::persistent(body.clone())).await?);
+        while pending.len() >= 256 {
+            pending.pop_front().expect("non-empty").await?;
+        }
+    }
+    for c in pending {
+        c.await?;
+    }
+    Ok(())
+}
+
+/// Wait for b to be in sync, sampling both nodes' RSS every 50 ms: the peaks, KiB.
+async fn until_in_sync(pair: &lab::Pair, started: Instant, timeout: Duration) -> anyhow::Result<(u64, u64)> {
+    let (mut peak_a, mut peak_b) = (0, 0);
+    loop {
+        peak_a = peak_a.max(pair.a.rss_kib());
+        peak_b = peak_b.max(pair.b.rss_kib());
+        if pair.b.wait_in_sync_passive(Duration::from_millis(50)).await.is_ok() {
+            return Ok((peak_a, peak_b));
+        }
+        if started.elapsed() > timeout {
+            bail!("b was not in sync within {timeout:?}");
+        }
+    }
+}
+
 /// A wiped passive catches up: kill -9 of b, its data directory removed, b
 /// started again; peak RSS of both sampled every 50 ms until b is in sync.
 async fn fresh_passive(pair: &mut lab::Pair, timeout: Duration) -> anyhow::Result<()> {
@@ -70,17 +108,7 @@ async fn fresh_passive(pair: &mut lab::Pair, timeout: Duration) -> anyhow::Resul
     std::fs::remove_dir_all(&pair.b.data_dir).context("wipe b's data directory")?;
     let started = Instant::now();
     pair.b.start()?;
-    let (mut peak_a, mut peak_b) = (0, 0);
-    loop {
-        peak_a = peak_a.max(pair.a.rss_kib());
-        peak_b = peak_b.max(pair.b.rss_kib());
-        if pair.b.wait_in_sync_passive(Duration::from_millis(50)).await.is_ok() {
-            break;
-        }
-        if started.elapsed() > timeout {
-            bail!("the wiped passive was not in sync within {timeout:?}");
-        }
-    }
+    let (peak_a, peak_b) = until_in_sync(pair, started, timeout).await?;
     println!(
         "fresh passive: wiped b in sync {:.1} s after its restart; peak RSS a {} MiB, b {} MiB",
         started.elapsed().as_secs_f64(),
@@ -123,19 +151,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 
     if args.backlog > 0 {
         let started = Instant::now();
-        let filler = Client::connect(pair.client_config().window(256)).await?;
-        let producer = filler.producer(Destination::queue("backlog"));
-        let body = vec![b'b'; 1024];
-        let mut pending = std::collections::VecDeque::new();
-        for _ in 0..args.backlog {
-            pending.push_back(producer.send_nowait(Message::persistent(body.clone())).await?);
-            while pending.len() >= 256 {
-                pending.pop_front().expect("non-empty").await?;
-            }
-        }
-        for c in pending {
-            c.await?;
-        }
+        fill(&pair, args.backlog).await?;
         let secs = started.elapsed().as_secs_f64();
         println!("backlog: {} x 1 KiB stored in {secs:.1} s ({:.0} msgs/s)", args.backlog, args.backlog as f64 / secs);
         for n in [&pair.a, &pair.b] {
@@ -145,6 +161,21 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     }
     if args.fresh_passive {
         fresh_passive(&mut pair, Duration::from_secs(args.rejoin_secs)).await?;
+    }
+    if args.returning_passive > 0 {
+        pair.b.kill9();
+        fill(&pair, args.returning_passive).await?;
+        let started = Instant::now();
+        pair.b.start()?;
+        let (peak_a, peak_b) = until_in_sync(&pair, started, Duration::from_secs(args.rejoin_secs)).await?;
+        println!(
+            "returning passive: b, down while {} messages were stored, in sync {:.1} s after its restart; peak RSS a {} MiB, b {} MiB",
+            args.returning_passive,
+            started.elapsed().as_secs_f64(),
+            peak_a / 1024,
+            peak_b / 1024
+        );
+        print_catch_up(&pair.a, &pair.b);
     }
 
     // The client notices a silent broker by its own heartbeat; scale it with the pair's.
