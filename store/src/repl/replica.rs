@@ -1059,15 +1059,12 @@ impl Replica {
         if !std::mem::take(&mut f.applied) {
             return;
         }
-        match (f.source, &f.phase) {
-            (Some((conn, attach)), FollowerPhase::Streaming { .. }) => {
-                out.push(Action::Flush);
-                out.push(Action::Send(conn, ReplFrame::Ack { attach, seq: next_seq - 1 }));
-            }
-            // Made durable and acknowledged at its end (sled keeps what it
-            // writes in order: a crash before takes back a suffix, and the
-            // next attach resumes from what is left).
-            _ => {}
+        // (A catch-up is made durable and acknowledged at its end: sled
+        // keeps what it writes in order, so a crash before takes back a
+        // suffix, and the next attach resumes from what is left.)
+        if let (Some((conn, attach)), FollowerPhase::Streaming { .. }) = (f.source, &f.phase) {
+            out.push(Action::Flush);
+            out.push(Action::Send(conn, ReplFrame::Ack { attach, seq: next_seq - 1 }));
         }
     }
 
