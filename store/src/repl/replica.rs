@@ -943,14 +943,8 @@ impl Replica {
                     refuse(f, out, format!("record {first_seq} is before the primary's history"));
                     return;
                 };
-                self.next_seq = last_seq + 1;
-                let prefix = history.prefix(last_seq);
-                if prefix != self.meta.history {
-                    self.meta.history = prefix;
-                    out.push(Action::PersistMeta { flush: false });
-                }
                 f.applied = true;
-                out.push(Action::ApplyBatch { first_seq, last_seq, epoch, raw });
+                apply_record(&mut self.next_seq, &mut self.meta, history, (first_seq, last_seq, epoch, raw), out);
             }
             (
                 FollowerPhase::CatchingUp { .. },
@@ -1030,14 +1024,9 @@ impl Replica {
                     refuse(f, out, reason);
                     return;
                 }
-                self.next_seq = last_seq + 1;
-                let prefix = history.prefix(last_seq);
-                if prefix != self.meta.history {
-                    self.meta.history = prefix;
-                    out.push(Action::PersistMeta { flush: false });
-                }
                 f.applied = true;
-                out.push(Action::ApplyBatch { first_seq, last_seq, epoch: attach.epoch, raw });
+                let record = (first_seq, last_seq, attach.epoch, raw);
+                apply_record(&mut self.next_seq, &mut self.meta, history, record, out);
             }
             (FollowerPhase::Streaming { .. }, ReplFrame::InSync { gen }) => {
                 if gen >= f.gen_floor {
@@ -1268,6 +1257,24 @@ impl Replica {
             }
         }
     }
+}
+
+/// Follower: apply the record `(first_seq, last_seq, epoch, raw)` of the
+/// primary's `history`: this store now holds through `last_seq`.
+fn apply_record(
+    next_seq: &mut u64,
+    meta: &mut ReplMeta,
+    history: &History,
+    (first_seq, last_seq, epoch, raw): (u64, u64, u64, Bytes),
+    out: &mut Vec<Action>,
+) {
+    *next_seq = last_seq + 1;
+    let prefix = history.prefix(last_seq);
+    if prefix != meta.history {
+        meta.history = prefix;
+        out.push(Action::PersistMeta { flush: false });
+    }
+    out.push(Action::ApplyBatch { first_seq, last_seq, epoch, raw });
 }
 
 impl Primary {
