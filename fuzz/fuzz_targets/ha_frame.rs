@@ -33,7 +33,7 @@ fn cores() -> (Replica, Replica) {
     let mut primary = Replica::new(cfg, ReplMeta::default(), 1, 2);
     let mut out = Vec::new();
     primary.promote(1, 2, None, Promotion::Claimed, &mut out).expect("an empty store promotes");
-    primary.attach(1, &mut out);
+    primary.attach(1, true, &mut out);
     (follower, primary)
 }
 
