@@ -41,6 +41,9 @@ const META_STAGED: &[u8] = b"staged";
 const META_LOG_TREE: &[u8] = b"log_tree";
 /// This node's compactor rewrote a record once (see [`Store::note_compacted`]).
 const META_COMPACTED: &[u8] = b"compacted";
+/// This store dropped its own ops past a fork and has not yet received the
+/// records they had changed (see [`Store::set_wanting`]).
+const META_WANTING: &[u8] = b"wanting";
 const LOG_TREES: [&str; 2] = ["log", "staging_log"];
 
 /// What records said as they were applied to an index, read at open or
@@ -277,6 +280,8 @@ pub struct Store {
     ckpt_through: Arc<std::sync::atomic::AtomicU64>,
     /// This node's compactor ever rewrote a record here.
     compacted: Arc<std::sync::atomic::AtomicBool>,
+    /// See [`META_WANTING`].
+    wanting: Arc<std::sync::atomic::AtomicBool>,
     /// A snapshot from the peer, loaded here until complete (its log in `logs`).
     pub(crate) staging_admin: sled::Tree,
     pub(crate) staging_producers: sled::Tree,
@@ -497,6 +502,7 @@ impl Store {
         let current = usize::from(meta.get(META_LOG_TREE)?.is_some_and(|v| v.as_ref() == LOG_TREES[1].as_bytes()));
         let logs = Logs { log: db.open_tree(LOG_TREES[current])?, staging: db.open_tree(LOG_TREES[1 - current])? };
         let compacted = meta.contains_key(META_COMPACTED)?;
+        let wanting = meta.contains_key(META_WANTING)?;
         let store = Store {
             logs: Arc::new(std::sync::RwLock::new(logs)),
             admin: db.open_tree("admin")?,
@@ -507,6 +513,7 @@ impl Store {
             dead: db.open_tree("dead")?,
             ckpt_through: Arc::default(),
             compacted: Arc::new(std::sync::atomic::AtomicBool::new(compacted)),
+            wanting: Arc::new(std::sync::atomic::AtomicBool::new(wanting)),
             staging_admin: db.open_tree("staging_admin")?,
             staging_producers: db.open_tree("staging_producers")?,
             db,
@@ -936,6 +943,25 @@ impl Store {
             self.meta.insert(META_COMPACTED, &[1])?;
         }
         Ok(())
+    }
+
+    /// This store drops its own ops past a fork (`true`, durably with the
+    /// drop) until the records they had changed arrived and its catch-up is
+    /// complete, or a snapshot replaced it (`false`). Meanwhile it may lack
+    /// records the active holds live: it takes nothing else from the active.
+    pub(crate) fn set_wanting(&self, wanting: bool) -> Result<(), StoreError> {
+        if self.wanting.swap(wanting, std::sync::atomic::Ordering::Relaxed) != wanting {
+            if wanting {
+                self.meta.insert(META_WANTING, &[1])?;
+            } else {
+                self.meta.remove(META_WANTING)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn wanting(&self) -> bool {
+        self.wanting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether this node's compactor ever rewrote a record here.

@@ -654,6 +654,8 @@ struct Catchup {
     /// ... and until the `Live` lists through the fork are in, the records
     /// it wants (see `ReplFrame::Want`).
     wanting: Option<Wanting>,
+    /// `Want` was sent on this catch-up: the records it names come first.
+    want_sent: bool,
 }
 
 struct Wanting {
@@ -1065,11 +1067,15 @@ impl WriterState {
                     dropped: 0,
                     reread: false,
                     wanting: None,
+                    want_sent: false,
                 });
             }
             Action::Catchup(frame) => self.catch_up(frame)?,
             Action::EndCatchup { next_seq } => self.end_catchup(next_seq)?,
             Action::ApplyBatch { first_seq, last_seq, epoch, raw } => {
+                if let Some(reason) = self.lacking() {
+                    return self.apply_failed(first_seq, reason);
+                }
                 self.reread_after_truncation()?;
                 let body = match BatchBody::decode(first_seq, &raw) {
                     Ok(b) if b.epoch == epoch && b.last_seq() == last_seq => b,
@@ -1134,6 +1140,8 @@ impl WriterState {
                     }
                 }
                 self.store.commit_staging(next_seq, self.replica.meta())?;
+                // Whatever it lacked, the snapshot holds.
+                self.store.set_wanting(false)?;
                 let (started, bytes) = staged.as_ref().map_or((Instant::now(), 0), |st| (st.started, st.bytes));
                 let mut recovered = match staged {
                     Some(st) if !st.broken => self.store.recover_staged(st.index, st.records)?,
@@ -1217,6 +1225,9 @@ impl WriterState {
                 _ => return self.apply_failed(self.replica.next_seq(), format!("a {} before `Live`", frame.kind())),
             }
         } else {
+            if let Some(reason) = self.lacking() {
+                return self.apply_failed(self.replica.next_seq(), reason);
+            }
             self.reread_after_truncation()?;
         }
         match frame {
@@ -1264,6 +1275,9 @@ impl WriterState {
     /// A catch-up from the peer's log is complete: this store is the peer's
     /// through `next_seq - 1`.
     fn end_catchup(&mut self, next_seq: u64) -> Result<(), StoreError> {
+        if let Some(reason) = self.lacking() {
+            return self.apply_failed(next_seq, reason);
+        }
         self.reread_after_truncation()?;
         let c = self.catchup.take();
         if let Some(c) = &c {
@@ -1272,6 +1286,7 @@ impl WriterState {
         self.store.persist_floor(next_seq, self.dirty_dedup.iter())?;
         self.dirty_dedup.clear();
         self.store.set_repl_meta(self.replica.meta())?;
+        self.store.set_wanting(false)?;
         self.applied_through = self.applied_through.max(next_seq - 1);
         self.stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
         if self.config.durability != Durability::None {
@@ -1331,6 +1346,7 @@ impl WriterState {
         w.keys.extend(keys.iter().filter(|k| !held.contains(k)));
         if to == w.after {
             let w = c.wanting.take().expect("wanting");
+            c.want_sent = true;
             // The admin entries came first: the index read again keeps the
             // messages of the queues the active has. They come again at the end.
             let seen = std::mem::take(&mut c.admin);
@@ -1385,6 +1401,7 @@ impl WriterState {
             .map(|k| k.map(|k| be_u64(&k).unwrap_or(u64::MAX)))
             .collect::<Result<_, _>>()?;
         self.store.forget_checkpoint()?;
+        self.store.set_wanting(true)?;
         self.store.delete_records(&keys)?;
         self.store.producers.clear()?;
         self.dedup.clear();
@@ -1402,6 +1419,16 @@ impl WriterState {
             "dropped this store's own ops past the fork with the active's history"
         );
         Ok(())
+    }
+
+    /// Why nothing but the records it wanted may be taken now: this store
+    /// dropped its own ops past a fork and has not received those records
+    /// (a catch-up cut off after the drop, maybe before a restart). Refused,
+    /// the active sends a snapshot instead.
+    fn lacking(&self) -> Option<String> {
+        let asked = self.catchup.as_ref().is_some_and(|c| c.want_sent);
+        (self.store.wanting() && !asked)
+            .then(|| "this store dropped its own ops and lacks records they had changed: a snapshot is needed".into())
     }
 
     /// After a truncation, once: the index as the log now has it.

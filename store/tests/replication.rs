@@ -1002,6 +1002,59 @@ fn a_returning_active_whose_compactor_dropped_a_message_its_own_ack_made_dead_ge
 }
 
 #[test]
+fn a_returning_active_cut_off_before_the_records_it_wanted_came_gets_a_snapshot_even_after_a_restart() {
+    // Review: it had dropped its own ops (and with them the records of m4
+    // and m5, acked by its own op only); cut off before those records came,
+    // it then held a prefix of the active's history, resumed it, and never
+    // got them back.
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let own = |seqs: &[u64]| ack("q", &[seqs[4], seqs[5]]);
+    let ((sa, a), (_sb, b)) = returning_active_with_its_own_ops(da.path(), db.path(), own);
+    let conn = CONNECTIONS.fetch_add(1, Relaxed);
+    let (tx, mut to_a) = PeerTx::new();
+    b.connected(conn, tx);
+    let (tx, mut from_a) = PeerTx::new();
+    a.connected(conn, tx);
+    let back = b.clone();
+    std::thread::spawn(move || {
+        while let Some(o) = from_a.blocking_recv() {
+            if let Outbound::Repl(f) = o {
+                back.frame(conn, f, Box::new(()));
+            }
+        }
+    });
+    b.attach(conn);
+    loop {
+        let Outbound::Repl(f) = to_a.blocking_recv().unwrap() else { continue };
+        if matches!(f, ReplFrame::SnapRecord { .. }) {
+            break; // the connection is gone before the records it wanted
+        }
+        a.frame(conn, f, Box::new(()));
+    }
+    b.connection_lost(conn);
+    a.connection_lost(conn);
+    std::thread::sleep(Duration::from_millis(100));
+    drop((sa, a));
+    let (_sa, a) = open(da.path());
+    let l = link(&b, &a);
+    // It refuses the resume b offers (a prefix of b's history); b's next
+    // attach (the peer monitor's, here by hand) sends a snapshot.
+    let refused = |l: &Link| l.kinds().iter().any(|k| k.contains("Refused: this store dropped its own ops"));
+    wait_until("a is in sync with b", || {
+        if refused(&l) && !l.has("Snapshot") {
+            b.attach(l.conn);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        in_sync(&a) && l.has("InSync")
+    });
+    let kinds = l.kinds();
+    l.cut(&b, &a);
+    let want: Vec<String> = [1].into_iter().chain(4..=10).chain(12..=40).map(|i| format!("m{i}")).collect();
+    assert_eq!(names(&a, &promote(&a, 3), "q"), want, "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "Snapshot"), "{kinds:?}");
+}
+
+#[test]
 fn a_returning_active_that_deleted_a_queue_past_the_fork_gets_its_records_back() {
     // Its own op deleted `q` (every record of q's messages died and went,
     // and so did the record of the delete itself: nothing past the fork
