@@ -319,6 +319,14 @@ async fn after_a_healed_split_the_losing_side_hands_over_what_it_confirmed() {
     }
     pair.a.wait_role("passive", WAIT).await;
     pair.b.wait_for("active", WAIT, |s| s["role"].as_str().is_some_and(|r| r.starts_with("active"))).await;
+    // a hands over once b's attach tells it where the histories part (a
+    // moment after it stepped down).
+    for _ in 0..100 {
+        if pair.a.log().contains("handing them to the new active") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(pair.a.log().contains("handing them to the new active"), "a handed over:\n{}", pair.a.log());
     // b says when it has stored them; only then does a forget them.
     for _ in 0..100 {
