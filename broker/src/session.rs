@@ -111,10 +111,14 @@ impl Outbound {
 /// The producer id the store keys idempotence by: the client's, scoped to
 /// its user, so that one user's publishes can never be taken for another
 /// user's resends (issue 10, finding 5: user `dyn` reusing user `app`'s
-/// producer id got confirms for messages that were never stored). The
-/// mapping is an XOR with a hash of the user name: the same on both nodes
-/// and across restarts (resends after a failover still match), and the
-/// confirm names the client's id again. 0 (no idempotence) stays 0.
+/// producer id got confirms for messages that were never stored), and to
+/// the destination: the store keeps one high-water sequence per id, and
+/// publishes to different destinations reach it through different actors,
+/// in any order (issue 12: one producer id over three queues had messages
+/// confirmed as duplicates and never stored). The mapping is an XOR with a
+/// hash of the user and destination names: the same on both nodes and
+/// across restarts (resends after a failover still match), and the confirm
+/// names the client's id again. 0 (no idempotence) stays 0.
 pub fn scoped_producer(scope: u64, producer_id: u64) -> u64 {
     if producer_id == 0 {
         return 0;
@@ -122,9 +126,9 @@ pub fn scoped_producer(scope: u64, producer_id: u64) -> u64 {
     producer_id ^ scope
 }
 
-/// The key [`scoped_producer`] XORs with: a hash of the user name, made once
-/// per session (not per publish).
-pub fn producer_scope(user: Option<&str>) -> u64 {
+/// The key [`scoped_producer`] XORs with: a hash of the user and destination
+/// names, made once per destination a session publishes to (not per publish).
+pub fn producer_scope(user: Option<&str>, destination: &Destination) -> u64 {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(b"twinmq producer scope\0");
@@ -132,6 +136,9 @@ pub fn producer_scope(user: Option<&str>) -> u64 {
         Some(u) => h.update(u.as_bytes()),
         None => h.update([0xff]),
     }
+    // Kind, then the name, each unambiguous (names never hold a NUL).
+    h.update([0, matches!(destination.kind, DestKind::Topic) as u8, 0]);
+    h.update(destination.name.as_bytes());
     let d = h.finalize();
     let mut k = [0u8; 8];
     k.copy_from_slice(&d[..8]);
@@ -147,12 +154,16 @@ struct Subscription {
     topic: Option<Addr<Topic>>,
 }
 
+/// Destinations whose [`producer_scope`] a session keeps at most.
+const MAX_SCOPES: usize = 1024;
+
 pub struct Session {
     pub id: u64,
     peer: SocketAddr,
     user: Option<String>,
-    /// See [`producer_scope`].
-    producer_scope: u64,
+    /// See [`producer_scope`], by destination (cleared past
+    /// [`MAX_SCOPES`] entries).
+    producer_scopes: HashMap<Destination, u64>,
     out: Outbound,
     router: Addr<Router>,
     node: Addr<Node>,
@@ -195,7 +206,7 @@ impl Session {
         Session {
             id,
             peer,
-            producer_scope: producer_scope(user.as_deref()),
+            producer_scopes: HashMap::new(),
             user,
             out,
             router,
@@ -269,6 +280,19 @@ impl Session {
         }
     }
 
+    /// [`producer_scope`] for this session's user and `destination`.
+    fn producer_scope(&mut self, destination: &Destination) -> u64 {
+        if let Some(&scope) = self.producer_scopes.get(destination) {
+            return scope;
+        }
+        if self.producer_scopes.len() >= MAX_SCOPES {
+            self.producer_scopes.clear();
+        }
+        let scope = producer_scope(self.user.as_deref(), destination);
+        self.producer_scopes.insert(destination.clone(), scope);
+        scope
+    }
+
     fn handle_publish(
         &mut self,
         producer_id: u64,
@@ -312,7 +336,7 @@ impl Session {
             epoch: 0,
             seq: 0,
             origin: destination.to_string(),
-            producer_id: scoped_producer(self.producer_scope, producer_id),
+            producer_id: scoped_producer(self.producer_scope(&destination), producer_id),
             producer_seq: seq,
             headers: message.headers,
             payload: message.payload,

@@ -289,3 +289,75 @@ fn read_some(s: &mut std::net::TcpStream) -> Vec<twinmq_protocol::ServerFrame> {
     }
     frames
 }
+
+/// The connection hands its session every frame the socket holds in one go
+/// (issue 12): written in one piece, 600 publishes of one producer to three
+/// queues nobody named before (each waits for its name to be resolved) with
+/// the permits running out (`max_inflight_per_connection` 64) are stored
+/// all, in the producer's order; a frame out of order would be a lower
+/// sequence after a higher one, confirmed as a duplicate and not stored.
+#[tokio::test]
+async fn publishes_read_in_one_go_keep_their_order_across_name_lookups_and_permits() {
+    use std::io::Write;
+    use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame};
+    let broker = Broker::start(&["--max-inflight-per-connection", "64"]);
+    let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
+    let mut bytes = common::hello();
+    let queues = ["batch-a", "batch-b", "batch-c"];
+    for seq in 1..=600u64 {
+        let q = queues[(seq % 3) as usize];
+        let message = OutMessage {
+            headers: Default::default(),
+            payload: format!("{q}-{seq}").into_bytes(),
+            ttl_ms: None,
+            persistent: true,
+        };
+        bytes.extend(common::frame(&ClientFrame::Publish {
+            producer_id: 7,
+            seq,
+            destination: Destination::queue(q),
+            message,
+        }));
+    }
+    s.write_all(&bytes).unwrap();
+    let mut confirmed = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+    while confirmed.len() < 600 && std::time::Instant::now() < deadline {
+        use std::io::Read;
+        match s.read(&mut buf) {
+            Ok(0) => panic!("the broker closed the connection"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => continue,
+        }
+        let mut frames = Vec::new();
+        while got.len() >= 4 {
+            let len = u32::from_be_bytes([got[0], got[1], got[2], got[3]]) as usize;
+            if got.len() < 4 + len {
+                break;
+            }
+            frames.push(twinmq_protocol::decode_body::<ServerFrame>(&got[4..4 + len]).unwrap());
+            got.drain(..4 + len);
+        }
+        for f in frames {
+            match f {
+                ServerFrame::Confirm { producer_id: 7, seq, duplicate, .. } => {
+                    assert!(!duplicate, "seq {seq} confirmed as a duplicate: a frame overtook it");
+                    confirmed.push(seq);
+                }
+                ServerFrame::Welcome { .. } => {}
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+    confirmed.sort_unstable();
+    assert_eq!(confirmed, (1..=600).collect::<Vec<u64>>(), "every publish confirmed once");
+    let client = broker.client().await;
+    for (i, q) in queues.iter().enumerate() {
+        let mut c = client.subscribe(Destination::queue(*q), SubscribeOptions::default()).await.unwrap();
+        let got = drain(&mut c, 201, Duration::from_secs(2)).await;
+        let want: Vec<String> = (1..=600u64).filter(|s| (s % 3) as usize == i).map(|s| format!("{q}-{s}")).collect();
+        assert_eq!(got, want, "{q}: every message, in the producer's order");
+    }
+}
