@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -57,6 +57,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting for a slow reader before the broker stops reading its requests.
 const MAX_QUEUED_FRAMES: usize = 16 * 1024;
+/// At most this many frames read ahead go to the session in one message.
+const MAX_BATCH_FRAMES: usize = 256;
 
 /// What every connection needs from the broker.
 #[derive(Clone)]
@@ -237,6 +239,9 @@ where
     let idle = tokio::time::sleep(idle_timeout.unwrap_or(Duration::from_secs(86_400)));
     tokio::pin!(idle);
 
+    // What a batch's read-ahead found after its frames (an error, the
+    // end): handled as the next turn's read.
+    let mut carried = None;
     loop {
         // Back-pressure on a client that does not read what we send it.
         if queued.load(Ordering::Relaxed) > MAX_QUEUED_FRAMES {
@@ -246,7 +251,10 @@ where
             // We were not reading: the client's silence meanwhile is ours, not its.
             last_heard = tokio::time::Instant::now();
         }
-        let next = tokio::select! {
+        let next = if let Some(next) = carried.take() {
+            next
+        } else {
+            tokio::select! {
             f = reader.next() => f,
             _ = &mut idle, if idle_timeout.is_some() => {
                 let deadline = last_heard + idle_timeout.unwrap_or_default();
@@ -283,6 +291,7 @@ where
                 }
                 continue;
             }
+            }
         };
         match next {
             None => {
@@ -295,19 +304,51 @@ where
                 break;
             }
             Some(Ok(frame)) => {
-                if matches!(frame, ClientFrame::Publish { .. }) {
-                    cx.metrics.message_in();
-                }
                 last_heard = tokio::time::Instant::now();
-                let permit = match frame {
-                    ClientFrame::Publish { .. } => match permits.clone().acquire_owned().await {
-                        Ok(p) => Some(p),
-                        Err(_) => break,
-                    },
-                    _ => None,
-                };
-                let bye = matches!(frame, ClientFrame::Bye);
-                if session.send(Incoming { frame, permit }).await.is_err() || bye || !session.connected() {
+                // The session gets every frame the socket already holds in
+                // one message (one hand-off, one answer), not one each.
+                let mut frames = Vec::new();
+                let mut next = Some(frame);
+                let mut bye = false;
+                while let Some(frame) = next.take() {
+                    let permit = match frame {
+                        ClientFrame::Publish { .. } => {
+                            cx.metrics.message_in();
+                            match permits.clone().try_acquire_owned() {
+                                Ok(p) => Some(p),
+                                Err(_) => {
+                                    // Out of permits: what is batched goes first (its
+                                    // confirms free them), then wait for one.
+                                    if !frames.is_empty()
+                                        && session.send(Incoming { frames: std::mem::take(&mut frames) }).await.is_err()
+                                    {
+                                        bye = true;
+                                        break;
+                                    }
+                                    match permits.clone().acquire_owned().await {
+                                        Ok(p) => Some(p),
+                                        Err(_) => {
+                                            bye = true;
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    bye = matches!(frame, ClientFrame::Bye);
+                    frames.push((frame, permit));
+                    if bye || frames.len() >= MAX_BATCH_FRAMES {
+                        break;
+                    }
+                    match reader.next().now_or_never() {
+                        Some(Some(Ok(frame))) => next = Some(frame),
+                        Some(other) => carried = Some(other),
+                        None => {}
+                    }
+                }
+                if !frames.is_empty() && session.send(Incoming { frames }).await.is_err() || bye || !session.connected() {
                     break;
                 }
             }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 use tokio::sync::OwnedSemaphorePermit;
 use twinmq_protocol::{
-    ClientFrame, DestKind, Destination, ErrorCode, ErrorContext, ErrorFrame, OutMessage, Permission, ServerFrame,
+    ClientFrame, DestKind, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, OutMessage, Permission, ServerFrame,
 };
 use twinmq_store::StoredMessage;
 
@@ -300,20 +300,20 @@ impl Session {
         destination: Destination,
         message: OutMessage,
         permit: Option<OwnedSemaphorePermit>,
-    ) -> ResponseActFuture<Self, ()> {
+    ) -> Option<ResponseActFuture<Self, ()>> {
         let ctx_err = ErrorContext::Publish { producer_id, seq };
         // The name first: nothing below (ACLs, logs) sees a name outside the
         // alphabet. A destination already resolved was checked then.
         if !self.targets.contains_key(&destination) {
             if let Err(why) = crate::config::validate_destination(&destination) {
                 self.error(ErrorCode::InvalidRequest, ctx_err, why);
-                return Box::pin(fut::ready(()));
+                return None;
             }
         }
         if !self.permitted(Permission::Produce, &destination) {
             let why = self.not_authorized(Permission::Produce, &destination);
             self.error(ErrorCode::NotAuthorized, ctx_err, why);
-            return Box::pin(fut::ready(()));
+            return None;
         }
         // Headers count: a small payload with megabytes of headers is no small message.
         if message.size() > self.config.max_message_bytes || message.headers.len() > twinmq_protocol::MAX_HEADERS {
@@ -329,7 +329,7 @@ impl Session {
                     twinmq_protocol::MAX_HEADERS
                 ),
             );
-            return Box::pin(fut::ready(()));
+            return None;
         }
         let now = now_ms();
         let stored = StoredMessage {
@@ -358,13 +358,13 @@ impl Session {
             };
             if live {
                 Self::publish_to(t, p);
-                return Box::pin(fut::ready(()));
+                return None;
             }
             // Deleted since: resolve the name again.
             self.targets.remove(&destination);
         }
         let resolve = self.router.send(router::Resolve { destination: destination.clone() });
-        Box::pin(resolve.into_actor(self).map(move |res, act, _| match res {
+        Some(Box::pin(resolve.into_actor(self).map(move |res, act, _| match res {
             Ok(Ok(target)) => {
                 Self::publish_to(&target, p);
                 act.targets.insert(destination, target);
@@ -374,7 +374,7 @@ impl Session {
                 act.send(ServerFrame::Error(e));
             }
             Err(_) => act.error(ErrorCode::ShuttingDown, ctx_err, "broker is shutting down"),
-        }))
+        })))
     }
 
     fn handle_subscribe(
@@ -549,52 +549,99 @@ impl Actor for Session {
     }
 }
 
-/// A frame read from the client; `permit` is held by publishes until confirmed.
+/// Frames read from the client in one go (what its socket held), in its
+/// order; a publish's permit is held until it is confirmed. The answer comes
+/// once every frame is handled: the connection reads on only then.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Incoming {
-    pub frame: ClientFrame,
-    pub permit: Option<OwnedSemaphorePermit>,
+    pub frames: Vec<(ClientFrame, Option<OwnedSemaphorePermit>)>,
 }
 
 impl Handler<Incoming> for Session {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, msg: Incoming, ctx: &mut Context<Self>) -> Self::Result {
-        let done = || -> ResponseActFuture<Self, ()> { Box::pin(fut::ready(())) };
-        match msg.frame {
+        self.handle_frames(msg.frames.into_iter(), ctx)
+    }
+}
+
+impl Session {
+    /// Handle `frames` in order: publishes to known destinations, settles
+    /// and pings at once; a frame that must wait (a name to resolve, a
+    /// subscription to attach) holds back those after it.
+    fn handle_frames(
+        &mut self,
+        mut frames: std::vec::IntoIter<(ClientFrame, Option<OwnedSemaphorePermit>)>,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, ()> {
+        while let Some((frame, permit)) = frames.next() {
+            if ctx.state() != ActorState::Running {
+                // Stopped by an earlier frame (a second Hello, Bye).
+                break;
+            }
+            let wait = self.handle_frame(frame, permit, ctx);
+            if let Some(wait) = wait {
+                if frames.len() == 0 {
+                    return wait;
+                }
+                return Box::pin(wait.then(move |(), act, ctx| act.handle_frames(frames, ctx)));
+            }
+        }
+        Box::pin(fut::ready(()))
+    }
+
+    fn settle(&mut self, sub_id: u32, id: MessageId, ack: bool) {
+        match self.subs.get(&sub_id) {
+            Some(s) => s.queue.do_send(queue::Settle { key: self.key(sub_id), id, ack }),
+            None => tracing::debug!(session = self.id, sub_id, "settle for an unknown subscription ignored"),
+        }
+    }
+
+    /// Handle one frame: `None` when done, else what to wait for.
+    fn handle_frame(
+        &mut self,
+        frame: ClientFrame,
+        permit: Option<OwnedSemaphorePermit>,
+        ctx: &mut Context<Self>,
+    ) -> Option<ResponseActFuture<Self, ()>> {
+        match frame {
             ClientFrame::Publish { producer_id, seq, destination, message } => {
-                self.handle_publish(producer_id, seq, destination, message, msg.permit)
+                self.handle_publish(producer_id, seq, destination, message, permit)
+            }
+            ClientFrame::Ack { sub_id, id } => {
+                self.settle(sub_id, id, true);
+                None
+            }
+            ClientFrame::Nack { sub_id, id } => {
+                self.settle(sub_id, id, false);
+                None
+            }
+            ClientFrame::Ping { nonce } => {
+                self.send(ServerFrame::Pong { nonce });
+                None
             }
             ClientFrame::Subscribe { sub_id, destination, durable, prefetch } => {
-                self.handle_subscribe(sub_id, destination, durable, prefetch)
-            }
-            ClientFrame::Ack { sub_id, id } | ClientFrame::Nack { sub_id, id } => {
-                let ack = matches!(msg.frame, ClientFrame::Ack { .. });
-                match self.subs.get(&sub_id) {
-                    Some(s) => s.queue.do_send(queue::Settle { key: self.key(sub_id), id, ack }),
-                    None => tracing::debug!(session = self.id, sub_id, "settle for an unknown subscription ignored"),
-                }
-                done()
+                Some(self.handle_subscribe(sub_id, destination, durable, prefetch))
             }
             ClientFrame::Unsubscribe { sub_id } => {
                 if !self.drop_subscription(sub_id) {
                     self.error(ErrorCode::InvalidRequest, ErrorContext::Subscribe { sub_id }, "no such subscription");
                 }
-                done()
+                None
             }
             ClientFrame::DeleteDurable { req, topic, name } => {
                 if let Err(why) =
                     crate::config::validate_name(&topic).and_then(|()| crate::config::validate_name(&name))
                 {
                     self.error(ErrorCode::InvalidRequest, ErrorContext::Request { req }, why);
-                    return done();
+                    return None;
                 }
                 let dest = Destination::topic(topic.clone());
                 if !self.permitted(Permission::Consume, &dest) {
                     let why = self.not_authorized(Permission::Consume, &dest);
                     self.error(ErrorCode::NotAuthorized, ErrorContext::Request { req }, why);
-                    return done();
+                    return None;
                 }
                 let del = self.router.send(router::DeleteDurable {
                     topic,
@@ -602,14 +649,14 @@ impl Handler<Incoming> for Session {
                     force: false,
                     by_client: Some(self.user.clone()),
                 });
-                Box::pin(del.into_actor(self).map(move |res, act, _| match res {
+                Some(Box::pin(del.into_actor(self).map(move |res, act, _| match res {
                     Ok(Ok(())) => act.send(ServerFrame::Done { req }),
                     Ok(Err(mut e)) => {
                         e.context = ErrorContext::Request { req };
                         act.send(ServerFrame::Error(e));
                     }
                     Err(_) => act.error(ErrorCode::ShuttingDown, ErrorContext::Request { req }, "shutting down"),
-                }))
+                })))
             }
             ClientFrame::Status { req } => {
                 // The status names every destination, user count and peer: operators only.
@@ -618,23 +665,19 @@ impl Handler<Incoming> for Session {
                     let who = self.user.as_deref().unwrap_or("anonymous");
                     let why = format!("user `{who}` may not read the node status (it needs an admin grant)");
                     self.error(ErrorCode::NotAuthorized, ErrorContext::Request { req }, why);
-                    return done();
+                    return None;
                 }
                 let st = self.node.send(crate::node::GetNodeStatus);
-                Box::pin(st.into_actor(self).map(move |res, act, _| match res {
+                Some(Box::pin(st.into_actor(self).map(move |res, act, _| match res {
                     Ok(json) => act.send(ServerFrame::StatusReply { req, json: json.to_string() }),
                     Err(_) => act.error(ErrorCode::ShuttingDown, ErrorContext::Request { req }, "shutting down"),
-                }))
-            }
-            ClientFrame::Ping { nonce } => {
-                self.send(ServerFrame::Pong { nonce });
-                done()
+                })))
             }
             ClientFrame::Hello { .. } => {
                 tracing::warn!(session = self.id, peer = %self.peer, "second Hello on a connection");
                 self.error(ErrorCode::ProtocolViolation, ErrorContext::Connection, "Hello was already received");
                 ctx.stop();
-                done()
+                None
             }
             ClientFrame::Admin { req, .. } => {
                 self.error(
@@ -642,11 +685,11 @@ impl Handler<Incoming> for Session {
                     ErrorContext::Request { req },
                     "admin commands need an admin connection",
                 );
-                done()
+                None
             }
             ClientFrame::Bye => {
                 ctx.stop();
-                done()
+                None
             }
         }
     }
