@@ -333,6 +333,18 @@ async fn cli_pub_reports_the_confirmed_prefix_and_fails() {
     assert!(stderr.contains("NotAuthorized"), "{stderr}");
 }
 
+/// A refused publish ends `twinmq bench` with the error (it used to wait
+/// forever: the sender blocked on the channel its collector had left, seen
+/// with a queue filled to `max_queue_bytes`).
+#[tokio::test]
+async fn cli_bench_fails_at_a_refused_publish_instead_of_hanging() {
+    let broker = FakeBroker::start(Mode::Active { auto_confirm: true, reject_seq: Some(4), cut_at_seq: None }).await;
+    let (code, stdout, stderr) =
+        twinmq(&["--servers", &broker.addr, "bench", "--count", "2000", "--window", "8", "--no-consumer"]).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stderr.contains("producer error") && stderr.contains("NotAuthorized"), "{stderr}");
+}
+
 #[tokio::test]
 async fn cli_without_servers_is_a_usage_error() {
     let (code, _, stderr) = twinmq(&["status"]).await;

@@ -143,6 +143,9 @@ async fn produce(
         let (mut confirmed, mut last) = (0u64, start);
         while let Some((sent_at, confirm)) = pending.recv().await {
             if let Err(e) = confirm.await {
+                // The sender stops at once (else it waits forever for room
+                // in the channel nobody reads any more).
+                pending.close();
                 return (confirmed, last, Some(e));
             }
             last = Instant::now();
