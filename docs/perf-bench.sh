@@ -7,7 +7,9 @@
 #
 # bin-dir holds twinmqd and twinmq (default ./target/release), so two builds
 # can be run by turns for an A/B. Every run starts from fresh data
-# directories under /tmp/perf-bench and stops the brokers it started.
+# directories under $PERF_BENCH_DIR (default /tmp/perf-bench; /dev/shm/...
+# puts them in memory, to see what the disk costs) and stops the brokers it
+# started.
 set -euo pipefail
 mode=${1:-pair}
 count=${2:-1000000}
@@ -16,7 +18,7 @@ shift $(( $# < 3 ? $# : 3 ))
 D="$bin/twinmqd"
 C="$bin/twinmq"
 [ -x "$D" ] && [ -x "$C" ] || { echo "build first: cargo build --release (no $D or $C)" >&2; exit 2; }
-dir=/tmp/perf-bench
+dir=${PERF_BENCH_DIR:-/tmp/perf-bench}
 rm -rf "$dir" && mkdir -p "$dir"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
