@@ -306,11 +306,17 @@ where
             Some(Ok(frame)) => {
                 last_heard = tokio::time::Instant::now();
                 // The session gets every frame the socket already holds in
-                // one message (one hand-off, one answer), not one each.
+                // one message (one hand-off, one answer), not one each; at
+                // most MAX_BATCH_FRAMES a turn, and a turn ends after a wait
+                // for a permit, so the checks above (back-pressure, idle,
+                // shutdown, role, users) still run often.
                 let mut frames = Vec::new();
                 let mut next = Some(frame);
-                let mut bye = false;
+                let mut end = false;
+                let mut taken = 0;
                 while let Some(frame) = next.take() {
+                    taken += 1;
+                    let mut waited = false;
                     let permit = match frame {
                         ClientFrame::Publish { .. } => {
                             cx.metrics.message_in();
@@ -322,13 +328,14 @@ where
                                     if !frames.is_empty()
                                         && session.send(Incoming { frames: std::mem::take(&mut frames) }).await.is_err()
                                     {
-                                        bye = true;
+                                        end = true;
                                         break;
                                     }
+                                    waited = true;
                                     match permits.clone().acquire_owned().await {
                                         Ok(p) => Some(p),
                                         Err(_) => {
-                                            bye = true;
+                                            end = true;
                                             break;
                                         }
                                     }
@@ -337,18 +344,21 @@ where
                         }
                         _ => None,
                     };
-                    bye = matches!(frame, ClientFrame::Bye);
+                    end = matches!(frame, ClientFrame::Bye);
                     frames.push((frame, permit));
-                    if bye || frames.len() >= MAX_BATCH_FRAMES {
+                    if end || waited || taken >= MAX_BATCH_FRAMES {
                         break;
                     }
                     match reader.next().now_or_never() {
-                        Some(Some(Ok(frame))) => next = Some(frame),
+                        Some(Some(Ok(frame))) => {
+                            last_heard = tokio::time::Instant::now();
+                            next = Some(frame);
+                        }
                         Some(other) => carried = Some(other),
                         None => {}
                     }
                 }
-                if !frames.is_empty() && session.send(Incoming { frames }).await.is_err() || bye || !session.connected() {
+                if !frames.is_empty() && session.send(Incoming { frames }).await.is_err() || end || !session.connected() {
                     break;
                 }
             }

@@ -361,3 +361,65 @@ async fn publishes_read_in_one_go_keep_their_order_across_name_lookups_and_permi
         assert_eq!(got, want, "{q}: every message, in the producer's order");
     }
 }
+
+/// A client that keeps the broker reading (its socket never empty, the
+/// permits running out all the time) is heard all along: each frame counts
+/// as heard, and a turn of the connection's read-ahead ends after at most
+/// 256 frames or a wait for a permit, so its checks (idle, back-pressure,
+/// shutdown) run between turns. Review of the read-ahead (issue 12): a turn
+/// that never ended kept the time of its first frame, and the idle timeout
+/// closed a client that was sending all the while.
+#[tokio::test]
+async fn a_client_streaming_publishes_is_never_taken_for_idle() {
+    use std::io::{Read, Write};
+    use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame};
+    let broker = Broker::start(&["--max-inflight-per-connection", "4", "--idle-timeout-ms", "1000"]);
+    let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
+    s.write_all(&common::hello()).unwrap();
+    // Read everything the broker sends (confirms), so that nothing backs
+    // up, until 300 ms after the answer to the ping that ends the stream
+    // (less than the idle timeout: from then on the client is idle).
+    let mut rd = s.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        rd.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let (mut got, mut frames, mut buf) = (Vec::new(), Vec::new(), vec![0u8; 64 * 1024]);
+        let mut until = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < until {
+            match rd.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => continue,
+            }
+            while got.len() >= 4 {
+                let len = u32::from_be_bytes([got[0], got[1], got[2], got[3]]) as usize;
+                if got.len() < 4 + len {
+                    break;
+                }
+                let f = twinmq_protocol::decode_body::<ServerFrame>(&got[4..4 + len]).unwrap();
+                got.drain(..4 + len);
+                if matches!(f, ServerFrame::Pong { nonce: 42 }) {
+                    until = std::time::Instant::now() + Duration::from_millis(300);
+                }
+                if !matches!(f, ServerFrame::Confirm { .. }) {
+                    frames.push(f);
+                }
+            }
+        }
+        frames
+    });
+    // 20,000 persistent publishes with 4 permits: the broker reads them for
+    // longer than the idle timeout (each 4 wait for a group commit), its
+    // socket never empty meanwhile; then the ping.
+    let mut stream: Vec<u8> = (1..=20_000u64)
+        .flat_map(|seq| {
+            let message = OutMessage { headers: Default::default(), payload: vec![b'x'; 32], ttl_ms: None, persistent: true };
+            common::frame(&ClientFrame::Publish { producer_id: 0, seq, destination: Destination::queue("stream"), message })
+        })
+        .collect();
+    stream.extend(common::frame(&ClientFrame::Ping { nonce: 42 }));
+    s.write_all(&stream).expect("the broker keeps reading a client that sends");
+    let frames = reader.join().unwrap();
+    let errors: Vec<&ServerFrame> = frames.iter().filter(|f| matches!(f, ServerFrame::Error(_))).collect();
+    assert!(errors.is_empty(), "no error for a client that was sending all the while: {errors:?}");
+    assert!(frames.iter().any(|f| matches!(f, ServerFrame::Pong { nonce: 42 })), "the ping after the stream is answered");
+}
