@@ -711,7 +711,7 @@ impl Handler<Wake> for Queue {
 #[rtype(result = "()")]
 pub struct Publish {
     /// `producer_id` is the one the store keys idempotence by: the client's,
-    /// scoped to its user (see `Session::scoped_producer`).
+    /// scoped to its user and destination (see `session::scoped_producer`).
     pub message: StoredMessage,
     /// The producer id as the client sent it, for the confirm.
     pub client_producer: u64,
