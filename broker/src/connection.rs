@@ -358,7 +358,8 @@ where
                         None => {}
                     }
                 }
-                if !frames.is_empty() && session.send(Incoming { frames }).await.is_err() || end || !session.connected() {
+                if !frames.is_empty() && session.send(Incoming { frames }).await.is_err() || end || !session.connected()
+                {
                     break;
                 }
             }

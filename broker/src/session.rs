@@ -19,7 +19,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 use tokio::sync::OwnedSemaphorePermit;
 use twinmq_protocol::{
-    ClientFrame, DestKind, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, OutMessage, Permission, ServerFrame,
+    ClientFrame, DestKind, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, OutMessage, Permission,
+    ServerFrame,
 };
 use twinmq_store::StoredMessage;
 

@@ -412,8 +412,14 @@ async fn a_client_streaming_publishes_is_never_taken_for_idle() {
     // socket never empty meanwhile; then the ping.
     let mut stream: Vec<u8> = (1..=20_000u64)
         .flat_map(|seq| {
-            let message = OutMessage { headers: Default::default(), payload: vec![b'x'; 32], ttl_ms: None, persistent: true };
-            common::frame(&ClientFrame::Publish { producer_id: 0, seq, destination: Destination::queue("stream"), message })
+            let message =
+                OutMessage { headers: Default::default(), payload: vec![b'x'; 32], ttl_ms: None, persistent: true };
+            common::frame(&ClientFrame::Publish {
+                producer_id: 0,
+                seq,
+                destination: Destination::queue("stream"),
+                message,
+            })
         })
         .collect();
     stream.extend(common::frame(&ClientFrame::Ping { nonce: 42 }));
@@ -421,5 +427,8 @@ async fn a_client_streaming_publishes_is_never_taken_for_idle() {
     let frames = reader.join().unwrap();
     let errors: Vec<&ServerFrame> = frames.iter().filter(|f| matches!(f, ServerFrame::Error(_))).collect();
     assert!(errors.is_empty(), "no error for a client that was sending all the while: {errors:?}");
-    assert!(frames.iter().any(|f| matches!(f, ServerFrame::Pong { nonce: 42 })), "the ping after the stream is answered");
+    assert!(
+        frames.iter().any(|f| matches!(f, ServerFrame::Pong { nonce: 42 })),
+        "the ping after the stream is answered"
+    );
 }

@@ -20,7 +20,11 @@ mod profile {
         let mut path = std::path::PathBuf::from(path).into_os_string();
         path.push(format!(".{}", std::process::id()));
         let secs = std::env::var("TWINMQ_PROFILE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20u64);
-        let guard = match pprof::ProfilerGuardBuilder::default().frequency(499).blocklist(&["libc", "libgcc", "pthread", "vdso"]).build() {
+        let guard = match pprof::ProfilerGuardBuilder::default()
+            .frequency(499)
+            .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+            .build()
+        {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("TWINMQ_PROFILE: cannot start the profiler: {e}");
