@@ -581,8 +581,7 @@ impl Session {
                 // Stopped by an earlier frame (a second Hello, Bye).
                 break;
             }
-            let wait = self.handle_frame(frame, permit, ctx);
-            if let Some(wait) = wait {
+            if let Some(wait) = self.handle_frame(frame, permit, ctx) {
                 if frames.len() == 0 {
                     return wait;
                 }

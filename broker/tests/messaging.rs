@@ -277,17 +277,7 @@ fn read_some(s: &mut std::net::TcpStream) -> Vec<twinmq_protocol::ServerFrame> {
         }
         got.extend_from_slice(&buf[..n]);
     }
-    let mut frames = Vec::new();
-    let mut rest = &got[..];
-    while rest.len() >= 4 {
-        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if rest.len() < 4 + len {
-            break;
-        }
-        frames.push(twinmq_protocol::decode_body(&rest[4..4 + len]).unwrap());
-        rest = &rest[4 + len..];
-    }
-    frames
+    common::take_frames(&mut got)
 }
 
 /// The connection hands its session every frame the socket holds in one go
@@ -331,16 +321,7 @@ async fn publishes_read_in_one_go_keep_their_order_across_name_lookups_and_permi
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(_) => continue,
         }
-        let mut frames = Vec::new();
-        while got.len() >= 4 {
-            let len = u32::from_be_bytes([got[0], got[1], got[2], got[3]]) as usize;
-            if got.len() < 4 + len {
-                break;
-            }
-            frames.push(twinmq_protocol::decode_body::<ServerFrame>(&got[4..4 + len]).unwrap());
-            got.drain(..4 + len);
-        }
-        for f in frames {
+        for f in common::take_frames(&mut got) {
             match f {
                 ServerFrame::Confirm { producer_id: 7, seq, duplicate, .. } => {
                     assert!(!duplicate, "seq {seq} confirmed as a duplicate: a frame overtook it");
@@ -390,13 +371,7 @@ async fn a_client_streaming_publishes_is_never_taken_for_idle() {
                 Ok(n) => got.extend_from_slice(&buf[..n]),
                 Err(_) => continue,
             }
-            while got.len() >= 4 {
-                let len = u32::from_be_bytes([got[0], got[1], got[2], got[3]]) as usize;
-                if got.len() < 4 + len {
-                    break;
-                }
-                let f = twinmq_protocol::decode_body::<ServerFrame>(&got[4..4 + len]).unwrap();
-                got.drain(..4 + len);
+            for f in common::take_frames(&mut got) {
                 if matches!(f, ServerFrame::Pong { nonce: 42 }) {
                     until = std::time::Instant::now() + Duration::from_millis(300);
                 }

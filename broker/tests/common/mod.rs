@@ -240,16 +240,23 @@ pub fn read_frames(s: &mut TcpStream, timeout: Duration) -> Vec<twinmq_protocol:
     s.set_read_timeout(Some(timeout)).expect("set read timeout");
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
+    take_frames(&mut buf)
+}
+
+/// The whole frames at the start of `buf` (bytes read from a broker),
+/// decoded and taken out; a partial frame at the end stays for the next read.
+pub fn take_frames(buf: &mut Vec<u8>) -> Vec<twinmq_protocol::ServerFrame> {
     let mut frames = Vec::new();
-    let mut rest = &buf[..];
-    while rest.len() >= 4 {
-        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if rest.len() < 4 + len {
+    let mut at = 0;
+    while buf.len() - at >= 4 {
+        let len = u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+        if buf.len() - at < 4 + len {
             break;
         }
-        frames.push(twinmq_protocol::decode_body(&rest[4..4 + len]).expect("broker frames decode"));
-        rest = &rest[4 + len..];
+        frames.push(twinmq_protocol::decode_body(&buf[at + 4..at + 4 + len]).expect("broker frames decode"));
+        at += 4 + len;
     }
+    buf.drain(..at);
     frames
 }
 
