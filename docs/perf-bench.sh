@@ -9,7 +9,10 @@
 # can be run by turns for an A/B. Every run starts from fresh data
 # directories under $PERF_BENCH_DIR (default /tmp/perf-bench; /dev/shm/...
 # puts them in memory, to see what the disk costs) and stops the brokers it
-# started.
+# started. PERF_BENCH_TLS=1 turns TLS on, on the client port and (pair) on
+# the HA link, with certificates made by the README's openssl recipe.
+# PERF_BENCH_DRAIN=1: after the run (give it --no-consumer), a second bench
+# with --no-producer drains what it stored: the consumer-only figure.
 set -euo pipefail
 mode=${1:-pair}
 count=${2:-1000000}
@@ -21,6 +24,22 @@ C="$bin/twinmq"
 dir=${PERF_BENCH_DIR:-/tmp/perf-bench}
 rm -rf "$dir" && mkdir -p "$dir"
 pids=()
+tls=() hatls=() ctls=()
+if [ "${PERF_BENCH_TLS:-0}" = 1 ]; then
+    command -v openssl >/dev/null || { echo "PERF_BENCH_TLS=1 needs openssl" >&2; exit 2; }
+    (
+        cd "$dir"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+            -subj "/CN=perf CA" -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign" -keyout ca.key -out ca.pem
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=node" -keyout node.key -out node.csr
+        printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n' > node.ext
+        openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile node.ext -out node.crt
+    ) >"$dir/openssl.log" 2>&1 || { cat "$dir/openssl.log" >&2; exit 1; }
+    tls=(--tls-cert "$dir/node.crt" --tls-key "$dir/node.key")
+    hatls=(--ha-tls-cert "$dir/node.crt" --ha-tls-key "$dir/node.key" --ha-tls-ca "$dir/ca.pem" --ha-tls-require-client-cert true)
+    ctls=(--tls-ca "$dir/ca.pem")
+fi
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
@@ -31,25 +50,28 @@ wait_for() { # until "$@" succeeds, at most 30 s
 
 case "$mode" in
 single)
-    "$D" --data-dir "$dir/s" --listen 127.0.0.1:6210 --durability local >"$dir/s.log" 2>&1 &
+    "$D" --data-dir "$dir/s" --listen 127.0.0.1:6210 --durability local "${tls[@]}" >"$dir/s.log" 2>&1 &
     pids+=($!)
-    wait_for "$C" --servers 127.0.0.1:6210 status
+    wait_for "$C" "${ctls[@]}" --servers 127.0.0.1:6210 status
     servers=127.0.0.1:6210
     ;;
 pair)
     secret=$(head -c 32 /dev/urandom | base64)
-    common=(--gateway tcp://127.0.0.1:1 --cluster-secret "$secret" --durability replicated)
+    common=(--gateway tcp://127.0.0.1:1 --cluster-secret "$secret" --durability replicated "${tls[@]}" "${hatls[@]}")
     "$D" --node-id a --data-dir "$dir/a" --listen 127.0.0.1:6211 --ha-listen 127.0.0.1:6311 \
         --peer-ha 127.0.0.1:6312 --priority 200 "${common[@]}" >"$dir/a.log" 2>&1 &
     pids+=($!)
     "$D" --node-id b --data-dir "$dir/b" --listen 127.0.0.1:6212 --ha-listen 127.0.0.1:6312 \
         --peer-ha 127.0.0.1:6311 --priority 100 "${common[@]}" >"$dir/b.log" 2>&1 &
     pids+=($!)
-    in_sync() { "$C" --servers 127.0.0.1:6211 status 2>/dev/null | grep -q '"in_sync": *true'; }
+    in_sync() { "$C" "${ctls[@]}" --servers 127.0.0.1:6211 status 2>/dev/null | grep -q '"in_sync": *true'; }
     wait_for in_sync
     servers=127.0.0.1:6211,127.0.0.1:6212
     ;;
 *) echo "usage: $0 [single|pair] [count] [bin-dir] [bench flags...]" >&2; exit 2 ;;
 esac
 
-"$C" --servers "$servers" bench --count "$count" "$@"
+"$C" "${ctls[@]}" --servers "$servers" bench --count "$count" "$@"
+if [ "${PERF_BENCH_DRAIN:-0}" = 1 ]; then
+    "$C" "${ctls[@]}" --servers "$servers" bench --count "$count" --no-producer
+fi
