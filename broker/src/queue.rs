@@ -331,59 +331,98 @@ impl Queue {
 
     /// Store (or, for a transient message, queue) a publish there is room for.
     fn accept(&mut self, p: Publish) {
-        let (pid, pseq) = p.ids();
-        match (&self.mode, p.persistent, &self.me) {
-            (QueueMode::Stored { key }, true, Some(me)) => {
-                let me = me.clone();
-                let reply = p.reply;
-                let permit = p.permit;
-                let received = p.received;
-                let label = self.label.clone();
-                let bytes = p.message.weight();
-                self.pending += 1;
-                self.pending_bytes += bytes;
-                self.writer.submit(
-                    vec![Op::Enqueue { message: p.message, queues: vec![key.clone()] }],
-                    Box::new(move |r| {
-                        let _permit = permit;
-                        let enqueued = |ops: Vec<Op>| {
-                            ops.into_iter()
-                                .filter_map(|op| match op {
-                                    Op::Enqueue { message, .. } => Some(Arc::new(message)),
-                                    _ => None,
-                                })
-                                .collect()
-                        };
-                        match r {
-                            Ok(c) => {
-                                let duplicate = c.duplicate;
-                                me.do_send(Committed { messages: enqueued(c.ops), bytes });
-                                // Durable as promised by the store's crate doc ("What a confirmation promises").
-                                let _ = reply.confirm_as(pid, pseq, received, duplicate);
-                            }
-                            Err(e) => {
-                                // Written but never confirmed: in the store all
-                                // the same (a resend is deduplicated), so here too.
-                                let messages = match &e {
-                                    StoreError::Unconfirmed { written, .. } => enqueued(written.ops.clone()),
-                                    _ => Vec::new(),
-                                };
-                                me.do_send(Committed { messages, bytes });
-                                tracing::error!(queue = %label, error = %e, "store failed; publish not confirmed");
-                                let _ = reply.send(publish_error(pid, pseq, store_error_code(&e), e.to_string()));
-                            }
-                        }
-                    }),
-                );
-            }
-            _ => {
-                let mut m = p.message;
-                m.seq = transient_seq();
-                self.push_ready(Entry::new(Arc::new(m), false), false);
-                let _ = p.reply.confirm(pid, pseq, p.received);
-                self.dispatch();
-            }
+        if self.stores(&p) {
+            self.reserve(&p);
+            self.store(vec![p]);
+        } else {
+            self.enqueue_transient(p);
         }
+    }
+
+    /// `p` goes to the store (persistent, into a stored queue).
+    fn stores(&self, p: &Publish) -> bool {
+        p.persistent && self.me.is_some() && self.store_key().is_some()
+    }
+
+    /// Count `p` in the depth while the store writer has it.
+    fn reserve(&mut self, p: &Publish) {
+        self.pending += 1;
+        self.pending_bytes += p.message.weight();
+    }
+
+    /// A transient message (or one for an in-memory queue): ready at once.
+    fn enqueue_transient(&mut self, p: Publish) {
+        let (pid, pseq) = p.ids();
+        let mut m = p.message;
+        m.seq = transient_seq();
+        self.push_ready(Entry::new(Arc::new(m), false), false);
+        let _ = p.reply.confirm(pid, pseq, p.received);
+        self.dispatch();
+    }
+
+    /// Hand reserved publishes to the store writer as one submission (one
+    /// commit, one completion), each confirmed (or refused) on its own.
+    fn store(&mut self, publishes: Vec<Publish>) {
+        let (Some(key), Some(me)) = (self.store_key(), self.me.clone()) else { return };
+        if publishes.is_empty() {
+            return;
+        }
+        let label = self.label.clone();
+        let count = publishes.len();
+        let mut ops = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(count);
+        let mut bytes = 0;
+        for p in publishes {
+            let (pid, pseq) = p.ids();
+            bytes += p.message.weight();
+            replies.push(Reply {
+                store_id: p.message.producer_id,
+                pid,
+                pseq,
+                reply: p.reply,
+                permit: p.permit,
+                received: p.received,
+            });
+            ops.push(Op::Enqueue { message: p.message, queues: vec![key.to_string()] });
+        }
+        self.writer.submit(
+            ops,
+            Box::new(move |r| {
+                let enqueued = |ops: Vec<Op>| {
+                    ops.into_iter()
+                        .filter_map(|op| match op {
+                            Op::Enqueue { message, .. } => Some(Arc::new(message)),
+                            _ => None,
+                        })
+                        .collect()
+                };
+                match r {
+                    Ok(c) => {
+                        me.do_send(Committed { messages: enqueued(c.ops), bytes, count });
+                        // Durable as promised by the store's crate doc ("What a confirmation promises").
+                        for r in replies {
+                            let duplicate = c.duplicate || c.duplicates.contains(&(r.store_id, r.pseq));
+                            let _ = r.reply.confirm_as(r.pid, r.pseq, r.received, duplicate);
+                            drop(r.permit);
+                        }
+                    }
+                    Err(e) => {
+                        // Written but never confirmed: in the store all
+                        // the same (a resend is deduplicated), so here too.
+                        let messages = match &e {
+                            StoreError::Unconfirmed { written, .. } => enqueued(written.ops.clone()),
+                            _ => Vec::new(),
+                        };
+                        me.do_send(Committed { messages, bytes, count });
+                        tracing::error!(queue = %label, error = %e, publishes = count, "store failed; publish not confirmed");
+                        for r in replies {
+                            let _ = r.reply.send(publish_error(r.pid, r.pseq, store_error_code(&e), e.to_string()));
+                            drop(r.permit);
+                        }
+                    }
+                }
+            }),
+        );
     }
 
     /// Record that `entry` is done here (acked, expired, dead-lettered).
@@ -746,10 +785,21 @@ fn publish_error(producer_id: u64, seq: u64, code: ErrorCode, message: String) -
     ServerFrame::Error(ErrorFrame::new(code, ErrorContext::Publish { producer_id, seq }, message))
 }
 
-impl Handler<Publish> for Queue {
-    type Result = ();
+/// Where a stored publish's confirm goes once its commit is back.
+struct Reply {
+    /// The producer id the store keys idempotence by (see [`Publish::message`]).
+    store_id: u64,
+    pid: u64,
+    pseq: u64,
+    reply: Outbound,
+    permit: Option<OwnedSemaphorePermit>,
+    received: Instant,
+}
 
-    fn handle(&mut self, p: Publish, _: &mut Context<Self>) {
+impl Queue {
+    /// `p` if there is room for it now; else refused, or held
+    /// (`queue_full = "block"`).
+    fn admit(&mut self, p: Publish) -> Option<Publish> {
         let (pid, pseq) = p.ids();
         if self.deleted {
             let _ = p.reply.send(publish_error(
@@ -758,7 +808,7 @@ impl Handler<Publish> for Queue {
                 ErrorCode::UnknownDestination,
                 format!("{} was deleted", self.label),
             ));
-            return;
+            return None;
         }
         let full = self.full();
         if full.is_some() || !self.held.is_empty() {
@@ -768,30 +818,68 @@ impl Handler<Publish> for Queue {
                 }
                 self.held.push_back(p);
                 self.want_tick();
-                return;
+                return None;
             }
             let why = full.unwrap_or_else(|| format!("{} is full (publishes are waiting for room)", self.label));
             let _ = p.reply.send(publish_error(pid, pseq, ErrorCode::LimitReached, why));
-            return;
+            return None;
         }
-        self.accept(p);
+        Some(p)
     }
 }
 
-/// A publish this queue submitted is back from the store writer (`messages`
-/// empty: it failed and was not confirmed).
+impl Handler<Publish> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, p: Publish, _: &mut Context<Self>) {
+        if let Some(p) = self.admit(p) {
+            self.accept(p);
+        }
+    }
+}
+
+/// Publishes for this queue a session read in one go, in their order:
+/// those there is room for are stored in one submission (one commit, one
+/// completion, one `Committed`), each confirmed on its own.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Publishes(pub Vec<Publish>);
+
+impl Handler<Publishes> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, ps: Publishes, _: &mut Context<Self>) {
+        let mut stored = Vec::with_capacity(ps.0.len());
+        for p in ps.0 {
+            let Some(p) = self.admit(p) else { continue };
+            if self.stores(&p) {
+                // Counted at once: the next one's room depends on it.
+                self.reserve(&p);
+                stored.push(p);
+            } else {
+                self.enqueue_transient(p);
+            }
+        }
+        self.store(stored);
+    }
+}
+
+/// Publishes this queue submitted are back from the store writer (`messages`
+/// empty: they failed and were not confirmed).
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Committed {
     messages: Vec<Arc<StoredMessage>>,
     /// What the submission counted in `pending_bytes`.
     bytes: usize,
+    /// What it counted in `pending` (its publishes).
+    count: usize,
 }
 
 impl Handler<Committed> for Queue {
     type Result = ();
     fn handle(&mut self, c: Committed, _: &mut Context<Self>) {
-        self.pending = self.pending.saturating_sub(1);
+        self.pending = self.pending.saturating_sub(c.count);
         self.pending_bytes = self.pending_bytes.saturating_sub(c.bytes);
         for m in c.messages {
             self.push_ready(Entry::new(m, true), false);

@@ -170,6 +170,10 @@ pub struct Session {
     node: Addr<Node>,
     config: Arc<Config>,
     targets: HashMap<Destination, Target>,
+    /// Publishes to known queues read in this turn, grouped by queue in
+    /// arrival order: sent as one `queue::Publishes` each before the turn
+    /// ends or waits (see [`Session::send_publishes`]).
+    publishes: Vec<(Addr<Queue>, Vec<queue::Publish>)>,
     subs: HashMap<u32, Subscription>,
     /// Subscribes asked for and not answered yet: they count towards
     /// `max_subscriptions_per_connection` too (a client may pipeline them).
@@ -214,6 +218,7 @@ impl Session {
             node,
             config,
             targets: HashMap::new(),
+            publishes: Vec::new(),
             subs: HashMap::new(),
             subscribing: 0,
             security,
@@ -278,6 +283,25 @@ impl Session {
         match target {
             Target::Queue(q) => q.do_send(p),
             Target::Topic(t) => t.do_send(p),
+        }
+    }
+
+    /// Queue `p` for `queue` with the turn's other publishes to it.
+    fn batch_publish(&mut self, queue: Addr<Queue>, p: queue::Publish) {
+        match self.publishes.iter_mut().find(|(q, _)| *q == queue) {
+            Some((_, batch)) => batch.push(p),
+            None => self.publishes.push((queue, vec![p])),
+        }
+    }
+
+    /// Hand each queue the publishes this turn read for it, in one message
+    /// (one store submission, one commit completion for them all).
+    fn send_publishes(&mut self) {
+        for (queue, batch) in self.publishes.drain(..) {
+            match <[_; 1]>::try_from(batch) {
+                Ok([p]) => queue.do_send(p),
+                Err(batch) => queue.do_send(queue::Publishes(batch)),
+            }
         }
     }
 
@@ -358,7 +382,10 @@ impl Session {
                 Target::Topic(t) => t.connected(),
             };
             if live {
-                Self::publish_to(t, p);
+                match t {
+                    Target::Queue(q) => self.batch_publish(q.clone(), p),
+                    Target::Topic(_) => Self::publish_to(t, p),
+                }
                 return None;
             }
             // Deleted since: resolve the name again.
@@ -582,12 +609,16 @@ impl Session {
                 break;
             }
             if let Some(wait) = self.handle_frame(frame, permit, ctx) {
+                // (What was read before the wait goes now: its confirms may
+                // be what frees the permits the client waits for.)
+                self.send_publishes();
                 if frames.len() == 0 {
                     return wait;
                 }
                 return Box::pin(wait.then(move |(), act, ctx| act.handle_frames(frames, ctx)));
             }
         }
+        self.send_publishes();
         Box::pin(fut::ready(()))
     }
 

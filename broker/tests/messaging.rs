@@ -343,6 +343,68 @@ async fn publishes_read_in_one_go_keep_their_order_across_name_lookups_and_permi
     }
 }
 
+/// Resends among new publishes read in one go (one store submission since
+/// issue 12 groups a turn's publishes per queue): each resend is confirmed
+/// as a duplicate and the new ones are stored. With the store's old check
+/// (one resend made the whole submission a duplicate) the new ones were
+/// confirmed as duplicates and lost.
+#[tokio::test]
+async fn resends_among_new_publishes_read_together_lose_none_of_the_new() {
+    use std::io::{Read, Write};
+    use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame};
+    let broker = Broker::start(&[]);
+    let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
+    let publish = |seq: u64| {
+        let message = OutMessage {
+            headers: Default::default(),
+            payload: format!("m{seq}").into_bytes(),
+            ttl_ms: None,
+            persistent: true,
+        };
+        common::frame(&ClientFrame::Publish { producer_id: 5, seq, destination: Destination::queue("resend"), message })
+    };
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+    let mut confirms = |s: &mut std::net::TcpStream, n: usize| {
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while out.len() < n && std::time::Instant::now() < deadline {
+            match s.read(&mut buf) {
+                Ok(0) => panic!("the broker closed the connection"),
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(_) => continue,
+            }
+            for f in common::take_frames(&mut got) {
+                match f {
+                    ServerFrame::Confirm { producer_id: 5, seq, duplicate, .. } => out.push((seq, duplicate)),
+                    ServerFrame::Welcome { .. } => {}
+                    other => panic!("unexpected frame {other:?}"),
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    };
+    let mut first = common::hello();
+    for seq in 1..=3 {
+        first.extend(publish(seq));
+    }
+    s.write_all(&first).unwrap();
+    assert_eq!(confirms(&mut s, 3), [(1, false), (2, false), (3, false)]);
+    // Written in one piece, so read (and submitted) together.
+    let second: Vec<u8> = [2, 4, 5, 3, 6].into_iter().flat_map(publish).collect();
+    s.write_all(&second).unwrap();
+    assert_eq!(
+        confirms(&mut s, 5),
+        [(2, true), (3, true), (4, false), (5, false), (6, false)],
+        "resends confirmed as duplicates, the new ones stored"
+    );
+    let client = broker.client().await;
+    let mut c = client.subscribe(Destination::queue("resend"), SubscribeOptions::default()).await.unwrap();
+    let got = drain(&mut c, 7, Duration::from_secs(2)).await;
+    assert_eq!(got, ["m1", "m2", "m3", "m4", "m5", "m6"], "each message stored once");
+}
+
 /// A client that keeps the broker reading (its socket never empty, the
 /// permits running out all the time) is heard all along: each frame counts
 /// as heard, and a turn of the connection's read-ahead ends after at most

@@ -61,11 +61,17 @@ pub struct Committed {
     pub epoch: u64,
     /// Sequence number of `ops[0]` (meaningless when `ops` is empty).
     pub first_seq: u64,
-    /// The submitted ops with sequence numbers assigned to their messages;
-    /// empty when the submission was a duplicate publish.
+    /// The submitted ops with sequence numbers assigned to their messages,
+    /// less the resends in `duplicates`; empty when the submission was a
+    /// duplicate publish.
     pub ops: Vec<Op>,
-    /// The submission was an idempotent resend of something already stored.
+    /// The submission was an idempotent resend of something already stored
+    /// (every op of it was).
     pub duplicate: bool,
+    /// (producer id, producer sequence) of each enqueue left out as a resend
+    /// of something already stored, in submission order. Each op is checked
+    /// on its own: one resend among new messages does not make them resends.
+    pub duplicates: Vec<(u64, u64)>,
 }
 
 /// What the writer sends to the peer on one connection.
@@ -1597,42 +1603,44 @@ impl WriterState {
         let first_seq = admitted.first_seq;
         let mut next_seq = first_seq;
         let mut all_ops: Vec<Op> = Vec::new();
-        let mut plan: Vec<(Completion, Option<(u64, usize)>)> = Vec::with_capacity(pending.len());
+        let mut plan: Vec<(Completion, Option<(u64, usize)>, Vec<(u64, u64)>)> = Vec::with_capacity(pending.len());
         for r in pending.drain(..) {
             match r {
                 Request::Submit(ops, done) => {
-                    if ops.is_empty() || self.is_duplicate(&ops) {
-                        plan.push((done, None));
-                        continue;
-                    }
                     let start = next_seq;
-                    let n = ops.len();
+                    let mut skipped = Vec::new();
                     for mut op in ops {
                         if let Op::Enqueue { message, .. } = &mut op {
+                            if message.producer_id != 0 {
+                                let (id, seq) = (message.producer_id, message.producer_seq);
+                                if self.dedup.get(&id).is_some_and(|&last| seq <= last) {
+                                    skipped.push((id, seq));
+                                    continue;
+                                }
+                                self.dedup.insert(id, seq);
+                                self.dirty_dedup.insert(id, seq);
+                                self.dedup_used.insert(id, std::time::Instant::now());
+                            }
                             message.epoch = admitted.epoch;
                             message.seq = next_seq;
-                            if message.producer_id != 0 {
-                                self.dedup.insert(message.producer_id, message.producer_seq);
-                                self.dirty_dedup.insert(message.producer_id, message.producer_seq);
-                                self.dedup_used.insert(message.producer_id, std::time::Instant::now());
-                            }
                         }
                         all_ops.push(op);
                         next_seq += 1;
                     }
-                    plan.push((done, Some((start, n))));
+                    let n = (next_seq - start) as usize;
+                    plan.push((done, (n > 0).then_some((start, n)), skipped));
                 }
-                Request::Barrier(done) => plan.push((done, None)),
+                Request::Barrier(done) => plan.push((done, None, Vec::new())),
                 other => complete(other, Err(StoreError::Replication("not a submission".into()))),
             }
         }
         let epoch = admitted.epoch;
-        let dup = || Committed { epoch, first_seq: 0, ops: Vec::new(), duplicate: true };
+        let dup = |duplicates| Committed { epoch, first_seq: 0, ops: Vec::new(), duplicate: true, duplicates };
         if all_ops.is_empty() {
             // Duplicates and barriers: done once everything before them is.
             let seq = self.replica.next_seq() - 1;
-            for (done, _) in plan {
-                self.hold(seq, done, dup());
+            for (done, _, skipped) in plan {
+                self.hold(seq, done, dup(skipped));
             }
             return;
         }
@@ -1650,19 +1658,23 @@ impl WriterState {
                 tracing::error!(error = %e, first_seq, "store write failed; refusing further writes");
                 self.fail_disk(&e.to_string());
                 let pair = !self.config.active;
-                for (done, _) in plan {
+                for (done, _, _) in plan {
                     done(Err(disk_error(e.to_string(), pair)));
                 }
                 return;
             }
         };
         let mut ops = body.ops.into_iter();
-        for (done, slot) in plan {
+        for (done, slot, skipped) in plan {
             let c = match slot {
-                Some((start, n)) => {
-                    Committed { epoch, first_seq: start, ops: ops.by_ref().take(n).collect(), duplicate: false }
-                }
-                None => dup(),
+                Some((start, n)) => Committed {
+                    epoch,
+                    first_seq: start,
+                    ops: ops.by_ref().take(n).collect(),
+                    duplicate: false,
+                    duplicates: skipped,
+                },
+                None => dup(skipped),
             };
             self.held.push_back(Held { seq: last_seq, done, result: c });
         }
@@ -1684,17 +1696,14 @@ impl WriterState {
         }
     }
 
-    fn is_duplicate(&self, ops: &[Op]) -> bool {
-        ops.iter().any(|op| match op {
-            Op::Enqueue { message, .. } if message.producer_id != 0 => {
-                self.dedup.get(&message.producer_id).is_some_and(|&last| message.producer_seq <= last)
-            }
-            _ => false,
-        })
-    }
-
     fn nothing(&self) -> Committed {
-        Committed { epoch: self.replica.epoch(), first_seq: 0, ops: Vec::new(), duplicate: false }
+        Committed {
+            epoch: self.replica.epoch(),
+            first_seq: 0,
+            ops: Vec::new(),
+            duplicate: false,
+            duplicates: Vec::new(),
+        }
     }
 
     /// Write the index checkpoint if records arrived since the last one

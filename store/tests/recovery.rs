@@ -90,6 +90,46 @@ fn a_resend_with_the_same_producer_sequence_is_stored_once() {
     drop(w);
 }
 
+/// Issue 12 (batching publishes): one submission that holds an old resend
+/// and new messages stores the new ones and names the resend; it used to be
+/// taken as a duplicate whole, so the new messages were confirmed and lost.
+#[test]
+fn a_submission_with_one_resend_stores_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut rec) = open(dir.path());
+    let (w, h) = Writer::start(store.clone(), &mut rec, WriterConfig::default()).unwrap();
+    submit(&w, vec![Op::PutQueue { key: "q".into(), spec: queue() }]);
+    submit(&w, vec![Op::Enqueue { message: msg(9, 1, "a"), queues: vec!["q".into()] }]);
+    let enqueue = |p: u64, s: u64, body: &str| Op::Enqueue { message: msg(p, s, body), queues: vec!["q".into()] };
+    // The resend in the middle; a second resend of seq 2 within the same submission.
+    let c = submit(&w, vec![enqueue(9, 2, "b"), enqueue(9, 1, "a"), enqueue(4, 1, "x"), enqueue(9, 2, "b")]);
+    assert!(!c.duplicate, "not a duplicate as a whole");
+    assert_eq!(c.duplicates, vec![(9, 1), (9, 2)]);
+    let stored: Vec<(u64, u64)> = c
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::Enqueue { message, .. } => (message.producer_id, message.producer_seq),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(stored, vec![(9, 2), (4, 1)]);
+    assert_eq!(c.ops.len(), 2);
+    // All resends: a duplicate, naming each.
+    let all = submit(&w, vec![enqueue(9, 1, "a"), enqueue(4, 1, "x")]);
+    assert!(all.duplicate && all.ops.is_empty());
+    assert_eq!(all.duplicates, vec![(9, 1), (4, 1)]);
+    drop(w);
+    h.join().unwrap();
+    store.close().unwrap();
+    let (store, rec) = open(dir.path());
+    let bodies: Vec<String> = rec.messages["q"]
+        .iter()
+        .map(|m| String::from_utf8(store.read_message(m.seq).unwrap().unwrap().payload.clone()).unwrap())
+        .collect();
+    assert_eq!(bodies, ["a", "b", "x"]);
+}
+
 /// Issue 10, finding 5: the table of producer ids only grew (200,000 ids:
 /// 45 MB on disk). An id unused for `producer_expiry` is forgotten, on disk
 /// too; one in use is kept.
