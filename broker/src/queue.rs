@@ -233,6 +233,9 @@ pub struct Queue {
     ready_bytes: usize,
     in_flight_bytes: usize,
     pending_bytes: usize,
+    /// While a `Settles` batch is handled: its ack ops, stored in one
+    /// submission at its end.
+    acks: Option<Vec<Op>>,
 }
 
 impl Queue {
@@ -276,6 +279,7 @@ impl Queue {
             ready_bytes,
             in_flight_bytes: 0,
             pending_bytes: 0,
+            acks: None,
         }
     }
 
@@ -425,26 +429,39 @@ impl Queue {
         );
     }
 
-    /// Record that `entry` is done here (acked, expired, dead-lettered).
-    fn finish(&self, entry: &Entry) {
+    /// Record that `entry` is done here (acked, expired, dead-lettered): in
+    /// the store at once, or with the other settles of a `Settles` batch.
+    fn finish(&mut self, entry: &Entry) {
         if !entry.persistent {
             return;
         }
         if let Some(key) = self.store_key() {
-            let label = self.label.clone();
             let mut ops = vec![Op::Ack { queue: key.to_string(), seq: entry.seq }];
             if entry.count_stored {
                 ops.push(Op::Redelivered { queue: key.to_string(), seq: entry.seq, count: 0 });
             }
-            self.writer.submit(
-                ops,
-                Box::new(move |r| {
-                    if let Err(e) = r {
-                        tracing::error!(queue = %label, error = %e, "could not store an ack");
-                    }
-                }),
-            );
+            match &mut self.acks {
+                Some(batch) => batch.extend(ops),
+                None => self.store_acks(ops),
+            }
         }
+    }
+
+    /// One submission of ack ops (nothing waits for it: an ack lost in a
+    /// crash redelivers the message, at-least-once).
+    fn store_acks(&self, ops: Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        let label = self.label.clone();
+        self.writer.submit(
+            ops,
+            Box::new(move |r| {
+                if let Err(e) = r {
+                    tracing::error!(queue = %label, error = %e, "could not store an ack");
+                }
+            }),
+        );
     }
 
     fn push_ready(&mut self, mut entry: Entry, front: bool) {
@@ -1008,6 +1025,36 @@ pub struct Settle {
 impl Handler<Settle> for Queue {
     type Result = ();
     fn handle(&mut self, s: Settle, _: &mut Context<Self>) {
+        self.settle(s);
+        self.release_held();
+        self.dispatch();
+    }
+}
+
+/// Settles for this queue a session read in one go: their acks are stored
+/// in one submission, and deliveries resume once, after all of them.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Settles(pub Vec<Settle>);
+
+impl Handler<Settles> for Queue {
+    type Result = ();
+    fn handle(&mut self, s: Settles, _: &mut Context<Self>) {
+        self.acks = Some(Vec::new());
+        for s in s.0 {
+            self.settle(s);
+        }
+        let acks = self.acks.take().unwrap_or_default();
+        self.store_acks(acks);
+        self.release_held();
+        self.dispatch();
+    }
+}
+
+impl Queue {
+    /// Ack (store it) or nack (redeliver) a delivery, if it is still the
+    /// settling consumer's; deliveries resume after the caller's settles.
+    fn settle(&mut self, s: Settle) {
         let seq = s.id.seq;
         // Only the consumer it was delivered to may settle it (a late ack after
         // an ack timeout refers to a delivery that is no longer its own).
@@ -1034,8 +1081,6 @@ impl Handler<Settle> for Queue {
         } else {
             self.requeue(f.entry);
         }
-        self.release_held();
-        self.dispatch();
     }
 }
 

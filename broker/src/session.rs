@@ -155,6 +155,14 @@ struct Subscription {
     topic: Option<Addr<Topic>>,
 }
 
+/// Add `item` to `queue`'s group (made at its first item; a turn names few queues).
+fn add_to<T>(groups: &mut Vec<(Addr<Queue>, Vec<T>)>, queue: Addr<Queue>, item: T) {
+    match groups.iter_mut().find(|(q, _)| *q == queue) {
+        Some((_, batch)) => batch.push(item),
+        None => groups.push((queue, vec![item])),
+    }
+}
+
 /// Destinations whose [`producer_scope`] a session keeps at most.
 const MAX_SCOPES: usize = 1024;
 
@@ -172,8 +180,10 @@ pub struct Session {
     targets: HashMap<Destination, Target>,
     /// Publishes to known queues read in this turn, grouped by queue in
     /// arrival order: sent as one `queue::Publishes` each before the turn
-    /// ends or waits (see [`Session::send_publishes`]).
+    /// ends or waits (see [`Session::send_batched`]).
     publishes: Vec<(Addr<Queue>, Vec<queue::Publish>)>,
+    /// Settles read in this turn, likewise grouped by queue.
+    settles: Vec<(Addr<Queue>, Vec<queue::Settle>)>,
     subs: HashMap<u32, Subscription>,
     /// Subscribes asked for and not answered yet: they count towards
     /// `max_subscriptions_per_connection` too (a client may pipeline them).
@@ -219,6 +229,7 @@ impl Session {
             config,
             targets: HashMap::new(),
             publishes: Vec::new(),
+            settles: Vec::new(),
             subs: HashMap::new(),
             subscribing: 0,
             security,
@@ -288,19 +299,23 @@ impl Session {
 
     /// Queue `p` for `queue` with the turn's other publishes to it.
     fn batch_publish(&mut self, queue: Addr<Queue>, p: queue::Publish) {
-        match self.publishes.iter_mut().find(|(q, _)| *q == queue) {
-            Some((_, batch)) => batch.push(p),
-            None => self.publishes.push((queue, vec![p])),
-        }
+        add_to(&mut self.publishes, queue, p);
     }
 
-    /// Hand each queue the publishes this turn read for it, in one message
-    /// (one store submission, one commit completion for them all).
-    fn send_publishes(&mut self) {
+    /// Hand each queue the publishes and settles this turn read for it, in
+    /// one message each (one store submission for its publishes, one for
+    /// its acks).
+    fn send_batched(&mut self) {
         for (queue, batch) in self.publishes.drain(..) {
             match <[_; 1]>::try_from(batch) {
                 Ok([p]) => queue.do_send(p),
                 Err(batch) => queue.do_send(queue::Publishes(batch)),
+            }
+        }
+        for (queue, batch) in self.settles.drain(..) {
+            match <[_; 1]>::try_from(batch) {
+                Ok([s]) => queue.do_send(s),
+                Err(batch) => queue.do_send(queue::Settles(batch)),
             }
         }
     }
@@ -611,20 +626,23 @@ impl Session {
             if let Some(wait) = self.handle_frame(frame, permit, ctx) {
                 // (What was read before the wait goes now: its confirms may
                 // be what frees the permits the client waits for.)
-                self.send_publishes();
+                self.send_batched();
                 if frames.len() == 0 {
                     return wait;
                 }
                 return Box::pin(wait.then(move |(), act, ctx| act.handle_frames(frames, ctx)));
             }
         }
-        self.send_publishes();
+        self.send_batched();
         Box::pin(fut::ready(()))
     }
 
     fn settle(&mut self, sub_id: u32, id: MessageId, ack: bool) {
         match self.subs.get(&sub_id) {
-            Some(s) => s.queue.do_send(queue::Settle { key: self.key(sub_id), id, ack }),
+            Some(s) => {
+                let settle = queue::Settle { key: self.key(sub_id), id, ack };
+                add_to(&mut self.settles, s.queue.clone(), settle);
+            }
             None => tracing::debug!(session = self.id, sub_id, "settle for an unknown subscription ignored"),
         }
     }
@@ -636,6 +654,14 @@ impl Session {
         permit: Option<OwnedSemaphorePermit>,
         ctx: &mut Context<Self>,
     ) -> Option<ResponseActFuture<Self, ()>> {
+        if !matches!(
+            frame,
+            ClientFrame::Publish { .. } | ClientFrame::Ack { .. } | ClientFrame::Nack { .. } | ClientFrame::Ping { .. }
+        ) {
+            // Anything else may act on what the gathered frames act on (an
+            // unsubscribe takes its consumer's deliveries back): they go first.
+            self.send_batched();
+        }
         match frame {
             ClientFrame::Publish { producer_id, seq, destination, message } => {
                 self.handle_publish(producer_id, seq, destination, message, permit)

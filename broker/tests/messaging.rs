@@ -405,6 +405,58 @@ async fn resends_among_new_publishes_read_together_lose_none_of_the_new() {
     assert_eq!(got, ["m1", "m2", "m3", "m4", "m5", "m6"], "each message stored once");
 }
 
+/// Acks and then an unsubscribe, written in one piece: the acks count
+/// (nothing comes back to the next consumer). Since issue 12 a session
+/// gathers a turn's acks per queue; a frame that acts on a subscription must
+/// not overtake them (the unsubscribe took the deliveries back first, the
+/// acks then named deliveries that were no longer the consumer's, and all
+/// three were delivered again).
+#[tokio::test]
+async fn acks_then_an_unsubscribe_read_together_are_acks() {
+    use std::io::{Read, Write};
+    use twinmq_protocol::{ClientFrame, ServerFrame};
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    let producer = client.producer(Destination::queue("acked"));
+    for i in 0..3 {
+        producer.send(Message::persistent(format!("m{i}").into_bytes())).await.unwrap();
+    }
+    let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
+    let mut hello = common::hello();
+    hello.extend(common::frame(&ClientFrame::Subscribe {
+        sub_id: 1,
+        destination: Destination::queue("acked"),
+        durable: None,
+        prefetch: 16,
+    }));
+    s.write_all(&hello).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (mut got, mut buf, mut ids) = (Vec::new(), vec![0u8; 64 * 1024], Vec::new());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ids.len() < 3 && std::time::Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => panic!("the broker closed the connection"),
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(_) => continue,
+        }
+        for f in common::take_frames(&mut got) {
+            if let ServerFrame::Deliver { sub_id: 1, message } = f {
+                ids.push(message.id);
+            }
+        }
+    }
+    assert_eq!(ids.len(), 3, "three deliveries");
+    let mut settle: Vec<u8> =
+        ids.iter().flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id })).collect();
+    settle.extend(common::frame(&ClientFrame::Unsubscribe { sub_id: 1 }));
+    s.write_all(&settle).unwrap();
+    // Once the unsubscribe is through, the next consumer gets nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = client.subscribe(Destination::queue("acked"), SubscribeOptions::default()).await.unwrap();
+    let again = drain(&mut c, 3, Duration::from_millis(700)).await;
+    assert!(again.is_empty(), "acked messages delivered again: {again:?}");
+}
+
 /// A client that keeps the broker reading (its socket never empty, the
 /// permits running out all the time) is heard all along: each frame counts
 /// as heard, and a turn of the connection's read-ahead ends after at most
