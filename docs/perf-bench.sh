@@ -11,6 +11,8 @@
 # puts them in memory, to see what the disk costs) and stops the brokers it
 # started. PERF_BENCH_TLS=1 turns TLS on, on the client port and (pair) on
 # the HA link, with certificates made by the README's openssl recipe.
+# PERF_BENCH_NODE_FLAGS: more twinmqd flags for every node (word-split), e.g.
+# "--max-queue-bytes 4294967296" for a producer-only run past 1 GiB.
 # PERF_BENCH_DRAIN=1: after the run (give it --no-consumer), a second bench
 # with --no-producer drains what it stored: the consumer-only figure.
 set -euo pipefail
@@ -25,6 +27,7 @@ dir=${PERF_BENCH_DIR:-/tmp/perf-bench}
 rm -rf "$dir" && mkdir -p "$dir"
 pids=()
 tls=() hatls=() ctls=()
+read -r -a extra <<< "${PERF_BENCH_NODE_FLAGS:-}"
 if [ "${PERF_BENCH_TLS:-0}" = 1 ]; then
     command -v openssl >/dev/null || { echo "PERF_BENCH_TLS=1 needs openssl" >&2; exit 2; }
     (
@@ -50,14 +53,14 @@ wait_for() { # until "$@" succeeds, at most 30 s
 
 case "$mode" in
 single)
-    "$D" --data-dir "$dir/s" --listen 127.0.0.1:6210 --durability local "${tls[@]}" >"$dir/s.log" 2>&1 &
+    "$D" --data-dir "$dir/s" --listen 127.0.0.1:6210 --durability local "${tls[@]}" "${extra[@]}" >"$dir/s.log" 2>&1 &
     pids+=($!)
     wait_for "$C" "${ctls[@]}" --servers 127.0.0.1:6210 status
     servers=127.0.0.1:6210
     ;;
 pair)
     secret=$(head -c 32 /dev/urandom | base64)
-    common=(--gateway tcp://127.0.0.1:1 --cluster-secret "$secret" --durability replicated "${tls[@]}" "${hatls[@]}")
+    common=(--gateway tcp://127.0.0.1:1 --cluster-secret "$secret" --durability replicated "${tls[@]}" "${hatls[@]}" "${extra[@]}")
     "$D" --node-id a --data-dir "$dir/a" --listen 127.0.0.1:6211 --ha-listen 127.0.0.1:6311 \
         --peer-ha 127.0.0.1:6312 --priority 200 "${common[@]}" >"$dir/a.log" 2>&1 &
     pids+=($!)
