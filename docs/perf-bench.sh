@@ -22,7 +22,7 @@ bin=${3:-./target/release}
 shift $(( $# < 3 ? $# : 3 ))
 D="$bin/twinmqd"
 C="$bin/twinmq"
-[ -x "$D" ] && [ -x "$C" ] || { echo "build first: cargo build --release (no $D or $C)" >&2; exit 2; }
+[ -x "$D" ] && [ -x "$C" ] || { echo "build first: cargo build --release --workspace (no $D or $C)" >&2; exit 2; }
 dir=${PERF_BENCH_DIR:-/tmp/perf-bench}
 rm -rf "$dir" && mkdir -p "$dir"
 pids=()

@@ -9,13 +9,13 @@
 # a blob file unsynced.
 #
 #   docs/strace-sync.sh [N]            (default 5000; needs strace and the
-#                                       release binaries: cargo build --release)
+#                                       release binaries: cargo build --release --workspace)
 set -euo pipefail
 n="${1:-5000}"
 cd "$(dirname "$0")/.."
 command -v strace >/dev/null || { echo "SKIPPED: strace is not installed (apt-get install strace)"; exit 0; }
 bin=target/release
-[ -x $bin/twinmqd ] && [ -x $bin/twinmq ] || { echo "build first: cargo build --release"; exit 2; }
+[ -x $bin/twinmqd ] && [ -x $bin/twinmq ] || { echo "build first: cargo build --release --workspace"; exit 2; }
 tmp=$(mktemp -d)
 pids=()
 cleanup() {
