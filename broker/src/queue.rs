@@ -367,10 +367,20 @@ impl Queue {
     /// Hand reserved publishes to the store writer as one submission (one
     /// commit, one completion), each confirmed (or refused) on its own.
     fn store(&mut self, publishes: Vec<Publish>) {
-        let (Some(key), Some(me)) = (self.store_key(), self.me.clone()) else { return };
         if publishes.is_empty() {
             return;
         }
+        let (Some(key), Some(me)) = (self.store_key().map(str::to_owned), self.me.clone()) else {
+            // (`stores` said yes to each: not reached.) Never dropped unanswered.
+            for p in publishes {
+                self.pending = self.pending.saturating_sub(1);
+                self.pending_bytes = self.pending_bytes.saturating_sub(p.message.weight());
+                let (pid, pseq) = p.ids();
+                let why = format!("{} cannot store messages", self.label);
+                let _ = p.reply.send(publish_error(pid, pseq, ErrorCode::StoreFailed, why));
+            }
+            return;
+        };
         let label = self.label.clone();
         let count = publishes.len();
         let mut ops = Vec::with_capacity(count);
@@ -379,15 +389,8 @@ impl Queue {
         for p in publishes {
             let (pid, pseq) = p.ids();
             bytes += p.message.weight();
-            replies.push(Reply {
-                store_id: p.message.producer_id,
-                pid,
-                pseq,
-                reply: p.reply,
-                permit: p.permit,
-                received: p.received,
-            });
-            ops.push(Op::Enqueue { message: p.message, queues: vec![key.to_string()] });
+            replies.push(Reply { pid, pseq, reply: p.reply, permit: p.permit, received: p.received });
+            ops.push(Op::Enqueue { message: p.message, queues: vec![key.clone()] });
         }
         self.writer.submit(
             ops,
@@ -404,8 +407,8 @@ impl Queue {
                     Ok(c) => {
                         me.do_send(Committed { messages: enqueued(c.ops), bytes, count });
                         // Durable as promised by the store's crate doc ("What a confirmation promises").
-                        for r in replies {
-                            let duplicate = c.duplicate || c.duplicates.contains(&(r.store_id, r.pseq));
+                        for (i, r) in replies.into_iter().enumerate() {
+                            let duplicate = c.duplicate || c.duplicates.binary_search(&i).is_ok();
                             let _ = r.reply.confirm_as(r.pid, r.pseq, r.received, duplicate);
                             drop(r.permit);
                         }
@@ -804,8 +807,6 @@ fn publish_error(producer_id: u64, seq: u64, code: ErrorCode, message: String) -
 
 /// Where a stored publish's confirm goes once its commit is back.
 struct Reply {
-    /// The producer id the store keys idempotence by (see [`Publish::message`]).
-    store_id: u64,
     pid: u64,
     pseq: u64,
     reply: Outbound,

@@ -302,20 +302,23 @@ impl Session {
         add_to(&mut self.publishes, queue, p);
     }
 
-    /// Hand each queue the publishes and settles this turn read for it, in
-    /// one message each (one store submission for its publishes, one for
-    /// its acks).
+    /// Hand each queue the settles and publishes this turn read for it, in
+    /// one message each (one store submission for its acks, one for its
+    /// publishes). Settles first: an ack read before a publish may be what
+    /// makes room for it in a full queue (review: a publish refused with
+    /// LimitReached behind the acks that freed the room); one read after a
+    /// publish only frees the room a little earlier.
     fn send_batched(&mut self) {
-        for (queue, batch) in self.publishes.drain(..) {
-            match <[_; 1]>::try_from(batch) {
-                Ok([p]) => queue.do_send(p),
-                Err(batch) => queue.do_send(queue::Publishes(batch)),
-            }
-        }
         for (queue, batch) in self.settles.drain(..) {
             match <[_; 1]>::try_from(batch) {
                 Ok([s]) => queue.do_send(s),
                 Err(batch) => queue.do_send(queue::Settles(batch)),
+            }
+        }
+        for (queue, batch) in self.publishes.drain(..) {
+            match <[_; 1]>::try_from(batch) {
+                Ok([p]) => queue.do_send(p),
+                Err(batch) => queue.do_send(queue::Publishes(batch)),
             }
         }
     }

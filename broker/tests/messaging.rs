@@ -392,11 +392,13 @@ async fn resends_among_new_publishes_read_together_lose_none_of_the_new() {
     s.write_all(&first).unwrap();
     assert_eq!(confirms(&mut s, 3), [(1, false), (2, false), (3, false)]);
     // Written in one piece, so read (and submitted) together.
-    let second: Vec<u8> = [2, 4, 5, 3, 6].into_iter().flat_map(publish).collect();
+    // 6 twice: the first is stored, the second is its resend (review: both
+    // were confirmed as duplicates, the stored one included).
+    let second: Vec<u8> = [2, 4, 5, 3, 6, 6].into_iter().flat_map(publish).collect();
     s.write_all(&second).unwrap();
     assert_eq!(
-        confirms(&mut s, 5),
-        [(2, true), (3, true), (4, false), (5, false), (6, false)],
+        confirms(&mut s, 6),
+        [(2, true), (3, true), (4, false), (5, false), (6, false), (6, true)],
         "resends confirmed as duplicates, the new ones stored"
     );
     let client = broker.client().await;
@@ -455,6 +457,77 @@ async fn acks_then_an_unsubscribe_read_together_are_acks() {
     let mut c = client.subscribe(Destination::queue("acked"), SubscribeOptions::default()).await.unwrap();
     let again = drain(&mut c, 3, Duration::from_millis(700)).await;
     assert!(again.is_empty(), "acked messages delivered again: {again:?}");
+}
+
+/// Acks and then a publish to the same full queue, written in one piece:
+/// the acks make the room the publish takes. Review of the grouping (issue
+/// 12): a turn's publishes were handed over before its acks, so the publish
+/// found the queue still full and was refused with LimitReached.
+#[tokio::test]
+async fn acks_read_before_a_publish_make_room_for_it() {
+    use std::io::{Read, Write};
+    use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame};
+    let broker = Broker::start(&["--max-queue-depth", "2"]);
+    let publish = |seq: u64| {
+        let message = OutMessage {
+            headers: Default::default(),
+            payload: format!("m{seq}").into_bytes(),
+            ttl_ms: None,
+            persistent: true,
+        };
+        common::frame(&ClientFrame::Publish { producer_id: 9, seq, destination: Destination::queue("room"), message })
+    };
+    let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+    let mut read = |s: &mut std::net::TcpStream| {
+        match s.read(&mut buf) {
+            Ok(0) => panic!("the broker closed the connection"),
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(_) => {}
+        }
+        common::take_frames(&mut got)
+    };
+    // Two publishes fill the queue (and make the queue's address known to
+    // the session: no name lookup, which would send the acks first anyway).
+    let mut first = common::hello();
+    first.extend(publish(1));
+    first.extend(publish(2));
+    s.write_all(&first).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut confirmed = 0;
+    while confirmed < 2 && std::time::Instant::now() < deadline {
+        confirmed += read(&mut s).iter().filter(|f| matches!(f, ServerFrame::Confirm { .. })).count();
+    }
+    s.write_all(&common::frame(&ClientFrame::Subscribe {
+        sub_id: 1,
+        destination: Destination::queue("room"),
+        durable: None,
+        prefetch: 2,
+    }))
+    .unwrap();
+    let mut ids = Vec::new();
+    while ids.len() < 2 && std::time::Instant::now() < deadline {
+        for f in read(&mut s) {
+            if let ServerFrame::Deliver { sub_id: 1, message } = f {
+                ids.push(message.id);
+            }
+        }
+    }
+    assert_eq!(ids.len(), 2, "two deliveries");
+    // The queue is full (two delivered, unacked): ack both, then publish.
+    let mut bytes: Vec<u8> =
+        ids.iter().flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id })).collect();
+    bytes.extend(publish(3));
+    s.write_all(&bytes).unwrap();
+    let mut answer = None;
+    while answer.is_none() && std::time::Instant::now() < deadline {
+        answer = read(&mut s).into_iter().find(|f| matches!(f, ServerFrame::Confirm { .. } | ServerFrame::Error(_)));
+    }
+    assert!(
+        matches!(answer, Some(ServerFrame::Confirm { producer_id: 9, seq: 3, duplicate: false })),
+        "the publish after the acks: {answer:?}"
+    );
 }
 
 /// A client that keeps the broker reading (its socket never empty, the

@@ -68,10 +68,11 @@ pub struct Committed {
     /// The submission was an idempotent resend of something already stored
     /// (every op of it was).
     pub duplicate: bool,
-    /// (producer id, producer sequence) of each enqueue left out as a resend
-    /// of something already stored, in submission order. Each op is checked
-    /// on its own: one resend among new messages does not make them resends.
-    pub duplicates: Vec<(u64, u64)>,
+    /// Where in the submitted ops (ascending indexes) each enqueue left out
+    /// as a resend of something already stored was. Each op is checked on
+    /// its own: one resend among new messages does not make them resends,
+    /// and of two with the same producer sequence the first is stored.
+    pub duplicates: Vec<usize>,
 }
 
 /// What the writer sends to the peer on one connection.
@@ -1603,18 +1604,20 @@ impl WriterState {
         let first_seq = admitted.first_seq;
         let mut next_seq = first_seq;
         let mut all_ops: Vec<Op> = Vec::new();
-        let mut plan: Vec<(Completion, Option<(u64, usize)>, Vec<(u64, u64)>)> = Vec::with_capacity(pending.len());
+        // Per submission: its completion, (first seq, ops stored), the resends left out.
+        type Planned = (Completion, Option<(u64, usize)>, Vec<usize>);
+        let mut plan: Vec<Planned> = Vec::with_capacity(pending.len());
         for r in pending.drain(..) {
             match r {
                 Request::Submit(ops, done) => {
                     let start = next_seq;
                     let mut skipped = Vec::new();
-                    for mut op in ops {
+                    for (i, mut op) in ops.into_iter().enumerate() {
                         if let Op::Enqueue { message, .. } = &mut op {
                             if message.producer_id != 0 {
                                 let (id, seq) = (message.producer_id, message.producer_seq);
                                 if self.dedup.get(&id).is_some_and(|&last| seq <= last) {
-                                    skipped.push((id, seq));
+                                    skipped.push(i);
                                     continue;
                                 }
                                 self.dedup.insert(id, seq);
