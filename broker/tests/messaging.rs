@@ -289,39 +289,22 @@ fn read_some(s: &mut std::net::TcpStream) -> Vec<twinmq_protocol::ServerFrame> {
 #[tokio::test]
 async fn publishes_read_in_one_go_keep_their_order_across_name_lookups_and_permits() {
     use std::io::Write;
-    use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame};
+    use twinmq_protocol::ServerFrame;
     let broker = Broker::start(&["--max-inflight-per-connection", "64"]);
     let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
     let mut bytes = common::hello();
     let queues = ["batch-a", "batch-b", "batch-c"];
     for seq in 1..=600u64 {
         let q = queues[(seq % 3) as usize];
-        let message = OutMessage {
-            headers: Default::default(),
-            payload: format!("{q}-{seq}").into_bytes(),
-            ttl_ms: None,
-            persistent: true,
-        };
-        bytes.extend(common::frame(&ClientFrame::Publish {
-            producer_id: 7,
-            seq,
-            destination: Destination::queue(q),
-            message,
-        }));
+        bytes.extend(common::publish(7, seq, q, &format!("{q}-{seq}")));
     }
     s.write_all(&bytes).unwrap();
     let mut confirmed = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+    let mut frames = common::Frames::default();
     while confirmed.len() < 600 && std::time::Instant::now() < deadline {
-        use std::io::Read;
-        match s.read(&mut buf) {
-            Ok(0) => panic!("the broker closed the connection"),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(_) => continue,
-        }
-        for f in common::take_frames(&mut got) {
+        for f in frames.read(&mut s) {
             match f {
                 ServerFrame::Confirm { producer_id: 7, seq, duplicate, .. } => {
                     assert!(!duplicate, "seq {seq} confirmed as a duplicate: a frame overtook it");
@@ -350,31 +333,18 @@ async fn publishes_read_in_one_go_keep_their_order_across_name_lookups_and_permi
 /// confirmed as duplicates and lost.
 #[tokio::test]
 async fn resends_among_new_publishes_read_together_lose_none_of_the_new() {
-    use std::io::{Read, Write};
-    use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame};
+    use std::io::Write;
+    use twinmq_protocol::ServerFrame;
     let broker = Broker::start(&[]);
     let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
-    let publish = |seq: u64| {
-        let message = OutMessage {
-            headers: Default::default(),
-            payload: format!("m{seq}").into_bytes(),
-            ttl_ms: None,
-            persistent: true,
-        };
-        common::frame(&ClientFrame::Publish { producer_id: 5, seq, destination: Destination::queue("resend"), message })
-    };
+    let publish = |seq: u64| common::publish(5, seq, "resend", &format!("m{seq}"));
     s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+    let mut frames = common::Frames::default();
     let mut confirms = |s: &mut std::net::TcpStream, n: usize| {
         let mut out = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while out.len() < n && std::time::Instant::now() < deadline {
-            match s.read(&mut buf) {
-                Ok(0) => panic!("the broker closed the connection"),
-                Ok(k) => got.extend_from_slice(&buf[..k]),
-                Err(_) => continue,
-            }
-            for f in common::take_frames(&mut got) {
+            for f in frames.read(s) {
                 match f {
                     ServerFrame::Confirm { producer_id: 5, seq, duplicate, .. } => out.push((seq, duplicate)),
                     ServerFrame::Welcome { .. } => {}
@@ -415,7 +385,7 @@ async fn resends_among_new_publishes_read_together_lose_none_of_the_new() {
 /// three were delivered again).
 #[tokio::test]
 async fn acks_then_an_unsubscribe_read_together_are_acks() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use twinmq_protocol::{ClientFrame, ServerFrame};
     let broker = Broker::start(&[]);
     let client = broker.client().await;
@@ -433,15 +403,10 @@ async fn acks_then_an_unsubscribe_read_together_are_acks() {
     }));
     s.write_all(&hello).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let (mut got, mut buf, mut ids) = (Vec::new(), vec![0u8; 64 * 1024], Vec::new());
+    let (mut frames, mut ids) = (common::Frames::default(), Vec::new());
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while ids.len() < 3 && std::time::Instant::now() < deadline {
-        match s.read(&mut buf) {
-            Ok(0) => panic!("the broker closed the connection"),
-            Ok(k) => got.extend_from_slice(&buf[..k]),
-            Err(_) => continue,
-        }
-        for f in common::take_frames(&mut got) {
+        for f in frames.read(&mut s) {
             if let ServerFrame::Deliver { sub_id: 1, message } = f {
                 ids.push(message.id);
             }
@@ -465,29 +430,14 @@ async fn acks_then_an_unsubscribe_read_together_are_acks() {
 /// found the queue still full and was refused with LimitReached.
 #[tokio::test]
 async fn acks_read_before_a_publish_make_room_for_it() {
-    use std::io::{Read, Write};
-    use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame};
+    use std::io::Write;
+    use twinmq_protocol::{ClientFrame, ServerFrame};
     let broker = Broker::start(&["--max-queue-depth", "2"]);
-    let publish = |seq: u64| {
-        let message = OutMessage {
-            headers: Default::default(),
-            payload: format!("m{seq}").into_bytes(),
-            ttl_ms: None,
-            persistent: true,
-        };
-        common::frame(&ClientFrame::Publish { producer_id: 9, seq, destination: Destination::queue("room"), message })
-    };
+    let publish = |seq: u64| common::publish(9, seq, "room", &format!("m{seq}"));
     let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
-    let mut read = |s: &mut std::net::TcpStream| {
-        match s.read(&mut buf) {
-            Ok(0) => panic!("the broker closed the connection"),
-            Ok(k) => got.extend_from_slice(&buf[..k]),
-            Err(_) => {}
-        }
-        common::take_frames(&mut got)
-    };
+    let mut frames = common::Frames::default();
+    let mut read = |s: &mut std::net::TcpStream| frames.read(s);
     // Two publishes fill the queue (and make the queue's address known to
     // the session: no name lookup, which would send the acks first anyway).
     let mut first = common::hello();

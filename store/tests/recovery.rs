@@ -20,6 +20,14 @@ fn msg(producer_id: u64, producer_seq: u64, body: &str) -> StoredMessage {
     }
 }
 
+/// The bodies of queue `q`'s messages as recovered, in order.
+fn bodies(store: &Store, rec: &Recovered) -> Vec<String> {
+    rec.messages["q"]
+        .iter()
+        .map(|m| String::from_utf8(store.read_message(m.seq).unwrap().unwrap().payload.clone()).unwrap())
+        .collect()
+}
+
 fn queue() -> QueueSpec {
     QueueSpec { kind: QueueKind::Queue }
 }
@@ -68,10 +76,7 @@ fn acked_messages_stay_gone_and_unacked_come_back_in_order() {
     store.close().unwrap();
 
     let (store, rec) = open(dir.path());
-    let bodies: Vec<String> = rec.messages["q"]
-        .iter()
-        .map(|m| String::from_utf8(store.read_message(m.seq).unwrap().unwrap().payload.clone()).unwrap())
-        .collect();
+    let bodies = bodies(&store, &rec);
     assert_eq!(bodies, (4..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
     assert_eq!(rec.dedup.get(&7), Some(&10));
     assert!(rec.next_seq > *seqs.last().unwrap());
@@ -124,10 +129,7 @@ fn a_submission_with_one_resend_stores_the_rest() {
     h.join().unwrap();
     store.close().unwrap();
     let (store, rec) = open(dir.path());
-    let bodies: Vec<String> = rec.messages["q"]
-        .iter()
-        .map(|m| String::from_utf8(store.read_message(m.seq).unwrap().unwrap().payload.clone()).unwrap())
-        .collect();
+    let bodies = bodies(&store, &rec);
     assert_eq!(bodies, ["a", "b", "x"]);
 }
 
@@ -411,10 +413,7 @@ fn a_store_made_with_the_earlier_segment_size_is_migrated_at_open_and_the_old_co
     assert!(conf.contains("segment_size: 524288"), "{conf}");
 
     let (store, rec) = open(&old);
-    let bodies: Vec<String> = rec.messages["q"]
-        .iter()
-        .map(|m| String::from_utf8(store.read_message(m.seq).unwrap().unwrap().payload.clone()).unwrap())
-        .collect();
+    let bodies = bodies(&store, &rec);
     assert_eq!(bodies, (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>());
     assert_eq!(rec.dedup.get(&5), Some(&20));
     let conf = String::from_utf8_lossy(&std::fs::read(old.join("conf")).unwrap()).into_owned();

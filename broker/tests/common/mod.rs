@@ -233,6 +233,44 @@ pub fn hello_offering(versions: twinmq_protocol::VersionRange) -> Vec<u8> {
     })
 }
 
+/// A persistent publish of `payload` to queue `queue` as raw bytes.
+pub fn publish(producer_id: u64, seq: u64, queue: &str, payload: &str) -> Vec<u8> {
+    let message = twinmq_protocol::OutMessage {
+        headers: Default::default(),
+        payload: payload.as_bytes().to_vec(),
+        ttl_ms: None,
+        persistent: true,
+    };
+    frame(&twinmq_protocol::ClientFrame::Publish {
+        producer_id,
+        seq,
+        destination: twinmq_protocol::Destination::queue(queue),
+        message,
+    })
+}
+
+/// The frames a broker sends on a raw socket, as they come.
+#[derive(Default)]
+pub struct Frames {
+    got: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Frames {
+    /// What one read brings (waiting up to the socket's read timeout;
+    /// nothing if it passes), as whole frames; panics if the broker closed.
+    pub fn read(&mut self, s: &mut TcpStream) -> Vec<twinmq_protocol::ServerFrame> {
+        use std::io::Read;
+        self.buf.resize(64 * 1024, 0);
+        match s.read(&mut self.buf) {
+            Ok(0) => panic!("the broker closed the connection"),
+            Ok(n) => self.got.extend_from_slice(&self.buf[..n]),
+            Err(_) => {}
+        }
+        take_frames(&mut self.got)
+    }
+}
+
 /// Read the frames a broker sends on a raw socket until it closes the
 /// connection or `timeout` passes without data.
 pub fn read_frames(s: &mut TcpStream, timeout: Duration) -> Vec<twinmq_protocol::ServerFrame> {
