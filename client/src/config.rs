@@ -8,7 +8,7 @@ use twinmq_protocol::DEFAULT_MAX_FRAME_BYTES;
 ///
 /// ```
 /// use twinmq_client::ClientConfig;
-/// let config = ClientConfig::new(["10.0.0.1:7878", "10.0.0.2:7878"]).user("app").password("secret").window(512);
+/// let config = ClientConfig::new(["10.0.0.1:5570", "10.0.0.2:5570"]).user("app").password("secret").window(512);
 /// assert_eq!(config.servers.len(), 2);
 /// ```
 #[derive(Debug, Clone)]

@@ -70,7 +70,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), twinmq_client::ClientError> {
 //! use twinmq_client::{Client, ClientConfig, Destination, Message, SubscribeOptions};
-//! let client = Client::connect(ClientConfig::new(["127.0.0.1:7878", "127.0.0.2:7878"])).await?;
+//! let client = Client::connect(ClientConfig::new(["127.0.0.1:5570", "127.0.0.2:5570"])).await?;
 //! let producer = client.producer(Destination::queue("orders"));
 //! producer.send(Message::persistent("hello")).await?;
 //! let mut consumer = client.subscribe(Destination::queue("orders"), SubscribeOptions::default()).await?;
