@@ -174,7 +174,7 @@ type Check = Box<dyn FnOnce() + Send>;
 /// What failed logins may cost (issue 10, finding 2): password checks run on
 /// a fixed set of threads (so memory held by argon2 stays at most one
 /// check's worth per thread, whatever the flood), at most
-/// [`MAX_WAITING_CHECKS`] wait for one, and a (user, source address) that
+/// `MAX_WAITING_CHECKS` wait for one, and a (user, source address) that
 /// keeps failing is refused at once for a growing pause. Per address, so
 /// that an attacker elsewhere cannot lock a user out.
 pub struct LoginGate {

@@ -110,7 +110,7 @@ fn user_flag(text: &str) -> Result<UserConfig, String> {
 #[command(name = "twinmqd", version, about = "twinmq broker daemon", long_about = None)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// TOML configuration file; the environment (TWINMQ_<KEY>) and flags override its keys.
+    /// TOML configuration file; the environment (`TWINMQ_<KEY>`) and flags override its keys.
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,

@@ -1,7 +1,7 @@
 //! twinmq-ha: the active/passive pair.
 //!
 //! Owns: the role an operator sees ([`Role`]), the pure role decision
-//! ([`decide`]), the HA link (framing, optional TLS — [`tls`] — and the
+//! ([`decide()`](fn@decide)), the HA link (framing, optional TLS — [`tls`] — and the
 //! challenge/response on the cluster secret), the `PeerMonitor` and `WitnessProber` actors and the
 //! `RoleArbiter` that calls the decision and carries it out (DESIGN.md
 //! sections 3 and 4). Replication itself is the store writer's job

@@ -11,7 +11,7 @@
 //! 30 s, or the checker calls it stuck; sometimes the next round starts at
 //! once, on a pair still recovering.
 //!
-//! The menu (weights in [`MENU`]; the first rounds take each kind once, in
+//! The menu (weights in `MENU`; the first rounds take each kind once, in
 //! a seeded order, so that a run of 13 faults or more has them all):
 //! - cables ([`Cable`]): one, or several at once (any combination,
 //!   gateway and client included), plus what overlaps add;
