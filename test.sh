@@ -24,8 +24,8 @@ has_browser || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     if $root && command -v apt-get >/dev/null; then
         echo "installing: ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
+        { apt-get update -qq &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } ||
             loud "could not install ${missing[*]} (the parts that need them are skipped below)"
     else
         loud "not root with apt-get: cannot install ${missing[*]}"
