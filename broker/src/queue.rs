@@ -233,9 +233,6 @@ pub struct Queue {
     ready_bytes: usize,
     in_flight_bytes: usize,
     pending_bytes: usize,
-    /// While a `Settles` batch is handled: its ack ops, stored in one
-    /// submission at its end.
-    acks: Option<Vec<Op>>,
 }
 
 impl Queue {
@@ -279,7 +276,6 @@ impl Queue {
             ready_bytes,
             in_flight_bytes: 0,
             pending_bytes: 0,
-            acks: None,
         }
     }
 
@@ -335,23 +331,22 @@ impl Queue {
 
     /// Store (or, for a transient message, queue) a publish there is room for.
     fn accept(&mut self, p: Publish) {
-        if self.stores(&p) {
-            self.reserve(&p);
-            self.store(vec![p]);
+        let mut stored = Vec::new();
+        self.take(p, &mut stored);
+        self.store(stored);
+    }
+
+    /// A publish there is room for: a persistent one for a stored queue is
+    /// counted in the depth at once (the next one's room depends on it) and
+    /// added to `stored`, for [`Queue::store`]; any other is ready at once.
+    fn take(&mut self, p: Publish, stored: &mut Vec<Publish>) {
+        if p.persistent && self.me.is_some() && self.store_key().is_some() {
+            self.pending += 1;
+            self.pending_bytes += p.message.weight();
+            stored.push(p);
         } else {
             self.enqueue_transient(p);
         }
-    }
-
-    /// `p` goes to the store (persistent, into a stored queue).
-    fn stores(&self, p: &Publish) -> bool {
-        p.persistent && self.me.is_some() && self.store_key().is_some()
-    }
-
-    /// Count `p` in the depth while the store writer has it.
-    fn reserve(&mut self, p: &Publish) {
-        self.pending += 1;
-        self.pending_bytes += p.message.weight();
     }
 
     /// A transient message (or one for an in-memory queue): ready at once.
@@ -371,7 +366,7 @@ impl Queue {
             return;
         }
         let (Some(key), Some(me)) = (self.store_key().map(str::to_owned), self.me.clone()) else {
-            // (`stores` said yes to each: not reached.) Never dropped unanswered.
+            // (`take` checked this for each: not reached.) Never dropped unanswered.
             for p in publishes {
                 self.pending = self.pending.saturating_sub(1);
                 self.pending_bytes = self.pending_bytes.saturating_sub(p.message.weight());
@@ -432,20 +427,23 @@ impl Queue {
         );
     }
 
-    /// Record that `entry` is done here (acked, expired, dead-lettered): in
-    /// the store at once, or with the other settles of a `Settles` batch.
-    fn finish(&mut self, entry: &Entry) {
+    /// Record that `entry` is done here (acked, expired, dead-lettered).
+    fn finish(&self, entry: &Entry) {
+        let mut ops = Vec::new();
+        self.ack_ops(entry, &mut ops);
+        self.store_acks(ops);
+    }
+
+    /// The ops that record `entry` as done, added to `ops` (none for a
+    /// transient message or an in-memory queue).
+    fn ack_ops(&self, entry: &Entry, ops: &mut Vec<Op>) {
         if !entry.persistent {
             return;
         }
         if let Some(key) = self.store_key() {
-            let mut ops = vec![Op::Ack { queue: key.to_string(), seq: entry.seq }];
+            ops.push(Op::Ack { queue: key.to_string(), seq: entry.seq });
             if entry.count_stored {
                 ops.push(Op::Redelivered { queue: key.to_string(), seq: entry.seq, count: 0 });
-            }
-            match &mut self.acks {
-                Some(batch) => batch.extend(ops),
-                None => self.store_acks(ops),
             }
         }
     }
@@ -869,13 +867,8 @@ impl Handler<Publishes> for Queue {
     fn handle(&mut self, ps: Publishes, _: &mut Context<Self>) {
         let mut stored = Vec::with_capacity(ps.0.len());
         for p in ps.0 {
-            let Some(p) = self.admit(p) else { continue };
-            if self.stores(&p) {
-                // Counted at once: the next one's room depends on it.
-                self.reserve(&p);
-                stored.push(p);
-            } else {
-                self.enqueue_transient(p);
+            if let Some(p) = self.admit(p) {
+                self.take(p, &mut stored);
             }
         }
         self.store(stored);
@@ -1010,9 +1003,7 @@ impl Handler<RemoveConsumer> for Queue {
     }
 }
 
-/// A consumer settles a delivery.
-#[derive(Message)]
-#[rtype(result = "()")]
+/// A consumer settles a delivery (one of a [`Settles`] batch).
 pub struct Settle {
     pub key: ConsumerKey,
     /// The delivered message's id: its epoch as well as its sequence, so
@@ -1021,15 +1012,6 @@ pub struct Settle {
     pub id: MessageId,
     /// false: nack, redeliver.
     pub ack: bool,
-}
-
-impl Handler<Settle> for Queue {
-    type Result = ();
-    fn handle(&mut self, s: Settle, _: &mut Context<Self>) {
-        self.settle(s);
-        self.release_held();
-        self.dispatch();
-    }
 }
 
 /// Settles for this queue a session read in one go: their acks are stored
@@ -1041,11 +1023,10 @@ pub struct Settles(pub Vec<Settle>);
 impl Handler<Settles> for Queue {
     type Result = ();
     fn handle(&mut self, s: Settles, _: &mut Context<Self>) {
-        self.acks = Some(Vec::new());
+        let mut acks = Vec::new();
         for s in s.0 {
-            self.settle(s);
+            self.settle(s, &mut acks);
         }
-        let acks = self.acks.take().unwrap_or_default();
         self.store_acks(acks);
         self.release_held();
         self.dispatch();
@@ -1053,9 +1034,10 @@ impl Handler<Settles> for Queue {
 }
 
 impl Queue {
-    /// Ack (store it) or nack (redeliver) a delivery, if it is still the
-    /// settling consumer's; deliveries resume after the caller's settles.
-    fn settle(&mut self, s: Settle) {
+    /// Ack (its ops added to `acks`) or nack (redeliver) a delivery, if it
+    /// is still the settling consumer's; deliveries resume after the
+    /// caller's settles.
+    fn settle(&mut self, s: Settle, acks: &mut Vec<Op>) {
         let seq = s.id.seq;
         // Only the consumer it was delivered to may settle it (a late ack after
         // an ack timeout refers to a delivery that is no longer its own).
@@ -1078,7 +1060,7 @@ impl Queue {
             c.credit += 1;
         }
         if s.ack {
-            self.finish(&f.entry);
+            self.ack_ops(&f.entry, acks);
         } else {
             self.requeue(f.entry);
         }

@@ -310,16 +310,10 @@ impl Session {
     /// publish only frees the room a little earlier.
     fn send_batched(&mut self) {
         for (queue, batch) in self.settles.drain(..) {
-            match <[_; 1]>::try_from(batch) {
-                Ok([s]) => queue.do_send(s),
-                Err(batch) => queue.do_send(queue::Settles(batch)),
-            }
+            queue.do_send(queue::Settles(batch));
         }
         for (queue, batch) in self.publishes.drain(..) {
-            match <[_; 1]>::try_from(batch) {
-                Ok([p]) => queue.do_send(p),
-                Err(batch) => queue.do_send(queue::Publishes(batch)),
-            }
+            queue.do_send(queue::Publishes(batch));
         }
     }
 
