@@ -3,7 +3,7 @@
 # persistent messages with no consumer, then report RSS, disk use, kill -9,
 # restart-to-serving (cold page cache), RSS after restart, drain rate of the
 # whole backlog from disk, RSS after the drain.
-#   cargo build --release -p twinmq-broker -p twinmq-client --bins
+#   cargo build --release -p twinmq-broker -p twinmq-cli
 #   sudo docs/backlog-bench.sh 500000
 # Needs root for the cold cache (echo 3 > /proc/sys/vm/drop_caches; warm otherwise).
 set -u

@@ -7,7 +7,7 @@
 # weigh, and what the compactor did, COMPACT_WAIT seconds after the load;
 # ROUNDS times (sled reuses the space freed, it does not give it back: the
 # rounds after the first show whether the directory keeps growing).
-#   cargo build --release -p twinmq-broker -p twinmq-client --bins
+#   cargo build --release -p twinmq-broker -p twinmq-cli
 #   docs/compaction-bench.sh                      # the compactor on (defaults)
 #   EXTRA="--compaction-bytes-per-sec 0" docs/compaction-bench.sh   # off
 set -u

@@ -403,19 +403,6 @@ pub async fn within<F: std::future::Future>(future: F) -> F::Output {
     tokio::time::timeout(PATIENCE, future).await.expect("took too long")
 }
 
-/// Run the `twinmq` binary; (exit code, stdout, stderr).
-pub async fn twinmq(args: &[&str]) -> (i32, String, String) {
-    let output = tokio::time::timeout(
-        3 * PATIENCE,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_twinmq")).args(args).env_remove("TWINMQ_SERVERS").output(),
-    )
-    .await
-    .expect("twinmq took too long")
-    .unwrap();
-    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
-    (output.status.code().unwrap_or(-1), text(output.stdout), text(output.stderr))
-}
-
 /// Distinct values, for asserting "no duplicates".
 pub fn distinct<T: std::hash::Hash + Eq + Clone>(items: &[T]) -> HashSet<T> {
     items.iter().cloned().collect()

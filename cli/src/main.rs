@@ -11,14 +11,9 @@
 //! `status`, `switchover` and `promote` use admin connections, which every
 //! node accepts, the passive one too.
 
-// Crate roots resolve modules next to themselves; these live in `twinmq/`.
-#[path = "twinmq/bench.rs"]
 mod bench;
-#[path = "twinmq/consume.rs"]
 mod consume;
-#[path = "twinmq/manage.rs"]
 mod manage;
-#[path = "twinmq/produce.rs"]
 mod produce;
 
 use std::io::BufRead;
