@@ -354,8 +354,9 @@ impl Queue {
         let (pid, pseq) = p.ids();
         let mut m = p.message;
         m.seq = transient_seq();
+        let id = MessageId { epoch: m.epoch, seq: m.seq };
         self.push_ready(Entry::new(Arc::new(m), false), false);
-        let _ = p.reply.confirm(pid, pseq, p.received);
+        let _ = p.reply.confirm(pid, pseq, p.received, Some(id));
         self.dispatch();
     }
 
@@ -400,11 +401,25 @@ impl Queue {
                 };
                 match r {
                     Ok(c) => {
+                        // `c.ops` are the stored ones, in submission order, less the resends.
+                        let mut ids: std::vec::IntoIter<MessageId> = c
+                            .ops
+                            .iter()
+                            .filter_map(|op| match op {
+                                Op::Enqueue { message, .. } => Some(MessageId { epoch: message.epoch, seq: message.seq }),
+                                _ => None,
+                            })
+                            .collect::<Vec<_>>()
+                            .into_iter();
                         me.do_send(Committed { messages: enqueued(c.ops), bytes, count });
                         // Durable as promised by the store's crate doc ("What a confirmation promises").
                         for (i, r) in replies.into_iter().enumerate() {
                             let duplicate = c.duplicate || c.duplicates.binary_search(&i).is_ok();
-                            let _ = r.reply.confirm_as(r.pid, r.pseq, r.received, duplicate);
+                            let _ = if duplicate {
+                                r.reply.confirm_duplicate(r.pid, r.pseq, r.received)
+                            } else {
+                                r.reply.confirm(r.pid, r.pseq, r.received, ids.next())
+                            };
                             drop(r.permit);
                         }
                     }

@@ -86,16 +86,18 @@ impl Outbound {
         })
     }
 
-    /// Queue the confirm of a publish received at `received` (counted, with its latency).
-    pub fn confirm(&self, producer_id: u64, seq: u64, received: Instant) -> Result<(), Closed> {
-        self.confirm_as(producer_id, seq, received, false)
+    /// Queue the confirm of a publish received at `received` (counted, with
+    /// its latency); `id`: the message's id as consumers will see it.
+    pub fn confirm(&self, producer_id: u64, seq: u64, received: Instant, id: Option<MessageId>) -> Result<(), Closed> {
+        self.metrics.confirmed(received);
+        self.send(ServerFrame::Confirm { producer_id, seq, duplicate: false, id })
     }
 
-    /// A confirm; `duplicate`: nothing was stored now, the producer id and
+    /// The confirm of a resend: nothing was stored now, the producer id and
     /// sequence were stored before (the client is told so, never misled).
-    pub fn confirm_as(&self, producer_id: u64, seq: u64, received: Instant, duplicate: bool) -> Result<(), Closed> {
+    pub fn confirm_duplicate(&self, producer_id: u64, seq: u64, received: Instant) -> Result<(), Closed> {
         self.metrics.confirmed(received);
-        self.send(ServerFrame::Confirm { producer_id, seq, duplicate })
+        self.send(ServerFrame::Confirm { producer_id, seq, duplicate: true, id: None })
     }
 
     /// More than [`MAX_OUTBOUND_BYTES`] wait for this client: deliver no more for now.

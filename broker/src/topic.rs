@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use twinmq_protocol::{Destination, ErrorContext, ErrorFrame, ServerFrame};
+use twinmq_protocol::{Destination, ErrorContext, ErrorFrame, MessageId, ServerFrame};
 use twinmq_store::{Op, StoredMessage, Writer};
 
 use crate::queue::{self, AddConsumer, ConsumerKey, Push, Queue, QueueMode, QueueSettings, Stored};
@@ -142,12 +142,13 @@ impl Topic {
         if !p.persistent || self.durables.is_empty() {
             let mut m = p.message;
             m.seq = transient_seq();
+            let id = MessageId { epoch: m.epoch, seq: m.seq };
             let m = Arc::new(m);
             for d in self.durables.values() {
                 d.do_send(Push { message: m.clone() });
             }
             self.fan_out(m);
-            let _ = p.reply.confirm(pid, pseq, p.received);
+            let _ = p.reply.confirm(pid, pseq, p.received, Some(id));
             return;
         }
         let keys: Vec<String> = self.durables.keys().cloned().collect();
@@ -174,9 +175,16 @@ impl Topic {
                 };
                 match r {
                     Ok(c) => {
-                        let duplicate = c.duplicate;
+                        let id = c.ops.first().and_then(|op| match op {
+                            Op::Enqueue { message, .. } => Some(MessageId { epoch: message.epoch, seq: message.seq }),
+                            _ => None,
+                        });
                         stored(c.ops);
-                        let _ = reply.confirm_as(pid, pseq, received, duplicate);
+                        let _ = if c.duplicate {
+                            reply.confirm_duplicate(pid, pseq, received)
+                        } else {
+                            reply.confirm(pid, pseq, received, id)
+                        };
                     }
                     Err(e) => {
                         // Written but never confirmed: in the store all the

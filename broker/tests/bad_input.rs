@@ -19,7 +19,7 @@ fn publish(body: &str) -> ClientFrame {
     ClientFrame::Publish {
         producer_id: 1,
         seq: 1,
-        destination: Destination::queue("victim"),
+        destination: twinmq_protocol::Destination::queue("victim"),
         message: OutMessage { payload: body.as_bytes().to_vec(), persistent: true, ..Default::default() },
     }
 }
@@ -29,7 +29,7 @@ fn read_until_closed(s: &mut TcpStream) -> Vec<ServerFrame> {
     common::read_frames(s, Duration::from_secs(5))
 }
 
-fn connection_error(frames: &[ServerFrame]) -> ErrorCode {
+fn connection_error(frames: &[ServerFrame]) -> twinmq_protocol::ErrorCode {
     match frames.last() {
         Some(ServerFrame::Error(e)) if e.context == ErrorContext::Connection => e.code,
         other => panic!("expected a connection error frame last, got {other:?}"),
@@ -51,7 +51,7 @@ async fn garbage_truncated_oversized_and_future_frames_close_only_their_connecti
     // Garbage: an HTTP request. "GET " read as a length is far above the limit.
     let mut s = TcpStream::connect(broker.addr).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    assert_eq!(connection_error(&read_until_closed(&mut s)), ErrorCode::TooLarge);
+    assert_eq!(connection_error(&read_until_closed(&mut s)), twinmq_protocol::ErrorCode::TooLarge);
 
     // Garbage after a valid Hello: a frame whose body is not MessagePack.
     let mut s = TcpStream::connect(broker.addr).unwrap();
@@ -59,7 +59,7 @@ async fn garbage_truncated_oversized_and_future_frames_close_only_their_connecti
     s.write_all(&[0, 0, 0, 5, PROTOCOL_VERSION, 0xc1, 0xc1, 0xc1, 0xc1]).unwrap();
     let frames = read_until_closed(&mut s);
     assert!(matches!(frames.first(), Some(ServerFrame::Welcome { .. })));
-    assert_eq!(connection_error(&frames), ErrorCode::Malformed);
+    assert_eq!(connection_error(&frames), twinmq_protocol::ErrorCode::Malformed);
 
     // Truncated: a publish cut short, then the client hangs up.
     let mut s = TcpStream::connect(broker.addr).unwrap();
@@ -74,7 +74,7 @@ async fn garbage_truncated_oversized_and_future_frames_close_only_their_connecti
     let mut s = TcpStream::connect(broker.addr).unwrap();
     s.write_all(&hello()).unwrap();
     s.write_all(&(1u32 << 20).to_be_bytes()).unwrap();
-    assert_eq!(connection_error(&read_until_closed(&mut s)), ErrorCode::TooLarge);
+    assert_eq!(connection_error(&read_until_closed(&mut s)), twinmq_protocol::ErrorCode::TooLarge);
 
     // A frame of a future protocol version.
     let mut s = TcpStream::connect(broker.addr).unwrap();
@@ -82,12 +82,12 @@ async fn garbage_truncated_oversized_and_future_frames_close_only_their_connecti
     let mut p = frame(&publish("from the future"));
     p[4] = PROTOCOL_VERSION + 1;
     s.write_all(&p).unwrap();
-    assert_eq!(connection_error(&read_until_closed(&mut s)), ErrorCode::UnsupportedVersion);
+    assert_eq!(connection_error(&read_until_closed(&mut s)), twinmq_protocol::ErrorCode::UnsupportedVersion);
 
     // Anything but Hello first.
     let mut s = TcpStream::connect(broker.addr).unwrap();
     s.write_all(&frame(&publish("no hello"))).unwrap();
-    assert_eq!(connection_error(&read_until_closed(&mut s)), ErrorCode::ProtocolViolation);
+    assert_eq!(connection_error(&read_until_closed(&mut s)), twinmq_protocol::ErrorCode::ProtocolViolation);
 
     // A message above max_message_bytes is refused for that publish only.
     let client = broker.client().await;

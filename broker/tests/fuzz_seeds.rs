@@ -49,12 +49,12 @@ fn client_frames() -> Vec<ClientFrame> {
         ClientFrame::Publish {
             producer_id: 7,
             seq: 1,
-            destination: Destination::queue("orders"),
+            destination: twinmq_protocol::Destination::queue("orders"),
             message: OutMessage { headers, payload: b"hello".to_vec(), ttl_ms: Some(1000), persistent: true },
         },
         ClientFrame::Subscribe {
             sub_id: 1,
-            destination: Destination::topic("news"),
+            destination: twinmq_protocol::Destination::topic("news"),
             durable: Some("d1".into()),
             prefetch: 64,
         },
@@ -92,13 +92,13 @@ fn server_frames() -> Vec<ServerFrame> {
             protocol_version: 1,
             ticket: Some(vec![1; 46]),
         },
-        ServerFrame::Confirm { producer_id: 7, seq: 1, duplicate: false },
+        ServerFrame::Confirm { producer_id: 7, seq: 1, duplicate: false, id: None },
         ServerFrame::Subscribed { sub_id: 1 },
         ServerFrame::Deliver {
             sub_id: 1,
             message: Delivered {
                 id: MessageId { epoch: 1, seq: 9 },
-                destination: Destination::queue("orders"),
+                destination: twinmq_protocol::Destination::queue("orders"),
                 headers: BTreeMap::new(),
                 payload: b"hello".to_vec(),
                 timestamp_ms: 1_700_000_000_000,

@@ -48,7 +48,7 @@ async fn headers_count_towards_the_message_size_and_their_number_is_bounded() {
     let many = frame(&ClientFrame::Publish {
         producer_id: 7,
         seq: 1,
-        destination: Destination::queue("h"),
+        destination: twinmq_protocol::Destination::queue("h"),
         message: OutMessage {
             headers: (0..200_000).map(|i| (format!("{i}"), String::new())).collect(),
             payload: b"x".to_vec(),
@@ -136,8 +136,7 @@ async fn a_queue_is_bounded_in_bytes_and_a_subscription_too() {
     // A subscriber that does not read holds at most max_queue_bytes too (the
     // probe: 1,000 subscriptions and 10,000 messages of 10 bytes took 772
     // MiB): of 10,000 messages it keeps what fits in 64 KiB at 138 bytes each.
-    let mut slow =
-        c.subscribe(Destination::topic("fan"), SubscribeOptions { prefetch: 1, ..Default::default() }).await.unwrap();
+    let mut slow = c.subscribe(Destination::topic("fan"), SubscribeOptions::default().prefetch(1)).await.unwrap();
     let t = c.producer(Destination::topic("fan"));
     for _ in 0..10_000 {
         t.send(Message::transient(vec![b'z'; 10])).await.unwrap();
@@ -157,7 +156,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-async fn admin(config: &twinmq_client::ClientConfig, command: twinmq_client::AdminCommand) -> serde_json::Value {
+async fn admin(config: &twinmq_client::ClientConfig, command: twinmq_client::admin::AdminCommand) -> serde_json::Value {
     let (_, reply) = twinmq_client::AdminClient::command_on_active(config, command, false).await.unwrap();
     serde_json::from_str(&reply.unwrap()).unwrap()
 }
@@ -199,7 +198,8 @@ async fn destinations_are_limited_listed_by_pages_and_idle_ones_cost_nothing() {
     let mut names = Vec::new();
     let mut after = None;
     loop {
-        let page = admin(&config, twinmq_client::AdminCommand::ListPage { after: after.take(), limit: 5000 }).await;
+        let page =
+            admin(&config, twinmq_client::admin::AdminCommand::ListPage { after: after.take(), limit: 5000 }).await;
         let queues = page["queues"].as_array().unwrap();
         assert!(queues.len() <= 1000, "a page holds at most a thousand");
         names.extend(queues.iter().map(|q| q["name"].as_str().unwrap().to_string()));
@@ -244,7 +244,12 @@ async fn a_message_held_back_by_a_busy_connection_is_delivered_when_it_drains() 
     let mut raw = std::net::TcpStream::connect(b.addr).unwrap();
     raw.write_all(&hello()).unwrap();
     for (sub_id, q) in [(1, "big"), (2, "small")] {
-        let f = ClientFrame::Subscribe { sub_id, destination: Destination::queue(q), durable: None, prefetch: 1000 };
+        let f = ClientFrame::Subscribe {
+            sub_id,
+            destination: twinmq_protocol::Destination::queue(q),
+            durable: None,
+            prefetch: 1000,
+        };
         raw.write_all(&frame(&f)).unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

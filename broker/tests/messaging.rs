@@ -33,6 +33,35 @@ async fn ten_thousand_messages_through_a_queue_arrive_exactly_once() {
 }
 
 #[tokio::test]
+async fn a_confirm_names_the_id_every_consumer_gets_the_message_under() {
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    let mut on_queue = client.subscribe(Destination::queue("ids"), SubscribeOptions::default()).await.unwrap();
+    let mut on_topic = client.subscribe(Destination::topic("ids"), SubscribeOptions::default()).await.unwrap();
+    let mut confirmed = Vec::new();
+    for (i, message) in
+        [Message::persistent("p0"), Message::transient("t1"), Message::persistent("p2")].into_iter().enumerate()
+    {
+        for producer in [client.producer(Destination::queue("ids")), client.producer(Destination::topic("ids"))] {
+            let c = producer.send(message.clone()).await.unwrap();
+            assert!(!c.duplicate(), "{i}");
+            confirmed.push(c.id().expect("a broker of this release names the id"));
+        }
+    }
+    let mut delivered = Vec::new();
+    for _ in 0..3 {
+        for consumer in [&mut on_queue, &mut on_topic] {
+            let d = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await.unwrap().unwrap().unwrap();
+            delivered.push(d.id());
+            d.ack().await.unwrap();
+        }
+    }
+    assert_eq!(delivered, confirmed);
+    let distinct: HashSet<_> = confirmed.iter().collect();
+    assert_eq!(distinct.len(), 6, "six messages, six ids: {confirmed:?}");
+}
+
+#[tokio::test]
 async fn competing_consumers_share_a_queue() {
     let broker = Broker::start(&[]);
     let c1 = broker.client().await;
@@ -242,8 +271,12 @@ async fn an_ack_naming_another_epoch_settles_nothing() {
     broker.client().await.producer(Destination::queue("ids")).send(Message::persistent("x")).await.unwrap();
     let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
     s.write_all(&common::hello()).unwrap();
-    let subscribe =
-        ClientFrame::Subscribe { sub_id: 1, destination: Destination::queue("ids"), durable: None, prefetch: 1 };
+    let subscribe = ClientFrame::Subscribe {
+        sub_id: 1,
+        destination: twinmq_protocol::Destination::queue("ids"),
+        durable: None,
+        prefetch: 1,
+    };
     s.write_all(&common::frame(&subscribe)).unwrap();
     // The delivery's id, then an ack for the same seq in another epoch.
     let frames = read_some(&mut s);
@@ -397,7 +430,7 @@ async fn acks_then_an_unsubscribe_read_together_are_acks() {
     let mut hello = common::hello();
     hello.extend(common::frame(&ClientFrame::Subscribe {
         sub_id: 1,
-        destination: Destination::queue("acked"),
+        destination: twinmq_protocol::Destination::queue("acked"),
         durable: None,
         prefetch: 16,
     }));
@@ -451,7 +484,7 @@ async fn acks_read_before_a_publish_make_room_for_it() {
     }
     s.write_all(&common::frame(&ClientFrame::Subscribe {
         sub_id: 1,
-        destination: Destination::queue("room"),
+        destination: twinmq_protocol::Destination::queue("room"),
         durable: None,
         prefetch: 2,
     }))
@@ -475,7 +508,7 @@ async fn acks_read_before_a_publish_make_room_for_it() {
         answer = read(&mut s).into_iter().find(|f| matches!(f, ServerFrame::Confirm { .. } | ServerFrame::Error(_)));
     }
     assert!(
-        matches!(answer, Some(ServerFrame::Confirm { producer_id: 9, seq: 3, duplicate: false })),
+        matches!(answer, Some(ServerFrame::Confirm { producer_id: 9, seq: 3, duplicate: false, .. })),
         "the publish after the acks: {answer:?}"
     );
 }
@@ -529,7 +562,7 @@ async fn a_client_streaming_publishes_is_never_taken_for_idle() {
             common::frame(&ClientFrame::Publish {
                 producer_id: 0,
                 seq,
-                destination: Destination::queue("stream"),
+                destination: twinmq_protocol::Destination::queue("stream"),
                 message,
             })
         })

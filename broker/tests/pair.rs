@@ -362,7 +362,7 @@ async fn admin_changes_are_refused_while_the_pair_is_split() {
         client.subscribe(Destination::topic("t"), SubscribeOptions::default().durable("new-sub")).await.unwrap_err();
     assert!(err.to_string().contains("split"), "{err}");
     // Users and ACLs too, unless the operator forces it.
-    let add = twinmq_client::AdminCommand::UserAdd {
+    let add = twinmq_client::admin::AdminCommand::UserAdd {
         name: "late".into(),
         password_hash: twinmq_broker::auth::hash_password("pw").unwrap(),
         grants: vec!["admin:#".parse().unwrap()],
@@ -587,7 +587,7 @@ async fn with_require_replica_a_publish_refused_after_it_was_written_is_still_de
     }
     for (body, confirm) in pending {
         match tokio::time::timeout(WAIT, confirm).await.expect("answered once b is declared down") {
-            Ok(()) => panic!("{body} was confirmed without the replica require_replica asks for"),
+            Ok(_) => panic!("{body} was confirmed without the replica require_replica asks for"),
             Err(e) => refused.push((body, e.to_string())),
         }
     }

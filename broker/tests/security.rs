@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use common::pair::{Pair, PairOptions};
 use common::{rss_kib, Broker};
+use twinmq_client::admin::{AclGrant, AdminCommand};
 use twinmq_client::{
-    AclGrant, AdminClient, AdminCommand, Client, ClientConfig, ClientError, ClientEvent, Destination, ErrorCode,
-    Message, SubscribeOptions,
+    AdminClient, Client, ClientConfig, ClientError, ClientEvent, Destination, ErrorCode, Message, SubscribeOptions,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -215,7 +215,7 @@ async fn admin_commands_check_rights_and_keep_someone_in_charge() {
     // Bad input gets a clear error.
     let bad = AdminCommand::AclGrant {
         user: "qadmin".into(),
-        grant: AclGrant { permission: twinmq_client::Permission::Produce, pattern: "a..b".into() },
+        grant: AclGrant { permission: twinmq_client::admin::Permission::Produce, pattern: "a..b".into() },
     };
     assert_eq!(code(&admin(&ops, bad).await.unwrap_err()), Some(ErrorCode::InvalidRequest));
     let dup = AdminCommand::UserAdd { name: "qadmin".into(), password_hash: hash("x"), grants: vec![] };
@@ -645,7 +645,7 @@ async fn another_users_producer_id_cannot_swallow_publishes_and_duplicates_say_s
         common::frame(&ClientFrame::Publish {
             producer_id: p,
             seq,
-            destination: Destination::queue(queue),
+            destination: twinmq_protocol::Destination::queue(queue),
             message: OutMessage { payload: b"m".to_vec(), persistent: true, ..Default::default() },
         })
     };
@@ -698,7 +698,7 @@ async fn a_durable_subscription_belongs_to_the_user_who_made_it() {
     add_user(&root, "alice", "alicepw", &["consume:news", "produce:news"]).await;
     add_user(&root, "mallory", "mallorypw", &["consume:news", "produce:news"]).await;
     let alice = Client::connect(as_user(b.config(), "alice", "alicepw")).await.unwrap();
-    let durable = || SubscribeOptions { durable: Some("billing".into()), ..Default::default() };
+    let durable = || SubscribeOptions::default().durable("billing");
     let sub = alice.subscribe(Destination::topic("news"), durable()).await.unwrap();
     drop(sub);
     let p = alice.producer(Destination::topic("news"));
@@ -712,10 +712,7 @@ async fn a_durable_subscription_belongs_to_the_user_who_made_it() {
     let err = mallory.delete_durable("news", "billing").await.unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
     // Mallory's own durable subscription works; alice's kept every message.
-    mallory
-        .subscribe(Destination::topic("news"), SubscribeOptions { durable: Some("mine".into()), ..Default::default() })
-        .await
-        .unwrap();
+    mallory.subscribe(Destination::topic("news"), SubscribeOptions::default().durable("mine")).await.unwrap();
     let mut sub = alice.subscribe(Destination::topic("news"), durable()).await.unwrap();
     assert_eq!(common::drain(&mut sub, 3, Duration::from_secs(5)).await, ["invoice 0", "invoice 1", "invoice 2"]);
     // The owner survives a restart (it is stored), and an operator may delete it.
@@ -740,7 +737,7 @@ async fn a_durable_subscriptions_dead_letters_follow_the_topics_acl() {
     add_user(&root, "owner", "pw", &["consume:topic:orders.payroll", "produce:topic:orders.payroll"]).await;
     add_user(&root, "clerk", "pw", &["consume:queue:#"]).await;
     let owner = Client::connect(as_user(b.config(), "owner", "pw")).await.unwrap();
-    let opts = SubscribeOptions { durable: Some("audit".into()), ..Default::default() }.prefetch(1);
+    let opts = SubscribeOptions::default().durable("audit").prefetch(1);
     let mut sub = owner.subscribe(Destination::topic("orders.payroll"), opts).await.unwrap();
     owner.producer(Destination::topic("orders.payroll")).send(Message::persistent("salary: 123456")).await.unwrap();
     for _ in 0..2 {
@@ -845,7 +842,7 @@ async fn destination_names_outside_the_alphabet_are_refused_with_a_clear_error()
     assert!(err.to_string().contains("empty word"), "{err}");
     let err = app.producer(Destination::queue("orders.e\u{200b}u")).send(Message::persistent("x")).await.unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::InvalidRequest), "zero-width: {err}");
-    let durable = SubscribeOptions { durable: Some("a*b".into()), ..Default::default() };
+    let durable = SubscribeOptions::default().durable("a*b");
     let err = app.subscribe(Destination::topic("orders.eu"), durable).await.unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::InvalidRequest), "{err}");
     app.producer(Destination::queue("orders.eu-1_x")).send(Message::persistent("x")).await.unwrap();

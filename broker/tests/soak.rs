@@ -198,7 +198,7 @@ async fn soak_a_thousand_idle_connections_and_steady_traffic_lose_nothing_and_st
                     let r = confirm.await;
                     let mut t = tally.lock().unwrap();
                     match r {
-                        Ok(()) => {
+                        Ok(_) => {
                             t.confirmed.insert(id);
                         }
                         Err(e) => t.send_errors.push(format!("{id}: {e}")),

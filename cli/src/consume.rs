@@ -40,7 +40,10 @@ pub async fn run(config: ClientConfig, args: SubArgs) -> anyhow::Result<ExitCode
     let client = Client::connect(config).await?;
     // No more in flight than we will take: the rest stays for other consumers.
     let prefetch = args.prefetch.unwrap_or_else(|| u32::try_from(args.count.clamp(1, 256)).unwrap_or(256));
-    let options = SubscribeOptions { durable: args.durable.clone(), prefetch };
+    let mut options = SubscribeOptions::default().prefetch(prefetch);
+    if let Some(name) = &args.durable {
+        options = options.durable(name.clone());
+    }
     let mut consumer = client.subscribe(crate::destination(&args.dest, args.topic), options).await?;
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
     let mut failure = None;

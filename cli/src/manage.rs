@@ -10,7 +10,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use twinmq_client::{AclGrant, AdminClient, AdminCommand, ClientConfig};
+use twinmq_client::admin::{AclGrant, AdminCommand};
+use twinmq_client::{AdminClient, ClientConfig};
 
 #[derive(Debug, Subcommand)]
 pub enum UserCmd {

@@ -7,24 +7,33 @@
 //! point (promote goes to the passive node, switchover to the active one).
 //! [`AdminClient::switchover_any`] and [`AdminClient::promote_any`] find the
 //! right node among the configured ones.
+//!
+//! The commands ([`AdminCommand`], with [`AclGrant`] and [`Permission`])
+//! are the wire protocol's own types, re-exported: the operator surface
+//! follows the broker release it manages (see `docs/COMPATIBILITY.md`),
+//! unlike the messaging types of this crate, which are its own.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tracing::debug;
-use twinmq_protocol::{AdminCommand, ClientFrame, ErrorCode, ErrorContext, ServerFrame};
+pub use twinmq_protocol::{AclGrant, AdminCommand, Permission};
+use twinmq_protocol::{ClientFrame, ErrorContext, ServerFrame};
 
 use crate::dial::Dialer;
 use crate::link::{frame_name, is_final, Link, ServerInfo, TicketSlot};
-use crate::{ClientConfig, ClientError};
+use crate::{ClientConfig, ClientError, ErrorCode};
 
 /// What `promote --force` on one node would risk (see [`AdminClient::promote_risks`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PromoteRisk {
+    /// The node's address.
     pub addr: String,
+    /// The node's id.
     pub node_id: String,
+    /// Its role now (`passive`, `isolated`, ...).
     pub role: String,
     /// Why it does not serve (its last role change's reason).
     pub reason: String,
@@ -276,10 +285,10 @@ impl AdminClient {
                 ServerFrame::StatusReply { req: r, json } if r == req => return Ok(Reply::Status(json)),
                 ServerFrame::AdminReply { req: r, json } if r == req => return Ok(Reply::Status(json)),
                 ServerFrame::Error(e) if matches!(e.context, ErrorContext::Request { req: r } if r == req) => {
-                    return Err(ClientError::Broker { code: e.code, message: e.message })
+                    return Err(ClientError::Broker { code: ErrorCode::from_wire(e.code), message: e.message })
                 }
                 ServerFrame::Error(e) if e.context == ErrorContext::Connection => {
-                    return Err(ClientError::Broker { code: e.code, message: e.message })
+                    return Err(ClientError::Broker { code: ErrorCode::from_wire(e.code), message: e.message })
                 }
                 other => debug!(frame = frame_name(&other), "ignored on the admin connection"),
             }

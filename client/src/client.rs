@@ -4,13 +4,12 @@ use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info_span, Instrument};
-use twinmq_protocol::Destination;
 
 use crate::admin::AdminClient;
 use crate::connection::{request, Command, Commands, Connection, SubscriptionSpec};
 use crate::events::{ClientEvent, Events};
 use crate::link::{ServerInfo, TicketSlot};
-use crate::{dial, ClientConfig, ClientError, Consumer, Producer, SubscribeOptions};
+use crate::{dial, ClientConfig, ClientError, Consumer, Destination, Producer, SubscribeOptions};
 
 /// A connection to the active node of a twinmq pair that follows the
 /// active role across failovers (see the crate docs for the contract).
@@ -39,7 +38,7 @@ impl Client {
         let (link, server) = dial::find_active(config.clone(), ticket.clone()).await?;
         let (commands, receiver) = Commands::channel();
         let (server_tx, server_rx) = watch::channel(server.clone());
-        let events = Events::new();
+        let events = Events::new(config.on_event.clone());
         // Before the task starts, so that a watcher subscribing after this
         // call returns never sees it as a reconnect.
         events.emit(ClientEvent::Connected { addr: server.addr.clone(), node_id: server.node_id.clone() });
@@ -83,7 +82,7 @@ impl Client {
     ) -> Result<Consumer, ClientError> {
         let prefetch = options.prefetch.max(1);
         let (deliveries, receiver) = mpsc::unbounded_channel();
-        let spec = SubscriptionSpec { destination: destination.clone(), durable: options.durable, prefetch };
+        let spec = SubscriptionSpec { destination: destination.to_wire(), durable: options.durable, prefetch };
         let sub_id = request(&self.commands, |done| Command::Subscribe { spec, deliveries, done }).await?;
         Ok(Consumer::new(sub_id, destination, receiver, self.commands.clone()))
     }

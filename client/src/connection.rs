@@ -35,14 +35,14 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 use twinmq_protocol::{
-    ClientFrame, Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, OutMessage, ServerFrame,
+    ClientFrame, Delivered, Destination, ErrorContext, ErrorFrame, MessageId, OutMessage, ServerFrame,
 };
 
 use crate::consumer::{Delivery, Inbound};
 use crate::dial::{Backoff, Dialer};
 use crate::events::{ClientEvent, Events};
 use crate::link::{frame_name, is_final, Framing, Link, ServerInfo, TicketSlot};
-use crate::{ClientConfig, ClientError};
+use crate::{ClientConfig, ClientError, Confirmed, ErrorCode};
 
 /// Where the answer to a command goes.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
@@ -78,7 +78,7 @@ pub(crate) enum Command {
         message: OutMessage,
         /// The producer's window slot; released when the confirm or error arrives.
         permit: OwnedSemaphorePermit,
-        done: Reply<()>,
+        done: Reply<Confirmed>,
     },
     /// The last handle of this producer is gone: forget it once it is settled.
     ProducerDropped {
@@ -92,13 +92,13 @@ pub(crate) enum Command {
     Unsubscribe {
         sub_id: u32,
     },
-    Ack {
+    /// Ack (`ack: true`) or nack a delivery; answered `Ok` once the frame
+    /// is queued on the connection that carries the consumer.
+    Settle {
         sub_id: u32,
         id: MessageId,
-    },
-    Nack {
-        sub_id: u32,
-        id: MessageId,
+        ack: bool,
+        done: Reply<()>,
     },
     DeleteDurable {
         topic: String,
@@ -213,7 +213,7 @@ struct Unconfirmed {
     order: u64,
     /// The `Publish` frame, kept for resending on another connection.
     frame: ClientFrame,
-    done: Reply<()>,
+    done: Reply<Confirmed>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -380,7 +380,7 @@ impl Connection {
         // against such a node. One that carried confirms or deliveries was a
         // real connection: its loss is a failover, retried at once however
         // soon it came (a pair killed twice in a second).
-        let mut flapping = Backoff::new();
+        let mut flapping = Backoff::new(self.config.reconnect_backoff);
         let mut since = Instant::now();
         loop {
             let reason = match self.serve(&mut link).await {
@@ -395,7 +395,7 @@ impl Connection {
             let pause = if since.elapsed() < FLAP_WINDOW && !std::mem::take(&mut self.did_work) {
                 flapping.next_pause()
             } else {
-                flapping = Backoff::new();
+                flapping = Backoff::new(self.config.reconnect_backoff);
                 self.did_work = false;
                 Duration::ZERO
             };
@@ -501,7 +501,7 @@ impl Connection {
     async fn reconnect(&mut self, first_pause: Duration) -> Reconnect {
         let give_up_at = Instant::now() + self.config.failover_timeout;
         let mut dialer = Dialer::new(self.config.clone(), false, self.ticket.clone());
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(self.config.reconnect_backoff);
         let mut last_error: Option<ClientError> = None;
         let mut attempt = 0u32;
         if !first_pause.is_zero() {
@@ -720,8 +720,10 @@ impl Connection {
                     self.write_or_log(&ClientFrame::Unsubscribe { sub_id });
                 }
             }
-            Command::Ack { sub_id, id } => self.settle_delivery(ClientFrame::Ack { sub_id, id }, sub_id),
-            Command::Nack { sub_id, id } => self.settle_delivery(ClientFrame::Nack { sub_id, id }, sub_id),
+            Command::Settle { sub_id, id, ack, done } => {
+                let frame = if ack { ClientFrame::Ack { sub_id, id } } else { ClientFrame::Nack { sub_id, id } };
+                let _ = done.send(self.settle_delivery(frame, sub_id));
+            }
             Command::DeleteDurable { topic, name, done } => {
                 self.start_request(Answer::Done(done), |req| ClientFrame::DeleteDurable { req, topic, name });
             }
@@ -749,17 +751,24 @@ impl Connection {
         self.requests.insert(req, PendingRequest { frame, answer });
     }
 
-    /// Ack or nack a delivery. Dropped (the broker redelivers) when the
-    /// consumer is gone, when offline, or while its subscription is not
-    /// registered on this connection yet. An ack for a delivery made on an
-    /// earlier connection goes out too: the broker settles the message if
-    /// it holds it for this consumer, and ignores it otherwise.
-    fn settle_delivery(&mut self, frame: ClientFrame, sub_id: u32) {
+    /// Ack or nack a delivery. Not sent (`Err(NotSettled)`: the broker
+    /// redelivers) when the consumer is gone, when offline, or while its
+    /// subscription is not registered on this connection yet. An ack for a
+    /// delivery made on an earlier connection goes out too: the broker
+    /// settles the message if it holds it for this consumer, and ignores it
+    /// otherwise.
+    fn settle_delivery(&mut self, frame: ClientFrame, sub_id: u32) -> Result<(), ClientError> {
         let live = self.subscriptions.get(&sub_id).is_some_and(|s| matches!(s.state, SubState::Live));
         if live && self.phase != Phase::Offline {
-            self.write_or_log(&frame);
+            encode_into(&mut self.wbuf, self.framing, &frame)
         } else {
-            debug!(sub_id, "ack/nack dropped: consumer closed or not registered on this connection");
+            debug!(sub_id, "ack/nack not sent: consumer closed or not registered on this connection");
+            let reason = if self.phase == Phase::Offline {
+                "the connection is being re-established"
+            } else {
+                "the consumer is closed or not yet registered again"
+            };
+            Err(ClientError::NotSettled { reason: reason.to_owned() })
         }
     }
 
@@ -791,14 +800,15 @@ impl Connection {
                 | ServerFrame::AdminReply { .. }
         );
         match frame {
-            ServerFrame::Confirm { producer_id, seq, duplicate } => {
+            ServerFrame::Confirm { producer_id, seq, duplicate, id } => {
                 if duplicate {
                     // Stored before under this id and sequence: a resend after a
                     // failover. (Producer ids are random per producer, so it is
                     // not another message's.)
                     debug!(producer_id, seq, "confirm of a resend: stored once, before");
                 }
-                self.settle_publish(producer_id, seq, Ok(()))
+                let confirmed = Confirmed::new(id.map(crate::MessageId::from_wire), duplicate);
+                self.settle_publish(producer_id, seq, Ok(confirmed))
             }
             ServerFrame::Deliver { sub_id, message } => self.on_deliver(sub_id, message),
             ServerFrame::Subscribed { sub_id } => self.on_subscribed(sub_id),
@@ -824,6 +834,7 @@ impl Connection {
             }
             ServerFrame::Pong { .. } => {}
             ServerFrame::Error(ErrorFrame { code, message, context, .. }) => {
+                let code = ErrorCode::from_wire(code);
                 // A node that stopped serving answers with these: nothing was
                 // done, so the work is kept and goes to the next active node.
                 if matches!(code, ErrorCode::NotActive | ErrorCode::ShuttingDown) {
@@ -869,7 +880,7 @@ impl Connection {
         }
     }
 
-    fn settle_publish(&mut self, producer_id: u64, seq: u64, result: Result<(), ClientError>) {
+    fn settle_publish(&mut self, producer_id: u64, seq: u64, result: Result<Confirmed, ClientError>) {
         let Some(state) = self.producers.get_mut(&producer_id) else {
             debug!(producer_id, seq, "confirm for an unknown producer");
             return;

@@ -9,17 +9,30 @@
 //! handed to the consumer stay valid; the broker redelivers the unacked ones
 //! anyway, so after a failover a consumer may see a message twice.
 
+use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
-use twinmq_protocol::{Delivered, Destination};
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::{mpsc, oneshot};
+use twinmq_protocol::Delivered;
 
 use crate::connection::{Command, Commands};
-use crate::ClientError;
+use crate::{ClientError, Destination, MessageId};
 
 /// How to subscribe.
+///
+/// ```
+/// use twinmq_client::SubscribeOptions;
+/// let options = SubscribeOptions::default().durable("billing").prefetch(64);
+/// assert_eq!((options.durable.as_deref(), options.prefetch), (Some("billing"), 64));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SubscribeOptions {
     /// Name of a durable subscription (topics only): it keeps messages while
     /// no consumer is attached and survives restarts and failover.
@@ -35,18 +48,34 @@ impl Default for SubscribeOptions {
 }
 
 impl SubscribeOptions {
+    /// A durable subscription of this name (topics only).
     pub fn durable(mut self, name: impl Into<String>) -> Self {
         self.durable = Some(name.into());
         self
     }
 
+    /// At most this many unacknowledged deliveries at a time (at least 1).
     pub fn prefetch(mut self, prefetch: u32) -> Self {
         self.prefetch = prefetch;
         self
     }
 }
 
-/// Receives the deliveries of one subscription. Dropping it unsubscribes.
+/// Receives the deliveries of one subscription, by [`Consumer::recv`] or
+/// as a [`Stream`]. Dropping it unsubscribes.
+///
+/// ```no_run
+/// # async fn demo(client: twinmq_client::Client) -> Result<(), twinmq_client::ClientError> {
+/// use futures_util::StreamExt;
+/// use twinmq_client::{Destination, SubscribeOptions};
+/// let mut consumer = client.subscribe(Destination::queue("orders"), SubscribeOptions::default()).await?;
+/// while let Some(delivery) = consumer.next().await {
+///     let delivery = delivery?;
+///     println!("{}: {} bytes", delivery.id(), delivery.payload().len());
+///     delivery.ack().await?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Consumer {
     sub_id: u32,
@@ -70,6 +99,7 @@ impl Consumer {
         Consumer { sub_id, destination, deliveries, commands, unsubscribed: false }
     }
 
+    /// What this consumer receives from.
     pub fn destination(&self) -> &Destination {
         &self.destination
     }
@@ -86,6 +116,16 @@ impl Consumer {
         self.unsubscribed = true;
         let command = Command::Unsubscribe { sub_id: self.sub_id };
         self.commands.send(command).await
+    }
+}
+
+/// The deliveries, as [`Consumer::recv`] gives them: `Err` once when the
+/// consumer ends abnormally, then the end of the stream.
+impl Stream for Consumer {
+    type Item = Result<Delivery, ClientError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.deliveries.poll_recv(cx).map(|item| item.map(Inbound::take))
     }
 }
 
@@ -129,42 +169,130 @@ impl Inbound {
     }
 }
 
+/// A message as a consumer receives it. Fields are public for reading
+/// (the struct is `#[non_exhaustive]`: later releases may add some).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ReceivedMessage {
+    /// The broker's id, the same in every delivery of this message.
+    pub id: MessageId,
+    /// Where it was published.
+    pub destination: Destination,
+    /// The headers, as published (a dead-lettered message gains two).
+    pub headers: BTreeMap<String, String>,
+    /// The payload.
+    pub payload: Bytes,
+    /// When the broker accepted it.
+    pub timestamp: SystemTime,
+    /// When it expires, if it has a time to live.
+    pub expires_at: Option<SystemTime>,
+    /// Stored by the broker (not kept in memory only).
+    pub persistent: bool,
+    /// It may have been delivered before (to this or another consumer).
+    pub redelivered: bool,
+    /// How many times it was delivered before this delivery.
+    pub delivery_count: u32,
+}
+
+impl ReceivedMessage {
+    fn from_wire(m: Delivered) -> Self {
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        ReceivedMessage {
+            id: MessageId::from_wire(m.id),
+            destination: Destination::from_wire(m.destination),
+            headers: m.headers,
+            payload: Bytes::from(m.payload),
+            timestamp: at(m.timestamp_ms),
+            expires_at: m.expires_at_ms.map(at),
+            persistent: m.persistent,
+            redelivered: m.redelivered,
+            delivery_count: m.delivery_count,
+        }
+    }
+}
+
 /// One delivered message, to be acked (or nacked) once processed.
+///
+/// ```no_run
+/// # async fn demo(mut consumer: twinmq_client::Consumer) -> Result<(), twinmq_client::ClientError> {
+/// use twinmq_client::ClientError;
+/// if let Some(delivery) = consumer.recv().await {
+///     let delivery = delivery?;
+///     if delivery.payload().is_empty() {
+///         delivery.nack().await?; // back to the queue, delivered again
+///     } else {
+///         match delivery.ack().await {
+///             Ok(()) => {}
+///             // Not sent (failover in progress): it comes back, flagged redelivered.
+///             Err(ClientError::NotSettled { .. }) => {}
+///             Err(e) => return Err(e),
+///         }
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Delivery {
     sub_id: u32,
-    message: Delivered,
+    message: ReceivedMessage,
     commands: Commands,
 }
 
 impl Delivery {
     pub(crate) fn new(sub_id: u32, message: Delivered, commands: Commands) -> Self {
-        Delivery { sub_id, message, commands }
+        Delivery { sub_id, message: ReceivedMessage::from_wire(message), commands }
     }
 
-    pub fn message(&self) -> &Delivered {
+    /// The message and what the broker says of it.
+    pub fn message(&self) -> &ReceivedMessage {
         &self.message
     }
 
+    /// The broker's id of the message: deduplicate redeliveries by it.
+    pub fn id(&self) -> MessageId {
+        self.message.id
+    }
+
+    /// The payload, borrowed.
     pub fn payload(&self) -> &[u8] {
         &self.message.payload
     }
 
-    /// The message, giving up the possibility to ack it here.
-    pub fn into_message(self) -> Delivered {
+    /// The payload as [`Bytes`]: shares the buffer (no copy), to keep or
+    /// hand on after the delivery is acked.
+    pub fn payload_bytes(&self) -> Bytes {
+        self.message.payload.clone()
+    }
+
+    /// The message, giving up the possibility to ack it here (it is
+    /// delivered again once this consumer ends).
+    pub fn into_message(self) -> ReceivedMessage {
         self.message
     }
 
-    /// Acknowledge: the broker forgets the message. Resolves once the ack is
-    /// queued on the connection (the protocol does not answer acks).
+    /// Acknowledge: the broker forgets the message. `Ok` once the ack is
+    /// queued on the connection that carries this consumer (the broker
+    /// settles it when it arrives; a connection lost before that makes the
+    /// message come back, flagged redelivered: consumers must be
+    /// idempotent, as with every at-least-once broker).
+    /// `Err(`[`ClientError::NotSettled`]`)` when it could not be sent: the
+    /// consumer is closed or the client is between connections; the message
+    /// will be delivered again.
     pub async fn ack(self) -> Result<(), ClientError> {
-        let command = Command::Ack { sub_id: self.sub_id, id: self.message.id };
-        self.commands.send(command).await
+        self.settle(true).await
     }
 
-    /// Give the message back for redelivery (counts as a delivery attempt).
+    /// Give the message back for redelivery (counts as a delivery attempt:
+    /// past the queue's `max_deliveries` it goes to the dead-letter queue).
+    /// Answers as [`Delivery::ack`] does.
     pub async fn nack(self) -> Result<(), ClientError> {
-        let command = Command::Nack { sub_id: self.sub_id, id: self.message.id };
-        self.commands.send(command).await
+        self.settle(false).await
+    }
+
+    async fn settle(self, ack: bool) -> Result<(), ClientError> {
+        let (done, answer) = oneshot::channel();
+        let command = Command::Settle { sub_id: self.sub_id, id: self.message.id.to_wire(), ack, done };
+        self.commands.send(command).await?;
+        answer.await.unwrap_or_else(|_| Err(self.commands.ended()))
     }
 }

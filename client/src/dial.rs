@@ -11,8 +11,10 @@
 //! flight (into later rounds too) and may still win. The first `Welcome`
 //! wins; wrong credentials end the search at once, since the other node
 //! shares the same users. Between rounds the caller backs off
-//! ([`Backoff`]: 20 ms, doubling, at most 250 ms), because the pair replaces
-//! a dead active node in well under a second and we want to be there then.
+//! ([`Backoff`], by [`crate::ReconnectBackoff`]: by default 20 ms, doubling,
+//! at most 250 ms, each pause up to half shorter at random), because the
+//! pair replaces a dead active node in well under a second and we want to be
+//! there then.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
@@ -26,7 +28,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::link::{is_final, Link, ServerInfo, TicketSlot};
-use crate::{ClientConfig, ClientError};
+use crate::{ClientConfig, ClientError, ReconnectBackoff};
 
 /// How long one address may leave us without an answer before the next one
 /// is dialed alongside it. A live node answers Hello within milliseconds.
@@ -37,25 +39,25 @@ pub(crate) type Opened = Result<(Link, ServerInfo), ClientError>;
 
 type Attempt = Pin<Box<dyn Future<Output = (String, Opened)> + Send>>;
 
-/// Pause between rounds: starts short, doubles, capped.
+/// Pause between rounds: starts short, doubles, capped, each pause
+/// shortened at random by up to the jitter fraction.
 #[derive(Debug)]
 pub(crate) struct Backoff {
     next: Duration,
+    config: ReconnectBackoff,
 }
 
 impl Backoff {
-    const START: Duration = Duration::from_millis(20);
-    const MAX: Duration = Duration::from_millis(250);
-
-    pub(crate) fn new() -> Self {
-        Backoff { next: Self::START }
+    pub(crate) fn new(config: ReconnectBackoff) -> Self {
+        Backoff { next: config.initial, config }
     }
 
-    /// The pause to take now; the following one is twice as long, up to the cap.
+    /// The pause to take now; the nominal one after it is twice as long, up to the cap.
     pub(crate) fn next_pause(&mut self) -> Duration {
-        let pause = self.next;
-        self.next = (pause * 2).min(Self::MAX);
-        pause
+        let nominal = self.next;
+        self.next = (nominal * 2).min(self.config.max);
+        let cut = self.config.jitter * rand::random::<f64>();
+        nominal.mul_f64(1.0 - cut.clamp(0.0, 1.0))
     }
 }
 
@@ -175,8 +177,8 @@ pub(crate) async fn find_active(config: Arc<ClientConfig>, ticket: TicketSlot) -
         return Err(ClientError::NoServers);
     }
     let give_up_at = Instant::now() + config.failover_timeout;
+    let mut backoff = Backoff::new(config.reconnect_backoff);
     let mut dialer = Dialer::new(config, false, ticket);
-    let mut backoff = Backoff::new();
     let mut result = dialer.round().await;
     loop {
         let error = match result {
@@ -203,8 +205,18 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(ReconnectBackoff::default().jitter(0.0));
         let pauses: Vec<u64> = (0..6).map(|_| backoff.next_pause().as_millis() as u64).collect();
         assert_eq!(pauses, vec![20, 40, 80, 160, 250, 250]);
+    }
+
+    #[test]
+    fn jitter_shortens_each_pause_by_at_most_its_fraction_and_varies() {
+        let config = ReconnectBackoff::new(Duration::from_millis(100), Duration::from_millis(100)).jitter(0.5);
+        let mut backoff = Backoff::new(config);
+        let pauses: Vec<Duration> = (0..200).map(|_| backoff.next_pause()).collect();
+        assert!(pauses.iter().all(|p| (Duration::from_millis(50)..=Duration::from_millis(100)).contains(p)));
+        let distinct: std::collections::HashSet<_> = pauses.iter().collect();
+        assert!(distinct.len() > 100, "random, not one fixed pause: {} distinct", distinct.len());
     }
 }

@@ -5,6 +5,8 @@
 use tokio::sync::broadcast;
 use tracing::info;
 
+use crate::EventHook;
+
 /// Room for events not yet read by a slow watcher; past it the watcher
 /// gets `RecvError::Lagged` and misses the oldest ones, the client never waits.
 pub(crate) const EVENT_CAPACITY: usize = 64;
@@ -18,22 +20,44 @@ pub(crate) const EVENT_CAPACITY: usize = 64;
 #[non_exhaustive]
 pub enum ClientEvent {
     /// The connection to `addr` is gone; the client starts reconnecting.
-    Disconnected { addr: String, reason: String },
+    Disconnected {
+        /// The node's address.
+        addr: String,
+        /// What ended the connection.
+        reason: String,
+    },
     /// Round `attempt` (from 1) over the addresses has started.
-    Reconnecting { attempt: u32 },
+    Reconnecting {
+        /// The round, from 1.
+        attempt: u32,
+    },
     /// `addr` (node `node_id`) welcomed us; for a reconnect, subscriptions
     /// are re-created next.
-    Connected { addr: String, node_id: String },
+    Connected {
+        /// The node's address.
+        addr: String,
+        /// The node's id (its `node_id` setting).
+        node_id: String,
+    },
     /// After a reconnect: `count` subscriptions are registered again (those
     /// the broker refused ended their consumer with its error).
-    Resubscribed { count: usize },
+    Resubscribed {
+        /// Subscriptions registered again.
+        count: usize,
+    },
     /// After a reconnect: `count` unconfirmed publishes were sent again (with
     /// their original producer id and sequence), followed by those queued
     /// during the outage.
-    Resent { count: usize },
+    Resent {
+        /// Publishes sent again.
+        count: usize,
+    },
     /// No active node within `failover_timeout`, or a final refusal: pending
     /// operations failed and the client is closed.
-    GaveUp { reason: String },
+    GaveUp {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for ClientEvent {
@@ -54,11 +78,12 @@ impl std::fmt::Display for ClientEvent {
 #[derive(Debug, Clone)]
 pub(crate) struct Events {
     sender: broadcast::Sender<ClientEvent>,
+    hook: Option<EventHook>,
 }
 
 impl Events {
-    pub(crate) fn new() -> Self {
-        Events { sender: broadcast::channel(EVENT_CAPACITY).0 }
+    pub(crate) fn new(hook: Option<EventHook>) -> Self {
+        Events { sender: broadcast::channel(EVENT_CAPACITY).0, hook }
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<ClientEvent> {
@@ -68,6 +93,9 @@ impl Events {
     /// Log `event` and hand it to the watchers (if any).
     pub(crate) fn emit(&self, event: ClientEvent) {
         info!(%event, "twinmq client");
+        if let Some(hook) = &self.hook {
+            (hook.0)(&event);
+        }
         // No watcher is fine: events are optional reading.
         let _ = self.sender.send(event);
     }

@@ -4,16 +4,33 @@
 //! hints, retries), one connection task per [`Client`] that owns the socket
 //! and all per-connection state and carries it over failovers, producers
 //! with a window of unconfirmed messages, consumers with prefetch and acks,
-//! admin connections ([`AdminClient`]), and the `twinmq` CLI. Does not own:
+//! admin connections ([`AdminClient`]). Does not own: the `twinmq` CLI (crate `twinmq-cli`),
 //! the wire format (that is `twinmq-protocol`) or anything of the broker.
 //!
 //! What the calls promise:
-//! - [`Producer::send`] resolves `Ok` once the broker confirmed the message,
-//!   i.e. made it durable as the broker's durability mode says.
-//!   [`Producer::send_nowait`] returns a [`Confirm`] that resolves then;
-//!   confirms of one producer resolve in send order, each exactly once.
-//! - Delivery is at-least-once: [`Delivery::ack`] removes the message;
-//!   without it the message comes back, flagged `redelivered`.
+//! - [`Producer::send`] resolves to [`Confirmed`] (with the message's
+//!   [`MessageId`]) once the broker confirmed the message, i.e. made it
+//!   durable as the broker's durability mode says. [`Producer::send_nowait`]
+//!   returns a [`Confirm`] that resolves then, [`Producer::send_batch`] one
+//!   per message; confirms of one producer resolve in send order, each
+//!   exactly once.
+//! - Delivery is at-least-once: a [`Consumer`] (a `futures` [`Stream`] of
+//!   [`Delivery`]s, or [`Consumer::recv`]) hands each message over with its
+//!   id; [`Delivery::ack`] removes it and says whether the ack went out
+//!   (`Err(`[`ClientError::NotSettled`]`)` between connections); without an
+//!   ack the message comes back, flagged `redelivered`. Consumers should be
+//!   idempotent: deduplicate by [`Delivery::id`] (`examples/src/worker.rs`).
+//! - Payloads are [`bytes::Bytes`]: a payload is not copied on its way in
+//!   ([`Message::persistent`] takes anything `Into<Bytes>`) nor out
+//!   ([`Delivery::payload_bytes`]).
+//!
+//! The public types are this crate's own ([`Destination`], [`MessageId`],
+//! [`ErrorCode`], [`Message`], [`ReceivedMessage`]), not the wire's, and
+//! enums and configuration structs are `#[non_exhaustive]`, so that the
+//! wire can grow without breaking applications; which client releases talk
+//! to which brokers is written down in `docs/COMPATIBILITY.md`.
+//!
+//! [`Stream`]: futures_util::Stream
 //!
 //! # Failover
 //!
@@ -26,8 +43,9 @@
 //! anything:
 //! 1. The client dials the configured addresses in rounds (a `NotActive`
 //!    answer's hint first, an unanswering address never holding up the next
-//!    for more than 150 ms), pausing 20 ms, 40 ms, ... up to 250 ms between
-//!    rounds, until a node welcomes it.
+//!    for more than 150 ms), pausing between rounds as
+//!    [`ClientConfig::reconnect_backoff`] says (20 ms, 40 ms, ... up to
+//!    250 ms, each up to half shorter at random), until a node welcomes it.
 //! 2. On the new connection it re-creates every subscription under the same
 //!    id, destination, durable name and prefetch, and waits for the broker's
 //!    answers; a subscription the broker now refuses ends its consumer with
@@ -43,8 +61,8 @@
 //! no lost or doubled confirm, no permit leaked. Deliveries already handed
 //! to a consumer stay valid: acking them on the new connection is harmless;
 //! the broker redelivers those it did not see acked, so a consumer may see a
-//! message twice (at-least-once). An ack made while disconnected is dropped
-//! (the message comes back). If no node accepts within `failover_timeout`,
+//! message twice (at-least-once). An ack made while disconnected is not sent
+//! and says so ([`ClientError::NotSettled`]; the message comes back). If no node accepts within `failover_timeout`,
 //! every pending send, request and `subscribe` fails and every consumer ends
 //! with [`ClientError::Disconnected`]; refused credentials end it at once
 //! with the broker's `NotAuthenticated` error. Every call made after that
@@ -52,7 +70,8 @@
 //! [`Client::connect`] likewise
 //! retries until `failover_timeout` while every node is passive or
 //! unreachable, so an application started during a failover still connects.
-//! Each step is a [`ClientEvent`] on [`Client::events`] and an INFO log line.
+//! Each step is a [`ClientEvent`] on [`Client::events`], a call of the
+//! [`ClientConfig::on_event`] hook, and an INFO log line.
 //!
 //! # TLS
 //!
@@ -83,7 +102,9 @@
 //! # }
 //! ```
 
-mod admin;
+#![warn(missing_docs)]
+
+pub mod admin;
 mod client;
 mod config;
 mod connection;
@@ -94,16 +115,15 @@ mod events;
 mod link;
 mod producer;
 mod tls;
+mod types;
 
 pub use admin::{AdminClient, PromoteRisk};
 pub use client::Client;
-pub use config::ClientConfig;
-pub use consumer::{Consumer, Delivery, SubscribeOptions};
+pub use config::{ClientConfig, EventHook, ReconnectBackoff};
+pub use consumer::{Consumer, Delivery, ReceivedMessage, SubscribeOptions};
 pub use error::ClientError;
 pub use events::ClientEvent;
 pub use link::ServerInfo;
-pub use producer::{Confirm, Message, Producer};
+pub use producer::{Confirm, Confirmed, Message, Producer};
 pub use tls::ClientTls;
-pub use twinmq_protocol::{
-    AclGrant, AdminCommand, Delivered, DestKind, Destination, ErrorCode, MessageId, OutMessage, Permission,
-};
+pub use types::{Destination, DestinationKind, ErrorCode, MessageId};

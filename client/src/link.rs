@@ -16,10 +16,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use tracing::debug;
-use twinmq_protocol::{encode_frame_as, ClientFrame, ErrorCode, FrameCodec, ServerFrame, SUPPORTED_VERSIONS};
+use twinmq_protocol::{encode_frame_as, ClientFrame, FrameCodec, ServerFrame, SUPPORTED_VERSIONS};
 
 use crate::tls::is_tls_failure;
-use crate::{ClientConfig, ClientError};
+use crate::{ClientConfig, ClientError, ErrorCode};
 
 /// The read half: plain TCP or TLS. One virtual call per read syscall.
 pub(crate) type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
@@ -31,7 +31,9 @@ pub(crate) type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 pub struct ServerInfo {
     /// The address we connected to (as configured, or the hint that led here).
     pub addr: String,
+    /// The node's id (its `node_id` setting).
     pub node_id: String,
+    /// The broker's release.
     pub server_version: String,
     /// Largest frame the broker accepts.
     pub max_frame_bytes: u32,
@@ -178,7 +180,9 @@ impl Link {
                     broker: v.broker.min..=v.broker.max,
                 })
             }
-            ServerFrame::Error(e) => Err(ClientError::Broker { code: e.code, message: e.message }),
+            ServerFrame::Error(e) => {
+                Err(ClientError::Broker { code: ErrorCode::from_wire(e.code), message: e.message })
+            }
             other => Err(ClientError::UnexpectedFrame(format!("expected Welcome, got {}", frame_name(&other)))),
         }
     }

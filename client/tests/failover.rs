@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::*;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
-use twinmq_client::{Client, ClientError, ClientEvent, Message, SubscribeOptions};
-use twinmq_protocol::{ClientFrame, Destination, ErrorCode, ServerFrame};
+use twinmq_client::{Client, ClientError, ClientEvent, Destination, ErrorCode, Message, SubscribeOptions};
+use twinmq_protocol::{ClientFrame, ServerFrame};
 
 /// Events until (and including) the first that `last` accepts.
 async fn events_until(

@@ -10,10 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use twinmq_client::{Client, ClientError, Message, SubscribeOptions};
-use twinmq_protocol::{
-    ClientFrame, Destination, ErrorCode, MessageId, ServerFrame, VersionRange, SUPPORTED_VERSIONS,
-};
+use twinmq_client::{Client, ClientError, Destination, ErrorCode, Message, SubscribeOptions};
+use twinmq_protocol::{ClientFrame, MessageId, ServerFrame, VersionRange, SUPPORTED_VERSIONS};
 
 #[tokio::test]
 async fn connect_follows_the_active_hint() {
@@ -192,12 +190,12 @@ async fn the_window_bounds_unconfirmed_publishes() {
     assert!(blocked.await.is_err(), "a fifth publish must wait for a window slot");
     broker.next(|f| matches!(f, ClientFrame::Publish { seq: 4, .. }).then_some(())).await;
 
-    broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq: 1, duplicate: false });
+    broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq: 1, duplicate: false, id: None });
     within(confirms.remove(0)).await.unwrap();
     let fifth = within(producer.send_nowait(Message::persistent("m"))).await.unwrap();
     assert_eq!(producer.in_flight(), 4);
     for seq in 2..=5 {
-        broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq, duplicate: false });
+        broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq, duplicate: false, id: None });
     }
     for confirm in confirms {
         within(confirm).await.unwrap();
@@ -233,7 +231,7 @@ async fn deliveries_reach_the_consumer_and_acks_reach_the_broker() {
     for seq in 1..=3 {
         let delivery = within(consumer.recv()).await.unwrap().unwrap();
         assert_eq!(delivery.payload(), format!("body{seq}").as_bytes());
-        assert_eq!(delivery.message().id.seq, seq);
+        assert_eq!(delivery.id().seq(), seq);
         if seq == 2 {
             delivery.nack().await.unwrap();
             broker.next(|f| matches!(f, ClientFrame::Nack { id: MessageId { seq: 2, .. }, .. }).then_some(())).await;
@@ -264,7 +262,7 @@ async fn close_waits_for_confirms_then_says_bye() {
     // Closing refuses new work while it waits.
     assert!(matches!(producer.send(Message::persistent("b")).await, Err(ClientError::Closed)));
     assert!(!closing.is_finished());
-    broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq: 1, duplicate: false });
+    broker.send(ServerFrame::Confirm { producer_id: producer.id(), seq: 1, duplicate: false, id: None });
     within(confirm).await.unwrap();
     within(closing).await.unwrap().unwrap();
     broker.next(|f| matches!(f, ClientFrame::Bye).then_some(())).await;
@@ -308,4 +306,64 @@ async fn dropping_a_consumer_unsubscribes() {
     drop(consumer);
     let gone = broker.next(|f| if let ClientFrame::Unsubscribe { sub_id } = f { Some(sub_id) } else { None }).await;
     assert_eq!(gone, sub_id);
+}
+
+#[tokio::test]
+async fn a_confirm_carries_the_id_the_broker_gave_and_says_whether_it_was_a_duplicate() {
+    let mut broker = FakeBroker::start(manual()).await;
+    let client = Client::connect(config(&[&broker.addr])).await.unwrap();
+    let producer = client.producer(Destination::queue("q"));
+    let confirms = producer.send_batch((0..3).map(|i| Message::persistent(format!("m{i}")))).await.unwrap();
+    broker.next(|f| matches!(f, ClientFrame::Publish { seq: 3, .. }).then_some(())).await;
+    let id = |seq: u64| Some(MessageId { epoch: 4, seq: 100 + seq });
+    let pid = producer.id();
+    broker.send(ServerFrame::Confirm { producer_id: pid, seq: 1, duplicate: false, id: id(1) });
+    broker.send(ServerFrame::Confirm { producer_id: pid, seq: 2, duplicate: true, id: None });
+    // A broker older than confirm ids sends none.
+    broker.send(ServerFrame::Confirm { producer_id: pid, seq: 3, duplicate: false, id: None });
+    let got: Vec<_> = futures_util::future::join_all(confirms).await.into_iter().map(Result::unwrap).collect();
+    let seen: Vec<_> = got.iter().map(|c| (c.id().map(|i| (i.epoch(), i.seq())), c.duplicate())).collect();
+    assert_eq!(seen, vec![(Some((4, 101)), false), (None, true), (None, false)]);
+}
+
+#[tokio::test]
+async fn a_consumer_is_a_stream_of_deliveries() {
+    use futures_util::StreamExt;
+    let mut broker = FakeBroker::start(active()).await;
+    let client = Client::connect(config(&[&broker.addr])).await.unwrap();
+    let consumer = client.subscribe(Destination::queue("q"), SubscribeOptions::default()).await.unwrap();
+    let sub_id = broker.next(|f| if let ClientFrame::Subscribe { sub_id, .. } = f { Some(sub_id) } else { None }).await;
+    for seq in 1..=3 {
+        broker.send(ServerFrame::Deliver { sub_id, message: delivered(seq, &format!("s{seq}")) });
+    }
+    let bodies: Vec<String> =
+        within(consumer.take(3).map(|d| String::from_utf8(d.unwrap().payload().to_vec()).unwrap()).collect()).await;
+    assert_eq!(bodies, ["s1", "s2", "s3"]);
+}
+
+#[tokio::test]
+async fn an_ack_while_the_node_is_gone_says_it_was_not_sent_and_the_hook_sees_the_loss() {
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let mut broker = FakeBroker::start(active()).await;
+    let config = common::config(&[&broker.addr]).on_event(move |e| seen.lock().unwrap().push(e.to_string()));
+    let client = Client::connect(config).await.unwrap();
+    let mut consumer = client.subscribe(Destination::queue("q"), SubscribeOptions::default()).await.unwrap();
+    let sub_id = broker.next(|f| if let ClientFrame::Subscribe { sub_id, .. } = f { Some(sub_id) } else { None }).await;
+    broker.send(ServerFrame::Deliver { sub_id, message: delivered(1, "kept") });
+    broker.send(ServerFrame::Deliver { sub_id, message: delivered(2, "lost") });
+    let first = within(consumer.recv()).await.unwrap().unwrap();
+    let second = within(consumer.recv()).await.unwrap().unwrap();
+    first.ack().await.unwrap();
+    broker.next(|f| matches!(f, ClientFrame::Ack { id: MessageId { seq: 1, .. }, .. }).then_some(())).await;
+    broker.kill();
+    within(async {
+        while !events.lock().unwrap().iter().any(|e| e.starts_with("disconnected from")) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let err = second.ack().await.unwrap_err();
+    assert!(matches!(err, ClientError::NotSettled { .. }), "{err:?}");
+    assert!(events.lock().unwrap()[0].starts_with("connected to"), "{:?}", events.lock().unwrap());
 }

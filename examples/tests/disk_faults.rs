@@ -112,8 +112,8 @@ impl Load {
         let task = tokio::spawn(async move {
             let mut pending = std::collections::VecDeque::new();
             let mut i = 0u64;
-            let settle = |body: String, r: Result<(), twinmq_client::ClientError>| match r {
-                Ok(()) => c.lock().unwrap().push((Instant::now(), body)),
+            let settle = |body: String, r: Result<twinmq_client::Confirmed, twinmq_client::ClientError>| match r {
+                Ok(_) => c.lock().unwrap().push((Instant::now(), body)),
                 Err(err) => e.lock().unwrap().push(format!("{body}: {err}")),
             };
             while !s.load(Ordering::Relaxed) {

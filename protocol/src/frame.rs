@@ -414,6 +414,12 @@ pub enum ServerFrame {
         /// loses the new message: use a fresh random id per producer).
         #[serde(default, skip_serializing_if = "is_false")]
         duplicate: bool,
+        /// The id consumers will see the message under (stored now, or kept
+        /// in memory for a transient one); absent for a duplicate and from
+        /// brokers older than this field (a client reads `None`, an older
+        /// client ignores it: no version bump needed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<MessageId>,
     },
     /// The consumer `sub_id` is registered.
     Subscribed {

@@ -282,7 +282,7 @@ async fn serve(
                                 Some(ServerFrame::Error(ErrorFrame::new(ErrorCode::NotAuthorized, context, "no")))
                             } else {
                                 *state.stored.lock().unwrap().entry((producer_id, seq)).or_default() += 1;
-                                auto_confirm.then_some(ServerFrame::Confirm { producer_id, seq, duplicate: false })
+                                auto_confirm.then_some(ServerFrame::Confirm { producer_id, seq, duplicate: false, id: Some(MessageId { epoch: 1, seq }) })
                             }
                         }
                         ClientFrame::Subscribe { sub_id, destination, .. } => {

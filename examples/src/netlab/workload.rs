@@ -174,7 +174,7 @@ async fn run_inner(args: &WorkloadArgs, rec: &JsonLines) -> anyhow::Result<()> {
         let mut first = true;
         while let Some((id, sent, confirm)) = confirm_rx.recv().await {
             match confirm.await {
-                Ok(()) => {
+                Ok(_) => {
                     let node = pc.server().node_id;
                     crec.write(&json!({"ev": "ok", "t": now_us(), "id": id, "sent": sent, "node": node}));
                     c.lock().expect("confirmed lock").insert(id);
@@ -292,11 +292,20 @@ async fn consume(
                 let payload = String::from_utf8_lossy(d.payload());
                 let id = payload.split(' ').next().unwrap_or_default().to_string();
                 let (redelivered, mid) = (d.message().redelivered, d.message().id);
-                crec.write(&json!({"ev": "recv", "t": now_us(), "id": id, "redelivered": redelivered, "epoch": mid.epoch, "seq": mid.seq}));
-                r.lock().expect("received lock").insert(id);
+                crec.write(&json!({"ev": "recv", "t": now_us(), "id": id, "redelivered": redelivered, "epoch": mid.epoch(), "seq": mid.seq()}));
+                r.lock().expect("received lock").insert(id.clone());
                 *last.lock().expect("delivery time lock") = Instant::now();
-                if let Err(e) = d.ack().await {
-                    crec.write(&json!({"ev": "error", "t": now_us(), "who": "consumer", "text": format!("ack: {e}")}));
+                match d.ack().await {
+                    Ok(()) => {}
+                    // Between connections: the message comes back (at-least-once), not an error.
+                    Err(twinmq_client::ClientError::NotSettled { reason }) => {
+                        crec.write(&json!({"ev": "ack-not-sent", "t": now_us(), "id": id, "reason": reason}));
+                    }
+                    Err(e) => {
+                        crec.write(
+                            &json!({"ev": "error", "t": now_us(), "who": "consumer", "text": format!("ack: {e}")}),
+                        );
+                    }
                 }
             }
             resubscribes += 1;
