@@ -560,6 +560,12 @@ mod tests {
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     enum OldServerFrame {
         Welcome { node_id: String, server_version: String, max_frame_bytes: u32 },
+        Confirm {
+            producer_id: u64,
+            seq: u64,
+            #[serde(default, skip_serializing_if = "is_false")]
+            duplicate: bool,
+        },
         Error(OldErrorFrame),
     }
 
@@ -663,5 +669,16 @@ mod tests {
         encode_frame(&ServerFrame::Error(plain), 1024, &mut a).unwrap();
         encode_frame(&OldServerFrame::Error(old), 1024, &mut b).unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_confirm_gained_the_message_id_without_troubling_either_side() {
+        let old = OldServerFrame::Confirm { producer_id: 7, seq: 3, duplicate: false };
+        let from_old_broker = across::<_, ServerFrame>(&old);
+        assert_eq!(from_old_broker, ServerFrame::Confirm { producer_id: 7, seq: 3, duplicate: false, id: None });
+        let id = Some(MessageId { epoch: 2, seq: 99 });
+        let new = ServerFrame::Confirm { producer_id: 7, seq: 3, duplicate: false, id };
+        assert_eq!(across::<_, ServerFrame>(&new), new, "the id travels");
+        assert_eq!(across::<_, OldServerFrame>(&new), old, "an old client ignores it");
     }
 }
