@@ -1,6 +1,7 @@
 //! Password hashing (argon2id) and the configured users.
 //!
-//! Who may connect and what they may do is `security.rs`. Verification runs
+//! Who may connect and what they may do is `security.rs` (which also
+//! resolves the configured users, with [`hash_password`] and [`valid_hash`]). Verification runs
 //! on tokio's blocking pool: argon2 is deliberately slow and must not stall
 //! an event loop.
 
@@ -13,8 +14,6 @@ use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, Salt
 use argon2::Argon2;
 use tokio::sync::oneshot;
 
-use crate::config::UserConfig;
-use crate::security::StaticUser;
 use crate::BrokerError;
 
 /// Outcome of a credentials check (an expected result, not an error).
@@ -32,23 +31,6 @@ pub fn hash_password(password: &str) -> Result<String, BrokerError> {
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| BrokerError::Auth(e.to_string()))
-}
-
-/// Resolve the configured users: hash plain passwords, parse grants.
-pub fn static_users(users: &[UserConfig]) -> Result<Vec<StaticUser>, BrokerError> {
-    users
-        .iter()
-        .map(|u| {
-            let password_hash = match (&u.password_hash, &u.password) {
-                (Some(h), _) => h.clone(),
-                (None, Some(p)) => hash_password(p)?,
-                (None, None) => return Err(BrokerError::Auth(format!("user `{}` has no password", u.name))),
-            };
-            let grants = u.acl().map_err(|e| BrokerError::Auth(format!("user `{}`: {e}", u.name)))?;
-            valid_hash(&password_hash).map_err(|e| BrokerError::Auth(format!("user `{}`: {e}", u.name)))?;
-            Ok(StaticUser { name: u.name.clone(), password_hash, grants })
-        })
-        .collect()
 }
 
 /// Most memory one password check may take (argon2's `m`, KiB): with
@@ -303,20 +285,6 @@ impl LoginGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn configured_users_get_hashes_and_default_grants() {
-        let users = static_users(&[UserConfig {
-            name: "app".into(),
-            password_hash: None,
-            password: Some("s3cret".into()),
-            grants: None,
-        }])
-        .unwrap();
-        assert!(valid_hash(&users[0].password_hash).is_ok());
-        assert_eq!(users[0].grants.len(), 3, "no grants given: everything");
-        assert!(valid_hash("plain").is_err());
-    }
 
     #[test]
     fn hashes_too_costly_to_verify_are_refused() {

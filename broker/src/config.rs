@@ -32,6 +32,9 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use twinmq_store::Durability;
 
+use crate::security::StaticUser;
+use crate::BrokerError;
+
 /// A configuration problem, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -1042,9 +1045,41 @@ pub fn validate_destination(d: &twinmq_protocol::Destination) -> Result<(), Stri
     Ok(())
 }
 
+/// Resolve the configured users: hash plain passwords, parse grants.
+pub fn static_users(users: &[UserConfig]) -> Result<Vec<StaticUser>, BrokerError> {
+    users
+        .iter()
+        .map(|u| {
+            let password_hash = match (&u.password_hash, &u.password) {
+                (Some(h), _) => h.clone(),
+                (None, Some(p)) => crate::auth::hash_password(p)?,
+                (None, None) => return Err(BrokerError::Auth(format!("user `{}` has no password", u.name))),
+            };
+            let grants = u.acl().map_err(|e| BrokerError::Auth(format!("user `{}`: {e}", u.name)))?;
+            crate::auth::valid_hash(&password_hash)
+                .map_err(|e| BrokerError::Auth(format!("user `{}`: {e}", u.name)))?;
+            Ok(StaticUser { name: u.name.clone(), password_hash, grants })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configured_users_get_hashes_and_default_grants() {
+        let users = static_users(&[UserConfig {
+            name: "app".into(),
+            password_hash: None,
+            password: Some("s3cret".into()),
+            grants: None,
+        }])
+        .unwrap();
+        assert!(crate::auth::valid_hash(&users[0].password_hash).is_ok());
+        assert_eq!(users[0].grants.len(), 3, "no grants given: everything");
+        assert!(crate::auth::valid_hash("plain").is_err());
+    }
 
     fn err_key(text: &str) -> String {
         match Config::from_toml(text) {

@@ -41,9 +41,10 @@ use crate::config::Config;
 use crate::listener::PendingSlot;
 use crate::metrics::Metrics;
 use crate::node::{self, Node};
+use crate::outbound::{Closed, Outbound};
 use crate::router::Router;
 use crate::security::SecurityDb;
-use crate::session::{Closed, Incoming, Outbound, Session};
+use crate::session::{Incoming, Session};
 use crate::Shared;
 
 type Codec = FrameCodec<ClientFrame, ServerFrame>;

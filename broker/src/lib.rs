@@ -25,6 +25,7 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+pub mod outbound;
 pub mod queue;
 pub mod router;
 pub mod security;

@@ -20,7 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use twinmq_protocol::{Delivered, Destination, ErrorCode, ErrorContext, ErrorFrame, MessageId, ServerFrame};
 use twinmq_store::{MessageRef, Op, StoreError, StoredMessage, Writer};
 
-use crate::session::Outbound;
+use crate::outbound::Outbound;
 use crate::{now_ms, transient_seq};
 
 /// A consumer: (session id, subscription id).

@@ -70,7 +70,7 @@ pub async fn run(
     listeners.check(&config)?;
     let Listeners { client: client_listener, ha: ha_listener, http: http_listener } = listeners;
     let config = Arc::new(config);
-    let statics = Arc::new(crate::auth::static_users(&config.users)?);
+    let statics = Arc::new(crate::config::static_users(&config.users)?);
 
     let store_config = StoreConfig {
         cache_bytes: config.cache_bytes as u64,

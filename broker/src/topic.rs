@@ -24,8 +24,8 @@ use actix::prelude::*;
 use twinmq_protocol::{Destination, ErrorContext, ErrorFrame, MessageId, ServerFrame};
 use twinmq_store::{Op, StoredMessage, Writer};
 
+use crate::outbound::Outbound;
 use crate::queue::{self, AddConsumer, ConsumerKey, Push, Queue, QueueMode, QueueSettings, Stored};
-use crate::session::Outbound;
 use crate::transient_seq;
 
 pub struct Topic {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch, Semaphore};
-use twinmq_store::{Outbound, PeerRx, PeerTx, Writer};
+use twinmq_store::{PeerRx, PeerTx, ToPeer, Writer};
 
 use crate::arbiter::{FromPeer, PeerHeartbeat, PeerLinks, RoleArbiter};
 use crate::config::HaConfig;
@@ -330,11 +330,11 @@ async fn run_conn(
     let version = link.version;
     let (mut sink, mut stream) = link.framed.split();
     let writing = actix_rt::spawn(async move {
-        let wire = |o: Outbound| match o {
-            Outbound::Repl(f) => Some(HaFrame::Repl(f)),
-            Outbound::Handover(messages) => Some(HaFrame::Divergent { messages }),
+        let wire = |o: ToPeer| match o {
+            ToPeer::Repl(f) => Some(HaFrame::Repl(f)),
+            ToPeer::Handover(messages) => Some(HaFrame::Divergent { messages }),
             // A peer at HA 2 would not understand it: kept until one at 3.
-            Outbound::HandoverAdmin(admin) => {
+            ToPeer::HandoverAdmin(admin) => {
                 (version >= crate::wire::DIVERGENT_ADMIN_VERSION).then_some(HaFrame::DivergentAdmin(admin))
             }
         };

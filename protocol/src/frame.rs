@@ -559,7 +559,11 @@ mod tests {
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     enum OldServerFrame {
-        Welcome { node_id: String, server_version: String, max_frame_bytes: u32 },
+        Welcome {
+            node_id: String,
+            server_version: String,
+            max_frame_bytes: u32,
+        },
         Confirm {
             producer_id: u64,
             seq: u64,

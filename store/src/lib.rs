@@ -75,7 +75,7 @@ pub use op::{BatchBody, Grant, Op, Permission, QueueKind, QueueSpec, StoredMessa
 pub use repl::ReplFrame;
 pub use store::{rss_kib_of, Durability, HandoverAdmin, QueueEntry, Recovered, Store, StoreConfig, Synced, UserEntry};
 pub use writer::{
-    Callback, Committed, Completion, Outbound, PeerRx, PeerTx, PromoteDone, Token, Writer, WriterConfig, WriterStats,
+    Callback, Committed, Completion, PeerRx, PeerTx, PromoteDone, ToPeer, Token, Writer, WriterConfig, WriterStats,
     HANDOVER_CHUNK,
 };
 

@@ -77,7 +77,7 @@ pub struct Committed {
 
 /// What the writer sends to the peer on one connection.
 #[derive(Debug)]
-pub enum Outbound {
+pub enum ToPeer {
     Repl(ReplFrame),
     /// Messages kept for the hand-over (queue key, message), one chunk.
     Handover(Vec<(String, StoredMessage)>),
@@ -85,12 +85,12 @@ pub enum Outbound {
     HandoverAdmin(HandoverAdmin),
 }
 
-impl Outbound {
+impl ToPeer {
     fn weight(&self) -> usize {
         match self {
-            Outbound::Repl(f) => f.weight(),
-            Outbound::Handover(ms) => ms.iter().map(|(q, m)| q.len() + m.payload.len() + 128).sum(),
-            Outbound::HandoverAdmin(a) => a.users.len() * 256 + a.queues.len() * 64,
+            ToPeer::Repl(f) => f.weight(),
+            ToPeer::Handover(ms) => ms.iter().map(|(q, m)| q.len() + m.payload.len() + 128).sum(),
+            ToPeer::HandoverAdmin(a) => a.users.len() * 256 + a.queues.len() * 64,
         }
     }
 }
@@ -100,7 +100,7 @@ impl Outbound {
 /// or detaches a follower that cannot keep up).
 #[derive(Debug, Clone)]
 pub struct PeerTx {
-    tx: tokio::sync::mpsc::UnboundedSender<(Outbound, usize)>,
+    tx: tokio::sync::mpsc::UnboundedSender<(ToPeer, usize)>,
     queued: Arc<AtomicUsize>,
     /// The peer understands a catch-up from the log (`ReplFrame::Catchup`).
     log_catchup: bool,
@@ -109,7 +109,7 @@ pub struct PeerTx {
 /// The connection's end of a [`PeerTx`].
 #[derive(Debug)]
 pub struct PeerRx {
-    rx: tokio::sync::mpsc::UnboundedReceiver<(Outbound, usize)>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(ToPeer, usize)>,
     queued: Arc<AtomicUsize>,
 }
 
@@ -127,7 +127,7 @@ impl PeerTx {
         self
     }
 
-    fn send(&self, o: Outbound) -> bool {
+    fn send(&self, o: ToPeer) -> bool {
         let w = o.weight();
         self.queued.fetch_add(w, Ordering::Relaxed);
         self.tx.send((o, w)).is_ok()
@@ -140,21 +140,21 @@ impl PeerTx {
 
 impl PeerRx {
     /// The next frame to write (its bytes leave the count once taken).
-    pub async fn recv(&mut self) -> Option<Outbound> {
+    pub async fn recv(&mut self) -> Option<ToPeer> {
         let (o, w) = self.rx.recv().await?;
         self.queued.fetch_sub(w, Ordering::Relaxed);
         Some(o)
     }
 
     /// As `recv`, for a thread outside any runtime.
-    pub fn blocking_recv(&mut self) -> Option<Outbound> {
+    pub fn blocking_recv(&mut self) -> Option<ToPeer> {
         let (o, w) = self.rx.blocking_recv()?;
         self.queued.fetch_sub(w, Ordering::Relaxed);
         Some(o)
     }
 
     /// As `recv`, without waiting.
-    pub fn try_recv(&mut self) -> Option<Outbound> {
+    pub fn try_recv(&mut self) -> Option<ToPeer> {
         let (o, w) = self.rx.try_recv().ok()?;
         self.queued.fetch_sub(w, Ordering::Relaxed);
         Some(o)
@@ -687,7 +687,7 @@ fn send_live(tx: &PeerTx, keys: impl Iterator<Item = u64>, through: u64) -> u64 
         let to = if keys.peek().is_some() { chunk.last().copied().unwrap_or(through) } else { through };
         let f = ReplFrame::Live { from, to, keys: std::mem::take(&mut chunk) };
         bytes += f.weight() as u64;
-        tx.send(Outbound::Repl(f));
+        tx.send(ToPeer::Repl(f));
         from = to + 1;
         if to == through {
             break;
@@ -1002,7 +1002,7 @@ impl WriterState {
                     self.replica.follower_lagging(conn, &mut out);
                     return self.perform(out);
                 }
-                tx.send(Outbound::Repl(frame));
+                tx.send(ToPeer::Repl(frame));
             }
             Action::PersistMeta { flush } => {
                 self.store.set_repl_meta(self.replica.meta())?;
@@ -1058,7 +1058,7 @@ impl WriterState {
                     for kv in self.store.admin.iter() {
                         let (k, v) = kv?;
                         let (key, value) = (Bytes::copy_from_slice(&k), Bytes::copy_from_slice(&v));
-                        tx.send(Outbound::Repl(ReplFrame::SnapAdmin { key, value }));
+                        tx.send(ToPeer::Repl(ReplFrame::SnapAdmin { key, value }));
                     }
                     send_live(tx, self.index.record_keys().take_while(|k| *k <= through), through);
                 }
@@ -1182,7 +1182,7 @@ impl WriterState {
                         queues = admin.queues.len(),
                         "handing over users and queues for the active to create those it lacks"
                     );
-                    tx.send(Outbound::HandoverAdmin(admin));
+                    tx.send(ToPeer::HandoverAdmin(admin));
                 }
                 if pending.is_empty() {
                     return Ok(());
@@ -1194,12 +1194,12 @@ impl WriterState {
                     bytes += m.0.len() + m.1.payload.len() + 128;
                     chunk.push(m);
                     if bytes >= HANDOVER_CHUNK {
-                        tx.send(Outbound::Handover(std::mem::take(&mut chunk)));
+                        tx.send(ToPeer::Handover(std::mem::take(&mut chunk)));
                         bytes = 0;
                     }
                 }
                 if !chunk.is_empty() {
-                    tx.send(Outbound::Handover(chunk));
+                    tx.send(ToPeer::Handover(chunk));
                 }
             }
         }
@@ -1360,7 +1360,7 @@ impl WriterState {
             self.replace_admin(&seen)?;
             tracing::info!(records = w.keys.len(), "asking the active for the records this store's own ops changed");
             if let Some(tx) = self.conns.get(&w.conn) {
-                tx.send(Outbound::Repl(ReplFrame::Want { attach: w.attach, keys: w.keys }));
+                tx.send(ToPeer::Repl(ReplFrame::Want { attach: w.attach, keys: w.keys }));
             }
         }
         Ok(())
@@ -1385,7 +1385,7 @@ impl WriterState {
         let mut sent = 0;
         for key in wanted {
             if let Some(raw) = self.store.log().get(key.to_be_bytes())? {
-                tx.send(Outbound::Repl(ReplFrame::SnapRecord { key: *key, raw: Bytes::copy_from_slice(&raw) }));
+                tx.send(ToPeer::Repl(ReplFrame::SnapRecord { key: *key, raw: Bytes::copy_from_slice(&raw) }));
                 sent += 1;
             }
         }
@@ -2030,7 +2030,7 @@ impl WriterState {
                 Some(f) => {
                     cursor.bytes += f.weight() as u64;
                     budget = budget.saturating_sub(f.weight());
-                    tx.send(Outbound::Repl(f));
+                    tx.send(ToPeer::Repl(f));
                 }
                 None => {
                     cursor.stage += 1;
@@ -2050,7 +2050,7 @@ impl WriterState {
         let mut bytes = cursor.bytes;
         let mut send = |f: ReplFrame| {
             bytes += f.weight() as u64;
-            tx.send(Outbound::Repl(f));
+            tx.send(ToPeer::Repl(f));
         };
         let entries = |tree: &sled::Tree| -> Result<Vec<(Bytes, Bytes)>, sled::Error> {
             tree.iter().map(|e| e.map(|(k, v)| (Bytes::copy_from_slice(&k), Bytes::copy_from_slice(&v)))).collect()

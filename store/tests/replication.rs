@@ -165,7 +165,7 @@ fn connect_slow(active: &Writer, passive: &Writer, log_catchup: bool, delay: Dur
                     std::thread::sleep(delay);
                 }
                 match o {
-                    Outbound::Repl(f) => {
+                    ToPeer::Repl(f) => {
                         let kind = match &f {
                             ReplFrame::Refused { reason, .. } => format!("<-Refused: {reason}"),
                             f => format!("{arrow}{}", f.kind()),
@@ -173,12 +173,12 @@ fn connect_slow(active: &Writer, passive: &Writer, log_catchup: bool, delay: Dur
                         seen.lock().unwrap().push(kind);
                         to.frame(conn, f, Box::new(()));
                     }
-                    Outbound::Handover(ms) => {
+                    ToPeer::Handover(ms) => {
                         let b: Vec<String> =
                             ms.iter().map(|(_, m)| String::from_utf8_lossy(&m.payload).into()).collect();
                         seen.lock().unwrap().push(format!("divergent: {}", b.join(",")));
                     }
-                    Outbound::HandoverAdmin(a) => {
+                    ToPeer::HandoverAdmin(a) => {
                         let users: Vec<&str> = a.users.iter().map(|(n, _)| n.as_str()).collect();
                         seen.lock().unwrap().push(format!(
                             "admin: users {}; queues {}",
@@ -312,7 +312,7 @@ fn a_gap_or_an_older_epoch_is_refused_and_the_lower_side_yields() {
     let raw = body.encode().unwrap().into();
     q.frame(conn, ReplFrame::Batch { first_seq: 3, last_seq: 3, raw }, Box::new(()));
     let mut replies = Vec::new();
-    while let Some(Outbound::Repl(f)) = rx.blocking_recv() {
+    while let Some(ToPeer::Repl(f)) = rx.blocking_recv() {
         let refused = matches!(f, ReplFrame::Refused { .. });
         replies.push(f.kind());
         if refused {
@@ -572,7 +572,7 @@ fn a_catch_up_cut_off_and_restarted_half_way_completes_at_the_next_attach() {
     let back = a.clone();
     std::thread::spawn(move || {
         while let Some(o) = from_p.blocking_recv() {
-            if let Outbound::Repl(f) = o {
+            if let ToPeer::Repl(f) = o {
                 back.frame(conn, f, Box::new(()));
             }
         }
@@ -580,7 +580,7 @@ fn a_catch_up_cut_off_and_restarted_half_way_completes_at_the_next_attach() {
     a.attach(conn);
     let mut records = 0;
     while records < 10 {
-        let Outbound::Repl(f) = to_p.blocking_recv().unwrap() else { continue };
+        let ToPeer::Repl(f) = to_p.blocking_recv().unwrap() else { continue };
         records += usize::from(matches!(f, ReplFrame::Batch { .. }));
         p.frame(conn, f, Box::new(()));
     }
@@ -1018,14 +1018,14 @@ fn a_returning_active_cut_off_before_the_records_it_wanted_came_gets_a_snapshot_
     let back = b.clone();
     std::thread::spawn(move || {
         while let Some(o) = from_a.blocking_recv() {
-            if let Outbound::Repl(f) = o {
+            if let ToPeer::Repl(f) = o {
                 back.frame(conn, f, Box::new(()));
             }
         }
     });
     b.attach(conn);
     loop {
-        let Outbound::Repl(f) = to_a.blocking_recv().unwrap() else { continue };
+        let ToPeer::Repl(f) = to_a.blocking_recv().unwrap() else { continue };
         if matches!(f, ReplFrame::SnapRecord { .. }) {
             break; // the connection is gone before the records it wanted
         }
