@@ -49,11 +49,12 @@ pub(crate) fn path(dir: &Path) -> PathBuf {
 
 /// Write `ckpt` (a [`Checkpoint`], possibly borrowed) durably in place of the previous one.
 pub(crate) fn write_with(dir: &Path, ckpt: &impl Serialize) -> Result<u64, StoreError> {
-    let io = |e: std::io::Error| StoreError::Sled(sled::Error::Io(e));
+    let io = |source: std::io::Error| StoreError::Io { op: "write the index checkpoint", source };
     let tmp = dir.join(format!("{FILE}.tmp"));
     let file = std::fs::File::create(&tmp).map_err(io)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    rmp_serde::encode::write(&mut out, ckpt).map_err(|e| StoreError::Encode(e.to_string()))?;
+    rmp_serde::encode::write(&mut out, ckpt)
+        .map_err(|source| StoreError::Encode { what: "the index checkpoint", source })?;
     out.flush().map_err(io)?;
     let file = out.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
@@ -89,8 +90,10 @@ pub(crate) fn read(dir: &Path) -> Option<Checkpoint> {
 /// Forget the checkpoint (the log is about to be replaced).
 pub(crate) fn remove(dir: &Path) -> Result<(), StoreError> {
     match std::fs::remove_file(path(dir)) {
-        Ok(()) => std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::Sled(sled::Error::Io(e))),
+        Ok(()) => std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StoreError::Io { op: "fsync the data directory after the checkpoint", source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(StoreError::Sled(sled::Error::Io(e))),
+        Err(source) => Err(StoreError::Io { op: "rename the index checkpoint into place", source }),
     }
 }

@@ -92,8 +92,20 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("record {key} is corrupt: {reason}")]
     Corrupt { key: u64, reason: String },
-    #[error("could not encode record: {0}")]
-    Encode(String),
+    /// `what` could not be encoded (a bug: our own types always encode).
+    #[error("could not encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: rmp_serde::encode::Error,
+    },
+    /// A file operation on the data directory failed (`op` says which).
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("data directory belongs to node `{stored}`, not `{configured}`")]
     NodeMismatch { stored: String, configured: String },
     #[error("the store writer has stopped")]

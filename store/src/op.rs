@@ -182,7 +182,7 @@ impl BatchBody {
     pub fn encode_ops(epoch: u64, first_seq: u64, ops: &[Op]) -> Result<Vec<u8>, StoreError> {
         let mut out = vec![RECORD_FORMAT, 0, 0, 0, 0];
         rmp_serde::encode::write(&mut out, &BatchRef { epoch, first_seq, ops })
-            .map_err(|e| StoreError::Encode(e.to_string()))?;
+            .map_err(|source| StoreError::Encode { what: "a batch record", source })?;
         let crc = crc32fast::hash(&out[5..]);
         out[1..5].copy_from_slice(&crc.to_be_bytes());
         Ok(out)

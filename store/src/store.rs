@@ -561,7 +561,8 @@ impl Store {
 
     /// Write the replication state (unflushed).
     pub(crate) fn set_repl_meta(&self, meta: &ReplMeta) -> Result<(), StoreError> {
-        let raw = rmp_serde::to_vec(meta).map_err(|e| StoreError::Encode(e.to_string()))?;
+        let raw =
+            rmp_serde::to_vec(meta).map_err(|source| StoreError::Encode { what: "the replication meta", source })?;
         self.meta.insert(META_REPL, raw)?;
         Ok(())
     }
@@ -571,8 +572,8 @@ impl Store {
     /// since the last call (and of the blob directory).
     pub fn sync(&self) -> Result<Synced, StoreError> {
         self.db.flush()?;
-        self.db_file.sync_data().map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
-        let blobs = self.sync_blobs().map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        self.db_file.sync_data().map_err(|source| StoreError::Io { op: "fdatasync the sled file", source })?;
+        let blobs = self.sync_blobs().map_err(|source| StoreError::Io { op: "fsync sled's blob files", source })?;
         Ok(Synced { fsyncs: 1 + blobs })
     }
 
@@ -840,7 +841,8 @@ impl Store {
     /// Keep `messages` (queue key, message) for the hand-over (unflushed).
     pub(crate) fn keep_for_handover(&self, messages: &[(String, StoredMessage)]) -> Result<(), StoreError> {
         for (queue, m) in messages {
-            let raw = rmp_serde::to_vec(&(queue, m)).map_err(|e| StoreError::Encode(e.to_string()))?;
+            let raw = rmp_serde::to_vec(&(queue, m))
+                .map_err(|source| StoreError::Encode { what: "a message kept for the hand-over", source })?;
             self.handover.insert(handover_key(m.epoch, m.seq, queue), raw)?;
         }
         Ok(())
@@ -853,7 +855,7 @@ impl Store {
         queues: &BTreeMap<String, QueueEntry>,
     ) -> Result<(), StoreError> {
         for (name, user) in users {
-            let raw = rmp_serde::to_vec(user).map_err(|e| StoreError::Encode(e.to_string()))?;
+            let raw = rmp_serde::to_vec(user).map_err(|source| StoreError::Encode { what: "a user record", source })?;
             self.handover_admin.insert(format!("{USER_PREFIX}{name}"), raw)?;
         }
         for key in queues.keys().filter(|k| k.starts_with("q/")) {
@@ -1093,7 +1095,8 @@ impl Store {
             match op {
                 Op::PutQueue { key, spec } => {
                     let entry = QueueEntry { spec: spec.clone(), created_seq: body.first_seq + i as u64 };
-                    let raw = rmp_serde::to_vec(&entry).map_err(|e| StoreError::Encode(e.to_string()))?;
+                    let raw = rmp_serde::to_vec(&entry)
+                        .map_err(|source| StoreError::Encode { what: "a queue or durable entry", source })?;
                     tree.insert(key.as_bytes(), raw)?;
                 }
                 Op::DeleteQueue { key } => {
@@ -1101,7 +1104,8 @@ impl Store {
                 }
                 Op::PutUser { name, user } => {
                     let entry = UserEntry { user: user.clone(), seq: body.first_seq + i as u64 };
-                    let raw = rmp_serde::to_vec(&entry).map_err(|e| StoreError::Encode(e.to_string()))?;
+                    let raw = rmp_serde::to_vec(&entry)
+                        .map_err(|source| StoreError::Encode { what: "a queue or durable entry", source })?;
                     tree.insert(format!("{USER_PREFIX}{name}").as_bytes(), raw)?;
                 }
                 Op::DeleteUser { name } => {
