@@ -476,7 +476,7 @@ async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     return;
                 }
                 match cx.node.send(node::GetNodeStatus).await {
-                    Ok(json) => ServerFrame::StatusReply { req, json: json.to_string() },
+                    Ok(status) => ServerFrame::StatusReply { req, json: crate::status::status_json(&status) },
                     Err(_) => return,
                 }
             }

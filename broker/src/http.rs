@@ -46,6 +46,7 @@ use twinmq_protocol::{AdminCommand, ErrorCode};
 
 use crate::metrics::Metrics;
 use crate::node::{self, Node};
+use crate::status::NodeStatus;
 use crate::BrokerError;
 
 /// The status page: one static file, fetched once, polling `/status`.
@@ -229,7 +230,7 @@ async fn page(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
         .body(STATUS_PAGE)
 }
 
-async fn node_status(state: &HttpState) -> Result<serde_json::Value, HttpResponse> {
+async fn node_status(state: &HttpState) -> Result<NodeStatus, HttpResponse> {
     state
         .node
         .send(node::GetNodeStatus)

@@ -32,6 +32,7 @@ pub mod security;
 pub mod server;
 pub mod session;
 pub mod sockets;
+pub mod status;
 pub mod ticket;
 pub mod topic;
 

@@ -26,6 +26,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::status::NodeStatus;
+
 /// Every role a node can be in (`twinmq_role` is a state set over these).
 const ROLES: [&str; 6] = ["active", "active-alone", "passive-syncing", "passive", "waiting", "isolated"];
 
@@ -77,8 +79,8 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition: the event counters plus the state in
-    /// `status` (the JSON of `node::GetNodeStatus`).
-    pub fn encode(&self, status: &serde_json::Value) -> Result<String, std::fmt::Error> {
+    /// `status` (what `node::GetNodeStatus` answers).
+    pub fn encode(&self, status: &NodeStatus) -> Result<String, std::fmt::Error> {
         let mut r = Registry::with_prefix("twinmq");
         r.register("messages_in", "Publish frames received from clients", self.0.messages_in.clone());
         r.register(
@@ -94,99 +96,83 @@ impl Metrics {
             self.0.confirm_latency.clone(),
         );
 
-        let u = |key: &str| status[key].as_u64().unwrap_or(0);
         let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
-        let role = status["role"].as_str().unwrap_or("unknown");
+        let role = status.role.as_str();
         let roles = Family::<Vec<(String, String)>, Gauge>::default();
         for name in ROLES {
             roles.get_or_create(&vec![("role".to_string(), name.to_string())]).set(i64::from(role == name));
         }
         r.register("role", "This node's role: 1 for the current one", roles);
-        r.register("epoch", "The store's epoch (+1 on every promotion)", gauge(u("epoch")));
-        r.register("last_op", "Sequence number of the last op in this node's store", gauge(u("last_op")));
-        r.register("connections", "Open client connections", gauge(u("connections")));
-        let store = |key: &str| status["store"][key].as_u64().unwrap_or(0);
-        r.register("disk_bytes", "Bytes the data directory takes on disk", gauge(store("disk_bytes")));
+        r.register("epoch", "The store's epoch (+1 on every promotion)", gauge(status.epoch));
+        r.register("last_op", "Sequence number of the last op in this node's store", gauge(status.last_op));
+        r.register("connections", "Open client connections", gauge(status.connections as u64));
+        let store = &status.store;
+        r.register("disk_bytes", "Bytes the data directory takes on disk", gauge(store.disk_bytes));
         r.register(
             "disk_headroom_bytes",
             "Bytes that may still be written before new messages are refused (max_disk_bytes, min_free_disk_bytes)",
-            gauge(store("disk_headroom_bytes")),
+            gauge(store.disk_headroom_bytes),
         );
         r.register(
             "disk_full",
             "1 while new messages are refused for the disk limits",
-            gauge(u64::from(status["store"]["disk_full"] == true)),
+            gauge(u64::from(store.disk_full)),
         );
         r.register(
             "refusing_new_messages",
             "1 while new messages are refused for a nearly full disk (in a pair: the active, for its own disk or its in-sync passive's)",
-            gauge(u64::from(status["store"]["refusing_new_messages"] == true)),
+            gauge(u64::from(store.refusing_new_messages)),
         );
-        r.register(
-            "live_record_bytes",
-            "Bytes of batch records still holding live messages",
-            gauge(store("live_bytes")),
-        );
+        r.register("live_record_bytes", "Bytes of batch records still holding live messages", gauge(store.live_bytes));
         r.register(
             "live_message_bytes",
             "What the live messages weigh, each queue holding one counted (payload, headers, 128 bytes)",
-            gauge(store("live_message_bytes")),
+            gauge(store.live_message_bytes),
         );
         r.register(
             "compacted_records",
             "Records the compactor rewrote without their dead messages",
-            ConstCounter::new(store("compacted_records")),
+            ConstCounter::new(store.compacted_records),
         );
         r.register(
             "compacted_bytes",
             "Bytes the records the compactor rewrote take less",
-            ConstCounter::new(store("compacted_bytes")),
+            ConstCounter::new(store.compacted_bytes),
         );
         r.register(
             "read_cache_bytes",
             "Bytes of message bodies read back from disk and cached",
-            gauge(store("read_cache_bytes")),
+            gauge(store.read_cache_bytes),
         );
         r.register(
             "read_cache_misses",
             "Reads of bodies from disk (one per record read ahead)",
-            gauge(store("read_cache_misses")),
+            gauge(store.read_cache_misses),
         );
         // A lone node (no pair) has neither peer nor gateway; those gauges are omitted.
-        if status["peer"].is_object() {
-            let peer = &status["peer"];
-            r.register(
-                "in_sync",
-                "1 when this node's store is in sync with its peer",
-                gauge(u64::from(status["in_sync"] == true)),
-            );
-            r.register("peer_up", "1 when the peer is heard on some path", gauge(u64::from(peer["state"] == "up")));
-            r.register(
-                "gateway_reachable",
-                "1 when this node's gateway probes succeed",
-                gauge(u64::from(status["gateway"]["reachable"] == true)),
-            );
+        if let (Some(peer), Some(pair)) = (&status.peer, &status.pair) {
+            r.register("in_sync", "1 when this node's store is in sync with its peer", gauge(u64::from(pair.in_sync)));
+            r.register("peer_up", "1 when the peer is heard on some path", gauge(u64::from(peer.is_up())));
+            let reachable = status.gateway.as_ref().is_some_and(|g| g.reachable);
+            r.register("gateway_reachable", "1 when this node's gateway probes succeed", gauge(u64::from(reachable)));
             // Active: ops the peer has not acknowledged. Passive: ops the active holds that this node lacks.
-            let lag = match status["sync_lag"].as_u64() {
-                Some(l) => l,
-                None => peer["last_op"].as_u64().unwrap_or(0).saturating_sub(u("last_op")),
-            };
+            let lag = status.replication_lag().unwrap_or(0);
             r.register("replication_lag_ops", "Ops between this node's store and its peer's", gauge(lag));
             r.register(
                 "failovers",
                 "Times this node became active (promotions since the process started)",
-                ConstCounter::new(u("failovers")),
+                ConstCounter::new(pair.failovers),
             );
         }
         let depth = Family::<Vec<(String, String)>, Gauge>::default();
         let consumers = Family::<Vec<(String, String)>, Gauge>::default();
         let in_flight = Family::<Vec<(String, String)>, Gauge>::default();
-        for q in status["queues"].as_array().into_iter().flatten() {
-            let labels = vec![("destination".to_string(), escape_label(q["name"].as_str().unwrap_or("?")))];
-            let n = |key: &str| i64::try_from(q[key].as_u64().unwrap_or(0)).unwrap_or(i64::MAX);
-            depth.get_or_create(&labels).set(n("depth"));
-            consumers.get_or_create(&labels).set(n("consumers"));
-            in_flight.get_or_create(&labels).set(n("in_flight"));
+        for q in &status.queues {
+            let labels = vec![("destination".to_string(), escape_label(&q.name))];
+            let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+            depth.get_or_create(&labels).set(n(q.depth));
+            consumers.get_or_create(&labels).set(n(q.consumers));
+            in_flight.get_or_create(&labels).set(n(q.in_flight));
         }
         r.register("queue_depth", "Messages waiting in a queue or durable subscription", depth);
         r.register("queue_consumers", "Consumers attached to a queue or durable subscription", consumers);
@@ -218,17 +204,21 @@ fn escape_label(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::QueueStats;
+    use crate::status::{GatewayStatus, PairStatus, PeerStatus, StoreStatus};
 
     #[test]
     fn destination_names_cannot_forge_labels_or_break_the_scrape() {
-        let status = serde_json::json!({
-            "role": "active", "peer": null,
-            "queues": [
-                {"name": "queue:orders.x\",node=\"forged", "depth": 1, "consumers": 0, "in_flight": 0},
-                {"name": "queue:orders.y\\", "depth": 2, "consumers": 0, "in_flight": 0},
-                {"name": "queue:a\nb", "depth": 3, "consumers": 0, "in_flight": 0},
+        let queue = |name: &str, depth| QueueStats { name: name.into(), depth, in_flight: 0, consumers: 0 };
+        let status = NodeStatus {
+            role: "active".into(),
+            queues: vec![
+                queue("queue:orders.x\",node=\"forged", 1),
+                queue("queue:orders.y\\", 2),
+                queue("queue:a\nb", 3),
             ],
-        });
+            ..Default::default()
+        };
         let text = Metrics::new().encode(&status).unwrap();
         assert!(!text.contains("node=\"forged\""), "{text}");
         assert_eq!(value(&text, r#"twinmq_queue_depth{destination="queue:orders.x\",node=\"forged"}"#), 1.0);
@@ -253,14 +243,25 @@ mod tests {
         }
         m.message_out();
         m.confirmed(Instant::now());
-        let status = serde_json::json!({
-            "role": "passive", "epoch": 7, "last_op": 90, "connections": 0, "in_sync": true,
-            "sync_lag": null, "failovers": 2,
-            "peer": {"state": "up", "last_op": 100}, "gateway": {"reachable": true},
-            "queues": [{"name": "queue:orders", "depth": 4, "consumers": 1, "in_flight": 2}],
-            "store": {"live_bytes": 300, "live_message_bytes": 200, "compacted_records": 5, "compacted_bytes": 4096,
-                      "disk_full": false, "refusing_new_messages": true},
-        });
+        let status = NodeStatus {
+            role: "passive".into(),
+            epoch: 7,
+            last_op: 90,
+            pair: Some(PairStatus { in_sync: true, sync_lag: None, failovers: 2, ..Default::default() }),
+            peer: Some(PeerStatus { state: "up".into(), last_op: Some(100), ..Default::default() }),
+            gateway: Some(GatewayStatus { target: "tcp://gw".into(), reachable: true }),
+            queues: vec![QueueStats { name: "queue:orders".into(), depth: 4, consumers: 1, in_flight: 2 }],
+            store: StoreStatus {
+                live_bytes: 300,
+                live_message_bytes: 200,
+                compacted_records: 5,
+                compacted_bytes: 4096,
+                disk_full: false,
+                refusing_new_messages: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         let text = m.encode(&status).unwrap();
         assert_eq!(value(&text, "twinmq_live_record_bytes"), 300.0);
         assert_eq!(value(&text, "twinmq_live_message_bytes"), 200.0);
@@ -311,7 +312,7 @@ mod tests {
 
     #[test]
     fn a_lone_node_has_no_pair_gauges() {
-        let text = Metrics::new().encode(&serde_json::json!({"role": "active", "peer": null})).unwrap();
+        let text = Metrics::new().encode(&NodeStatus { role: "active".into(), ..Default::default() }).unwrap();
         assert_eq!(value(&text, "twinmq_role{role=\"active\"}"), 1.0);
         assert!(!text.contains("twinmq_peer_up"));
         assert!(!text.contains("twinmq_failovers_total"));

@@ -22,6 +22,7 @@ use twinmq_store::{Op, Recovered, UserRecord, Writer};
 use crate::config::Config;
 use crate::router::{self, Router};
 use crate::security::{self, SecurityDb, StaticUser};
+use crate::status::{GatewayStatus, NodeStatus, PairStatus, PeerStatus, StorePosition, StoreStatus};
 use crate::Shared;
 
 /// How long a switchover waits for the peer to acknowledge what was committed.
@@ -229,13 +230,13 @@ impl Handler<SetPair> for Node {
     }
 }
 
-/// The node's status as JSON (answered by active and passive nodes alike).
+/// The node's status (answered by active and passive nodes alike).
 #[derive(Message)]
-#[rtype(result = "serde_json::Value")]
+#[rtype(result = "NodeStatus")]
 pub struct GetNodeStatus;
 
 impl Handler<GetNodeStatus> for Node {
-    type Result = ResponseFuture<serde_json::Value>;
+    type Result = ResponseFuture<NodeStatus>;
     fn handle(&mut self, _: GetNodeStatus, _: &mut Context<Self>) -> Self::Result {
         let router = self.router.clone();
         let ha = self.pair.as_ref().map(|(_, s)| s.borrow().clone());
@@ -246,88 +247,96 @@ impl Handler<GetNodeStatus> for Node {
         let epoch = stats.epoch.load(Ordering::Relaxed);
         let serving = self.shared.role();
         let connections = self.shared.connections.load(Ordering::Relaxed);
-        let mut store = store_status(stats);
-        let disk = &self.shared.disk;
-        store["disk_bytes"] = disk.used().into();
-        store["disk_free_bytes"] = disk.free().into();
-        store["disk_headroom_bytes"] = disk.headroom().into();
-        store["disk_full"] = disk.over_limit().into();
-        store["refusing_new_messages"] = disk.full().is_some().into();
-        let cache = self.writer.read_cache();
-        store["read_cache_bytes"] = (cache.bytes() as u64).into();
-        store["read_cache_hits"] = cache.hits.load(Ordering::Relaxed).into();
-        store["read_cache_misses"] = cache.misses.load(Ordering::Relaxed).into();
-        // [epoch, first op, forced] per promotion: which epoch wrote which ops.
+        let store = store_status(stats, &self.shared.disk, self.writer.read_cache());
         let history: Vec<(u64, u64, bool)> = stats.history().iter().map(|e| (e.epoch, e.start, e.forced)).collect();
         Box::pin(async move {
-            let mut status = match router {
-                Some(r) => r.send(router::GetStatus).await.unwrap_or_else(|_| serde_json::json!({})),
-                None => serde_json::json!({"queues": [], "topics": []}),
+            let destinations = match router {
+                Some(r) => r.send(router::GetStatus).await.unwrap_or_default(),
+                None => router::Destinations::default(),
             };
-            status["node_id"] = node_id.into();
-            status["epoch"] = epoch.into();
-            status["last_op"] = last_op.into();
-            status["history"] = serde_json::json!(history);
-            status["durability"] = durability.into();
-            status["connections"] = connections.into();
-            // The store's own counters, on every node (a passive writes too).
-            status["store"] = store;
-            match ha {
-                Some(h) => {
-                    status["role"] = h.role.to_string().into();
-                    status["in_sync"] = h.in_sync.into();
-                    status["sync_lag"] = serde_json::to_value(h.sync_lag).unwrap_or_default();
-                    status["peer"] = serde_json::json!({
-                        "node_id": h.peer_id,
-                        "state": h.peer_state,
-                        "role": h.peer_role.map(|r| r.to_string()),
-                        "epoch": h.peer_epoch,
-                        "last_op": h.peer_last_seq,
-                        "last_op_epoch": h.peer_last_op_epoch,
-                        "in_sync": h.peer_in_sync,
-                        "sees_gateway": h.peer_sees_gateway,
-                        "last_heard_ms_ago": h.peer_last_heard_ms_ago,
-                        "connections": h.peer_connections,
-                    });
-                    status["gateway"] = serde_json::json!({"target": h.gateway, "reachable": h.gateway_reachable});
-                    status["last_role_reason"] = h.last_reason.into();
-                    status["failovers"] = h.failovers.into();
-                    status["floor"] = h.floor.into();
-                }
-                None => {
-                    status["role"] = serving.to_string().into();
-                    status["peer"] = serde_json::Value::Null;
-                    status["gateway"] = serde_json::Value::Null;
-                }
+            let (role, peer, gateway, pair) = match ha {
+                Some(h) => (
+                    h.role.to_string(),
+                    Some(PeerStatus {
+                        node_id: h.peer_id,
+                        state: h.peer_state.to_owned(),
+                        role: h.peer_role.map(|r| r.to_string()),
+                        epoch: h.peer_epoch,
+                        last_op: h.peer_last_seq,
+                        last_op_epoch: h.peer_last_op_epoch,
+                        in_sync: h.peer_in_sync,
+                        sees_gateway: h.peer_sees_gateway,
+                        last_heard_ms_ago: h.peer_last_heard_ms_ago,
+                        connections: h.peer_connections,
+                    }),
+                    Some(GatewayStatus { target: h.gateway, reachable: h.gateway_reachable }),
+                    Some(PairStatus {
+                        in_sync: h.in_sync,
+                        sync_lag: h.sync_lag,
+                        last_role_reason: h.last_reason.to_owned(),
+                        failovers: h.failovers,
+                        floor: h.floor,
+                    }),
+                ),
+                None => (serving.to_string(), None, None, None),
+            };
+            NodeStatus {
+                node_id,
+                role,
+                epoch,
+                last_op,
+                history,
+                durability,
+                connections,
+                uptime_s: destinations.uptime_s,
+                store,
+                peer,
+                gateway,
+                pair,
+                queues: destinations.queues,
+                topics: destinations.topics,
+                queues_total: destinations.queues_total,
+                topics_total: destinations.topics_total,
             }
-            status
         })
     }
 }
 
-/// The store writer's counters, for status.
-fn store_status(s: &twinmq_store::WriterStats) -> serde_json::Value {
-    serde_json::json!({
-        "live_batches": s.live_batches.load(Ordering::Relaxed),
-        "live_bytes": s.live_bytes.load(Ordering::Relaxed),
-        "live_message_bytes": s.live_weight.load(Ordering::Relaxed),
-        "compacted_records": s.compacted_records.load(Ordering::Relaxed),
-        "compacted_bytes": s.compacted_bytes.load(Ordering::Relaxed),
-        "batches_written": s.batches.load(Ordering::Relaxed),
-        "ops_written": s.ops.load(Ordering::Relaxed),
-        "flushes": s.flushes.load(Ordering::Relaxed),
-        "fsyncs": s.fsyncs.load(Ordering::Relaxed),
-        "last_flush_us": s.last_flush_us.load(Ordering::Relaxed),
-        "disk_failure": s.failure(),
-        "handover_pending": s.handover_pending.load(Ordering::Relaxed),
-        "loading_snapshot": s.loading.load(Ordering::Relaxed),
-        "serve_alone": s.serve_alone.load(Ordering::Relaxed),
-        "peer_last_known": match (s.peer_seen_epoch.load(Ordering::Relaxed), s.peer_seen_last.load(Ordering::Relaxed)) {
-            (0, 0) => serde_json::Value::Null,
-            (epoch, last_op) => serde_json::json!({ "epoch": epoch, "last_op": last_op }),
+/// The store writer's counters and the disk's, for status.
+fn store_status(
+    s: &twinmq_store::WriterStats,
+    disk: &crate::disk::DiskUse,
+    cache: &twinmq_store::bodies::BodyCache,
+) -> StoreStatus {
+    StoreStatus {
+        live_batches: s.live_batches.load(Ordering::Relaxed),
+        live_bytes: s.live_bytes.load(Ordering::Relaxed),
+        live_message_bytes: s.live_weight.load(Ordering::Relaxed),
+        compacted_records: s.compacted_records.load(Ordering::Relaxed),
+        compacted_bytes: s.compacted_bytes.load(Ordering::Relaxed),
+        batches_written: s.batches.load(Ordering::Relaxed),
+        ops_written: s.ops.load(Ordering::Relaxed),
+        flushes: s.flushes.load(Ordering::Relaxed),
+        fsyncs: s.fsyncs.load(Ordering::Relaxed),
+        last_flush_us: s.last_flush_us.load(Ordering::Relaxed),
+        disk_failure: s.failure(),
+        handover_pending: s.handover_pending.load(Ordering::Relaxed),
+        loading_snapshot: s.loading.load(Ordering::Relaxed),
+        serve_alone: s.serve_alone.load(Ordering::Relaxed),
+        peer_last_known: match (s.peer_seen_epoch.load(Ordering::Relaxed), s.peer_seen_last.load(Ordering::Relaxed)) {
+            (0, 0) => None,
+            (epoch, last_op) => Some(StorePosition { epoch, last_op }),
         },
-        "last_op_epoch": s.last_op_epoch.load(Ordering::Relaxed),
-    })
+        last_op_epoch: s.last_op_epoch.load(Ordering::Relaxed),
+        disk_bytes: disk.used(),
+        disk_free_bytes: disk.free(),
+        disk_headroom_bytes: disk.headroom(),
+        disk_full: disk.over_limit(),
+        refusing_new_messages: disk.full().is_some(),
+        read_cache_bytes: cache.bytes() as u64,
+        read_cache_hits: cache.hits.load(Ordering::Relaxed),
+        read_cache_misses: cache.misses.load(Ordering::Relaxed),
+    }
 }
 
 /// The rules of the moment (a passive node refreshes them from its store).

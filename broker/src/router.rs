@@ -7,7 +7,6 @@
 //! and then talk to the destination actor directly.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use twinmq_store::{MessageRef, Op, QueueEntry, QueueKind, QueueSpec, StoredMessa
 
 use crate::config::{validate_name, Config};
 use crate::queue::{self, DeadLetter, Queue, QueueMode, QueueSettings, QueueStats};
+use crate::status::TopicStatus;
 use crate::topic::{self, Topic};
 use crate::Shared;
 
@@ -38,7 +38,6 @@ fn durable_key(topic: &str, name: &str) -> String {
 
 pub struct Router {
     config: Arc<Config>,
-    shared: Shared,
     writer: Writer,
     settings: QueueSettings,
     queues: HashMap<String, Addr<Queue>>,
@@ -76,7 +75,6 @@ impl Router {
             };
             let mut r = Router {
                 config: config.clone(),
-                shared,
                 writer,
                 settings,
                 queues: HashMap::new(),
@@ -491,37 +489,36 @@ impl Handler<ListDestinations> for Router {
     type Result = ResponseFuture<serde_json::Value>;
     fn handle(&mut self, l: ListDestinations, _: &mut Context<Self>) -> Self::Result {
         let status = self.status_parts(l.after, l.limit.clamp(1, LIST_PAGE));
-        Box::pin(async move { status.await.to_json() })
+        Box::pin(async move { serde_json::to_value(status.await).unwrap_or_default() })
     }
 }
 
 /// One page of destinations.
+#[derive(serde::Serialize)]
 struct Page {
     queues: Vec<QueueStats>,
-    topics: Vec<serde_json::Value>,
+    topics: Vec<TopicStatus>,
     queues_total: usize,
     topics_total: usize,
     queues_next: Option<String>,
     topics_next: Option<String>,
 }
 
-impl Page {
-    fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "queues": self.queues,
-            "topics": self.topics,
-            "queues_total": self.queues_total,
-            "topics_total": self.topics_total,
-            "queues_next": self.queues_next,
-            "topics_next": self.topics_next,
-        })
-    }
-}
-
-/// The node's status as JSON.
+/// The destinations' part of the node's status: the first page of queues
+/// and topics, and how long the node has run.
 #[derive(Message)]
-#[rtype(result = "serde_json::Value")]
+#[rtype(result = "Destinations")]
 pub struct GetStatus;
+
+/// What [`GetStatus`] answers.
+#[derive(Debug, Default)]
+pub struct Destinations {
+    pub queues: Vec<QueueStats>,
+    pub topics: Vec<TopicStatus>,
+    pub queues_total: usize,
+    pub topics_total: usize,
+    pub uptime_s: u64,
+}
 
 impl Router {
     /// One page of queue and topic statistics (see [`ListDestinations`]),
@@ -561,9 +558,7 @@ impl Router {
             let mut t_stats = Vec::new();
             for (name, t) in topics {
                 if let Ok((subs, durables)) = t.send(topic::TopicStats).await {
-                    t_stats.push(
-                        serde_json::json!({"name": name, "subscribers": subs, "durable_subscriptions": durables}),
-                    );
+                    t_stats.push(TopicStatus { name, subscribers: subs, durable_subscriptions: durables });
                 }
             }
             Page { queues: q_stats, topics: t_stats, queues_total, topics_total, queues_next, topics_next }
@@ -572,31 +567,19 @@ impl Router {
 }
 
 impl Handler<GetStatus> for Router {
-    type Result = ResponseFuture<serde_json::Value>;
+    type Result = ResponseFuture<Destinations>;
     fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
         let parts = self.status_parts(None, LIST_PAGE);
-        let stats = self.writer.stats();
-        let last_op = stats.last_seq.load(Ordering::Relaxed);
-        let shared = self.shared.clone();
-        let node_id = self.config.node_id.clone();
-        let uptime = self.started.elapsed().as_secs();
+        let uptime_s = self.started.elapsed().as_secs();
         Box::pin(async move {
             let page = parts.await;
-            serde_json::json!({
-                "node_id": node_id,
-                "role": shared.role().to_string(),
-                "epoch": shared.epoch.load(Ordering::Relaxed),
-                "last_op": last_op,
-                "peer": serde_json::Value::Null,
-                "gateway": serde_json::Value::Null,
-                "uptime_s": uptime,
-                "connections": shared.connections.load(Ordering::Relaxed),
-                "queues": page.queues,
-                "topics": page.topics,
-                // The first LIST_PAGE of each, by name; `twinmq queue list` pages through all.
-                "queues_total": page.queues_total,
-                "topics_total": page.topics_total,
-            })
+            Destinations {
+                queues: page.queues,
+                topics: page.topics,
+                queues_total: page.queues_total,
+                topics_total: page.topics_total,
+                uptime_s,
+            }
         })
     }
 }

@@ -645,7 +645,7 @@ impl Session {
                 }
                 let st = self.node.send(crate::node::GetNodeStatus);
                 Some(Box::pin(st.into_actor(self).map(move |res, act, _| match res {
-                    Ok(json) => act.send(ServerFrame::StatusReply { req, json: json.to_string() }),
+                    Ok(status) => act.send(ServerFrame::StatusReply { req, json: crate::status::status_json(&status) }),
                     Err(_) => act.error(ErrorCode::ShuttingDown, ErrorContext::Request { req }, "shutting down"),
                 })))
             }

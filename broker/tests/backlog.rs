@@ -104,7 +104,7 @@ async fn the_disk_limit_refuses_new_messages_clearly_and_loses_none_it_confirmed
     };
     assert_eq!(refusal.code(), Some(twinmq_client::ErrorCode::LimitReached), "{refusal}");
     assert!(refusal.to_string().contains("max_disk_bytes"), "the refusal names the limit: {refusal}");
-    let status: serde_json::Value = serde_json::from_str(&client.status().await.unwrap()).unwrap();
+    let status: serde_json::Value = serde_json::from_str(client.status().await.unwrap().json()).unwrap();
     assert_eq!(status["store"]["disk_full"], true, "{status}");
     assert!(status["store"]["disk_bytes"].as_u64().unwrap() >= 8_000_000, "{status}");
     // Everything confirmed before the limit is there, in order.
@@ -171,7 +171,7 @@ async fn the_compactor_frees_records_pinned_by_a_slow_queue_while_a_busy_one_run
     args.extend(EAGER_COMPACTION);
     let mut b = Broker::start(&args);
     let client = b.client().await;
-    let status = || async { serde_json::from_str(&client.status().await.unwrap()).unwrap() };
+    let status = || async { serde_json::from_str(client.status().await.unwrap().json()).unwrap() };
     slow_beside_busy(b.config(), status).await;
     drop(client);
     // What was rewritten reads back after a kill -9: the slow queue whole, in order.

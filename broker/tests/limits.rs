@@ -21,7 +21,7 @@ use twinmq_protocol::{decode_body, ClientFrame, ErrorContext, ServerFrame};
 async fn wait_depth(client: &twinmq_client::Client, name: &str, depth: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status: serde_json::Value = serde_json::from_str(&client.status().await.unwrap()).unwrap();
+        let status: serde_json::Value = serde_json::from_str(client.status().await.unwrap().json()).unwrap();
         let q = status["queues"].as_array().unwrap().iter().find(|q| q["name"] == name).cloned();
         if q.as_ref().is_some_and(|q| q["depth"] == depth) {
             return;
@@ -256,7 +256,7 @@ async fn a_consumer_that_stops_reading_does_not_grow_the_broker_without_bound() 
     // Deliveries handed to the stuck connection are capped by bytes
     // (MAX_OUTBOUND_BYTES, 8 MiB, plus what the kernel's socket buffers took),
     // not by its prefetch: most of the queue is still waiting in the queue.
-    let status: serde_json::Value = serde_json::from_str(&client.status().await.unwrap()).unwrap();
+    let status: serde_json::Value = serde_json::from_str(client.status().await.unwrap().json()).unwrap();
     let firehose = status["queues"].as_array().unwrap().iter().find(|q| q["name"] == "queue:firehose").unwrap().clone();
     let in_flight = firehose["in_flight"].as_u64().unwrap();
     println!("stuck consumer: {in_flight} deliveries handed to it of {} in the queue", firehose["depth"]);

@@ -16,7 +16,7 @@ use twinmq_client::{Client, Destination, ErrorCode, Message, SubscribeOptions};
 use twinmq_protocol::{ClientFrame, OutMessage, ServerFrame, MAX_HEADERS};
 
 async fn depth(c: &Client, queue: &str) -> u64 {
-    let status: serde_json::Value = serde_json::from_str(&c.status().await.unwrap()).unwrap();
+    let status: serde_json::Value = serde_json::from_str(c.status().await.unwrap().json()).unwrap();
     status["queues"]
         .as_array()
         .unwrap()
@@ -191,7 +191,7 @@ async fn destinations_are_limited_listed_by_pages_and_idle_ones_cost_nothing() {
     c.producer(Destination::queue("idle.00007")).send(Message::persistent("y")).await.unwrap();
 
     // Listings: the status holds the first thousand and the totals; pages hold all.
-    let status: serde_json::Value = serde_json::from_str(&c.status().await.unwrap()).unwrap();
+    let status: serde_json::Value = serde_json::from_str(c.status().await.unwrap().json()).unwrap();
     assert_eq!(status["queues"].as_array().unwrap().len(), 1000);
     assert_eq!(status["queues_total"], 4990);
     let config = b.config();

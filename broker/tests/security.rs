@@ -83,7 +83,10 @@ async fn a_user_without_produce_rights_cannot_send_and_nothing_is_stored() {
     assert_eq!(code(&err), Some(ErrorCode::NotAuthorized), "{err}");
     assert!(b.log().contains("refused: status needs an admin grant"), "a log line for the denial");
     let root_client = Client::connect(root.clone()).await.unwrap();
-    assert!(root_client.status().await.unwrap().contains("\"role\""), "an admin reads it on a messaging connection");
+    assert!(
+        root_client.status().await.unwrap().json().contains("\"role\""),
+        "an admin reads it on a messaging connection"
+    );
 
     // The same connection still works for what the user may do.
     let mut c = reader.subscribe(Destination::queue("orders.eu"), SubscribeOptions::default()).await.unwrap();
@@ -258,7 +261,7 @@ async fn admin_objects_made_on_the_active_exist_on_the_passive_after_failover() 
     drop(app);
     // The passive already authenticates admin logins against the replicated users.
     let mut on_b = AdminClient::connect_to(&pair.b.client.to_string(), &ops).await.unwrap();
-    assert!(on_b.status().await.unwrap().contains("passive"));
+    assert!(on_b.status().await.unwrap().json().contains("passive"));
     on_b.close().await;
     // Both nodes keep the audit trail (finding 13): the active who did what,
     // the passive what it applied.

@@ -228,11 +228,9 @@ pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
 
 async fn status(config: ClientConfig) -> anyhow::Result<ExitCode> {
     let mut admin = AdminClient::connect(&config).await?;
-    let json = admin.status().await.context("status request failed")?;
-    match serde_json::from_str::<serde_json::Value>(&json) {
-        Ok(value) => println!("{}", serde_json::to_string_pretty(&value)?),
-        Err(_) => println!("{json}"),
-    }
+    let status = admin.status().await.context("status request failed")?;
+    let value: serde_json::Value = serde_json::from_str(status.json())?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
     admin.close().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -23,7 +23,7 @@ use twinmq_protocol::{ClientFrame, ErrorContext, ServerFrame};
 
 use crate::dial::Dialer;
 use crate::link::{frame_name, is_final, Link, ServerInfo, TicketSlot};
-use crate::{ClientConfig, ClientError, ErrorCode};
+use crate::{ClientConfig, ClientError, ErrorCode, NodeStatus};
 
 /// What `promote --force` on one node would risk (see [`AdminClient::promote_risks`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,10 +127,10 @@ impl AdminClient {
         &self.server
     }
 
-    /// The node's status, as JSON.
-    pub async fn status(&mut self) -> Result<String, ClientError> {
+    /// The node's status (see [`NodeStatus`]; the whole report is [`NodeStatus::json`]).
+    pub async fn status(&mut self) -> Result<NodeStatus, ClientError> {
         match self.request(|req| ClientFrame::Status { req }).await? {
-            Reply::Status(json) => Ok(json),
+            Reply::Status(json) => NodeStatus::parse(json),
             Reply::Done => Err(ClientError::UnexpectedFrame("Done for a status request".into())),
         }
     }
@@ -170,8 +170,8 @@ impl AdminClient {
         let mut out = Vec::new();
         for addr in &config.servers {
             let Ok(mut admin) = AdminClient::connect_to(addr, config).await else { continue };
-            let Ok(json) = admin.status().await else { continue };
-            let Ok(s) = serde_json::from_str::<serde_json::Value>(&json) else { continue };
+            let Ok(status) = admin.status().await else { continue };
+            let Ok(s) = serde_json::from_str::<serde_json::Value>(status.json()) else { continue };
             let role = s["role"].as_str().unwrap_or("unknown").to_string();
             if role.starts_with("active") {
                 continue;

@@ -9,7 +9,7 @@ use crate::admin::AdminClient;
 use crate::connection::{request, Command, Commands, Connection, SubscriptionSpec};
 use crate::events::{ClientEvent, Events};
 use crate::link::{ServerInfo, TicketSlot};
-use crate::{dial, ClientConfig, ClientError, Consumer, Destination, Producer, SubscribeOptions};
+use crate::{dial, ClientConfig, ClientError, Consumer, Destination, NodeStatus, Producer, SubscribeOptions};
 
 /// A connection to the active node of a twinmq pair that follows the
 /// active role across failovers (see the crate docs for the contract).
@@ -95,9 +95,10 @@ impl Client {
         request(&self.commands, |done| Command::DeleteDurable { topic, name, done }).await
     }
 
-    /// The status of the node this client is connected to, as JSON.
-    pub async fn status(&self) -> Result<String, ClientError> {
-        request(&self.commands, |done| Command::Status { done }).await
+    /// The status of the node this client is connected to (see
+    /// [`NodeStatus`]; needs an admin grant when the broker has users).
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        NodeStatus::parse(request(&self.commands, |done| Command::Status { done }).await?)
     }
 
     /// Close the connection in order: refuse new work, wait for outstanding

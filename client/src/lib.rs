@@ -114,6 +114,7 @@ mod error;
 mod events;
 mod link;
 mod producer;
+mod status;
 mod tls;
 mod types;
 
@@ -125,5 +126,6 @@ pub use error::ClientError;
 pub use events::ClientEvent;
 pub use link::ServerInfo;
 pub use producer::{Confirm, Confirmed, Message, Producer};
+pub use status::{GatewayStatus, NodeStatus, PeerStatus, QueueStatus};
 pub use tls::ClientTls;
 pub use types::{Destination, DestinationKind, ErrorCode, MessageId};

@@ -251,7 +251,7 @@ async fn work_issued_during_an_outage_waits_and_a_client_started_then_still_conn
     second.set_mode(active());
     third.set_mode(active());
     within(confirm).await.unwrap();
-    assert_eq!(within(status).await.unwrap().unwrap(), r#"{"role":"active"}"#);
+    assert_eq!(within(status).await.unwrap().unwrap().role, "active");
     let _consumer = within(subscribe).await.unwrap().unwrap();
     let late = within(late).await.unwrap().unwrap();
     assert_eq!((client.server().addr, late.server().addr), (second.addr.clone(), third.addr.clone()));

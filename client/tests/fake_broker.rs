@@ -241,7 +241,8 @@ async fn deliveries_reach_the_consumer_and_acks_reach_the_broker() {
             assert_eq!(acked, seq);
         }
     }
-    assert_eq!(within(client.status()).await.unwrap(), r#"{"role":"active"}"#);
+    let status = within(client.status()).await.unwrap();
+    assert_eq!((status.role.as_str(), status.json()), ("active", r#"{"role":"active"}"#));
     within(client.delete_durable("t", "d")).await.unwrap();
     consumer.unsubscribe().await.unwrap();
     broker.next(|f| matches!(f, ClientFrame::Unsubscribe { .. }).then_some(())).await;

@@ -237,7 +237,7 @@ impl Node {
         let cfg = ClientConfig::new([self.client.to_string()]).connect_timeout(Duration::from_millis(300));
         let fut = async {
             let mut admin = AdminClient::connect_to(&self.client.to_string(), &cfg).await.ok()?;
-            serde_json::from_str(&admin.status().await.ok()?).ok()
+            serde_json::from_str(admin.status().await.ok()?.json()).ok()
         };
         tokio::time::timeout(Duration::from_millis(800), fut).await.ok().flatten()
     }

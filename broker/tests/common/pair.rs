@@ -235,7 +235,7 @@ impl Node {
         let fut = async {
             let mut admin = AdminClient::connect_to(&self.client.to_string(), &cfg).await.ok()?;
             let json = admin.status().await.ok()?;
-            serde_json::from_str(&json).ok()
+            serde_json::from_str(json.json()).ok()
         };
         tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
     }

@@ -102,8 +102,8 @@ async fn poll(admin: &mut Option<AdminClient>, addr: &str, config: &ClientConfig
         if admin.is_none() {
             *admin = Some(AdminClient::connect_to(addr, config).await.ok()?);
         }
-        let json = admin.as_mut()?.status().await.ok()?;
-        serde_json::from_str(&json).ok()
+        let status = admin.as_mut()?.status().await.ok()?;
+        serde_json::from_str(status.json()).ok()
     };
     tokio::time::timeout(Duration::from_millis(600), fut).await.ok().flatten()
 }
