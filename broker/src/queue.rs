@@ -233,6 +233,9 @@ pub struct Queue {
     ready_bytes: usize,
     in_flight_bytes: usize,
     pending_bytes: usize,
+    /// Nacked with a delay, waiting for it to pass (counted in the depth).
+    delayed: usize,
+    delayed_bytes: usize,
 }
 
 impl Queue {
@@ -276,6 +279,8 @@ impl Queue {
             ready_bytes,
             in_flight_bytes: 0,
             pending_bytes: 0,
+            delayed: 0,
+            delayed_bytes: 0,
         }
     }
 
@@ -292,11 +297,11 @@ impl Queue {
     }
 
     fn depth(&self) -> usize {
-        self.ready.len() + self.in_flight.len() + self.pending
+        self.ready.len() + self.in_flight.len() + self.pending + self.delayed
     }
 
     fn bytes(&self) -> usize {
-        self.ready_bytes + self.in_flight_bytes + self.pending_bytes
+        self.ready_bytes + self.in_flight_bytes + self.pending_bytes + self.delayed_bytes
     }
 
     /// At `max_queue_depth` or `max_queue_bytes`: why, for the refusal.
@@ -1025,9 +1030,23 @@ pub struct Settle {
     /// that an ack for a delivery of another history (before a failover
     /// after a split) never settles a different message with the same seq.
     pub id: MessageId,
-    /// false: nack, redeliver.
-    pub ack: bool,
+    pub how: SettleHow,
 }
+
+/// What a consumer does with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleHow {
+    /// Done: the queue forgets it.
+    Ack,
+    /// Redeliver it (a delivery attempt), at once or after `delay`.
+    Nack { delay: Option<Duration> },
+    /// Never deliver it again: to the dead-letter queue now if there is
+    /// one, else dropped as if acked.
+    Terminate,
+}
+
+/// The longest a nack may hold a message back (longer asks are cut to it).
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(3600);
 
 /// Settles for this queue a session read in one go: their acks are stored
 /// in one submission, and deliveries resume once, after all of them.
@@ -1037,10 +1056,10 @@ pub struct Settles(pub Vec<Settle>);
 
 impl Handler<Settles> for Queue {
     type Result = ();
-    fn handle(&mut self, s: Settles, _: &mut Context<Self>) {
+    fn handle(&mut self, s: Settles, ctx: &mut Context<Self>) {
         let mut acks = Vec::new();
         for s in s.0 {
-            self.settle(s, &mut acks);
+            self.settle(s, &mut acks, ctx);
         }
         self.store_acks(acks);
         self.release_held();
@@ -1052,7 +1071,7 @@ impl Queue {
     /// Ack (its ops added to `acks`) or nack (redeliver) a delivery, if it
     /// is still the settling consumer's; deliveries resume after the
     /// caller's settles.
-    fn settle(&mut self, s: Settle, acks: &mut Vec<Op>) {
+    fn settle(&mut self, s: Settle, acks: &mut Vec<Op>, ctx: &mut Context<Self>) {
         let seq = s.id.seq;
         // Only the consumer it was delivered to may settle it (a late ack after
         // an ack timeout refers to a delivery that is no longer its own).
@@ -1074,11 +1093,42 @@ impl Queue {
         if let Some(c) = self.consumers.iter_mut().find(|c| c.key == s.key) {
             c.credit += 1;
         }
-        if s.ack {
-            self.ack_ops(&f.entry, acks);
-        } else {
-            self.requeue(f.entry);
+        match s.how {
+            SettleHow::Ack => self.ack_ops(&f.entry, acks),
+            SettleHow::Nack { delay: None } => self.requeue(f.entry),
+            SettleHow::Nack { delay: Some(delay) } => {
+                // Held back, still counted in the depth; in the store all
+                // along, so a failover meanwhile redelivers it at once.
+                self.delayed += 1;
+                self.delayed_bytes += f.entry.bytes();
+                ctx.run_later(delay, move |q, _| {
+                    q.delayed -= 1;
+                    take(&mut q.delayed_bytes, f.entry.bytes());
+                    q.requeue(f.entry);
+                    q.dispatch();
+                });
+            }
+            SettleHow::Terminate => self.terminate(f.entry, acks),
         }
+    }
+
+    /// A consumer gave up on `entry`: dead-letter it now (its ack goes with
+    /// the move), or without a dead-letter queue drop it (its ack in `acks`).
+    fn terminate(&mut self, mut entry: Entry, acks: &mut Vec<Op>) {
+        let Some(dlq) = self.dead_letters.clone() else {
+            tracing::info!(queue = %self.label, seq = entry.seq, "terminated by its consumer; no dead-letter queue: dropped");
+            self.ack_ops(&entry, acks);
+            return;
+        };
+        tracing::info!(queue = %self.label, seq = entry.seq, "terminated by its consumer: dead-lettering");
+        let Some(message) = self.load_body(&mut entry) else { return };
+        dlq.do_send(DeadLetter {
+            from_key: self.store_key().map(str::to_string),
+            from_label: self.label.clone(),
+            message,
+            persistent: entry.persistent,
+            deliveries: entry.deliveries,
+        });
     }
 }
 

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::watch;
@@ -556,10 +556,10 @@ impl Session {
         Box::pin(fut::ready(()))
     }
 
-    fn settle(&mut self, sub_id: u32, id: MessageId, ack: bool) {
+    fn settle(&mut self, sub_id: u32, id: MessageId, how: queue::SettleHow) {
         match self.subs.get(&sub_id) {
             Some(s) => {
-                let settle = queue::Settle { key: self.key(sub_id), id, ack };
+                let settle = queue::Settle { key: self.key(sub_id), id, how };
                 add_to(&mut self.settles, s.queue.clone(), settle);
             }
             None => tracing::debug!(session = self.id, sub_id, "settle for an unknown subscription ignored"),
@@ -575,7 +575,11 @@ impl Session {
     ) -> Option<ResponseActFuture<Self, ()>> {
         if !matches!(
             frame,
-            ClientFrame::Publish { .. } | ClientFrame::Ack { .. } | ClientFrame::Nack { .. } | ClientFrame::Ping { .. }
+            ClientFrame::Publish { .. }
+                | ClientFrame::Ack { .. }
+                | ClientFrame::Nack { .. }
+                | ClientFrame::Terminate { .. }
+                | ClientFrame::Ping { .. }
         ) {
             // Anything else may act on what the gathered frames act on (an
             // unsubscribe takes its consumer's deliveries back): they go first.
@@ -586,11 +590,16 @@ impl Session {
                 self.handle_publish(producer_id, seq, destination, message, permit)
             }
             ClientFrame::Ack { sub_id, id } => {
-                self.settle(sub_id, id, true);
+                self.settle(sub_id, id, queue::SettleHow::Ack);
                 None
             }
-            ClientFrame::Nack { sub_id, id } => {
-                self.settle(sub_id, id, false);
+            ClientFrame::Nack { sub_id, id, delay_ms } => {
+                let delay = delay_ms.map(|ms| Duration::from_millis(ms).min(queue::MAX_NACK_DELAY));
+                self.settle(sub_id, id, queue::SettleHow::Nack { delay });
+                None
+            }
+            ClientFrame::Terminate { sub_id, id } => {
+                self.settle(sub_id, id, queue::SettleHow::Terminate);
                 None
             }
             ClientFrame::Ping { nonce } => {

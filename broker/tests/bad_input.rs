@@ -84,9 +84,11 @@ async fn garbage_truncated_oversized_and_future_frames_close_only_their_connecti
     s.write_all(&p).unwrap();
     assert_eq!(connection_error(&read_until_closed(&mut s)), twinmq_protocol::ErrorCode::UnsupportedVersion);
 
-    // Anything but Hello first.
+    // Anything but Hello first (framed at the handshake's version, as a Hello would be).
     let mut s = TcpStream::connect(broker.addr).unwrap();
-    s.write_all(&frame(&publish("no hello"))).unwrap();
+    let mut p = frame(&publish("no hello"));
+    p[4] = twinmq_protocol::HANDSHAKE_VERSION;
+    s.write_all(&p).unwrap();
     assert_eq!(connection_error(&read_until_closed(&mut s)), twinmq_protocol::ErrorCode::ProtocolViolation);
 
     // A message above max_message_bytes is refused for that publish only.

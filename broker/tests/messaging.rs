@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{drain, Broker};
 use twinmq_client::{Destination, Message, SubscribeOptions};
@@ -188,6 +188,60 @@ async fn expired_messages_are_never_delivered() {
     let mut c = client.subscribe(q, SubscribeOptions::default()).await.unwrap();
     let got = drain(&mut c, 3, Duration::from_millis(800)).await;
     assert_eq!(got, vec!["long".to_string(), "forever".to_string()]);
+}
+
+async fn recv(c: &mut twinmq_client::Consumer) -> Option<Result<twinmq_client::Delivery, twinmq_client::ClientError>> {
+    tokio::time::timeout(Duration::from_secs(5), c.recv()).await.expect("a delivery within 5 s")
+}
+
+async fn queue_depth(client: &twinmq_client::Client, name: &str) -> u64 {
+    let status = client.status().await.unwrap();
+    status.queues.iter().find(|q| q.name == name).map_or(0, |q| q.depth)
+}
+
+#[tokio::test]
+async fn a_nack_with_a_delay_holds_the_message_back_for_that_long_and_counts_it_meanwhile() {
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    let q = Destination::queue("later");
+    for body in ["busy", "next"] {
+        client.producer(q.clone()).send(Message::persistent(body)).await.unwrap();
+    }
+    let mut c = client.subscribe(q, SubscribeOptions::default()).await.unwrap();
+    let busy = recv(&mut c).await.unwrap().unwrap();
+    assert_eq!(busy.payload(), b"busy");
+    let nacked = Instant::now();
+    busy.nack_after(Duration::from_millis(600)).await.unwrap();
+    let next = recv(&mut c).await.unwrap().unwrap();
+    assert_eq!(next.payload(), b"next", "the held message does not block the queue");
+    next.ack().await.unwrap();
+    assert_eq!(queue_depth(&client, "queue:later").await, 1, "held back, still counted");
+    let again = recv(&mut c).await.unwrap().unwrap();
+    assert!(nacked.elapsed() >= Duration::from_millis(600), "redelivered after {:?}", nacked.elapsed());
+    assert_eq!((again.payload(), again.message().redelivered), (&b"busy"[..], true));
+    again.ack().await.unwrap();
+    assert_eq!(queue_depth(&client, "queue:later").await, 0);
+}
+
+#[tokio::test]
+async fn a_terminated_message_goes_to_the_dead_letter_queue_at_once() {
+    let broker = Broker::start(&["--max-redeliveries", "5"]);
+    let client = broker.client().await;
+    let q = Destination::queue("strict");
+    client.producer(q.clone()).send(Message::persistent("poison").header("k", "v")).await.unwrap();
+    let mut c = client.subscribe(q, SubscribeOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), c.recv()).await.unwrap().unwrap().unwrap();
+    d.terminate().await.unwrap();
+    let redelivered = tokio::time::timeout(Duration::from_millis(500), c.recv()).await;
+    assert!(redelivered.is_err(), "never delivered again: {redelivered:?}");
+    let mut dlq = client.subscribe(Destination::queue("strict.dlq"), SubscribeOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), dlq.recv()).await.expect("dead letter").unwrap().unwrap();
+    assert_eq!(d.payload(), b"poison");
+    let headers = &d.message().headers;
+    assert_eq!(headers.get("k").map(String::as_str), Some("v"));
+    assert_eq!(headers.get("x-dead-letter-from").map(String::as_str), Some("queue:strict"));
+    d.ack().await.unwrap();
+    assert_eq!(queue_depth(&client, "queue:strict").await, 0);
 }
 
 #[tokio::test]

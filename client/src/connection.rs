@@ -44,6 +44,17 @@ use crate::events::{ClientEvent, Events};
 use crate::link::{frame_name, is_final, Framing, Link, ServerInfo, TicketSlot};
 use crate::{ClientConfig, ClientError, Confirmed, ErrorCode};
 
+/// The first protocol version with `Nack { delay_ms }` and `Terminate`.
+const SETTLE_V2: u8 = 2;
+
+/// What a consumer does with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SettleHow {
+    Ack,
+    Nack { delay: Option<Duration> },
+    Terminate,
+}
+
 /// Where the answer to a command goes.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
@@ -92,12 +103,12 @@ pub(crate) enum Command {
     Unsubscribe {
         sub_id: u32,
     },
-    /// Ack (`ack: true`) or nack a delivery; answered `Ok` once the frame
-    /// is queued on the connection that carries the consumer.
+    /// Ack, nack or terminate a delivery; answered `Ok` once the frame is
+    /// queued on the connection that carries the consumer.
     Settle {
         sub_id: u32,
         id: MessageId,
-        ack: bool,
+        how: SettleHow,
         done: Reply<()>,
     },
     DeleteDurable {
@@ -720,9 +731,8 @@ impl Connection {
                     self.write_or_log(&ClientFrame::Unsubscribe { sub_id });
                 }
             }
-            Command::Settle { sub_id, id, ack, done } => {
-                let frame = if ack { ClientFrame::Ack { sub_id, id } } else { ClientFrame::Nack { sub_id, id } };
-                let _ = done.send(self.settle_delivery(frame, sub_id));
+            Command::Settle { sub_id, id, how, done } => {
+                let _ = done.send(self.settle_delivery(how, sub_id, id));
             }
             Command::DeleteDurable { topic, name, done } => {
                 self.start_request(Answer::Done(done), |req| ClientFrame::DeleteDurable { req, topic, name });
@@ -757,9 +767,24 @@ impl Connection {
     /// delivery made on an earlier connection goes out too: the broker
     /// settles the message if it holds it for this consumer, and ignores it
     /// otherwise.
-    fn settle_delivery(&mut self, frame: ClientFrame, sub_id: u32) -> Result<(), ClientError> {
+    fn settle_delivery(&mut self, how: SettleHow, sub_id: u32, id: MessageId) -> Result<(), ClientError> {
         let live = self.subscriptions.get(&sub_id).is_some_and(|s| matches!(s.state, SubState::Live));
         if live && self.phase != Phase::Offline {
+            let version = self.framing.version;
+            let frame = match how {
+                SettleHow::Ack => ClientFrame::Ack { sub_id, id },
+                SettleHow::Nack { delay: None } => ClientFrame::Nack { sub_id, id, delay_ms: None },
+                // A node at version 1 would ignore the delay (or not know Terminate).
+                SettleHow::Nack { delay: Some(_) } | SettleHow::Terminate if version < SETTLE_V2 => {
+                    let what = if how == SettleHow::Terminate { "terminate" } else { "a nack with a delay" };
+                    return Err(ClientError::Unsupported { what, protocol_version: version });
+                }
+                SettleHow::Nack { delay: Some(delay) } => {
+                    let delay_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                    ClientFrame::Nack { sub_id, id, delay_ms }
+                }
+                SettleHow::Terminate => ClientFrame::Terminate { sub_id, id },
+            };
             encode_into(&mut self.wbuf, self.framing, &frame)
         } else {
             debug!(sub_id, "ack/nack not sent: consumer closed or not registered on this connection");

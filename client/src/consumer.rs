@@ -21,7 +21,7 @@ use futures_util::Stream;
 use tokio::sync::{mpsc, oneshot};
 use twinmq_protocol::Delivered;
 
-use crate::connection::{Command, Commands};
+use crate::connection::{Command, Commands, SettleHow};
 use crate::{ClientError, Destination, MessageId};
 
 /// How to subscribe.
@@ -279,19 +279,42 @@ impl Delivery {
     /// consumer is closed or the client is between connections; the message
     /// will be delivered again.
     pub async fn ack(self) -> Result<(), ClientError> {
-        self.settle(true).await
+        self.settle(SettleHow::Ack).await
     }
 
     /// Give the message back for redelivery (counts as a delivery attempt:
-    /// past the queue's `max_deliveries` it goes to the dead-letter queue).
+    /// past the queue's `max_redeliveries` it goes to the dead-letter queue).
     /// Answers as [`Delivery::ack`] does.
     pub async fn nack(self) -> Result<(), ClientError> {
-        self.settle(false).await
+        self.settle(SettleHow::Nack { delay: None }).await
     }
 
-    async fn settle(self, ack: bool) -> Result<(), ClientError> {
+    /// Give the message back, to be redelivered no sooner than `delay` from
+    /// now (at most an hour; longer is cut to it): a retry with a back-off.
+    /// Meanwhile it counts in the queue's depth, goes to no one else, and a
+    /// failover redelivers it at once. Needs a broker of protocol version 2
+    /// (`Err(`[`ClientError::Unsupported`]`)` otherwise, nothing sent).
+    ///
+    /// ```no_run
+    /// # async fn demo(delivery: twinmq_client::Delivery) -> Result<(), twinmq_client::ClientError> {
+    /// delivery.nack_after(std::time::Duration::from_secs(5)).await?; // the downstream is busy: later
+    /// # Ok(()) }
+    /// ```
+    pub async fn nack_after(self, delay: Duration) -> Result<(), ClientError> {
+        self.settle(SettleHow::Nack { delay: Some(delay) }).await
+    }
+
+    /// Never deliver this message again (a poison message): it goes to the
+    /// queue's dead-letter queue now, or, without one, is dropped as if
+    /// acked. Needs a broker of protocol version 2, as
+    /// [`Delivery::nack_after`].
+    pub async fn terminate(self) -> Result<(), ClientError> {
+        self.settle(SettleHow::Terminate).await
+    }
+
+    async fn settle(self, how: SettleHow) -> Result<(), ClientError> {
         let (done, answer) = oneshot::channel();
-        let command = Command::Settle { sub_id: self.sub_id, id: self.message.id.to_wire(), ack, done };
+        let command = Command::Settle { sub_id: self.sub_id, id: self.message.id.to_wire(), how, done };
         self.commands.send(command).await?;
         answer.await.unwrap_or_else(|_| Err(self.commands.ended()))
     }

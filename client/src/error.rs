@@ -99,6 +99,15 @@ pub enum ClientError {
         /// Why it could not be sent.
         reason: String,
     },
+    /// The node this client is connected to speaks a protocol version
+    /// without `what` (an older broker): nothing was sent.
+    #[error("{what} needs protocol version 2; this connection speaks {protocol_version} (an older broker)")]
+    Unsupported {
+        /// The operation.
+        what: &'static str,
+        /// The connection's protocol version.
+        protocol_version: u8,
+    },
     /// The broker sent more unacknowledged deliveries than the prefetch allows
     /// (a broker bug); the consumer was closed.
     #[error("the broker exceeded the prefetch of {prefetch} unacknowledged deliveries")]

@@ -368,3 +368,47 @@ async fn an_ack_while_the_node_is_gone_says_it_was_not_sent_and_the_hook_sees_th
     assert!(matches!(err, ClientError::NotSettled { .. }), "{err:?}");
     assert!(events.lock().unwrap()[0].starts_with("connected to"), "{:?}", events.lock().unwrap());
 }
+
+#[tokio::test]
+async fn a_delayed_nack_and_terminate_go_out_at_version_2_and_are_refused_at_1_sending_nothing() {
+    for (mode, version) in [(active(), 1), (Mode::Speaks(VersionRange::new(1, 2)), 2)] {
+        let mut broker = FakeBroker::start(mode).await;
+        let client = Client::connect(config(&[&broker.addr])).await.unwrap();
+        assert_eq!(client.server().protocol_version, version);
+        let mut consumer = client.subscribe(Destination::queue("q"), SubscribeOptions::default()).await.unwrap();
+        let sub_id =
+            broker.next(|f| if let ClientFrame::Subscribe { sub_id, .. } = f { Some(sub_id) } else { None }).await;
+        for seq in 1..=3 {
+            broker.send(ServerFrame::Deliver { sub_id, message: delivered(seq, "m") });
+        }
+        let later = within(consumer.recv()).await.unwrap().unwrap();
+        let poison = within(consumer.recv()).await.unwrap().unwrap();
+        let plain = within(consumer.recv()).await.unwrap().unwrap();
+        let delayed = later.nack_after(Duration::from_millis(1500)).await;
+        let terminated = poison.terminate().await;
+        plain.nack().await.unwrap();
+        if version == 1 {
+            for r in [delayed, terminated] {
+                assert!(matches!(r, Err(ClientError::Unsupported { protocol_version: 1, .. })), "{r:?}");
+            }
+            // Nothing went out for them: the next settle frame is the plain nack.
+            let next = broker
+                .next(|f| match f {
+                    ClientFrame::Nack { id, delay_ms, .. } => Some((id.seq, delay_ms)),
+                    ClientFrame::Terminate { id, .. } => Some((id.seq, Some(u64::MAX))),
+                    _ => None,
+                })
+                .await;
+            assert_eq!(next, (3, None));
+        } else {
+            delayed.unwrap();
+            terminated.unwrap();
+            let delay =
+                broker.next(|f| if let ClientFrame::Nack { delay_ms, .. } = f { Some(delay_ms) } else { None }).await;
+            assert_eq!(delay, Some(1500));
+            let terminated =
+                broker.next(|f| if let ClientFrame::Terminate { id, .. } = f { Some(id.seq) } else { None }).await;
+            assert_eq!(terminated, 2);
+        }
+    }
+}

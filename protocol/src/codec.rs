@@ -230,7 +230,7 @@ mod tests {
         let mut server = ServerSide::new(1024);
         let mut wire = BytesMut::new();
         wire.put_u32(5);
-        wire.put_u8(PROTOCOL_VERSION);
+        wire.put_u8(HANDSHAKE_VERSION);
         wire.put_slice(&[0xc1, 0xff, 0x00, 0x13]);
         assert!(matches!(server.decode(&mut wire), Err(ProtocolError::Malformed(_))));
     }

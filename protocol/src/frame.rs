@@ -15,7 +15,7 @@ use crate::version::VersionRange;
 /// negotiated in its handshake ([`crate::version`]); a frame carrying
 /// another one is answered with [`ErrorCode::UnsupportedVersion`] and the
 /// connection closed.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Which kind of destination a name refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -204,6 +204,17 @@ pub enum ClientFrame {
     },
     /// Give one delivery back for redelivery (counts as a delivery attempt).
     Nack {
+        sub_id: u32,
+        id: MessageId,
+        /// Version 2: redeliver no sooner than this many milliseconds from
+        /// now (absent: at once). Sent only on a connection at version 2,
+        /// since a broker at 1 would ignore it and redeliver at once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delay_ms: Option<u64>,
+    },
+    /// Version 2: stop delivering this message: it goes to the queue's
+    /// dead-letter queue now if there is one (else it is dropped, as acked).
+    Terminate {
         sub_id: u32,
         id: MessageId,
     },

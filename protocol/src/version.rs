@@ -58,7 +58,11 @@ impl std::fmt::Display for VersionRange {
 /// The versions of the client protocol this crate speaks. Raise `max` when
 /// a frame changes meaning; raise `min` only once no supported peer needs
 /// the old version.
-pub const SUPPORTED_VERSIONS: VersionRange = VersionRange::new(1, 1);
+///
+/// 2: `Nack` with `delay_ms` and `Terminate` (a broker at 1 would ignore the
+/// delay and fail to decode `Terminate`, so a client sends them only on a
+/// connection at 2).
+pub const SUPPORTED_VERSIONS: VersionRange = VersionRange::new(1, 2);
 
 /// The version the opening frames of every connection are framed in.
 pub const HANDSHAKE_VERSION: u8 = 1;

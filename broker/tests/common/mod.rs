@@ -211,8 +211,14 @@ impl Drop for Broker {
 
 /// One client frame as raw bytes, for tests that speak the protocol by hand.
 pub fn frame(f: &twinmq_protocol::ClientFrame) -> Vec<u8> {
+    // The Hello at the handshake's version, the rest at what `hello()` negotiates.
+    let version = match f {
+        twinmq_protocol::ClientFrame::Hello { .. } => twinmq_protocol::HANDSHAKE_VERSION,
+        _ => twinmq_protocol::PROTOCOL_VERSION,
+    };
     let mut b = bytes::BytesMut::new();
-    twinmq_protocol::encode_frame(f, twinmq_protocol::DEFAULT_MAX_FRAME_BYTES, &mut b).expect("encodable frame");
+    twinmq_protocol::encode_frame_as(f, version, twinmq_protocol::DEFAULT_MAX_FRAME_BYTES, &mut b)
+        .expect("encodable frame");
     b.to_vec()
 }
 
