@@ -62,7 +62,7 @@ async fn idle_client(addr: SocketAddr, i: usize, stop: Arc<AtomicBool>) -> Resul
         .await
         .map_err(|e| format!("hello: {e}"))?;
     match tokio::time::timeout(Duration::from_secs(20), framed.next()).await {
-        Ok(Some(Ok(ServerFrame::Welcome { .. }))) => {}
+        Ok(Some(Ok(ServerFrame::Welcome { protocol_version, .. }))) => framed.codec_mut().set_version(protocol_version),
         other => return Err(format!("no welcome: {other:?}")),
     }
     // Spread the pings over the interval.
