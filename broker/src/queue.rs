@@ -643,15 +643,8 @@ impl Queue {
         match (self.settings.max_redeliveries, &self.dead_letters) {
             (Some(max), Some(dlq)) if entry.deliveries > max => {
                 tracing::info!(queue = %self.label, seq = entry.seq, deliveries = entry.deliveries, "dead-lettering");
-                let Some(message) = self.load_body(&mut entry) else { return };
                 let dlq = dlq.clone();
-                dlq.do_send(DeadLetter {
-                    from_key: self.store_key().map(str::to_string),
-                    from_label: self.label.clone(),
-                    message,
-                    persistent: entry.persistent,
-                    deliveries: entry.deliveries,
-                });
+                self.dead_letter(entry, &dlq);
             }
             _ => self.push_ready(entry, true),
         }
@@ -1114,13 +1107,18 @@ impl Queue {
 
     /// A consumer gave up on `entry`: dead-letter it now (its ack goes with
     /// the move), or without a dead-letter queue drop it (its ack in `acks`).
-    fn terminate(&mut self, mut entry: Entry, acks: &mut Vec<Op>) {
+    fn terminate(&mut self, entry: Entry, acks: &mut Vec<Op>) {
         let Some(dlq) = self.dead_letters.clone() else {
             tracing::info!(queue = %self.label, seq = entry.seq, "terminated by its consumer; no dead-letter queue: dropped");
             self.ack_ops(&entry, acks);
             return;
         };
         tracing::info!(queue = %self.label, seq = entry.seq, "terminated by its consumer: dead-lettering");
+        self.dead_letter(entry, &dlq);
+    }
+
+    /// Move `entry` to the dead-letter queue `dlq` (its ack goes with the move).
+    fn dead_letter(&mut self, mut entry: Entry, dlq: &Recipient<DeadLetter>) {
         let Some(message) = self.load_body(&mut entry) else { return };
         dlq.do_send(DeadLetter {
             from_key: self.store_key().map(str::to_string),
