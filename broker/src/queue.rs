@@ -407,15 +407,15 @@ impl Queue {
                 match r {
                     Ok(c) => {
                         // `c.ops` are the stored ones, in submission order, less the resends.
-                        let mut ids: std::vec::IntoIter<MessageId> = c
+                        let ids: Vec<MessageId> = c
                             .ops
                             .iter()
                             .filter_map(|op| match op {
                                 Op::Enqueue { message, .. } => Some(MessageId { epoch: message.epoch, seq: message.seq }),
                                 _ => None,
                             })
-                            .collect::<Vec<_>>()
-                            .into_iter();
+                            .collect();
+                        let mut ids = ids.into_iter();
                         me.do_send(Committed { messages: enqueued(c.ops), bytes, count });
                         // Durable as promised by the store's crate doc ("What a confirmation promises").
                         for (i, r) in replies.into_iter().enumerate() {
@@ -1061,9 +1061,9 @@ impl Handler<Settles> for Queue {
 }
 
 impl Queue {
-    /// Ack (its ops added to `acks`) or nack (redeliver) a delivery, if it
-    /// is still the settling consumer's; deliveries resume after the
-    /// caller's settles.
+    /// Ack (its ops added to `acks`), nack (redeliver, at once or after a
+    /// delay) or terminate (dead-letter) a delivery, if it is still the
+    /// settling consumer's; deliveries resume after the caller's settles.
     fn settle(&mut self, s: Settle, acks: &mut Vec<Op>, ctx: &mut Context<Self>) {
         let seq = s.id.seq;
         // Only the consumer it was delivered to may settle it (a late ack after
