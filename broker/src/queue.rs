@@ -471,15 +471,31 @@ impl Queue {
     /// One submission of ack ops (nothing waits for it: an ack lost in a
     /// crash redelivers the message, at-least-once).
     fn store_acks(&self, ops: Vec<Op>) {
+        self.store_acks_answering(ops, Vec::new());
+    }
+
+    /// Store `ops` (acks) in one submission; answer `receipts` once they
+    /// are stored as promised (at once when there is nothing to store).
+    fn store_acks_answering(&self, ops: Vec<Op>, receipts: Vec<Receipt>) {
         if ops.is_empty() {
+            receipts.into_iter().for_each(Receipt::done);
             return;
         }
         let label = self.label.clone();
         self.writer.submit(
             ops,
-            Box::new(move |r| {
-                if let Err(e) = r {
+            Box::new(move |r| match r {
+                Ok(_) => receipts.into_iter().for_each(Receipt::done),
+                Err(e) => {
                     tracing::error!(queue = %label, error = %e, "could not store an ack");
+                    for r in receipts {
+                        let frame = ErrorFrame::new(
+                            store_error_code(&e),
+                            ErrorContext::Request { req: r.req },
+                            format!("ack not stored: {e}"),
+                        );
+                        let _ = r.reply.send(ServerFrame::Error(frame));
+                    }
                 }
             }),
         );
@@ -1024,6 +1040,28 @@ pub struct Settle {
     /// after a split) never settles a different message with the same seq.
     pub id: MessageId,
     pub how: SettleHow,
+    /// Answer once settled and stored (an ack with a receipt, protocol 2).
+    pub receipt: Option<Receipt>,
+}
+
+/// Where to say that a settle is done: `Done { req }` once its ops are
+/// stored as the durability mode says, or an error for the request.
+pub struct Receipt {
+    pub req: u64,
+    pub reply: Outbound,
+}
+
+impl Receipt {
+    /// It settled nothing: the delivery is not (or no longer) this consumer's.
+    pub fn refuse(self, why: &str) {
+        let message = format!("ack not taken: {why}; the message is delivered again unless acked where it is now");
+        let frame = ErrorFrame::new(ErrorCode::InvalidRequest, ErrorContext::Request { req: self.req }, message);
+        let _ = self.reply.send(ServerFrame::Error(frame));
+    }
+
+    fn done(self) {
+        let _ = self.reply.send(ServerFrame::Done { req: self.req });
+    }
 }
 
 /// What a consumer does with a delivery.
@@ -1051,10 +1089,19 @@ impl Handler<Settles> for Queue {
     type Result = ();
     fn handle(&mut self, s: Settles, ctx: &mut Context<Self>) {
         let mut acks = Vec::new();
-        for s in s.0 {
-            self.settle(s, &mut acks, ctx);
+        let mut receipts = Vec::new();
+        for mut s in s.0 {
+            let receipt = s.receipt.take();
+            let settled = self.settle(s, &mut acks, ctx);
+            match (receipt, settled) {
+                (Some(r), true) => receipts.push(r),
+                (Some(r), false) => {
+                    r.refuse("not a delivery this consumer holds (acked before, timed out or redelivered)")
+                }
+                (None, _) => {}
+            }
         }
-        self.store_acks(acks);
+        self.store_acks_answering(acks, receipts);
         self.release_held();
         self.dispatch();
     }
@@ -1064,7 +1111,7 @@ impl Queue {
     /// Ack (its ops added to `acks`), nack (redeliver, at once or after a
     /// delay) or terminate (dead-letter) a delivery, if it is still the
     /// settling consumer's; deliveries resume after the caller's settles.
-    fn settle(&mut self, s: Settle, acks: &mut Vec<Op>, ctx: &mut Context<Self>) {
+    fn settle(&mut self, s: Settle, acks: &mut Vec<Op>, ctx: &mut Context<Self>) -> bool {
         let seq = s.id.seq;
         // Only the consumer it was delivered to may settle it (a late ack after
         // an ack timeout refers to a delivery that is no longer its own).
@@ -1079,10 +1126,10 @@ impl Queue {
                     }
                     self.dispatch();
                 }
-                return;
+                return false;
             }
         }
-        let Some(f) = self.take_in_flight(seq) else { return };
+        let Some(f) = self.take_in_flight(seq) else { return false };
         if let Some(c) = self.consumers.iter_mut().find(|c| c.key == s.key) {
             c.credit += 1;
         }
@@ -1103,6 +1150,7 @@ impl Queue {
             }
             SettleHow::Terminate => self.terminate(f.entry, acks),
         }
+        true
     }
 
     /// A consumer gave up on `entry`: dead-letter it now (its ack goes with

@@ -556,13 +556,19 @@ impl Session {
         Box::pin(fut::ready(()))
     }
 
-    fn settle(&mut self, sub_id: u32, id: MessageId, how: queue::SettleHow) {
+    fn settle(&mut self, sub_id: u32, id: MessageId, how: queue::SettleHow, receipt: Option<u64>) {
+        let receipt = receipt.map(|req| queue::Receipt { req, reply: self.out.clone() });
         match self.subs.get(&sub_id) {
             Some(s) => {
-                let settle = queue::Settle { key: self.key(sub_id), id, how };
+                let settle = queue::Settle { key: self.key(sub_id), id, how, receipt };
                 add_to(&mut self.settles, s.queue.clone(), settle);
             }
-            None => tracing::debug!(session = self.id, sub_id, "settle for an unknown subscription ignored"),
+            None => {
+                tracing::debug!(session = self.id, sub_id, "settle for an unknown subscription ignored");
+                if let Some(r) = receipt {
+                    r.refuse("no such subscription on this connection");
+                }
+            }
         }
     }
 
@@ -589,17 +595,17 @@ impl Session {
             ClientFrame::Publish { producer_id, seq, destination, message } => {
                 self.handle_publish(producer_id, seq, destination, message, permit)
             }
-            ClientFrame::Ack { sub_id, id } => {
-                self.settle(sub_id, id, queue::SettleHow::Ack);
+            ClientFrame::Ack { sub_id, id, receipt } => {
+                self.settle(sub_id, id, queue::SettleHow::Ack, receipt);
                 None
             }
             ClientFrame::Nack { sub_id, id, delay_ms } => {
                 let delay = delay_ms.map(|ms| Duration::from_millis(ms).min(queue::MAX_NACK_DELAY));
-                self.settle(sub_id, id, queue::SettleHow::Nack { delay });
+                self.settle(sub_id, id, queue::SettleHow::Nack { delay }, None);
                 None
             }
             ClientFrame::Terminate { sub_id, id } => {
-                self.settle(sub_id, id, queue::SettleHow::Terminate);
+                self.settle(sub_id, id, queue::SettleHow::Terminate, None);
                 None
             }
             ClientFrame::Ping { nonce } => {

@@ -342,7 +342,7 @@ async fn an_ack_naming_another_epoch_settles_nothing() {
         })
         .expect("delivered");
     let other = MessageId { epoch: id.epoch + 7, seq: id.seq };
-    s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id: other })).unwrap();
+    s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id: other, receipt: None })).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     drop(s);
     // Not acked: it comes back to the next consumer.
@@ -350,6 +350,55 @@ async fn an_ack_naming_another_epoch_settles_nothing() {
     let mut c = client.subscribe(Destination::queue("ids"), SubscribeOptions::default()).await.unwrap();
     let d = tokio::time::timeout(Duration::from_secs(5), c.recv()).await.expect("redelivered").unwrap().unwrap();
     assert_eq!((d.payload(), d.message().redelivered), (&b"x"[..], true));
+}
+
+#[tokio::test]
+async fn an_ack_with_a_receipt_is_answered_once_stored_and_refused_when_it_settles_nothing() {
+    use std::io::Write;
+    use twinmq_protocol::{ClientFrame, ErrorCode, ErrorContext, ServerFrame};
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    client.producer(Destination::queue("receipts")).send(Message::persistent("x")).await.unwrap();
+    let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
+    s.write_all(&common::hello()).unwrap();
+    let subscribe = ClientFrame::Subscribe {
+        sub_id: 1,
+        destination: twinmq_protocol::Destination::queue("receipts"),
+        durable: None,
+        prefetch: 1,
+    };
+    s.write_all(&common::frame(&subscribe)).unwrap();
+    let id = read_some(&mut s)
+        .iter()
+        .find_map(|f| match f {
+            ServerFrame::Deliver { message, .. } => Some(message.id),
+            _ => None,
+        })
+        .expect("delivered");
+    // The same ack twice, each with a receipt: the first settles, the second nothing.
+    for req in [41, 42] {
+        s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id, receipt: Some(req) })).unwrap();
+    }
+    let answers: Vec<_> = read_some(&mut s)
+        .into_iter()
+        .filter_map(|f| match f {
+            ServerFrame::Done { req } => Some((req, None)),
+            ServerFrame::Error(e) => match e.context {
+                ErrorContext::Request { req } => Some((req, Some(e.code))),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, vec![(41, None), (42, Some(ErrorCode::InvalidRequest))]);
+    assert_eq!(queue_depth(&client, "queue:receipts").await, 0);
+
+    // Through the client: ack_stored resolves once stored.
+    client.producer(Destination::queue("receipts")).send(Message::persistent("y")).await.unwrap();
+    let mut c = client.subscribe(Destination::queue("receipts"), SubscribeOptions::default()).await.unwrap();
+    let d = recv(&mut c).await.unwrap().unwrap();
+    d.ack_stored().await.unwrap();
+    assert_eq!(queue_depth(&client, "queue:receipts").await, 0);
 }
 
 /// The frames a broker sent within half a second (the connection stays open).
@@ -501,7 +550,7 @@ async fn acks_then_an_unsubscribe_read_together_are_acks() {
     }
     assert_eq!(ids.len(), 3, "three deliveries");
     let mut settle: Vec<u8> =
-        ids.iter().flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id })).collect();
+        ids.iter().flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id, receipt: None })).collect();
     settle.extend(common::frame(&ClientFrame::Unsubscribe { sub_id: 1 }));
     s.write_all(&settle).unwrap();
     // Once the unsubscribe is through, the next consumer gets nothing.
@@ -554,7 +603,7 @@ async fn acks_read_before_a_publish_make_room_for_it() {
     assert_eq!(ids.len(), 2, "two deliveries");
     // The queue is full (two delivered, unacked): ack both, then publish.
     let mut bytes: Vec<u8> =
-        ids.iter().flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id })).collect();
+        ids.iter().flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id, receipt: None })).collect();
     bytes.extend(publish(3));
     s.write_all(&bytes).unwrap();
     let mut answer = None;

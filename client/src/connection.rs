@@ -51,7 +51,11 @@ const SETTLE_V2: u8 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SettleHow {
     Ack,
-    Nack { delay: Option<Duration> },
+    /// An ack the broker answers once it is stored.
+    AckStored,
+    Nack {
+        delay: Option<Duration>,
+    },
     Terminate,
 }
 
@@ -250,12 +254,23 @@ struct Subscription {
 enum Answer {
     Done(Reply<()>),
     Status(Reply<String>),
+    /// An ack with a receipt: the broker's refusal means "not settled".
+    Settled(Reply<()>),
 }
 
 impl Answer {
     fn fail(self, error: ClientError) {
         match self {
             Answer::Done(done) => {
+                let _ = done.send(Err(error));
+            }
+            Answer::Settled(done) => {
+                let error = match error {
+                    ClientError::Broker { code: ErrorCode::InvalidRequest, message } => {
+                        ClientError::NotSettled { reason: message }
+                    }
+                    other => other,
+                };
                 let _ = done.send(Err(error));
             }
             Answer::Status(done) => {
@@ -731,6 +746,19 @@ impl Connection {
                     self.write_or_log(&ClientFrame::Unsubscribe { sub_id });
                 }
             }
+            Command::Settle { sub_id, id, how: SettleHow::AckStored, done } => {
+                // Checked as any settle (live, online, version 2), then a request.
+                match self.settle_check(SettleHow::AckStored, sub_id) {
+                    Ok(()) => self.start_request(Answer::Settled(done), |req| ClientFrame::Ack {
+                        sub_id,
+                        id,
+                        receipt: Some(req),
+                    }),
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                }
+            }
             Command::Settle { sub_id, id, how, done } => {
                 let _ = done.send(self.settle_delivery(how, sub_id, id));
             }
@@ -768,33 +796,44 @@ impl Connection {
     /// settles the message if it holds it for this consumer, and ignores it
     /// otherwise.
     fn settle_delivery(&mut self, how: SettleHow, sub_id: u32, id: MessageId) -> Result<(), ClientError> {
+        self.settle_check(how, sub_id)?;
+        let frame = match how {
+            SettleHow::Ack | SettleHow::AckStored => ClientFrame::Ack { sub_id, id, receipt: None },
+            SettleHow::Nack { delay } => {
+                let delay_ms = delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                ClientFrame::Nack { sub_id, id, delay_ms }
+            }
+            SettleHow::Terminate => ClientFrame::Terminate { sub_id, id },
+        };
+        encode_into(&mut self.wbuf, self.framing, &frame)
+    }
+
+    /// Whether a settle can go out now: `Err(NotSettled)` (the broker
+    /// redelivers) when the consumer is gone, when offline, or while its
+    /// subscription is not registered on this connection yet;
+    /// `Err(Unsupported)` for what a node at protocol 1 would not honour
+    /// (a delay, terminate, a receipt).
+    fn settle_check(&self, how: SettleHow, sub_id: u32) -> Result<(), ClientError> {
         let live = self.subscriptions.get(&sub_id).is_some_and(|s| matches!(s.state, SubState::Live));
-        if live && self.phase != Phase::Offline {
-            let version = self.framing.version;
-            let frame = match how {
-                SettleHow::Ack => ClientFrame::Ack { sub_id, id },
-                SettleHow::Nack { delay: None } => ClientFrame::Nack { sub_id, id, delay_ms: None },
-                // A node at version 1 would ignore the delay (or not know Terminate).
-                SettleHow::Nack { delay: Some(_) } | SettleHow::Terminate if version < SETTLE_V2 => {
-                    let what = if how == SettleHow::Terminate { "terminate" } else { "a nack with a delay" };
-                    return Err(ClientError::Unsupported { what, protocol_version: version });
-                }
-                SettleHow::Nack { delay: Some(delay) } => {
-                    let delay_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-                    ClientFrame::Nack { sub_id, id, delay_ms }
-                }
-                SettleHow::Terminate => ClientFrame::Terminate { sub_id, id },
-            };
-            encode_into(&mut self.wbuf, self.framing, &frame)
-        } else {
-            debug!(sub_id, "ack/nack not sent: consumer closed or not registered on this connection");
+        if !live || self.phase == Phase::Offline {
+            debug!(sub_id, "settle not sent: consumer closed or not registered on this connection");
             let reason = if self.phase == Phase::Offline {
                 "the connection is being re-established"
             } else {
                 "the consumer is closed or not yet registered again"
             };
-            Err(ClientError::NotSettled { reason: reason.to_owned() })
+            return Err(ClientError::NotSettled { reason: reason.to_owned() });
         }
+        let what = match how {
+            SettleHow::Ack | SettleHow::Nack { delay: None } => return Ok(()),
+            SettleHow::AckStored => "an ack the broker answers",
+            SettleHow::Nack { delay: Some(_) } => "a nack with a delay",
+            SettleHow::Terminate => "terminate",
+        };
+        if self.framing.version < SETTLE_V2 {
+            return Err(ClientError::Unsupported { what, protocol_version: self.framing.version });
+        }
+        Ok(())
     }
 
     fn begin_close(&mut self, waiter: Option<Reply<()>>) {
@@ -848,7 +887,7 @@ impl Connection {
                 other => unexpected_answer(req, other, "StatusReply"),
             },
             ServerFrame::Done { req } => match self.requests.remove(&req) {
-                Some(PendingRequest { answer: Answer::Done(done), .. }) => {
+                Some(PendingRequest { answer: Answer::Done(done) | Answer::Settled(done), .. }) => {
                     let _ = done.send(Ok(()));
                 }
                 other => unexpected_answer(req, other, "Done"),

@@ -282,6 +282,25 @@ impl Delivery {
         self.settle(SettleHow::Ack).await
     }
 
+    /// Acknowledge and wait for the broker to say it has the ack: `Ok` once
+    /// the ack is stored as its durability mode promises (fdatasync'd; on
+    /// both nodes when `replicated`), so the message will not come back even
+    /// after a failover. `Err(`[`ClientError::NotSettled`]`)` when the ack
+    /// settled nothing (the delivery timed out, or a failover came first:
+    /// the message is delivered again) or could not be sent. Costs a round
+    /// trip and a commit per call, where [`Delivery::ack`] costs neither.
+    /// Needs a broker of protocol version 2, as [`Delivery::nack_after`].
+    ///
+    /// ```no_run
+    /// # async fn demo(delivery: twinmq_client::Delivery) -> Result<(), twinmq_client::ClientError> {
+    /// // E.g. before telling a user their order was taken off the queue for good.
+    /// delivery.ack_stored().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ack_stored(self) -> Result<(), ClientError> {
+        self.settle(SettleHow::AckStored).await
+    }
+
     /// Give the message back for redelivery (counts as a delivery attempt:
     /// past the queue's `max_redeliveries` it goes to the dead-letter queue).
     /// Answers as [`Delivery::ack`] does.

@@ -17,8 +17,11 @@
 //! - Delivery is at-least-once: a [`Consumer`] (a `futures` [`Stream`] of
 //!   [`Delivery`]s, or [`Consumer::recv`]) hands each message over with its
 //!   id; [`Delivery::ack`] removes it and says whether the ack went out
-//!   (`Err(`[`ClientError::NotSettled`]`)` between connections); without an
-//!   ack the message comes back, flagged `redelivered`. Consumers should be
+//!   (`Err(`[`ClientError::NotSettled`]`)` between connections),
+//!   [`Delivery::ack_stored`] waits until the broker has stored it; without
+//!   an ack the message comes back, flagged `redelivered`.
+//!   [`Delivery::nack_after`] and [`Delivery::terminate`] retry later or
+//!   give up on a message (client protocol 2). Consumers should be
 //!   idempotent: deduplicate by [`Delivery::id`] (`examples/src/worker.rs`).
 //! - Payloads are [`bytes::Bytes`]: a payload is not copied on its way in
 //!   ([`Message::persistent`] takes anything `Into<Bytes>`) nor out

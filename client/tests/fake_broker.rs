@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use twinmq_client::{Client, ClientError, Destination, ErrorCode, Message, SubscribeOptions};
-use twinmq_protocol::{ClientFrame, MessageId, ServerFrame, VersionRange, SUPPORTED_VERSIONS};
+use twinmq_protocol::{
+    ClientFrame, ErrorContext, ErrorFrame, MessageId, ServerFrame, VersionRange, SUPPORTED_VERSIONS,
+};
 
 #[tokio::test]
 async fn connect_follows_the_active_hint() {
@@ -388,7 +390,9 @@ async fn a_delayed_nack_and_terminate_go_out_at_version_2_and_are_refused_at_1_s
         let terminated = poison.terminate().await;
         plain.nack().await.unwrap();
         if version == 1 {
-            for r in [delayed, terminated] {
+            broker.send(ServerFrame::Deliver { sub_id, message: delivered(4, "m") });
+            let receipt = within(consumer.recv()).await.unwrap().unwrap().ack_stored().await;
+            for r in [delayed, terminated, receipt] {
                 assert!(matches!(r, Err(ClientError::Unsupported { protocol_version: 1, .. })), "{r:?}");
             }
             // Nothing went out for them: the next settle frame is the plain nack.
@@ -411,4 +415,33 @@ async fn a_delayed_nack_and_terminate_go_out_at_version_2_and_are_refused_at_1_s
             assert_eq!(terminated, 2);
         }
     }
+}
+
+#[tokio::test]
+async fn ack_stored_waits_for_the_brokers_answer_and_a_refusal_means_not_settled() {
+    let mut broker = FakeBroker::start(Mode::Speaks(VersionRange::new(1, 2))).await;
+    let client = Client::connect(config(&[&broker.addr])).await.unwrap();
+    let mut consumer = client.subscribe(Destination::queue("q"), SubscribeOptions::default()).await.unwrap();
+    let sub_id = broker.next(|f| if let ClientFrame::Subscribe { sub_id, .. } = f { Some(sub_id) } else { None }).await;
+    for seq in 1..=2 {
+        broker.send(ServerFrame::Deliver { sub_id, message: delivered(seq, "m") });
+    }
+    let first = within(consumer.recv()).await.unwrap().unwrap();
+    let second = within(consumer.recv()).await.unwrap().unwrap();
+    let acking = tokio::spawn(first.ack_stored());
+    let req = broker
+        .next(|f| if let ClientFrame::Ack { receipt: Some(req), id, .. } = f { Some((req, id.seq)) } else { None })
+        .await;
+    assert_eq!(req.1, 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!acking.is_finished(), "waits for the broker's answer");
+    broker.send(ServerFrame::Done { req: req.0 });
+    within(acking).await.unwrap().unwrap();
+
+    let refused = tokio::spawn(second.ack_stored());
+    let req = broker.next(|f| if let ClientFrame::Ack { receipt: Some(req), .. } = f { Some(req) } else { None }).await;
+    let frame = ErrorFrame::new(twinmq_protocol::ErrorCode::InvalidRequest, ErrorContext::Request { req }, "timed out");
+    broker.send(ServerFrame::Error(frame));
+    let err = within(refused).await.unwrap().unwrap_err();
+    assert!(matches!(&err, ClientError::NotSettled { reason } if reason == "timed out"), "{err:?}");
 }

@@ -201,6 +201,11 @@ pub enum ClientFrame {
     Ack {
         sub_id: u32,
         id: MessageId,
+        /// Version 2: answer this ack with `Done { req: receipt }` once it is
+        /// stored as the durability mode says (or with an error for the
+        /// request if it settled nothing). Absent: no answer, as in 1.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        receipt: Option<u64>,
     },
     /// Give one delivery back for redelivery (counts as a delivery attempt).
     Nack {
