@@ -392,6 +392,7 @@ async fn an_ack_with_a_receipt_is_answered_once_stored_and_refused_when_it_settl
         .collect();
     assert_eq!(answers, vec![(41, None), (42, Some(ErrorCode::InvalidRequest))]);
     assert_eq!(queue_depth(&client, "queue:receipts").await, 0);
+    drop(s);
 
     // Through the client: ack_stored resolves once stored.
     client.producer(Destination::queue("receipts")).send(Message::persistent("y")).await.unwrap();

@@ -359,9 +359,13 @@ async fn consume(
             }
             t.complete()
         };
-        if let Err(e) = delivery.ack().await {
-            error = Some(e);
-            break;
+        match delivery.ack().await {
+            // Not sent while the client reconnects: it comes back (at-least-once).
+            Ok(()) | Err(ClientError::NotSettled { .. }) => {}
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
         }
         if complete && all.iter().all(|t| lock(t).complete()) {
             done_tx.send_replace(true);

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use twinmq_client::{Client, ClientConfig, SubscribeOptions};
+use twinmq_client::{Client, ClientConfig, ClientError, SubscribeOptions};
 
 #[derive(Debug, Args)]
 pub struct SubArgs {
@@ -64,9 +64,14 @@ pub async fn run(config: ClientConfig, args: SubArgs) -> anyhow::Result<ExitCode
             Ok(Some(Ok(delivery))) => delivery,
         };
         let body = delivery.payload().to_vec();
-        if let Err(e) = delivery.ack().await {
-            failure = Some(e);
-            break;
+        match delivery.ack().await {
+            Ok(()) => {}
+            // Not sent while the client reconnects: it comes back and is counted then.
+            Err(ClientError::NotSettled { .. }) => continue,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
         }
         if !seen.contains(&body) {
             if args.print {
