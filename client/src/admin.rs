@@ -26,6 +26,14 @@ use crate::link::{frame_name, is_final, Link, ServerInfo, TicketSlot};
 use crate::{ClientConfig, ClientError, ErrorCode, NodeStatus};
 
 /// What `promote --force` on one node would risk (see [`AdminClient::promote_risks`]).
+///
+/// ```no_run
+/// # async fn demo(config: twinmq_client::ClientConfig) {
+/// for risk in twinmq_client::AdminClient::promote_risks(&config).await {
+///     println!("{}", risk.describe()); // e.g. what the peer held that this node lacks
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PromoteRisk {
@@ -86,6 +94,20 @@ impl PromoteRisk {
 
 /// An admin connection to one node. Requests wait up to the configured
 /// `failover_timeout` for their answer.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), twinmq_client::ClientError> {
+/// use twinmq_client::admin::AdminCommand;
+/// use twinmq_client::{AdminClient, ClientConfig};
+/// let config = ClientConfig::new(["10.0.0.1:5570", "10.0.0.2:5570"]).user("root").password("secret");
+/// // Changes go to whichever node is active.
+/// AdminClient::command_on_active(&config, AdminCommand::QueueCreate { name: "orders".into() }, false).await?;
+/// // Status from one node, passive or active.
+/// let mut admin = AdminClient::connect_to("10.0.0.2:5570", &config).await?;
+/// println!("{}", admin.status().await?.role);
+/// admin.close().await;
+/// # Ok(()) }
+/// ```
 pub struct AdminClient {
     link: Link,
     server: ServerInfo,

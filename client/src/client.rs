@@ -15,6 +15,23 @@ use crate::{dial, ClientConfig, ClientError, Consumer, Destination, NodeStatus, 
 /// active role across failovers (see the crate docs for the contract).
 /// Cheap to clone; the connection closes when [`Client::close`] is called or
 /// when every handle (clients, producers, consumers, deliveries) is dropped.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), twinmq_client::ClientError> {
+/// use twinmq_client::{Client, ClientConfig, ClientEvent};
+/// let client = Client::connect(ClientConfig::new(["10.0.0.1:5570", "10.0.0.2:5570"])).await?;
+/// println!("connected to {} ({})", client.server().node_id, client.server().addr);
+/// let mut events = client.events();
+/// tokio::spawn(async move {
+///     while let Ok(event) = events.recv().await {
+///         if let ClientEvent::Connected { addr, .. } = event {
+///             println!("now on {addr}");
+///         }
+///     }
+/// });
+/// client.close().await
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Client {
     commands: Commands,

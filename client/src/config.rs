@@ -107,7 +107,12 @@ impl Default for ReconnectBackoff {
     }
 }
 
-/// A callback for [`ClientEvent`]s (see [`ClientConfig::on_event`]).
+/// A callback for [`ClientEvent`]s, made by [`ClientConfig::on_event`].
+///
+/// ```
+/// let config = twinmq_client::ClientConfig::new(["10.0.0.1:5570"]).on_event(|e| eprintln!("twinmq: {e}"));
+/// assert!(config.on_event.is_some());
+/// ```
 #[derive(Clone)]
 pub struct EventHook(pub(crate) Arc<dyn Fn(&ClientEvent) + Send + Sync>);
 

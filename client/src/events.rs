@@ -16,6 +16,17 @@ pub(crate) const EVENT_CAPACITY: usize = 64;
 /// round over the addresses), `Connected`, `Resubscribed`, `Resent`; or, when
 /// `failover_timeout` passes first (or the credentials are refused),
 /// `GaveUp`, after which every pending operation has failed.
+///
+/// ```
+/// use twinmq_client::ClientEvent;
+/// fn alert(event: &ClientEvent) -> Option<String> {
+///     match event {
+///         ClientEvent::GaveUp { reason } => Some(format!("twinmq unreachable: {reason}")),
+///         _ => None, // the enum is #[non_exhaustive]
+///     }
+/// }
+/// # let _ = alert;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientEvent {

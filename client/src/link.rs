@@ -27,6 +27,13 @@ pub(crate) type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
 pub(crate) type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// What the node we are connected to said about itself in its `Welcome`.
+///
+/// ```no_run
+/// # fn demo(client: &twinmq_client::Client) {
+/// let server = client.server();
+/// println!("{} at {} runs {}, protocol {}", server.node_id, server.addr, server.server_version, server.protocol_version);
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerInfo {
     /// The address we connected to (as configured, or the hint that led here).

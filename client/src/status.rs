@@ -71,6 +71,15 @@ impl NodeStatus {
 }
 
 /// The peer of a node, from its heartbeats.
+///
+/// ```no_run
+/// # async fn demo(client: twinmq_client::Client) -> Result<(), twinmq_client::ClientError> {
+/// let status = client.status().await?;
+/// if let (Some(peer), Some(gateway)) = (&status.peer, &status.gateway) {
+///     println!("peer {} ({:?}), gateway {} reachable: {}", peer.state, peer.role, gateway.target, gateway.reachable);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
@@ -87,7 +96,7 @@ pub struct PeerStatus {
     pub in_sync: Option<bool>,
 }
 
-/// The gateway witness of a node.
+/// The gateway witness of a node (example: [`PeerStatus`]).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
@@ -98,7 +107,7 @@ pub struct GatewayStatus {
     pub reachable: bool,
 }
 
-/// One queue (or durable subscription) of a node.
+/// One queue (or durable subscription) of a node (example: [`NodeStatus`]).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]

@@ -42,6 +42,14 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ClientError> {
 }
 
 /// How the client speaks TLS to the broker. Cheap to clone.
+///
+/// ```no_run
+/// # fn demo() -> Result<(), twinmq_client::ClientError> {
+/// use twinmq_client::{ClientConfig, ClientTls};
+/// let tls = ClientTls::new("/etc/twinmq/ca.pem")?.server_name("twinmq.internal")?;
+/// let config = ClientConfig::new(["10.0.0.1:5570", "10.0.0.2:5570"]).tls(tls);
+/// # let _ = config; Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct ClientTls {
     pub(crate) connector: tokio_rustls::TlsConnector,
