@@ -1069,6 +1069,9 @@ impl Receipt {
 pub enum SettleHow {
     /// Done: the queue forgets it.
     Ack,
+    /// Done with it and with every earlier delivery (lower id) the same
+    /// consumer holds: a cumulative ack.
+    AckThrough,
     /// Redeliver it (a delivery attempt), at once or after `delay`.
     Nack { delay: Option<Duration> },
     /// Never deliver it again: to the dead-letter queue now if there is
@@ -1112,6 +1115,23 @@ impl Queue {
     /// delay) or terminate (dead-letter) a delivery, if it is still the
     /// settling consumer's; deliveries resume after the caller's settles.
     fn settle(&mut self, s: Settle, acks: &mut Vec<Op>, ctx: &mut Context<Self>) -> bool {
+        if s.how == SettleHow::AckThrough {
+            // Every delivery this consumer holds up to and including `id`, oldest first.
+            let mut held: Vec<MessageId> = self
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.consumer == s.key)
+                .filter_map(|(&seq, f)| f.entry.body.as_ref().map(|m| MessageId { epoch: m.epoch, seq }))
+                .filter(|held| *held <= s.id)
+                .collect();
+            held.sort_unstable();
+            let mut settled = false;
+            for id in held {
+                let one = Settle { key: s.key, id, how: SettleHow::Ack, receipt: None };
+                settled |= self.settle(one, acks, ctx);
+            }
+            return settled;
+        }
         let seq = s.id.seq;
         // Only the consumer it was delivered to may settle it (a late ack after
         // an ack timeout refers to a delivery that is no longer its own).
@@ -1134,7 +1154,7 @@ impl Queue {
             c.credit += 1;
         }
         match s.how {
-            SettleHow::Ack => self.ack_ops(&f.entry, acks),
+            SettleHow::Ack | SettleHow::AckThrough => self.ack_ops(&f.entry, acks),
             SettleHow::Nack { delay: None } => self.requeue(f.entry),
             SettleHow::Nack { delay: Some(delay) } => {
                 // Held back, still counted in the depth; in the store all

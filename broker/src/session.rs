@@ -595,8 +595,9 @@ impl Session {
             ClientFrame::Publish { producer_id, seq, destination, message } => {
                 self.handle_publish(producer_id, seq, destination, message, permit)
             }
-            ClientFrame::Ack { sub_id, id, receipt } => {
-                self.settle(sub_id, id, queue::SettleHow::Ack, receipt);
+            ClientFrame::Ack { sub_id, id, receipt, through } => {
+                let how = if through { queue::SettleHow::AckThrough } else { queue::SettleHow::Ack };
+                self.settle(sub_id, id, how, receipt);
                 None
             }
             ClientFrame::Nack { sub_id, id, delay_ms } => {

@@ -224,6 +224,34 @@ async fn a_nack_with_a_delay_holds_the_message_back_for_that_long_and_counts_it_
 }
 
 #[tokio::test]
+async fn a_cumulative_ack_settles_the_earlier_deliveries_of_its_consumer_only() {
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    let q = Destination::queue("runs");
+    for i in 0..5 {
+        client.producer(q.clone()).send(Message::persistent(format!("m{i}"))).await.unwrap();
+    }
+    let mut c = client.subscribe(q.clone(), SubscribeOptions::default()).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(recv(&mut c).await.unwrap().unwrap());
+    }
+    let fifth = got.pop().unwrap();
+    let fourth = got.pop().unwrap();
+    drop(got); // m0..m2: settled by the cumulative ack, never acked one by one
+    fourth.ack_through().await.unwrap();
+    // m4 is still held by this consumer; the other four are gone.
+    assert_eq!(queue_depth(&client, "queue:runs").await, 1);
+    drop(fifth);
+    c.unsubscribe().await.unwrap();
+    let mut again = client.subscribe(q, SubscribeOptions::default()).await.unwrap();
+    let back = recv(&mut again).await.unwrap().unwrap();
+    assert_eq!((back.payload(), back.message().redelivered), (&b"m4"[..], true));
+    let more = tokio::time::timeout(Duration::from_millis(500), again.recv()).await;
+    assert!(more.is_err(), "nothing else comes back: {more:?}");
+}
+
+#[tokio::test]
 async fn a_terminated_message_goes_to_the_dead_letter_queue_at_once() {
     let broker = Broker::start(&["--max-redeliveries", "5"]);
     let client = broker.client().await;
@@ -342,7 +370,7 @@ async fn an_ack_naming_another_epoch_settles_nothing() {
         })
         .expect("delivered");
     let other = MessageId { epoch: id.epoch + 7, seq: id.seq };
-    s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id: other, receipt: None })).unwrap();
+    s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id: other, receipt: None, through: false })).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     drop(s);
     // Not acked: it comes back to the next consumer.
@@ -377,7 +405,7 @@ async fn an_ack_with_a_receipt_is_answered_once_stored_and_refused_when_it_settl
         .expect("delivered");
     // The same ack twice, each with a receipt: the first settles, the second nothing.
     for req in [41, 42] {
-        s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id, receipt: Some(req) })).unwrap();
+        s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id, receipt: Some(req), through: false })).unwrap();
     }
     let answers: Vec<_> = read_some(&mut s)
         .into_iter()
@@ -550,8 +578,10 @@ async fn acks_then_an_unsubscribe_read_together_are_acks() {
         }
     }
     assert_eq!(ids.len(), 3, "three deliveries");
-    let mut settle: Vec<u8> =
-        ids.iter().flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id, receipt: None })).collect();
+    let mut settle: Vec<u8> = ids
+        .iter()
+        .flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id, receipt: None, through: false }))
+        .collect();
     settle.extend(common::frame(&ClientFrame::Unsubscribe { sub_id: 1 }));
     s.write_all(&settle).unwrap();
     // Once the unsubscribe is through, the next consumer gets nothing.
@@ -603,8 +633,10 @@ async fn acks_read_before_a_publish_make_room_for_it() {
     }
     assert_eq!(ids.len(), 2, "two deliveries");
     // The queue is full (two delivered, unacked): ack both, then publish.
-    let mut bytes: Vec<u8> =
-        ids.iter().flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id, receipt: None })).collect();
+    let mut bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|id| common::frame(&ClientFrame::Ack { sub_id: 1, id: *id, receipt: None, through: false }))
+        .collect();
     bytes.extend(publish(3));
     s.write_all(&bytes).unwrap();
     let mut answer = None;

@@ -53,6 +53,8 @@ pub(crate) enum SettleHow {
     Ack,
     /// An ack the broker answers once it is stored.
     AckStored,
+    /// This delivery and every earlier one the consumer holds.
+    AckThrough,
     Nack {
         delay: Option<Duration>,
     },
@@ -753,6 +755,7 @@ impl Connection {
                         sub_id,
                         id,
                         receipt: Some(req),
+                        through: false,
                     }),
                     Err(e) => {
                         let _ = done.send(Err(e));
@@ -798,7 +801,8 @@ impl Connection {
     fn settle_delivery(&mut self, how: SettleHow, sub_id: u32, id: MessageId) -> Result<(), ClientError> {
         self.settle_check(how, sub_id)?;
         let frame = match how {
-            SettleHow::Ack | SettleHow::AckStored => ClientFrame::Ack { sub_id, id, receipt: None },
+            SettleHow::Ack | SettleHow::AckStored => ClientFrame::Ack { sub_id, id, receipt: None, through: false },
+            SettleHow::AckThrough => ClientFrame::Ack { sub_id, id, receipt: None, through: true },
             SettleHow::Nack { delay } => {
                 let delay_ms = delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 ClientFrame::Nack { sub_id, id, delay_ms }
@@ -827,6 +831,7 @@ impl Connection {
         let what = match how {
             SettleHow::Ack | SettleHow::Nack { delay: None } => return Ok(()),
             SettleHow::AckStored => "an ack the broker answers",
+            SettleHow::AckThrough => "a cumulative ack",
             SettleHow::Nack { delay: Some(_) } => "a nack with a delay",
             SettleHow::Terminate => "terminate",
         };

@@ -171,6 +171,17 @@ impl Inbound {
 
 /// A message as a consumer receives it. Fields are public for reading
 /// (the struct is `#[non_exhaustive]`: later releases may add some).
+///
+/// ```no_run
+/// # fn demo(delivery: twinmq_client::Delivery) {
+/// let message = delivery.into_message(); // keeps it, gives up acking it here
+/// if message.redelivered {
+///     println!("{} again ({} deliveries before)", message.id, message.delivery_count);
+/// }
+/// let age = message.timestamp.elapsed().unwrap_or_default();
+/// println!("{} bytes from {}, {age:?} old", message.payload.len(), message.destination);
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ReceivedMessage {
@@ -299,6 +310,30 @@ impl Delivery {
     /// ```
     pub async fn ack_stored(self) -> Result<(), ClientError> {
         self.settle(SettleHow::AckStored).await
+    }
+
+    /// Acknowledge this delivery and every earlier one (lower
+    /// [`MessageId`]) that this consumer holds unacknowledged: one frame for
+    /// a run of deliveries processed in order. Answers as [`Delivery::ack`]
+    /// does; needs a broker of protocol version 2, as [`Delivery::nack_after`].
+    /// The earlier [`Delivery`] values may simply be dropped.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut consumer: twinmq_client::Consumer) -> Result<(), twinmq_client::ClientError> {
+    /// let mut last = None;
+    /// for _ in 0..100 {
+    ///     let Some(delivery) = consumer.recv().await else { break };
+    ///     let delivery = delivery?;
+    ///     // ... process it ...
+    ///     last = Some(delivery);
+    /// }
+    /// if let Some(last) = last {
+    ///     last.ack_through().await?; // the hundred in one ack
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn ack_through(self) -> Result<(), ClientError> {
+        self.settle(SettleHow::AckThrough).await
     }
 
     /// Give the message back for redelivery (counts as a delivery attempt:

@@ -18,7 +18,8 @@
 //!   [`Delivery`]s, or [`Consumer::recv`]) hands each message over with its
 //!   id; [`Delivery::ack`] removes it and says whether the ack went out
 //!   (`Err(`[`ClientError::NotSettled`]`)` between connections),
-//!   [`Delivery::ack_stored`] waits until the broker has stored it; without
+//!   [`Delivery::ack_stored`] waits until the broker has stored it,
+//!   [`Delivery::ack_through`] acks a run of deliveries at once; without
 //!   an ack the message comes back, flagged `redelivered`.
 //!   [`Delivery::nack_after`] and [`Delivery::terminate`] retry later or
 //!   give up on a message (client protocol 2). Consumers should be

@@ -392,7 +392,9 @@ async fn a_delayed_nack_and_terminate_go_out_at_version_2_and_are_refused_at_1_s
         if version == 1 {
             broker.send(ServerFrame::Deliver { sub_id, message: delivered(4, "m") });
             let receipt = within(consumer.recv()).await.unwrap().unwrap().ack_stored().await;
-            for r in [delayed, terminated, receipt] {
+            broker.send(ServerFrame::Deliver { sub_id, message: delivered(5, "m") });
+            let through = within(consumer.recv()).await.unwrap().unwrap().ack_through().await;
+            for r in [delayed, terminated, receipt, through] {
                 assert!(matches!(r, Err(ClientError::Unsupported { protocol_version: 1, .. })), "{r:?}");
             }
             // Nothing went out for them: the next settle frame is the plain nack.

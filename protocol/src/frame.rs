@@ -206,6 +206,10 @@ pub enum ClientFrame {
         /// request if it settled nothing). Absent: no answer, as in 1.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         receipt: Option<u64>,
+        /// Version 2: also every earlier delivery this consumer holds (each
+        /// whose id is below `id`): a cumulative ack.
+        #[serde(default, skip_serializing_if = "is_false")]
+        through: bool,
     },
     /// Give one delivery back for redelivery (counts as a delivery attempt).
     Nack {

@@ -59,9 +59,10 @@ impl std::fmt::Display for VersionRange {
 /// a frame changes meaning; raise `min` only once no supported peer needs
 /// the old version.
 ///
-/// 2: `Nack` with `delay_ms`, `Terminate` and `Ack` with a `receipt` (a
-/// broker at 1 would ignore the delay and the receipt and fail to decode
-/// `Terminate`, so a client sends them only on a connection at 2).
+/// 2: `Nack` with `delay_ms`, `Terminate`, and `Ack` with a `receipt` or
+/// `through` (a broker at 1 would ignore the delay, the receipt and
+/// `through` and fail to decode `Terminate`, so a client sends them only
+/// on a connection at 2).
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange::new(1, 2);
 
 /// The version the opening frames of every connection are framed in.
