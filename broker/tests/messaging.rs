@@ -348,27 +348,11 @@ async fn a_poison_message_reaches_the_dead_letter_queue_across_restarts() {
 #[tokio::test]
 async fn an_ack_naming_another_epoch_settles_nothing() {
     use std::io::Write;
-    use twinmq_protocol::{ClientFrame, MessageId, ServerFrame};
+    use twinmq_protocol::{ClientFrame, MessageId};
     let broker = Broker::start(&[]);
     broker.client().await.producer(Destination::queue("ids")).send(Message::persistent("x")).await.unwrap();
-    let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
-    s.write_all(&common::hello()).unwrap();
-    let subscribe = ClientFrame::Subscribe {
-        sub_id: 1,
-        destination: twinmq_protocol::Destination::queue("ids"),
-        durable: None,
-        prefetch: 1,
-    };
-    s.write_all(&common::frame(&subscribe)).unwrap();
     // The delivery's id, then an ack for the same seq in another epoch.
-    let frames = read_some(&mut s);
-    let id = frames
-        .iter()
-        .find_map(|f| match f {
-            ServerFrame::Deliver { message, .. } => Some(message.id),
-            _ => None,
-        })
-        .expect("delivered");
+    let (mut s, id) = raw_consumer(broker.addr, "ids");
     let other = MessageId { epoch: id.epoch + 7, seq: id.seq };
     s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id: other, receipt: None, through: false })).unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -387,22 +371,7 @@ async fn an_ack_with_a_receipt_is_answered_once_stored_and_refused_when_it_settl
     let broker = Broker::start(&[]);
     let client = broker.client().await;
     client.producer(Destination::queue("receipts")).send(Message::persistent("x")).await.unwrap();
-    let mut s = std::net::TcpStream::connect(broker.addr).unwrap();
-    s.write_all(&common::hello()).unwrap();
-    let subscribe = ClientFrame::Subscribe {
-        sub_id: 1,
-        destination: twinmq_protocol::Destination::queue("receipts"),
-        durable: None,
-        prefetch: 1,
-    };
-    s.write_all(&common::frame(&subscribe)).unwrap();
-    let id = read_some(&mut s)
-        .iter()
-        .find_map(|f| match f {
-            ServerFrame::Deliver { message, .. } => Some(message.id),
-            _ => None,
-        })
-        .expect("delivered");
+    let (mut s, id) = raw_consumer(broker.addr, "receipts");
     // The same ack twice, each with a receipt: the first settles, the second nothing.
     for req in [41, 42] {
         s.write_all(&common::frame(&ClientFrame::Ack { sub_id: 1, id, receipt: Some(req), through: false })).unwrap();
@@ -428,6 +397,29 @@ async fn an_ack_with_a_receipt_is_answered_once_stored_and_refused_when_it_settl
     let d = recv(&mut c).await.unwrap().unwrap();
     d.ack_stored().await.unwrap();
     assert_eq!(queue_depth(&client, "queue:receipts").await, 0);
+}
+
+/// A raw connection subscribed (sub 1, prefetch 1) to `queue`, and the id of its first delivery.
+fn raw_consumer(addr: std::net::SocketAddr, queue: &str) -> (std::net::TcpStream, twinmq_protocol::MessageId) {
+    use std::io::Write;
+    use twinmq_protocol::{ClientFrame, ServerFrame};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(&common::hello()).unwrap();
+    let subscribe = ClientFrame::Subscribe {
+        sub_id: 1,
+        destination: twinmq_protocol::Destination::queue(queue),
+        durable: None,
+        prefetch: 1,
+    };
+    s.write_all(&common::frame(&subscribe)).unwrap();
+    let id = read_some(&mut s)
+        .iter()
+        .find_map(|f| match f {
+            ServerFrame::Deliver { message, .. } => Some(message.id),
+            _ => None,
+        })
+        .expect("delivered");
+    (s, id)
 }
 
 /// The frames a broker sent within half a second (the connection stays open).
