@@ -15,7 +15,7 @@ if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked
 fi
 cargo fuzz build --sanitizer none
-for target in client_frame ha_frame; do
+for target in client_frame ha_frame stomp_frame; do
   mkdir -p "fuzz/corpus/$target"
   echo "fuzz: $target for ${secs}s"
   # New inputs go to fuzz/corpus (not committed); fuzz/seeds is read-only input.

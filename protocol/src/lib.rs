@@ -3,13 +3,15 @@
 //! Owns: the frame layout (`u32 length | u8 version | MessagePack`), the
 //! client/server frame enums, typed error codes, the frame size limit, and
 //! protocol version negotiation (`version`: pure, so that the HA handshake
-//! can use the same rule).
+//! can use the same rule); and the STOMP 1.2 frame codec (`stomp`) that the
+//! broker's STOMP listener speaks.
 //! Does not own: sockets, authentication, routing: those belong to the
 //! broker and the client, which both depend on this crate and never on each
 //! other.
 
 pub mod codec;
 pub mod frame;
+pub mod stomp;
 pub mod version;
 
 pub use codec::{decode_body, encode_frame, encode_frame_as, FrameCodec, DEFAULT_MAX_FRAME_BYTES};
