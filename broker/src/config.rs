@@ -855,6 +855,8 @@ fn pair_config(s: &Settings, node_id: &str, listen: SocketAddr) -> Result<Option
         // Validated with the other keys (at least 100 ms).
         disk_stall: std::time::Duration::from_millis(s.disk_stall_ms.unwrap_or(2000)),
         tls: ha_tls(s)?,
+        // Set from the STOMP settings by their owner; nothing advertised until then.
+        advertise_stomp: None,
     }))
 }
 

@@ -214,6 +214,8 @@ fn link_frames() -> Vec<HaFrame> {
             queues: vec!["orders".into()],
         }),
         HaFrame::DivergentAdminStored,
+        HaFrame::NodeInfo { stomp: Some("10.0.0.1:61613".into()) },
+        HaFrame::NodeInfo { stomp: None },
     ]
 }
 

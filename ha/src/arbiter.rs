@@ -73,6 +73,10 @@ pub struct HaStatus {
     pub failovers: u64,
     /// Why the disk counts as failed, if it does.
     pub disk_failure: Option<String>,
+    /// The STOMP address the peer advertises (`HaConfig::advertise_stomp`
+    /// on the peer, sent over HA 6): `None` while the peer is not up, when
+    /// it advertises nothing, or when it speaks HA 4 or 5.
+    pub peer_stomp: Option<String>,
 }
 
 pub struct RoleArbiter {
@@ -87,6 +91,8 @@ pub struct RoleArbiter {
     peer_connections: usize,
     /// The peer's store as last told to the writer (kept for operators).
     peer_noted: Option<(u64, u64)>,
+    /// What the monitor last reported the peer advertises.
+    peer_stomp: Option<String>,
 }
 
 impl RoleArbiter {
@@ -122,6 +128,7 @@ impl RoleArbiter {
             switchover: None,
             peer_connections: 0,
             peer_noted: None,
+            peer_stomp: None,
         }
     }
 
@@ -135,6 +142,7 @@ impl RoleArbiter {
         let hb = self.core.heartbeat(&store);
         self.heartbeat_tx.send_replace(hb);
         let peer = self.core.peer_heartbeat();
+        let peer_view = self.core.peer_view(now);
         let status = HaStatus {
             role: self.core.role(),
             epoch: store.epoch,
@@ -142,7 +150,7 @@ impl RoleArbiter {
             last_seq: store.last_seq,
             in_sync: hb.in_sync,
             peer_id: self.core.peer_id().map(str::to_string),
-            peer_state: match self.core.peer_view(now) {
+            peer_state: match peer_view {
                 PeerView::Up(_) => "up",
                 PeerView::Silent { .. } => "silent",
                 PeerView::Dead => "dead",
@@ -161,6 +169,7 @@ impl RoleArbiter {
             last_reason: self.core.last_reason(),
             failovers: self.core.failovers(),
             disk_failure: self.writer.stats().failure(),
+            peer_stomp: if matches!(peer_view, PeerView::Up(_)) { self.peer_stomp.clone() } else { None },
         };
         self.status_tx.send_replace(status);
     }
@@ -356,6 +365,9 @@ pub struct PeerLinks {
     pub connections: usize,
     /// Who the peer is (from the link's authentication), once known.
     pub identity: Option<(String, u32)>,
+    /// The STOMP address the peer advertises on its newest connection that
+    /// said (`HaFrame::NodeInfo`, checked); `None` if none did.
+    pub stomp: Option<String>,
 }
 
 impl Handler<PeerLinks> for RoleArbiter {
@@ -363,6 +375,7 @@ impl Handler<PeerLinks> for RoleArbiter {
     fn handle(&mut self, m: PeerLinks, _: &mut Context<Self>) {
         self.core.peer_links(m.dead);
         self.peer_connections = m.connections;
+        self.peer_stomp = m.stomp;
         if let Some((id, priority)) = m.identity {
             self.core.peer_identity(id, priority);
         }

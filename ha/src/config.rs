@@ -73,4 +73,9 @@ pub struct HaConfig {
     pub disk_stall: Duration,
     /// TLS on the HA port (under the cluster secret, not instead of it).
     pub tls: Option<crate::tls::HaTls>,
+    /// This node's STOMP address as its peer should give it to clients
+    /// (`HOST:PORT`), told to the peer once per link (`HaFrame::NodeInfo`,
+    /// HA 6); the peer shows it as `HaStatus::peer_stomp`. `None`: nothing
+    /// advertised. The peer drops an address `wire::valid_advertised` refuses.
+    pub advertise_stomp: Option<String>,
 }

@@ -113,6 +113,7 @@ impl Pair {
             last_reason: "starting",
             failovers: 0,
             disk_failure: None,
+            peer_stomp: None,
         };
         let (status_tx, status) = watch::channel(initial);
         // The first heartbeat may go out before the arbiter's first tick: it

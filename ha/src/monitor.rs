@@ -48,6 +48,14 @@ struct Conn {
     path: Option<usize>,
     last_heard: Instant,
     task: actix_rt::task::JoinHandle<()>,
+    /// What the peer advertised on it (`HaFrame::NodeInfo`, HA 6), once it did.
+    info: Option<PeerInfo>,
+}
+
+/// What the peer advertised on one connection, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PeerInfo {
+    stomp: Option<String>,
 }
 
 #[derive(Default)]
@@ -132,12 +140,20 @@ impl PeerMonitor {
 
     fn report(&self) {
         let dead = self.conns.is_empty() && !self.paths.is_empty() && self.paths.iter().all(|p| p.refused);
-        self.arbiter.do_send(PeerLinks { dead, connections: self.conns.len(), identity: self.identity.clone() });
+        // What the peer said last: on the newest connection that said anything.
+        let stomp = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| c.info.as_ref().map(|i| (*id, i)))
+            .max_by_key(|(id, _)| *id)
+            .and_then(|(_, i)| i.stomp.clone());
+        self.arbiter.do_send(PeerLinks { dead, connections: self.conns.len(), identity: self.identity.clone(), stomp });
     }
 
     fn register(&mut self, link: Link, path: Option<usize>, ctx: &mut Context<Self>) -> ConnId {
         let id = self.next_id;
         self.next_id += 1;
+        let link_version = link.version;
         let (tx, rx) = mpsc::unbounded_channel();
         self.identity = Some((link.peer_id.clone(), link.peer_priority));
         tracing::info!(conn = id, peer = %link.peer_id, remote = %link.remote, path = ?path, "HA connection up");
@@ -151,7 +167,10 @@ impl PeerMonitor {
             actix_rt::spawn(run_conn(link, id, ctx.address(), self.arbiter.clone(), self.writer.clone(), rx, peer_rx));
         // Say who we are at once, so the peer need not wait a heartbeat interval.
         let _ = tx.send(HaFrame::Heartbeat(*self.me.borrow()));
-        self.conns.insert(id, Conn { tx, path, last_heard: Instant::now(), task });
+        for frame in link_up_frames(link_version, &self.cfg) {
+            let _ = tx.send(frame);
+        }
+        self.conns.insert(id, Conn { tx, path, last_heard: Instant::now(), task, info: None });
         if let Some(p) = path {
             self.paths[p].connected = true;
             self.paths[p].refused = false;
@@ -231,6 +250,16 @@ impl PeerMonitor {
         }
         self.report();
     }
+}
+
+/// What goes out on a new connection after the first heartbeat: at HA 6
+/// and later, what this node advertises; before it, nothing (a peer at 4 or
+/// 5 could not decode it and would drop the link).
+fn link_up_frames(version: u8, cfg: &HaConfig) -> Vec<HaFrame> {
+    if version < crate::wire::NODE_INFO_VERSION {
+        return Vec::new();
+    }
+    vec![HaFrame::NodeInfo { stomp: cfg.advertise_stomp.clone() }]
 }
 
 impl Actor for PeerMonitor {
@@ -397,6 +426,21 @@ async fn run_conn(
                 }
                 HaFrame::DivergentStored { ids } => writer.handover_stored(ids),
                 HaFrame::DivergentAdminStored => writer.handover_admin_stored(),
+                HaFrame::NodeInfo { stomp } => {
+                    monitor.do_send(Heard(id));
+                    let stomp = stomp.filter(|s| {
+                        let ok = crate::wire::valid_advertised(s);
+                        if !ok {
+                            tracing::warn!(
+                                conn = id,
+                                len = s.len(),
+                                "the peer advertised an invalid STOMP address; ignored"
+                            );
+                        }
+                        ok
+                    });
+                    monitor.do_send(HeardInfo { conn: id, info: PeerInfo { stomp } });
+                }
                 other => break format!("unexpected frame {other:?}"),
             },
         }
@@ -515,6 +559,27 @@ impl Handler<HeardHeartbeat> for PeerMonitor {
         if changed {
             // The peer changed role: a follower may need attaching.
             self.maybe_attach();
+        }
+    }
+}
+
+/// The peer said what it advertises (checked), on connection `conn`.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct HeardInfo {
+    conn: ConnId,
+    info: PeerInfo,
+}
+
+impl Handler<HeardInfo> for PeerMonitor {
+    type Result = ();
+    fn handle(&mut self, m: HeardInfo, _: &mut Context<Self>) {
+        if let Some(c) = self.conns.get_mut(&m.conn) {
+            if c.info.as_ref() != Some(&m.info) {
+                tracing::info!(conn = m.conn, stomp = ?m.info.stomp, "the peer advertises");
+            }
+            c.info = Some(m.info);
+            self.report();
         }
     }
 }

@@ -31,8 +31,12 @@ pub type HaCodec = twinmq_protocol::FrameCodec<HaFrame, HaFrame>;
 /// handshake itself changed, so nodes before it are refused (stop both to
 /// upgrade to it). 5: adds the catch-up from the log (`ReplFrame::Catchup`,
 /// `Live`, `CatchupEnd`), sent only on a link at 5: a peer at 4 gets a
-/// snapshot instead.
-pub const HA_VERSIONS: VersionRange = VersionRange::new(4, 5);
+/// snapshot instead. 6: adds `NodeInfo` (what the node advertises, once per
+/// link) and `Events` (the pair's recent events), sent only on a link at 6:
+/// a peer at 4 or 5 links as before and hears neither.
+pub const HA_VERSIONS: VersionRange = VersionRange::new(4, 6);
+/// The first HA version with `NodeInfo` and `Events`.
+pub const NODE_INFO_VERSION: u8 = 6;
 /// The first HA version with the catch-up from the log.
 pub const LOG_CATCHUP_VERSION: u8 = 5;
 /// The first HA version with `DivergentAdmin`.
@@ -158,6 +162,25 @@ pub enum HaFrame {
     DivergentAdmin(twinmq_store::HandoverAdmin),
     /// The active created what it lacked of a `DivergentAdmin`.
     DivergentAdminStored,
+    /// HA 6, once per link as it comes up: the addresses this node
+    /// advertises (`HaConfig::advertise_stomp`). The receiver keeps at most
+    /// [`MAX_ADVERTISED_LEN`] bytes of printable ASCII, else nothing.
+    NodeInfo {
+        /// The STOMP address clients of this node may be sent to.
+        #[serde(default)]
+        stomp: Option<String>,
+    },
+}
+
+/// Longest advertised address accepted from the peer.
+pub const MAX_ADVERTISED_LEN: usize = 255;
+
+/// An advertised address as the peer may send it: 1 to
+/// [`MAX_ADVERTISED_LEN`] bytes of printable ASCII without spaces (a host
+/// name or IP literal and a port). Anything else is dropped on receipt: it
+/// is shown to operators and handed to clients.
+pub fn valid_advertised(address: &str) -> bool {
+    !address.is_empty() && address.len() <= MAX_ADVERTISED_LEN && address.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Most payload bytes of messages in one `Divergent` frame (far below the frame limit).
@@ -229,5 +252,17 @@ mod tests {
         assert!(!verify(&k, "dialer", &b, &a, "node-a", "node-b", &p), "nonces are bound in order");
         assert!(!verify(&k, "dialer", &a, &b, "node-x", "node-b", &p), "the dialer's id is bound");
         assert!(!verify(&k, "dialer", &a, &b, "node-a", "node-x", &p), "the acceptor's id is bound");
+    }
+
+    #[test]
+    fn advertised_addresses_from_the_peer_are_bounded_and_printable() {
+        for ok in ["10.0.0.1:61613", "stomp.example.com:61613", "[fe80::1%eth0]:61613"] {
+            assert!(valid_advertised(ok), "{ok}");
+        }
+        let long = "a".repeat(MAX_ADVERTISED_LEN + 1);
+        for bad in ["", "host name:1", "a\nb:1", "\u{1b}[2J:1", "h\u{e9}te:1", long.as_str()] {
+            assert!(!valid_advertised(bad), "{bad:?}");
+        }
+        assert!(valid_advertised(&long[1..]), "exactly the limit");
     }
 }
