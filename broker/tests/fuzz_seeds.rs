@@ -16,6 +16,7 @@ use std::path::PathBuf;
 
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
+use twinmq_ha::events::{EventKind, PairEvent};
 use twinmq_ha::wire::{self, HaFrame, Heartbeat, RoleMsg};
 use twinmq_ha::Role;
 use twinmq_protocol::*;
@@ -216,6 +217,12 @@ fn link_frames() -> Vec<HaFrame> {
         HaFrame::DivergentAdminStored,
         HaFrame::NodeInfo { stomp: Some("10.0.0.1:61613".into()) },
         HaFrame::NodeInfo { stomp: None },
+        HaFrame::Events {
+            events: vec![
+                PairEvent::new(1_780_000_000_000, "a", EventKind::Switchover, "asked by an operator"),
+                PairEvent::new(1_780_000_000_005, "b", EventKind::Promotion, "passive -> active"),
+            ],
+        },
     ]
 }
 

@@ -5,8 +5,10 @@
 //! replication core (`twinmq_store::repl::Replica`, as a follower and as a
 //! primary: whatever a peer sends, it must not panic), and into what the
 //! passive does with them before storing: the batch record decoder
-//! (`BatchBody::decode`) and the admin entry decoder. Byte 0 picks the stage
-//! and the piece size; the rest is the stream.
+//! (`BatchBody::decode`) and the admin entry decoder. The pair's events and
+//! what the peer advertises (HA 6) go through the checks that bound what is
+//! kept of them, then into an event ring. Byte 0 picks the stage and the
+//! piece size; the rest is the stream.
 //!
 //! The record decoder checks a CRC first, which random bytes never pass; so
 //! every input is also wrapped as a record with a correct checksum, to reach
@@ -16,9 +18,10 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
+use twinmq_ha::events::{self, EventRing, EVENT_RING, MAX_REASON_BYTES};
 use twinmq_ha::wire::{self, HaCodec, HaFrame};
 use twinmq_store::op::RECORD_FORMAT;
-use twinmq_store::repl::{Promotion, Replica, ReplicaConfig, ReplMeta};
+use twinmq_store::repl::{Promotion, ReplMeta, Replica, ReplicaConfig};
 use twinmq_store::{BatchBody, Durability, QueueEntry, ReplFrame};
 
 /// Authenticated HA frames may be up to `MAX_HA_FRAME` (64 MiB, a snapshot
@@ -28,7 +31,8 @@ static ALLOC: twinmq_fuzz::CappedAlloc<{ 80 * 1024 * 1024 }> = twinmq_fuzz::Capp
 
 /// A follower and a primary (attached on connection 1) as the frames' targets.
 fn cores() -> (Replica, Replica) {
-    let cfg = ReplicaConfig { durability: Durability::Replicated, require_replica: false, pair: true, tail_bytes: 1 << 20 };
+    let cfg =
+        ReplicaConfig { durability: Durability::Replicated, require_replica: false, pair: true, tail_bytes: 1 << 20 };
     let follower = Replica::new(cfg.clone(), ReplMeta::default(), 1, 1);
     let mut primary = Replica::new(cfg, ReplMeta::default(), 1, 2);
     let mut out = Vec::new();
@@ -75,6 +79,17 @@ fn follow(frame: HaFrame) {
         }
         HaFrame::Repl(ReplFrame::SnapAdmin { value, .. }) => {
             let _ = rmp_serde::from_slice::<QueueEntry>(&value);
+        }
+        HaFrame::Events { events } => {
+            let kept = events::from_peer(events);
+            assert!(kept.len() <= EVENT_RING);
+            assert!(kept.iter().all(|e| e.reason.len() <= MAX_REASON_BYTES && !e.reason.chars().any(char::is_control)));
+            let mut ring = EventRing::new(EVENT_RING);
+            ring.merge(kept);
+            assert!(ring.len() <= EVENT_RING);
+        }
+        HaFrame::NodeInfo { stomp: Some(s) } => {
+            let _ = wire::valid_advertised(&s);
         }
         _ => {}
     }

@@ -7,6 +7,12 @@
 //! serving), one at a time; store requests through the writer; messages to
 //! the peer through the monitor. Every role change is one INFO line with its
 //! reason and what was seen of peer and gateway.
+//!
+//! It also keeps the pair's recent events (`events.rs`): role changes and
+//! promotions as the core reports them, switchovers as they are asked for
+//! and end, and what successive statuses show (the peer up or down, the
+//! gateway found or lost, a failed disk); its own go to the peer as they
+//! are recorded, the peer's are merged in.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,7 +26,8 @@ use twinmq_store::Writer;
 
 use crate::config::{Failback, HaConfig};
 use crate::decide::PeerView;
-use crate::monitor::{PeerMonitor, RoleChanged, SendToPeer};
+use crate::events::{EventKind, EventRing, PairEvent, EVENT_RING};
+use crate::monitor::{PeerMonitor, RoleChanged, SendToPeer, ShareEvents};
 use crate::role::{Out, RoleConfig, RoleCore, StoreView};
 use crate::wire::{HaFrame, Heartbeat, RoleMsg};
 use crate::witness::GatewayReport;
@@ -77,6 +84,20 @@ pub struct HaStatus {
     /// on the peer, sent over HA 6): `None` while the peer is not up, when
     /// it advertises nothing, or when it speaks HA 4 or 5.
     pub peer_stomp: Option<String>,
+    /// The pair's recent events, this node's and its peer's, oldest first
+    /// (`events.rs`).
+    #[serde(serialize_with = "events_as_list")]
+    pub events: Arc<Vec<PairEvent>>,
+}
+
+fn events_as_list<S: serde::Serializer>(events: &Arc<Vec<PairEvent>>, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(events.as_slice(), s)
+}
+
+/// Now, in ms since the Unix epoch (0 on a clock set before it): event
+/// times, which operators compare with their own clocks and logs.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 pub struct RoleArbiter {
@@ -93,6 +114,12 @@ pub struct RoleArbiter {
     peer_noted: Option<(u64, u64)>,
     /// What the monitor last reported the peer advertises.
     peer_stomp: Option<String>,
+    /// The pair's recent events; `events_shared` is their latest copy, as
+    /// the status carries it.
+    events: EventRing,
+    events_shared: Arc<Vec<PairEvent>>,
+    /// How the promotion under way was asked for (a forced one is told apart).
+    promoting: Option<Promotion>,
 }
 
 impl RoleArbiter {
@@ -129,7 +156,29 @@ impl RoleArbiter {
             peer_connections: 0,
             peer_noted: None,
             peer_stomp: None,
+            events: EventRing::new(EVENT_RING),
+            events_shared: Default::default(),
+            promoting: None,
         }
+    }
+
+    /// Record an event of this node, show it and tell the peer.
+    fn record(&mut self, kind: EventKind, reason: &str) {
+        let event = PairEvent::new(unix_ms(), &self.cfg.node_id, kind, reason);
+        tracing::debug!(?kind, reason = %event.reason, "pair event");
+        if let Some(event) = self.events.record(event) {
+            self.events_changed();
+            if let Some(m) = &self.monitor {
+                m.do_send(ShareEvents(vec![event]));
+            }
+        }
+    }
+
+    /// The ring changed: the status shows it at once.
+    fn events_changed(&mut self) {
+        self.events_shared = Arc::new(self.events.to_vec());
+        let events = self.events_shared.clone();
+        self.status_tx.send_modify(|s| s.events = events);
     }
 
     /// What the store says now.
@@ -137,7 +186,7 @@ impl RoleArbiter {
         view_of(&self.writer)
     }
 
-    fn publish(&self, now: u64) {
+    fn publish(&mut self, now: u64) {
         let store = self.view();
         let hb = self.core.heartbeat(&store);
         self.heartbeat_tx.send_replace(hb);
@@ -170,8 +219,13 @@ impl RoleArbiter {
             failovers: self.core.failovers(),
             disk_failure: self.writer.stats().failure(),
             peer_stomp: if matches!(peer_view, PeerView::Up(_)) { self.peer_stomp.clone() } else { None },
+            events: self.events_shared.clone(),
         };
+        let changes = crate::events::changes(&self.status_tx.borrow(), &status);
         self.status_tx.send_replace(status);
+        for (kind, reason) in changes {
+            self.record(kind, &reason);
+        }
     }
 
     /// Carry out what the core asked for.
@@ -179,6 +233,7 @@ impl RoleArbiter {
         for o in outs {
             match o {
                 Out::Activate { at_least, in_sync_gen, how } => {
+                    self.promoting = Some(how);
                     self.command(RoleCommand::Activate { at_least, in_sync_gen, how }, ctx)
                 }
                 Out::Deactivate { still_last_active } => {
@@ -235,12 +290,23 @@ impl RoleArbiter {
                             "this node will not serve until its peer returns or an operator forces it"
                         );
                     }
+                    let kind = match (from.serves_clients(), to.serves_clients(), self.promoting.take()) {
+                        (false, true, Some(Promotion::Forced)) => EventKind::ForcedPromotion,
+                        (false, true, _) => EventKind::Promotion,
+                        _ => EventKind::RoleChange,
+                    };
+                    self.record(kind, &format!("{from} -> {to} (epoch {}): {reason}", store.epoch));
                     self.publish(lease_now_ms());
                     if let Some(m) = &self.monitor {
                         m.do_send(RoleChanged);
                     }
                 }
                 Out::SwitchoverDone(result) => {
+                    let what = match &result {
+                        Ok(()) => "done: this node drained and handed the active role to the peer".to_string(),
+                        Err(e) => format!("failed: {e}"),
+                    };
+                    self.record(EventKind::Switchover, &what);
                     if let Some(tx) = self.switchover.take() {
                         let _ = tx.send(result);
                     }
@@ -382,6 +448,20 @@ impl Handler<PeerLinks> for RoleArbiter {
     }
 }
 
+/// Events the peer sent (checked: `events::from_peer`), to merge.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct PeerEvents(pub Vec<PairEvent>);
+
+impl Handler<PeerEvents> for RoleArbiter {
+    type Result = ();
+    fn handle(&mut self, m: PeerEvents, _: &mut Context<Self>) {
+        if self.events.merge(m.0) > 0 {
+            self.events_changed();
+        }
+    }
+}
+
 /// A role message from the peer (votes, switchover).
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
@@ -392,7 +472,11 @@ impl Handler<FromPeer> for RoleArbiter {
     fn handle(&mut self, m: FromPeer, ctx: &mut Context<Self>) {
         match m.0 {
             RoleMsg::TakeOver { epoch, last_seq } => {
-                tracing::info!(epoch, last_seq, "the peer asks this node to take over")
+                tracing::info!(epoch, last_seq, "the peer asks this node to take over");
+                self.record(
+                    EventKind::Switchover,
+                    &format!("the peer hands the active role over (epoch {epoch}, through op {last_seq})"),
+                );
             }
             RoleMsg::VoteRequest { epoch, rank } => tracing::info!(epoch, ?rank, "the peer asks for a vote"),
             RoleMsg::VoteReply { epoch, granted } => tracing::info!(epoch, granted, "the peer answered the vote"),
@@ -424,6 +508,7 @@ impl Handler<Switchover> for RoleArbiter {
         if let Err(e) = self.core.switchover() {
             return Box::pin(async move { Err(e) });
         }
+        self.record(EventKind::Switchover, "asked by an operator: hand the active role to the peer");
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.switchover = Some(tx);
         Box::pin(async move { rx.await.unwrap_or_else(|_| Err("switchover abandoned".into())) })

@@ -4,7 +4,8 @@
 //! ([`decide()`](fn@decide)), the HA link (framing, optional TLS — [`tls`] — and the
 //! challenge/response on the cluster secret), the `PeerMonitor` and `WitnessProber` actors and the
 //! `RoleArbiter` that calls the decision and carries it out (DESIGN.md
-//! sections 3 and 4). Replication itself is the store writer's job
+//! sections 3 and 4), and the pair's recent events ([`events`]), which the
+//! two nodes exchange. Replication itself is the store writer's job
 //! (twinmq-store); this crate moves its records over the HA link.
 
 pub mod decide;
@@ -51,6 +52,7 @@ impl std::fmt::Display for Role {
 
 pub mod arbiter;
 pub mod config;
+pub mod events;
 pub mod link;
 pub mod monitor;
 pub mod secret;
@@ -114,6 +116,7 @@ impl Pair {
             failovers: 0,
             disk_failure: None,
             peer_stomp: None,
+            events: Default::default(),
         };
         let (status_tx, status) = watch::channel(initial);
         // The first heartbeat may go out before the arbiter's first tick: it
@@ -136,9 +139,9 @@ impl Pair {
         let (c, w) = (cfg.clone(), writer.clone());
         let arbiter =
             RoleArbiter::start_in_arbiter(&thread.handle(), move |_| RoleArbiter::new(c, w, broker, status_tx, hb_tx));
-        let (c, a) = (cfg.clone(), arbiter.clone());
+        let (c, a, s) = (cfg.clone(), arbiter.clone(), status.clone());
         let monitor = monitor::PeerMonitor::start_in_arbiter(&thread.handle(), move |_| {
-            monitor::PeerMonitor::new(c, writer, hb_rx, a, divergent_to, ha_listener)
+            monitor::PeerMonitor::new(c, writer, hb_rx, s, a, divergent_to, ha_listener)
         });
         let a = arbiter.clone();
         let (gw, interval, failures) = (cfg.gateway.clone(), cfg.probe_interval, cfg.probe_failures);

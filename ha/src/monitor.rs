@@ -27,8 +27,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch, Semaphore};
 use twinmq_store::{PeerRx, PeerTx, ToPeer, Writer};
 
-use crate::arbiter::{FromPeer, PeerHeartbeat, PeerLinks, RoleArbiter};
+use crate::arbiter::{FromPeer, HaStatus, PeerEvents, PeerHeartbeat, PeerLinks, RoleArbiter};
 use crate::config::HaConfig;
+use crate::events::PairEvent;
 use crate::link::{self, Link, LinkAuth, LinkError};
 use crate::wire::{HaFrame, Heartbeat};
 
@@ -48,6 +49,9 @@ struct Conn {
     path: Option<usize>,
     last_heard: Instant,
     task: actix_rt::task::JoinHandle<()>,
+    /// The HA protocol version negotiated on it: frames of a later version
+    /// are never sent on it (its peer could not decode them).
+    version: u8,
     /// What the peer advertised on it (`HaFrame::NodeInfo`, HA 6), once it did.
     info: Option<PeerInfo>,
 }
@@ -83,6 +87,8 @@ pub struct PeerMonitor {
     writer: Writer,
     /// This node's heartbeat content, published by the arbiter.
     me: watch::Receiver<Heartbeat>,
+    /// The arbiter's status: its events go to a peer whose link comes up.
+    status: watch::Receiver<HaStatus>,
     arbiter: Addr<RoleArbiter>,
     divergent_to: Recipient<DivergentMessages>,
     conns: HashMap<ConnId, Conn>,
@@ -108,6 +114,7 @@ impl PeerMonitor {
         cfg: Arc<HaConfig>,
         writer: Writer,
         me: watch::Receiver<Heartbeat>,
+        status: watch::Receiver<HaStatus>,
         arbiter: Addr<RoleArbiter>,
         divergent_to: Recipient<DivergentMessages>,
         listener: std::net::TcpListener,
@@ -124,6 +131,7 @@ impl PeerMonitor {
             auth,
             writer,
             me,
+            status,
             arbiter,
             divergent_to,
             conns: HashMap::new(),
@@ -167,10 +175,12 @@ impl PeerMonitor {
             actix_rt::spawn(run_conn(link, id, ctx.address(), self.arbiter.clone(), self.writer.clone(), rx, peer_rx));
         // Say who we are at once, so the peer need not wait a heartbeat interval.
         let _ = tx.send(HaFrame::Heartbeat(*self.me.borrow()));
-        for frame in link_up_frames(link_version, &self.cfg) {
+        let events = self.status.borrow().events.to_vec();
+        for frame in link_up_frames(link_version, &self.cfg, events) {
             let _ = tx.send(frame);
         }
-        self.conns.insert(id, Conn { tx, path, last_heard: Instant::now(), task, info: None });
+        let conn = Conn { tx, path, last_heard: Instant::now(), task, version: link_version, info: None };
+        self.conns.insert(id, conn);
         if let Some(p) = path {
             self.paths[p].connected = true;
             self.paths[p].refused = false;
@@ -253,13 +263,18 @@ impl PeerMonitor {
 }
 
 /// What goes out on a new connection after the first heartbeat: at HA 6
-/// and later, what this node advertises; before it, nothing (a peer at 4 or
-/// 5 could not decode it and would drop the link).
-fn link_up_frames(version: u8, cfg: &HaConfig) -> Vec<HaFrame> {
-    if version < crate::wire::NODE_INFO_VERSION {
-        return Vec::new();
+/// and later, what this node advertises and its events (oldest first);
+/// before it, nothing (a peer at 4 or 5 could not decode either and would
+/// drop the link).
+fn link_up_frames(version: u8, cfg: &HaConfig, events: Vec<PairEvent>) -> Vec<HaFrame> {
+    let mut out = Vec::new();
+    if version >= crate::wire::NODE_INFO_VERSION {
+        out.push(HaFrame::NodeInfo { stomp: cfg.advertise_stomp.clone() });
     }
-    vec![HaFrame::NodeInfo { stomp: cfg.advertise_stomp.clone() }]
+    if version >= crate::wire::EVENTS_VERSION && !events.is_empty() {
+        out.push(HaFrame::Events { events });
+    }
+    out
 }
 
 impl Actor for PeerMonitor {
@@ -440,6 +455,13 @@ async fn run_conn(
                         ok
                     });
                     monitor.do_send(HeardInfo { conn: id, info: PeerInfo { stomp } });
+                }
+                HaFrame::Events { events } => {
+                    monitor.do_send(Heard(id));
+                    let events = crate::events::from_peer(events);
+                    if !events.is_empty() {
+                        arbiter.do_send(PeerEvents(events));
+                    }
                 }
                 other => break format!("unexpected frame {other:?}"),
             },
@@ -665,6 +687,22 @@ impl Handler<SendToPeer> for PeerMonitor {
     fn handle(&mut self, m: SendToPeer, _: &mut Context<Self>) -> bool {
         let best = self.conns.values().max_by_key(|c| c.last_heard);
         best.is_some_and(|c| c.tx.send(m.0).is_ok())
+    }
+}
+
+/// Events this node just recorded: to the peer, on every connection that
+/// speaks HA 6 (a duplicate is merged away; a connection at 4 or 5 gets
+/// nothing).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ShareEvents(pub Vec<PairEvent>);
+
+impl Handler<ShareEvents> for PeerMonitor {
+    type Result = ();
+    fn handle(&mut self, m: ShareEvents, _: &mut Context<Self>) {
+        for c in self.conns.values().filter(|c| c.version >= crate::wire::EVENTS_VERSION) {
+            let _ = c.tx.send(HaFrame::Events { events: m.0.clone() });
+        }
     }
 }
 

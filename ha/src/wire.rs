@@ -37,6 +37,8 @@ pub type HaCodec = twinmq_protocol::FrameCodec<HaFrame, HaFrame>;
 pub const HA_VERSIONS: VersionRange = VersionRange::new(4, 6);
 /// The first HA version with `NodeInfo` and `Events`.
 pub const NODE_INFO_VERSION: u8 = 6;
+/// The first HA version with `Events` (the same as `NodeInfo`'s).
+pub const EVENTS_VERSION: u8 = NODE_INFO_VERSION;
 /// The first HA version with the catch-up from the log.
 pub const LOG_CATCHUP_VERSION: u8 = 5;
 /// The first HA version with `DivergentAdmin`.
@@ -169,6 +171,13 @@ pub enum HaFrame {
         /// The STOMP address clients of this node may be sent to.
         #[serde(default)]
         stomp: Option<String>,
+    },
+    /// HA 6: the pair's recent events (`events.rs`), oldest first: the
+    /// sender's whole ring as a link comes up, then each new one. The
+    /// receiver keeps the newest `events::EVENT_RING`, checked
+    /// (`events::from_peer`).
+    Events {
+        events: Vec<crate::events::PairEvent>,
     },
 }
 

@@ -2,8 +2,10 @@
 //! store writer on a temp directory) whose peer is this test, speaking the
 //! link by hand at the version it chooses. At 6 the node says what it
 //! advertises (`NodeInfo`) and shows what its peer advertises
-//! (`HaStatus::peer_stomp`); at 4 and 5 nothing of 6 goes out, and the link
-//! works as before (heartbeats both ways, the peer counts as up).
+//! (`HaStatus::peer_stomp`), sends its events as the link comes up and each
+//! new one after, and merges the peer's (bounded); at 4 and 5 nothing of 6
+//! goes out, and the link works as before (heartbeats both ways, the peer
+//! counts as up).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -15,6 +17,7 @@ use actix::prelude::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
+use twinmq_ha::events::{EventKind, PairEvent, EVENT_RING, MAX_REASON_BYTES};
 use twinmq_ha::monitor::DivergentMessages;
 use twinmq_ha::secret::ClusterSecret;
 use twinmq_ha::wire::{self, HaCodec, HaFrame, Heartbeat};
@@ -177,6 +180,17 @@ async fn wait_status(
     }
 }
 
+/// Every event the node sent, frame by frame.
+fn events_sent(frames: &[HaFrame]) -> Vec<Vec<PairEvent>> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            HaFrame::Events { events } => Some(events.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn node_infos(frames: &[HaFrame]) -> Vec<Option<String>> {
     frames
         .iter()
@@ -193,6 +207,12 @@ fn a_peer_at_4_or_5_links_as_before_and_hears_nothing_of_6() {
         for version in [4, 5] {
             assert!(wire::HA_VERSIONS.contains(version) && version < wire::NODE_INFO_VERSION);
             let node = start_node(Some("10.0.0.1:61613"));
+            // It has events to tell (the gateway found, at least) before the peer dials.
+            let deadline = Instant::now() + WAIT;
+            while node.pair.status.borrow().events.is_empty() {
+                assert!(Instant::now() < deadline, "no event: {:?}", *node.pair.status.borrow());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let mut link = dial_as_peer(&node, version).await;
             let mut frames = wait_status(&node, &mut link, "seeing its peer up", |s| s.peer_state == "up").await;
             frames.extend(converse(&mut link, Duration::from_millis(500)).await);
@@ -200,6 +220,9 @@ fn a_peer_at_4_or_5_links_as_before_and_hears_nothing_of_6() {
             // Everything sent decoded above; a peer at `version` could decode
             // it too only if none of it is of 6.
             assert!(node_infos(&frames).is_empty(), "NodeInfo sent on a link at {version}: {frames:?}");
+            assert!(events_sent(&frames).is_empty(), "Events sent on a link at {version}: {frames:?}");
+            let kinds: Vec<EventKind> = node.pair.status.borrow().events.iter().map(|e| e.kind).collect();
+            assert!(kinds.contains(&EventKind::PeerUp), "recorded all the same: {kinds:?}");
             let s = node.pair.status.borrow().clone();
             assert_eq!((s.peer_state, s.peer_id.as_deref(), s.peer_stomp), ("up", Some(PEER), None), "at {version}");
         }
@@ -241,5 +264,78 @@ fn at_6_each_node_tells_its_peer_what_it_advertises() {
             assert!(Instant::now() < deadline, "still shown: {:?}", *node.pair.status.borrow());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    });
+}
+
+#[test]
+fn at_6_events_go_both_ways_merged_and_bounded() {
+    actix_rt::System::new().block_on(async {
+        let node = start_node(None);
+        let deadline = Instant::now() + WAIT;
+        while !node.pair.status.borrow().events.iter().any(|e| e.kind == EventKind::GatewayFound) {
+            assert!(Instant::now() < deadline, "no gateway-found: {:?}", *node.pair.status.borrow());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let before: Vec<PairEvent> = node.pair.status.borrow().events.to_vec();
+        let mut link = dial_as_peer(&node, 6).await;
+        let frames = wait_status(&node, &mut link, "seeing its peer up", |s| s.peer_state == "up").await;
+        let mut sent = events_sent(&frames);
+        assert!(!sent.is_empty(), "no Events frame: {frames:?}");
+        // As the link came up: the whole ring, oldest first.
+        let first = sent.remove(0);
+        assert!(before.iter().all(|e| first.contains(e)), "the ring {before:?} in {first:?}");
+        assert!(first.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "oldest first: {first:?}");
+        assert!(first.iter().all(|e| e.node == NODE));
+        // Then each new one as it is recorded: the peer seen up.
+        let mut later: Vec<PairEvent> = sent.into_iter().flatten().collect();
+        let deadline = Instant::now() + WAIT;
+        while !later.iter().any(|e| e.kind == EventKind::PeerUp) {
+            assert!(Instant::now() < deadline, "peer-up not sent: {later:?}");
+            later.extend(events_sent(&converse(&mut link, Duration::from_millis(100)).await).into_iter().flatten());
+        }
+        let up = later.iter().find(|e| e.kind == EventKind::PeerUp).unwrap();
+        assert!(up.reason.contains(PEER), "{up:?}");
+
+        // The peer's story, with this node's own events from before a
+        // restart in it: merged in time order; sent twice, kept once.
+        let t0 = before.first().map_or(1_000, |e| e.at_ms) - 10_000;
+        let story = vec![
+            PairEvent::new(t0, NODE, EventKind::Switchover, "asked by an operator"),
+            PairEvent::new(t0 + 5, PEER, EventKind::Promotion, "passive -> active (epoch 2): switchover"),
+            PairEvent::new(t0 + 5, NODE, EventKind::RoleChange, "active -> passive (epoch 1): switchover"),
+        ];
+        for _ in 0..2 {
+            link.send(HaFrame::Events { events: story.clone() }).await.unwrap();
+        }
+        let frames = wait_status(&node, &mut link, "merging the peer's events", |s| {
+            s.events.iter().any(|e| e.kind == EventKind::Promotion && e.node == PEER)
+        })
+        .await;
+        let events = node.pair.status.borrow().events.clone();
+        let expected = [story[0].clone(), story[2].clone(), story[1].clone()];
+        assert_eq!(events[..3], expected, "merged before this node's own, by time then node");
+        assert!(events.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "{events:?}");
+        assert_eq!(events.iter().filter(|e| e.kind == EventKind::Promotion).count(), 1, "no duplicate: {events:?}");
+        // What was merged from the peer is not sent back to it.
+        assert!(events_sent(&frames).iter().flatten().all(|e| e.at_ms > t0 + 5), "{frames:?}");
+
+        // A flood: far more events than a ring, reasons far too long, ids
+        // that are not node ids. The ring keeps its bound and the checks.
+        let flood: Vec<PairEvent> = (0..5 * EVENT_RING as u64)
+            .map(|i| PairEvent {
+                at_ms: t0 + 100 + i,
+                node: if i % 7 == 0 { format!("{PEER}\nforged") } else { PEER.to_string() },
+                kind: EventKind::PeerDown,
+                reason: "x\u{1b}".repeat(4 * MAX_REASON_BYTES),
+            })
+            .collect();
+        link.send(HaFrame::Events { events: flood }).await.unwrap();
+        wait_status(&node, &mut link, "merging the flood", |s| s.events.iter().any(|e| e.kind == EventKind::PeerDown))
+            .await;
+        let events = node.pair.status.borrow().events.clone();
+        assert!(events.len() <= EVENT_RING, "{}", events.len());
+        assert!(events.iter().all(|e| e.reason.len() <= MAX_REASON_BYTES && !e.reason.contains('\u{1b}')));
+        assert!(events.iter().all(|e| e.node == NODE || e.node == PEER), "invalid ids dropped");
+        assert!(events.iter().any(|e| e.node == NODE && e.kind == EventKind::PeerUp), "the newest of its own kept");
     });
 }
