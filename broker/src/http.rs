@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /` | the status page (`status.html`, embedded; no external resources) |
 //! | `GET /status` | the node's status as JSON (`node::GetNodeStatus`, the report `twinmq status` shows) |
+//! | `GET /series` | the last five minutes, one sample a second, as JSON (`series.rs`: rates, confirm p99, replication lag, the deepest destinations) |
 //! | `GET /metrics` | Prometheus text exposition (`metrics.rs`) |
 //! | `POST /switchover` | hand the active role to the in-sync peer (`node::Admin`, as `twinmq switchover`) |
 //!
@@ -32,6 +33,8 @@
 //! Every node answers, passive ones included: it is the operator's view of
 //! the pair. The server runs on the broker's actix System with one worker
 //! thread of its own, so a busy client port does not slow the status page.
+//! Starting the endpoint starts the `Sampler` (`series.rs`) on the calling
+//! arbiter: a node without `http_listen` samples nothing.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -46,6 +49,7 @@ use twinmq_protocol::{AdminCommand, ErrorCode};
 
 use crate::metrics::Metrics;
 use crate::node::{self, Node};
+use crate::series::{GetSeries, Sampler};
 use crate::status::NodeStatus;
 use crate::BrokerError;
 
@@ -60,6 +64,8 @@ const SHUTDOWN_GRACE_SECS: u64 = 2;
 struct HttpState {
     node: Addr<Node>,
     metrics: Metrics,
+    /// The last minutes, for `GET /series`.
+    sampler: Addr<Sampler>,
     /// `None`: GET routes are open and switchover is refused.
     token: Option<String>,
     /// Names `Host` may carry besides IP addresses and `localhost`.
@@ -91,12 +97,14 @@ pub fn start(
     hosts: Vec<String>,
 ) -> Result<HttpEndpoint, BrokerError> {
     let local = crate::sockets::local_addr(&listener);
-    let state = HttpState { node, metrics, token, hosts };
+    let sampler = actix::Actor::start(Sampler::new(node.clone(), metrics.clone()));
+    let state = HttpState { node, metrics, sampler, token, hosts };
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
             .service(web::resource("/").route(web::get().to(page)).default_service(web::to(not_allowed)))
             .service(web::resource("/status").route(web::get().to(status_json)).default_service(web::to(not_allowed)))
+            .service(web::resource("/series").route(web::get().to(series_json)).default_service(web::to(not_allowed)))
             .service(web::resource("/metrics").route(web::get().to(metrics_text)).default_service(web::to(not_allowed)))
             .service(
                 web::resource("/switchover").route(web::post().to(switchover)).default_service(web::to(not_allowed)),
@@ -248,6 +256,16 @@ async fn status_json(req: HttpRequest, state: web::Data<HttpState>) -> HttpRespo
     }
 }
 
+async fn series_json(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
+    if let Some(resp) = read_refusal(&req, &state) {
+        return resp;
+    }
+    match state.sampler.send(GetSeries).await {
+        Ok(report) => HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(report),
+        Err(_) => json_error(StatusCode::SERVICE_UNAVAILABLE, "the broker is shutting down"),
+    }
+}
+
 async fn metrics_text(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
     if let Some(resp) = read_refusal(&req, &state) {
         return resp;
@@ -314,7 +332,10 @@ async fn not_allowed(req: HttpRequest) -> HttpResponse {
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {
-    json_error(StatusCode::NOT_FOUND, format!("no route {}; try /, /status, /metrics, POST /switchover", req.path()))
+    json_error(
+        StatusCode::NOT_FOUND,
+        format!("no route {}; try /, /status, /series, /metrics, POST /switchover", req.path()),
+    )
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub mod outbound;
 pub mod queue;
 pub mod router;
 pub mod security;
+pub mod series;
 pub mod server;
 pub mod session;
 pub mod sockets;

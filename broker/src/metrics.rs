@@ -3,11 +3,12 @@
 //!
 //! Two kinds of numbers, kept apart on purpose:
 //! - **Event counters** (messages in and out, confirms, the confirm-latency
-//!   histogram) are bumped where the event happens. They are
-//!   `prometheus-client` metrics, i.e. shared atomics (STYLE.md allows
-//!   atomics for counters); the histogram takes an uncontended
-//!   `parking_lot` lock per observation, one per confirm, which is cheap next
-//!   to the confirm itself. Nothing on the data path allocates for metrics.
+//!   histogram) are bumped where the event happens. They are shared atomics
+//!   (STYLE.md allows atomics for counters): `prometheus-client` counters,
+//!   and a histogram of our own (one relaxed add per bucket and sum, no
+//!   lock) whose bucket counts can be read back: the status page's sampler
+//!   (`series.rs`) takes the p99 of each second from their differences.
+//!   Nothing on the data path allocates for metrics.
 //! - **State** (role, epoch, peer, gateway, replication lag, connections,
 //!   queue depths, failovers) already has one owner each; it is read once
 //!   per scrape from the node's status (`node::GetNodeStatus`, the same
@@ -16,14 +17,16 @@
 //!
 //! The metric names are listed in README.md ("Admin HTTP endpoint").
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::status::NodeStatus;
@@ -44,7 +47,75 @@ struct Inner {
     /// Publish confirms queued to producers.
     confirms: Counter,
     /// Publish received by the session to confirm queued, seconds.
-    confirm_latency: Histogram,
+    confirm_latency: LatencyHistogram,
+}
+
+/// Finite buckets of the confirm-latency histogram: 50 µs doubling to
+/// ~3.3 s (a `none` confirm is tens of µs, a replicated one milliseconds);
+/// one more, +Inf, above them.
+pub const LATENCY_BUCKETS: usize = 17;
+
+/// The upper bound of finite bucket `i`, in seconds (as
+/// `prometheus_client`'s `exponential_buckets(0.000_05, 2.0, 17)`, so the
+/// exposed `le` labels are those of earlier releases).
+pub fn latency_bound(i: usize) -> f64 {
+    0.000_05 * 2f64.powf(i as f64)
+}
+
+/// A histogram of durations as atomics: a count per bucket (not
+/// cumulative; the last is +Inf) and the sum in nanoseconds.
+#[derive(Debug, Clone, Default)]
+struct LatencyHistogram(Arc<LatencyCells>);
+
+#[derive(Debug, Default)]
+struct LatencyCells {
+    buckets: [AtomicU64; LATENCY_BUCKETS + 1],
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = (0..LATENCY_BUCKETS).find(|i| s <= latency_bound(*i)).unwrap_or(LATENCY_BUCKETS);
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_ns.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> [u64; LATENCY_BUCKETS + 1] {
+        std::array::from_fn(|i| self.0.buckets[i].load(Ordering::Relaxed))
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts = self.counts();
+        // prometheus-client writes f64::MAX as +Inf and makes the counts cumulative.
+        let buckets: Vec<(f64, u64)> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (if i < LATENCY_BUCKETS { latency_bound(i) } else { f64::MAX }, *n))
+            .collect();
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// The event counters at one moment (for the sampler: rates and the p99
+/// come from the differences of two of these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// Confirms per latency bucket (not cumulative; the last is +Inf).
+    pub latency: [u64; LATENCY_BUCKETS + 1],
 }
 
 impl Default for Metrics {
@@ -59,9 +130,17 @@ impl Metrics {
             messages_in: Counter::default(),
             messages_out: Counter::default(),
             confirms: Counter::default(),
-            // 50 µs .. ~3.3 s: a `none` confirm is tens of µs, a replicated one milliseconds.
-            confirm_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 17)),
+            confirm_latency: LatencyHistogram::default(),
         }))
+    }
+
+    /// The event counters now.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            messages_in: self.0.messages_in.get(),
+            messages_out: self.0.messages_out.get(),
+            latency: self.0.confirm_latency.counts(),
+        }
     }
 
     pub fn message_in(&self) {
@@ -75,7 +154,7 @@ impl Metrics {
     /// A confirm is on its way for a publish received at `received`.
     pub fn confirmed(&self, received: Instant) {
         self.0.confirms.inc();
-        self.0.confirm_latency.observe(received.elapsed().as_secs_f64());
+        self.0.confirm_latency.observe(received.elapsed());
     }
 
     /// The Prometheus text exposition: the event counters plus the state in
@@ -308,6 +387,57 @@ mod tests {
             let ns = start.elapsed().as_nanos() as f64 / f64::from(N);
             println!("{threads} thread(s): in + confirm (histogram) + out = {ns:.0} ns per message per thread");
         }
+    }
+
+    /// The histogram of our own reads back per bucket (for the sampler) and
+    /// is exposed exactly as prometheus-client's own histogram with the same
+    /// buckets was, so dashboards and alert rules see no change.
+    #[test]
+    fn the_latency_histogram_reads_back_and_is_exposed_as_before() {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        let ours = LatencyHistogram::default();
+        let theirs = Histogram::new(exponential_buckets(0.000_05, 2.0, LATENCY_BUCKETS as u16));
+        let observed = [30e-6, 50e-6, 51e-6, 1e-3, 1e-3, 0.0016, 2.0, 10.0];
+        for s in observed {
+            ours.observe(Duration::from_secs_f64(s));
+            theirs.observe(Duration::from_secs_f64(s).as_secs_f64());
+        }
+        let mut expected = [0u64; LATENCY_BUCKETS + 1];
+        for (i, n) in [(0, 2), (1, 1), (5, 3), (16, 1), (LATENCY_BUCKETS, 1)] {
+            expected[i] = n;
+        }
+        assert_eq!(ours.counts(), expected, "per bucket, the last +Inf");
+        let text = |name: &str, m: Box<dyn Fn(&mut Registry)>| {
+            let mut r = Registry::with_prefix("twinmq");
+            m(&mut r);
+            let mut t = String::new();
+            encode(&mut t, &r).unwrap();
+            t.lines().filter(|l| l.starts_with(name)).map(str::to_owned).collect::<Vec<_>>()
+        };
+        let (o, t) = (ours.clone(), theirs.clone());
+        let ours_text = text(
+            "twinmq_confirm_latency",
+            Box::new(move |r| r.register_with_unit("confirm_latency", "h", Unit::Seconds, o.clone())),
+        );
+        let theirs_text = text(
+            "twinmq_confirm_latency",
+            Box::new(move |r| r.register_with_unit("confirm_latency", "h", Unit::Seconds, t.clone())),
+        );
+        let buckets = |v: &[String]| v.iter().filter(|l| !l.contains("_sum")).cloned().collect::<Vec<_>>();
+        assert_eq!(buckets(&ours_text), buckets(&theirs_text));
+        assert_eq!(buckets(&ours_text).len(), LATENCY_BUCKETS + 2, "17 bounds, +Inf and the count");
+        let sum = |v: &[String]| -> f64 {
+            v.iter().find(|l| l.contains("_sum")).unwrap().rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert!((sum(&ours_text) - sum(&theirs_text)).abs() < 1e-6, "{ours_text:?} {theirs_text:?}");
+
+        let m = Metrics::new();
+        m.message_in();
+        m.message_out();
+        m.message_out();
+        m.confirmed(Instant::now());
+        let c = m.counters();
+        assert_eq!((c.messages_in, c.messages_out, c.latency.iter().sum::<u64>()), (1, 2, 1));
     }
 
     #[test]
