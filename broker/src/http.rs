@@ -2,8 +2,8 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /` | the status page (`status.html`, embedded; no external resources) |
-//! | `GET /status` | the node's status as JSON (`node::GetNodeStatus`, the report `twinmq status` shows) |
+//! | `GET /` | the status page (`status.html`, embedded; no external resources): both nodes, the gateway, the destinations, charts of the last minutes, the pair's events |
+//! | `GET /status` | the node's status as JSON (`node::GetNodeStatus`, the report `twinmq status` shows; `events`: the pair's recent events) |
 //! | `GET /series` | the last five minutes, one sample a second, as JSON (`series.rs`: rates, confirm p99, replication lag, the deepest destinations) |
 //! | `GET /metrics` | Prometheus text exposition (`metrics.rs`) |
 //! | `POST /switchover` | hand the active role to the in-sync peer (`node::Admin`, as `twinmq switchover`) |

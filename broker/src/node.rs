@@ -268,6 +268,7 @@ impl Handler<GetNodeStatus> for Node {
                         sees_gateway: h.peer_sees_gateway,
                         last_heard_ms_ago: h.peer_last_heard_ms_ago,
                         connections: h.peer_connections,
+                        stomp: h.peer_stomp,
                     }),
                     Some(GatewayStatus { target: h.gateway, reachable: h.gateway_reachable }),
                     Some(PairStatus {
@@ -276,6 +277,7 @@ impl Handler<GetNodeStatus> for Node {
                         last_role_reason: h.last_reason.to_owned(),
                         failovers: h.failovers,
                         floor: h.floor,
+                        events: h.events.to_vec(),
                     }),
                 ),
                 None => (serving.to_string(), None, None, None),

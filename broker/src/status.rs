@@ -7,7 +7,7 @@
 //! contract with scripts and dashboards (README "Admin HTTP endpoint"),
 //! so a field is only ever added. A lone node (no pair) has `peer` and
 //! `gateway` null and no `in_sync`, `sync_lag`, `last_role_reason`,
-//! `failovers` or `floor`.
+//! `failovers`, `floor` or `events`.
 
 use serde::Serialize;
 
@@ -62,6 +62,10 @@ pub struct PairStatus {
     pub failovers: u64,
     /// The highest epoch this node has heard of.
     pub floor: u64,
+    /// The pair's recent events, this node's and its peer's (learned over
+    /// the HA link), oldest first: `{at_ms, node, kind, reason}`
+    /// (`twinmq_ha::events`).
+    pub events: Vec<twinmq_ha::events::PairEvent>,
 }
 
 /// The peer, from its heartbeats.
@@ -80,6 +84,8 @@ pub struct PeerStatus {
     pub last_heard_ms_ago: Option<u64>,
     /// HA connections to the peer that are up.
     pub connections: usize,
+    /// The STOMP address the peer advertises (HA 6), while it is up.
+    pub stomp: Option<String>,
 }
 
 impl PeerStatus {
@@ -183,7 +189,7 @@ mod tests {
     fn the_json_keeps_its_keys_for_a_lone_node_and_a_pair_member() {
         let lone = serde_json::to_value(NodeStatus { role: "active".into(), ..Default::default() }).unwrap();
         assert!(lone["peer"].is_null() && lone["gateway"].is_null());
-        for absent in ["in_sync", "sync_lag", "failovers", "last_role_reason", "floor"] {
+        for absent in ["in_sync", "sync_lag", "failovers", "last_role_reason", "floor", "events"] {
             assert!(lone.get(absent).is_none(), "{absent} on a lone node");
         }
         let member = NodeStatus {
@@ -191,7 +197,17 @@ mod tests {
             history: vec![(1, 1, false), (2, 40, true)],
             peer: Some(PeerStatus { state: "up".into(), ..Default::default() }),
             gateway: Some(GatewayStatus { target: "tcp://gw".into(), reachable: true }),
-            pair: Some(PairStatus { in_sync: true, failovers: 3, ..Default::default() }),
+            pair: Some(PairStatus {
+                in_sync: true,
+                failovers: 3,
+                events: vec![twinmq_ha::events::PairEvent::new(
+                    1_780_000_000_000,
+                    "node-b",
+                    twinmq_ha::events::EventKind::ForcedPromotion,
+                    "an operator forced it",
+                )],
+                ..Default::default()
+            }),
             store: StoreStatus { peer_last_known: Some(StorePosition { epoch: 2, last_op: 9 }), ..Default::default() },
             ..Default::default()
         };
@@ -200,6 +216,7 @@ mod tests {
             "connections",
             "durability",
             "epoch",
+            "events",
             "failovers",
             "floor",
             "gateway",
@@ -224,6 +241,13 @@ mod tests {
         assert_eq!(v["history"], serde_json::json!([[1, 1, false], [2, 40, true]]));
         assert_eq!((v["peer"]["state"].as_str(), v["gateway"]["reachable"].as_bool()), (Some("up"), Some(true)));
         assert_eq!(v["store"]["peer_last_known"], serde_json::json!({"epoch": 2, "last_op": 9}));
+        assert_eq!(
+            v["events"],
+            serde_json::json!([{"at_ms": 1_780_000_000_000u64, "node": "node-b", "kind": "forced-promotion",
+                "reason": "an operator forced it"}]),
+            "what the page's events table reads"
+        );
+        assert!(v["peer"]["stomp"].is_null());
         assert_eq!(member.replication_lag(), Some(0));
         assert_eq!(serde_json::from_str::<serde_json::Value>(&status_json(&member)).unwrap(), v);
     }

@@ -1,7 +1,9 @@
 //! The admin HTTP endpoint on real `twinmqd` processes: `/status` on both
-//! nodes of a pair, `/metrics` counting real traffic, the credential, `POST
-//! /switchover` moving the role, and the status page rendered by headless
-//! Chromium (its screenshot is kept in `target/test-output/`).
+//! nodes of a pair, `/metrics` counting real traffic, `/series` sampling
+//! it, the credential, `POST /switchover` moving the role, the pair's
+//! events surviving a node's restart (learned back from its peer), and the
+//! status page rendered by headless Chromium with its charts and events
+//! table (its screenshots are kept in `target/test-output/`).
 //!
 //! Chromium comes from Debian's `chromium` package (`.ci/run` installs it).
 //! Without it the browser checks fail, unless `TWINMQ_SKIP_BROWSER=1`.
@@ -82,6 +84,41 @@ fn request_with(addr: SocketAddr, method: &str, path: &str, auth: Auth, headers:
 
 async fn call(addr: SocketAddr, method: &'static str, path: &'static str, auth: Auth<'static>) -> Response {
     tokio::task::spawn_blocking(move || request(addr, method, path, auth)).await.unwrap()
+}
+
+async fn series(addr: SocketAddr) -> serde_json::Value {
+    let r = call(addr, "GET", "/series", Auth::Bearer(TOKEN)).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()
+}
+
+/// The numbers of a `/series` list (its nulls left out).
+fn numbers(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().filter_map(serde_json::Value::as_f64).collect()
+}
+
+/// The depth series of `name` in a `/series` report, if charted.
+fn depth_of(report: &serde_json::Value, name: &str) -> Option<Vec<f64>> {
+    report["depth"].as_array().unwrap().iter().find(|d| d["name"] == name).map(|d| numbers(&d["points"]))
+}
+
+/// Whether `/status`'s `events` hold one of `kind` recorded on `node`.
+fn has_event(status: &serde_json::Value, node: &str, kind: &str) -> bool {
+    status["events"].as_array().is_some_and(|es| es.iter().any(|e| e["node"] == node && e["kind"] == kind))
+}
+
+/// The chart `id` in the page's DOM: how many points it drew.
+fn chart_points(dom: &str, id: &str) -> usize {
+    let at = dom.find(&format!("data-chart=\"{id}\"")).unwrap_or_else(|| panic!("no chart {id} in the page:\n{dom}"));
+    let tag = &dom[dom[..at].rfind('<').unwrap()..at + dom[at..].find('>').unwrap()];
+    let start = tag.find("data-points=\"").unwrap_or_else(|| panic!("chart {id} has no data-points: {tag}")) + 13;
+    tag[start..].split('"').next().unwrap().parse().unwrap()
+}
+
+/// The page's events table holds a row of `kind` recorded on `node`.
+fn assert_event_row(dom: &str, node: &str, kind: &str) {
+    let needle = format!("class=\"event\" data-node=\"{node}\" data-kind=\"{kind}\"");
+    assert!(dom.contains(&needle), "no {kind} event of {node} in the page's table (`{needle}`); DOM:\n{dom}");
 }
 
 async fn status(addr: SocketAddr) -> serde_json::Value {
@@ -178,7 +215,8 @@ fn run_chromium(browser: &Path, url: &str, what: &[String]) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--hide-scrollbars",
-            "--window-size=1200,800",
+            // Tall enough for the charts and the newest events below the nodes.
+            "--window-size=1200,1500",
             "--virtual-time-budget=5000",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
@@ -222,8 +260,14 @@ fn assert_shows(dom: &str, node: &str, role: &str) {
 }
 
 /// Load the page of the node at `addr` in the browser: check it shows both
-/// nodes' roles, and save a screenshot as `name`. Returns the screenshot path.
-async fn check_page(addr: SocketAddr, expect: [(&str, &str); 2], name: &str) -> Option<PathBuf> {
+/// nodes' roles and passes `check` on its DOM, and save a screenshot as
+/// `name`. Returns the screenshot path.
+async fn check_page(
+    addr: SocketAddr,
+    expect: [(&str, &str); 2],
+    check: impl FnOnce(&str) + Send + 'static,
+    name: &str,
+) -> Option<PathBuf> {
     let browser = chromium()?;
     // Basic credentials in the URL: Chromium answers the page's 401 challenge with
     // them and reuses them for the page's own fetches of /status.
@@ -237,6 +281,7 @@ async fn check_page(addr: SocketAddr, expect: [(&str, &str); 2], name: &str) -> 
         for (node, role) in &expect {
             assert_shows(&dom, node, role);
         }
+        check(&dom);
         run_chromium(&browser, &url, &[format!("--screenshot={}", shot2.display())]);
     })
     .await
@@ -250,7 +295,7 @@ async fn check_page(addr: SocketAddr, expect: [(&str, &str); 2], name: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_endpoint_shows_both_nodes_counts_traffic_and_switches_over() {
     let extra = vec!["--http-token".to_string(), TOKEN.to_string()];
-    let pair = Pair::start(PairOptions { http: true, extra, ..Default::default() }).await;
+    let mut pair = Pair::start(PairOptions { http: true, extra, ..Default::default() }).await;
     pair.wait_a_active_b_in_sync().await;
     let (a, b) = (pair.a.http.unwrap(), pair.b.http.unwrap());
 
@@ -321,6 +366,29 @@ async fn http_endpoint_shows_both_nodes_counts_traffic_and_switches_over() {
     assert!(s["connections"].as_u64().is_some_and(|n| n >= 1), "the client's connection counts: {s}");
     let q = s["queues"].as_array().unwrap().iter().find(|q| q["name"] == "queue:http-orders").cloned();
     assert_eq!(q.as_ref().map(|q| q["depth"].as_u64()), Some(Some(N as u64)), "{s}");
+    // /series: the node samples once a second; the queue's depth shows within a few.
+    let deadline = Instant::now() + WAIT;
+    let report = loop {
+        let r = series(a).await;
+        if depth_of(&r, "queue:http-orders").is_some_and(|d| d.contains(&(N as f64))) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the depth of queue:http-orders never charted: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((report["interval_ms"].as_u64(), report["capacity"].as_u64()), (Some(1000), Some(300)), "{report}");
+    let samples = report["at_ms"].as_array().unwrap().len();
+    for list in ["messages_in_per_s", "messages_out_per_s", "confirm_p99_ms", "replication_lag"] {
+        assert_eq!(report[list].as_array().map(Vec::len), Some(samples), "{list} has a value per sample: {report}");
+    }
+    let rates = numbers(&report["messages_in_per_s"]);
+    assert!(rates.iter().any(|r| *r > 0.0), "the publishes show as a rate: {report}");
+    // Rate x interval adds up to what was published (the counters count every publish frame).
+    let published: f64 = rates.iter().sum::<f64>() * report["interval_ms"].as_f64().unwrap() / 1000.0;
+    assert!(published >= N as f64 * 0.7 && published <= N as f64 * 1.3 + 5.0, "{published} of {N}: {report}");
+    let p99 = numbers(&report["confirm_p99_ms"]);
+    assert!(!p99.is_empty() && p99.iter().all(|p| *p > 0.0 && *p < 5_000.0), "a p99 where confirms went out: {report}");
+    assert!(!numbers(&report["replication_lag"]).is_empty(), "the active's lag is sampled: {report}");
     let mid = metrics(a).await;
     assert_eq!(sample(&mid, "twinmq_queue_depth{destination=\"queue:http-orders\"}"), N as f64);
     assert!(sample(&mid, "twinmq_connections") >= 1.0);
@@ -348,8 +416,28 @@ async fn http_endpoint_shows_both_nodes_counts_traffic_and_switches_over() {
     drop(consumer);
     client.close().await.unwrap();
 
-    // The status page, in a real browser, from the active node: both roles.
-    check_page(a, [("node-a", "active"), ("node-b", "passive")], "status-page.png").await;
+    // The pair's events: each node's own, and its peer's learned over the link.
+    let sa = wait_status(a, "holding b's events", |s| has_event(s, "node-b", "peer-up")).await;
+    assert!(has_event(&sa, "node-a", "promotion"), "a's start as active: {sa}");
+    let sb = wait_status(b, "holding a's events", |s| has_event(s, "node-a", "promotion")).await;
+    assert!(sb["events"].as_array().unwrap().windows(2).all(|w| w[0]["at_ms"].as_u64() <= w[1]["at_ms"].as_u64()));
+
+    // The status page, in a real browser, from the active node: both roles,
+    // the charts drawn from the samples, the events table.
+    check_page(
+        a,
+        [("node-a", "active"), ("node-b", "passive")],
+        |dom| {
+            assert!(chart_points(dom, "rates") > 0, "the rates chart draws the samples");
+            assert!(chart_points(dom, "confirm-p99") > 0, "the p99 chart draws the samples");
+            assert!(chart_points(dom, "replication-lag") > 0);
+            assert!(chart_points(dom, "depth") > 0 && dom.contains("data-series=\"queue:http-orders\""), "{dom}");
+            assert_event_row(dom, "node-a", "promotion");
+            assert_event_row(dom, "node-b", "peer-up");
+        },
+        "status-page.png",
+    )
+    .await;
 
     // Switchover: refused on the passive (409), done by the active with the credential.
     let r = call(b, "POST", "/switchover", Auth::Bearer(TOKEN)).await;
@@ -384,7 +472,44 @@ async fn http_endpoint_shows_both_nodes_counts_traffic_and_switches_over() {
 
     // The page follows: seen from either node, b is active and a passive now.
     wait_status(a, "seeing b active", |s| s["peer"]["role"] == "active").await;
-    check_page(a, [("node-a", "passive"), ("node-b", "active")], "status-page-after-switchover.png").await;
+    check_page(a, [("node-a", "passive"), ("node-b", "active")], |_| {}, "status-page-after-switchover.png").await;
+    let sa = status(a).await;
+    assert!(has_event(&sa, "node-a", "switchover"), "a's switchover, asked and done: {sa}");
+    wait_status(b, "holding a's switchover", |s| {
+        has_event(s, "node-a", "switchover") && has_event(s, "node-b", "promotion")
+    })
+    .await;
+
+    // a restarts and has lost its own memory; its peer tells it the story,
+    // a's own events from before the restart included.
+    pair.a.kill9();
+    wait_status(b, "seeing a gone", |s| has_event(s, "node-b", "peer-down")).await;
+    pair.a.start();
+    let sa = wait_status(a, "passive again, with the story from b", |s| {
+        s["role"] == "passive" && has_event(s, "node-a", "switchover") && has_event(s, "node-b", "peer-down")
+    })
+    .await;
+    let events = sa["events"].as_array().unwrap();
+    assert!(events.windows(2).all(|w| w[0]["at_ms"].as_u64() <= w[1]["at_ms"].as_u64()), "by time: {sa}");
+    let mut keys: Vec<String> = events.iter().map(|e| format!("{} {} {}", e["at_ms"], e["node"], e["kind"])).collect();
+    keys.dedup();
+    assert_eq!(keys.len(), events.len(), "no duplicates: {sa}");
+    check_page(
+        a,
+        [("node-a", "passive"), ("node-b", "active")],
+        |dom| {
+            // Learned from b: a's switchover before its restart, b's promotion and its peer-down.
+            assert_event_row(dom, "node-a", "switchover");
+            assert_event_row(dom, "node-b", "promotion");
+            assert_event_row(dom, "node-b", "peer-down");
+            // A restarted node charts from its restart on: the charts are there, maybe empty.
+            for id in ["rates", "confirm-p99", "replication-lag", "depth"] {
+                chart_points(dom, id);
+            }
+        },
+        "status-page-after-restart.png",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,6 +524,12 @@ async fn without_a_token_reads_are_open_and_switchover_is_refused() {
     let r = call(http, "GET", "/", Auth::None).await;
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/html")) && r.body.contains("twinmq"));
+    let r = call(http, "GET", "/series", Auth::None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert!(v["at_ms"].is_array() && v["depth"].is_array(), "{v}");
+    assert!(v["replication_lag"].as_array().unwrap().iter().all(serde_json::Value::is_null), "a lone node: {v}");
+    assert!(s.get("events").is_none(), "a lone node has no pair events: {s}");
     let r = call(http, "GET", "/metrics", Auth::None).await;
     assert_eq!(r.status, 200);
     let m = parse_metrics(&r.body);
