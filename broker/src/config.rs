@@ -117,6 +117,12 @@ pub struct Settings {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Validate FILE (with the environment and the other flags on top, as a
+    /// start would), print what is wrong naming the key, and exit: 0 when it
+    /// is valid, 2 when not. Nothing is bound or opened.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    #[serde(skip)]
+    pub check_config: Option<PathBuf>,
     /// Name of this node (also recorded in the data directory).
     #[arg(long, value_name = "NAME")]
     pub node_id: Option<String>,
@@ -291,6 +297,24 @@ pub struct Settings {
     /// Close a client connection that sent nothing (not even a Ping) for this long (0: never).
     #[arg(long, value_name = "MS")]
     pub idle_timeout_ms: Option<u64>,
+    /// STOMP 1.2 listen address (off when unset): the same users, ACLs, limits, TLS and durability as `listen`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub stomp_listen: Option<String>,
+}
+
+/// The keys whose values differ between two layered configurations, by
+/// name (what a reload reports as applied or as needing a restart).
+pub fn changed_keys(before: &Settings, after: &Settings) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(before), serde_json::to_value(after))
+    else {
+        // Only a path that is not UTF-8 fails to serialize: call every key changed.
+        return keys().into_iter().map(|k| k.name).collect();
+    };
+    let mut changed: Vec<String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+    changed.sort();
+    changed.dedup();
+    changed
 }
 
 /// The prefix of the environment layer: `TWINMQ_MAX_QUEUE_DEPTH` sets `max_queue_depth`.
@@ -314,7 +338,9 @@ struct Key {
 fn keys() -> Vec<Key> {
     Settings::command()
         .get_arguments()
-        .filter(|a| a.get_long().is_some() && !["config", "help", "version"].contains(&a.get_id().as_str()))
+        .filter(|a| {
+            a.get_long().is_some() && !["config", "check_config", "help", "version"].contains(&a.get_id().as_str())
+        })
         .map(|a| Key { name: a.get_id().to_string(), list: matches!(a.get_action(), clap::ArgAction::Append) })
         .collect()
 }
@@ -474,17 +500,46 @@ pub struct Config {
     pub queue_full: QueueFull,
     /// `None`: an idle connection is never closed.
     pub idle_timeout_ms: Option<u64>,
+    /// The STOMP 1.2 port (`None`: off).
+    pub stomp_listen: Option<SocketAddr>,
     /// A flush slower than this counts as a failed disk: nothing is confirmed
     /// after it on this node (DESIGN.md section 4, "a failing disk is a failed node").
     pub disk_stall_ms: u64,
 }
 
-/// TLS on the client port: the rustls server configuration built from the files.
+/// TLS on the client port (and the STOMP port): the rustls server
+/// configuration built from the files. Clones share one acceptor, which a
+/// reload (SIGHUP, `daemon.rs`) replaces: connections accepted after it get
+/// the new certificate, open ones keep theirs.
 #[derive(Clone)]
 pub struct ClientPortTls {
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: Arc<std::sync::RwLock<tokio_rustls::TlsAcceptor>>,
     /// Clients must present a certificate signed by `tls_client_ca`.
     pub mutual: bool,
+}
+
+impl ClientPortTls {
+    pub fn new(acceptor: tokio_rustls::TlsAcceptor, mutual: bool) -> ClientPortTls {
+        ClientPortTls { acceptor: Arc::new(std::sync::RwLock::new(acceptor)), mutual }
+    }
+
+    /// The acceptor of the moment.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        // A poisoned lock still holds a complete acceptor (replaced whole).
+        self.acceptor.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Serve `new`'s certificate (and client CA) from now on. Refused when
+    /// it changes whether client certificates are required: that changes
+    /// who may connect at all, and needs a restart.
+    pub fn replace(&self, new: &ClientPortTls) -> Result<(), &'static str> {
+        if new.mutual != self.mutual {
+            return Err("tls_client_ca was added or removed");
+        }
+        let acceptor = new.acceptor();
+        *self.acceptor.write().unwrap_or_else(std::sync::PoisonError::into_inner) = acceptor;
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for ClientPortTls {
@@ -533,6 +588,7 @@ impl Default for Config {
             // Far above the client's heartbeat (a Ping every 250 ms when silent),
             // short enough to reap half-open connections within a minute.
             idle_timeout_ms: Some(60_000),
+            stomp_listen: None,
             // Far above a healthy flush (one fdatasync is ~70 us here, a
             // group commit a few ms), far below the minutes a hung disk hangs.
             disk_stall_ms: 2000,
@@ -544,13 +600,21 @@ impl Config {
     /// Build the configuration: the file named by `--config`, the
     /// `TWINMQ_<KEY>` environment, then the flags in `flags`.
     pub fn load(flags: &Settings) -> Result<Config, ConfigError> {
-        let text = match &flags.config {
+        Config::load_layered(flags).map(|(_, config)| config)
+    }
+
+    /// [`Config::load`], also returning the layered keys it was built from
+    /// (what a reload compares, see [`changed_keys`]). The file is
+    /// `--config`, or `--check-config` when that is the one given.
+    pub fn load_layered(flags: &Settings) -> Result<(Settings, Config), ConfigError> {
+        let path = flags.config.as_ref().or(flags.check_config.as_ref());
+        let text = match path {
             Some(path) => {
                 Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?)
             }
             None => None,
         };
-        let file = flags.config.as_deref().zip(text.as_deref());
+        let file = path.map(PathBuf::as_path).zip(text.as_deref());
         let names: Vec<String> = keys().into_iter().map(|k| k.name).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let vars: Vec<(String, String)> =
@@ -560,7 +624,9 @@ impl Config {
             tracing::info!(keys = ?taken, "configuration keys from the environment");
         }
         let env = Settings::from_env(vars)?;
-        Config::from_settings(&Settings::layered(file, &env, flags)?)
+        let layered = Settings::layered(file, &env, flags)?;
+        let config = Config::from_settings(&layered)?;
+        Ok((layered, config))
     }
 
     /// Parse a TOML document alone (no environment, no flags), for tests and embedding.
@@ -686,6 +752,22 @@ impl Config {
             Some(ms) => Some(ms),
             None => d.idle_timeout_ms,
         };
+        let stomp_listen = match s.stomp_listen.clone() {
+            None => None,
+            Some(t) => {
+                let addr = parse_addr(&t).ok_or_else(|| invalid("stomp_listen", format!("`{t}` is not HOST:PORT")))?;
+                let taken = [Some(listen), pair.as_ref().map(|p| p.ha_listen), http_listen];
+                if addr.port() != 0 && taken.contains(&Some(addr)) {
+                    return Err(invalid("stomp_listen", format!("{addr} is already the client, HA or HTTP port")));
+                }
+                Some(addr)
+            }
+        };
+        // The peer learns our STOMP port over the HA link (a passive node's ERROR names it).
+        let mut pair = pair;
+        if let Some(p) = pair.as_mut() {
+            p.advertise_stomp = stomp_listen.map(|a| a.to_string());
+        }
         let disk_stall_ms = s.disk_stall_ms.unwrap_or(d.disk_stall_ms);
         if disk_stall_ms < 100 {
             return Err(invalid("disk_stall_ms", format!("{disk_stall_ms} is below 100")));
@@ -753,6 +835,7 @@ impl Config {
             max_consumers_per_destination,
             queue_full,
             idle_timeout_ms,
+            stomp_listen,
             disk_stall_ms,
         })
     }
@@ -942,7 +1025,7 @@ fn client_port_tls(s: &Settings) -> Result<Option<ClientPortTls>, ConfigError> {
         None => None,
     };
     let config = tls::server_config(certs, key, roots).map_err(|e| tls_invalid("tls_key", e))?;
-    Ok(Some(ClientPortTls { acceptor: tokio_rustls::TlsAcceptor::from(config), mutual: client_ca.is_some() }))
+    Ok(Some(ClientPortTls::new(tokio_rustls::TlsAcceptor::from(config), client_ca.is_some())))
 }
 
 /// `ha_tls_cert` + `ha_tls_key` + `ha_tls_ca` (all or none), and the options on top.

@@ -53,11 +53,11 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// How long a new connection has to finish TLS and send its Hello: short,
 /// since it holds a pending place until then (`listener.rs`).
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for its in-flight publishes to be confirmed.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting for a slow reader before the broker stops reading its requests.
-const MAX_QUEUED_FRAMES: usize = 16 * 1024;
+pub(crate) const MAX_QUEUED_FRAMES: usize = 16 * 1024;
 /// At most this many frames read ahead go to the session in one message.
 const MAX_BATCH_FRAMES: usize = 256;
 
@@ -95,7 +95,20 @@ pub async fn serve(stream: std::net::TcpStream, peer: SocketAddr, cx: Connection
 }
 
 /// A logged-in connection's place under `max_connections`, given back when dropped.
-struct SessionSlot(Arc<AtomicUsize>);
+pub(crate) struct SessionSlot(Arc<AtomicUsize>);
+
+impl SessionSlot {
+    /// A place under `max_connections`, or `None` (logged) when all are taken.
+    pub(crate) fn take(cx: &ConnectionContext) -> Option<SessionSlot> {
+        let sessions = cx.shared.sessions.clone();
+        if sessions.fetch_add(1, Ordering::SeqCst) >= cx.config.max_connections {
+            sessions.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(limit = cx.config.max_connections, "connection limit reached; refusing");
+            return None;
+        }
+        Some(SessionSlot(sessions))
+    }
+}
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
@@ -124,29 +137,40 @@ async fn serve_in_span(
             serve_io(rd, wr, peer, cx, id, pending).await
         }
         Some(tls) => {
-            // Bounded like Hello: a client that never finishes the handshake must not hold a slot.
-            let stream = match tokio::time::timeout(HELLO_TIMEOUT, tls.acceptor.accept(stream)).await {
-                Err(_) => {
-                    tracing::info!("no TLS handshake within {HELLO_TIMEOUT:?}; closing");
-                    return;
-                }
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    // A port probe, or a client that gave up: nothing to warn about.
-                    tracing::info!("closed before the TLS handshake");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    // A plaintext client, an untrusted or missing client certificate.
-                    tracing::warn!(error = %e, "TLS handshake failed; closing");
-                    return;
-                }
-                Ok(Ok(s)) => s,
-            };
+            let Some(stream) = tls_accept(stream, &tls).await else { return };
+            let (rd, wr) = tokio::io::split(stream);
+            serve_io(rd, wr, peer, cx, id, pending).await
+        }
+    }
+}
+
+/// The TLS handshake of an accepted connection (the client port's or the
+/// STOMP port's), bounded like Hello: a client that never finishes it must
+/// not hold a slot. `None` (logged): closed.
+pub(crate) async fn tls_accept(
+    stream: TcpStream,
+    tls: &crate::config::ClientPortTls,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(HELLO_TIMEOUT, tls.acceptor().accept(stream)).await {
+        Err(_) => {
+            tracing::info!("no TLS handshake within {HELLO_TIMEOUT:?}; closing");
+            None
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // A port probe, or a client that gave up: nothing to warn about.
+            tracing::info!("closed before the TLS handshake");
+            None
+        }
+        Ok(Err(e)) => {
+            // A plaintext client, an untrusted or missing client certificate.
+            tracing::warn!(error = %e, "TLS handshake failed; closing");
+            None
+        }
+        Ok(Ok(s)) => {
             if tls.mutual {
                 tracing::debug!("client certificate verified");
             }
-            let (rd, wr) = tokio::io::split(stream);
-            serve_io(rd, wr, peer, cx, id, pending).await
+            Some(s)
         }
     }
 }
@@ -164,14 +188,11 @@ where
     let admitted = handshake(&mut reader, peer, &cx).await;
     drop(pending);
     // Logged in: now it takes a place under max_connections.
-    let sessions = cx.shared.sessions.clone();
     let admitted = match admitted {
-        Ok(_) if sessions.fetch_add(1, Ordering::SeqCst) >= cx.config.max_connections => {
-            sessions.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(limit = cx.config.max_connections, "connection limit reached; refusing");
-            Err(Some(connection_error(ErrorCode::LimitReached, "too many connections (max_connections)")))
-        }
-        Ok(admitted) => Ok((admitted, SessionSlot(sessions))),
+        Ok(admitted) => match SessionSlot::take(&cx) {
+            Some(slot) => Ok((admitted, slot)),
+            None => Err(Some(connection_error(ErrorCode::LimitReached, "too many connections (max_connections)"))),
+        },
         Err(reply) => Err(reply),
     };
     let (Admitted { user, admin, version, ticket }, _session_slot) = match admitted {
@@ -383,7 +404,7 @@ where
 /// sends, briefly and boundedly, before the socket closes. Closing with
 /// unread input makes the kernel send a reset, which can destroy the error
 /// frame we just sent before the client reads it.
-async fn linger<R: AsyncRead + Unpin>(mut rd: R) {
+pub(crate) async fn linger<R: AsyncRead + Unpin>(mut rd: R) {
     const LINGER: Duration = Duration::from_millis(200);
     const MAX_DISCARD: usize = 256 * 1024;
     let discard = async {
@@ -401,7 +422,7 @@ async fn linger<R: AsyncRead + Unpin>(mut rd: R) {
 
 /// Point clients at the peer only when it is up and active: a hint to a
 /// frozen or dead node would cost them a connect timeout.
-fn peer_hint(cx: &ConnectionContext) -> Option<String> {
+pub(crate) fn peer_hint(cx: &ConnectionContext) -> Option<String> {
     let status = cx.ha_status.as_ref()?.borrow().clone();
     let peer_active = status.peer_state == "up" && status.peer_role.is_some_and(|r| r.serves_clients());
     if peer_active {
@@ -519,9 +540,9 @@ async fn serve_admin<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 }
 
 /// What the handshake let in.
-struct Admitted {
+pub(crate) struct Admitted {
     /// The authenticated user (`None`: an open broker, no credentials).
-    user: Option<String>,
+    pub(crate) user: Option<String>,
     /// An admin connection (accepted by a passive node too).
     admin: bool,
     /// The protocol version negotiated for the rest of the connection.
@@ -549,8 +570,22 @@ async fn handshake<R: AsyncRead + Unpin>(
         }
         Ok(Some(Ok(f))) => f,
     };
-    let ClientFrame::Hello { user, password, client_name, admin, versions, ticket } = first else {
+    if !matches!(first, ClientFrame::Hello { .. }) {
         tracing::warn!("first frame is not Hello");
+        return Err(Some(connection_error(ErrorCode::ProtocolViolation, "the first frame must be Hello")));
+    }
+    admit(first, peer, cx).await
+}
+
+/// Log in the client of a `Hello` (of this port, or one the STOMP port made
+/// of a CONNECT): version, role, credentials or ticket, admin grant. The
+/// error is the frame to answer with (`None`: close without one).
+pub(crate) async fn admit(
+    hello: ClientFrame,
+    peer: SocketAddr,
+    cx: &ConnectionContext,
+) -> Result<Admitted, Option<ServerFrame>> {
+    let ClientFrame::Hello { user, password, client_name, admin, versions, ticket } = hello else {
         return Err(Some(connection_error(ErrorCode::ProtocolViolation, "the first frame must be Hello")));
     };
     // Logged with every line about this login: never as sent (a newline or an

@@ -4,6 +4,9 @@
 //!
 //! Exit codes: 0 after a clean shutdown, 1 on a runtime failure (a port
 //! that cannot be bound included), 2 on a configuration error.
+//! `--check-config FILE` validates and exits (0 or 2) without binding or
+//! opening anything; SIGHUP reloads what can be reloaded (see
+//! [`reload_on_sighup`]).
 //!
 //! The ports: sockets passed by socket activation (`LISTEN_FDS`, see
 //! `sockets.rs`) where there are some, otherwise bound from the
@@ -45,7 +48,19 @@ where
         tracing::error!(panic = %info, "bug: panic; stopping");
         std::process::exit(101);
     }));
-    let config = match Config::load(&args) {
+    if let Some(path) = &args.check_config {
+        return match Config::load_layered(&args) {
+            Ok(_) => {
+                println!("twinmqd: {}: configuration OK", path.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("twinmqd: {}: configuration error: {e}", path.display());
+                2
+            }
+        };
+    }
+    let (settings, config) = match Config::load_layered(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("twinmqd: configuration error: {e}");
@@ -67,13 +82,15 @@ where
     raise_open_files_limit(config.max_connections);
     let system = actix_rt::System::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     let served = system.block_on(async move {
         actix_rt::spawn(async move {
             if ready_rx.await.is_ok() {
                 notify_ready();
             }
         });
-        crate::run(config, listeners, shutdown_signal(), Some(ready_tx)).await
+        actix_rt::spawn(reload_on_sighup(args, settings, reload_tx));
+        crate::server::run_reloadable(config, listeners, shutdown_signal(), Some(ready_tx), reload_rx).await
     });
     match served {
         Ok(()) => 0,
@@ -99,6 +116,48 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// On each SIGHUP (`systemctl reload`): read the configuration again as at
+/// start (file, environment, flags) and hand what can change while running
+/// to the broker (`server::apply_reload`): the client port's TLS
+/// certificate, key and client CA, and the `[[users]]` of the
+/// configuration. Every other changed key is logged as needing a restart and
+/// left as it was. An invalid file changes nothing (logged, with its key).
+async fn reload_on_sighup(
+    args: crate::Settings,
+    mut running: crate::Settings,
+    reloads: tokio::sync::mpsc::UnboundedSender<crate::server::Reload>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler: reloading is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let (settings, config) = match Config::load_layered(&args) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the configuration is invalid; nothing reloaded");
+                continue;
+            }
+        };
+        let restart: Vec<String> = crate::config::changed_keys(&running, &settings)
+            .into_iter()
+            .filter(|k| !crate::server::RELOADABLE.contains(&k.as_str()))
+            .collect();
+        if !restart.is_empty() {
+            tracing::warn!(keys = ?restart, "SIGHUP: these keys changed and need a restart; not applied");
+        }
+        // What was applied becomes the running value; the rest keeps being reported.
+        running.tls_cert.clone_from(&settings.tls_cert);
+        running.tls_key.clone_from(&settings.tls_key);
+        running.tls_client_ca.clone_from(&settings.tls_client_ca);
+        running.users.clone_from(&settings.users);
+        if reloads.send(crate::server::Reload { config }).is_err() {
+            return;
+        }
     }
 }
 

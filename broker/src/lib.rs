@@ -34,6 +34,7 @@ pub mod server;
 pub mod session;
 pub mod sockets;
 pub mod status;
+pub mod stomp;
 pub mod ticket;
 pub mod topic;
 

@@ -49,7 +49,17 @@ pub fn configure_stream(stream: &std::net::TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Which protocol a listener's connections speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireProtocol {
+    /// twinmq's own (`connection.rs`).
+    Native,
+    /// STOMP 1.2 (`stomp.rs`), on `stomp_listen`.
+    Stomp,
+}
+
 pub struct Listener {
+    protocol: WireProtocol,
     listener: Option<tokio::net::TcpListener>,
     io: Vec<ArbiterHandle>,
     next_io: usize,
@@ -62,7 +72,16 @@ pub struct Listener {
 
 impl Listener {
     pub fn new(listener: tokio::net::TcpListener, io: Vec<ArbiterHandle>, cx: ConnectionContext) -> Listener {
-        Listener { listener: Some(listener), io, next_io: 0, cx, pending: Arc::default(), refusals: 0 }
+        Listener::for_protocol(WireProtocol::Native, listener, io, cx)
+    }
+
+    pub fn for_protocol(
+        protocol: WireProtocol,
+        listener: tokio::net::TcpListener,
+        io: Vec<ArbiterHandle>,
+        cx: ConnectionContext,
+    ) -> Listener {
+        Listener { protocol, listener: Some(listener), io, next_io: 0, cx, pending: Arc::default(), refusals: 0 }
     }
 }
 
@@ -179,16 +198,21 @@ impl Handler<Accepted> for Listener {
                     tracing::warn!(%peer, refused = self.refusals, "{why}; refusing");
                 }
                 let tls = self.cx.config.tls.clone();
+                let protocol = self.protocol;
                 arbiter.spawn(async move {
-                    refuse(stream, tls, why).await;
+                    refuse(stream, tls, protocol, why).await;
                     shared.connections.fetch_sub(1, Ordering::SeqCst);
                 });
                 return;
             }
         };
         let cx = self.cx.clone();
+        let protocol = self.protocol;
         arbiter.spawn(async move {
-            connection::serve(stream, peer, cx, slot).await;
+            match protocol {
+                WireProtocol::Native => connection::serve(stream, peer, cx, slot).await,
+                WireProtocol::Stomp => crate::stomp::serve(stream, peer, cx, slot).await,
+            }
             shared.connections.fetch_sub(1, Ordering::SeqCst);
         });
     }
@@ -196,13 +220,13 @@ impl Handler<Accepted> for Listener {
 
 /// Tell a connection over the limit why it is closed: in TLS when the port
 /// speaks TLS (bounded), or the client would take the refusal for a TLS failure.
-async fn refuse(stream: std::net::TcpStream, tls: Option<ClientPortTls>, why: &'static str) {
+async fn refuse(stream: std::net::TcpStream, tls: Option<ClientPortTls>, protocol: WireProtocol, why: &'static str) {
     let Ok(s) = tokio::net::TcpStream::from_std(stream) else { return };
     match tls {
-        None => send_refusal(s, why).await,
+        None => send_refusal(s, protocol, why).await,
         Some(tls) => {
-            if let Ok(Ok(s)) = tokio::time::timeout(REFUSAL_HANDSHAKE_TIMEOUT, tls.acceptor.accept(s)).await {
-                send_refusal(s, why).await;
+            if let Ok(Ok(s)) = tokio::time::timeout(REFUSAL_HANDSHAKE_TIMEOUT, tls.acceptor().accept(s)).await {
+                send_refusal(s, protocol, why).await;
             }
         }
     }
@@ -211,9 +235,20 @@ async fn refuse(stream: std::net::TcpStream, tls: Option<ClientPortTls>, why: &'
 /// A refused connection gets this long for its TLS handshake.
 const REFUSAL_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn send_refusal<S: tokio::io::AsyncWrite + Unpin>(s: S, why: &'static str) {
-    let mut w = FramedWrite::new(s, FrameCodec::<ClientFrame, ServerFrame>::new(64 * 1024));
-    let _ = w.send(ServerFrame::Error(ErrorFrame::new(ErrorCode::LimitReached, ErrorContext::Connection, why))).await;
+async fn send_refusal<S: tokio::io::AsyncWrite + Unpin>(mut s: S, protocol: WireProtocol, why: &'static str) {
+    match protocol {
+        WireProtocol::Native => {
+            let mut w = FramedWrite::new(s, FrameCodec::<ClientFrame, ServerFrame>::new(64 * 1024));
+            let _ = w
+                .send(ServerFrame::Error(ErrorFrame::new(ErrorCode::LimitReached, ErrorContext::Connection, why)))
+                .await;
+        }
+        WireProtocol::Stomp => {
+            use tokio::io::AsyncWriteExt;
+            let _ = s.write_all(&crate::stomp::refusal(why)).await;
+            let _ = s.flush().await;
+        }
+    }
 }
 
 /// Stop accepting connections (shutdown).

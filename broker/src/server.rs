@@ -67,8 +67,32 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<(), BrokerError> {
+    let (_keep, reloads) = tokio::sync::mpsc::unbounded_channel();
+    run_reloadable(config, listeners, shutdown, ready, reloads).await
+}
+
+/// The keys a reload applies while running (see [`Reload`]).
+pub const RELOADABLE: [&str; 4] = ["tls_cert", "tls_key", "tls_client_ca", "users"];
+
+/// A configuration read again while running (SIGHUP, `daemon.rs`): what
+/// [`RELOADABLE`] names is applied from it, nothing else. The certificate
+/// files are read again even when their paths did not change (a renewal
+/// replaces the files in place).
+#[derive(Debug)]
+pub struct Reload {
+    pub config: Config,
+}
+
+/// [`run`], applying each [`Reload`] received on `reloads`.
+pub async fn run_reloadable(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    mut reloads: tokio::sync::mpsc::UnboundedReceiver<Reload>,
+) -> Result<(), BrokerError> {
     listeners.check(&config)?;
-    let Listeners { client: client_listener, ha: ha_listener, http: http_listener } = listeners;
+    let Listeners { client: client_listener, ha: ha_listener, http: http_listener, stomp: stomp_listener } = listeners;
     let config = Arc::new(config);
     let statics = Arc::new(crate::config::static_users(&config.users)?);
 
@@ -192,7 +216,25 @@ pub async fn run(
         logins: crate::auth::LoginGate::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
         tickets: Arc::new(crate::ticket::Tickets::new(config.pair.as_ref().map(|p| &p.cluster_secret))),
     };
+    let stomp = match stomp_listener {
+        Some(l) => {
+            let addr = sockets::local_addr(&l);
+            let tcp = tokio::net::TcpListener::from_std(l).map_err(|source| BrokerError::Bind { addr, source })?;
+            tracing::info!(stomp_listen = %addr, "STOMP 1.2 listening");
+            let io = io.iter().map(Arbiter::handle).collect();
+            Some(Listener::for_protocol(listener::WireProtocol::Stomp, tcp, io, cx.clone()).start())
+        }
+        None => None,
+    };
     let listener = Listener::new(tcp, io.iter().map(Arbiter::handle).collect(), cx).start();
+    {
+        let (config, node) = (config.clone(), node.clone());
+        actix_rt::spawn(async move {
+            while let Some(reload) = reloads.recv().await {
+                apply_reload(&config, &node, reload).await;
+            }
+        });
+    }
     let tls = match &config.tls {
         None => "off",
         Some(t) if t.mutual => "on, client certificates required",
@@ -206,6 +248,9 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining in-flight confirms");
     listener.do_send(listener::StopAccepting);
+    if let Some(stomp) = &stomp {
+        stomp.do_send(listener::StopAccepting);
+    }
     let http_stopped = http.as_ref().map(http::HttpEndpoint::stop);
     shared.shutting_down.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
@@ -242,4 +287,31 @@ pub async fn run(
     tokio::task::spawn_blocking(move || store.close()).await.map_err(|e| BrokerError::Internal(e.to_string()))??;
     tracing::info!("store flushed and closed; bye");
     Ok(())
+}
+
+/// Apply what a reload may change: the client port's certificate (new
+/// connections get it; open ones keep theirs) and the configuration's users
+/// (connections of a removed user are closed, as for `twinmq user rm`).
+async fn apply_reload(running: &Config, node: &Addr<Node>, Reload { config }: Reload) {
+    match (&running.tls, &config.tls) {
+        (Some(now), Some(new)) => match now.replace(new) {
+            Ok(()) => tracing::info!("SIGHUP: client TLS certificate reloaded (for new connections)"),
+            Err(why) => tracing::warn!("SIGHUP: client TLS not reloaded: {why}; needs a restart"),
+        },
+        (None, None) => {}
+        _ => tracing::warn!("SIGHUP: TLS was turned on or off on the client port; needs a restart"),
+    }
+    if running.http_tls.is_some() {
+        tracing::info!("SIGHUP: the HTTP endpoint keeps its certificate until a restart");
+    }
+    match crate::config::static_users(&config.users) {
+        Ok(statics) => {
+            let n = statics.len();
+            match node.send(crate::node::ReplaceStaticUsers(Arc::new(statics))).await {
+                Ok(()) => tracing::info!(users = n, "SIGHUP: users of the configuration reloaded"),
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: users not reloaded"),
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "SIGHUP: users not reloaded"),
+    }
 }

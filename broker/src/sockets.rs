@@ -10,7 +10,8 @@
 //!
 //! **Socket activation.** The parent passes listening TCP sockets as file
 //! descriptors 3, 4, ... and sets `LISTEN_FDS` (how many),
-//! `LISTEN_FDNAMES` (their names, colon-separated: `client`, `ha`, `http`)
+//! `LISTEN_FDNAMES` (their names, colon-separated: `client`, `ha`, `http`,
+//! `stomp`)
 //! and, as systemd does, `LISTEN_PID` (our pid; when it names another
 //! process the sockets are not ours and are left alone; when it is absent
 //! they are taken, as `systemfd` and our test harnesses do). A lone unnamed
@@ -36,6 +37,8 @@ pub struct Listeners {
     pub ha: Option<TcpListener>,
     /// The admin HTTP port: present exactly when `http_listen` is set.
     pub http: Option<TcpListener>,
+    /// The STOMP port: present exactly when `stomp_listen` is set.
+    pub stomp: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -63,11 +66,17 @@ impl Listeners {
             (None, Some(_)) => return Err(refuse("http", "http_listen is unset (the HTTP endpoint is off)")),
             (None, None) => None,
         };
+        let stomp = match (config.stomp_listen, passed.stomp.take()) {
+            (Some(_), Some(l)) => Some(taken("stomp", l)?),
+            (Some(addr), None) => Some(listener::bind(addr)?),
+            (None, Some(_)) => return Err(refuse("stomp", "stomp_listen is unset (the STOMP port is off)")),
+            (None, None) => None,
+        };
         let client = match passed.client.take() {
             Some(l) => taken("client", l)?,
             None => listener::bind(config.listen)?,
         };
-        Ok(Listeners { client, ha, http })
+        Ok(Listeners { client, ha, http, stomp })
     }
 
     /// Whether these sockets are the ones `config` needs; made non-blocking
@@ -87,7 +96,14 @@ impl Listeners {
                 "http_listen is set: the node needs an HTTP listener"
             }));
         }
-        for l in [Some(&self.client), self.ha.as_ref(), self.http.as_ref()].into_iter().flatten() {
+        if config.stomp_listen.is_some() != self.stomp.is_some() {
+            return Err(BrokerError::Listeners(if self.stomp.is_some() {
+                "a STOMP listener was given but stomp_listen is unset"
+            } else {
+                "stomp_listen is set: the node needs a STOMP listener"
+            }));
+        }
+        for l in [Some(&self.client), self.ha.as_ref(), self.http.as_ref(), self.stomp.as_ref()].into_iter().flatten() {
             let addr = local_addr(l);
             l.set_nonblocking(true).map_err(|source| BrokerError::Bind { addr, source })?;
         }
@@ -111,6 +127,7 @@ pub struct Activated {
     pub client: Option<TcpListener>,
     pub ha: Option<TcpListener>,
     pub http: Option<TcpListener>,
+    pub stomp: Option<TcpListener>,
 }
 
 /// Which port a passed socket is for.
@@ -119,6 +136,7 @@ enum Port {
     Client,
     Ha,
     Http,
+    Stomp,
 }
 
 impl Activated {
@@ -140,6 +158,7 @@ impl Activated {
                 Port::Client => &mut activated.client,
                 Port::Ha => &mut activated.ha,
                 Port::Http => &mut activated.http,
+                Port::Stomp => &mut activated.stomp,
             };
             *slot = Some(l);
         }
@@ -169,7 +188,8 @@ fn ports(names: Option<&str>, count: usize) -> Result<Vec<Port>, String> {
             "client" => Port::Client,
             "ha" => Port::Ha,
             "http" => Port::Http,
-            other => return Err(format!("unknown socket name `{other}` (use client, ha, http)")),
+            "stomp" => Port::Stomp,
+            other => return Err(format!("unknown socket name `{other}` (use client, ha, http, stomp)")),
         };
         if ports.contains(&port) {
             return Err(format!("two sockets named `{name}`"));
@@ -234,9 +254,9 @@ mod tests {
     #[test]
     fn run_refuses_listeners_that_do_not_fit_the_configuration() {
         let with_http = config("listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:1\"\n");
-        let without = Listeners { client: loopback(), ha: None, http: None };
+        let without = Listeners { client: loopback(), ha: None, http: None, stomp: None };
         assert!(matches!(without.check(&with_http), Err(BrokerError::Listeners(_))));
-        let extra = Listeners { client: loopback(), ha: Some(loopback()), http: None };
+        let extra = Listeners { client: loopback(), ha: Some(loopback()), http: None, stomp: None };
         assert!(matches!(extra.check(&config("")), Err(BrokerError::Listeners(_))));
     }
 }

@@ -88,6 +88,8 @@ pub struct Broker {
     pub addr: SocketAddr,
     /// The admin HTTP endpoint, when started with [`Broker::start_with_http`].
     pub http: Option<SocketAddr>,
+    /// The STOMP port, when started with [`Broker::start_with_stomp`].
+    pub stomp: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub extra: Vec<String>,
     child: Option<Child>,
@@ -106,21 +108,32 @@ impl Broker {
         Broker::start_on(extra, true)
     }
 
+    /// The same, with a STOMP port too (`--stomp-listen`, passed like the client port).
+    pub fn start_with_stomp(extra: &[&str]) -> Broker {
+        Broker::start_ports(extra, false, true)
+    }
+
     fn start_on(extra: &[&str], http: bool) -> Broker {
+        Broker::start_ports(extra, http, false)
+    }
+
+    fn start_ports(extra: &[&str], http: bool, stomp: bool) -> Broker {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("data");
         let client = loopback_listener();
         let http = http.then(loopback_listener);
+        let stomp = stomp.then(loopback_listener);
         let mut b = Broker {
             addr: client.local_addr().expect("local addr"),
             http: http.as_ref().map(|l| l.local_addr().expect("local addr")),
+            stomp: stomp.as_ref().map(|l| l.local_addr().expect("local addr")),
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             _tmp: Some(tmp),
             starts: 0,
         };
-        b.launch(client, http);
+        b.launch(client, http, stomp);
         b
     }
 
@@ -128,7 +141,7 @@ impl Broker {
         self.data_dir.parent().expect("data dir has a parent").join(format!("twinmqd-{}.log", self.starts))
     }
 
-    fn launch(&mut self, client: TcpListener, http: Option<TcpListener>) {
+    fn launch(&mut self, client: TcpListener, http: Option<TcpListener>, stomp: Option<TcpListener>) {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("log file");
         let mut cmd = Command::new(TWINMQD);
@@ -136,12 +149,14 @@ impl Broker {
             .arg(&self.data_dir)
             .args(["--listen", &self.addr.to_string()])
             .args(self.http.iter().flat_map(|a| ["--http-listen".to_string(), a.to_string()]))
+            .args(self.stomp.iter().flat_map(|a| ["--stomp-listen".to_string(), a.to_string()]))
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
         let mut sockets = vec![("client", client)];
         sockets.extend(http.map(|l| ("http", l)));
+        sockets.extend(stomp.map(|l| ("stomp", l)));
         let log_path = self.log_path();
         let (child, ready) = spawn_activated(cmd, sockets, &log_path.with_extension("notify"));
         // Ours before waiting, so that a panic below still kills it (Drop).
@@ -187,7 +202,8 @@ impl Broker {
         assert!(self.child.is_none(), "stop it first");
         let client = listen_on(self.addr);
         let http = self.http.map(listen_on);
-        self.launch(client, http);
+        let stomp = self.stomp.map(listen_on);
+        self.launch(client, http, stomp);
     }
 
     pub fn config(&self) -> ClientConfig {

@@ -138,6 +138,8 @@ pub struct Node {
     pub ha: SocketAddr,
     /// The admin HTTP endpoint, when `PairOptions::http` asked for one.
     pub http: Option<SocketAddr>,
+    /// The STOMP port, when `PairOptions::stomp` asked for one.
+    pub stomp: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub args: Vec<String>,
     child: Option<Child>,
@@ -170,6 +172,7 @@ impl Node {
             .arg(&self.data_dir)
             .args(["--listen", &self.client.to_string(), "--ha-listen", &self.ha.to_string()])
             .args(self.http.iter().flat_map(|a| ["--http-listen".to_string(), a.to_string()]))
+            .args(self.stomp.iter().flat_map(|a| ["--stomp-listen".to_string(), a.to_string()]))
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -179,6 +182,7 @@ impl Node {
             sockets.push(("client", listen_on(self.client)));
             sockets.push(("ha", listen_on(self.ha)));
             sockets.extend(self.http.map(|a| ("http", listen_on(a))));
+            sockets.extend(self.stomp.map(|a| ("stomp", listen_on(a))));
         }
         let log_path = self.log_path();
         let (child, ready) = spawn_activated(cmd, sockets, &log_path.with_extension("notify"));
@@ -300,6 +304,8 @@ pub struct PairOptions {
     pub a_extra: Vec<String>,
     /// Flags for node b only (after `extra`).
     pub b_extra: Vec<String>,
+    /// Give each node a STOMP port (`--stomp-listen`).
+    pub stomp: bool,
 }
 
 pub struct Pair {
@@ -342,6 +348,8 @@ impl Pair {
         let (b_ha, b_ha_l) = bound("ha");
         let (a_http, a_http_l) = opts.http.then(|| bound("http")).unzip();
         let (b_http, b_http_l) = opts.http.then(|| bound("http")).unzip();
+        let (a_stomp, a_stomp_l) = opts.stomp.then(|| bound("stomp")).unzip();
+        let (b_stomp, b_stomp_l) = opts.stomp.then(|| bound("stomp")).unzip();
         let mut cable = Vec::new();
         let (a_paths, b_paths) = if opts.all_paths_proxied {
             let proxies = [Proxy::start(b_ha), Proxy::start(b_ha), Proxy::start(a_ha), Proxy::start(a_ha)];
@@ -388,24 +396,26 @@ impl Pair {
             client: a_client,
             ha: a_ha,
             http: a_http,
+            stomp: a_stomp,
             data_dir: tmp.path().join("a"),
             args: [common(a_paths, b_client, "200", SECRET), opts.a_extra.clone()].concat(),
             child: None,
             starts: 0,
             admin_login: None,
-            sockets: [a_client_l, a_ha_l].into_iter().chain(a_http_l).collect(),
+            sockets: [a_client_l, a_ha_l].into_iter().chain(a_http_l).chain(a_stomp_l).collect(),
         };
         let mut b = Node {
             name: "node-b".into(),
             client: b_client,
             ha: b_ha,
             http: b_http,
+            stomp: b_stomp,
             data_dir: tmp.path().join("b"),
             args: [common(b_paths, a_client, "100", &b_secret), opts.b_extra.clone()].concat(),
             child: None,
             starts: 0,
             admin_login: None,
-            sockets: [b_client_l, b_ha_l].into_iter().chain(b_http_l).collect(),
+            sockets: [b_client_l, b_ha_l].into_iter().chain(b_http_l).chain(b_stomp_l).collect(),
         };
         a.start();
         b.start();
