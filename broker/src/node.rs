@@ -718,3 +718,18 @@ impl Handler<twinmq_ha::monitor::DivergentMessages> for Node {
         }
     }
 }
+
+/// Replace the users of the configuration (a reload, `server::apply_reload`):
+/// the rules are published again, which closes the connections of a user
+/// no longer there and applies changed grants at once.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReplaceStaticUsers(pub Arc<Vec<StaticUser>>);
+
+impl Handler<ReplaceStaticUsers> for Node {
+    type Result = ();
+    fn handle(&mut self, ReplaceStaticUsers(statics): ReplaceStaticUsers, _: &mut Context<Self>) {
+        self.statics = statics;
+        self.publish_security();
+    }
+}
