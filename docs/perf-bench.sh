@@ -15,6 +15,9 @@
 # "--max-queue-bytes 4294967296" for a producer-only run past 1 GiB.
 # PERF_BENCH_DRAIN=1: after the run (give it --no-consumer), a second bench
 # with --no-producer drains what it stored: the consumer-only figure.
+# PERF_BENCH_STOMP=1: the same load over the STOMP port, by stomp-bench
+# (examples/src/stomp_bench.rs, in bin-dir: SENDs with receipts, 256 in
+# flight, one consumer acking each MESSAGE); extra arguments go to it.
 set -euo pipefail
 mode=${1:-pair}
 count=${2:-1000000}
@@ -51,9 +54,15 @@ wait_for() { # until "$@" succeeds, at most 30 s
     echo "timed out waiting for: $*" >&2; exit 1
 }
 
+stomp_a=() stomp_b=()
+if [ "${PERF_BENCH_STOMP:-0}" = 1 ]; then
+    [ -x "$bin/stomp-bench" ] || { echo "build first: cargo build --release -p twinmq-examples --bin stomp-bench" >&2; exit 2; }
+    stomp_a=(--stomp-listen 127.0.0.1:6410) stomp_b=(--stomp-listen 127.0.0.1:6412)
+fi
+
 case "$mode" in
 single)
-    "$D" --data-dir "$dir/s" --listen 127.0.0.1:6210 --durability local "${tls[@]}" "${extra[@]}" >"$dir/s.log" 2>&1 &
+    "$D" --data-dir "$dir/s" --listen 127.0.0.1:6210 --durability local "${stomp_a[@]}" "${tls[@]}" "${extra[@]}" >"$dir/s.log" 2>&1 &
     pids+=($!)
     wait_for "$C" "${ctls[@]}" --servers 127.0.0.1:6210 status
     servers=127.0.0.1:6210
@@ -62,10 +71,10 @@ pair)
     secret=$(head -c 32 /dev/urandom | base64)
     common=(--gateway tcp://127.0.0.1:1 --cluster-secret "$secret" --durability replicated "${tls[@]}" "${hatls[@]}" "${extra[@]}")
     "$D" --node-id a --data-dir "$dir/a" --listen 127.0.0.1:6211 --ha-listen 127.0.0.1:6311 \
-        --peer-ha 127.0.0.1:6312 --priority 200 "${common[@]}" >"$dir/a.log" 2>&1 &
+        --peer-ha 127.0.0.1:6312 --priority 200 "${stomp_a[@]}" "${common[@]}" >"$dir/a.log" 2>&1 &
     pids+=($!)
     "$D" --node-id b --data-dir "$dir/b" --listen 127.0.0.1:6212 --ha-listen 127.0.0.1:6312 \
-        --peer-ha 127.0.0.1:6311 --priority 100 "${common[@]}" >"$dir/b.log" 2>&1 &
+        --peer-ha 127.0.0.1:6311 --priority 100 "${stomp_b[@]}" "${common[@]}" >"$dir/b.log" 2>&1 &
     pids+=($!)
     in_sync() { "$C" "${ctls[@]}" --servers 127.0.0.1:6211 status 2>/dev/null | grep -q '"in_sync": *true'; }
     wait_for in_sync
@@ -74,6 +83,10 @@ pair)
 *) echo "usage: $0 [single|pair] [count] [bin-dir] [bench flags...]" >&2; exit 2 ;;
 esac
 
+if [ "${PERF_BENCH_STOMP:-0}" = 1 ]; then
+    "$bin/stomp-bench" --hosts 127.0.0.1:6410 --count "$count" "$@"
+    exit 0
+fi
 "$C" "${ctls[@]}" --servers "$servers" bench --count "$count" "$@"
 if [ "${PERF_BENCH_DRAIN:-0}" = 1 ]; then
     "$C" "${ctls[@]}" --servers "$servers" bench --count "$count" --no-producer
