@@ -6,7 +6,7 @@
 //! that cannot be bound included), 2 on a configuration error.
 //! `--check-config FILE` validates and exits (0 or 2) without binding or
 //! opening anything; SIGHUP reloads what can be reloaded (see
-//! [`reload_on_sighup`]).
+//! `reload_on_sighup`).
 //!
 //! The ports: sockets passed by socket activation (`LISTEN_FDS`, see
 //! `sockets.rs`) where there are some, otherwise bound from the
