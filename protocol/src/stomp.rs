@@ -238,6 +238,10 @@ pub enum StompError {
     MissingNul { content_length: usize },
     #[error("header line is not valid UTF-8")]
     InvalidUtf8,
+    /// A NUL in a header line: every client takes a NUL as the end of a
+    /// frame, so one passed on in a MESSAGE would let its sender forge frames.
+    #[error("NUL in a header line")]
+    NulInHeader,
     /// A `\` in an escaped header not followed by `r`, `n`, `c` or `\`.
     #[error("bad escape sequence {sequence} in a header (only \\r \\n \\c \\\\ are defined)")]
     BadEscape { sequence: String },
@@ -481,9 +485,14 @@ fn put_header(dst: &mut BytesMut, name: &str, value: &str, escape: bool) {
     dst.put_u8(b'\n');
 }
 
+/// What a NUL in a header becomes on the wire (STOMP has no escape for it,
+/// and a NUL would end the frame): U+FFFD, the replacement character.
+const NUL_REPLACEMENT: &[u8] = "\u{fffd}".as_bytes();
+
 fn put_escaped(dst: &mut BytesMut, text: &str) {
     for &b in text.as_bytes() {
         match b {
+            0 => dst.put_slice(NUL_REPLACEMENT),
             b'\\' => dst.put_slice(b"\\\\"),
             b'\r' => dst.put_slice(b"\\r"),
             b'\n' => dst.put_slice(b"\\n"),
@@ -497,6 +506,7 @@ fn put_escaped(dst: &mut BytesMut, text: &str) {
 fn put_raw(dst: &mut BytesMut, text: &str, is_name: bool) {
     for &b in text.as_bytes() {
         match b {
+            0 => dst.put_slice(NUL_REPLACEMENT),
             b'\n' => dst.put_slice(b"\\n"),
             b':' if is_name => dst.put_slice(b"\\c"),
             _ => dst.put_u8(b),
@@ -535,6 +545,9 @@ fn byte_count(value: &str) -> Option<usize> {
 
 /// A header line (no EOL) as name and value, split at the first raw `:`.
 fn parse_header(line: &[u8], escaped: bool) -> Result<(String, String), StompError> {
+    if line.contains(&0) {
+        return Err(StompError::NulInHeader);
+    }
     let text = std::str::from_utf8(line).map_err(|_| StompError::InvalidUtf8)?;
     let Some((name, value)) = text.split_once(':') else {
         return Err(StompError::MissingColon { line: quote(line) });
@@ -927,6 +940,28 @@ mod tests {
     }
 
     #[test]
+    fn a_nul_in_a_header_is_refused() {
+        // A NUL ends a frame for every client: one in a header a producer sent
+        // would end the MESSAGE a consumer gets there, and what follows would
+        // read as a frame of the producer's making (a forged RECEIPT).
+        let e = decode_err(small(), b"SEND\na:x\0RECEIPT\nreceipt-id:42\n\n\0");
+        assert!(matches!(e, StompError::NulInHeader), "{e}");
+        let e = decode_err(small(), b"CONNECT\nlo\0gin:a\n\n\0");
+        assert!(matches!(e, StompError::NulInHeader), "in CONNECT too: {e}");
+    }
+
+    #[test]
+    fn a_nul_never_leaves_the_encoder_in_a_header() {
+        for command in [Command::Message, Command::Connected] {
+            let sent = StompFrame::new(command).header("a\0b", "x\0RECEIPT").body(&b"body"[..]);
+            let wire = encode(StompItem::Frame(sent));
+            assert_eq!(wire.iter().filter(|&&b| b == 0).count(), 1, "only the frame's end: {wire:?}");
+            let got = frame(decode_one(&wire).unwrap());
+            assert_eq!(got.get("a\u{fffd}b"), Some("x\u{fffd}RECEIPT"));
+        }
+    }
+
+    #[test]
     fn bad_escape_is_refused() {
         let e = decode_err(small(), b"SEND\nk:a\\tb\n\n\0");
         assert!(matches!(&e, StompError::BadEscape { sequence } if sequence == "\\t"), "{e}");
@@ -1028,8 +1063,9 @@ mod tests {
     }
 
     fn text() -> impl Strategy<Value = String> {
-        // The bytes escaping is about, some non-ASCII, and plain text.
-        "[a-z0-9:\\\\\r\n \u{0}é€-]{0,12}"
+        // The bytes escaping is about, some non-ASCII, and plain text (no
+        // NUL: the encoder replaces it, see a_nul_never_leaves_the_encoder_in_a_header).
+        "[a-z0-9:\\\\\r\n é€-]{0,12}"
     }
 
     fn any_frame() -> impl Strategy<Value = StompFrame> {
