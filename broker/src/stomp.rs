@@ -23,16 +23,26 @@
 //!   subscriptions by `durable-subscription-name` (Artemis) or
 //!   `activemq.subscriptionName` (ActiveMQ); at most `activemq.prefetchSize`
 //!   (or `prefetch-count`) unacked deliveries, default 100.
-//! - ACK/NACK by the MESSAGE's `ack` header; in `client` mode an ACK is
-//!   cumulative (native `Ack { through }`); an ACK with `receipt` is answered
-//!   once the ack is stored. NACK redelivers at once.
+//! - ACK/NACK by the MESSAGE's `ack` header, `SUB-N`: N numbers the
+//!   subscription's deliveries in the order they were sent (`Sub`), so a
+//!   `client`-mode ACK settles exactly those sent up to it, as native acks
+//!   of each (ids cannot tell: a redelivery keeps its id and comes later);
+//!   an ACK with `receipt` is answered once the acks are stored. NACK
+//!   redelivers the one it names at once. A 1.1 MESSAGE carries the ack id
+//!   as its `message-id` (1.1 acks by it).
 //! - BEGIN/COMMIT/ABORT: the SENDs and ACKs of a transaction are held here
-//!   and handed over at COMMIT (whose receipt waits for their confirms);
-//!   ABORT drops them. Not atomic across destinations: a failover during a
-//!   COMMIT may store some of its messages (a client resends on doubt).
+//!   and handed over at COMMIT (whose receipt waits for its SENDs' confirms;
+//!   its ACKs are stored as acks are); ABORT drops them. A SEND is checked
+//!   when sent (size, ACL) and the bytes held are bounded. Not atomic across
+//!   destinations: a failover or a full queue during a COMMIT may store
+//!   some of its messages (a client resends on doubt).
 //! - Every refusal is an ERROR frame with a `message` header, after which
 //!   the connection closes (STOMP 1.2); a refusal of a frame with `receipt`
-//!   names it in `receipt-id`.
+//!   names it in `receipt-id`. It goes out after the frames read before it
+//!   were handled and their confirms are in (their receipts come first).
+//! - Silence: twice the agreed heart-beat interval, or `idle_timeout_ms`
+//!   without heart-beats, closes the connection; CONNECT must come within
+//!   5 s of the connection (heart-beats do not stretch that).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -67,6 +77,9 @@ const HEART_BEAT_MS: u64 = 5000;
 const DEFAULT_PREFETCH: u32 = 100;
 /// Most SENDs and ACKs one transaction may hold before COMMIT.
 const MAX_TRANSACTION_FRAMES: usize = 10_000;
+/// Bytes the open transactions of one connection may hold at least (four
+/// times `max_message_bytes` when that is more).
+const MAX_HELD_BYTES: usize = 16 << 20;
 /// Most open transactions per connection.
 const MAX_TRANSACTIONS: usize = 64;
 /// Headers a SEND uses itself; the rest travel with the message.
@@ -181,6 +194,45 @@ struct Sub {
     /// The client's `id` of the subscription.
     name: String,
     ack: AckMode,
+    /// Deliveries not acked or nacked yet (not kept for `auto`), by the
+    /// number each got in the order it was sent (its `ack` header): a
+    /// `client` ACK settles those sent up to it, which ids cannot tell (a
+    /// redelivery keeps its id and is sent later).
+    outstanding: std::collections::BTreeMap<u64, MessageId>,
+    /// The number the next delivery gets.
+    next: u64,
+}
+
+/// Most deliveries one subscription remembers as outstanding: far above a
+/// prefetch (at most 65,536); past it the oldest (one the broker took back
+/// after `ack_timeout_ms`, say) is forgotten.
+const MAX_OUTSTANDING: usize = 131_072;
+
+impl Sub {
+    fn new(name: String, ack: AckMode) -> Sub {
+        Sub { name, ack, outstanding: Default::default(), next: 1 }
+    }
+
+    /// Remember a delivery; its number.
+    fn delivered(&mut self, id: MessageId) -> u64 {
+        let n = self.next;
+        self.next += 1;
+        self.outstanding.insert(n, id);
+        if self.outstanding.len() > MAX_OUTSTANDING {
+            self.outstanding.pop_first();
+        }
+        n
+    }
+
+    /// What an ACK (`cumulative`: all sent up to `n`) or a NACK of `n` settles.
+    fn settle(&mut self, n: u64, cumulative: bool) -> Vec<MessageId> {
+        if cumulative {
+            let later = self.outstanding.split_off(&(n + 1));
+            std::mem::replace(&mut self.outstanding, later).into_values().collect()
+        } else {
+            self.outstanding.remove(&n).into_iter().collect()
+        }
+    }
 }
 
 /// What the reader and the writer of one connection share: the mapping of
@@ -246,8 +298,11 @@ async fn handshake<R: AsyncRead + Unpin>(
     peer: SocketAddr,
     cx: &ConnectionContext,
 ) -> Result<Connected, Option<StompFrame>> {
+    // One deadline: heart-beats before CONNECT do not stretch it (a client
+    // could otherwise hold a pending place for ever).
+    let deadline = tokio::time::Instant::now() + connection::HELLO_TIMEOUT;
     let first = loop {
-        match tokio::time::timeout(connection::HELLO_TIMEOUT, reader.next()).await {
+        match tokio::time::timeout_at(deadline, reader.next()).await {
             Err(_) => {
                 tracing::info!("no CONNECT within {:?}; closing", connection::HELLO_TIMEOUT);
                 return Err(Some(error_frame("expected CONNECT", None)));
@@ -390,13 +445,26 @@ where
         seq: 0,
         req: 0,
         transactions: HashMap::new(),
+        held_bytes: 0,
+        max_held_bytes: MAX_HELD_BYTES.max(4 * cx.config.max_message_bytes),
+        max_message_bytes: cx.config.max_message_bytes,
+        user: user.clone(),
+        security: cx.security.clone(),
         version,
     };
     let mut shutdown = cx.shutdown.clone();
     let mut role = cx.shared.role_watch();
     let mut security = cx.security.clone();
-    let silence = expect_every.map(|d| d * 2);
+    // Silence that closes the connection: twice the agreed heart-beat, or
+    // without heart-beats `idle_timeout_ms`, as on the native port.
+    let idle_timeout = cx.config.idle_timeout_ms.map(Duration::from_millis);
+    let silence = expect_every.map(|d| d * 2).or(idle_timeout);
     let mut last_heard = tokio::time::Instant::now();
+    // What a turn's read-ahead found after its frames (an error, the end).
+    let mut carried = None;
+    // A refusal: its ERROR goes out after the frames before it were handled
+    // and their confirms are in (their receipts first).
+    let mut failure: Option<(String, Option<String>)> = None;
     let idle = tokio::time::sleep(silence.unwrap_or(Duration::from_secs(86_400)));
     tokio::pin!(idle);
     loop {
@@ -406,7 +474,10 @@ where
             }
             last_heard = tokio::time::Instant::now();
         }
-        let item = tokio::select! {
+        let item = if let Some(item) = carried.take() {
+            item
+        } else {
+            tokio::select! {
             item = reader.next() => item,
             _ = &mut ended_rx => break,
             _ = &mut idle, if silence.is_some() => {
@@ -415,8 +486,15 @@ where
                     idle.as_mut().reset(deadline);
                     continue;
                 }
-                tracing::info!("no heart-beat from the STOMP client; closing");
-                reader_state.fail("no heart-beat received in twice the agreed interval; closing", None);
+                if expect_every.is_some() {
+                    tracing::info!("no heart-beat from the STOMP client; closing");
+                    reader_state.fail("no heart-beat received in twice the agreed interval; closing", None);
+                } else {
+                    let ms = idle_timeout.unwrap_or_default().as_millis();
+                    tracing::info!(idle_ms = %ms, "idle STOMP connection; closing");
+                    let message = format!("nothing received for {ms} ms (idle_timeout_ms); closing the connection");
+                    reader_state.fail(&message, None);
+                }
                 break;
             }
             _ = shutdown.wait_for(|s| *s) => {
@@ -439,15 +517,20 @@ where
                 }
                 continue;
             }
+            }
         };
         let frame = match item {
             None => {
                 tracing::info!("STOMP client disconnected");
                 break;
             }
+            Some(Err(twinmq_protocol::stomp::StompError::Io(e))) => {
+                tracing::info!(error = %e, "STOMP connection ended");
+                break;
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "bad STOMP frame; closing connection");
-                reader_state.fail(&e.to_string(), None);
+                failure = Some((e.to_string(), None));
                 break;
             }
             Some(Ok(StompItem::Heartbeat)) => {
@@ -461,23 +544,29 @@ where
         let mut batch = Batch::default();
         let mut next = Some(frame);
         let mut end = false;
+        let mut taken = 0;
         while let Some(frame) = next.take() {
+            taken += 1;
             match reader_state.translate(frame, &mut batch) {
                 Step::Go => {}
                 Step::Disconnect => end = true,
                 Step::Fail(message, receipt) => {
-                    reader_state.fail(&message, receipt.as_deref());
+                    failure = Some((message, receipt));
                     end = true;
                 }
             }
-            if end || batch.frames.len() >= 256 {
+            // At most 256 frames a turn, whatever they are (BEGIN/ABORT add no native frame).
+            if end || taken >= 256 {
                 break;
             }
             match reader.next().now_or_never() {
                 Some(Some(Ok(StompItem::Frame(f)))) => next = Some(f),
                 Some(Some(Ok(StompItem::Heartbeat))) | None => {}
-                // An error or the end: handled at the next turn's read.
-                Some(_) => break,
+                // An error or the end: the next turn's read.
+                Some(other) => {
+                    carried = Some(other);
+                    break;
+                }
             }
         }
         if !batch.frames.is_empty() || !batch.after.is_empty() {
@@ -522,9 +611,16 @@ where
             break;
         }
     }
+    let all = u32::try_from(cx.config.max_inflight_per_connection).unwrap_or(u32::MAX);
     if cx.shared.role().serves_clients() {
-        let all = u32::try_from(cx.config.max_inflight_per_connection).unwrap_or(u32::MAX);
-        let _ = tokio::time::timeout(connection::DRAIN_TIMEOUT, permits.acquire_many(all)).await;
+        if let Ok(Ok(drained)) = tokio::time::timeout(connection::DRAIN_TIMEOUT, permits.acquire_many(all)).await {
+            // Confirms are queued before their permits come back: every
+            // receipt due is ahead of the ERROR now.
+            drop(drained);
+        }
+    }
+    if let Some((message, receipt)) = failure {
+        reader_state.fail(&message, receipt.as_deref());
     }
     session.do_send(Closed);
     drop(tx);
@@ -532,6 +628,13 @@ where
     let _ = close_tx.send(());
     let _ = write_task.await;
     connection::linger(reader.into_inner()).await;
+}
+
+/// What one transaction holds until COMMIT.
+#[derive(Default)]
+struct Held {
+    frames: Vec<ClientFrame>,
+    bytes: usize,
 }
 
 /// The native frames one turn hands to the session, and the receipts due
@@ -562,7 +665,16 @@ struct Reader {
     /// Request ids of receipts answered through `Done`.
     req: u64,
     /// Open transactions: the frames held until COMMIT.
-    transactions: HashMap<String, Vec<ClientFrame>>,
+    transactions: HashMap<String, Held>,
+    /// Bytes of the messages every open transaction holds, and its bound.
+    held_bytes: usize,
+    max_held_bytes: usize,
+    /// `max_message_bytes`, and the rights a transaction's SEND is checked
+    /// against when it is sent (a refusal at COMMIT would leave the rest
+    /// stored: not atomic).
+    max_message_bytes: usize,
+    user: Option<String>,
+    security: tokio::sync::watch::Receiver<Arc<crate::security::SecurityDb>>,
     version: &'static str,
 }
 
@@ -570,12 +682,13 @@ impl Reader {
     /// An ERROR, queued behind what the session already sent, then close.
     fn fail(&mut self, message: &str, receipt: Option<&str>) {
         self.req += 1;
+        // The receipt first: the writer looks it up when the ERROR arrives.
+        lock(&self.state).request_receipts.insert(self.req, Receipt { id: receipt.map(str::to_string), close: true });
         let _ = self.tx.send(ServerFrame::Error(ErrorFrame::new(
             twinmq_protocol::ErrorCode::ProtocolViolation,
             ErrorContext::Request { req: self.req },
             message,
         )));
-        lock(&self.state).request_receipts.insert(self.req, Receipt { id: receipt.map(str::to_string), close: true });
     }
 
     /// A receipt due now: through the session's channel, so that it follows
@@ -622,14 +735,38 @@ impl Reader {
                 let transaction = f.get("transaction").map(str::to_string);
                 match transaction {
                     Some(t) => {
+                        // Checked now, as the session would at COMMIT.
+                        let size = message.size();
+                        if size > self.max_message_bytes {
+                            return Err(format!(
+                                "message of {size} bytes exceeds max_message_bytes ({})",
+                                self.max_message_bytes
+                            ));
+                        }
+                        let allowed = self.security.borrow().allows(
+                            self.user.as_deref(),
+                            twinmq_protocol::Permission::Produce,
+                            &destination,
+                        );
+                        if !allowed {
+                            return Err(format!("not authorized to produce to {destination}"));
+                        }
+                        if self.held_bytes + size > self.max_held_bytes {
+                            return Err(format!(
+                                "the open transactions of this connection hold at most {} bytes",
+                                self.max_held_bytes
+                            ));
+                        }
                         let held = self
                             .transactions
                             .get_mut(&t)
                             .ok_or_else(|| format!("unknown transaction `{}`", crate::log_safe(&t, 64)))?;
-                        if held.len() >= MAX_TRANSACTION_FRAMES {
+                        if held.frames.len() >= MAX_TRANSACTION_FRAMES {
                             return Err(format!("a transaction holds at most {MAX_TRANSACTION_FRAMES} frames"));
                         }
-                        held.push(ClientFrame::Publish { producer_id: 0, seq: 0, destination, message });
+                        held.frames.push(ClientFrame::Publish { producer_id: 0, seq: 0, destination, message });
+                        held.bytes += size;
+                        self.held_bytes += size;
                         if let Some(r) = receipt {
                             batch.after.push(Receipt { id: Some(r), close: false });
                         }
@@ -682,7 +819,7 @@ impl Reader {
                 self.subs_by_name.insert(name.clone(), (sub_id, ack));
                 {
                     let mut st = lock(&self.state);
-                    st.subs.insert(sub_id, Sub { name, ack });
+                    st.subs.insert(sub_id, Sub::new(name, ack));
                     if let Some(r) = receipt {
                         st.subscribe_receipts.insert(sub_id, r);
                     }
@@ -703,50 +840,72 @@ impl Reader {
                 Ok(Step::Go)
             }
             Command::Ack | Command::Nack => {
+                // 1.2 names the delivery by `id` (the MESSAGE's `ack`); 1.1 by
+                // `message-id`, which a 1.1 MESSAGE carries as the same value.
                 let ack_id = match (self.version, f.get("id")) {
                     (_, Some(id)) => id.to_string(),
-                    // 1.1 names the message and the subscription instead.
                     ("1.1", None) => required("message-id")?,
                     _ => required("id")?,
                 };
-                let (sub_id, id) = parse_ack_id(&ack_id)?;
-                let Some(&(_, mode)) = self.subs_by_name.values().find(|(s, _)| *s == sub_id) else {
+                let (sub_id, n) = parse_ack_id(&ack_id)?;
+                let nack = f.command == Command::Nack;
+                let ids = {
+                    let mut st = lock(&self.state);
+                    let Some(sub) = st.subs.get_mut(&sub_id) else {
+                        return Err(format!(
+                            "{}: no open subscription for `{}`",
+                            f.command.as_str(),
+                            crate::log_safe(&ack_id, 64)
+                        ));
+                    };
+                    if sub.ack == AckMode::Auto {
+                        // Acked when sent: nothing more to do.
+                        drop(st);
+                        batch.after.push(Receipt { id: receipt, close: false });
+                        return Ok(Step::Go);
+                    }
+                    let cumulative = !nack && sub.ack == AckMode::Client;
+                    sub.settle(n, cumulative)
+                };
+                if ids.is_empty() {
                     return Err(format!(
-                        "{}: no open subscription for `{}`",
+                        "{}: `{}` is no delivery waiting for an ack",
                         f.command.as_str(),
                         crate::log_safe(&ack_id, 64)
                     ));
-                };
-                let frame = if f.command == Command::Nack {
-                    ClientFrame::Nack { sub_id, id, delay_ms: None }
-                } else if mode == AckMode::Auto {
-                    // Acked when sent: nothing more to do.
-                    batch.after.push(Receipt { id: receipt, close: false });
-                    return Ok(Step::Go);
-                } else {
-                    ClientFrame::Ack { sub_id, id, receipt: None, through: mode == AckMode::Client }
-                };
+                }
+                let mut frames: Vec<ClientFrame> = ids
+                    .into_iter()
+                    .map(|id| match nack {
+                        true => ClientFrame::Nack { sub_id, id, delay_ms: None },
+                        false => ClientFrame::Ack { sub_id, id, receipt: None, through: false },
+                    })
+                    .collect();
                 if let Some(t) = f.get("transaction") {
                     let held = self
                         .transactions
                         .get_mut(t)
                         .ok_or_else(|| format!("unknown transaction `{}`", crate::log_safe(t, 64)))?;
-                    if held.len() >= MAX_TRANSACTION_FRAMES {
+                    if held.frames.len() + frames.len() > MAX_TRANSACTION_FRAMES {
                         return Err(format!("a transaction holds at most {MAX_TRANSACTION_FRAMES} frames"));
                     }
-                    held.push(frame);
+                    held.frames.extend(frames);
                     batch.after.push(Receipt { id: receipt, close: false });
                     return Ok(Step::Go);
                 }
-                match (frame, receipt) {
-                    // Answered once the ack is stored (native `Ack { receipt }`).
-                    (ClientFrame::Ack { sub_id, id, through, .. }, Some(r)) => {
+                match receipt {
+                    // An ACK's receipt: once the acks are stored (native `Ack { receipt }` on
+                    // the last; the queue stores a turn's acks in one submission).
+                    Some(r) if !nack => {
                         self.req += 1;
                         lock(&self.state).request_receipts.insert(self.req, Receipt { id: Some(r), close: false });
-                        batch.frames.push(ClientFrame::Ack { sub_id, id, receipt: Some(self.req), through });
+                        if let Some(ClientFrame::Ack { receipt, .. }) = frames.last_mut() {
+                            *receipt = Some(self.req);
+                        }
+                        batch.frames.extend(frames);
                     }
-                    (frame, r) => {
-                        batch.frames.push(frame);
+                    r => {
+                        batch.frames.extend(frames);
                         batch.after.push(Receipt { id: r, close: false });
                     }
                 }
@@ -760,7 +919,7 @@ impl Reader {
                 if self.transactions.len() >= MAX_TRANSACTIONS {
                     return Err(format!("at most {MAX_TRANSACTIONS} open transactions per connection"));
                 }
-                self.transactions.insert(t, Vec::new());
+                self.transactions.insert(t, Held::default());
                 batch.after.push(Receipt { id: receipt, close: false });
                 Ok(Step::Go)
             }
@@ -770,11 +929,17 @@ impl Reader {
                     .transactions
                     .remove(&t)
                     .ok_or_else(|| format!("unknown transaction `{}`", crate::log_safe(&t, 64)))?;
+                self.held_bytes -= held.bytes;
                 let mut last = None;
-                for frame in held {
+                for frame in held.frames {
                     match frame {
                         ClientFrame::Publish { destination, message, .. } => {
-                            last = Some(self.publish(destination, message, batch));
+                            let seq = self.publish(destination, message, batch);
+                            if let Some(r) = &receipt {
+                                // A refusal of one of them names the COMMIT.
+                                lock(&self.state).send_receipts.insert(seq, r.clone());
+                            }
+                            last = Some(seq);
                         }
                         other => batch.frames.push(other),
                     }
@@ -789,9 +954,11 @@ impl Reader {
             }
             Command::Abort => {
                 let t = required("transaction")?;
-                self.transactions
+                let held = self
+                    .transactions
                     .remove(&t)
                     .ok_or_else(|| format!("unknown transaction `{}`", crate::log_safe(&t, 64)))?;
+                self.held_bytes -= held.bytes;
                 batch.after.push(Receipt { id: receipt, close: false });
                 Ok(Step::Go)
             }
@@ -824,18 +991,15 @@ impl Reader {
     }
 }
 
-/// A MESSAGE's `ack` header: `SUB-EPOCH-SEQ`.
-fn ack_id(sub_id: u32, id: MessageId) -> String {
-    format!("{sub_id}-{}-{}", id.epoch, id.seq)
+/// A MESSAGE's `ack` header: `SUB-N`, N counting the subscription's deliveries.
+fn ack_id(sub_id: u32, n: u64) -> String {
+    format!("{sub_id}-{n}")
 }
 
-fn parse_ack_id(text: &str) -> Result<(u32, MessageId), String> {
+fn parse_ack_id(text: &str) -> Result<(u32, u64), String> {
     let bad = || format!("`{}` is not an ack id of this connection", crate::log_safe(text, 64));
-    let mut parts = text.splitn(3, '-');
-    let sub = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-    let epoch = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-    let seq = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-    Ok((sub, MessageId { epoch, seq }))
+    let (sub, n) = text.split_once('-').ok_or_else(bad)?;
+    Ok((sub.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?))
 }
 
 /// The writer's side: native answers into STOMP frames, and heart-beats.
@@ -920,19 +1084,30 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         let receipt = |id: String| StompFrame::new(Command::Receipt).header("receipt-id", id);
         match frame {
             ServerFrame::Deliver { sub_id, message } => {
-                let st = lock(&self.state);
-                let Some(sub) = st.subs.get(&sub_id) else {
+                let v11 = self.version == "1.1";
+                // 1.1 has no escape for a CR in a header: it becomes a space.
+                let text = |t: String| if v11 && t.contains('\r') { t.replace('\r', " ") } else { t };
+                let mut st = lock(&self.state);
+                let Some(sub) = st.subs.get_mut(&sub_id) else {
                     // Unsubscribed meanwhile: the session puts it back.
                     return Out::Frames(Vec::new());
                 };
+                let auto = sub.ack == AckMode::Auto;
+                let ack = (!auto).then(|| ack_id(sub_id, sub.delivered(message.id)));
+                // 1.1 acks by `message-id` (and `subscription`): there it is the ack id.
+                let message_id = match (&ack, v11) {
+                    (Some(ack), true) => ack.clone(),
+                    _ => format!("{}-{}", message.id.epoch, message.id.seq),
+                };
                 let mut f = StompFrame::new(Command::Message)
-                    .header("subscription", sub.name.clone())
-                    .header("message-id", format!("{}-{}", message.id.epoch, message.id.seq))
-                    .header("destination", destination_text(&message.destination))
+                    .header("subscription", text(sub.name.clone()))
+                    .header("message-id", message_id)
+                    .header("destination", text(destination_text(&message.destination)))
                     .header("timestamp", message.timestamp_ms.to_string())
                     .header("persistent", if message.persistent { "true" } else { "false" });
-                if sub.ack != AckMode::Auto {
-                    f = f.header("ack", ack_id(sub_id, message.id));
+                drop(st);
+                if let Some(ack) = ack {
+                    f = f.header("ack", ack);
                 }
                 if message.redelivered {
                     f = f.header("redelivered", "true");
@@ -942,11 +1117,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 }
                 for (k, v) in message.headers {
                     if !MESSAGE_HEADERS.contains(&k.as_str()) {
-                        f = f.header(&k, v);
+                        f = f.header(&text(k), text(v));
                     }
                 }
-                let auto = sub.ack == AckMode::Auto;
-                drop(st);
                 if auto {
                     // `auto`: acknowledged as it is sent.
                     let ack = ClientFrame::Ack { sub_id, id: message.id, receipt: None, through: false };
@@ -1015,7 +1188,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             .map(|id| StompFrame::new(Command::Receipt).header("receipt-id", id))
             .collect();
         if close {
-            let _ = self.version;
             Out::Last(frames)
         } else {
             Out::Frames(frames)
@@ -1030,11 +1202,22 @@ mod tests {
 
     #[test]
     fn ack_ids_round_trip_and_refuse_what_is_not_theirs() {
-        let id = MessageId { epoch: 3, seq: 77 };
-        assert_eq!(parse_ack_id(&ack_id(9, id)).unwrap(), (9, id));
-        for bad in ["", "1", "1-2", "x-1-2", "1-2-y", "-1-2"] {
+        assert_eq!(parse_ack_id(&ack_id(9, 77)).unwrap(), (9, 77));
+        for bad in ["", "1", "1-", "x-1", "1-y", "-1", "1-2-3"] {
             assert!(parse_ack_id(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_cumulative_ack_settles_what_was_sent_up_to_it() {
+        let mut sub = Sub::new("s".into(), AckMode::Client);
+        let id = |seq| MessageId { epoch: 1, seq };
+        let (n1, n2, n3) = (sub.delivered(id(5)), sub.delivered(id(6)), sub.delivered(id(7)));
+        assert_eq!(sub.settle(n1, false), [id(5)], "a NACK of m1");
+        let n4 = sub.delivered(id(5)); // m1 again, sent after m3
+        assert_eq!(sub.settle(n3, true), [id(6), id(7)], "not m1's redelivery");
+        assert!(sub.settle(n2, true).is_empty(), "settled already");
+        assert_eq!(sub.settle(n4, true), [id(5)]);
     }
 
     #[test]

@@ -244,3 +244,232 @@ async fn a_pair_refuses_stomp_on_the_passive_and_loses_no_receipted_message_acro
     let distinct: HashSet<String> = std::fs::read_to_string(&receipted).unwrap().lines().map(str::to_string).collect();
     assert_eq!(distinct.len(), 600);
 }
+
+/// STOMP spoken by hand (the protocol crate's codec), for what a client
+/// library would not send or would hide: findings of the review of the
+/// listener, each a test written before its fix.
+mod raw {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::TcpStream;
+    use tokio_util::codec::Framed;
+    use twinmq_protocol::stomp::{Command, StompCodec, StompFrame, StompItem, StompLimits};
+
+    pub struct Raw(pub Framed<TcpStream, StompCodec>);
+
+    impl Raw {
+        pub async fn tcp(addr: SocketAddr) -> Raw {
+            Raw(Framed::new(TcpStream::connect(addr).await.unwrap(), StompCodec::new(StompLimits::default())))
+        }
+
+        /// CONNECT at `version` with `headers` on top; panics unless CONNECTED.
+        pub async fn connect(addr: SocketAddr, version: &str, headers: &[(&str, &str)]) -> Raw {
+            let mut raw = Raw::tcp(addr).await;
+            let mut f = StompFrame::new(Command::Connect).header("accept-version", version).header("host", "t");
+            for (k, v) in headers {
+                f = f.header(k, *v);
+            }
+            raw.send(f).await;
+            let got = raw.next(Duration::from_secs(10)).await.expect("an answer to CONNECT");
+            assert_eq!(got.command, Command::Connected, "{got:?}");
+            raw
+        }
+
+        pub async fn send(&mut self, f: StompFrame) {
+            self.0.send(StompItem::Frame(f)).await.unwrap();
+        }
+
+        /// The next frame (heart-beats skipped); None on timeout or close.
+        pub async fn next(&mut self, timeout: Duration) -> Option<StompFrame> {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.0.next()).await {
+                    Ok(Some(Ok(StompItem::Frame(f)))) => return Some(f),
+                    Ok(Some(Ok(StompItem::Heartbeat))) => continue,
+                    _ => return None,
+                }
+            }
+        }
+
+        /// Frames until one of `command` arrives (returned with those before it).
+        pub async fn until(&mut self, command: Command) -> (Vec<StompFrame>, StompFrame) {
+            let mut before = Vec::new();
+            loop {
+                let f =
+                    self.next(Duration::from_secs(10)).await.unwrap_or_else(|| panic!("no {command:?}: {before:?}"));
+                if f.command == command {
+                    return (before, f);
+                }
+                before.push(f);
+            }
+        }
+
+        pub async fn send_with_receipt(&mut self, destination: &str, body: &str, receipt: &str) {
+            let f = StompFrame::new(Command::Send)
+                .header("destination", destination)
+                .header("receipt", receipt)
+                .body(body.as_bytes().to_vec());
+            self.send(f).await;
+            let (_, r) = self.until(Command::Receipt).await;
+            assert_eq!(r.get("receipt-id"), Some(receipt));
+        }
+    }
+
+    pub fn subscribe(id: &str, destination: &str, ack: &str) -> StompFrame {
+        StompFrame::new(Command::Subscribe).header("id", id).header("destination", destination).header("ack", ack)
+    }
+}
+
+use futures_util::SinkExt;
+use raw::{subscribe, Raw};
+use twinmq_protocol::stomp::{Command as Stomp, StompFrame, StompItem};
+
+async fn depth(broker: &Broker, queue: &str) -> Option<u64> {
+    let status = broker.client().await.status().await.unwrap();
+    status.queues.iter().find(|q| q.name == format!("queue:{queue}")).map(|q| q.depth)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_mode_ack_settles_what_was_sent_before_it_not_a_later_redelivery() {
+    let broker = Broker::start_with_stomp(&[]);
+    let addr = broker.stomp.unwrap();
+    let mut c = Raw::connect(addr, "1.2", &[]).await;
+    for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
+        c.send_with_receipt("/queue/stomp.cum", m, &format!("s{i}")).await;
+    }
+    c.send(subscribe("s", "/queue/stomp.cum", "client")).await;
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(c.until(Stomp::Message).await.1);
+    }
+    // m1 back: redelivered after m3.
+    c.send(StompFrame::new(Stomp::Nack).header("id", got[0].get("ack").unwrap())).await;
+    let (_, again) = c.until(Stomp::Message).await;
+    assert_eq!(&again.body[..], b"m1");
+    // ACK of m3 covers m2 and m3, sent before it, not m1's redelivery, sent after.
+    c.send(StompFrame::new(Stomp::Ack).header("id", got[2].get("ack").unwrap()).header("receipt", "a3")).await;
+    c.until(Stomp::Receipt).await;
+    drop(c);
+    let deadline = std::time::Instant::now() + WAIT;
+    while depth(&broker, "stomp.cum").await != Some(1) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(depth(&broker, "stomp.cum").await, Some(1), "m1's redelivery was acked by an ACK of m3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stomp_1_1_acks_by_message_id_and_subscription_and_gets_no_cr_escape() {
+    let broker = Broker::start_with_stomp(&[]);
+    let client = broker.client().await;
+    let m = Message::persistent("eleven").header("note", "a\rb");
+    client.producer(Destination::queue("stomp.v11")).send(m).await.unwrap();
+    let mut c = Raw::connect(broker.stomp.unwrap(), "1.1", &[]).await;
+    c.send(subscribe("s11", "/queue/stomp.v11", "client-individual")).await;
+    let (_, m) = c.until(Stomp::Message).await;
+    // 1.1 defines no \r escape: a CR cannot travel in a 1.1 header.
+    assert_eq!(m.get("note"), Some("a b"), "{m:?}");
+    let ack = StompFrame::new(Stomp::Ack)
+        .header("message-id", m.get("message-id").unwrap())
+        .header("subscription", "s11")
+        .header("receipt", "r11");
+    c.send(ack).await;
+    let got = c.next(Duration::from_secs(10)).await.unwrap();
+    assert_eq!((got.command, got.get("receipt-id")), (Stomp::Receipt, Some("r11")), "{got:?}");
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(depth(&broker, "stomp.v11").await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heart_beats_before_connect_do_not_hold_a_pending_slot() {
+    let broker = Broker::start_with_stomp(&[]);
+    let mut c = Raw::tcp(broker.stomp.unwrap()).await;
+    // Heart-beats every second for seven: past the 5 s a client has to CONNECT.
+    for _ in 0..7 {
+        if c.0.send(StompItem::Heartbeat).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let _ = c.0.send(StompItem::Frame(StompFrame::new(Stomp::Connect).header("accept-version", "1.2"))).await;
+    let got = c.next(Duration::from_secs(3)).await;
+    assert!(got.as_ref().is_none_or(|f| f.command == Stomp::Error), "served after 7 s without CONNECT: {got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stomp_connection_without_heart_beats_meets_idle_timeout() {
+    let broker = Broker::start_with_stomp(&["--idle-timeout-ms", "1000"]);
+    let mut c = Raw::connect(broker.stomp.unwrap(), "1.2", &[]).await;
+    let got = c.next(Duration::from_secs(5)).await;
+    let got = got.expect("an ERROR after idle_timeout_ms of silence");
+    assert_eq!(got.command, Stomp::Error, "{got:?}");
+    assert!(got.get("message").unwrap().contains("idle_timeout_ms"), "{got:?}");
+    assert!(c.next(Duration::from_secs(2)).await.is_none(), "closed after the ERROR");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_sends_are_checked_when_sent_and_its_bytes_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = users_config(dir.path(), "max_message_bytes = 65536");
+    let broker = Broker::start_with_stomp(&["--config", config.to_str().unwrap()]);
+    let login = [("login", "app"), ("passcode", "apppw")];
+    let addr = broker.stomp.unwrap();
+
+    // A SEND the ACL refuses is refused when sent (with its receipt), not at COMMIT.
+    let mut c = Raw::connect(addr, "1.2", &login).await;
+    c.send(StompFrame::new(Stomp::Begin).header("transaction", "t1")).await;
+    let ok = StompFrame::new(Stomp::Send).header("destination", "/queue/stomp.tx").header("transaction", "t1");
+    c.send(ok.clone().header("receipt", "ok").body(&b"fine"[..])).await;
+    let secret = StompFrame::new(Stomp::Send).header("destination", "/queue/secret.tx").header("transaction", "t1");
+    c.send(secret.header("receipt", "denied").body(&b"no"[..])).await;
+    let (_, err) = c.until(Stomp::Error).await;
+    assert_eq!(err.get("receipt-id"), Some("denied"), "{err:?}");
+    c.send(StompFrame::new(Stomp::Commit).header("transaction", "t1")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let root = broker.config().user("root").password("rootpw");
+    let status = Client::connect(root).await.unwrap().status().await.unwrap();
+    let held = status.queues.iter().find(|q| q.name == "queue:stomp.tx").map_or(0, |q| q.depth);
+    assert_eq!(held, 0, "a transaction with a refused SEND stored some of it");
+
+    // A SEND over max_message_bytes is refused when sent.
+    let mut c = Raw::connect(addr, "1.2", &login).await;
+    c.send(StompFrame::new(Stomp::Begin).header("transaction", "t2")).await;
+    c.send(ok.clone().header("transaction", "t2").header("receipt", "big").body(vec![b'x'; 70_000])).await;
+    let (_, err) = c.until(Stomp::Error).await;
+    assert_eq!(err.get("receipt-id"), Some("big"), "{err:?}");
+
+    // What a connection's transactions hold is bounded in bytes.
+    let mut c = Raw::connect(addr, "1.2", &login).await;
+    c.send(StompFrame::new(Stomp::Begin).header("transaction", "t3")).await;
+    let mut refused = None;
+    for i in 0..400 {
+        let f = ok.clone().header("transaction", "t3").header("receipt", format!("h{i}")).body(vec![b'x'; 60_000]);
+        c.send(f).await;
+        let got = c.next(Duration::from_secs(10)).await.expect("an answer");
+        if got.command == Stomp::Error {
+            refused = Some(i);
+            break;
+        }
+    }
+    let refused = refused.expect("400 x 60 KB held in one transaction (24 MB)");
+    assert!(refused * 60_000 <= 17 << 20, "refused only after {refused} SENDs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_does_not_overtake_the_receipts_of_frames_before_it() {
+    let broker = Broker::start_with_stomp(&[]);
+    let mut c = Raw::connect(broker.stomp.unwrap(), "1.2", &[]).await;
+    // One write: a SEND with a receipt, then a NACK without its id.
+    let send = StompFrame::new(Stomp::Send).header("destination", "/queue/stomp.order").header("receipt", "r1");
+    c.0.feed(StompItem::Frame(send.body(&b"m1"[..]))).await.unwrap();
+    c.0.feed(StompItem::Frame(StompFrame::new(Stomp::Nack).header("receipt", "bad"))).await.unwrap();
+    futures_util::SinkExt::<twinmq_protocol::stomp::StompItem>::flush(&mut c.0).await.unwrap();
+    let (before, err) = c.until(Stomp::Error).await;
+    assert_eq!(err.get("receipt-id"), Some("bad"));
+    assert!(
+        before.iter().any(|f| f.command == Stomp::Receipt && f.get("receipt-id") == Some("r1")),
+        "the stored SEND's RECEIPT never came: {before:?}"
+    );
+}
