@@ -318,7 +318,12 @@ async fn http_endpoint_shows_both_nodes_counts_traffic_and_switches_over() {
     assert_eq!(r.status, 404, "{r:?}");
 
     // /status on both nodes: each shows itself and its peer, the gateway and the sync state.
-    let sa = wait_status(a, "seeing the gateway", |s| s["gateway"]["reachable"] == true).await;
+    // The peer's role as node-a last heard it: passive-syncing for the
+    // heartbeat after the vote (CI saw it 20 ms before `passive`).
+    let sa = wait_status(a, "seeing the gateway and a passive peer", |s| {
+        s["gateway"]["reachable"] == true && s["peer"]["role"] == "passive"
+    })
+    .await;
     assert_eq!((sa["node_id"].as_str(), sa["role"].as_str()), (Some("node-a"), Some("active")), "{sa}");
     assert_eq!(sa["peer"]["node_id"], "node-b", "{sa}");
     assert_eq!(sa["peer"]["role"], "passive", "{sa}");
