@@ -25,10 +25,11 @@
 //!   (or `prefetch-count`) unacked deliveries, default 100.
 //! - ACK/NACK by the MESSAGE's `ack` header, `SUB-N`: N numbers the
 //!   subscription's deliveries in the order they were sent (`Sub`), so a
-//!   `client`-mode ACK settles exactly those sent up to it, as native acks
-//!   of each (ids cannot tell: a redelivery keeps its id and comes later);
-//!   an ACK with `receipt` is answered once the acks are stored. NACK
-//!   redelivers the one it names at once. A 1.1 MESSAGE carries the ack id
+//!   `client`-mode ACK or NACK settles exactly those sent up to it and not
+//!   settled yet, as native acks/nacks of each (ids cannot tell: a
+//!   redelivery keeps its id and comes later); in `client-individual` mode
+//!   the one it names. An ACK with `receipt` is answered once the acks are
+//!   stored. A NACK redelivers at once. A 1.1 MESSAGE carries the ack id
 //!   as its `message-id` (1.1 acks by it).
 //! - BEGIN/COMMIT/ABORT: the SENDs and ACKs of a transaction are held here
 //!   and handed over at COMMIT (whose receipt waits for its SENDs' confirms;
@@ -224,7 +225,8 @@ impl Sub {
         n
     }
 
-    /// What an ACK (`cumulative`: all sent up to `n`) or a NACK of `n` settles.
+    /// What an ACK or a NACK of `n` settles: with `cumulative` every delivery
+    /// sent up to `n` not settled yet, otherwise `n` alone.
     fn settle(&mut self, n: u64, cumulative: bool) -> Vec<MessageId> {
         if cumulative {
             let later = self.outstanding.split_off(&(n + 1));
@@ -864,8 +866,9 @@ impl Reader {
                         batch.after.push(Receipt { id: receipt, close: false });
                         return Ok(Step::Go);
                     }
-                    let cumulative = !nack && sub.ack == AckMode::Client;
-                    sub.settle(n, cumulative)
+                    // `client`: an ACK or a NACK covers every delivery sent up
+                    // to it and not settled yet (STOMP 1.2); `client-individual`: the one.
+                    sub.settle(n, sub.ack == AckMode::Client)
                 };
                 if ids.is_empty() {
                     return Err(format!(

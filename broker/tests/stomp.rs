@@ -360,6 +360,47 @@ async fn a_client_mode_ack_settles_what_was_sent_before_it_not_a_later_redeliver
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_mode_nack_gives_back_everything_sent_up_to_it() {
+    // STOMP 1.2: a NACK "applies ... to all messages sent before and not yet
+    // ACK'ed or NACK'ed (if the subscription's ack mode is client)".
+    let broker = Broker::start_with_stomp(&[]);
+    let addr = broker.stomp.unwrap();
+    let mut c = Raw::connect(addr, "1.2", &[]).await;
+    for (i, m) in ["m1", "m2", "m3", "m4"].iter().enumerate() {
+        c.send_with_receipt("/queue/stomp.cumnack", m, &format!("s{i}")).await;
+    }
+    c.send(subscribe("s", "/queue/stomp.cumnack", "client").header("activemq.prefetchSize", "4")).await;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        got.push(c.until(Stomp::Message).await.1);
+    }
+    // m1 acked on its own first: the NACK of m3 gives back m2 and m3, not m1 nor m4.
+    c.send(StompFrame::new(Stomp::Ack).header("id", got[0].get("ack").unwrap())).await;
+    c.send(StompFrame::new(Stomp::Nack).header("id", got[2].get("ack").unwrap())).await;
+    let mut again = Vec::new();
+    let mut last = None;
+    while again.len() < 2 {
+        let m = c.until(Stomp::Message).await.1;
+        assert_eq!(m.get("redelivered"), Some("true"), "{m:?}");
+        again.push(String::from_utf8(m.body.to_vec()).unwrap());
+        last = Some(m);
+    }
+    again.sort();
+    assert_eq!(again, ["m2", "m3"], "a client-mode NACK of m3 gives back m2 and m3");
+    // The ACK of the last redelivery covers everything sent before it (m4 too).
+    let ack = last.unwrap().get("ack").unwrap().to_string();
+    c.send(StompFrame::new(Stomp::Ack).header("id", ack).header("receipt", "a")).await;
+    let (before, _) = c.until(Stomp::Receipt).await;
+    assert!(before.iter().all(|f| f.command != Stomp::Message), "m1 or m4 came back: {before:?}");
+    drop(c);
+    let deadline = std::time::Instant::now() + WAIT;
+    while depth(&broker, "stomp.cumnack").await != Some(0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(depth(&broker, "stomp.cumnack").await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stomp_1_1_acks_by_message_id_and_subscription_and_gets_no_cr_escape() {
     let broker = Broker::start_with_stomp(&[]);
     let client = broker.client().await;
