@@ -117,7 +117,7 @@ const EAGER_COMPACTION: [&str; 6] =
 
 /// 3,000 messages to a busy queue consumed as they come, 300 to a slow one
 /// sent among them and never consumed; then wait until every ack is stored
-/// and the records take at most 1.5x what their live messages weigh.
+/// and the records take at most 2x what their live messages weigh.
 /// Returns the store's status then.
 async fn slow_beside_busy<F, Fut>(config: ClientConfig, status: F) -> serde_json::Value
 where
@@ -155,8 +155,12 @@ where
         let (records, live) = (store["live_bytes"].as_u64().unwrap(), store["live_message_bytes"].as_u64().unwrap());
         // Every ack is stored (only the 300 slow messages are live, 1 KiB
         // + "queue:slow" + 128 each: an ack is answered before it is
-        // stored), and the records take at most 1.5x what they hold.
-        if live == 300 * (1024 + 10 + 128) && records * 2 <= live * 3 {
+        // stored), and the records take at most 2x what they hold: the
+        // compactor rewrites a record once less than half of it is live,
+        // so a record 55% live stays as it is. (Where the slow messages
+        // fall among the records depends on the group commits: 1.27x to
+        // 1.50x here on 2 cores, 1.53x once in CI; 3.6x before compaction.)
+        if live == 300 * (1024 + 10 + 128) && records <= live * 2 {
             assert!(store["compacted_records"].as_u64().unwrap() > 0, "{store}");
             return store;
         }
